@@ -1,0 +1,298 @@
+//! `holdfast-raft`: a replicated SQLite database on openraft.
+//!
+//! The crate replicates **opaque commands** and applies each committed command to a
+//! SQLite state database through the [`Apply`] trait, inside one transaction that also
+//! records the last-applied log id and the membership. It knows nothing about tasks,
+//! nodes or the public HTTP API of the application that uses it.
+//!
+//! Files in the data directory: `raft-log.db` (log, vote, committed, last purged) and
+//! `state.db` (application tables + `_raft_sm` metadata). Both run in WAL mode with
+//! `synchronous=FULL`, so anything openraft is told is durable is on disk.
+//!
+//! Transport: Raft RPCs, write forwarding, read-index and join requests travel as JSON
+//! over HTTP on the cluster port; [`ReplicatedDb::cluster_router`] returns the axum
+//! routes (all under `/raft/`) and the `network` module holds the only client.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Raft node id. Derived from the human node name by [`node_id_for`].
+pub type NodeId = u64;
+
+/// What every member advertises about itself; stored in the Raft membership.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Human node name given with `--node-id` (e.g. `m1`).
+    pub name: String,
+    /// `host:port` where peers reach this member's Raft endpoints.
+    pub cluster_addr: String,
+    /// `host:port` of this member's public HTTP API (shown to clients as the leader).
+    pub api_addr: String,
+}
+
+impl std::fmt::Display for Member {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (cluster {}, api {})", self.name, self.cluster_addr, self.api_addr)
+    }
+}
+
+/// Maps a node name to its stable Raft id (64-bit FNV-1a of the UTF-8 name).
+///
+/// Written by hand because it is six lines and must never change between versions.
+pub fn node_id_for(name: &str) -> NodeId {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// The application's deterministic state machine.
+///
+/// Implemented by the manager on a `rusqlite::Transaction`. A command the application
+/// rejects (bad state, conflict) must still return `Ok` with the rejection encoded in
+/// the response bytes, after rolling back its own partial writes (use a savepoint):
+/// the command is consumed either way. `Err` means the database itself failed and is
+/// treated as a fatal storage error.
+pub trait Apply: Send + Sync + 'static {
+    /// Creates the application's tables when absent; called on a fresh state database.
+    fn init_schema(&self, conn: &rusqlite::Connection) -> rusqlite::Result<()>;
+    /// Applies one committed command; `index` is its Raft log index, unique and growing
+    /// across the cluster (usable as a fence).
+    fn apply(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        index: u64,
+        command: &[u8],
+    ) -> rusqlite::Result<Vec<u8>>;
+}
+
+/// Settings of one replicated database member.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Human node name; the Raft id is [`node_id_for`] of it.
+    pub node_name: String,
+    /// Directory holding `raft-log.db` and `state.db`; created when absent.
+    pub data_dir: PathBuf,
+    /// Advertised `host:port` of this member's cluster (Raft) endpoint.
+    pub cluster_addr: String,
+    /// Advertised `host:port` of this member's public API.
+    pub api_addr: String,
+    /// Leader heartbeat interval.
+    pub heartbeat: Duration,
+    /// Lower bound of the randomized election timeout (upper bound is twice this).
+    pub election_timeout: Duration,
+    /// Build a snapshot (and purge the log behind it) every this many applied entries.
+    pub snapshot_every: u64,
+    /// Timeout of each Raft RPC and forwarded request.
+    pub rpc_timeout: Duration,
+    /// Upper bound for a write or linearizable read, including forwarding; past it the
+    /// caller gets [`DbError::Timeout`] instead of waiting on a minority.
+    pub op_timeout: Duration,
+}
+
+impl Config {
+    /// Defaults tuned for a LAN: 100 ms heartbeat, 300–600 ms election timeout.
+    pub fn new(node_name: &str, data_dir: PathBuf, cluster_addr: &str, api_addr: &str) -> Self {
+        Config {
+            node_name: node_name.to_string(),
+            data_dir,
+            cluster_addr: cluster_addr.to_string(),
+            api_addr: api_addr.to_string(),
+            heartbeat: Duration::from_millis(100),
+            election_timeout: Duration::from_millis(300),
+            snapshot_every: 5_000,
+            rpc_timeout: Duration::from_secs(2),
+            op_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Everything that can go wrong talking to the replicated database.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The data directory is not ours, is corrupt, or belongs to another node name.
+    #[error("data directory {path}: {reason}")]
+    DataDir {
+        /// The offending path.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+    /// No leader is known (election in progress, or this member is cut off).
+    #[error("no leader is known; this member may be on the minority side of a partition")]
+    NoLeader {
+        /// Last leader this member heard of, if any.
+        last_known: Option<Member>,
+    },
+    /// The operation did not finish within `op_timeout` (e.g. leader lost its quorum).
+    #[error("operation timed out after {after:?}; leader {leader:?}")]
+    Timeout {
+        /// How long we waited.
+        after: Duration,
+        /// Leader as known at the time, if any.
+        leader: Option<Member>,
+    },
+    /// Cluster membership request refused or failed (message says why).
+    #[error("membership change failed: {0}")]
+    Membership(String),
+    /// Network failure talking to another member.
+    #[error("request to {addr} failed: {reason}")]
+    Network {
+        /// Peer cluster address.
+        addr: String,
+        /// Underlying failure.
+        reason: String,
+    },
+    /// SQLite or openraft failed in a way that is not the caller's fault.
+    #[error("storage failure: {0}")]
+    Storage(String),
+}
+
+/// Role of this member as openraft reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Leader of the current term.
+    Leader,
+    /// Voter following a leader.
+    Follower,
+    /// Campaigning for leadership.
+    Candidate,
+    /// Non-voting member catching up.
+    Learner,
+    /// Stopped or failed.
+    Shutdown,
+}
+
+/// One member as seen in the membership configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    /// Raft id.
+    pub id: NodeId,
+    /// Advertised addresses and name.
+    pub member: Member,
+    /// `true` for a voter, `false` for a learner.
+    pub voter: bool,
+    /// Highest log index known to be replicated to it (leader only; `None` elsewhere).
+    pub matched: Option<u64>,
+}
+
+/// A point-in-time view of this member and the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// This member's Raft id.
+    pub id: NodeId,
+    /// This member's name.
+    pub name: String,
+    /// This member's role.
+    pub role: Role,
+    /// Current term.
+    pub term: u64,
+    /// Leader id and addresses, when known.
+    pub leader: Option<Member>,
+    /// Index of the last log entry on this member.
+    pub last_log_index: Option<u64>,
+    /// Highest index this member knows to be committed (== applied here).
+    pub commit_index: Option<u64>,
+    /// Index of the last entry applied to this member's state database.
+    pub last_applied: Option<u64>,
+    /// Index covered by the latest snapshot.
+    pub snapshot_index: Option<u64>,
+    /// Milliseconds since the leader last heard from a quorum (leader only).
+    pub millis_since_quorum_ack: Option<u64>,
+    /// Every member of the current membership.
+    pub members: Vec<MemberStatus>,
+}
+
+/// A handle to this member's replicated database; cheap to clone.
+#[derive(Clone)]
+pub struct ReplicatedDb {
+    _inner: Arc<()>,
+}
+
+impl ReplicatedDb {
+    /// Opens (or creates) the member's data directory and starts Raft.
+    ///
+    /// Refuses a directory holding files that are not a `holdfast-raft` store, or one
+    /// written by a member with another node name; never overwrites it.
+    pub async fn open(config: Config, app: Arc<dyn Apply>) -> Result<Self, DbError> {
+        let _ = (config, app);
+        todo!("holdfast-raft: open")
+    }
+
+    /// Axum routes of this member's cluster endpoint (all under `/raft/`): Raft RPCs,
+    /// forwarded writes, read-index and join. Merge them into the cluster-port server.
+    pub fn cluster_router(&self) -> axum::Router {
+        todo!("holdfast-raft: cluster_router")
+    }
+
+    /// Initializes a single-member cluster with this member as voter. Harmless when
+    /// the member is already initialized (e.g. after a restart).
+    pub async fn bootstrap(&self) -> Result<(), DbError> {
+        todo!("holdfast-raft: bootstrap")
+    }
+
+    /// Asks existing members (cluster addresses, tried in turn until `op_timeout`) to
+    /// add this member as a learner, then promote it to voter. Harmless when it is
+    /// already a voter. Returns once the membership change is committed.
+    pub async fn join(&self, seeds: &[String]) -> Result<(), DbError> {
+        let _ = seeds;
+        todo!("holdfast-raft: join")
+    }
+
+    /// Replicates one command and returns what [`Apply::apply`] answered. On a follower
+    /// the command is forwarded to the leader. Bounded by `op_timeout`.
+    pub async fn write(&self, command: Vec<u8>) -> Result<Vec<u8>, DbError> {
+        let _ = command;
+        todo!("holdfast-raft: write")
+    }
+
+    /// Linearizable read: confirms leadership (asking the leader for a read index when
+    /// this member follows), waits until the local state has applied it, then runs `f`
+    /// on a read-only connection to the local state database.
+    pub async fn read<T, F>(&self, f: F) -> Result<T, DbError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&rusqlite::Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let _ = f;
+        todo!("holdfast-raft: read")
+    }
+
+    /// Reads the local state database without any consistency check (may be stale on a
+    /// follower). For leader-only loops that already know they lead, and for status pages.
+    pub async fn read_local<T, F>(&self, f: F) -> Result<T, DbError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&rusqlite::Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let _ = f;
+        todo!("holdfast-raft: read_local")
+    }
+
+    /// Removes a member (by node name) from the membership; forwarded to the leader.
+    pub async fn remove_member(&self, name: &str) -> Result<(), DbError> {
+        let _ = name;
+        todo!("holdfast-raft: remove_member")
+    }
+
+    /// Current status of this member and the cluster, from openraft's metrics.
+    pub fn status(&self) -> ClusterStatus {
+        todo!("holdfast-raft: status")
+    }
+
+    /// A receiver that changes whenever the status does (role, leader, term, indexes).
+    pub fn watch_status(&self) -> tokio::sync::watch::Receiver<ClusterStatus> {
+        todo!("holdfast-raft: watch_status")
+    }
+
+    /// Stops Raft and closes the databases.
+    pub async fn shutdown(&self) {
+        todo!("holdfast-raft: shutdown")
+    }
+}
