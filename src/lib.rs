@@ -1,7 +1,31 @@
 //! holdfast: an edge-native container orchestrator in one static binary.
 //!
-//! See `ARCHITECTURE.md` for the map; `main.rs` only parses flags and calls [`run`]-style
-//! entry points of the modules below.
+//! `main.rs` parses flags into a [`config::Config`] and calls [`node::run`]. See
+//! `ARCHITECTURE.md` for the map and the invariants.
 
+pub mod cli;
+pub mod client;
+pub mod config;
 pub mod echo;
+pub mod manager;
+pub mod model;
+pub mod net;
+pub mod node;
 pub mod worker;
+
+/// Resolves on SIGTERM (systemd stop) or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutdown requested; draining");
+}

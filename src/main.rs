@@ -1,1 +1,72 @@
-fn main() {}
+//! Thin entry point: parse flags → build a config → run until SIGTERM/SIGINT.
+
+use anyhow::Context;
+use clap::Parser;
+use holdfast::cli::{Cli, Command, ImageCommand};
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HOLDFAST_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("holdfast: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(code) => std::process::ExitCode::from(code),
+        Err(e) => {
+            eprintln!("holdfast: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
+    match cli.command {
+        Command::Dev(args) => {
+            let config = args.to_config();
+            println!(
+                "holdfast dev: API and UI on http://{api}\n\
+                 Run the echo task:\n  curl -s -X POST http://{api}/v1/tasks -d '{{\"image\":\"holdfast/echo:latest\",\"ports\":[{{\"container\":7777}}]}}'\n\
+                 Then find its endpoint with: curl -s http://{api}/v1/tasks",
+                api = args.api
+            );
+            holdfast::node::run(config, holdfast::shutdown_signal()).await?;
+            Ok(0)
+        }
+        Command::Agent(args) => {
+            let config = args.to_config().map_err(anyhow::Error::msg)?;
+            holdfast::node::run(config, holdfast::shutdown_signal()).await?;
+            Ok(0)
+        }
+        Command::Echo(a) => {
+            let config = holdfast::echo::EchoConfig {
+                listen: a.listen,
+                exit_after: a.exit_after,
+                exit_code: a.exit_code,
+                crash_on: a.crash_on,
+                startup_delay: a.startup_delay,
+                fail_health_after: a.fail_health_after,
+            };
+            let code = holdfast::echo::run(config, holdfast::shutdown_signal()).await?;
+            Ok(u8::try_from(code).unwrap_or(1))
+        }
+        Command::Image { which: ImageCommand::Echo } => {
+            let docker = holdfast::worker::runtime::docker::DockerRuntime::connect().await?;
+            let tags = docker.build_echo_image().await.context("building the echo image")?;
+            println!("built {}", tags.join(", "));
+            Ok(0)
+        }
+        Command::Task { cmd, api_url } => holdfast::client::task(&api_url, cmd).await.map(|_| 0),
+        Command::Node { api_url } => holdfast::client::get(&api_url, "/v1/nodes").await.map(|_| 0),
+        Command::Cluster { api_url } => holdfast::client::get(&api_url, "/v1/cluster").await.map(|_| 0),
+    }
+}

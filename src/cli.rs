@@ -1,0 +1,276 @@
+//! Command-line interface: flags (each with a `HOLDFAST_<FLAG>` twin) and their
+//! translation into [`Config`](crate::config::Config).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, ManagerRole, WorkerRole};
+
+/// holdfast: an edge-native container orchestrator in one binary.
+#[derive(Parser, Debug)]
+#[command(name = "holdfast", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Manager + worker in one process, single-node cluster: first runs, demos, CI.
+    Dev(DevArgs),
+    /// A cluster node: manager, worker, or both.
+    Agent(AgentArgs),
+    /// The reference echo task: POST / answers with the same body.
+    Echo(EchoArgs),
+    /// Local images.
+    Image {
+        /// Which image.
+        #[command(subcommand)]
+        which: ImageCommand,
+    },
+    /// Tasks (client of the HTTP API).
+    Task {
+        /// Task command.
+        #[command(subcommand)]
+        cmd: TaskCommand,
+        /// API base URL.
+        #[arg(long, env = "HOLDFAST_API_URL", default_value = "http://127.0.0.1:7700", global = true)]
+        api_url: String,
+    },
+    /// Nodes (client of the HTTP API).
+    Node {
+        /// API base URL.
+        #[arg(long, env = "HOLDFAST_API_URL", default_value = "http://127.0.0.1:7700")]
+        api_url: String,
+    },
+    /// Cluster status (client of the HTTP API).
+    Cluster {
+        /// API base URL.
+        #[arg(long, env = "HOLDFAST_API_URL", default_value = "http://127.0.0.1:7700")]
+        api_url: String,
+    },
+}
+
+/// `holdfast image ...`
+#[derive(Subcommand, Debug)]
+pub enum ImageCommand {
+    /// Build `holdfast/echo:<version>` and `:latest` FROM scratch from this binary.
+    Echo,
+}
+
+/// `holdfast task ...`
+#[derive(Subcommand, Debug)]
+pub enum TaskCommand {
+    /// Submit a TaskSpec from a JSON file (`-` for stdin).
+    Submit {
+        /// Path of the JSON spec.
+        file: PathBuf,
+        /// Idempotency key making retries safe.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+    /// List tasks.
+    List,
+    /// Show one task.
+    Get {
+        /// Task id.
+        id: String,
+    },
+    /// Stop a task.
+    Stop {
+        /// Task id.
+        id: String,
+    },
+    /// Show a task's container logs.
+    Logs {
+        /// Task id.
+        id: String,
+    },
+}
+
+/// `holdfast dev` flags.
+#[derive(Args, Debug)]
+pub struct DevArgs {
+    /// Data directory.
+    #[arg(long, env = "HOLDFAST_DATA_DIR", default_value = "./holdfast-data")]
+    pub data_dir: PathBuf,
+    /// API + UI listen address.
+    #[arg(long, env = "HOLDFAST_API", default_value = "127.0.0.1:7700")]
+    pub api: String,
+    /// Cluster listen address.
+    #[arg(long, env = "HOLDFAST_CLUSTER", default_value = "127.0.0.1:7701")]
+    pub cluster: String,
+    /// Node name.
+    #[arg(long, env = "HOLDFAST_NODE_ID", default_value = "dev")]
+    pub node_id: String,
+}
+
+/// `holdfast agent` flags (the public contract, DESIGN.md §8).
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// Run the control plane.
+    #[arg(long, env = "HOLDFAST_MANAGER")]
+    pub manager: bool,
+    /// Run the data plane.
+    #[arg(long, env = "HOLDFAST_WORKER")]
+    pub worker: bool,
+    /// Node name, unique in the cluster.
+    #[arg(long, env = "HOLDFAST_NODE_ID")]
+    pub node_id: String,
+    /// Data directory.
+    #[arg(long, env = "HOLDFAST_DATA_DIR", default_value = "/var/lib/holdfast")]
+    pub data_dir: PathBuf,
+    /// API + UI listen address (managers).
+    #[arg(long, env = "HOLDFAST_API", default_value = "127.0.0.1:7700")]
+    pub api: String,
+    /// Cluster (Raft + worker sync) listen address (managers).
+    #[arg(long, env = "HOLDFAST_CLUSTER", default_value = "127.0.0.1:7701")]
+    pub cluster: String,
+    /// Host (or host:port for the cluster endpoint) others use to reach this node;
+    /// defaults to the listen addresses.
+    #[arg(long, env = "HOLDFAST_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Start a new cluster with this manager as its first member.
+    #[arg(long, env = "HOLDFAST_BOOTSTRAP")]
+    pub bootstrap: bool,
+    /// Cluster addresses of existing managers (comma-separated).
+    #[arg(long, env = "HOLDFAST_JOIN", value_delimiter = ',')]
+    pub join: Vec<String>,
+    /// Node labels `k=v,k2=v2` (workers).
+    #[arg(long, env = "HOLDFAST_LABELS", value_delimiter = ',', value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Cluster join token file. Read and checked at startup; cluster authentication
+    /// with it arrives with mutual TLS and is not enforced yet.
+    #[arg(long, env = "HOLDFAST_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+/// `holdfast echo` flags.
+#[derive(Args, Debug)]
+pub struct EchoArgs {
+    /// Listen address.
+    #[arg(long, env = "HOLDFAST_LISTEN", default_value = "0.0.0.0:7777")]
+    pub listen: std::net::SocketAddr,
+    /// Exit on its own after this long (e.g. `2s`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub exit_after: Option<std::time::Duration>,
+    /// Exit code used with `--exit-after`.
+    #[arg(long, default_value_t = 0)]
+    pub exit_code: i32,
+    /// Exit 1 when a POST body equals this.
+    #[arg(long)]
+    pub crash_on: Option<String>,
+    /// Wait this long before listening.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub startup_delay: Option<std::time::Duration>,
+    /// `GET /health` fails once this long has passed.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub fail_health_after: Option<std::time::Duration>,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("label {s:?} must look like key=value")),
+    }
+}
+
+fn host_of(addr: &str) -> &str {
+    addr.rsplit_once(':').map_or(addr, |(h, _)| h)
+}
+
+fn port_of(addr: &str) -> &str {
+    addr.rsplit_once(':').map_or("", |(_, p)| p)
+}
+
+/// A usable host for others to dial when we listen on a wildcard address.
+fn dialable(host: &str) -> &str {
+    if host == "0.0.0.0" || host == "[::]" {
+        "127.0.0.1"
+    } else {
+        host
+    }
+}
+
+impl DevArgs {
+    /// The single-node configuration.
+    pub fn to_config(&self) -> Config {
+        Config {
+            node_id: self.node_id.clone(),
+            data_dir: self.data_dir.clone(),
+            manager: Some(ManagerRole {
+                api: self.api.clone(),
+                cluster: self.cluster.clone(),
+                advertise_cluster: self.cluster.clone(),
+                advertise_api: self.api.clone(),
+                bootstrap: true,
+                join: Vec::new(),
+            }),
+            worker: Some(WorkerRole {
+                managers: vec![self.cluster.clone()],
+                advertise_host: dialable(host_of(&self.api)).to_string(),
+                labels: BTreeMap::new(),
+            }),
+        }
+    }
+}
+
+impl AgentArgs {
+    /// Validates the flags and builds the configuration.
+    pub fn to_config(&self) -> Result<Config, String> {
+        if !self.manager && !self.worker {
+            return Err("pass --manager, --worker, or both".into());
+        }
+        if let Some(tf) = &self.token_file {
+            std::fs::read_to_string(tf).map_err(|e| format!("--token-file {}: {e}", tf.display()))?;
+        }
+        let adv_host = self.advertise.as_deref().map(host_of);
+        let advertise_cluster = match &self.advertise {
+            Some(a) if a.contains(':') => a.clone(),
+            Some(h) => format!("{h}:{}", port_of(&self.cluster)),
+            None => format!("{}:{}", dialable(host_of(&self.cluster)), port_of(&self.cluster)),
+        };
+        let advertise_api = format!(
+            "{}:{}",
+            adv_host.unwrap_or_else(|| dialable(host_of(&self.api))),
+            port_of(&self.api)
+        );
+        let manager = self.manager.then(|| ManagerRole {
+            api: self.api.clone(),
+            cluster: self.cluster.clone(),
+            advertise_cluster: advertise_cluster.clone(),
+            advertise_api,
+            bootstrap: self.bootstrap,
+            join: self.join.clone(),
+        });
+        if self.manager && !self.bootstrap && self.join.is_empty() {
+            // A restarted member needs neither; a fresh one needs one of them.
+            let fresh = !self.data_dir.join("manager").exists();
+            if fresh {
+                return Err("a new manager needs --bootstrap (first manager) or --join ADDR".into());
+            }
+        }
+        let worker = if self.worker {
+            let managers = if self.join.is_empty() {
+                if !self.manager {
+                    return Err("a worker needs --join with manager cluster addresses".into());
+                }
+                vec![advertise_cluster]
+            } else {
+                self.join.clone()
+            };
+            Some(WorkerRole {
+                managers,
+                advertise_host: adv_host.unwrap_or("127.0.0.1").to_string(),
+                labels: self.labels.iter().cloned().collect(),
+            })
+        } else {
+            None
+        };
+        Ok(Config { node_id: self.node_id.clone(), data_dir: self.data_dir.clone(), manager, worker })
+    }
+}

@@ -1,0 +1,45 @@
+//! The configuration of one holdfast node process, built from CLI flags.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// What one process runs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Node name, unique in the cluster.
+    pub node_id: String,
+    /// Root data directory (`manager/` and `worker/` live under it).
+    pub data_dir: PathBuf,
+    /// Run the control plane.
+    pub manager: Option<ManagerRole>,
+    /// Run the data plane.
+    pub worker: Option<WorkerRole>,
+}
+
+/// Manager settings.
+#[derive(Clone, Debug)]
+pub struct ManagerRole {
+    /// Public API listen address.
+    pub api: String,
+    /// Cluster (Raft + worker sync) listen address.
+    pub cluster: String,
+    /// Cluster address advertised to peers (defaults to `cluster`).
+    pub advertise_cluster: String,
+    /// API address advertised to clients (defaults to `api`).
+    pub advertise_api: String,
+    /// Initialize a new single-member cluster when the data dir is fresh.
+    pub bootstrap: bool,
+    /// Cluster addresses of existing managers to join.
+    pub join: Vec<String>,
+}
+
+/// Worker settings.
+#[derive(Clone, Debug)]
+pub struct WorkerRole {
+    /// Cluster addresses of managers to sync with.
+    pub managers: Vec<String>,
+    /// Host part of task endpoints.
+    pub advertise_host: String,
+    /// Node labels.
+    pub labels: BTreeMap<String, String>,
+}

@@ -1,0 +1,315 @@
+//! The public HTTP API (axum). The only manager module that knows the public JSON
+//! shapes; every error leaves as `{"error":{"code","message","field"}}`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use holdfast_raft::DbError;
+use serde::{Deserialize, Serialize};
+
+use super::state::{query, Command, Outcome};
+use super::{now_ms, Manager};
+use crate::model::spec::{SpecError, MAX_SPEC_BYTES};
+use crate::model::TaskSpec;
+
+mod error;
+pub use error::ApiError;
+
+/// Routes of the public API and the probes.
+pub fn router(manager: Arc<Manager>) -> Router {
+    Router::new()
+        .route("/v1/tasks", post(submit_task).get(list_tasks))
+        .route("/v1/tasks/{id}", get(get_task).delete(stop_task))
+        .route("/v1/tasks/{id}/logs", get(task_logs))
+        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/cluster", get(cluster))
+        .route("/v1/cluster/members/{id}", delete(remove_member))
+        .route("/v1/health", get(health))
+        .route("/health/live", get(live))
+        .route("/health/ready", get(ready))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_SPEC_BYTES))
+        .with_state(manager)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route; see GET /v1/tasks, /v1/nodes, /v1/cluster")
+}
+
+fn outcome(bytes: Vec<u8>) -> Result<serde_json::Value, ApiError> {
+    let out: Outcome = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::internal(format!("unreadable apply response: {e}")))?;
+    out.map_err(|r| {
+        let status = match r.code.as_str() {
+            "conflict" => StatusCode::CONFLICT,
+            "not_found" => StatusCode::NOT_FOUND,
+            _ => StatusCode::UNPROCESSABLE_ENTITY,
+        };
+        ApiError::new(status, &r.code, r.message)
+    })
+}
+
+/// Replicates one command and decodes the state machine's answer.
+pub async fn write(manager: &Manager, cmd: &Command) -> Result<serde_json::Value, ApiError> {
+    let bytes = serde_json::to_vec(cmd).map_err(|e| ApiError::internal(e.to_string()))?;
+    outcome(manager.db.write(bytes).await?)
+}
+
+#[derive(Serialize)]
+struct Submitted {
+    id: String,
+    created: bool,
+    location: String,
+}
+
+async fn submit_task(
+    State(m): State<Arc<Manager>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|e| {
+        let status = e.status();
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            format!("request body exceeds {MAX_SPEC_BYTES} bytes")
+        } else {
+            e.body_text()
+        };
+        ApiError::new(status, "bad_body", message)
+    })?;
+    let spec = TaskSpec::from_json(&body).map_err(ApiError::from)?;
+    let key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => {
+            let k = v.to_str().ok().filter(|k| !k.is_empty() && k.len() <= 128).ok_or_else(|| {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid", "Idempotency-Key must be 1–128 visible ASCII characters")
+                    .field("Idempotency-Key")
+            })?;
+            Some(k.to_string())
+        }
+    };
+    let id = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let cmd = Command::SubmitTask { id, spec, idempotency_key: key, now_ms: now_ms() };
+    let out = write(&m, &cmd).await?;
+    let id = out["id"].as_str().unwrap_or_default().to_string();
+    let created = out["created"].as_bool().unwrap_or(true);
+    let location = format!("/v1/tasks/{id}");
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let mut resp = (status, Json(Submitted { id, created, location: location.clone() })).into_response();
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(resp)
+}
+
+async fn list_tasks(State(m): State<Arc<Manager>>) -> Result<Json<serde_json::Value>, ApiError> {
+    let tasks = m.db.read(query::list_tasks).await?;
+    Ok(Json(serde_json::json!({ "tasks": tasks })))
+}
+
+fn check_id(id: &str) -> Result<(), ApiError> {
+    if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid", format!("{id:?} is not a valid id")).field("id"));
+    }
+    Ok(())
+}
+
+async fn get_task(State(m): State<Arc<Manager>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    check_id(&id)?;
+    let key = id.clone();
+    match m.db.read(move |c| query::get_task(c, &key)).await? {
+        Some(t) => Ok(Json(t).into_response()),
+        None => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no task with id {id}")).field("id")),
+    }
+}
+
+async fn stop_task(State(m): State<Arc<Manager>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    check_id(&id)?;
+    write(&m, &Command::StopTask { id: id.clone(), now_ms: now_ms() }).await?;
+    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "id": id, "desired": "stop" }))).into_response())
+}
+
+#[derive(Deserialize)]
+struct LogsQuery {
+    tail: Option<usize>,
+}
+
+async fn task_logs(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> Result<Response, ApiError> {
+    check_id(&id)?;
+    let tail = q.tail.unwrap_or(200).clamp(1, 10_000);
+    let key = id.clone();
+    let task = m
+        .db
+        .read(move |c| query::get_task(c, &key))
+        .await?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no task with id {id}")).field("id"))?;
+    let Some(p) = task.placements.iter().find(|p| p.current) else {
+        return Err(ApiError::new(StatusCode::CONFLICT, "not_placed", format!("task {id} has not been placed yet")));
+    };
+    let status = m.db.status();
+    if status.role != holdfast_raft::Role::Leader {
+        return Err(ApiError::unavailable(
+            "logs are relayed by the leader; ask it".to_string(),
+            status.leader.map(|l| l.api_addr),
+        ));
+    }
+    let (req_id, rx) = m.logs.request(&p.node, &p.id, tail);
+    m.log_signal.send_modify(|v| *v += 1);
+    match tokio::time::timeout(m.timers.log_timeout, rx).await {
+        Ok(Ok(Ok(text))) => Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response()),
+        Ok(Ok(Err(reason))) => Err(ApiError::new(StatusCode::BAD_GATEWAY, "logs_unavailable", reason)),
+        _ => {
+            m.logs.forget(req_id);
+            Err(ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "worker_timeout",
+                format!("node {} did not send logs within {:?}", p.node, m.timers.log_timeout),
+            ))
+        }
+    }
+}
+
+async fn list_nodes(State(m): State<Arc<Manager>>) -> Result<Json<serde_json::Value>, ApiError> {
+    let rows = m.db.read(query::nodes).await?;
+    let live = super::lock(&m.liveness).clone();
+    let nodes: Vec<serde_json::Value> = rows
+        .into_iter()
+        .map(|n| {
+            let l = live.get(&n.name);
+            serde_json::json!({
+                "id": n.name,
+                "address": n.address,
+                "status": n.status,
+                "labels": n.labels,
+                "capacity": { "cpu_millis": n.cpu_millis, "memory_mb": n.memory_mb, "disk_mb": n.disk_mb },
+                "reserved": {
+                    "cpu_millis": n.reserved_cpu_millis,
+                    "memory_mb": n.reserved_memory_mb,
+                    "disk_mb": n.reserved_disk_mb,
+                },
+                "free": l.map(|l| serde_json::json!({
+                    "memory_mb": l.resources.memory_free_mb,
+                    "disk_mb": l.resources.disk_free_mb,
+                    "load1": l.resources.load1,
+                })),
+                "engine_ok": l.map(|l| l.resources.engine_ok),
+                "last_seen_ms_ago": l.map(|l| l.last_seen.elapsed().as_millis() as u64),
+                "placements": n.placements,
+            })
+        })
+        .collect();
+    Ok(Json(serde_json::json!({ "nodes": nodes })))
+}
+
+async fn cluster(State(m): State<Arc<Manager>>) -> Json<serde_json::Value> {
+    let s = m.db.status();
+    Json(serde_json::json!({
+        "id": s.name,
+        "role": s.role,
+        "leader": s.leader.as_ref().map(|l| serde_json::json!({
+            "id": l.name, "api": l.api_addr, "cluster": l.cluster_addr,
+        })),
+        "term": s.term,
+        "commit_index": s.commit_index,
+        "last_applied": s.last_applied,
+        "last_log_index": s.last_log_index,
+        "snapshot_index": s.snapshot_index,
+        "members": s.members.iter().map(|mm| serde_json::json!({
+            "id": mm.member.name,
+            "api": mm.member.api_addr,
+            "cluster": mm.member.cluster_addr,
+            "voter": mm.voter,
+            "role": if mm.voter { "voter" } else { "learner" },
+            "last_applied": mm.matched,
+        })).collect::<Vec<_>>(),
+    }))
+}
+
+async fn remove_member(State(m): State<Arc<Manager>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    check_id(&id)?;
+    m.db.remove_member(&id).await?;
+    Ok((StatusCode::OK, Json(serde_json::json!({ "removed": id }))).into_response())
+}
+
+async fn health(State(m): State<Arc<Manager>>) -> Response {
+    let s = m.db.status();
+    let leader_known = s.leader.is_some();
+    let engines: Vec<(String, bool)> = super::lock(&m.liveness)
+        .iter()
+        .filter(|(_, l)| l.last_seen.elapsed() < m.timers.heartbeat_ttl)
+        .map(|(n, l)| (n.clone(), l.resources.engine_ok))
+        .collect();
+    let engines_ok = engines.iter().all(|(_, ok)| *ok);
+    let overall = if !leader_known {
+        "critical"
+    } else if !engines_ok {
+        "degraded"
+    } else {
+        "healthy"
+    };
+    let code = if overall == "critical" { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    let body = serde_json::json!({
+        "status": overall,
+        "control_plane": {
+            "role": s.role,
+            "leader": s.leader.map(|l| l.name),
+            "term": s.term,
+            "commit_index": s.commit_index,
+            "last_applied": s.last_applied,
+        },
+        "data_plane": {
+            "nodes_seen": engines.len(),
+            "engines": engines.into_iter().map(|(n, ok)| serde_json::json!({"node": n, "engine_ok": ok})).collect::<Vec<_>>(),
+        },
+    });
+    (code, Json(body)).into_response()
+}
+
+async fn live() -> &'static str {
+    "ok"
+}
+
+async fn ready(State(m): State<Arc<Manager>>) -> Result<&'static str, ApiError> {
+    let s = m.db.status();
+    if s.leader.is_some() {
+        Ok("ok")
+    } else {
+        Err(ApiError::unavailable("no leader known yet".into(), None))
+    }
+}
+
+impl From<SpecError> for ApiError {
+    fn from(e: SpecError) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid", e.message).field(&e.field)
+    }
+}
+
+impl From<DbError> for ApiError {
+    fn from(e: DbError) -> Self {
+        match &e {
+            DbError::NoLeader { last_known } => {
+                ApiError::unavailable(e.to_string(), last_known.as_ref().map(|l| l.api_addr.clone()))
+            }
+            DbError::Timeout { leader, .. } => ApiError::unavailable(
+                format!("{e}; the cluster may have lost its quorum"),
+                leader.as_ref().map(|l| l.api_addr.clone()),
+            ),
+            DbError::Network { .. } => ApiError::unavailable(e.to_string(), None),
+            DbError::Membership(_) => ApiError::new(StatusCode::CONFLICT, "membership", e.to_string()),
+            DbError::DataDir { .. } | DbError::Storage(_) => ApiError::internal(e.to_string()),
+        }
+    }
+}
+
+/// Retry hint for 503s.
+pub(crate) const RETRY_AFTER: Duration = Duration::from_secs(1);

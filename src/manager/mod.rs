@@ -1,0 +1,151 @@
+//! The control plane: replicated state, public API, worker gateway, leader loops.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use holdfast_raft::ReplicatedDb;
+use tokio::sync::{oneshot, watch};
+
+use crate::model::sync::{LogRequest, NodeResources};
+
+pub mod api;
+pub mod gateway;
+pub mod leader;
+pub mod scheduler;
+pub mod state;
+
+/// Timers of the control plane.
+#[derive(Clone, Debug)]
+pub struct ManagerTimers {
+    /// Lease granted to workers on every sync.
+    pub lease: Duration,
+    /// A node silent for this long is not offered new placements.
+    pub heartbeat_ttl: Duration,
+    /// Longest a worker's sync may be held waiting for a change; below `heartbeat_ttl`
+    /// because the sync is also the heartbeat.
+    pub max_long_poll: Duration,
+    /// How long a log request waits for the worker to answer.
+    pub log_timeout: Duration,
+}
+
+impl Default for ManagerTimers {
+    fn default() -> Self {
+        ManagerTimers {
+            lease: Duration::from_secs(30),
+            heartbeat_ttl: Duration::from_secs(5),
+            max_long_poll: Duration::from_millis(2_500),
+            log_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the leader knows about a worker from its syncs; kept in memory only
+/// (heartbeats are not Raft writes).
+#[derive(Clone, Debug)]
+pub struct Liveness {
+    /// When the last sync arrived.
+    pub last_seen: Instant,
+    /// Resources it measured.
+    pub resources: NodeResources,
+}
+
+/// Log requests relayed to workers through their long-poll.
+#[derive(Default)]
+pub struct LogRelay {
+    next_id: AtomicU64,
+    queued: Mutex<HashMap<String, Vec<LogRequest>>>,
+    waiters: Mutex<HashMap<u64, oneshot::Sender<Result<String, String>>>>,
+}
+
+impl LogRelay {
+    /// Queues a request for `node`; the receiver gets the worker's answer.
+    pub fn request(
+        &self,
+        node: &str,
+        placement_id: &str,
+        tail: usize,
+    ) -> (u64, oneshot::Receiver<Result<String, String>>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let (tx, rx) = oneshot::channel();
+        lock(&self.waiters).insert(id, tx);
+        lock(&self.queued).entry(node.to_string()).or_default().push(LogRequest {
+            id,
+            placement_id: placement_id.to_string(),
+            tail,
+        });
+        (id, rx)
+    }
+
+    /// Takes the requests queued for `node`.
+    pub fn take(&self, node: &str) -> Vec<LogRequest> {
+        lock(&self.queued).remove(node).unwrap_or_default()
+    }
+
+    /// Whether any request waits for `node`.
+    pub fn has(&self, node: &str) -> bool {
+        lock(&self.queued).get(node).is_some_and(|v| !v.is_empty())
+    }
+
+    /// Delivers a worker's answer.
+    pub fn answer(&self, id: u64, result: Result<String, String>) {
+        if let Some(tx) = lock(&self.waiters).remove(&id) {
+            let _ = tx.send(result);
+        }
+    }
+
+    /// Forgets a request whose caller gave up.
+    pub fn forget(&self, id: u64) {
+        lock(&self.waiters).remove(&id);
+        for reqs in lock(&self.queued).values_mut() {
+            reqs.retain(|r| r.id != id);
+        }
+    }
+}
+
+/// Locks a std mutex, recovering from poisoning (the data is plain maps, always valid).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Shared state of one manager process.
+pub struct Manager {
+    /// The replicated database.
+    pub db: ReplicatedDb,
+    /// Index of the last applied command; changes wake long-polls and the planner.
+    pub applied: watch::Receiver<u64>,
+    /// Leader-side, in-memory view of workers.
+    pub liveness: Mutex<HashMap<String, Liveness>>,
+    /// Log requests in flight.
+    pub logs: LogRelay,
+    /// Bumped when a log request is queued, to wake long-polls.
+    pub log_signal: watch::Sender<u64>,
+    /// Timers.
+    pub timers: ManagerTimers,
+    /// When this process started (grace period for liveness after a leader change).
+    pub started: Instant,
+}
+
+impl Manager {
+    /// Wraps an opened database.
+    pub fn new(db: ReplicatedDb, applied: watch::Receiver<u64>, timers: ManagerTimers) -> Arc<Self> {
+        Arc::new(Manager {
+            db,
+            applied,
+            liveness: Mutex::new(HashMap::new()),
+            logs: LogRelay::default(),
+            log_signal: watch::channel(0).0,
+            timers,
+            started: Instant::now(),
+        })
+    }
+}
+
+/// Milliseconds since the Unix epoch (wall clock, for records shown to people).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,266 @@
+//! Pure placement: feasibility, scoring and a `Plan`. No I/O, no tokio, no SQLite:
+//! `plan(view, work)` is a function of its arguments, so it is table-testable and the
+//! leader's plan applier re-checks its output against fresher state.
+
+use std::collections::BTreeMap;
+
+use crate::manager::state::PlannedPlacement;
+use crate::model::spec::{Constraints, Resources};
+
+/// One node as the scheduler sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodeView {
+    /// Node name.
+    pub name: String,
+    /// Ready and eligible for new placements.
+    pub eligible: bool,
+    /// Why it is not eligible (status), for reasons.
+    pub status: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Total CPU, millicores.
+    pub cpu_millis: u64,
+    /// Total memory, MiB.
+    pub memory_mb: u64,
+    /// Total disk, MiB.
+    pub disk_mb: u64,
+    /// Reserved CPU by live placements.
+    pub reserved_cpu_millis: u64,
+    /// Reserved memory.
+    pub reserved_memory_mb: u64,
+    /// Reserved disk.
+    pub reserved_disk_mb: u64,
+    /// Free memory measured by the worker (sysinfo), when reported.
+    pub measured_free_memory_mb: Option<u64>,
+    /// Free disk measured by the worker, when reported.
+    pub measured_free_disk_mb: Option<u64>,
+}
+
+impl NodeView {
+    fn free_cpu(&self) -> u64 {
+        self.cpu_millis.saturating_sub(self.reserved_cpu_millis)
+    }
+    fn free_memory(&self) -> u64 {
+        let by_reservation = self.memory_mb.saturating_sub(self.reserved_memory_mb);
+        self.measured_free_memory_mb.map_or(by_reservation, |m| m.min(by_reservation))
+    }
+    fn free_disk(&self) -> u64 {
+        let by_reservation = self.disk_mb.saturating_sub(self.reserved_disk_mb);
+        self.measured_free_disk_mb.map_or(by_reservation, |m| m.min(by_reservation))
+    }
+}
+
+/// The cluster at the time of planning.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClusterView {
+    /// Every registered node.
+    pub nodes: Vec<NodeView>,
+}
+
+/// A task waiting for a node.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pending {
+    /// Task id.
+    pub task_id: String,
+    /// Requested resources.
+    pub resources: Resources,
+    /// Constraints.
+    pub constraints: Constraints,
+}
+
+/// The scheduler's output.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Plan {
+    /// Placements to commit.
+    pub placements: Vec<PlannedPlacement>,
+    /// Tasks left pending, with the reason.
+    pub unplaced: Vec<(String, String)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Miss {
+    NotReady,
+    Label,
+    Cpu,
+    Memory,
+    Disk,
+}
+
+fn check(node: &NodeView, want: &Pending) -> Result<(), Miss> {
+    if !node.eligible {
+        return Err(Miss::NotReady);
+    }
+    if want.constraints.labels.iter().any(|(k, v)| node.labels.get(k) != Some(v)) {
+        return Err(Miss::Label);
+    }
+    let r = &want.resources;
+    if r.cpu_millis > node.free_cpu() {
+        return Err(Miss::Cpu);
+    }
+    if r.memory_mb > node.free_memory() {
+        return Err(Miss::Memory);
+    }
+    if r.disk_mb > node.free_disk() {
+        return Err(Miss::Disk);
+    }
+    Ok(())
+}
+
+/// Binpack score: the fuller the node after placement, the better (fills one node
+/// before the next, keeping whole nodes free for large tasks).
+fn score(node: &NodeView, r: &Resources) -> f64 {
+    let cpu = (node.reserved_cpu_millis + r.cpu_millis) as f64 / node.cpu_millis.max(1) as f64;
+    let mem = (node.reserved_memory_mb + r.memory_mb) as f64 / node.memory_mb.max(1) as f64;
+    (cpu + mem) / 2.0
+}
+
+fn explain(nodes: &[NodeView], want: &Pending, misses: &BTreeMap<Miss, usize>) -> String {
+    if nodes.is_empty() {
+        return "no worker nodes registered".into();
+    }
+    let r = &want.resources;
+    let largest = |f: fn(&NodeView) -> u64| nodes.iter().filter(|n| n.eligible).map(f).max().unwrap_or(0);
+    let parts: Vec<String> = misses
+        .iter()
+        .map(|(miss, count)| {
+            let what = match miss {
+                Miss::NotReady => "not ready".to_string(),
+                Miss::Label => {
+                    let wanted: Vec<String> =
+                        want.constraints.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    format!("label {}", wanted.join(","))
+                }
+                Miss::Cpu => format!("cpu {} millis > largest free {} millis", r.cpu_millis, largest(NodeView::free_cpu)),
+                Miss::Memory => {
+                    format!("memory {} MB > largest free {} MB", r.memory_mb, largest(NodeView::free_memory))
+                }
+                Miss::Disk => format!("disk {} MB > largest free {} MB", r.disk_mb, largest(NodeView::free_disk)),
+            };
+            if misses.len() == 1 && *count == nodes.len() {
+                what
+            } else {
+                format!("{count} node{}: {what}", if *count == 1 { "" } else { "s" })
+            }
+        })
+        .collect();
+    format!("no node fits: {}", parts.join("; "))
+}
+
+/// Places as much of `work` as fits, in order, accounting for what this plan already
+/// placed. Deterministic: ties go to the lexically smallest node name.
+pub fn plan(view: &ClusterView, work: &[Pending]) -> Plan {
+    let mut nodes = view.nodes.clone();
+    let mut out = Plan::default();
+    for want in work {
+        let mut misses: BTreeMap<Miss, usize> = BTreeMap::new();
+        let mut best: Option<(usize, f64)> = None;
+        for (i, node) in nodes.iter().enumerate() {
+            match check(node, want) {
+                Err(m) => *misses.entry(m).or_default() += 1,
+                Ok(()) => {
+                    let s = score(node, &want.resources);
+                    let better = match best {
+                        None => true,
+                        Some((j, bs)) => s > bs || (s == bs && node.name < nodes[j].name),
+                    };
+                    if better {
+                        best = Some((i, s));
+                    }
+                }
+            }
+        }
+        match best {
+            Some((i, _)) => {
+                let n = &mut nodes[i];
+                n.reserved_cpu_millis += want.resources.cpu_millis;
+                n.reserved_memory_mb += want.resources.memory_mb;
+                n.reserved_disk_mb += want.resources.disk_mb;
+                if let Some(m) = n.measured_free_memory_mb.as_mut() {
+                    *m = m.saturating_sub(want.resources.memory_mb);
+                }
+                if let Some(d) = n.measured_free_disk_mb.as_mut() {
+                    *d = d.saturating_sub(want.resources.disk_mb);
+                }
+                out.placements.push(PlannedPlacement { task_id: want.task_id.clone(), node: n.name.clone() });
+            }
+            None => out.unplaced.push((want.task_id.clone(), explain(&nodes, want, &misses))),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, cpu: u64, mem: u64) -> NodeView {
+        NodeView {
+            name: name.into(),
+            eligible: true,
+            status: "ready".into(),
+            labels: BTreeMap::new(),
+            cpu_millis: cpu,
+            memory_mb: mem,
+            disk_mb: 100_000,
+            reserved_cpu_millis: 0,
+            reserved_memory_mb: 0,
+            reserved_disk_mb: 0,
+            measured_free_memory_mb: None,
+            measured_free_disk_mb: None,
+        }
+    }
+
+    fn task(id: &str, cpu: u64, mem: u64) -> Pending {
+        Pending {
+            task_id: id.into(),
+            resources: Resources { cpu_millis: cpu, memory_mb: mem, disk_mb: 0 },
+            constraints: Constraints::default(),
+        }
+    }
+
+    fn placed(p: &Plan) -> Vec<(&str, &str)> {
+        p.placements.iter().map(|x| (x.task_id.as_str(), x.node.as_str())).collect()
+    }
+
+    #[test]
+    fn binpack_fills_one_node_first_and_never_overcommits() {
+        let view = ClusterView { nodes: vec![node("b", 1000, 1000), node("a", 1000, 1000)] };
+        let work: Vec<Pending> = (0..5).map(|i| task(&format!("t{i}"), 400, 100)).collect();
+        let p = plan(&view, &work);
+        assert_eq!(placed(&p), vec![("t0", "a"), ("t1", "a"), ("t2", "b"), ("t3", "b")]);
+        assert_eq!(p.unplaced.len(), 1);
+        assert_eq!(p.unplaced[0].0, "t4");
+        assert!(p.unplaced[0].1.contains("cpu 400 millis > largest free 200 millis"), "{}", p.unplaced[0].1);
+    }
+
+    #[test]
+    fn reasons_name_each_check() {
+        let mut small = node("small", 4000, 23000);
+        small.measured_free_memory_mb = Some(23000);
+        let view = ClusterView { nodes: vec![small] };
+        let p = plan(&view, &[task("big", 100, 999_999)]);
+        assert_eq!(p.unplaced[0].1, "no node fits: memory 999999 MB > largest free 23000 MB");
+
+        let mut labelled = node("z", 1000, 1000);
+        labelled.labels.insert("zone".into(), "a".into());
+        let mut down = node("d", 1000, 1000);
+        down.eligible = false;
+        let view = ClusterView { nodes: vec![labelled, down] };
+        let mut t = task("t", 100, 10);
+        t.constraints.labels.insert("zone".into(), "b".into());
+        let p = plan(&view, &[t]);
+        assert_eq!(p.unplaced[0].1, "no node fits: 1 node: not ready; 1 node: label zone=b");
+
+        let p = plan(&ClusterView::default(), &[task("t", 1, 1)]);
+        assert_eq!(p.unplaced[0].1, "no worker nodes registered");
+    }
+
+    #[test]
+    fn measured_free_memory_limits_placement() {
+        let mut n = node("a", 1000, 1000);
+        n.measured_free_memory_mb = Some(150);
+        let p = plan(&ClusterView { nodes: vec![n] }, &[task("t1", 10, 100), task("t2", 10, 100)]);
+        assert_eq!(placed(&p), vec![("t1", "a")]);
+        assert_eq!(p.unplaced[0].0, "t2");
+    }
+}

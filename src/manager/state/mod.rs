@@ -1,0 +1,426 @@
+//! The replicated domain state: the one `Command` enum, the SQLite schema, and the one
+//! `apply` match. Only this module writes the replicated database, and only in `apply`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use rusqlite::{params, OptionalExtension, Transaction};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::model::sync::StatusReport;
+use crate::model::{transition, Desired, Observed, TaskSpec};
+
+pub mod query;
+
+/// Every replicated write.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Command {
+    /// A new task (or a retry of one, under the same idempotency key).
+    SubmitTask {
+        /// Id chosen by the API handler.
+        id: String,
+        /// The validated spec.
+        spec: TaskSpec,
+        /// `Idempotency-Key` header, if given.
+        idempotency_key: Option<String>,
+        /// Leader wall clock.
+        now_ms: u64,
+    },
+    /// Desired → stop for a task and all its placements.
+    StopTask {
+        /// Task id.
+        id: String,
+        /// Leader wall clock.
+        now_ms: u64,
+    },
+    /// A worker joined or changed its labels or capacity.
+    RegisterNode {
+        /// Node name.
+        name: String,
+        /// Advertised address.
+        address: String,
+        /// Labels.
+        labels: BTreeMap<String, String>,
+        /// Total CPU, millicores.
+        cpu_millis: u64,
+        /// Total memory, MiB.
+        memory_mb: u64,
+        /// Total disk on Docker's data root, MiB.
+        disk_mb: u64,
+        /// Leader wall clock.
+        now_ms: u64,
+    },
+    /// The scheduler's plan; re-checked here against the newest state.
+    ApplyPlan {
+        /// New placements.
+        placements: Vec<PlannedPlacement>,
+        /// Why each task the scheduler could not place stays pending.
+        unplaced: Vec<(String, String)>,
+        /// Leader wall clock.
+        now_ms: u64,
+    },
+    /// Observed-state changes from one worker.
+    ReportStatus {
+        /// Reporting node.
+        node: String,
+        /// Changes, oldest first.
+        reports: Vec<StatusReport>,
+        /// Leader wall clock.
+        now_ms: u64,
+    },
+}
+
+/// One placement in a plan.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedPlacement {
+    /// Task to place.
+    pub task_id: String,
+    /// Chosen node.
+    pub node: String,
+}
+
+/// Why `apply` refused a command; travels back to the writer as data.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct Rejection {
+    /// Machine-readable code (`conflict`, `not_found`, ...).
+    pub code: String,
+    /// Human message.
+    pub message: String,
+}
+
+/// What `apply` answers, serialized as the Raft response bytes.
+pub type Outcome = Result<serde_json::Value, Rejection>;
+
+/// The manager's state machine, plugged into `holdfast-raft`.
+pub struct DomainState {
+    applied: watch::Sender<u64>,
+}
+
+impl DomainState {
+    /// A state machine and a receiver that sees the index of every applied command
+    /// (long-polls and leader loops wait on it).
+    pub fn new() -> (Arc<Self>, watch::Receiver<u64>) {
+        let (tx, rx) = watch::channel(0);
+        (Arc::new(DomainState { applied: tx }), rx)
+    }
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS tasks (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    desired TEXT NOT NULL,
+    idem_key TEXT UNIQUE,
+    digest TEXT NOT NULL,
+    pending_reason TEXT,
+    created_index INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS placements (
+    id TEXT PRIMARY KEY,
+    task_id TEXT NOT NULL REFERENCES tasks(id),
+    node TEXT NOT NULL,
+    fence INTEGER NOT NULL,
+    desired TEXT NOT NULL,
+    observed TEXT NOT NULL,
+    exit_code INTEGER,
+    reason TEXT,
+    restarts INTEGER NOT NULL DEFAULT 0,
+    endpoints TEXT NOT NULL DEFAULT '[]',
+    container_id TEXT,
+    cpu_millis INTEGER NOT NULL,
+    memory_mb INTEGER NOT NULL,
+    disk_mb INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS placements_task ON placements(task_id);
+CREATE INDEX IF NOT EXISTS placements_node ON placements(node);
+CREATE TABLE IF NOT EXISTS nodes (
+    name TEXT PRIMARY KEY,
+    address TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    cpu_millis INTEGER NOT NULL,
+    memory_mb INTEGER NOT NULL,
+    disk_mb INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    last_seq INTEGER NOT NULL DEFAULT 0,
+    registered_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS placement_events (
+    id INTEGER PRIMARY KEY,
+    placement_id TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    observed TEXT NOT NULL,
+    detail TEXT
+);
+CREATE INDEX IF NOT EXISTS placement_events_p ON placement_events(placement_id);
+"#;
+
+impl holdfast_raft::Apply for DomainState {
+    fn init_schema(&self, conn: &rusqlite::Connection) -> rusqlite::Result<()> {
+        conn.execute_batch(SCHEMA)
+    }
+
+    fn apply(&self, tx: &Transaction<'_>, index: u64, command: &[u8]) -> rusqlite::Result<Vec<u8>> {
+        let outcome: Outcome = match serde_json::from_slice::<Command>(command) {
+            Err(e) => Err(Rejection { code: "bad_command".into(), message: e.to_string() }),
+            Ok(cmd) => {
+                // Rejections roll back this command's partial writes but still consume it.
+                tx.execute_batch("SAVEPOINT cmd")?;
+                let out = apply_command(tx, index, cmd)?;
+                if out.is_err() {
+                    tx.execute_batch("ROLLBACK TO cmd")?;
+                }
+                tx.execute_batch("RELEASE cmd")?;
+                out
+            }
+        };
+        self.applied.send_replace(index);
+        Ok(serde_json::to_vec(&outcome).unwrap_or_default())
+    }
+}
+
+fn reject(code: &str, message: impl Into<String>) -> rusqlite::Result<Outcome> {
+    Ok(Err(Rejection { code: code.into(), message: message.into() }))
+}
+
+fn apply_command(tx: &Transaction<'_>, index: u64, cmd: Command) -> rusqlite::Result<Outcome> {
+    match cmd {
+        Command::SubmitTask { id, spec, idempotency_key, now_ms } => {
+            let digest = spec.digest();
+            if let Some(key) = &idempotency_key {
+                let existing: Option<(String, String)> = tx
+                    .query_row("SELECT id, digest FROM tasks WHERE idem_key = ?1", [key], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })
+                    .optional()?;
+                if let Some((existing_id, existing_digest)) = existing {
+                    if existing_digest == digest {
+                        return Ok(Ok(serde_json::json!({ "id": existing_id, "created": false })));
+                    }
+                    return reject(
+                        "conflict",
+                        format!(
+                            "Idempotency-Key {key:?} was already used for task {existing_id} with a different spec"
+                        ),
+                    );
+                }
+            }
+            let spec_json = serde_json::to_string(&spec).unwrap_or_default();
+            tx.execute(
+                "INSERT INTO tasks (id, name, spec, desired, idem_key, digest, pending_reason, created_index, created_ms, updated_ms)
+                 VALUES (?1, ?2, ?3, 'run', ?4, ?5, NULL, ?6, ?7, ?7)",
+                params![id, spec.display_name(), spec_json, idempotency_key, digest, index as i64, now_ms as i64],
+            )?;
+            Ok(Ok(serde_json::json!({ "id": id, "created": true })))
+        }
+        Command::StopTask { id, now_ms } => {
+            let n = tx.execute(
+                "UPDATE tasks SET desired = 'stop', updated_ms = ?2 WHERE id = ?1",
+                params![id, now_ms as i64],
+            )?;
+            if n == 0 {
+                return reject("not_found", format!("no task with id {id}"));
+            }
+            tx.execute(
+                "UPDATE placements SET desired = 'stop', updated_ms = ?2 WHERE task_id = ?1 AND desired = 'run'",
+                params![id, now_ms as i64],
+            )?;
+            Ok(Ok(serde_json::json!({ "id": id })))
+        }
+        Command::RegisterNode { name, address, labels, cpu_millis, memory_mb, disk_mb, now_ms } => {
+            let labels = serde_json::to_string(&labels).unwrap_or_default();
+            tx.execute(
+                "INSERT INTO nodes (name, address, labels, cpu_millis, memory_mb, disk_mb, status, registered_ms, updated_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'ready', ?7, ?7)
+                 ON CONFLICT(name) DO UPDATE SET address = ?2, labels = ?3, cpu_millis = ?4, memory_mb = ?5,
+                   disk_mb = ?6, status = CASE WHEN status = 'draining' THEN status ELSE 'ready' END, updated_ms = ?7",
+                params![name, address, labels, cpu_millis as i64, memory_mb as i64, disk_mb as i64, now_ms as i64],
+            )?;
+            Ok(Ok(serde_json::json!({ "name": name })))
+        }
+        Command::ApplyPlan { placements, unplaced, now_ms } => {
+            let mut committed = Vec::new();
+            let mut refused = Vec::new();
+            for (i, p) in placements.into_iter().enumerate() {
+                match recheck_placement(tx, &p)? {
+                    Err(why) => refused.push(serde_json::json!({ "task_id": p.task_id, "reason": why })),
+                    Ok(spec) => {
+                        // One command may place many tasks; the fence is this command's
+                        // index for all of them (it only has to grow per task).
+                        let pid = format!("{}.{}.{}", p.task_id, index, i);
+                        tx.execute(
+                            "INSERT INTO placements (id, task_id, node, fence, desired, observed, cpu_millis, memory_mb, disk_mb, created_ms, updated_ms)
+                             VALUES (?1, ?2, ?3, ?4, 'run', 'pending', ?5, ?6, ?7, ?8, ?8)",
+                            params![
+                                pid,
+                                p.task_id,
+                                p.node,
+                                index as i64,
+                                spec.resources.cpu_millis as i64,
+                                spec.resources.memory_mb as i64,
+                                spec.resources.disk_mb as i64,
+                                now_ms as i64
+                            ],
+                        )?;
+                        tx.execute(
+                            "UPDATE tasks SET pending_reason = NULL, updated_ms = ?2 WHERE id = ?1",
+                            params![p.task_id, now_ms as i64],
+                        )?;
+                        event(tx, &pid, now_ms, "placed", Some(&format!("on {} with fence {index}", p.node)))?;
+                        committed.push(pid);
+                    }
+                }
+            }
+            for (task_id, reason) in unplaced {
+                tx.execute(
+                    "UPDATE tasks SET pending_reason = ?2 WHERE id = ?1 AND desired = 'run'",
+                    params![task_id, reason],
+                )?;
+            }
+            Ok(Ok(serde_json::json!({ "placed": committed, "refused": refused })))
+        }
+        Command::ReportStatus { node, reports, now_ms } => {
+            let last_seq: Option<i64> =
+                tx.query_row("SELECT last_seq FROM nodes WHERE name = ?1", [&node], |r| r.get(0)).optional()?;
+            let Some(mut last_seq) = last_seq.map(|s| s as u64) else {
+                return reject("not_found", format!("node {node} is not registered"));
+            };
+            let mut applied = 0u32;
+            let mut ignored = Vec::new();
+            for r in reports {
+                if r.seq <= last_seq {
+                    continue; // delivered before: exactly-once effect
+                }
+                last_seq = r.seq;
+                match apply_report(tx, &node, &r, now_ms)? {
+                    Ok(()) => applied += 1,
+                    Err(why) => ignored.push(serde_json::json!({ "seq": r.seq, "reason": why })),
+                }
+            }
+            tx.execute(
+                "UPDATE nodes SET last_seq = ?2 WHERE name = ?1",
+                params![node, last_seq as i64],
+            )?;
+            Ok(Ok(serde_json::json!({ "acked_seq": last_seq, "applied": applied, "ignored": ignored })))
+        }
+    }
+}
+
+/// The plan applier's re-check, on the freshest state there is: task still wants to
+/// run and has no live placement; node registered, not draining or down; reservations
+/// plus this request fit the node's capacity.
+fn recheck_placement(tx: &Transaction<'_>, p: &PlannedPlacement) -> rusqlite::Result<Result<TaskSpec, String>> {
+    let task: Option<(String, String)> = tx
+        .query_row("SELECT spec, desired FROM tasks WHERE id = ?1", [&p.task_id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let Some((spec_json, desired)) = task else {
+        return Ok(Err("task no longer exists".into()));
+    };
+    if desired != "run" {
+        return Ok(Err("task was stopped".into()));
+    }
+    let Ok(spec) = serde_json::from_str::<TaskSpec>(&spec_json) else {
+        return Ok(Err("stored spec unreadable".into()));
+    };
+    let live: i64 = tx.query_row(
+        "SELECT COUNT(*) FROM placements WHERE task_id = ?1 AND desired = 'run' AND observed NOT IN ('failed','stopped','exited')",
+        [&p.task_id],
+        |r| r.get(0),
+    )?;
+    if live > 0 {
+        return Ok(Err("task already has a live placement".into()));
+    }
+    let node: Option<(String, i64, i64, i64)> = tx
+        .query_row(
+            "SELECT status, cpu_millis, memory_mb, disk_mb FROM nodes WHERE name = ?1",
+            [&p.node],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .optional()?;
+    let Some((status, cpu, mem, disk)) = node else {
+        return Ok(Err(format!("node {} is not registered", p.node)));
+    };
+    if status != "ready" {
+        return Ok(Err(format!("node {} is {status}", p.node)));
+    }
+    let (rc, rm, rd): (i64, i64, i64) = tx.query_row(
+        "SELECT COALESCE(SUM(cpu_millis),0), COALESCE(SUM(memory_mb),0), COALESCE(SUM(disk_mb),0)
+         FROM placements WHERE node = ?1 AND desired = 'run' AND observed NOT IN ('failed','stopped','exited')",
+        [&p.node],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
+    let r = &spec.resources;
+    if rc + r.cpu_millis as i64 > cpu || rm + r.memory_mb as i64 > mem || rd + r.disk_mb as i64 > disk {
+        return Ok(Err(format!("node {} no longer has room", p.node)));
+    }
+    Ok(Ok(spec))
+}
+
+fn apply_report(
+    tx: &Transaction<'_>,
+    node: &str,
+    r: &StatusReport,
+    now_ms: u64,
+) -> rusqlite::Result<Result<(), String>> {
+    let row: Option<(String, i64, String)> = tx
+        .query_row("SELECT node, fence, observed FROM placements WHERE id = ?1", [&r.placement_id], |x| {
+            Ok((x.get(0)?, x.get(1)?, x.get(2)?))
+        })
+        .optional()?;
+    let Some((owner, fence, observed)) = row else {
+        return Ok(Err(format!("unknown placement {}", r.placement_id)));
+    };
+    if owner != node || fence as u64 != r.fence {
+        // Kept as history, never allowed to change the current owner's state.
+        event(tx, &r.placement_id, now_ms, "stale-report", Some(&format!("from {node} fence {}", r.fence)))?;
+        return Ok(Err("report does not match the placement's node or fence".into()));
+    }
+    let from = Observed::parse(&observed).unwrap_or(Observed::Pending);
+    if let Err(e) = transition(from, r.observed) {
+        event(tx, &r.placement_id, now_ms, "invalid-report", Some(&e.to_string()))?;
+        return Ok(Err(e.to_string()));
+    }
+    let endpoints = serde_json::to_string(&r.endpoints).unwrap_or_else(|_| "[]".into());
+    tx.execute(
+        "UPDATE placements SET observed = ?2, exit_code = ?3, reason = ?4, restarts = ?5, endpoints = ?6,
+           container_id = COALESCE(?7, container_id), updated_ms = ?8 WHERE id = ?1",
+        params![
+            r.placement_id,
+            r.observed.as_str(),
+            r.exit_code,
+            r.reason,
+            r.restarts,
+            endpoints,
+            r.container_id,
+            now_ms as i64
+        ],
+    )?;
+    if from != r.observed {
+        event(tx, &r.placement_id, r.at_ms, r.observed.as_str(), r.reason.as_deref())?;
+    }
+    Ok(Ok(()))
+}
+
+fn event(tx: &Transaction<'_>, placement: &str, at_ms: u64, what: &str, detail: Option<&str>) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO placement_events (placement_id, at_ms, observed, detail) VALUES (?1, ?2, ?3, ?4)",
+        params![placement, at_ms as i64, what, detail],
+    )?;
+    Ok(())
+}
+
+/// The desired state as `Desired`, from its stored text.
+pub fn parse_desired(s: &str) -> Desired {
+    if s == "stop" {
+        Desired::Stop
+    } else {
+        Desired::Run
+    }
+}

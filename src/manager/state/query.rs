@@ -1,0 +1,354 @@
+//! Read-side queries on the replicated state database (any connection; no writes).
+
+use std::collections::BTreeMap;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+
+use crate::model::sync::Assignment;
+use crate::model::{Desired, Observed, TaskSpec};
+
+use super::parse_desired;
+
+/// One placement as shown by the API.
+#[derive(Clone, Debug, Serialize)]
+pub struct PlacementView {
+    /// Placement id.
+    pub id: String,
+    /// Node it was placed on.
+    pub node: String,
+    /// Fence (Raft index that created it).
+    pub fence: u64,
+    /// Manager's intent.
+    pub desired: Desired,
+    /// Worker's last report.
+    pub observed: Observed,
+    /// Last exit code.
+    pub exit_code: Option<i64>,
+    /// Failure or exit reason.
+    pub reason: Option<String>,
+    /// Local restarts.
+    pub restarts: u32,
+    /// Published `host:port` endpoints.
+    pub endpoints: Vec<String>,
+    /// Engine container id.
+    pub container_id: Option<String>,
+    /// Whether this is the task's current placement (highest fence).
+    pub current: bool,
+    /// Creation time, ms since the epoch.
+    pub created_ms: u64,
+    /// Last change, ms since the epoch.
+    pub updated_ms: u64,
+    /// History (only on single-task reads).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<EventView>,
+}
+
+/// One entry of a placement's history.
+#[derive(Clone, Debug, Serialize)]
+pub struct EventView {
+    /// When, ms since the epoch.
+    pub at_ms: u64,
+    /// What happened (`placed`, an observed state, `stale-report`, ...).
+    pub what: String,
+    /// Detail, if any.
+    pub detail: Option<String>,
+}
+
+/// One task as shown by the API.
+#[derive(Clone, Debug, Serialize)]
+pub struct TaskView {
+    /// Task id.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Derived state: pending, starting, running, restarting, completed, failed, stopping, stopped.
+    pub state: &'static str,
+    /// Manager's intent.
+    pub desired: Desired,
+    /// Why it is pending or failed, when known.
+    pub reason: Option<String>,
+    /// Exit code of the current placement, when it exited.
+    pub exit_code: Option<i64>,
+    /// Restarts of the current placement.
+    pub restarts: u32,
+    /// Endpoints of the current placement.
+    pub endpoints: Vec<String>,
+    /// The submitted spec.
+    pub spec: TaskSpec,
+    /// Creation time, ms since the epoch.
+    pub created_ms: u64,
+    /// Last change, ms since the epoch.
+    pub updated_ms: u64,
+    /// Every placement, newest first.
+    pub placements: Vec<PlacementView>,
+}
+
+fn derive_state(desired: Desired, current: Option<&PlacementView>) -> &'static str {
+    match (desired, current) {
+        (Desired::Stop, None) => "stopped",
+        (Desired::Stop, Some(p)) if p.observed == Observed::Stopped => "stopped",
+        (Desired::Stop, Some(_)) => "stopping",
+        (Desired::Run, None) => "pending",
+        (Desired::Run, Some(p)) => match p.observed {
+            Observed::Pending | Observed::Pulling | Observed::Starting => "starting",
+            Observed::Running => "running",
+            Observed::Restarting => "restarting",
+            Observed::Exited if p.exit_code == Some(0) => "completed",
+            Observed::Exited | Observed::Failed => "failed",
+            Observed::Stopped => "stopped",
+        },
+    }
+}
+
+const PLACEMENT_COLS: &str = "id, node, fence, desired, observed, exit_code, reason, restarts, endpoints, container_id, created_ms, updated_ms, task_id";
+
+fn placement_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, PlacementView)> {
+    let desired: String = r.get(3)?;
+    let observed: String = r.get(4)?;
+    let endpoints: String = r.get(8)?;
+    Ok((
+        r.get(12)?,
+        PlacementView {
+            id: r.get(0)?,
+            node: r.get(1)?,
+            fence: r.get::<_, i64>(2)? as u64,
+            desired: parse_desired(&desired),
+            observed: Observed::parse(&observed).unwrap_or(Observed::Pending),
+            exit_code: r.get(5)?,
+            reason: r.get(6)?,
+            restarts: r.get::<_, i64>(7)? as u32,
+            endpoints: serde_json::from_str(&endpoints).unwrap_or_default(),
+            container_id: r.get(9)?,
+            current: false,
+            created_ms: r.get::<_, i64>(10)? as u64,
+            updated_ms: r.get::<_, i64>(11)? as u64,
+            events: Vec::new(),
+        },
+    ))
+}
+
+fn build_task(r: &rusqlite::Row<'_>) -> rusqlite::Result<(TaskView, Option<String>)> {
+    let spec: String = r.get(2)?;
+    let desired: String = r.get(3)?;
+    Ok((
+        TaskView {
+            id: r.get(0)?,
+            name: r.get(1)?,
+            state: "pending",
+            desired: parse_desired(&desired),
+            reason: None,
+            exit_code: None,
+            restarts: 0,
+            endpoints: Vec::new(),
+            spec: serde_json::from_str(&spec).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e))
+            })?,
+            created_ms: r.get::<_, i64>(5)? as u64,
+            updated_ms: r.get::<_, i64>(6)? as u64,
+            placements: Vec::new(),
+        },
+        r.get(4)?,
+    ))
+}
+
+fn finish(task: &mut TaskView, pending_reason: Option<String>) {
+    task.placements.sort_by(|a, b| b.fence.cmp(&a.fence).then(b.id.cmp(&a.id)));
+    if let Some(first) = task.placements.first_mut() {
+        first.current = true;
+    }
+    let current = task.placements.first();
+    task.state = derive_state(task.desired, current);
+    if let Some(p) = current {
+        task.exit_code = p.exit_code;
+        task.restarts = p.restarts;
+        task.endpoints = p.endpoints.clone();
+        task.reason = p.reason.clone();
+        task.updated_ms = task.updated_ms.max(p.updated_ms);
+    } else {
+        task.reason = pending_reason;
+    }
+}
+
+const TASK_COLS: &str = "id, name, spec, desired, pending_reason, created_ms, updated_ms";
+
+/// Every task, newest first, with placements (no history).
+pub fn list_tasks(conn: &Connection) -> rusqlite::Result<Vec<TaskView>> {
+    let mut stmt = conn.prepare(&format!("SELECT {TASK_COLS} FROM tasks ORDER BY created_index DESC"))?;
+    let mut tasks: Vec<(TaskView, Option<String>)> =
+        stmt.query_map([], build_task)?.collect::<Result<_, _>>()?;
+    let mut by_task: BTreeMap<String, Vec<PlacementView>> = BTreeMap::new();
+    let mut stmt = conn.prepare(&format!("SELECT {PLACEMENT_COLS} FROM placements"))?;
+    for row in stmt.query_map([], placement_row)? {
+        let (task_id, p) = row?;
+        by_task.entry(task_id).or_default().push(p);
+    }
+    for (task, reason) in &mut tasks {
+        task.placements = by_task.remove(&task.id).unwrap_or_default();
+        finish(task, reason.take());
+    }
+    Ok(tasks.into_iter().map(|(t, _)| t).collect())
+}
+
+/// One task with placements and their history.
+pub fn get_task(conn: &Connection, id: &str) -> rusqlite::Result<Option<TaskView>> {
+    let Some((mut task, reason)) = conn
+        .query_row(&format!("SELECT {TASK_COLS} FROM tasks WHERE id = ?1"), [id], build_task)
+        .optional()?
+    else {
+        return Ok(None);
+    };
+    let mut stmt = conn.prepare(&format!("SELECT {PLACEMENT_COLS} FROM placements WHERE task_id = ?1"))?;
+    task.placements = stmt.query_map([id], placement_row)?.map(|r| r.map(|(_, p)| p)).collect::<Result<_, _>>()?;
+    let mut ev = conn.prepare(
+        "SELECT at_ms, observed, detail FROM placement_events WHERE placement_id = ?1 ORDER BY id",
+    )?;
+    for p in &mut task.placements {
+        p.events = ev
+            .query_map([&p.id], |r| {
+                Ok(EventView { at_ms: r.get::<_, i64>(0)? as u64, what: r.get(1)?, detail: r.get(2)? })
+            })?
+            .collect::<Result<_, _>>()?;
+    }
+    finish(&mut task, reason);
+    Ok(Some(task))
+}
+
+/// A task waiting for a placement, as the scheduler sees it.
+#[derive(Clone, Debug)]
+pub struct PendingTask {
+    /// Task id.
+    pub id: String,
+    /// Its spec.
+    pub spec: TaskSpec,
+    /// Its pending reason as last recorded (to avoid rewriting an unchanged one).
+    pub reason: Option<String>,
+}
+
+/// Tasks that want to run and have never been placed.
+pub fn pending_tasks(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<PendingTask>> {
+    let mut stmt = conn.prepare(
+        "SELECT t.id, t.spec, t.pending_reason FROM tasks t
+         WHERE t.desired = 'run' AND NOT EXISTS (SELECT 1 FROM placements p WHERE p.task_id = t.id)
+         ORDER BY t.created_index LIMIT ?1",
+    )?;
+    let rows = stmt.query_map(params![limit as i64], |r| {
+        let spec: String = r.get(1)?;
+        Ok((r.get::<_, String>(0)?, spec, r.get::<_, Option<String>>(2)?))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, spec, reason) = row?;
+        if let Ok(spec) = serde_json::from_str(&spec) {
+            out.push(PendingTask { id, spec, reason });
+        }
+    }
+    Ok(out)
+}
+
+/// A registered node with what holdfast has reserved on it.
+#[derive(Clone, Debug, Serialize)]
+pub struct NodeRow {
+    /// Node name.
+    pub name: String,
+    /// Advertised address.
+    pub address: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Replicated status: ready, disconnected, down, draining.
+    pub status: String,
+    /// Total CPU, millicores.
+    pub cpu_millis: u64,
+    /// Total memory, MiB.
+    pub memory_mb: u64,
+    /// Total disk, MiB.
+    pub disk_mb: u64,
+    /// CPU reserved by live placements.
+    pub reserved_cpu_millis: u64,
+    /// Memory reserved by live placements.
+    pub reserved_memory_mb: u64,
+    /// Disk reserved by live placements.
+    pub reserved_disk_mb: u64,
+    /// Live placements.
+    pub placements: u64,
+    /// Registration time.
+    pub registered_ms: u64,
+}
+
+/// Every registered node with reservations.
+pub fn nodes(conn: &Connection) -> rusqlite::Result<Vec<NodeRow>> {
+    let mut stmt = conn.prepare(
+        "SELECT n.name, n.address, n.labels, n.status, n.cpu_millis, n.memory_mb, n.disk_mb, n.registered_ms,
+           COALESCE(SUM(p.cpu_millis),0), COALESCE(SUM(p.memory_mb),0), COALESCE(SUM(p.disk_mb),0), COUNT(p.id)
+         FROM nodes n LEFT JOIN placements p
+           ON p.node = n.name AND p.desired = 'run' AND p.observed NOT IN ('failed','stopped','exited')
+         GROUP BY n.name ORDER BY n.name",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        let labels: String = r.get(2)?;
+        Ok(NodeRow {
+            name: r.get(0)?,
+            address: r.get(1)?,
+            labels: serde_json::from_str(&labels).unwrap_or_default(),
+            status: r.get(3)?,
+            cpu_millis: r.get::<_, i64>(4)? as u64,
+            memory_mb: r.get::<_, i64>(5)? as u64,
+            disk_mb: r.get::<_, i64>(6)? as u64,
+            registered_ms: r.get::<_, i64>(7)? as u64,
+            reserved_cpu_millis: r.get::<_, i64>(8)? as u64,
+            reserved_memory_mb: r.get::<_, i64>(9)? as u64,
+            reserved_disk_mb: r.get::<_, i64>(10)? as u64,
+            placements: r.get::<_, i64>(11)? as u64,
+        })
+    })?;
+    rows.collect()
+}
+
+/// The full desired set of one node: every placement it must run, or still stop.
+pub fn assignments_for(conn: &Connection, node: &str) -> rusqlite::Result<Vec<Assignment>> {
+    let mut stmt = conn.prepare(
+        "SELECT p.id, p.task_id, p.fence, p.desired, t.spec FROM placements p JOIN tasks t ON t.id = p.task_id
+         WHERE p.node = ?1 AND p.observed != 'stopped' ORDER BY p.fence, p.id",
+    )?;
+    let rows = stmt.query_map([node], |r| {
+        let desired: String = r.get(3)?;
+        let spec: String = r.get(4)?;
+        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, desired, spec))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (placement_id, task_id, fence, desired, spec) = row?;
+        if let Ok(spec) = serde_json::from_str(&spec) {
+            out.push(Assignment { placement_id, task_id, fence: fence as u64, desired: parse_desired(&desired), spec });
+        }
+    }
+    Ok(out)
+}
+
+/// Node name, last acknowledged report sequence, labels and capacity, if registered.
+pub fn node_registration(
+    conn: &Connection,
+    name: &str,
+) -> rusqlite::Result<Option<(u64, BTreeMap<String, String>, String, u64, u64, u64)>> {
+    conn.query_row(
+        "SELECT last_seq, labels, address, cpu_millis, memory_mb, disk_mb FROM nodes WHERE name = ?1",
+        [name],
+        |r| {
+            let labels: String = r.get(1)?;
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                serde_json::from_str(&labels).unwrap_or_default(),
+                r.get(2)?,
+                r.get::<_, i64>(3)? as u64,
+                r.get::<_, i64>(4)? as u64,
+                r.get::<_, i64>(5)? as u64,
+            ))
+        },
+    )
+    .optional()
+}
+
+/// Node owning a placement and its container id, for log relays.
+pub fn placement_location(conn: &Connection, placement_id: &str) -> rusqlite::Result<Option<String>> {
+    conn.query_row("SELECT node FROM placements WHERE id = ?1", [placement_id], |r| r.get(0)).optional()
+}

@@ -1,0 +1,134 @@
+//! Wire types of the worker ↔ manager sync protocol on the cluster port. Internal:
+//! versioned with the binary, not part of the public API.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Desired, Observed, TaskSpec};
+
+/// Resources a worker measured (sysinfo) at sync time.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeResources {
+    /// Logical CPUs.
+    pub cpus: u32,
+    /// CPU capacity in millicores (`cpus * 1000`).
+    pub cpu_millis: u64,
+    /// One-minute load average.
+    pub load1: f64,
+    /// Total memory, MiB.
+    pub memory_total_mb: u64,
+    /// Available memory, MiB.
+    pub memory_free_mb: u64,
+    /// Size of the filesystem holding Docker's data root, MiB.
+    pub disk_total_mb: u64,
+    /// Free space there, MiB.
+    pub disk_free_mb: u64,
+    /// Whether the container engine answered the last ping.
+    pub engine_ok: bool,
+}
+
+/// One observed-state change of a placement, numbered per node.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// Per-node sequence number; the manager ignores any it has already applied.
+    pub seq: u64,
+    /// Placement reported on.
+    pub placement_id: String,
+    /// Its task.
+    pub task_id: String,
+    /// Its fence.
+    pub fence: u64,
+    /// New observed state.
+    pub observed: Observed,
+    /// Exit code of the last exit, if any.
+    pub exit_code: Option<i64>,
+    /// Human reason for a failure or exit.
+    pub reason: Option<String>,
+    /// Local restarts so far.
+    pub restarts: u32,
+    /// `host:port` endpoints of published ports.
+    pub endpoints: Vec<String>,
+    /// Engine container id.
+    pub container_id: Option<String>,
+    /// Worker wall clock, ms since the epoch.
+    pub at_ms: u64,
+}
+
+/// Sent by a worker to any manager.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SyncRequest {
+    /// Worker node name.
+    pub node: String,
+    /// Address the worker advertises (informational: managers never dial workers).
+    pub address: String,
+    /// Node labels.
+    pub labels: BTreeMap<String, String>,
+    /// Measured resources.
+    pub resources: NodeResources,
+    /// Buffered status changes not yet acknowledged, oldest first.
+    pub reports: Vec<StatusReport>,
+    /// Version of the desired set the worker already has; the manager long-polls
+    /// while it is unchanged.
+    pub have_version: u64,
+    /// How long the manager may hold the request waiting for a change.
+    pub wait_ms: u64,
+}
+
+/// One placement the worker should hold.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    /// Placement id.
+    pub placement_id: String,
+    /// Task id.
+    pub task_id: String,
+    /// Fence: the Raft index that created the placement.
+    pub fence: u64,
+    /// Run or stop.
+    pub desired: Desired,
+    /// What to run.
+    pub spec: TaskSpec,
+}
+
+/// A manager's request for a container's logs, relayed through the sync long-poll
+/// because managers never dial workers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LogRequest {
+    /// Request id to answer with.
+    pub id: u64,
+    /// Placement whose container is wanted.
+    pub placement_id: String,
+    /// Lines from the end.
+    pub tail: usize,
+}
+
+/// The worker's answer to a [`LogRequest`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LogReply {
+    /// Request id.
+    pub id: u64,
+    /// Log text, or why it could not be read.
+    pub result: Result<String, String>,
+}
+
+/// The manager's answer to a sync.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SyncResponse {
+    /// Version of `assignments`.
+    pub version: u64,
+    /// Lease granted from the moment the worker sent the request.
+    pub lease_ms: u64,
+    /// Highest report sequence applied for this node.
+    pub acked_seq: u64,
+    /// The full desired set for this node.
+    pub assignments: Vec<Assignment>,
+    /// Log requests to answer via `POST /cluster/v1/logs`.
+    pub log_requests: Vec<LogRequest>,
+}
+
+/// Answer of a manager that is not the leader: where to go instead.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NotLeader {
+    /// Cluster address of the leader, when known.
+    pub leader_cluster_addr: Option<String>,
+}

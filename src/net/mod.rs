@@ -1,0 +1,29 @@
+//! Cluster transport helpers: binding and serving HTTP with graceful shutdown. Raft's
+//! own client lives in `holdfast-raft`; mutual TLS will be added here and there.
+
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+
+/// Binds `addr`, with a message that names the address on failure.
+pub async fn bind(addr: &str, what: &str) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        std::io::Error::new(e.kind(), format!("cannot listen for {what} on {addr}: {e} (is another holdfast running?)"))
+    })
+}
+
+/// Serves `router` on `listener` until `shutdown` fires.
+pub fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    mut shutdown: broadcast::Receiver<()>,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    tokio::spawn(async move {
+        axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(async move {
+                let _ = shutdown.recv().await;
+            })
+            .await
+    })
+}

@@ -1,0 +1,146 @@
+//! One holdfast process: wires the manager and/or worker roles together, serves their
+//! ports, and drains cleanly when the shutdown future resolves (SIGTERM from systemd).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+
+use crate::config::Config;
+use crate::manager::{self, Manager, ManagerTimers};
+use crate::worker::agent::{self, WorkerConfig};
+use crate::worker::runtime::docker::DockerRuntime;
+use crate::worker::runtime::Runtime;
+
+/// Why a node could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The replicated database refused to open or join.
+    #[error(transparent)]
+    Db(#[from] holdfast_raft::DbError),
+    /// A port could not be bound.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The worker could not start.
+    #[error(transparent)]
+    Worker(#[from] agent::WorkerError),
+    /// The container engine is unreachable at startup.
+    #[error("container engine: {0}")]
+    Runtime(#[from] crate::worker::runtime::RuntimeError),
+    /// Nothing to run.
+    #[error("nothing to run: pass --manager, --worker, or both")]
+    NoRole,
+}
+
+/// Runs the node until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
+    run_with_runtime(config, None, shutdown).await
+}
+
+/// Like [`run`], with an injected container runtime (tests of scheduling at scale);
+/// `None` connects to the local Docker engine.
+pub async fn run_with_runtime(
+    config: Config,
+    runtime: Option<Arc<dyn Runtime>>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), NodeError> {
+    if config.manager.is_none() && config.worker.is_none() {
+        return Err(NodeError::NoRole);
+    }
+    let (stop_tx, _) = broadcast::channel::<()>(1);
+    let mut tasks = Vec::new();
+    let mut db = None;
+
+    if let Some(m) = &config.manager {
+        let (domain, applied) = manager::state::DomainState::new();
+        let mut rc = holdfast_raft::Config::new(
+            &config.node_id,
+            config.data_dir.join("manager"),
+            &m.advertise_cluster,
+            &m.advertise_api,
+        );
+        rc.op_timeout = Duration::from_secs(5);
+        let rdb = holdfast_raft::ReplicatedDb::open(rc, domain).await?;
+        let mgr = Manager::new(rdb.clone(), applied, ManagerTimers::default());
+        let cluster_listener = crate::net::bind(&m.cluster, "cluster traffic").await?;
+        let api_listener = crate::net::bind(&m.api, "the API").await?;
+        let cluster_router = rdb.cluster_router().merge(manager::gateway::router(mgr.clone()));
+        tasks.push(crate::net::serve(cluster_listener, cluster_router, stop_tx.subscribe()));
+        tasks.push(crate::net::serve(api_listener, manager::api::router(mgr.clone()), stop_tx.subscribe()));
+        if m.bootstrap {
+            rdb.bootstrap().await?;
+        }
+        if !m.join.is_empty() {
+            let seeds = m.join.clone();
+            let joining = rdb.clone();
+            // Joining needs our own endpoints up first, so it runs beside them.
+            tokio::spawn(async move {
+                let mut wait = Duration::from_millis(200);
+                loop {
+                    match joining.join(&seeds).await {
+                        Ok(()) => {
+                            tracing::info!(?seeds, "joined the manager cluster");
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "join failed; retrying");
+                            tokio::time::sleep(wait).await;
+                            wait = (wait * 2).min(Duration::from_secs(5));
+                        }
+                    }
+                }
+            });
+        }
+        let planner = tokio::spawn(manager::leader::run_planner(mgr.clone(), stop_tx.subscribe()));
+        tasks.push(tokio::spawn(async move {
+            let _ = planner.await;
+            Ok(())
+        }));
+        tracing::info!(node = %config.node_id, api = %m.api, cluster = %m.cluster, "manager serving");
+        db = Some(rdb);
+    }
+
+    if let Some(wr) = &config.worker {
+        let runtime: Arc<dyn Runtime> = match runtime {
+            Some(r) => r,
+            None => Arc::new(DockerRuntime::connect().await?),
+        };
+        let mut wc = WorkerConfig::new(&config.node_id, config.data_dir.join("worker"), wr.managers.clone());
+        wc.advertise_host = wr.advertise_host.clone();
+        wc.labels = wr.labels.clone();
+        let rx = stop_tx.subscribe();
+        tasks.push(tokio::spawn(async move {
+            agent::run(wc, runtime, rx).await.map_err(|e| std::io::Error::other(e.to_string()))
+        }));
+    }
+
+    // Either shutdown is asked for, or a role stops on its own (an error).
+    let mut tasks = futures::future::select_all(tasks);
+    let early = tokio::select! {
+        _ = shutdown => None,
+        (res, _, rest) = &mut tasks => Some((res, rest)),
+    };
+    let _ = stop_tx.send(());
+    let result = match early {
+        Some((res, rest)) => {
+            for t in rest {
+                let _ = tokio::time::timeout(Duration::from_secs(15), t).await;
+            }
+            match res {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(NodeError::Io(e)),
+                Err(e) => Err(NodeError::Io(std::io::Error::other(e.to_string()))),
+            }
+        }
+        None => {
+            let rest = tasks.into_inner();
+            let _ = tokio::time::timeout(Duration::from_secs(15), futures::future::join_all(rest)).await;
+            Ok(())
+        }
+    };
+    if let Some(db) = db {
+        db.shutdown().await;
+    }
+    result
+}

@@ -1,0 +1,441 @@
+//! The worker agent: syncs with managers (long-poll; the sync is also the heartbeat),
+//! keeps the ledger, and drives the runtime toward the ledger through `reconcile`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tokio::sync::{broadcast, Notify};
+
+use super::ledger::{Change, Held, Ledger, LedgerError};
+use super::reconcile::{reconcile, Action, Facts};
+use super::runtime::{labels, ContainerSpec, PortMap, Runtime, RuntimeError};
+use crate::model::sync::{LogReply, NotLeader, SyncRequest, SyncResponse};
+use crate::model::Observed;
+
+/// Settings of a worker.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// Node name (`--node-id`).
+    pub node: String,
+    /// Directory of the worker ledger.
+    pub data_dir: PathBuf,
+    /// Cluster addresses of managers to sync with (`--join`).
+    pub managers: Vec<String>,
+    /// Host part of task endpoints and the address reported to managers.
+    pub advertise_host: String,
+    /// Node labels.
+    pub labels: BTreeMap<String, String>,
+    /// How long a sync may be held by the manager.
+    pub sync_wait: Duration,
+    /// Grace between SIGTERM and SIGKILL when stopping a task.
+    pub stop_grace: Duration,
+    /// Safety margin subtracted from every lease (clock drift, delivery delay).
+    pub lease_margin: Duration,
+}
+
+impl WorkerConfig {
+    /// Defaults for a worker named `node` syncing with `managers`.
+    pub fn new(node: &str, data_dir: PathBuf, managers: Vec<String>) -> Self {
+        WorkerConfig {
+            node: node.to_string(),
+            data_dir,
+            managers,
+            advertise_host: "127.0.0.1".into(),
+            labels: BTreeMap::new(),
+            sync_wait: Duration::from_secs(2),
+            stop_grace: Duration::from_secs(10),
+            lease_margin: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Worker failures that stop it from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The ledger could not be opened.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    /// No manager address to sync with.
+    #[error("a worker needs at least one manager cluster address (--join)")]
+    NoManagers,
+}
+
+struct Worker {
+    cfg: WorkerConfig,
+    ledger: Arc<Ledger>,
+    runtime: Arc<dyn Runtime>,
+    http: reqwest::Client,
+    wake_reconcile: Notify,
+    wake_sync: Notify,
+    in_flight: Mutex<HashSet<String>>,
+    engine_ok: AtomicBool,
+    /// Lease end, ms since the epoch (0 = never held one).
+    lease_until_ms: AtomicU64,
+}
+
+fn now_ms() -> u64 {
+    crate::manager::now_ms()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs a worker until `shutdown` fires. Running containers are left running on
+/// shutdown: a restarted worker adopts them.
+pub async fn run(
+    cfg: WorkerConfig,
+    runtime: Arc<dyn Runtime>,
+    mut shutdown: broadcast::Receiver<()>,
+) -> Result<(), WorkerError> {
+    if cfg.managers.is_empty() {
+        return Err(WorkerError::NoManagers);
+    }
+    let ledger = Arc::new(Ledger::open(&cfg.data_dir, &cfg.node)?);
+    let lease = ledger.meta_u64("lease_until_ms")?;
+    let w = Arc::new(Worker {
+        http: reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()
+            .unwrap_or_default(),
+        cfg,
+        ledger,
+        runtime,
+        wake_reconcile: Notify::new(),
+        wake_sync: Notify::new(),
+        in_flight: Mutex::new(HashSet::new()),
+        engine_ok: AtomicBool::new(false),
+        lease_until_ms: AtomicU64::new(lease),
+    });
+    tracing::info!(node = %w.cfg.node, managers = ?w.cfg.managers, "worker starting");
+    let sync = tokio::spawn(sync_loop(w.clone(), shutdown.resubscribe()));
+    let rec = tokio::spawn(reconcile_loop(w.clone(), shutdown.resubscribe()));
+    let _ = shutdown.recv().await;
+    let _ = tokio::join!(sync, rec);
+    tracing::info!(node = %w.cfg.node, "worker stopped; containers keep running for adoption");
+    Ok(())
+}
+
+async fn sync_loop(w: Arc<Worker>, mut shutdown: broadcast::Receiver<()>) {
+    let mut have_version = 0u64;
+    let mut target = 0usize;
+    let mut managers = w.cfg.managers.clone();
+    let mut failures = 0u32;
+    loop {
+        let disk_path = PathBuf::from("/var/lib/docker");
+        let engine_ok = w.engine_ok.load(Ordering::Relaxed);
+        let data_dir = w.cfg.data_dir.clone();
+        let resources = tokio::task::spawn_blocking(move || {
+            let p = if disk_path.exists() { disk_path } else { data_dir };
+            super::resources::measure(&p, engine_ok)
+        })
+        .await
+        .unwrap_or_default();
+        let reports = w.ledger.outbox(1_000).unwrap_or_default();
+        let req = SyncRequest {
+            node: w.cfg.node.clone(),
+            address: w.cfg.advertise_host.clone(),
+            labels: w.cfg.labels.clone(),
+            resources,
+            // A pending report must go out now, so ask for no wait.
+            wait_ms: if reports.is_empty() { w.cfg.sync_wait.as_millis() as u64 } else { 0 },
+            reports,
+            have_version,
+        };
+        let addr = managers[target % managers.len()].clone();
+        let url = format!("http://{addr}/cluster/v1/sync");
+        let sent_at_ms = now_ms();
+        let timeout = w.cfg.sync_wait + Duration::from_secs(10);
+        let call = w.http.post(&url).json(&req).timeout(timeout).send();
+        let result = tokio::select! {
+            _ = shutdown.recv() => return,
+            // New local reports interrupt the long-poll so they reach the manager now.
+            _ = w.wake_sync.notified() => continue,
+            r = call => r,
+        };
+        let outcome = match result {
+            Err(e) => Err(format!("{addr}: {e}")),
+            Ok(resp) if resp.status() == reqwest::StatusCode::MISDIRECTED_REQUEST => {
+                let hint = resp.json::<NotLeader>().await.ok().and_then(|n| n.leader_cluster_addr);
+                match hint {
+                    Some(leader) => {
+                        if !managers.contains(&leader) {
+                            managers.push(leader.clone());
+                        }
+                        target = managers.iter().position(|m| *m == leader).unwrap_or(0);
+                        continue;
+                    }
+                    None => Err(format!("{addr} knows no leader yet")),
+                }
+            }
+            Ok(resp) if !resp.status().is_success() => {
+                let status = resp.status();
+                let text = resp.text().await.unwrap_or_default();
+                Err(format!("{addr}: {status} {text}"))
+            }
+            Ok(resp) => resp.json::<SyncResponse>().await.map_err(|e| format!("{addr}: bad sync answer: {e}")),
+        };
+        match outcome {
+            Ok(resp) => {
+                failures = 0;
+                have_version = resp.version;
+                // The lease counts from when the request was sent, so it can never
+                // outlive the one the manager granted.
+                let until = sent_at_ms + resp.lease_ms.saturating_sub(w.cfg.lease_margin.as_millis() as u64);
+                w.lease_until_ms.store(until, Ordering::Relaxed);
+                let _ = w.ledger.set_meta_u64("lease_until_ms", until);
+                match w.ledger.accept(&resp.assignments) {
+                    Ok(refused) if !refused.is_empty() => {
+                        tracing::warn!(?refused, "refused placements with a fence below one already seen")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "could not record assignments; will retry"),
+                }
+                if let Err(e) = w.ledger.ack(resp.acked_seq) {
+                    tracing::error!(error = %e, "could not trim outbox");
+                }
+                for lr in resp.log_requests {
+                    let w = w.clone();
+                    let addr = addr.clone();
+                    tokio::spawn(async move { answer_logs(&w, &addr, lr.id, &lr.placement_id, lr.tail).await });
+                }
+                w.wake_reconcile.notify_one();
+            }
+            Err(e) => {
+                failures += 1;
+                target += 1;
+                if failures == 1 || failures % 30 == 0 {
+                    tracing::warn!(error = %e, failures, "sync failed; trying the next manager");
+                }
+                // Exponential backoff with full jitter, capped at 2 s: quick to find a
+                // new leader, no storm against a dead one.
+                let cap = (100u64 << failures.min(5)).min(2_000);
+                let wait = rand::thread_rng().gen_range(50..=cap.max(50));
+                tokio::select! {
+                    _ = shutdown.recv() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn answer_logs(w: &Worker, addr: &str, id: u64, placement_id: &str, tail: usize) {
+    let held = w.ledger.all().unwrap_or_default();
+    let result = match held.iter().find(|h| h.id == placement_id).and_then(|h| h.container_id.clone()) {
+        None => Err(format!("placement {placement_id} has no container on node {}", w.cfg.node)),
+        Some(cid) => w.runtime.logs(&cid, tail).await.map_err(|e| e.to_string()),
+    };
+    let url = format!("http://{addr}/cluster/v1/logs");
+    if let Err(e) = w.http.post(url).json(&LogReply { id, result }).timeout(Duration::from_secs(10)).send().await {
+        tracing::warn!(error = %e, "could not deliver logs");
+    }
+}
+
+async fn reconcile_loop(w: Arc<Worker>, mut shutdown: broadcast::Receiver<()>) {
+    loop {
+        reconcile_once(&w).await;
+        tokio::select! {
+            _ = shutdown.recv() => return,
+            _ = w.wake_reconcile.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+async fn reconcile_once(w: &Arc<Worker>) {
+    let filter = vec![(labels::NODE.to_string(), w.cfg.node.clone())];
+    let containers = match w.runtime.list(&filter).await {
+        Ok(c) => {
+            w.engine_ok.store(true, Ordering::Relaxed);
+            c
+        }
+        Err(e) => {
+            // An engine we cannot ask is not a dead task: report nothing, retry.
+            if w.engine_ok.swap(false, Ordering::Relaxed) {
+                tracing::warn!(error = %e, "container engine unavailable; tasks left as they are");
+            }
+            return;
+        }
+    };
+    let held = match w.ledger.all() {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read ledger");
+            return;
+        }
+    };
+    let busy = lock(&w.in_flight).clone();
+    let held: Vec<Held> = held.into_iter().filter(|h| !busy.contains(&h.id)).collect();
+    let containers: Vec<_> = containers
+        .into_iter()
+        .filter(|c| !c.labels.get(labels::PLACEMENT).is_some_and(|p| busy.contains(p)))
+        .collect();
+    let actions = {
+        let mut rng = rand::thread_rng();
+        let mut jitter = |max: u64| rng.gen_range(0..=max);
+        reconcile(
+            &held,
+            &containers,
+            &mut Facts { now_ms: now_ms(), advertise_host: &w.cfg.advertise_host, jitter: &mut jitter },
+        )
+    };
+    for action in actions {
+        execute(w, &held, action).await;
+    }
+}
+
+fn record(w: &Worker, h: &Held, change: Change) {
+    match w.ledger.record(h, &change, now_ms()) {
+        Ok(_) => w.wake_sync.notify_one(),
+        Err(e) => tracing::error!(placement = %h.id, error = %e, "could not record status"),
+    }
+}
+
+fn base_change(h: &Held, observed: Observed) -> Change {
+    Change {
+        observed,
+        exit_code: h.exit_code,
+        reason: h.reason.clone(),
+        restarts: h.restarts,
+        endpoints: h.endpoints.clone(),
+        container_id: h.container_id.clone(),
+        next_start_ms: None,
+    }
+}
+
+fn container_spec(node: &str, h: &Held) -> ContainerSpec {
+    let mut l = BTreeMap::new();
+    l.insert(labels::NODE.to_string(), node.to_string());
+    l.insert(labels::TASK.to_string(), h.task_id.clone());
+    l.insert(labels::PLACEMENT.to_string(), h.id.clone());
+    l.insert(labels::FENCE.to_string(), h.fence.to_string());
+    ContainerSpec {
+        name: format!("hf-{}-{}", node, h.id),
+        image: h.spec.image.clone(),
+        command: h.spec.command.clone(),
+        env: h.spec.env.clone(),
+        ports: h.spec.ports.iter().map(|p| PortMap { container: p.container, host: p.host }).collect(),
+        cpu_millis: h.spec.resources.cpu_millis,
+        memory_mb: h.spec.resources.memory_mb,
+        labels: l,
+    }
+}
+
+async fn execute(w: &Arc<Worker>, held: &[Held], action: Action) {
+    let find = |id: &str| held.iter().find(|h| h.id == id).cloned();
+    match action {
+        Action::Report { placement_id, change } => {
+            if let Some(h) = find(&placement_id) {
+                record(w, &h, change);
+            }
+        }
+        Action::Forget { placement_id } => {
+            let _ = w.ledger.forget(&placement_id);
+        }
+        Action::RemoveOrphan { container_id } => {
+            let w = w.clone();
+            tokio::spawn(async move {
+                tracing::info!(container = %container_id, "removing container no placement owns");
+                let _ = w.runtime.stop(&container_id, w.cfg.stop_grace).await;
+                let _ = w.runtime.remove(&container_id).await;
+            });
+        }
+        Action::Create { placement_id } | Action::Start { placement_id, .. } | Action::StopRemove { placement_id, .. }
+            if !lock(&w.in_flight).insert(placement_id.clone()) => {}
+        Action::Create { placement_id } => {
+            let Some(h) = find(&placement_id) else { return };
+            let w = w.clone();
+            tokio::spawn(async move {
+                create(&w, &h).await;
+                lock(&w.in_flight).remove(&h.id);
+                w.wake_reconcile.notify_one();
+            });
+        }
+        Action::Start { placement_id, container_id } => {
+            let Some(h) = find(&placement_id) else { return };
+            let w = w.clone();
+            tokio::spawn(async move {
+                match w.runtime.start(&container_id).await {
+                    Ok(_) => {
+                        let mut ch = base_change(&h, Observed::Running);
+                        ch.restarts = h.restarts + 1;
+                        ch.container_id = Some(container_id);
+                        record(&w, &h, ch);
+                    }
+                    Err(RuntimeError::Unavailable(e)) => tracing::warn!(error = %e, "engine unavailable; restart later"),
+                    Err(e) => {
+                        let mut ch = base_change(&h, Observed::Failed);
+                        ch.reason = Some(format!("restart failed: {e}"));
+                        record(&w, &h, ch);
+                    }
+                }
+                lock(&w.in_flight).remove(&h.id);
+                w.wake_reconcile.notify_one();
+            });
+        }
+        Action::StopRemove { placement_id, container_id } => {
+            let Some(h) = find(&placement_id) else { return };
+            let w = w.clone();
+            tokio::spawn(async move {
+                let stopped = w.runtime.stop(&container_id, w.cfg.stop_grace).await;
+                let removed = w.runtime.remove(&container_id).await;
+                match stopped.and(removed) {
+                    Ok(()) => {
+                        let mut ch = base_change(&h, Observed::Stopped);
+                        ch.endpoints.clear();
+                        record(&w, &h, ch);
+                    }
+                    Err(e) => tracing::warn!(placement = %h.id, error = %e, "stop failed; will retry"),
+                }
+                lock(&w.in_flight).remove(&h.id);
+                w.wake_reconcile.notify_one();
+            });
+        }
+    }
+}
+
+async fn create(w: &Worker, h: &Held) {
+    let started = Instant::now();
+    if h.observed == Observed::Pending {
+        record(w, h, base_change(h, Observed::Starting));
+    }
+    let h = &Held { observed: Observed::Starting, ..h.clone() };
+    if let Err(e) = w.runtime.ensure_image(&h.spec.image).await {
+        match e {
+            RuntimeError::Unavailable(msg) => tracing::warn!(error = %msg, "engine unavailable; will retry"),
+            other => {
+                let mut ch = base_change(h, Observed::Failed);
+                ch.reason = Some(other.to_string());
+                record(w, h, ch);
+            }
+        }
+        return;
+    }
+    match w.runtime.create_and_start(&container_spec(&w.cfg.node, h)).await {
+        Ok(info) => {
+            let mut ch = base_change(h, Observed::Running);
+            ch.container_id = Some(info.id.clone());
+            ch.endpoints = info
+                .ports
+                .iter()
+                .filter(|(_, hp)| *hp != 0)
+                .map(|(_, hp)| format!("{}:{hp}", w.cfg.advertise_host))
+                .collect();
+            ch.reason = None;
+            record(w, h, ch);
+            tracing::info!(placement = %h.id, container = %info.id, ms = started.elapsed().as_millis() as u64, "started");
+        }
+        Err(RuntimeError::Unavailable(msg)) => tracing::warn!(error = %msg, "engine unavailable; will retry"),
+        Err(e) => {
+            let mut ch = base_change(h, Observed::Failed);
+            ch.reason = Some(e.to_string());
+            record(w, h, ch);
+        }
+    }
+}

@@ -1,0 +1,330 @@
+//! The worker's local SQLite ledger: accepted placements (written before acting), the
+//! highest fence seen per task, the lease, and the durable outbox of status reports.
+//! It is what lets a restarted worker carry on without any manager.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::model::sync::{Assignment, StatusReport};
+use crate::model::{Desired, Observed, TaskSpec};
+
+/// Ledger failures.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// SQLite failed.
+    #[error("worker ledger: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The ledger belongs to another node name.
+    #[error("worker ledger {path} belongs to node {found:?}, not {wanted:?}; use that node id or another --data-dir")]
+    Foreign {
+        /// Ledger path.
+        path: String,
+        /// Name stored in it.
+        found: String,
+        /// Name given now.
+        wanted: String,
+    },
+}
+
+/// A placement this worker holds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Held {
+    /// Placement id.
+    pub id: String,
+    /// Task id.
+    pub task_id: String,
+    /// Fence.
+    pub fence: u64,
+    /// Manager's intent as last received.
+    pub desired: Desired,
+    /// What to run.
+    pub spec: TaskSpec,
+    /// Last observed state this worker recorded.
+    pub observed: Observed,
+    /// Last exit code.
+    pub exit_code: Option<i64>,
+    /// Reason of the last failure or exit.
+    pub reason: Option<String>,
+    /// Local restarts so far.
+    pub restarts: u32,
+    /// Published endpoints.
+    pub endpoints: Vec<String>,
+    /// Engine container id, once created.
+    pub container_id: Option<String>,
+    /// Earliest time of the next restart (backoff), ms since the epoch.
+    pub next_start_ms: Option<u64>,
+}
+
+/// An observed change to record (and report).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Change {
+    /// New observed state.
+    pub observed: Observed,
+    /// Exit code, if it exited.
+    pub exit_code: Option<i64>,
+    /// Reason, if any.
+    pub reason: Option<String>,
+    /// Restarts so far.
+    pub restarts: u32,
+    /// Endpoints.
+    pub endpoints: Vec<String>,
+    /// Container id.
+    pub container_id: Option<String>,
+    /// Next restart time for `restarting`.
+    pub next_start_ms: Option<u64>,
+}
+
+/// The ledger; all methods are blocking and short.
+pub struct Ledger {
+    conn: Mutex<Connection>,
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS placements (
+    id TEXT PRIMARY KEY,
+    task_id TEXT NOT NULL,
+    fence INTEGER NOT NULL,
+    desired TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    observed TEXT NOT NULL,
+    exit_code INTEGER,
+    reason TEXT,
+    restarts INTEGER NOT NULL DEFAULT 0,
+    endpoints TEXT NOT NULL DEFAULT '[]',
+    container_id TEXT,
+    next_start_ms INTEGER
+);
+CREATE TABLE IF NOT EXISTS task_fences (task_id TEXT PRIMARY KEY, fence INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, report TEXT NOT NULL);
+"#;
+
+impl Ledger {
+    /// Opens or creates `ledger.db` in `dir` for node `node`.
+    pub fn open(dir: &Path, node: &str) -> Result<Ledger, LedgerError> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(14), Some(format!("{}: {e}", dir.display())))
+        })?;
+        let path = dir.join("ledger.db");
+        let conn = Connection::open(&path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        let found: Option<String> =
+            conn.query_row("SELECT value FROM meta WHERE key = 'node'", [], |r| r.get(0)).optional()?;
+        match found {
+            Some(found) if found != node => {
+                return Err(LedgerError::Foreign {
+                    path: path.display().to_string(),
+                    found,
+                    wanted: node.to_string(),
+                })
+            }
+            Some(_) => {}
+            None => {
+                conn.execute("INSERT INTO meta (key, value) VALUES ('node', ?1)", [node])?;
+            }
+        }
+        Ok(Ledger { conn: Mutex::new(conn) })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads a numeric meta value.
+    pub fn meta_u64(&self, key: &str) -> Result<u64, LedgerError> {
+        let v: Option<String> =
+            self.conn().query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()?;
+        Ok(v.and_then(|v| v.parse().ok()).unwrap_or(0))
+    }
+
+    /// Writes a numeric meta value.
+    pub fn set_meta_u64(&self, key: &str, value: u64) -> Result<(), LedgerError> {
+        self.conn().execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2",
+            params![key, value.to_string()],
+        )?;
+        Ok(())
+    }
+
+    /// Takes the manager's full desired set. New placements are written before anything
+    /// acts on them; a placement with a fence below the highest seen for its task is
+    /// refused (returned). Held placements the manager no longer lists are marked to stop.
+    pub fn accept(&self, assignments: &[Assignment]) -> Result<Vec<String>, LedgerError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let mut refused = Vec::new();
+        for a in assignments {
+            let max: Option<i64> = tx
+                .query_row("SELECT fence FROM task_fences WHERE task_id = ?1", [&a.task_id], |r| r.get(0))
+                .optional()?;
+            let exists: bool = tx
+                .query_row("SELECT 1 FROM placements WHERE id = ?1", [&a.placement_id], |_| Ok(()))
+                .optional()?
+                .is_some();
+            if !exists && max.is_some_and(|m| (m as u64) > a.fence) {
+                refused.push(a.placement_id.clone());
+                continue;
+            }
+            let desired = if a.desired == Desired::Stop { "stop" } else { "run" };
+            if exists {
+                tx.execute("UPDATE placements SET desired = ?2 WHERE id = ?1", params![a.placement_id, desired])?;
+            } else {
+                let spec = serde_json::to_string(&a.spec).unwrap_or_default();
+                tx.execute(
+                    "INSERT INTO placements (id, task_id, fence, desired, spec, observed) VALUES (?1, ?2, ?3, ?4, ?5, 'pending')",
+                    params![a.placement_id, a.task_id, a.fence as i64, desired, spec],
+                )?;
+            }
+            tx.execute(
+                "INSERT INTO task_fences (task_id, fence) VALUES (?1, ?2)
+                 ON CONFLICT(task_id) DO UPDATE SET fence = MAX(fence, ?2)",
+                params![a.task_id, a.fence as i64],
+            )?;
+        }
+        // Anything held but no longer listed: the manager is done with it (stopped,
+        // or superseded by a higher fence). Stop it.
+        let listed: Vec<&str> = assignments.iter().map(|a| a.placement_id.as_str()).collect();
+        let held: Vec<String> = {
+            let mut stmt = tx.prepare("SELECT id FROM placements WHERE desired = 'run'")?;
+            let ids = stmt.query_map([], |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?;
+            ids
+        };
+        for id in held.iter().filter(|id| !listed.contains(&id.as_str())) {
+            tx.execute("UPDATE placements SET desired = 'stop' WHERE id = ?1", [id])?;
+        }
+        tx.commit()?;
+        Ok(refused)
+    }
+
+    /// Every held placement.
+    pub fn all(&self) -> Result<Vec<Held>, LedgerError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, task_id, fence, desired, spec, observed, exit_code, reason, restarts, endpoints, container_id, next_start_ms
+             FROM placements ORDER BY fence, id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            let id: String = r.get(0)?;
+            let desired: String = r.get(3)?;
+            let spec: String = r.get(4)?;
+            let observed: String = r.get(5)?;
+            let endpoints: String = r.get(9)?;
+            let Ok(spec) = serde_json::from_str::<TaskSpec>(&spec) else {
+                tracing::error!(placement = %id, "unreadable spec in worker ledger; skipping it");
+                return Ok(None);
+            };
+            Ok(Some(Held {
+                id,
+                task_id: r.get(1)?,
+                fence: r.get::<_, i64>(2)? as u64,
+                desired: if desired == "stop" { Desired::Stop } else { Desired::Run },
+                spec,
+                observed: Observed::parse(&observed).unwrap_or(Observed::Pending),
+                exit_code: r.get(6)?,
+                reason: r.get(7)?,
+                restarts: r.get::<_, i64>(8)? as u32,
+                endpoints: serde_json::from_str(&endpoints).unwrap_or_default(),
+                container_id: r.get(10)?,
+                next_start_ms: r.get::<_, Option<i64>>(11)?.map(|v| v as u64),
+            }))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.extend(row?);
+        }
+        Ok(out)
+    }
+
+    /// Records an observed change and queues it in the outbox, in one transaction.
+    pub fn record(&self, held: &Held, change: &Change, at_ms: u64) -> Result<u64, LedgerError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let seq: i64 = tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM outbox", [], |r| r.get(0))?;
+        let floor: Option<String> =
+            tx.query_row("SELECT value FROM meta WHERE key = 'acked_seq'", [], |r| r.get(0)).optional()?;
+        let floor: i64 = floor.and_then(|v| v.parse().ok()).unwrap_or(0);
+        let seq = seq.max(floor) + 1;
+        let endpoints = serde_json::to_string(&change.endpoints).unwrap_or_else(|_| "[]".into());
+        tx.execute(
+            "UPDATE placements SET observed = ?2, exit_code = ?3, reason = ?4, restarts = ?5, endpoints = ?6,
+               container_id = COALESCE(?7, container_id), next_start_ms = ?8 WHERE id = ?1",
+            params![
+                held.id,
+                change.observed.as_str(),
+                change.exit_code,
+                change.reason,
+                change.restarts,
+                endpoints,
+                change.container_id,
+                change.next_start_ms.map(|v| v as i64)
+            ],
+        )?;
+        let report = StatusReport {
+            seq: seq as u64,
+            placement_id: held.id.clone(),
+            task_id: held.task_id.clone(),
+            fence: held.fence,
+            observed: change.observed,
+            exit_code: change.exit_code,
+            reason: change.reason.clone(),
+            restarts: change.restarts,
+            endpoints: change.endpoints.clone(),
+            container_id: change.container_id.clone().or_else(|| held.container_id.clone()),
+            at_ms,
+        };
+        tx.execute(
+            "INSERT INTO outbox (seq, report) VALUES (?1, ?2)",
+            params![seq, serde_json::to_string(&report).unwrap_or_default()],
+        )?;
+        tx.commit()?;
+        Ok(seq as u64)
+    }
+
+    /// Reports not yet acknowledged, oldest first, at most `limit`.
+    pub fn outbox(&self, limit: usize) -> Result<Vec<StatusReport>, LedgerError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT report FROM outbox ORDER BY seq LIMIT ?1")?;
+        let rows = stmt.query_map([limit as i64], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for row in rows {
+            if let Ok(r) = serde_json::from_str(&row?) {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drops reports up to `seq`, which the manager has applied.
+    pub fn ack(&self, seq: u64) -> Result<(), LedgerError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute("DELETE FROM outbox WHERE seq <= ?1", [seq as i64])?;
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ('acked_seq', ?1)
+             ON CONFLICT(key) DO UPDATE SET value = MAX(CAST(value AS INTEGER), CAST(?1 AS INTEGER))",
+            [seq.to_string()],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Forgets a placement that is stopped, removed and no longer listed.
+    pub fn forget(&self, id: &str) -> Result<(), LedgerError> {
+        self.conn().execute("DELETE FROM placements WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
+    /// Highest fence seen for a task.
+    pub fn max_fence(&self, task_id: &str) -> Result<u64, LedgerError> {
+        let v: Option<i64> = self
+            .conn()
+            .query_row("SELECT fence FROM task_fences WHERE task_id = ?1", [task_id], |r| r.get(0))
+            .optional()?;
+        Ok(v.unwrap_or(0) as u64)
+    }
+}

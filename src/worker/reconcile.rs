@@ -1,0 +1,299 @@
+//! Desired (the ledger) vs actual (the engine's containers) → actions. Pure: no I/O,
+//! no clock (the time and the jitter source are arguments), so every rule is a table test.
+
+use crate::model::spec::RestartMode;
+use crate::model::{Desired, Observed};
+
+use super::ledger::{Change, Held};
+use super::runtime::{labels, ContainerInfo, ContainerState};
+
+/// One thing the worker should do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Obtain the image, create and start a container for the placement.
+    Create {
+        /// Placement id.
+        placement_id: String,
+    },
+    /// Start the placement's existing container again (local restart).
+    Start {
+        /// Placement id.
+        placement_id: String,
+        /// Container to start.
+        container_id: String,
+    },
+    /// Stop and remove the placement's container.
+    StopRemove {
+        /// Placement id.
+        placement_id: String,
+        /// Container to stop.
+        container_id: String,
+    },
+    /// Record and report an observed change.
+    Report {
+        /// Placement id.
+        placement_id: String,
+        /// The change.
+        change: Change,
+    },
+    /// Drop a finished placement from the ledger.
+    Forget {
+        /// Placement id.
+        placement_id: String,
+    },
+    /// Remove a container of this node that no held placement owns (or a duplicate).
+    RemoveOrphan {
+        /// Container id.
+        container_id: String,
+    },
+}
+
+/// Inputs besides the placements and containers.
+pub struct Facts<'a> {
+    /// Wall clock, ms since the epoch.
+    pub now_ms: u64,
+    /// Host part of published endpoints.
+    pub advertise_host: &'a str,
+    /// Full jitter: returns a value uniformly in `0..=max`.
+    pub jitter: &'a mut dyn FnMut(u64) -> u64,
+}
+
+/// Restart delay before attempt `restarts + 1`: exponential, capped, full jitter.
+pub fn backoff_ms(delay_ms: u64, max_delay_ms: u64, restarts: u32, jitter: &mut dyn FnMut(u64) -> u64) -> u64 {
+    let exp = delay_ms.saturating_mul(1u64 << restarts.min(32));
+    jitter(exp.min(max_delay_ms))
+}
+
+fn endpoints(host: &str, c: &ContainerInfo) -> Vec<String> {
+    c.ports.iter().filter(|(_, h)| *h != 0).map(|(_, h)| format!("{host}:{h}")).collect()
+}
+
+fn change(h: &Held, observed: Observed) -> Change {
+    Change {
+        observed,
+        exit_code: h.exit_code,
+        reason: h.reason.clone(),
+        restarts: h.restarts,
+        endpoints: h.endpoints.clone(),
+        container_id: h.container_id.clone(),
+        next_start_ms: None,
+    }
+}
+
+/// Computes the actions that move `actual` toward `held`.
+pub fn reconcile(held: &[Held], containers: &[ContainerInfo], facts: &mut Facts<'_>) -> Vec<Action> {
+    let mut actions = Vec::new();
+    let owner = |c: &ContainerInfo| c.labels.get(labels::PLACEMENT).cloned().unwrap_or_default();
+
+    for c in containers {
+        if !held.iter().any(|h| h.id == owner(c)) {
+            actions.push(Action::RemoveOrphan { container_id: c.id.clone() });
+        }
+    }
+
+    for h in held {
+        let mut mine: Vec<&ContainerInfo> = containers.iter().filter(|c| owner(c) == h.id).collect();
+        // Never two containers for one placement: keep the running (or recorded) one.
+        mine.sort_by_key(|c| {
+            (c.state != ContainerState::Running, Some(&c.id) != h.container_id.as_ref(), c.id.clone())
+        });
+        for extra in mine.iter().skip(1) {
+            actions.push(Action::RemoveOrphan { container_id: extra.id.clone() });
+        }
+        let c = mine.first().copied();
+        let pid = h.id.clone();
+
+        if h.desired == Desired::Stop {
+            match c {
+                Some(c) => actions.push(Action::StopRemove { placement_id: pid, container_id: c.id.clone() }),
+                None if h.observed != Observed::Stopped => {
+                    let mut ch = change(h, Observed::Stopped);
+                    ch.endpoints.clear();
+                    actions.push(Action::Report { placement_id: pid, change: ch });
+                }
+                None => actions.push(Action::Forget { placement_id: pid }),
+            }
+            continue;
+        }
+        if h.observed.is_terminal() {
+            continue;
+        }
+        let Some(c) = c else {
+            actions.push(Action::Create { placement_id: pid });
+            continue;
+        };
+        match &c.state {
+            ContainerState::Running => {
+                let eps = endpoints(facts.advertise_host, c);
+                if h.observed != Observed::Running
+                    || h.endpoints != eps
+                    || h.container_id.as_deref() != Some(c.id.as_str())
+                {
+                    let mut ch = change(h, Observed::Running);
+                    ch.endpoints = eps;
+                    ch.container_id = Some(c.id.clone());
+                    ch.reason = None;
+                    actions.push(Action::Report { placement_id: pid, change: ch });
+                }
+            }
+            ContainerState::Created => {
+                actions.push(Action::Start { placement_id: pid, container_id: c.id.clone() });
+            }
+            ContainerState::Exited { code } => {
+                let code = *code;
+                if h.observed == Observed::Restarting {
+                    if h.next_start_ms.is_none_or(|t| facts.now_ms >= t) {
+                        actions.push(Action::Start { placement_id: pid, container_id: c.id.clone() });
+                    }
+                    continue;
+                }
+                let policy = h.spec.restart_policy();
+                let wants = match policy.policy {
+                    RestartMode::Always => true,
+                    RestartMode::OnFailure => code != 0,
+                    RestartMode::No => false,
+                };
+                let mut ch = change(h, Observed::Exited);
+                ch.exit_code = Some(code);
+                ch.container_id = Some(c.id.clone());
+                ch.endpoints.clear();
+                if wants && h.restarts < policy.max_attempts {
+                    let wait = backoff_ms(policy.delay_ms, policy.max_delay_ms, h.restarts, facts.jitter);
+                    ch.observed = Observed::Restarting;
+                    ch.reason = Some(format!("exited with code {code}; restart {} in {wait} ms", h.restarts + 1));
+                    ch.next_start_ms = Some(facts.now_ms + wait);
+                } else if wants {
+                    ch.observed = Observed::Failed;
+                    ch.reason = Some(format!("exited with code {code}; gave up after {} restarts", h.restarts));
+                } else {
+                    ch.reason = Some(format!("exited with code {code}"));
+                }
+                actions.push(Action::Report { placement_id: pid, change: ch });
+            }
+            ContainerState::Other(_) => {}
+        }
+    }
+    actions
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::model::TaskSpec;
+
+    fn held(id: &str, observed: Observed, spec: &str) -> Held {
+        Held {
+            id: id.into(),
+            task_id: "t".into(),
+            fence: 7,
+            desired: Desired::Run,
+            spec: TaskSpec::from_json(spec.as_bytes()).unwrap(),
+            observed,
+            exit_code: None,
+            reason: None,
+            restarts: 0,
+            endpoints: vec![],
+            container_id: None,
+            next_start_ms: None,
+        }
+    }
+
+    fn container(id: &str, placement: &str, state: ContainerState) -> ContainerInfo {
+        let mut labels = BTreeMap::new();
+        labels.insert(labels::PLACEMENT.to_string(), placement.to_string());
+        ContainerInfo { id: id.into(), name: id.into(), labels, state, ports: vec![(7777, 32768)], error: None }
+    }
+
+    fn run(held: &[Held], containers: &[ContainerInfo]) -> Vec<Action> {
+        let mut half = |m: u64| m / 2;
+        reconcile(held, containers, &mut Facts { now_ms: 1_000, advertise_host: "10.0.0.1", jitter: &mut half })
+    }
+
+    const SVC: &str = r#"{"image":"i"}"#;
+    const BATCH: &str = r#"{"image":"i","kind":"batch"}"#;
+
+    #[test]
+    fn new_placement_is_created_and_running_one_reported_once() {
+        let h = held("p", Observed::Pending, SVC);
+        assert_eq!(run(&[h.clone()], &[]), vec![Action::Create { placement_id: "p".into() }]);
+        let c = container("c1", "p", ContainerState::Running);
+        let acts = run(&[h.clone()], &[c.clone()]);
+        let Action::Report { change, .. } = &acts[0] else { panic!("{acts:?}") };
+        assert_eq!(change.observed, Observed::Running);
+        assert_eq!(change.endpoints, vec!["10.0.0.1:32768".to_string()]);
+        // Adopted and recorded: nothing more to do.
+        let mut h2 = h;
+        h2.observed = Observed::Running;
+        h2.endpoints = change.endpoints.clone();
+        h2.container_id = Some("c1".into());
+        assert!(run(&[h2], &[c]).is_empty());
+    }
+
+    #[test]
+    fn exits_follow_the_restart_policy() {
+        // Batch exit 0: done.
+        let acts = run(&[held("p", Observed::Running, BATCH)], &[container("c", "p", ContainerState::Exited { code: 0 })]);
+        let Action::Report { change, .. } = &acts[0] else { panic!() };
+        assert_eq!((change.observed, change.exit_code), (Observed::Exited, Some(0)));
+        // Batch exit 3: restart with backoff (delay 1000, jitter halves it).
+        let acts = run(&[held("p", Observed::Running, BATCH)], &[container("c", "p", ContainerState::Exited { code: 3 })]);
+        let Action::Report { change, .. } = &acts[0] else { panic!() };
+        assert_eq!(change.observed, Observed::Restarting);
+        assert_eq!(change.next_start_ms, Some(1_500));
+        // Restarts exhausted: failed with the code.
+        let mut h = held("p", Observed::Running, BATCH);
+        h.restarts = 3;
+        let acts = run(&[h], &[container("c", "p", ContainerState::Exited { code: 3 })]);
+        let Action::Report { change, .. } = &acts[0] else { panic!() };
+        assert_eq!((change.observed, change.exit_code), (Observed::Failed, Some(3)));
+        // Policy no: exited, not failed, reason names the code.
+        let h = held("p", Observed::Running, r#"{"image":"i","restart":{"policy":"no"}}"#);
+        let acts = run(&[h], &[container("c", "p", ContainerState::Exited { code: 2 })]);
+        let Action::Report { change, .. } = &acts[0] else { panic!() };
+        assert_eq!(change.observed, Observed::Exited);
+    }
+
+    #[test]
+    fn restarting_waits_for_its_backoff() {
+        let mut h = held("p", Observed::Restarting, SVC);
+        h.next_start_ms = Some(5_000);
+        let c = container("c", "p", ContainerState::Exited { code: 1 });
+        assert!(run(&[h.clone()], &[c.clone()]).is_empty());
+        h.next_start_ms = Some(900);
+        assert_eq!(run(&[h], &[c]), vec![Action::Start { placement_id: "p".into(), container_id: "c".into() }]);
+    }
+
+    #[test]
+    fn stop_orphans_and_duplicates() {
+        let mut h = held("p", Observed::Running, SVC);
+        h.desired = Desired::Stop;
+        let acts = run(&[h.clone()], &[container("c", "p", ContainerState::Running)]);
+        assert_eq!(acts, vec![Action::StopRemove { placement_id: "p".into(), container_id: "c".into() }]);
+        let acts = run(&[h.clone()], &[]);
+        assert!(matches!(&acts[0], Action::Report { change, .. } if change.observed == Observed::Stopped));
+        h.observed = Observed::Stopped;
+        assert_eq!(run(&[h], &[]), vec![Action::Forget { placement_id: "p".into() }]);
+
+        let acts = run(&[], &[container("x", "gone", ContainerState::Running)]);
+        assert_eq!(acts, vec![Action::RemoveOrphan { container_id: "x".into() }]);
+
+        let mut h = held("p", Observed::Running, SVC);
+        h.container_id = Some("b".into());
+        h.endpoints = vec!["10.0.0.1:32768".into()];
+        let acts = run(&[h], &[container("a", "p", ContainerState::Running), container("b", "p", ContainerState::Running)]);
+        assert_eq!(acts, vec![Action::RemoveOrphan { container_id: "a".into() }]);
+    }
+
+    #[test]
+    fn backoff_is_capped_exponential_with_full_jitter() {
+        let mut max = |m: u64| m;
+        assert_eq!(backoff_ms(1000, 60_000, 0, &mut max), 1000);
+        assert_eq!(backoff_ms(1000, 60_000, 3, &mut max), 8000);
+        assert_eq!(backoff_ms(1000, 60_000, 10, &mut max), 60_000);
+        assert_eq!(backoff_ms(1000, 60_000, 200, &mut max), 60_000);
+        let mut zero = |_| 0;
+        assert_eq!(backoff_ms(1000, 60_000, 5, &mut zero), 0);
+    }
+}
