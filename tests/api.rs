@@ -1,0 +1,129 @@
+//! The public API contract on a real single-manager process: error shapes, validation,
+//! idempotency, stop, pending reasons.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+struct Manager {
+    _proc: Proc,
+    api: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn manager() -> Manager {
+    let dir = tempfile::tempdir().unwrap();
+    let api = format!("127.0.0.1:{}", free_port());
+    let cluster = format!("127.0.0.1:{}", free_port());
+    let data = dir.path().join("m1");
+    let proc = Proc::spawn(
+        &[
+            "agent", "--manager", "--node-id", "m1", "--data-dir", data.to_str().unwrap(), "--api", &api,
+            "--cluster", &cluster, "--bootstrap",
+        ],
+        &dir.path().join("m1.log"),
+        &[],
+    );
+    let url = format!("http://{api}/health/ready");
+    eventually(Duration::from_secs(20), "manager ready", || {
+        let url = url.clone();
+        async move { http().get(&url).send().await.ok().filter(|r| r.status().is_success()) }
+    })
+    .await;
+    Manager { _proc: proc, api: format!("http://{api}"), _dir: dir }
+}
+
+async fn post(url: &str, body: &str, key: Option<&str>) -> (u16, Value) {
+    let mut req = http().post(url).body(body.to_string());
+    if let Some(k) = key {
+        req = req.header("Idempotency-Key", k);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+fn assert_error(status: u16, body: &Value, want_status: u16, want_field: Option<&str>) {
+    assert_eq!(status, want_status, "{body}");
+    let e = &body["error"];
+    assert!(e["code"].is_string() && e["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    if let Some(f) = want_field {
+        assert_eq!(e["field"], json!(f), "{body}");
+    }
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_error_and_loses_nothing() {
+    let m = manager().await;
+    let tasks = format!("{}/v1/tasks", m.api);
+
+    let (s, b) = post(&tasks, "{not json", None).await;
+    assert_error(s, &b, 400, None);
+    let (s, b) = post(&tasks, r#"{"image":"a","colour":"red"}"#, None).await;
+    assert_error(s, &b, 400, Some("colour"));
+    let (s, b) = post(&tasks, r#"{"image":"a","resources":{"memory_mb":-5}}"#, None).await;
+    assert_error(s, &b, 400, Some("resources.memory_mb"));
+    let (s, b) = post(&tasks, r#"{"command":["x"]}"#, None).await;
+    assert_error(s, &b, 400, Some("image"));
+    let big = format!(r#"{{"image":"a","env":{{"K":"{}"}}}}"#, "x".repeat(400_000));
+    let (s, b) = post(&tasks, &big, None).await;
+    assert_error(s, &b, 413, None);
+
+    let r = http().get(format!("{}/v1/tasks/nope", m.api)).send().await.unwrap();
+    let s = r.status().as_u16();
+    assert_error(s, &r.json().await.unwrap(), 404, Some("id"));
+    let r = http().get(format!("{}/v1/no/such/route", m.api)).send().await.unwrap();
+    let s = r.status().as_u16();
+    assert_error(s, &r.json().await.unwrap(), 404, None);
+
+    // Nothing above created a task.
+    let list = get_json(&tasks).await.unwrap();
+    assert_eq!(list["tasks"].as_array().unwrap().len(), 0, "{list}");
+}
+
+#[tokio::test]
+async fn idempotency_key_makes_retries_safe() {
+    let m = manager().await;
+    let tasks = format!("{}/v1/tasks", m.api);
+    let (s1, b1) = post(&tasks, r#"{"image":"holdfast/echo:latest"}"#, Some("k-1")).await;
+    assert_eq!(s1, 201, "{b1}");
+    let (s2, b2) = post(&tasks, r#"{"image":"holdfast/echo:latest"}"#, Some("k-1")).await;
+    assert_eq!(s2, 200, "{b2}");
+    assert_eq!(b1["id"], b2["id"]);
+    let (s3, b3) = post(&tasks, r#"{"image":"other"}"#, Some("k-1")).await;
+    assert_error(s3, &b3, 409, None);
+    let list = get_json(&tasks).await.unwrap();
+    assert_eq!(list["tasks"].as_array().unwrap().len(), 1, "{list}");
+}
+
+#[tokio::test]
+async fn tasks_stay_pending_with_a_reason_and_stop() {
+    let m = manager().await;
+    let tasks = format!("{}/v1/tasks", m.api);
+    let (s, b) = post(&tasks, r#"{"image":"holdfast/echo:latest","name":"e1"}"#, None).await;
+    assert_eq!(s, 201, "{b}");
+    let id = b["id"].as_str().unwrap().to_string();
+    let url = format!("{}/v1/tasks/{id}", m.api);
+    let t = eventually(Duration::from_secs(10), "pending reason", || {
+        let url = url.clone();
+        async move { get_json(&url).await.filter(|t| t["reason"].is_string()) }
+    })
+    .await;
+    assert_eq!(t["state"], "pending");
+    assert_eq!(t["name"], "e1");
+    assert_eq!(t["reason"], "no worker nodes registered");
+
+    let r = http().delete(&url).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let t = get_json(&url).await.unwrap();
+    assert_eq!(t["desired"], "stop");
+    assert_eq!(t["state"], "stopped");
+
+    let c = get_json(&format!("{}/v1/cluster", m.api)).await.unwrap();
+    assert_eq!(c["leader"]["id"], "m1", "{c}");
+    assert_eq!(c["members"].as_array().unwrap().len(), 1, "{c}");
+    assert!(c["commit_index"].as_u64().unwrap() >= 2, "{c}");
+}

@@ -1,0 +1,133 @@
+//! Helpers shared by the integration tests: free ports, real `holdfast` processes that
+//! die with the test, and polling with a deadline (never sleeping to wait).
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// The static `holdfast` binary cargo built for these tests.
+pub fn holdfast_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_holdfast"))
+}
+
+/// A `holdfast` child process, killed (SIGKILL) when dropped.
+pub struct Proc {
+    /// The child.
+    pub child: Child,
+    /// Where its stderr goes.
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Spawns `holdfast args...`, logging to `log`.
+    pub fn spawn(args: &[&str], log: &Path, envs: &[(&str, &str)]) -> Proc {
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let mut cmd = Command::new(holdfast_bin());
+        cmd.args(args).stdout(Stdio::from(out)).stderr(Stdio::from(err)).env("HOLDFAST_LOG", "info,openraft=warn");
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        Proc { child: cmd.spawn().expect("spawn holdfast"), log: log.to_path_buf() }
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait up to `within` for a clean exit; returns the exit status.
+    pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// The process log so far (for failure messages).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {within:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An HTTP client with a per-request timeout.
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client")
+}
+
+/// GET `url` as JSON, `None` on any failure.
+pub async fn get_json(url: &str) -> Option<serde_json::Value> {
+    let resp = http().get(url).send().await.ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    resp.json().await.ok()
+}
+
+/// Fails loudly when Docker is missing: the e2e tests must never pass by skipping.
+pub fn require_docker() {
+    let ok = Command::new("docker").arg("info").stdout(Stdio::null()).stderr(Stdio::null()).status();
+    assert!(
+        matches!(ok, Ok(s) if s.success()),
+        "these tests need a running Docker engine (CI={:?}); start dockerd",
+        std::env::var("CI").ok()
+    );
+}
+
+/// Container ids carrying label `key=value` (running or not), via the docker CLI so
+/// the check does not share code with what it checks.
+pub fn containers_with_label(key: &str, value: &str) -> Vec<String> {
+    let out = Command::new("docker")
+        .args(["ps", "-aq", "--no-trunc", "--filter", &format!("label={key}={value}")])
+        .output()
+        .expect("docker ps");
+    String::from_utf8_lossy(&out.stdout).lines().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
+}
+
+/// Removes every container of a test's node, so tests leave nothing behind.
+pub struct NodeContainers(pub String);
+
+impl Drop for NodeContainers {
+    fn drop(&mut self) {
+        for id in containers_with_label("holdfast.node", &self.0) {
+            let _ = Command::new("docker").args(["rm", "-f", &id]).stdout(Stdio::null()).status();
+        }
+    }
+}
