@@ -234,11 +234,8 @@ impl AgentArgs {
             Some(h) => format!("{h}:{}", port_of(&self.cluster)),
             None => format!("{}:{}", dialable(host_of(&self.cluster)), port_of(&self.cluster)),
         };
-        let advertise_api = format!(
-            "{}:{}",
-            adv_host.unwrap_or_else(|| dialable(host_of(&self.api))),
-            port_of(&self.api)
-        );
+        let advertise_api =
+            format!("{}:{}", adv_host.unwrap_or_else(|| dialable(host_of(&self.api))), port_of(&self.api));
         let manager = self.manager.then(|| ManagerRole {
             api: self.api.clone(),
             cluster: self.cluster.clone(),

@@ -21,8 +21,17 @@ async fn manager() -> Manager {
     let data = dir.path().join("m1");
     let proc = Proc::spawn(
         &[
-            "agent", "--manager", "--node-id", "m1", "--data-dir", data.to_str().unwrap(), "--api", &api,
-            "--cluster", &cluster, "--bootstrap",
+            "agent",
+            "--manager",
+            "--node-id",
+            "m1",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--api",
+            &api,
+            "--cluster",
+            &cluster,
+            "--bootstrap",
         ],
         &dir.path().join("m1.log"),
         &[],

@@ -21,8 +21,16 @@ struct Member {
 impl Member {
     fn start(&mut self, dir: &std::path::Path, extra: &[&str]) {
         let mut args = vec![
-            "agent", "--manager", "--node-id", &self.name, "--data-dir", self.data.to_str().unwrap(), "--api",
-            &self.api, "--cluster", &self.cluster,
+            "agent",
+            "--manager",
+            "--node-id",
+            &self.name,
+            "--data-dir",
+            self.data.to_str().unwrap(),
+            "--api",
+            &self.api,
+            "--cluster",
+            &self.cluster,
         ];
         args.extend_from_slice(extra);
         self.proc = Some(Proc::spawn(&args, &dir.join(format!("{}.log", self.name)), &[]));
@@ -162,7 +170,19 @@ async fn foreign_data_dir_is_refused_and_left_untouched() {
     let api = format!("127.0.0.1:{}", free_port());
     let cluster = format!("127.0.0.1:{}", free_port());
     let mut p = Proc::spawn(
-        &["agent", "--manager", "--node-id", "m1", "--data-dir", data.to_str().unwrap(), "--api", &api, "--cluster", &cluster, "--bootstrap"],
+        &[
+            "agent",
+            "--manager",
+            "--node-id",
+            "m1",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--api",
+            &api,
+            "--cluster",
+            &cluster,
+            "--bootstrap",
+        ],
         &dir.path().join("m1.log"),
         &[],
     );

@@ -78,11 +78,7 @@ impl Dev {
         .await;
         match got {
             Ok(t) => t,
-            Err(_) => panic!(
-                "{what}: last seen {}\n--- log ---\n{}",
-                last.lock().unwrap(),
-                self.proc.log_text()
-            ),
+            Err(_) => panic!("{what}: last seen {}\n--- log ---\n{}", last.lock().unwrap(), self.proc.log_text()),
         }
     }
 }
@@ -97,7 +93,11 @@ fn spawn_dev(dir: &std::path::Path, node: &str, api: &str, cluster: &str) -> Pro
 }
 
 fn uuid_like() -> String {
-    format!("{:x}{:x}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos())
+    format!(
+        "{:x}{:x}",
+        std::process::id(),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos()
+    )
 }
 
 fn echo_spec(extra: &[&str]) -> Value {

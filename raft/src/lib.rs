@@ -63,12 +63,7 @@ pub trait Apply: Send + Sync + 'static {
     fn init_schema(&self, conn: &rusqlite::Connection) -> rusqlite::Result<()>;
     /// Applies one committed command; `index` is its Raft log index, unique and growing
     /// across the cluster (usable as a fence).
-    fn apply(
-        &self,
-        tx: &rusqlite::Transaction<'_>,
-        index: u64,
-        command: &[u8],
-    ) -> rusqlite::Result<Vec<u8>>;
+    fn apply(&self, tx: &rusqlite::Transaction<'_>, index: u64, command: &[u8]) -> rusqlite::Result<Vec<u8>>;
 }
 
 /// Settings of one replicated database member.

@@ -19,10 +19,7 @@ use crate::model::sync::{Assignment, LogReply, NotLeader, SyncRequest, SyncRespo
 
 /// Routes under `/cluster/v1/` for workers.
 pub fn router(manager: Arc<Manager>) -> Router {
-    Router::new()
-        .route("/cluster/v1/sync", post(sync))
-        .route("/cluster/v1/logs", post(log_reply))
-        .with_state(manager)
+    Router::new().route("/cluster/v1/sync", post(sync)).route("/cluster/v1/logs", post(log_reply)).with_state(manager)
 }
 
 fn version_of(assignments: &[Assignment]) -> u64 {
@@ -49,12 +46,12 @@ async fn sync(State(m): State<Arc<Manager>>, Json(req): Json<SyncRequest>) -> Re
     let r = &req.resources;
     let changed = match &reg {
         None => true,
-        Some((_, labels, address, cpu, mem, disk)) => {
-            *labels != req.labels
-                || *address != req.address
-                || *cpu != r.cpu_millis
-                || *mem != r.memory_total_mb
-                || *disk != r.disk_total_mb
+        Some(g) => {
+            g.labels != req.labels
+                || g.address != req.address
+                || g.cpu_millis != r.cpu_millis
+                || g.memory_mb != r.memory_total_mb
+                || g.disk_mb != r.disk_total_mb
         }
     };
     if changed {
@@ -72,7 +69,7 @@ async fn sync(State(m): State<Arc<Manager>>, Json(req): Json<SyncRequest>) -> Re
         )
         .await?;
     }
-    let mut acked_seq = reg.map(|r| r.0).unwrap_or(0);
+    let mut acked_seq = reg.map(|r| r.last_seq).unwrap_or(0);
     if !req.reports.is_empty() {
         let out = write(
             &m,
@@ -96,7 +93,11 @@ async fn sync(State(m): State<Arc<Manager>>, Json(req): Json<SyncRequest>) -> Re
         let version = version_of(&assignments);
         let log_requests = m.logs.take(&req.node);
         let still_leader = m.db.status().role == holdfast_raft::Role::Leader;
-        if version != req.have_version || !log_requests.is_empty() || !still_leader || tokio::time::Instant::now() >= deadline {
+        if version != req.have_version
+            || !log_requests.is_empty()
+            || !still_leader
+            || tokio::time::Instant::now() >= deadline
+        {
             lock(&m.liveness)
                 .insert(req.node.clone(), Liveness { last_seen: Instant::now(), resources: req.resources.clone() });
             let resp = SyncResponse {

@@ -319,10 +319,7 @@ impl TaskSpec {
             if rp.delay_ms == 0 || rp.delay_ms > rp.max_delay_ms || rp.max_delay_ms > 3_600_000 {
                 return Err(SpecError::new(
                     "restart.delay_ms",
-                    format!(
-                        "need 0 < delay_ms ({}) ≤ max_delay_ms ({}) ≤ 3600000",
-                        rp.delay_ms, rp.max_delay_ms
-                    ),
+                    format!("need 0 < delay_ms ({}) ≤ max_delay_ms ({}) ≤ 3600000", rp.delay_ms, rp.max_delay_ms),
                 ));
             }
         }

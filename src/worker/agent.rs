@@ -272,10 +272,8 @@ async fn reconcile_once(w: &Arc<Worker>) {
     };
     let busy = lock(&w.in_flight).clone();
     let held: Vec<Held> = held.into_iter().filter(|h| !busy.contains(&h.id)).collect();
-    let containers: Vec<_> = containers
-        .into_iter()
-        .filter(|c| !c.labels.get(labels::PLACEMENT).is_some_and(|p| busy.contains(p)))
-        .collect();
+    let containers: Vec<_> =
+        containers.into_iter().filter(|c| !c.labels.get(labels::PLACEMENT).is_some_and(|p| busy.contains(p))).collect();
     let actions = {
         let mut rng = rand::thread_rng();
         let mut jitter = |max: u64| rng.gen_range(0..=max);
@@ -346,7 +344,9 @@ async fn execute(w: &Arc<Worker>, held: &[Held], action: Action) {
                 let _ = w.runtime.remove(&container_id).await;
             });
         }
-        Action::Create { placement_id } | Action::Start { placement_id, .. } | Action::StopRemove { placement_id, .. }
+        Action::Create { placement_id }
+        | Action::Start { placement_id, .. }
+        | Action::StopRemove { placement_id, .. }
             if !lock(&w.in_flight).insert(placement_id.clone()) => {}
         Action::Create { placement_id } => {
             let Some(h) = find(&placement_id) else { return };
@@ -368,7 +368,9 @@ async fn execute(w: &Arc<Worker>, held: &[Held], action: Action) {
                         ch.container_id = Some(container_id);
                         record(&w, &h, ch);
                     }
-                    Err(RuntimeError::Unavailable(e)) => tracing::warn!(error = %e, "engine unavailable; restart later"),
+                    Err(RuntimeError::Unavailable(e)) => {
+                        tracing::warn!(error = %e, "engine unavailable; restart later")
+                    }
                     Err(e) => {
                         let mut ch = base_change(&h, Observed::Failed);
                         ch.reason = Some(format!("restart failed: {e}"));

@@ -117,11 +117,7 @@ impl Ledger {
             conn.query_row("SELECT value FROM meta WHERE key = 'node'", [], |r| r.get(0)).optional()?;
         match found {
             Some(found) if found != node => {
-                return Err(LedgerError::Foreign {
-                    path: path.display().to_string(),
-                    found,
-                    wanted: node.to_string(),
-                })
+                return Err(LedgerError::Foreign { path: path.display().to_string(), found, wanted: node.to_string() })
             }
             Some(_) => {}
             None => {

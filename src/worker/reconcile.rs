@@ -177,6 +177,7 @@ pub fn reconcile(held: &[Held], containers: &[ContainerInfo], facts: &mut Facts<
 }
 
 #[cfg(test)]
+#[allow(clippy::cloned_ref_to_slice_refs)] // `&[x.clone()]` reads better in tables
 mod tests {
     use std::collections::BTreeMap;
 
@@ -234,11 +235,13 @@ mod tests {
     #[test]
     fn exits_follow_the_restart_policy() {
         // Batch exit 0: done.
-        let acts = run(&[held("p", Observed::Running, BATCH)], &[container("c", "p", ContainerState::Exited { code: 0 })]);
+        let acts =
+            run(&[held("p", Observed::Running, BATCH)], &[container("c", "p", ContainerState::Exited { code: 0 })]);
         let Action::Report { change, .. } = &acts[0] else { panic!() };
         assert_eq!((change.observed, change.exit_code), (Observed::Exited, Some(0)));
         // Batch exit 3: restart with backoff (delay 1000, jitter halves it).
-        let acts = run(&[held("p", Observed::Running, BATCH)], &[container("c", "p", ContainerState::Exited { code: 3 })]);
+        let acts =
+            run(&[held("p", Observed::Running, BATCH)], &[container("c", "p", ContainerState::Exited { code: 3 })]);
         let Action::Report { change, .. } = &acts[0] else { panic!() };
         assert_eq!(change.observed, Observed::Restarting);
         assert_eq!(change.next_start_ms, Some(1_500));
@@ -282,7 +285,8 @@ mod tests {
         let mut h = held("p", Observed::Running, SVC);
         h.container_id = Some("b".into());
         h.endpoints = vec!["10.0.0.1:32768".into()];
-        let acts = run(&[h], &[container("a", "p", ContainerState::Running), container("b", "p", ContainerState::Running)]);
+        let acts =
+            run(&[h], &[container("a", "p", ContainerState::Running), container("b", "p", ContainerState::Running)]);
         assert_eq!(acts, vec![Action::RemoveOrphan { container_id: "a".into() }]);
     }
 

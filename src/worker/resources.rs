@@ -11,9 +11,7 @@ use crate::model::sync::NodeResources;
 /// `spawn_blocking`.
 pub fn measure(disk_path: &Path, engine_ok: bool) -> NodeResources {
     let sys = System::new_with_specifics(
-        RefreshKind::nothing()
-            .with_memory(MemoryRefreshKind::nothing().with_ram())
-            .with_cpu(CpuRefreshKind::nothing()),
+        RefreshKind::nothing().with_memory(MemoryRefreshKind::nothing().with_ram()).with_cpu(CpuRefreshKind::nothing()),
     );
     let cpus = sys.cpus().len().max(1) as u32;
     let disks = Disks::new_with_refreshed_list_specifics(DiskRefreshKind::nothing().with_storage());

@@ -81,10 +81,7 @@ impl IntoResponse for ApiError {
         };
         let mut resp = (self.status, Json(body)).into_response();
         if self.status == StatusCode::SERVICE_UNAVAILABLE || self.status == StatusCode::TOO_MANY_REQUESTS {
-            resp.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from(super::RETRY_AFTER.as_secs()),
-            );
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(super::RETRY_AFTER.as_secs()));
         }
         resp
     }

@@ -44,8 +44,8 @@ async fn not_found() -> ApiError {
 }
 
 fn outcome(bytes: Vec<u8>) -> Result<serde_json::Value, ApiError> {
-    let out: Outcome = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::internal(format!("unreadable apply response: {e}")))?;
+    let out: Outcome =
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::internal(format!("unreadable apply response: {e}")))?;
     out.map_err(|r| {
         let status = match r.code.as_str() {
             "conflict" => StatusCode::CONFLICT,
@@ -88,14 +88,18 @@ async fn submit_task(
         None => None,
         Some(v) => {
             let k = v.to_str().ok().filter(|k| !k.is_empty() && k.len() <= 128).ok_or_else(|| {
-                ApiError::new(StatusCode::BAD_REQUEST, "invalid", "Idempotency-Key must be 1–128 visible ASCII characters")
-                    .field("Idempotency-Key")
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid",
+                    "Idempotency-Key must be 1–128 visible ASCII characters",
+                )
+                .field("Idempotency-Key")
             })?;
             Some(k.to_string())
         }
     };
     let id = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let cmd = Command::SubmitTask { id, spec, idempotency_key: key, now_ms: now_ms() };
+    let cmd = Command::SubmitTask { id, spec: Box::new(spec), idempotency_key: key, now_ms: now_ms() };
     let out = write(&m, &cmd).await?;
     let id = out["id"].as_str().unwrap_or_default().to_string();
     let created = out["created"].as_bool().unwrap_or(true);
@@ -148,11 +152,9 @@ async fn task_logs(
     check_id(&id)?;
     let tail = q.tail.unwrap_or(200).clamp(1, 10_000);
     let key = id.clone();
-    let task = m
-        .db
-        .read(move |c| query::get_task(c, &key))
-        .await?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no task with id {id}")).field("id"))?;
+    let task = m.db.read(move |c| query::get_task(c, &key)).await?.ok_or_else(|| {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no task with id {id}")).field("id")
+    })?;
     let Some(p) = task.placements.iter().find(|p| p.current) else {
         return Err(ApiError::new(StatusCode::CONFLICT, "not_placed", format!("task {id} has not been placed yet")));
     };

@@ -37,10 +37,7 @@ pub async fn run_planner(m: Arc<Manager>, mut shutdown: broadcast::Receiver<()>)
 
 /// One planning round; returns how many placements were committed.
 pub async fn plan_once(m: &Manager) -> Result<usize, super::api::ApiError> {
-    let (pending, nodes) = m
-        .db
-        .read_local(|c| Ok((query::pending_tasks(c, PLAN_BATCH)?, query::nodes(c)?)))
-        .await?;
+    let (pending, nodes) = m.db.read_local(|c| Ok((query::pending_tasks(c, PLAN_BATCH)?, query::nodes(c)?))).await?;
     if pending.is_empty() {
         return Ok(0);
     }

@@ -126,11 +126,12 @@ fn explain(nodes: &[NodeView], want: &Pending, misses: &BTreeMap<Miss, usize>) -
             let what = match miss {
                 Miss::NotReady => "not ready".to_string(),
                 Miss::Label => {
-                    let wanted: Vec<String> =
-                        want.constraints.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    let wanted: Vec<String> = want.constraints.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                     format!("label {}", wanted.join(","))
                 }
-                Miss::Cpu => format!("cpu {} millis > largest free {} millis", r.cpu_millis, largest(NodeView::free_cpu)),
+                Miss::Cpu => {
+                    format!("cpu {} millis > largest free {} millis", r.cpu_millis, largest(NodeView::free_cpu))
+                }
                 Miss::Memory => {
                     format!("memory {} MB > largest free {} MB", r.memory_mb, largest(NodeView::free_memory))
                 }

@@ -21,7 +21,7 @@ pub enum Command {
         /// Id chosen by the API handler.
         id: String,
         /// The validated spec.
-        spec: TaskSpec,
+        spec: Box<TaskSpec>,
         /// `Idempotency-Key` header, if given.
         idempotency_key: Option<String>,
         /// Leader wall clock.
@@ -304,10 +304,7 @@ fn apply_command(tx: &Transaction<'_>, index: u64, cmd: Command) -> rusqlite::Re
                     Err(why) => ignored.push(serde_json::json!({ "seq": r.seq, "reason": why })),
                 }
             }
-            tx.execute(
-                "UPDATE nodes SET last_seq = ?2 WHERE name = ?1",
-                params![node, last_seq as i64],
-            )?;
+            tx.execute("UPDATE nodes SET last_seq = ?2 WHERE name = ?1", params![node, last_seq as i64])?;
             Ok(Ok(serde_json::json!({ "acked_seq": last_seq, "applied": applied, "ignored": ignored })))
         }
     }
@@ -338,11 +335,9 @@ fn recheck_placement(tx: &Transaction<'_>, p: &PlannedPlacement) -> rusqlite::Re
         return Ok(Err("task already has a live placement".into()));
     }
     let node: Option<(String, i64, i64, i64)> = tx
-        .query_row(
-            "SELECT status, cpu_millis, memory_mb, disk_mb FROM nodes WHERE name = ?1",
-            [&p.node],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-        )
+        .query_row("SELECT status, cpu_millis, memory_mb, disk_mb FROM nodes WHERE name = ?1", [&p.node], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
         .optional()?;
     let Some((status, cpu, mem, disk)) = node else {
         return Ok(Err(format!("node {} is not registered", p.node)));

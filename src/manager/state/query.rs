@@ -141,9 +141,8 @@ fn build_task(r: &rusqlite::Row<'_>) -> rusqlite::Result<(TaskView, Option<Strin
             exit_code: None,
             restarts: 0,
             endpoints: Vec::new(),
-            spec: serde_json::from_str(&spec).map_err(|e| {
-                rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e))
-            })?,
+            spec: serde_json::from_str(&spec)
+                .map_err(|e| rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e)))?,
             created_ms: r.get::<_, i64>(5)? as u64,
             updated_ms: r.get::<_, i64>(6)? as u64,
             placements: Vec::new(),
@@ -175,8 +174,7 @@ const TASK_COLS: &str = "id, name, spec, desired, pending_reason, created_ms, up
 /// Every task, newest first, with placements (no history).
 pub fn list_tasks(conn: &Connection) -> rusqlite::Result<Vec<TaskView>> {
     let mut stmt = conn.prepare(&format!("SELECT {TASK_COLS} FROM tasks ORDER BY created_index DESC"))?;
-    let mut tasks: Vec<(TaskView, Option<String>)> =
-        stmt.query_map([], build_task)?.collect::<Result<_, _>>()?;
+    let mut tasks: Vec<(TaskView, Option<String>)> = stmt.query_map([], build_task)?.collect::<Result<_, _>>()?;
     let mut by_task: BTreeMap<String, Vec<PlacementView>> = BTreeMap::new();
     let mut stmt = conn.prepare(&format!("SELECT {PLACEMENT_COLS} FROM placements"))?;
     for row in stmt.query_map([], placement_row)? {
@@ -192,17 +190,15 @@ pub fn list_tasks(conn: &Connection) -> rusqlite::Result<Vec<TaskView>> {
 
 /// One task with placements and their history.
 pub fn get_task(conn: &Connection, id: &str) -> rusqlite::Result<Option<TaskView>> {
-    let Some((mut task, reason)) = conn
-        .query_row(&format!("SELECT {TASK_COLS} FROM tasks WHERE id = ?1"), [id], build_task)
-        .optional()?
+    let Some((mut task, reason)) =
+        conn.query_row(&format!("SELECT {TASK_COLS} FROM tasks WHERE id = ?1"), [id], build_task).optional()?
     else {
         return Ok(None);
     };
     let mut stmt = conn.prepare(&format!("SELECT {PLACEMENT_COLS} FROM placements WHERE task_id = ?1"))?;
     task.placements = stmt.query_map([id], placement_row)?.map(|r| r.map(|(_, p)| p)).collect::<Result<_, _>>()?;
-    let mut ev = conn.prepare(
-        "SELECT at_ms, observed, detail FROM placement_events WHERE placement_id = ?1 ORDER BY id",
-    )?;
+    let mut ev =
+        conn.prepare("SELECT at_ms, observed, detail FROM placement_events WHERE placement_id = ?1 ORDER BY id")?;
     for p in &mut task.placements {
         p.events = ev
             .query_map([&p.id], |r| {
@@ -325,24 +321,38 @@ pub fn assignments_for(conn: &Connection, node: &str) -> rusqlite::Result<Vec<As
     Ok(out)
 }
 
-/// Node name, last acknowledged report sequence, labels and capacity, if registered.
-pub fn node_registration(
-    conn: &Connection,
-    name: &str,
-) -> rusqlite::Result<Option<(u64, BTreeMap<String, String>, String, u64, u64, u64)>> {
+/// What the replicated state holds about a node's registration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Registration {
+    /// Highest report sequence applied for it.
+    pub last_seq: u64,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Advertised address.
+    pub address: String,
+    /// Total CPU, millicores.
+    pub cpu_millis: u64,
+    /// Total memory, MiB.
+    pub memory_mb: u64,
+    /// Total disk, MiB.
+    pub disk_mb: u64,
+}
+
+/// A node's registration, if it is registered.
+pub fn node_registration(conn: &Connection, name: &str) -> rusqlite::Result<Option<Registration>> {
     conn.query_row(
         "SELECT last_seq, labels, address, cpu_millis, memory_mb, disk_mb FROM nodes WHERE name = ?1",
         [name],
         |r| {
             let labels: String = r.get(1)?;
-            Ok((
-                r.get::<_, i64>(0)? as u64,
-                serde_json::from_str(&labels).unwrap_or_default(),
-                r.get(2)?,
-                r.get::<_, i64>(3)? as u64,
-                r.get::<_, i64>(4)? as u64,
-                r.get::<_, i64>(5)? as u64,
-            ))
+            Ok(Registration {
+                last_seq: r.get::<_, i64>(0)? as u64,
+                labels: serde_json::from_str(&labels).unwrap_or_default(),
+                address: r.get(2)?,
+                cpu_millis: r.get::<_, i64>(3)? as u64,
+                memory_mb: r.get::<_, i64>(4)? as u64,
+                disk_mb: r.get::<_, i64>(5)? as u64,
+            })
         },
     )
     .optional()

@@ -22,7 +22,10 @@ impl super::Runtime for DockerRuntime {
     async fn image_size(&self, _image: &str) -> Result<Option<u64>, super::RuntimeError> {
         todo!()
     }
-    async fn create_and_start(&self, _spec: &super::ContainerSpec) -> Result<super::ContainerInfo, super::RuntimeError> {
+    async fn create_and_start(
+        &self,
+        _spec: &super::ContainerSpec,
+    ) -> Result<super::ContainerInfo, super::RuntimeError> {
         todo!()
     }
     async fn start(&self, _id: &str) -> Result<super::ContainerInfo, super::RuntimeError> {
