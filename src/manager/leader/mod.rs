@@ -13,6 +13,8 @@ use super::{lock, now_ms, Manager};
 
 /// Most tasks considered in one planning round.
 const PLAN_BATCH: usize = 2_000;
+/// Shortest pause between planning rounds.
+const PLAN_DEBOUNCE: Duration = Duration::from_millis(10);
 
 /// Runs the planner until shutdown; it acts only while this manager leads.
 pub async fn run_planner(m: Arc<Manager>, mut shutdown: broadcast::Receiver<()>) {
@@ -24,6 +26,8 @@ pub async fn run_planner(m: Arc<Manager>, mut shutdown: broadcast::Receiver<()>)
                 tracing::warn!(error = %e, "planning round failed; retrying");
             }
         }
+        // Under a burst of submissions, plan in batches rather than once per command.
+        tokio::time::sleep(PLAN_DEBOUNCE).await;
         // Wake on any applied command, a role change, or a tick (liveness moves nodes
         // in and out of eligibility without any write).
         tokio::select! {
