@@ -122,7 +122,9 @@ impl BoundEcho {
         let app = Router::new()
             .route("/", post(echo))
             .route("/health", get(health))
-            .layer(tower_http::limit::RequestBodyLimitLayer::new(MAX_BODY_BYTES))
+            .layer(tower_http::limit::RequestBodyLimitLayer::new(
+                MAX_BODY_BYTES,
+            ))
             .with_state(shared);
 
         if let Some(after) = self.config.exit_after {

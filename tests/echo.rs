@@ -104,7 +104,11 @@ async fn routes_other_than_post_root_and_get_health_are_refused() {
     let http = client();
     let get_root = http.get(server.url("/")).send().await.expect("GET /");
     assert_eq!(get_root.status(), 405);
-    let missing = http.post(server.url("/nope")).send().await.expect("POST /nope");
+    let missing = http
+        .post(server.url("/nope"))
+        .send()
+        .await
+        .expect("POST /nope");
     assert_eq!(missing.status(), 404);
 }
 
@@ -113,7 +117,11 @@ async fn body_over_the_limit_gets_413() {
     let server = start(config()).await;
     let http = client();
     let at_limit = vec![b'x'; MAX_BODY_BYTES];
-    let ok = http.post(server.url("/")).body(at_limit.clone()).send().await;
+    let ok = http
+        .post(server.url("/"))
+        .body(at_limit.clone())
+        .send()
+        .await;
     let ok = ok.expect("POST at the limit");
     assert_eq!(ok.status(), 200);
     assert_eq!(ok.bytes().await.expect("body").len(), MAX_BODY_BYTES);
@@ -131,7 +139,11 @@ async fn health_turns_500_after_fail_health_after() {
     })
     .await;
     let http = client();
-    let first = http.get(server.url("/health")).send().await.expect("health");
+    let first = http
+        .get(server.url("/health"))
+        .send()
+        .await
+        .expect("health");
     assert_eq!(first.status(), 200);
     assert_eq!(first.text().await.expect("text"), "ok");
     let deadline = Instant::now() + DEADLINE;
@@ -193,7 +205,10 @@ async fn crash_on_drops_the_request_and_returns_one() {
     assert_eq!(fine.expect("POST").status(), 200);
     let crashed = http.post(server.url("/")).body("boom").send().await;
     let error = crashed.expect_err("a crash must not answer");
-    assert!(!error.is_timeout(), "the connection is dropped, not left hanging: {error}");
+    assert!(
+        !error.is_timeout(),
+        "the connection is dropped, not left hanging: {error}"
+    );
     assert_eq!(server.exit_code().await, 1);
 }
 

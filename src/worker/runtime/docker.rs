@@ -219,9 +219,13 @@ impl DockerRuntime {
             // timeout would otherwise cut builds and long stops short.
             .with_timeout(Duration::from_secs(3600));
         // bollard speaks a newer API than older engines (20.10 = 1.41) accept.
-        let docker = bounded("version", config.timeouts.connect, docker.negotiate_version())
-            .await?
-            .map_err(|e| RuntimeError::Unavailable(format!("{e}; {}", hint())))?;
+        let docker = bounded(
+            "version",
+            config.timeouts.connect,
+            docker.negotiate_version(),
+        )
+        .await?
+        .map_err(|e| RuntimeError::Unavailable(format!("{e}; {}", hint())))?;
         Ok(DockerRuntime {
             docker,
             config,
@@ -259,7 +263,10 @@ impl DockerRuntime {
 
     /// Builds the echo image; the caller holds `echo_build`. `extra_tag` is a requested
     /// tag other than the version and `latest`.
-    async fn build_echo_locked(&self, extra_tag: Option<&str>) -> Result<Vec<String>, RuntimeError> {
+    async fn build_echo_locked(
+        &self,
+        extra_tag: Option<&str>,
+    ) -> Result<Vec<String>, RuntimeError> {
         let version_tag = format!("{ECHO_REPOSITORY}:{}", env!("CARGO_PKG_VERSION"));
         let unavailable = |reason: String| RuntimeError::ImageUnavailable {
             image: version_tag.clone(),
@@ -301,9 +308,8 @@ impl DockerRuntime {
         )
         .await?;
         built.map_err(|e| match e {
-            DockerError::DockerResponseServerError { .. } | DockerError::DockerStreamError { .. } => {
-                unavailable(message_of(&e))
-            }
+            DockerError::DockerResponseServerError { .. }
+            | DockerError::DockerStreamError { .. } => unavailable(message_of(&e)),
             other => RuntimeError::Unavailable(format!("docker build: {other}")),
         })?;
 
@@ -360,18 +366,20 @@ impl DockerRuntime {
             reason: timeout.to_string(),
         })?;
         pulled.map_err(|e| match e {
-            DockerError::DockerResponseServerError { .. } | DockerError::DockerStreamError { .. } => {
-                RuntimeError::ImageUnavailable {
-                    image: image.to_owned(),
-                    reason: message_of(&e),
-                }
-            }
+            DockerError::DockerResponseServerError { .. }
+            | DockerError::DockerStreamError { .. } => RuntimeError::ImageUnavailable {
+                image: image.to_owned(),
+                reason: message_of(&e),
+            },
             other => RuntimeError::Unavailable(format!("docker pull: {other}")),
         })
     }
 
     /// Inspects a container; `Ok(None)` when absent.
-    async fn inspect_raw(&self, id: &str) -> Result<Option<ContainerInspectResponse>, RuntimeError> {
+    async fn inspect_raw(
+        &self,
+        id: &str,
+    ) -> Result<Option<ContainerInspectResponse>, RuntimeError> {
         let inspected = bounded(
             "inspect",
             self.config.timeouts.inspect,
@@ -426,13 +434,19 @@ impl Runtime for DockerRuntime {
                 return Ok(());
             }
             let tag = reference.tag_or_latest();
-            return self.build_echo_locked(Some(tag)).await.map(|_| ()).map_err(|e| match e {
-                RuntimeError::ImageUnavailable { reason, .. } => RuntimeError::ImageUnavailable {
-                    image: image.to_owned(),
-                    reason,
-                },
-                other => other,
-            });
+            return self
+                .build_echo_locked(Some(tag))
+                .await
+                .map(|_| ())
+                .map_err(|e| match e {
+                    RuntimeError::ImageUnavailable { reason, .. } => {
+                        RuntimeError::ImageUnavailable {
+                            image: image.to_owned(),
+                            reason,
+                        }
+                    }
+                    other => other,
+                });
         }
         self.pull(image, &reference).await
     }
@@ -446,7 +460,10 @@ impl Runtime for DockerRuntime {
         .await?;
         match found {
             Ok(inspect) => Ok(Some(
-                inspect.size.and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
+                inspect
+                    .size
+                    .and_then(|s| u64::try_from(s).ok())
+                    .unwrap_or(0),
             )),
             Err(e) if status_of(&e) == Some(404) => Ok(None),
             Err(e) => Err(classify("image inspect", e, Refusal::Engine)),
@@ -668,10 +685,7 @@ fn container_info(response: ContainerInspectResponse) -> ContainerInfo {
         .and_then(|n| n.ports)
         .unwrap_or_default();
     for (key, bindings) in published {
-        let Some(container) = key
-            .strip_suffix("/tcp")
-            .and_then(|p| p.parse::<u16>().ok())
-        else {
+        let Some(container) = key.strip_suffix("/tcp").and_then(|p| p.parse::<u16>().ok()) else {
             continue;
         };
         for binding in bindings.unwrap_or_default() {
@@ -745,7 +759,11 @@ pub fn is_static_elf(bytes: &[u8]) -> bool {
         let field = bytes.get(offset..offset.checked_add(width)?)?;
         let mut value = 0u64;
         for i in 0..width {
-            let byte = if little { field[width - 1 - i] } else { field[i] };
+            let byte = if little {
+                field[width - 1 - i]
+            } else {
+                field[i]
+            };
             value = (value << 8) | u64::from(byte);
         }
         Some(value)
@@ -799,11 +817,26 @@ mod tests {
             );
         };
         check("holdfast/echo", "holdfast/echo", None, false);
-        check("holdfast/echo:latest", "holdfast/echo", Some("latest"), false);
+        check(
+            "holdfast/echo:latest",
+            "holdfast/echo",
+            Some("latest"),
+            false,
+        );
         check("localhost:5000/app", "localhost:5000/app", None, false);
-        check("localhost:5000/app:1.2", "localhost:5000/app", Some("1.2"), false);
+        check(
+            "localhost:5000/app:1.2",
+            "localhost:5000/app",
+            Some("1.2"),
+            false,
+        );
         check("app@sha256:abc", "app", None, true);
-        check("nonexistent.invalid/nope:1", "nonexistent.invalid/nope", Some("1"), false);
+        check(
+            "nonexistent.invalid/nope:1",
+            "nonexistent.invalid/nope",
+            Some("1"),
+            false,
+        );
         assert!(ImageRef::parse("holdfast/echo:x").is_echo());
         assert!(!ImageRef::parse("docker.io/other/echo:x").is_echo());
         assert!(!ImageRef::parse("holdfast/echo@sha256:abc").is_echo());
@@ -866,7 +899,9 @@ mod tests {
         assert_eq!(host.memory, Some(64 * 1024 * 1024));
         let bindings = host.port_bindings.unwrap_or_default();
         let port = |key: &str| {
-            bindings[key].as_ref().map(|b| b[0].host_port.clone().unwrap_or_default())
+            bindings[key]
+                .as_ref()
+                .map(|b| b[0].host_port.clone().unwrap_or_default())
         };
         assert_eq!(port("7777/tcp"), Some(String::new()));
         assert_eq!(port("80/tcp"), Some("8080".to_owned()));
