@@ -157,6 +157,15 @@ impl Inner {
         let raft = Raft::new(id, Arc::new(raft_config), network, log, sm)
             .await
             .map_err(|e| DbError::Storage(format!("cannot start Raft: {e}")))?;
+        // The core publishes the state it loaded from disk on its first turn; waiting
+        // for it makes status() right after open() show the resumed term and indexes.
+        let mut first = raft.metrics();
+        if tokio::time::timeout(config.op_timeout, first.changed())
+            .await
+            .is_err()
+        {
+            tracing::warn!(node = %config.node_name, "Raft published no metrics after start");
+        }
 
         let initial = status_from(&raft.metrics().borrow(), &config.node_name);
         let (status_tx, _) = watch::channel(initial);
