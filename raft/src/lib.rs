@@ -13,6 +13,8 @@
 //! over HTTP on the cluster port; [`ReplicatedDb::cluster_router`] returns the axum
 //! routes (all under `/raft/`) and the `network` module holds the only client.
 
+#![warn(missing_docs)]
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;

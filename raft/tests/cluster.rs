@@ -445,15 +445,53 @@ async fn new_member_gets_snapshot_and_all_data() {
     let snap = st.snapshot_index.expect("leader built a snapshot");
     assert!(snap >= 60, "snapshots did not follow the writes: {st:?}");
 
+    // The leader's log really shrank behind the snapshot.
+    let min_idx: i64 = rusqlite::Connection::open_with_flags(
+        c.m(leader).dir.join("raft-log.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .and_then(|conn| conn.query_row("SELECT MIN(idx) FROM log", [], |r| r.get(0)))
+    .expect("inspect leader log");
+    assert!(min_idx > 20, "leader log not purged: first index {min_idx}");
+
     let fourth = c.add(&small_snapshots).await;
+    // Track the first applied index the new member reports: a snapshot install jumps
+    // straight past the leader's snapshot, log replication would start near 1.
+    let mut rx = c.m(fourth).db.watch_status();
+    let first_applied = tokio::spawn(async move {
+        loop {
+            if let Some(a) = rx.borrow_and_update().last_applied {
+                return a;
+            }
+            if rx.changed().await.is_err() {
+                return 0;
+            }
+        }
+    });
     let seeds = vec![c.m(leader).addr.clone()];
     c.m(fourth).db.join(&seeds).await.expect("join fourth");
     let applied = c.m(leader).db.status().last_applied.expect("applied");
     let st = wait_applied(&c.m(fourth).db, applied, Duration::from_secs(5)).await;
     assert!(
-        st.snapshot_index.is_some(),
+        st.snapshot_index >= Some(snap),
         "fourth member did not install a snapshot: {st:?}"
     );
+    let first = tokio::time::timeout(Duration::from_secs(1), first_applied)
+        .await
+        .expect("first applied reported")
+        .expect("watch task");
+    assert!(
+        first >= snap,
+        "fourth member applied {first} before the snapshot at {snap}"
+    );
+    // The installed copy kept WAL mode and this member's identity.
+    let mode: String = c
+        .m(fourth)
+        .db
+        .read_local(|conn| conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)))
+        .await
+        .expect("journal mode");
+    assert_eq!(mode.to_lowercase(), "wal");
     let n = c.m(fourth).db.read_local(count_sql).await.expect("count");
     assert_eq!(n, 120);
     let v = c
@@ -465,6 +503,16 @@ async fn new_member_gets_snapshot_and_all_data() {
     assert_eq!(v.as_deref(), Some("119"));
     let st = c.m(leader).db.status();
     assert_eq!(st.members.iter().filter(|m| m.voter).count(), 4, "{st:?}");
+
+    // The installed database carries this member's name, so it reopens as itself.
+    let (name, dir, addr) = c.kill(fourth).await;
+    let m = start_member(&name, &dir, Some(&addr), &small_snapshots).await;
+    let n =
+        m.db.read_local(count_sql)
+            .await
+            .expect("count after restart");
+    assert_eq!(n, 120);
+    c.members[fourth] = Some(m);
     c.shutdown().await;
 }
 
@@ -583,7 +631,7 @@ async fn single_member_restart_resumes_vote_log_and_state() {
     m.db.bootstrap().await.expect("bootstrap again is harmless");
     let again = m.db.status();
     assert!(again.term >= st.term);
-    assert_eq!(again.last_applied.is_some(), true);
+    assert!(again.last_applied.is_some(), "{again:?}");
     let r =
         m.db.write(put("a", "2"))
             .await
