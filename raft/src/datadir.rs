@@ -286,6 +286,31 @@ pub(crate) fn create_new(
     Ok(())
 }
 
+/// Removes temporary files a crash may have left behind (and their SQLite side
+/// files). Only names this crate generates are touched.
+pub(crate) fn remove_stale_tmp(dir: &Path) -> Result<(), DbError> {
+    const OURS: [&str; 5] = [
+        "snapshot-build-",
+        "snapshot-install.",
+        "snapshot.bin.",
+        "raft-log.db.",
+        "state.db.",
+    ];
+    let entries =
+        fs::read_dir(dir).map_err(|e| data_dir_error(dir, format!("cannot list: {e}")))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let ours = OURS.iter().any(|p| name.starts_with(p)) && name.contains(".tmp");
+        if ours {
+            let path = entry.path();
+            remove_if_exists(&path)
+                .map_err(|e| data_dir_error(&path, format!("cannot remove stale file: {e}")))?;
+        }
+    }
+    Ok(())
+}
+
 /// `<path>.<suffix>.tmp`, the name used for files not yet in place.
 pub(crate) fn tmp_path(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path

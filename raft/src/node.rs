@@ -71,6 +71,7 @@ pub(crate) fn open_stores(
         datadir::validate_existing(&state_path, FileRole::State, node_name)?;
     }
     crate::state_machine::validate_snapshot_file(&dir.join(datadir::SNAPSHOT_FILE))?;
+    datadir::remove_stale_tmp(dir)?;
     let storage = |e: crate::types::StorageError| DbError::Storage(e.to_string());
     match (log_exists, state_exists) {
         (true, false) => {
@@ -319,10 +320,8 @@ impl Inner {
         let mut avoid = None;
         let mut last_err = None;
         for _ in 0..MAX_ATTEMPTS {
-            let (leader_id, leader) = match self.leader_for_op(deadline, avoid).await {
-                Ok(l) => l,
-                Err(e) => return Err(last_err.unwrap_or(e)),
-            };
+            // After a failed attempt, "no leader" says more than the transport error.
+            let (leader_id, leader) = self.leader_for_op(deadline, avoid).await?;
             if leader_id == self.id {
                 let write = self.raft.client_write(Payload(command.clone()));
                 match tokio::time::timeout_at(deadline, write).await {
@@ -434,10 +433,8 @@ impl Inner {
         let mut avoid = None;
         let mut last_err = None;
         for _ in 0..MAX_ATTEMPTS {
-            let (leader_id, leader) = match self.leader_for_op(deadline, avoid).await {
-                Ok(l) => l,
-                Err(e) => return Err(last_err.unwrap_or(e)),
-            };
+            // After a failed attempt, "no leader" says more than the transport error.
+            let (leader_id, leader) = self.leader_for_op(deadline, avoid).await?;
             if leader_id == self.id {
                 match self.local_read_index(deadline).await {
                     Err(WireError::NotLeader { .. }) => avoid = Some(self.id),
@@ -607,17 +604,29 @@ impl Inner {
     }
 
     async fn add_voter(&self, id: NodeId, member: Member, deadline: Instant) -> WireResult<()> {
-        let is_voter = {
+        let (is_voter, known) = {
             let m = self.raft.metrics();
             let m = m.borrow();
-            let voter = m
-                .membership_config
-                .membership()
-                .voter_ids()
-                .any(|v| v == id);
-            voter
+            let membership = m.membership_config.membership();
+            let voter = membership.voter_ids().any(|v| v == id);
+            (voter, membership.get_node(&id).cloned())
         };
         if is_voter {
+            if known.as_ref() == Some(&member) {
+                return Ok(());
+            }
+            // A voter rejoining with new addresses (e.g. a changed --advertise): update
+            // the node record only; the voter set stays as it is.
+            let update = self.raft.change_membership(
+                ChangeMembers::SetNodes(std::collections::BTreeMap::from([(id, member)])),
+                false,
+            );
+            tokio::time::timeout_at(deadline, update)
+                .await
+                .map_err(|_| WireError::Timeout {
+                    leader: Some(self.me.clone()),
+                })?
+                .map_err(write_error)?;
             return Ok(());
         }
         // Blocking: returns once the learner has caught up, so promoting it does not

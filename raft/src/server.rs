@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -40,7 +40,14 @@ pub(crate) fn router(inner: Arc<Inner>) -> Router {
 }
 
 fn unavailable(why: &str) -> Response {
-    (StatusCode::SERVICE_UNAVAILABLE, why.to_string()).into_response()
+    // Closing the connection drops it from the peer's pool, so a restarted member on the
+    // same address is reached on a fresh connection instead of a dead one.
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(header::CONNECTION, "close")],
+        why.to_string(),
+    )
+        .into_response()
 }
 
 /// Runs a Raft RPC unless the member is stopped, bounded by `limit`.

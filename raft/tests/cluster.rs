@@ -468,7 +468,8 @@ async fn new_member_gets_snapshot_and_all_data() {
             }
         }
     });
-    let seeds = vec![c.m(leader).addr.clone()];
+    // Through a follower seed: the join is forwarded to the leader.
+    let seeds = vec![c.m(c.follower_of(leader)).addr.clone()];
     c.m(fourth).db.join(&seeds).await.expect("join fourth");
     let applied = c.m(leader).db.status().last_applied.expect("applied");
     let st = wait_applied(&c.m(fourth).db, applied, Duration::from_secs(5)).await;
@@ -516,8 +517,9 @@ async fn new_member_gets_snapshot_and_all_data() {
     c.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn minority_cannot_commit() {
+/// Kills all but one member (the leader when `keep_leader`) and checks that the lone
+/// member neither commits nor serves linearizable reads, and answers in bounded time.
+async fn lone_member_cannot_commit(keep_leader: bool) {
     let quick = |c: &mut Config| c.op_timeout = Duration::from_millis(1500);
     let mut c = Cluster::start(3, &quick).await;
     let leader = c.leader().await;
@@ -526,23 +528,36 @@ async fn minority_cannot_commit() {
         .write(put("a", "1"))
         .await
         .expect("write with quorum");
-    let others: Vec<usize> = c.alive().map(|(i, _)| i).filter(|i| *i != leader).collect();
-    for i in others {
+    let keep = if keep_leader {
+        leader
+    } else {
+        c.follower_of(leader)
+    };
+    let doomed: Vec<usize> = c.alive().map(|(i, _)| i).filter(|i| *i != keep).collect();
+    for i in doomed {
         c.kill(i).await;
     }
     let bound = Duration::from_millis(1500 + 1000);
 
     let started = Instant::now();
     let err = c
-        .m(leader)
+        .m(keep)
         .db
         .write(put("a", "2"))
         .await
         .expect_err("minority write must fail");
-    assert!(
-        matches!(err, DbError::Timeout { .. } | DbError::NoLeader { .. }),
-        "unexpected error: {err:?}"
-    );
+    // A leader cut off from its quorum times out; a follower finds no leader to ask.
+    if keep_leader {
+        assert!(
+            matches!(err, DbError::Timeout { .. }),
+            "unexpected error: {err:?}"
+        );
+    } else {
+        assert!(
+            matches!(err, DbError::NoLeader { .. }),
+            "unexpected error: {err:?}"
+        );
+    }
     assert!(
         started.elapsed() < bound,
         "write took {:?}",
@@ -551,7 +566,7 @@ async fn minority_cannot_commit() {
 
     let started = Instant::now();
     let err = c
-        .m(leader)
+        .m(keep)
         .db
         .read(get_sql("a".into()))
         .await
@@ -567,13 +582,23 @@ async fn minority_cannot_commit() {
     );
     // The stale value is still there for local reads.
     let v = c
-        .m(leader)
+        .m(keep)
         .db
         .read_local(get_sql("a".into()))
         .await
         .expect("read_local");
     assert_eq!(v.as_deref(), Some("1"));
     c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn minority_leader_cannot_commit() {
+    lone_member_cannot_commit(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn minority_follower_cannot_commit() {
+    lone_member_cannot_commit(false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
