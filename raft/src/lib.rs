@@ -13,11 +13,30 @@
 //! over HTTP on the cluster port; [`ReplicatedDb::cluster_router`] returns the axum
 //! routes (all under `/raft/`) and the `network` module holds the only client.
 
+#![warn(missing_docs)]
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+mod datadir;
+mod log_store;
+mod network;
+mod node;
+mod server;
+mod state_machine;
+mod types;
+mod wire;
+
+/// The storage layer on its own, for openraft's storage test suite and for tools that
+/// inspect a data directory. Applications use [`ReplicatedDb`] instead.
+pub mod store {
+    pub use crate::log_store::LogStore;
+    pub use crate::state_machine::StateMachine;
+    pub use crate::types::{Payload, TypeConfig};
+}
 
 /// Raft node id. Derived from the human node name by [`node_id_for`].
 pub type NodeId = u64;
@@ -35,7 +54,11 @@ pub struct Member {
 
 impl std::fmt::Display for Member {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} (cluster {}, api {})", self.name, self.cluster_addr, self.api_addr)
+        write!(
+            f,
+            "{} (cluster {}, api {})",
+            self.name, self.cluster_addr, self.api_addr
+        )
     }
 }
 
@@ -207,7 +230,7 @@ pub struct ClusterStatus {
 /// A handle to this member's replicated database; cheap to clone.
 #[derive(Clone)]
 pub struct ReplicatedDb {
-    _inner: Arc<()>,
+    inner: Arc<node::Inner>,
 }
 
 impl ReplicatedDb {
@@ -216,35 +239,33 @@ impl ReplicatedDb {
     /// Refuses a directory holding files that are not a `holdfast-raft` store, or one
     /// written by a member with another node name; never overwrites it.
     pub async fn open(config: Config, app: Arc<dyn Apply>) -> Result<Self, DbError> {
-        let _ = (config, app);
-        todo!("holdfast-raft: open")
+        let inner = node::Inner::open(config, app).await?;
+        Ok(ReplicatedDb { inner })
     }
 
     /// Axum routes of this member's cluster endpoint (all under `/raft/`): Raft RPCs,
     /// forwarded writes, read-index and join. Merge them into the cluster-port server.
     pub fn cluster_router(&self) -> axum::Router {
-        todo!("holdfast-raft: cluster_router")
+        server::router(self.inner.clone())
     }
 
     /// Initializes a single-member cluster with this member as voter. Harmless when
     /// the member is already initialized (e.g. after a restart).
     pub async fn bootstrap(&self) -> Result<(), DbError> {
-        todo!("holdfast-raft: bootstrap")
+        self.inner.bootstrap().await
     }
 
     /// Asks existing members (cluster addresses, tried in turn until `op_timeout`) to
     /// add this member as a learner, then promote it to voter. Harmless when it is
     /// already a voter. Returns once the membership change is committed.
     pub async fn join(&self, seeds: &[String]) -> Result<(), DbError> {
-        let _ = seeds;
-        todo!("holdfast-raft: join")
+        self.inner.join(seeds).await
     }
 
     /// Replicates one command and returns what [`Apply::apply`] answered. On a follower
     /// the command is forwarded to the leader. Bounded by `op_timeout`.
     pub async fn write(&self, command: Vec<u8>) -> Result<Vec<u8>, DbError> {
-        let _ = command;
-        todo!("holdfast-raft: write")
+        self.inner.write(command).await
     }
 
     /// Linearizable read: confirms leadership (asking the leader for a read index when
@@ -255,8 +276,7 @@ impl ReplicatedDb {
         T: Send + 'static,
         F: FnOnce(&rusqlite::Connection) -> rusqlite::Result<T> + Send + 'static,
     {
-        let _ = f;
-        todo!("holdfast-raft: read")
+        self.inner.read(f).await
     }
 
     /// Reads the local state database without any consistency check (may be stale on a
@@ -266,28 +286,26 @@ impl ReplicatedDb {
         T: Send + 'static,
         F: FnOnce(&rusqlite::Connection) -> rusqlite::Result<T> + Send + 'static,
     {
-        let _ = f;
-        todo!("holdfast-raft: read_local")
+        self.inner.read_local(f).await
     }
 
     /// Removes a member (by node name) from the membership; forwarded to the leader.
     pub async fn remove_member(&self, name: &str) -> Result<(), DbError> {
-        let _ = name;
-        todo!("holdfast-raft: remove_member")
+        self.inner.remove_member(name).await
     }
 
     /// Current status of this member and the cluster, from openraft's metrics.
     pub fn status(&self) -> ClusterStatus {
-        todo!("holdfast-raft: status")
+        self.inner.status()
     }
 
     /// A receiver that changes whenever the status does (role, leader, term, indexes).
     pub fn watch_status(&self) -> tokio::sync::watch::Receiver<ClusterStatus> {
-        todo!("holdfast-raft: watch_status")
+        self.inner.watch_status()
     }
 
     /// Stops Raft and closes the databases.
     pub async fn shutdown(&self) {
-        todo!("holdfast-raft: shutdown")
+        self.inner.shutdown().await
     }
 }

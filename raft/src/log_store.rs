@@ -1,0 +1,289 @@
+//! The Raft log, vote and pointers in `raft-log.db`.
+//!
+//! Every write commits a SQLite transaction under `synchronous=FULL` before openraft
+//! hears of it, so a vote or an acknowledged entry survives a crash. SQLite is blocking,
+//! so each call runs on the blocking pool against one shared connection; the mutex also
+//! serializes writes, which openraft requires.
+
+// openraft's storage traits fix the error type to its (large) StorageError, and the
+// helpers here produce exactly that type.
+#![allow(clippy::result_large_err)]
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use openraft::storage::{LogFlushed, RaftLogStorage};
+use openraft::{LogState, OptionalSend, RaftLogReader, StorageIOError, Vote};
+use rusqlite::{Connection, OptionalExtension};
+
+use crate::datadir::{self, Role};
+use crate::types::{Entry, LogId, StorageError, TypeConfig};
+use crate::DbError;
+
+const SCHEMA: &str = "
+CREATE TABLE log (
+    idx    INTEGER PRIMARY KEY,
+    log_id TEXT NOT NULL,
+    entry  TEXT NOT NULL
+);
+CREATE TABLE raft_meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+";
+
+const KEY_VOTE: &str = "vote";
+const KEY_COMMITTED: &str = "committed";
+const KEY_PURGED: &str = "last_purged";
+
+/// The SQLite-backed [`RaftLogStorage`]; clones share one connection.
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<Mutex<Connection>>,
+}
+
+impl LogStore {
+    /// Opens `raft-log.db` in `dir`, creating it when absent; refuses a foreign file.
+    pub fn open(dir: &Path, node_name: &str) -> Result<Self, DbError> {
+        let path = dir.join(datadir::LOG_FILE);
+        if !path.exists() {
+            datadir::create_new(&path, Role::Log, node_name, |c| c.execute_batch(SCHEMA))?;
+        }
+        let conn = datadir::open_existing(&path, Role::Log, node_name)?;
+        Ok(LogStore {
+            db: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// Last purged log id, read synchronously (used by the data-dir consistency checks).
+    pub(crate) fn last_purged_blocking(&self) -> Result<Option<LogId>, StorageError> {
+        let conn = self
+            .db
+            .lock()
+            .expect("raft-log.db mutex poisoned by a panicked SQLite call");
+        read_meta(&conn, KEY_PURGED)
+    }
+
+    async fn call<T, F>(&self, f: F) -> Result<T, StorageError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StorageError> + Send + 'static,
+    {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = db
+                .lock()
+                .expect("raft-log.db mutex poisoned by a panicked SQLite call");
+            f(&mut conn)
+        })
+        .await
+        .map_err(|e| StorageIOError::write_logs(&e).into())
+        .and_then(|r| r)
+    }
+}
+
+fn to_sql_index(i: u64) -> i64 {
+    // Raft indexes never come near 2^63; clamping keeps open range ends meaningful.
+    i64::try_from(i).unwrap_or(i64::MAX)
+}
+
+fn read_meta<T: serde::de::DeserializeOwned>(
+    conn: &Connection,
+    key: &str,
+) -> Result<Option<T>, StorageError> {
+    let raw: Option<String> = conn
+        .query_row("SELECT value FROM raft_meta WHERE key = ?1", [key], |r| {
+            r.get(0)
+        })
+        .optional()
+        .map_err(|e| StorageIOError::read(&e))?;
+    match raw {
+        None => Ok(None),
+        Some(s) => serde_json::from_str(&s)
+            .map(Some)
+            .map_err(|e| StorageIOError::read(&e).into()),
+    }
+}
+
+fn write_meta<T: serde::Serialize>(
+    conn: &Connection,
+    key: &str,
+    value: &T,
+) -> Result<(), rusqlite::Error> {
+    let json = serde_json::to_string(value)
+        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+    conn.execute(
+        "INSERT OR REPLACE INTO raft_meta (key, value) VALUES (?1, ?2)",
+        [key, &json],
+    )?;
+    Ok(())
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let start = match range.start_bound() {
+            Bound::Included(s) => to_sql_index(*s),
+            Bound::Excluded(s) => to_sql_index(s.saturating_add(1)),
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(e) => to_sql_index(e.saturating_add(1)),
+            Bound::Excluded(e) => to_sql_index(*e),
+            Bound::Unbounded => i64::MAX,
+        };
+        self.call(move |conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT entry FROM log WHERE idx >= ?1 AND idx < ?2 ORDER BY idx")
+                .map_err(|e| StorageIOError::read_logs(&e))?;
+            let rows = stmt
+                .query_map([start, end], |r| r.get::<_, String>(0))
+                .map_err(|e| StorageIOError::read_logs(&e))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let json = row.map_err(|e| StorageIOError::read_logs(&e))?;
+                let entry: Entry =
+                    serde_json::from_str(&json).map_err(|e| StorageIOError::read_logs(&e))?;
+                out.push(entry);
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        self.call(|conn| {
+            let last_purged: Option<LogId> = read_meta(conn, KEY_PURGED)?;
+            let last: Option<String> = conn
+                .query_row(
+                    "SELECT log_id FROM log ORDER BY idx DESC LIMIT 1",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(|e| StorageIOError::read_logs(&e))?;
+            let last_log_id = match last {
+                Some(json) => Some(
+                    serde_json::from_str::<LogId>(&json)
+                        .map_err(|e| StorageIOError::read_logs(&e))?,
+                ),
+                None => last_purged,
+            };
+            Ok(LogState {
+                last_purged_log_id: last_purged,
+                last_log_id,
+            })
+        })
+        .await
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StorageError> {
+        let vote = *vote;
+        self.call(move |conn| {
+            write_meta(conn, KEY_VOTE, &vote).map_err(|e| StorageIOError::write_vote(&e).into())
+        })
+        .await
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, StorageError> {
+        self.call(|conn| read_meta(conn, KEY_VOTE)).await
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        self.call(move |conn| {
+            write_meta(conn, KEY_COMMITTED, &committed)
+                .map_err(|e| StorageIOError::write(&e).into())
+        })
+        .await
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        self.call(|conn| Ok(read_meta::<Option<LogId>>(conn, KEY_COMMITTED)?.flatten()))
+            .await
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        // Serialize before entering the blocking pool: the iterator need not be 'static.
+        let mut rows = Vec::new();
+        for entry in entries {
+            let log_id = serde_json::to_string(&entry.log_id)
+                .map_err(|e| StorageIOError::write_log_entry(entry.log_id, &e))?;
+            let json = serde_json::to_string(&entry)
+                .map_err(|e| StorageIOError::write_log_entry(entry.log_id, &e))?;
+            rows.push((to_sql_index(entry.log_id.index), log_id, json));
+        }
+        let res = self
+            .call(move |conn| {
+                let tx = conn
+                    .transaction()
+                    .map_err(|e| StorageIOError::write_logs(&e))?;
+                {
+                    let mut stmt = tx
+                        .prepare_cached(
+                            "INSERT OR REPLACE INTO log (idx, log_id, entry) VALUES (?1, ?2, ?3)",
+                        )
+                        .map_err(|e| StorageIOError::write_logs(&e))?;
+                    for (idx, log_id, json) in &rows {
+                        stmt.execute(rusqlite::params![idx, log_id, json])
+                            .map_err(|e| StorageIOError::write_logs(&e))?;
+                    }
+                }
+                tx.commit().map_err(|e| StorageIOError::write_logs(&e))?;
+                Ok(())
+            })
+            .await;
+        // The commit above ran with synchronous=FULL, so the entries are on disk now.
+        match &res {
+            Ok(()) => callback.log_io_completed(Ok(())),
+            Err(e) => callback.log_io_completed(Err(std::io::Error::other(e.to_string()))),
+        }
+        res
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let from = to_sql_index(log_id.index);
+        self.call(move |conn| {
+            conn.execute("DELETE FROM log WHERE idx >= ?1", [from])
+                .map_err(|e| StorageIOError::write_logs(&e))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let upto = to_sql_index(log_id.index);
+        self.call(move |conn| {
+            let tx = conn
+                .transaction()
+                .map_err(|e| StorageIOError::write_logs(&e))?;
+            // The purged pointer is written first in the same transaction, so the log
+            // state never shows a hole between last_purged and the first entry.
+            write_meta(&tx, KEY_PURGED, &log_id).map_err(|e| StorageIOError::write_logs(&e))?;
+            tx.execute("DELETE FROM log WHERE idx <= ?1", [upto])
+                .map_err(|e| StorageIOError::write_logs(&e))?;
+            tx.commit().map_err(|e| StorageIOError::write_logs(&e))?;
+            Ok(())
+        })
+        .await
+    }
+}

@@ -1,0 +1,912 @@
+//! One running member: Raft, its stores, the read pool and the request logic shared by
+//! the public API (caller side) and the `/raft/` endpoints (receiver side).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::metrics::WaitError;
+use openraft::{ChangeMembers, RaftMetrics, ServerState, SnapshotPolicy};
+use rusqlite::{Connection, OpenFlags};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::datadir::{self, Role as FileRole};
+use crate::log_store::LogStore;
+use crate::network::{CallError, ClusterClient, NetworkFactory};
+use crate::state_machine::StateMachine;
+use crate::types::{Payload, Raft};
+use crate::wire::{
+    JoinRequest, ReadIndexRequest, RemoveRequest, WireError, WireResult, WriteRequest,
+};
+use crate::{
+    node_id_for, Apply, ClusterStatus, Config, DbError, Member, MemberStatus, NodeId, Role,
+};
+
+/// Attempts of one write or read-index (first try, plus a retry after a leader change
+/// or a refused forward, plus one more after a failover seen mid-way).
+const MAX_ATTEMPTS: usize = 3;
+/// Read-only connections kept open for reads.
+const READ_POOL_SIZE: usize = 4;
+/// Snapshot chunk size; one chunk is one HTTP request.
+const SNAPSHOT_CHUNK: u64 = 1024 * 1024;
+/// Body limit of the `/raft/` endpoints: a full append batch or a base64 snapshot chunk.
+pub(crate) const BODY_LIMIT: usize = 64 * 1024 * 1024;
+
+/// Shared state of a running member.
+pub(crate) struct Inner {
+    pub(crate) id: NodeId,
+    pub(crate) me: Member,
+    pub(crate) config: Config,
+    pub(crate) raft: Raft,
+    client: ClusterClient,
+    reads: Arc<ReadPool>,
+    status_tx: watch::Sender<ClusterStatus>,
+    /// Last leader this member heard of, kept after the leader is gone for error reports.
+    last_leader: Arc<Mutex<Option<Member>>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    stopped: AtomicBool,
+}
+
+/// Opens (or creates) both databases, refusing any inconsistent or foreign content
+/// before a single file is created.
+pub(crate) fn open_stores(
+    dir: &Path,
+    node_name: &str,
+    app: Arc<dyn Apply>,
+) -> Result<(LogStore, StateMachine), DbError> {
+    datadir::ensure_dir(dir)?;
+    let log_path = dir.join(datadir::LOG_FILE);
+    let state_path = dir.join(datadir::STATE_FILE);
+    let log_exists = log_path.exists();
+    let state_exists = state_path.exists();
+    if log_exists {
+        datadir::validate_existing(&log_path, FileRole::Log, node_name)?;
+    }
+    if state_exists {
+        datadir::validate_existing(&state_path, FileRole::State, node_name)?;
+    }
+    crate::state_machine::validate_snapshot_file(&dir.join(datadir::SNAPSHOT_FILE))?;
+    datadir::remove_stale_tmp(dir)?;
+    let storage = |e: crate::types::StorageError| DbError::Storage(e.to_string());
+    match (log_exists, state_exists) {
+        (true, false) => {
+            let log = LogStore::open(dir, node_name)?;
+            if log.last_purged_blocking().map_err(storage)?.is_some() {
+                return Err(datadir::data_dir_error(
+                    &state_path,
+                    "is missing while raft-log.db has been compacted, so the applied state \
+                     cannot be rebuilt; restore state.db or wipe the directory and rejoin",
+                ));
+            }
+            let sm = StateMachine::open(dir, node_name, app)?;
+            Ok((log, sm))
+        }
+        (false, true) => {
+            let sm = StateMachine::open(dir, node_name, app)?;
+            if sm.last_applied_blocking().map_err(storage)?.is_some() {
+                return Err(datadir::data_dir_error(
+                    &log_path,
+                    "is missing while state.db holds applied entries, so this member's vote \
+                     and log are lost; restore raft-log.db or wipe the directory and rejoin",
+                ));
+            }
+            let log = LogStore::open(dir, node_name)?;
+            Ok((log, sm))
+        }
+        _ => {
+            let log = LogStore::open(dir, node_name)?;
+            let sm = StateMachine::open(dir, node_name, app)?;
+            Ok((log, sm))
+        }
+    }
+}
+
+fn raft_config(config: &Config) -> Result<openraft::Config, DbError> {
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1);
+    let election = ms(config.election_timeout);
+    let snapshot_every = config.snapshot_every.max(1);
+    openraft::Config {
+        cluster_name: "holdfast".to_string(),
+        heartbeat_interval: ms(config.heartbeat),
+        election_timeout_min: election,
+        election_timeout_max: election * 2,
+        // The last chunk also installs the snapshot on the receiver.
+        install_snapshot_timeout: ms(config.rpc_timeout).max(ms(config.op_timeout)),
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(snapshot_every),
+        // Keep a short tail behind the snapshot so a follower that is only slightly
+        // behind gets entries rather than a whole snapshot, yet the log really shrinks.
+        max_in_snapshot_log_to_keep: (snapshot_every / 2).min(1000),
+        snapshot_max_chunk_size: SNAPSHOT_CHUNK,
+        ..Default::default()
+    }
+    .validate()
+    .map_err(|e| DbError::Storage(format!("invalid Raft timing configuration: {e}")))
+}
+
+impl Inner {
+    pub(crate) async fn open(config: Config, app: Arc<dyn Apply>) -> Result<Arc<Self>, DbError> {
+        if config.node_name.is_empty() {
+            return Err(datadir::data_dir_error(
+                &config.data_dir,
+                "node name is empty; every member needs a name (--node-id)",
+            ));
+        }
+        let id = node_id_for(&config.node_name);
+        let me = Member {
+            name: config.node_name.clone(),
+            cluster_addr: config.cluster_addr.clone(),
+            api_addr: config.api_addr.clone(),
+        };
+        let raft_config = raft_config(&config)?;
+        let (dir, name) = (config.data_dir.clone(), config.node_name.clone());
+        let (log, sm) = tokio::task::spawn_blocking(move || open_stores(&dir, &name, app))
+            .await
+            .map_err(|e| DbError::Storage(format!("opening the stores panicked: {e}")))??;
+
+        let client = ClusterClient::new(config.rpc_timeout)?;
+        let network = NetworkFactory {
+            id,
+            client: client.clone(),
+            rpc_timeout: config.rpc_timeout,
+            backoff: config.election_timeout,
+        };
+        let raft = Raft::new(id, Arc::new(raft_config), network, log, sm)
+            .await
+            .map_err(|e| DbError::Storage(format!("cannot start Raft: {e}")))?;
+        // The core publishes the state it loaded from disk on its first turn; waiting
+        // for it makes status() right after open() show the resumed term and indexes.
+        let mut first = raft.metrics();
+        if tokio::time::timeout(config.op_timeout, first.changed())
+            .await
+            .is_err()
+        {
+            tracing::warn!(node = %config.node_name, "Raft published no metrics after start");
+        }
+
+        let initial = status_from(&raft.metrics().borrow(), &config.node_name);
+        let (status_tx, _) = watch::channel(initial);
+        let last_leader = Arc::new(Mutex::new(None));
+        let status_task = tokio::spawn(feed_status(
+            raft.metrics(),
+            status_tx.clone(),
+            last_leader.clone(),
+            config.node_name.clone(),
+        ));
+        let reads = Arc::new(ReadPool::new(config.data_dir.join(datadir::STATE_FILE)));
+        Ok(Arc::new(Inner {
+            id,
+            me,
+            config,
+            raft,
+            client,
+            reads,
+            status_tx,
+            last_leader,
+            tasks: Mutex::new(vec![status_task]),
+            stopped: AtomicBool::new(false),
+        }))
+    }
+
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
+    }
+
+    fn check_running(&self) -> Result<(), DbError> {
+        if self.is_stopped() {
+            return Err(DbError::Storage(format!(
+                "member {} is shut down; open it again to use it",
+                self.me.name
+            )));
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn shutdown(&self) {
+        if self.stopped.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // Bounded: a wedged storage call must not hang the caller's shutdown.
+        let stop = self.raft.shutdown();
+        if tokio::time::timeout(self.config.op_timeout, stop)
+            .await
+            .is_err()
+        {
+            tracing::warn!(node = %self.me.name, "Raft did not stop within op_timeout");
+        }
+        let tasks = std::mem::take(&mut *self.tasks.lock().expect("task list mutex poisoned"));
+        for t in tasks {
+            t.abort();
+        }
+        self.status_tx.send_modify(|s| s.role = Role::Shutdown);
+        self.reads.close();
+    }
+
+    // ---- status -------------------------------------------------------------------
+
+    pub(crate) fn status(&self) -> ClusterStatus {
+        let mut st = status_from(&self.raft.metrics().borrow(), &self.me.name);
+        if self.is_stopped() {
+            st.role = Role::Shutdown;
+        }
+        st
+    }
+
+    pub(crate) fn watch_status(&self) -> watch::Receiver<ClusterStatus> {
+        self.status_tx.subscribe()
+    }
+
+    fn current_leader(&self) -> Option<(NodeId, Member)> {
+        leader_of(&self.raft.metrics().borrow())
+    }
+
+    fn last_known_leader(&self) -> Option<Member> {
+        self.current_leader().map(|(_, m)| m).or_else(|| {
+            self.last_leader
+                .lock()
+                .expect("last leader mutex poisoned")
+                .clone()
+        })
+    }
+
+    fn timeout_error(&self) -> DbError {
+        DbError::Timeout {
+            after: self.config.op_timeout,
+            leader: self.last_known_leader(),
+        }
+    }
+
+    /// How long an operation waits for an election before answering `NoLeader`: long
+    /// enough for a normal election (timeout plus a vote round), short of `op_timeout`
+    /// so a cut-off member answers promptly.
+    fn leader_wait(&self) -> Duration {
+        (self.config.election_timeout * 4).min(self.config.op_timeout)
+    }
+
+    /// Waits for a known leader other than `avoid`, up to the leader wait or `deadline`.
+    async fn leader_for_op(
+        &self,
+        deadline: Instant,
+        avoid: Option<NodeId>,
+    ) -> Result<(NodeId, Member), DbError> {
+        let until = deadline.min(Instant::now() + self.leader_wait());
+        let mut rx = self.raft.metrics();
+        loop {
+            if let Some((id, m)) = leader_of(&rx.borrow_and_update()) {
+                if Some(id) != avoid {
+                    return Ok((id, m));
+                }
+            }
+            match tokio::time::timeout_at(until, rx.changed()).await {
+                Err(_) => {
+                    return Err(DbError::NoLeader {
+                        last_known: self.last_known_leader(),
+                    })
+                }
+                Ok(Err(_)) => return Err(self.check_running().err().unwrap_or_else(stopped)),
+                Ok(Ok(())) => {}
+            }
+        }
+    }
+
+    fn map_wire(&self, e: WireError, addr: &str) -> DbError {
+        match e {
+            WireError::NotLeader { leader } => DbError::NoLeader {
+                last_known: leader.or_else(|| self.last_known_leader()),
+            },
+            WireError::Timeout { leader } => DbError::Timeout {
+                after: self.config.op_timeout,
+                leader,
+            },
+            WireError::Membership(m) => DbError::Membership(m),
+            WireError::Storage(s) => DbError::Storage(s),
+            WireError::BadRequest(s) => DbError::Membership(s),
+            WireError::ShuttingDown => DbError::Network {
+                addr: addr.to_string(),
+                reason: "peer is shutting down".into(),
+            },
+        }
+    }
+
+    // ---- writes -------------------------------------------------------------------
+
+    pub(crate) async fn write(&self, command: Vec<u8>) -> Result<Vec<u8>, DbError> {
+        self.check_running()?;
+        let deadline = Instant::now() + self.config.op_timeout;
+        let mut avoid = None;
+        let mut last_err = None;
+        for _ in 0..MAX_ATTEMPTS {
+            // After a failed attempt, "no leader" says more than the transport error.
+            let (leader_id, leader) = self.leader_for_op(deadline, avoid).await?;
+            if leader_id == self.id {
+                let write = self.raft.client_write(Payload(command.clone()));
+                match tokio::time::timeout_at(deadline, write).await {
+                    Err(_) => return Err(self.timeout_error()),
+                    Ok(Ok(resp)) => return Ok(resp.data.0),
+                    Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+                        // Lost leadership mid-way; forward to whoever wins.
+                        avoid = Some(self.id);
+                    }
+                    Ok(Err(e)) => return Err(DbError::Storage(e.to_string())),
+                }
+            } else {
+                let req = WriteRequest {
+                    command: Payload(command.clone()),
+                    timeout_ms: remote_budget(deadline),
+                };
+                let addr = leader.cluster_addr.as_str();
+                let res: Result<WireResult<Payload>, CallError> = self
+                    .client
+                    .post(addr, "/write", &req, remaining(deadline))
+                    .await;
+                match res {
+                    Ok(Ok(p)) => return Ok(p.0),
+                    Ok(Err(WireError::NotLeader { .. })) => {
+                        last_err = Some(DbError::NoLeader {
+                            last_known: Some(leader),
+                        });
+                        avoid = Some(leader_id);
+                    }
+                    Ok(Err(e)) => return Err(self.map_wire(e, addr)),
+                    Err(CallError::Timeout(_)) => return Err(self.timeout_error()),
+                    // Nothing was delivered, so trying the next leader cannot apply the
+                    // command twice.
+                    Err(e @ (CallError::Connect(_) | CallError::Unavailable)) => {
+                        last_err = Some(e.into_db_error(addr));
+                        avoid = Some(leader_id);
+                    }
+                    Err(e) => return Err(e.into_db_error(addr)),
+                }
+            }
+        }
+        Err(last_err.unwrap_or(DbError::NoLeader {
+            last_known: self.last_known_leader(),
+        }))
+    }
+
+    /// Receiver side of `/raft/write`: only the leader writes; nobody forwards again.
+    pub(crate) async fn serve_write(&self, req: WriteRequest) -> WireResult<Payload> {
+        self.ensure_leader_here()?;
+        let budget = Duration::from_millis(req.timeout_ms).min(self.config.op_timeout);
+        match tokio::time::timeout(budget, self.raft.client_write(req.command)).await {
+            Err(_) => Err(WireError::Timeout {
+                leader: Some(self.me.clone()),
+            }),
+            Ok(Ok(resp)) => Ok(resp.data),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                Err(WireError::NotLeader {
+                    leader: f.leader_node,
+                })
+            }
+            Ok(Err(e)) => Err(WireError::Storage(e.to_string())),
+        }
+    }
+
+    fn ensure_leader_here(&self) -> WireResult<()> {
+        if self.is_stopped() {
+            return Err(WireError::ShuttingDown);
+        }
+        match self.current_leader() {
+            Some((id, _)) if id == self.id => Ok(()),
+            other => Err(WireError::NotLeader {
+                leader: other.map(|(_, m)| m),
+            }),
+        }
+    }
+
+    // ---- reads --------------------------------------------------------------------
+
+    pub(crate) async fn read<T, F>(&self, f: F) -> Result<T, DbError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        self.check_running()?;
+        let deadline = Instant::now() + self.config.op_timeout;
+        if let Some(index) = self.read_index(deadline).await? {
+            let wait = self.raft.wait(Some(remaining(deadline)));
+            wait.applied_index_at_least(Some(index), "linearizable read")
+                .await
+                .map_err(|e| match e {
+                    WaitError::Timeout(..) => self.timeout_error(),
+                    WaitError::ShuttingDown => stopped(),
+                })?;
+        }
+        self.read_local(f).await
+    }
+
+    pub(crate) async fn read_local<T, F>(&self, f: F) -> Result<T, DbError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        self.check_running()?;
+        self.reads.run(f).await
+    }
+
+    /// The index this member must have applied before a read is linearizable.
+    async fn read_index(&self, deadline: Instant) -> Result<Option<u64>, DbError> {
+        let mut avoid = None;
+        let mut last_err = None;
+        for _ in 0..MAX_ATTEMPTS {
+            // After a failed attempt, "no leader" says more than the transport error.
+            let (leader_id, leader) = self.leader_for_op(deadline, avoid).await?;
+            if leader_id == self.id {
+                match self.local_read_index(deadline).await {
+                    Err(WireError::NotLeader { .. }) => avoid = Some(self.id),
+                    Err(e) => return Err(self.map_wire(e, &self.me.cluster_addr)),
+                    Ok(i) => return Ok(i),
+                }
+            } else {
+                let req = ReadIndexRequest {
+                    timeout_ms: remote_budget(deadline),
+                };
+                let addr = leader.cluster_addr.as_str();
+                let res: Result<WireResult<Option<u64>>, CallError> = self
+                    .client
+                    .post(addr, "/read-index", &req, remaining(deadline))
+                    .await;
+                match res {
+                    Ok(Ok(i)) => return Ok(i),
+                    Ok(Err(WireError::NotLeader { .. })) => {
+                        last_err = Some(DbError::NoLeader {
+                            last_known: Some(leader),
+                        });
+                        avoid = Some(leader_id);
+                    }
+                    Ok(Err(e)) => return Err(self.map_wire(e, addr)),
+                    Err(CallError::Timeout(_)) => return Err(self.timeout_error()),
+                    // A read index request has no side effect, so any transport failure
+                    // may be retried against the next leader.
+                    Err(e) => {
+                        last_err = Some(e.into_db_error(addr));
+                        avoid = Some(leader_id);
+                    }
+                }
+            }
+        }
+        Err(last_err.unwrap_or(DbError::NoLeader {
+            last_known: self.last_known_leader(),
+        }))
+    }
+
+    /// Confirms leadership with a quorum and returns the read index.
+    async fn local_read_index(&self, deadline: Instant) -> WireResult<Option<u64>> {
+        match tokio::time::timeout_at(deadline, self.raft.get_read_log_id()).await {
+            Err(_) => Err(WireError::Timeout {
+                leader: Some(self.me.clone()),
+            }),
+            Ok(Ok((read, _applied))) => Ok(read.map(|l| l.index)),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
+                Err(WireError::NotLeader {
+                    leader: f.leader_node,
+                })
+            }
+            // The leader could not hear from a quorum: as good as a timeout for the
+            // caller, who may retry once the partition heals.
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))) => {
+                Err(WireError::Timeout {
+                    leader: Some(self.me.clone()),
+                })
+            }
+            Ok(Err(e)) => Err(WireError::Storage(e.to_string())),
+        }
+    }
+
+    /// Receiver side of `/raft/read-index`.
+    pub(crate) async fn serve_read_index(&self, req: ReadIndexRequest) -> WireResult<Option<u64>> {
+        self.ensure_leader_here()?;
+        let budget = Duration::from_millis(req.timeout_ms).min(self.config.op_timeout);
+        self.local_read_index(Instant::now() + budget).await
+    }
+
+    // ---- membership ---------------------------------------------------------------
+
+    pub(crate) async fn bootstrap(&self) -> Result<(), DbError> {
+        self.check_running()?;
+        let deadline = Instant::now() + self.config.op_timeout;
+        let initialized = tokio::time::timeout_at(deadline, self.raft.is_initialized())
+            .await
+            .map_err(|_| self.timeout_error())?
+            .map_err(|e| DbError::Storage(e.to_string()))?;
+        if initialized {
+            return Ok(());
+        }
+        let members = std::collections::BTreeMap::from([(self.id, self.me.clone())]);
+        match tokio::time::timeout_at(deadline, self.raft.initialize(members)).await {
+            Err(_) => Err(self.timeout_error()),
+            Ok(Ok(())) => Ok(()),
+            // Initialized concurrently (or by a log received meanwhile): the goal holds.
+            Ok(Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_)))) => Ok(()),
+            Ok(Err(e)) => Err(DbError::Membership(format!("cannot bootstrap: {e}"))),
+        }
+    }
+
+    pub(crate) async fn join(&self, seeds: &[String]) -> Result<(), DbError> {
+        self.check_running()?;
+        let seeds: Vec<&String> = seeds
+            .iter()
+            .filter(|s| **s != self.me.cluster_addr)
+            .collect();
+        if seeds.is_empty() {
+            return Err(DbError::Membership(
+                "no seed other than this member was given to join through; pass the cluster \
+                 address of an existing manager"
+                    .into(),
+            ));
+        }
+        let deadline = Instant::now() + self.config.op_timeout;
+        let mut backoff = Duration::from_millis(50);
+        let mut last_err = None;
+        loop {
+            for seed in &seeds {
+                if Instant::now() >= deadline {
+                    break;
+                }
+                let req = JoinRequest {
+                    id: self.id,
+                    member: self.me.clone(),
+                    forwarded: false,
+                    timeout_ms: remote_budget(deadline),
+                };
+                let res: Result<WireResult<()>, CallError> = self
+                    .client
+                    .post(seed, "/join", &req, remaining(deadline))
+                    .await;
+                match res {
+                    Ok(Ok(())) => return Ok(()),
+                    Ok(Err(WireError::BadRequest(m))) => return Err(DbError::Membership(m)),
+                    Ok(Err(e)) => last_err = Some(self.map_wire(e, seed)),
+                    Err(e) => last_err = Some(e.into_db_error(seed)),
+                }
+            }
+            // Seeds may still be starting or electing: retry until the deadline.
+            if Instant::now() + backoff >= deadline {
+                return Err(last_err.unwrap_or_else(|| self.timeout_error()));
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// Receiver side of `/raft/join`: the leader adds the member; a follower forwards
+    /// once to the leader it knows.
+    pub(crate) async fn serve_join(&self, req: JoinRequest) -> WireResult<()> {
+        if req.id != node_id_for(&req.member.name) {
+            return Err(WireError::BadRequest(format!(
+                "node id {} does not match node name {:?}",
+                req.id, req.member.name
+            )));
+        }
+        let deadline =
+            Instant::now() + Duration::from_millis(req.timeout_ms).min(self.config.op_timeout);
+        match self.ensure_leader_here() {
+            Ok(()) => self.add_voter(req.id, req.member, deadline).await,
+            Err(WireError::NotLeader { .. }) if !req.forwarded => {
+                let (_, leader) = self
+                    .leader_for_op(deadline, None)
+                    .await
+                    .map_err(|_| WireError::NotLeader { leader: None })?;
+                let fwd = JoinRequest {
+                    forwarded: true,
+                    timeout_ms: remote_budget(deadline),
+                    ..req
+                };
+                self.forward(&leader.cluster_addr, "/join", &fwd, deadline)
+                    .await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn add_voter(&self, id: NodeId, member: Member, deadline: Instant) -> WireResult<()> {
+        let (is_voter, known) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            let membership = m.membership_config.membership();
+            let voter = membership.voter_ids().any(|v| v == id);
+            (voter, membership.get_node(&id).cloned())
+        };
+        if is_voter {
+            if known.as_ref() == Some(&member) {
+                return Ok(());
+            }
+            // A voter rejoining with new addresses (e.g. a changed --advertise): update
+            // the node record only; the voter set stays as it is.
+            let update = self.raft.change_membership(
+                ChangeMembers::SetNodes(std::collections::BTreeMap::from([(id, member)])),
+                false,
+            );
+            tokio::time::timeout_at(deadline, update)
+                .await
+                .map_err(|_| WireError::Timeout {
+                    leader: Some(self.me.clone()),
+                })?
+                .map_err(write_error)?;
+            return Ok(());
+        }
+        // Blocking: returns once the learner has caught up, so promoting it does not
+        // stall commits on a voter that is still far behind.
+        let add = self.raft.add_learner(id, member, true);
+        tokio::time::timeout_at(deadline, add)
+            .await
+            .map_err(|_| WireError::Timeout {
+                leader: Some(self.me.clone()),
+            })?
+            .map_err(write_error)?;
+        let promote = self
+            .raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false);
+        tokio::time::timeout_at(deadline, promote)
+            .await
+            .map_err(|_| WireError::Timeout {
+                leader: Some(self.me.clone()),
+            })?
+            .map_err(write_error)?;
+        Ok(())
+    }
+
+    pub(crate) async fn remove_member(&self, name: &str) -> Result<(), DbError> {
+        self.check_running()?;
+        let deadline = Instant::now() + self.config.op_timeout;
+        let req = RemoveRequest {
+            name: name.to_string(),
+            forwarded: false,
+            timeout_ms: remote_budget(deadline),
+        };
+        let (leader_id, leader) = self.leader_for_op(deadline, None).await?;
+        let res = if leader_id == self.id {
+            self.serve_remove(req).await
+        } else {
+            let fwd = RemoveRequest {
+                forwarded: true,
+                ..req
+            };
+            self.forward(&leader.cluster_addr, "/remove", &fwd, deadline)
+                .await
+        };
+        res.map_err(|e| self.map_wire(e, &leader.cluster_addr))
+    }
+
+    /// Receiver side of `/raft/remove`.
+    pub(crate) async fn serve_remove(&self, req: RemoveRequest) -> WireResult<()> {
+        let deadline =
+            Instant::now() + Duration::from_millis(req.timeout_ms).min(self.config.op_timeout);
+        match self.ensure_leader_here() {
+            Ok(()) => {}
+            Err(WireError::NotLeader { .. }) if !req.forwarded => {
+                let (_, leader) = self
+                    .leader_for_op(deadline, None)
+                    .await
+                    .map_err(|_| WireError::NotLeader { leader: None })?;
+                let fwd = RemoveRequest {
+                    forwarded: true,
+                    timeout_ms: remote_budget(deadline),
+                    ..req
+                };
+                return self
+                    .forward(&leader.cluster_addr, "/remove", &fwd, deadline)
+                    .await;
+            }
+            Err(e) => return Err(e),
+        }
+        let id = node_id_for(&req.name);
+        let (voter, known) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            let membership = m.membership_config.membership();
+            let voter = membership.voter_ids().any(|v| v == id);
+            (voter, membership.get_node(&id).is_some())
+        };
+        let change = if voter {
+            // retain = false drops the node entirely instead of keeping it a learner.
+            ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+        } else if known {
+            ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+        } else {
+            return Ok(());
+        };
+        tokio::time::timeout_at(deadline, self.raft.change_membership(change, false))
+            .await
+            .map_err(|_| WireError::Timeout {
+                leader: Some(self.me.clone()),
+            })?
+            .map_err(write_error)?;
+        Ok(())
+    }
+
+    async fn forward<Req: serde::Serialize>(
+        &self,
+        addr: &str,
+        path: &str,
+        req: &Req,
+        deadline: Instant,
+    ) -> WireResult<()> {
+        let res: Result<WireResult<()>, CallError> =
+            self.client.post(addr, path, req, remaining(deadline)).await;
+        match res {
+            Ok(r) => r,
+            Err(CallError::Timeout(_)) => Err(WireError::Timeout {
+                leader: self.last_known_leader(),
+            }),
+            // The leader we know cannot be reached; to the caller that is "no leader".
+            Err(e) => {
+                tracing::debug!(error = %e, addr, "forwarding to the leader failed");
+                Err(WireError::NotLeader { leader: None })
+            }
+        }
+    }
+}
+
+fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, Member>>) -> WireError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => WireError::NotLeader {
+            leader: f.leader_node,
+        },
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
+            WireError::Membership(c.to_string())
+        }
+        RaftError::Fatal(f) => WireError::Storage(f.to_string()),
+    }
+}
+
+fn stopped() -> DbError {
+    DbError::Storage("Raft has stopped on this member".into())
+}
+
+fn remaining(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
+}
+
+/// The budget handed to a remote member: a little less than ours, so its own timeout
+/// answer reaches us before our HTTP call gives up.
+fn remote_budget(deadline: Instant) -> u64 {
+    let left = remaining(deadline);
+    let budget = left.saturating_sub((left / 10).min(Duration::from_millis(200)));
+    u64::try_from(budget.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn leader_of(m: &RaftMetrics<NodeId, Member>) -> Option<(NodeId, Member)> {
+    let id = m.current_leader?;
+    let member = m.membership_config.membership().get_node(&id)?.clone();
+    Some((id, member))
+}
+
+/// Maps openraft's metrics to the crate's status view.
+pub(crate) fn status_from(m: &RaftMetrics<NodeId, Member>, name: &str) -> ClusterStatus {
+    let role = match (&m.running_state, m.state) {
+        (Err(_), _) | (_, ServerState::Shutdown) => Role::Shutdown,
+        (_, ServerState::Leader) => Role::Leader,
+        (_, ServerState::Follower) => Role::Follower,
+        (_, ServerState::Candidate) => Role::Candidate,
+        (_, ServerState::Learner) => Role::Learner,
+    };
+    let membership = m.membership_config.membership();
+    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    let members = membership
+        .nodes()
+        .map(|(id, member)| {
+            let matched = if role == Role::Leader && *id == m.id {
+                m.last_log_index
+            } else {
+                m.replication
+                    .as_ref()
+                    .and_then(|r| r.get(id))
+                    .and_then(|l| l.map(|l| l.index))
+            };
+            MemberStatus {
+                id: *id,
+                member: member.clone(),
+                voter: voters.contains(id),
+                matched,
+            }
+        })
+        .collect();
+    let last_applied = m.last_applied.map(|l| l.index);
+    ClusterStatus {
+        id: m.id,
+        name: name.to_string(),
+        role,
+        term: m.current_term,
+        leader: leader_of(m).map(|(_, member)| member),
+        last_log_index: m.last_log_index,
+        // openraft 0.9 metrics do not expose the commit index; applied trails it closely
+        // and never exceeds it.
+        commit_index: last_applied,
+        last_applied,
+        snapshot_index: m.snapshot.map(|l| l.index),
+        millis_since_quorum_ack: m.millis_since_quorum_ack,
+        members,
+    }
+}
+
+/// Republishes every metrics change as a [`ClusterStatus`]; ends when Raft stops.
+async fn feed_status(
+    mut rx: watch::Receiver<RaftMetrics<NodeId, Member>>,
+    tx: watch::Sender<ClusterStatus>,
+    last_leader: Arc<Mutex<Option<Member>>>,
+    name: String,
+) {
+    loop {
+        let status = status_from(&rx.borrow_and_update(), &name);
+        if let Some(l) = &status.leader {
+            *last_leader.lock().expect("last leader mutex poisoned") = Some(l.clone());
+        }
+        tx.send_if_modified(|cur| {
+            if *cur == status {
+                false
+            } else {
+                *cur = status;
+                true
+            }
+        });
+        if rx.changed().await.is_err() {
+            tx.send_modify(|s| s.role = Role::Shutdown);
+            return;
+        }
+    }
+}
+
+/// A few read-only connections to `state.db`, used one at a time on the blocking pool.
+struct ReadPool {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+    permits: Arc<Semaphore>,
+}
+
+impl ReadPool {
+    fn new(path: PathBuf) -> Self {
+        ReadPool {
+            path,
+            idle: Mutex::new(Vec::new()),
+            permits: Arc::new(Semaphore::new(READ_POOL_SIZE)),
+        }
+    }
+
+    fn close(&self) {
+        self.idle.lock().expect("read pool mutex poisoned").clear();
+        self.permits.close();
+    }
+
+    async fn run<T, F>(self: &Arc<Self>, f: F) -> Result<T, DbError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let permit =
+            self.permits.clone().acquire_owned().await.map_err(|_| {
+                DbError::Storage("the read pool is closed (member shut down)".into())
+            })?;
+        let pool = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let conn = pool.take()?;
+            let out = f(&conn);
+            pool.idle
+                .lock()
+                .expect("read pool mutex poisoned")
+                .push(conn);
+            out.map_err(|e| DbError::Storage(format!("read on state.db failed: {e}")))
+        })
+        .await
+        .map_err(|e| DbError::Storage(format!("read closure panicked: {e}")))?
+    }
+
+    fn take(&self) -> Result<Connection, DbError> {
+        if let Some(c) = self.idle.lock().expect("read pool mutex poisoned").pop() {
+            return Ok(c);
+        }
+        let conn = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| DbError::Storage(format!("cannot open {}: {e}", self.path.display())))?;
+        conn.busy_timeout(Duration::from_secs(5))
+            .map_err(|e| DbError::Storage(format!("cannot configure a read connection: {e}")))?;
+        Ok(conn)
+    }
+}

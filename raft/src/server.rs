@@ -1,0 +1,126 @@
+//! The `/raft/` endpoints of a member's cluster port.
+//!
+//! Raft RPCs answer openraft's own `Result` types as JSON; forwarded requests answer a
+//! [`WireResult`]. Every handler is bounded by a timeout, and a member that is shutting
+//! down answers 503 so peers treat it as unreachable and back off.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use openraft::raft::{AppendEntriesRequest, VoteRequest};
+
+use crate::network::PREFIX;
+use crate::node::{Inner, BODY_LIMIT};
+use crate::types::TypeConfig;
+use crate::wire::{
+    JoinRequest, ReadIndexRequest, RemoveRequest, SnapshotChunk, WireResult, WriteRequest,
+};
+
+type St = State<Arc<Inner>>;
+
+pub(crate) fn router(inner: Arc<Inner>) -> Router {
+    let routes = Router::new()
+        .route("/append", post(append))
+        .route("/vote", post(vote))
+        .route("/snapshot", post(snapshot))
+        .route("/write", post(write))
+        .route("/read-index", post(read_index))
+        .route("/join", post(join))
+        .route("/remove", post(remove))
+        .route("/status", get(status))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(inner);
+    Router::new().nest(PREFIX, routes)
+}
+
+fn unavailable(why: &str) -> Response {
+    // Closing the connection drops it from the peer's pool, so a restarted member on the
+    // same address is reached on a fresh connection instead of a dead one.
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(header::CONNECTION, "close")],
+        why.to_string(),
+    )
+        .into_response()
+}
+
+/// Runs a Raft RPC unless the member is stopped, bounded by `limit`.
+async fn raft_rpc<T, Fut>(inner: &Inner, limit: Duration, fut: Fut) -> Response
+where
+    T: serde::Serialize,
+    Fut: Future<Output = T>,
+{
+    if inner.is_stopped() {
+        return unavailable("member is shutting down");
+    }
+    match tokio::time::timeout(limit, fut).await {
+        Ok(v) => Json(v).into_response(),
+        Err(_) => unavailable("Raft did not answer in time"),
+    }
+}
+
+async fn append(State(inner): St, Json(req): Json<AppendEntriesRequest<TypeConfig>>) -> Response {
+    let limit = inner.config.rpc_timeout;
+    raft_rpc(&inner, limit, inner.raft.append_entries(req)).await
+}
+
+async fn vote(State(inner): St, Json(req): Json<VoteRequest<u64>>) -> Response {
+    let limit = inner.config.rpc_timeout;
+    raft_rpc(&inner, limit, inner.raft.vote(req)).await
+}
+
+async fn snapshot(State(inner): St, Json(chunk): Json<SnapshotChunk>) -> Response {
+    // The last chunk installs the snapshot, which copies the whole database.
+    let limit = inner.config.rpc_timeout.max(inner.config.op_timeout);
+    raft_rpc(&inner, limit, inner.raft.install_snapshot(chunk.into())).await
+}
+
+/// Answers a forwarded request; the handlers bound themselves by the caller's budget.
+fn wire<T: serde::Serialize>(inner: &Inner, res: WireResult<T>) -> Response {
+    if inner.is_stopped() {
+        return unavailable("member is shutting down");
+    }
+    Json(res).into_response()
+}
+
+async fn write(State(inner): St, Json(req): Json<WriteRequest>) -> Response {
+    if inner.is_stopped() {
+        return unavailable("member is shutting down");
+    }
+    let res = inner.serve_write(req).await;
+    wire(&inner, res)
+}
+
+async fn read_index(State(inner): St, Json(req): Json<ReadIndexRequest>) -> Response {
+    if inner.is_stopped() {
+        return unavailable("member is shutting down");
+    }
+    let res = inner.serve_read_index(req).await;
+    wire(&inner, res)
+}
+
+async fn join(State(inner): St, Json(req): Json<JoinRequest>) -> Response {
+    if inner.is_stopped() {
+        return unavailable("member is shutting down");
+    }
+    let res = inner.serve_join(req).await;
+    wire(&inner, res)
+}
+
+async fn remove(State(inner): St, Json(req): Json<RemoveRequest>) -> Response {
+    if inner.is_stopped() {
+        return unavailable("member is shutting down");
+    }
+    let res = inner.serve_remove(req).await;
+    wire(&inner, res)
+}
+
+async fn status(State(inner): St) -> Response {
+    Json(inner.status()).into_response()
+}

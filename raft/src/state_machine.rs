@@ -1,0 +1,451 @@
+//! The state machine in `state.db` and its snapshots.
+//!
+//! Commands, the last-applied log id and the membership are written in one SQLite
+//! transaction, so the state database is always exactly "the log applied up to
+//! `last_applied`". A snapshot is a consistent copy of the whole database
+//! (`VACUUM INTO`); installing one copies the received database into the live file with
+//! the SQLite backup API in a single step, which is one write transaction.
+
+// openraft's storage traits fix the error type to its (large) StorageError, and the
+// helpers here produce exactly that type.
+#![allow(clippy::result_large_err)]
+
+use std::fs;
+use std::io::{Cursor, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use openraft::storage::RaftStateMachine;
+use openraft::{
+    EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageIOError,
+};
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+
+use crate::datadir::{self, Role};
+use crate::types::{Entry, LogId, Payload, StorageError, StoredMembership, TypeConfig};
+use crate::{Apply, DbError, Member};
+
+const SM_SCHEMA: &str = "
+CREATE TABLE _raft_sm (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+";
+
+const KEY_APPLIED: &str = "last_applied";
+const KEY_MEMBERSHIP: &str = "membership";
+
+/// Leading bytes of `snapshot.bin`; the rest is a little-endian u64 length, the
+/// snapshot meta as JSON, then the database bytes.
+const SNAPSHOT_MAGIC: &[u8; 8] = b"HFRSNAP1";
+
+type Meta = SnapshotMeta<u64, Member>;
+
+/// The SQLite-backed [`RaftStateMachine`]; clones share one write connection.
+#[derive(Clone)]
+pub struct StateMachine {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// The only connection that writes `state.db`.
+    conn: Mutex<Connection>,
+    app: Arc<dyn Apply>,
+    dir: PathBuf,
+    node_name: String,
+    /// Meta of the snapshot persisted in `snapshot.bin`; the lock also serializes
+    /// writers of that file.
+    snapshot: Mutex<Option<Meta>>,
+    /// Distinguishes temporary files of concurrent snapshot builds.
+    seq: AtomicU64,
+}
+
+impl StateMachine {
+    /// Opens `state.db` in `dir`, creating it (and the application schema) when absent;
+    /// refuses a foreign file.
+    pub fn open(dir: &Path, node_name: &str, app: Arc<dyn Apply>) -> Result<Self, DbError> {
+        let path = dir.join(datadir::STATE_FILE);
+        if !path.exists() {
+            let app = app.clone();
+            datadir::create_new(&path, Role::State, node_name, move |c| {
+                c.execute_batch(SM_SCHEMA)?;
+                app.init_schema(c)
+            })?;
+        }
+        let conn = datadir::open_existing(&path, Role::State, node_name)?;
+        let snapshot = load_snapshot_meta(&dir.join(datadir::SNAPSHOT_FILE))?;
+        Ok(StateMachine {
+            shared: Arc::new(Shared {
+                conn: Mutex::new(conn),
+                app,
+                dir: dir.to_path_buf(),
+                node_name: node_name.to_string(),
+                snapshot: Mutex::new(snapshot),
+                seq: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// Last applied log id, read synchronously (used by the data-dir consistency checks).
+    pub(crate) fn last_applied_blocking(&self) -> Result<Option<LogId>, StorageError> {
+        let conn = self.shared.lock_conn();
+        read_sm_meta(&conn).map(|(applied, _)| applied)
+    }
+
+    async fn call<T, F>(&self, f: F) -> Result<T, StorageError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Shared) -> Result<T, StorageError> + Send + 'static,
+    {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || f(&shared))
+            .await
+            .map_err(|e| StorageIOError::write_state_machine(&e).into())
+            .and_then(|r| r)
+    }
+}
+
+impl Shared {
+    fn lock_conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn
+            .lock()
+            .expect("state.db mutex poisoned by a panicked SQLite call")
+    }
+
+    fn lock_snapshot(&self) -> std::sync::MutexGuard<'_, Option<Meta>> {
+        self.snapshot
+            .lock()
+            .expect("snapshot mutex poisoned by a panicked snapshot write")
+    }
+
+    fn state_path(&self) -> PathBuf {
+        self.dir.join(datadir::STATE_FILE)
+    }
+
+    /// Persists `data` as the current snapshot unless a newer one is already stored.
+    fn store_snapshot(&self, meta: &Meta, data: &[u8]) -> Result<(), StorageError> {
+        let mut current = self.lock_snapshot();
+        if let Some(cur) = current.as_ref() {
+            if cur.last_log_id > meta.last_log_id {
+                return Ok(());
+            }
+        }
+        let sig = Some(meta.signature());
+        write_snapshot_file(&self.dir.join(datadir::SNAPSHOT_FILE), meta, data)
+            .map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
+        *current = Some(meta.clone());
+        Ok(())
+    }
+}
+
+fn read_sm_meta(conn: &Connection) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+    let get = |key: &str| -> Result<Option<String>, StorageError> {
+        conn.query_row("SELECT value FROM _raft_sm WHERE key = ?1", [key], |r| {
+            r.get(0)
+        })
+        .optional()
+        .map_err(|e| StorageIOError::read_state_machine(&e).into())
+    };
+    let applied = match get(KEY_APPLIED)? {
+        Some(s) => serde_json::from_str(&s).map_err(|e| StorageIOError::read_state_machine(&e))?,
+        None => None,
+    };
+    let membership = match get(KEY_MEMBERSHIP)? {
+        Some(s) => serde_json::from_str(&s).map_err(|e| StorageIOError::read_state_machine(&e))?,
+        None => StoredMembership::default(),
+    };
+    Ok((applied, membership))
+}
+
+fn write_sm_meta(
+    conn: &Connection,
+    applied: &Option<LogId>,
+    membership: &StoredMembership,
+) -> rusqlite::Result<()> {
+    let sql = "INSERT OR REPLACE INTO _raft_sm (key, value) VALUES (?1, ?2)";
+    conn.execute(sql, [KEY_APPLIED, &to_json(applied)?])?;
+    conn.execute(sql, [KEY_MEMBERSHIP, &to_json(membership)?])?;
+    Ok(())
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> rusqlite::Result<String> {
+    serde_json::to_string(v).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+}
+
+fn write_snapshot_file(path: &Path, meta: &Meta, data: &[u8]) -> std::io::Result<()> {
+    let meta_json = serde_json::to_vec(meta)?;
+    let tmp = datadir::tmp_path(path, "write");
+    {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(SNAPSHOT_MAGIC)?;
+        f.write_all(&(meta_json.len() as u64).to_le_bytes())?;
+        f.write_all(&meta_json)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        datadir::sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// Splits the content of `snapshot.bin` into meta and database bytes.
+fn parse_snapshot_file(mut bytes: Vec<u8>) -> Result<(Meta, Vec<u8>), String> {
+    if bytes.len() < 16 || &bytes[..8] != SNAPSHOT_MAGIC {
+        return Err("does not start with the holdfast-raft snapshot header".into());
+    }
+    let mut len = [0u8; 8];
+    len.copy_from_slice(&bytes[8..16]);
+    let len = usize::try_from(u64::from_le_bytes(len)).map_err(|e| e.to_string())?;
+    let end = 16usize.checked_add(len).filter(|e| *e <= bytes.len());
+    let Some(end) = end else {
+        return Err("is truncated".into());
+    };
+    let meta: Meta = serde_json::from_slice(&bytes[16..end]).map_err(|e| e.to_string())?;
+    let data = bytes.split_off(end);
+    Ok((meta, data))
+}
+
+/// Refuses a `snapshot.bin` that this crate did not write.
+pub(crate) fn validate_snapshot_file(path: &Path) -> Result<(), DbError> {
+    load_snapshot_meta(path).map(|_| ())
+}
+
+fn load_snapshot_meta(path: &Path) -> Result<Option<Meta>, DbError> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let bytes =
+        fs::read(path).map_err(|e| datadir::data_dir_error(path, format!("cannot read: {e}")))?;
+    let (meta, _) = parse_snapshot_file(bytes).map_err(|reason| {
+        datadir::data_dir_error(
+            path,
+            format!("{reason}; it is not a holdfast-raft snapshot, move it away"),
+        )
+    })?;
+    Ok(Some(meta))
+}
+
+fn snapshot_id(last: &Option<LogId>) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    match last {
+        Some(l) => format!("{}-{}-{nanos}", l.leader_id.term, l.index),
+        None => format!("none-{nanos}"),
+    }
+}
+
+fn path_str(path: &Path) -> Result<&str, StorageError> {
+    path.to_str().ok_or_else(|| {
+        StorageIOError::write_snapshot(
+            None,
+            &std::io::Error::other(format!("path {} is not UTF-8", path.display())),
+        )
+        .into()
+    })
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        self.call(|shared| {
+            let seq = shared.seq.fetch_add(1, Ordering::Relaxed);
+            let tmp = shared.dir.join(format!("snapshot-build-{seq}.tmp"));
+            let werr = |e: &dyn std::error::Error| {
+                StorageError::from(StorageIOError::write_snapshot(
+                    None,
+                    &std::io::Error::other(e.to_string()),
+                ))
+            };
+            datadir::remove_if_exists(&tmp).map_err(|e| werr(&e))?;
+            // A separate read-only connection: VACUUM INTO reads one consistent
+            // snapshot of the database while apply() keeps writing.
+            let result = (|| {
+                {
+                    let ro = Connection::open_with_flags(
+                        shared.state_path(),
+                        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                    )
+                    .map_err(|e| werr(&e))?;
+                    ro.execute("VACUUM INTO ?1", [path_str(&tmp)?])
+                        .map_err(|e| werr(&e))?;
+                }
+                // The meta comes from the copy itself, so it matches the data exactly.
+                let (applied, membership) = {
+                    let copy = Connection::open_with_flags(
+                        &tmp,
+                        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                    )
+                    .map_err(|e| werr(&e))?;
+                    read_sm_meta(&copy)?
+                };
+                let data = fs::read(&tmp).map_err(|e| werr(&e))?;
+                Ok::<_, StorageError>((applied, membership, data))
+            })();
+            let _ = datadir::remove_if_exists(&tmp);
+            let (applied, membership, data) = result?;
+            let meta = Meta {
+                snapshot_id: snapshot_id(&applied),
+                last_log_id: applied,
+                last_membership: membership,
+            };
+            shared.store_snapshot(&meta, &data)?;
+            Ok(Snapshot {
+                meta,
+                snapshot: Box::new(Cursor::new(data)),
+            })
+        })
+        .await
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        self.call(|shared| read_sm_meta(&shared.lock_conn())).await
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Payload>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.call(move |shared| {
+            let mut conn = shared.lock_conn();
+            let (_, mut membership) = read_sm_meta(&conn)?;
+            let tx = conn
+                .transaction()
+                .map_err(|e| StorageIOError::write_state_machine(&e))?;
+            let mut responses = Vec::with_capacity(entries.len());
+            let mut last = None;
+            for entry in entries {
+                let log_id = entry.log_id;
+                match entry.payload {
+                    EntryPayload::Blank => responses.push(Payload::default()),
+                    EntryPayload::Normal(cmd) => {
+                        let resp = shared
+                            .app
+                            .apply(&tx, log_id.index, &cmd.0)
+                            .map_err(|e| StorageIOError::apply(log_id, &e))?;
+                        responses.push(Payload(resp));
+                    }
+                    EntryPayload::Membership(m) => {
+                        membership = StoredMembership::new(Some(log_id), m);
+                        responses.push(Payload::default());
+                    }
+                }
+                last = Some(log_id);
+            }
+            write_sm_meta(&tx, &last, &membership)
+                .map_err(|e| StorageIOError::write_state_machine(&e))?;
+            tx.commit()
+                .map_err(|e| StorageIOError::write_state_machine(&e))?;
+            Ok(responses)
+        })
+        .await
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &Meta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let meta = meta.clone();
+        let data = snapshot.into_inner();
+        self.call(move |shared| {
+            let sig = Some(meta.signature());
+            let err = |e: &dyn std::fmt::Display| {
+                StorageError::from(StorageIOError::write_snapshot(
+                    sig.clone(),
+                    &std::io::Error::other(e.to_string()),
+                ))
+            };
+            let tmp = shared.dir.join("snapshot-install.tmp");
+            datadir::remove_if_exists(&tmp).map_err(|e| err(&e))?;
+            let result = (|| {
+                fs::write(&tmp, &data).map_err(|e| err(&e))?;
+                datadir::check_sqlite_header(&tmp).map_err(|e| err(&e))?;
+                let src = Connection::open_with_flags(
+                    &tmp,
+                    OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )
+                .map_err(|e| err(&e))?;
+                datadir::check_identity(&src, &tmp, Role::State, None).map_err(|e| err(&e))?;
+                let (applied, _) = read_sm_meta(&src)?;
+                if applied != meta.last_log_id {
+                    return Err(err(&format!(
+                        "snapshot data is applied up to {applied:?} but its meta says {:?}",
+                        meta.last_log_id
+                    )));
+                }
+                // The copy carries the sender's node name; the live file must keep ours.
+                datadir::write_identity(&src, Role::State, &shared.node_name)
+                    .map_err(|e| err(&e))?;
+
+                let mut live = shared.lock_conn();
+                {
+                    let backup =
+                        rusqlite::backup::Backup::new(&src, &mut live).map_err(|e| err(&e))?;
+                    // -1 copies every page in one step: one write transaction on the
+                    // live database, so readers see the old state or the new one.
+                    match backup.step(-1).map_err(|e| err(&e))? {
+                        rusqlite::backup::StepResult::Done => {}
+                        other => {
+                            return Err(err(&format!(
+                                "backup into state.db did not finish in one step: {other:?}"
+                            )))
+                        }
+                    }
+                }
+                let (applied, _) = read_sm_meta(&live)?;
+                if applied != meta.last_log_id {
+                    return Err(err(&format!(
+                        "state.db is applied up to {applied:?} after installing snapshot {}",
+                        meta.snapshot_id
+                    )));
+                }
+                Ok(())
+            })();
+            let _ = datadir::remove_if_exists(&tmp);
+            result?;
+            shared.store_snapshot(&meta, &data)
+        })
+        .await
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        self.call(|shared| {
+            let current = shared.lock_snapshot();
+            let Some(meta) = current.as_ref() else {
+                return Ok(None);
+            };
+            let sig = Some(meta.signature());
+            let bytes = fs::read(shared.dir.join(datadir::SNAPSHOT_FILE))
+                .map_err(|e| StorageIOError::read_snapshot(sig.clone(), &e))?;
+            let (meta, data) = parse_snapshot_file(bytes)
+                .map_err(|e| StorageIOError::read_snapshot(sig, &std::io::Error::other(e)))?;
+            Ok(Some(Snapshot {
+                meta,
+                snapshot: Box::new(Cursor::new(data)),
+            }))
+        })
+        .await
+    }
+}
