@@ -47,26 +47,18 @@ impl Role {
 }
 
 pub(crate) fn data_dir_error(path: &Path, reason: impl Into<String>) -> DbError {
-    DbError::DataDir {
-        path: path.to_path_buf(),
-        reason: reason.into(),
-    }
+    DbError::DataDir { path: path.to_path_buf(), reason: reason.into() }
 }
 
 /// Creates the data directory when absent; refuses a path that is not a directory.
 pub(crate) fn ensure_dir(dir: &Path) -> Result<(), DbError> {
     match fs::metadata(dir) {
         Ok(md) if md.is_dir() => Ok(()),
-        Ok(_) => Err(data_dir_error(
-            dir,
-            "exists but is not a directory; pass a directory path as the data dir",
-        )),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => fs::create_dir_all(dir)
-            .map_err(|e| data_dir_error(dir, format!("cannot create the directory: {e}"))),
-        Err(e) => Err(data_dir_error(
-            dir,
-            format!("cannot inspect the directory: {e}"),
-        )),
+        Ok(_) => Err(data_dir_error(dir, "exists but is not a directory; pass a directory path as the data dir")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            fs::create_dir_all(dir).map_err(|e| data_dir_error(dir, format!("cannot create the directory: {e}")))
+        }
+        Err(e) => Err(data_dir_error(dir, format!("cannot inspect the directory: {e}"))),
     }
 }
 
@@ -74,38 +66,25 @@ pub(crate) fn ensure_dir(dir: &Path) -> Result<(), DbError> {
 pub(crate) fn configure(conn: &Connection) -> Result<(), String> {
     // WAL lets readers run beside the single writer; FULL makes every commit durable
     // before it returns, which is what openraft is promised.
-    let mode: String = conn
-        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
-        .map_err(|e| e.to_string())?;
+    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).map_err(|e| e.to_string())?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(format!("could not switch to WAL journal mode (got {mode})"));
     }
-    conn.pragma_update(None, "synchronous", "FULL")
-        .map_err(|e| e.to_string())?;
-    conn.busy_timeout(Duration::from_secs(5))
-        .map_err(|e| e.to_string())?;
+    conn.pragma_update(None, "synchronous", "FULL").map_err(|e| e.to_string())?;
+    conn.busy_timeout(Duration::from_secs(5)).map_err(|e| e.to_string())?;
     Ok(())
 }
 
 /// Reads the identity of a database, `None` when it has no identity table.
 fn read_identity(conn: &Connection) -> rusqlite::Result<Option<(i64, String, String)>> {
     let has_table: Option<i64> = conn
-        .query_row(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1",
-            [IDENTITY_TABLE],
-            |r| r.get(0),
-        )
+        .query_row("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1", [IDENTITY_TABLE], |r| r.get(0))
         .optional()?;
     if has_table.is_none() {
         return Ok(None);
     }
     let get = |key: &str| -> rusqlite::Result<Option<String>> {
-        conn.query_row(
-            &format!("SELECT value FROM {IDENTITY_TABLE} WHERE key = ?1"),
-            [key],
-            |r| r.get(0),
-        )
-        .optional()
+        conn.query_row(&format!("SELECT value FROM {IDENTITY_TABLE} WHERE key = ?1"), [key], |r| r.get(0)).optional()
     };
     let version = get("format_version")?.and_then(|v| v.parse::<i64>().ok());
     let role = get("role")?;
@@ -125,12 +104,7 @@ pub(crate) fn check_identity(
     node_name: Option<&str>,
 ) -> Result<(), DbError> {
     let identity = read_identity(conn).map_err(|e| {
-        data_dir_error(
-            path,
-            format!(
-                "is not a readable SQLite database ({e}); move it away or pick another data dir"
-            ),
-        )
+        data_dir_error(path, format!("is not a readable SQLite database ({e}); move it away or pick another data dir"))
     })?;
     let Some((version, stored_role, stored_name)) = identity else {
         return Err(data_dir_error(
@@ -144,18 +118,13 @@ pub(crate) fn check_identity(
     if version != FORMAT_VERSION {
         return Err(data_dir_error(
             path,
-            format!(
-                "has store format version {version}, this build reads version {FORMAT_VERSION}"
-            ),
+            format!("has store format version {version}, this build reads version {FORMAT_VERSION}"),
         ));
     }
     if stored_role != role.as_str() {
         return Err(data_dir_error(
             path,
-            format!(
-                "holds the holdfast-raft {stored_role} database, expected the {} database",
-                role.as_str()
-            ),
+            format!("holds the holdfast-raft {stored_role} database, expected the {} database", role.as_str()),
         ));
     }
     if let Some(node_name) = node_name.filter(|n| *n != stored_name) {
@@ -171,11 +140,7 @@ pub(crate) fn check_identity(
 }
 
 /// Writes the identity rows into a fresh database (or rewrites the node name).
-pub(crate) fn write_identity(
-    conn: &Connection,
-    role: Role,
-    node_name: &str,
-) -> rusqlite::Result<()> {
+pub(crate) fn write_identity(conn: &Connection, role: Role, node_name: &str) -> rusqlite::Result<()> {
     conn.execute_batch(&format!(
         "CREATE TABLE IF NOT EXISTS {IDENTITY_TABLE} (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
     ))?;
@@ -188,22 +153,15 @@ pub(crate) fn write_identity(
 
 /// Checks that the file at `path` starts with the SQLite header.
 pub(crate) fn check_sqlite_header(path: &Path) -> Result<(), DbError> {
-    let md = fs::metadata(path)
-        .map_err(|e| data_dir_error(path, format!("cannot inspect the file: {e}")))?;
+    let md = fs::metadata(path).map_err(|e| data_dir_error(path, format!("cannot inspect the file: {e}")))?;
     if !md.is_file() {
-        return Err(data_dir_error(
-            path,
-            "exists but is not a regular file; move it away or pick another data dir",
-        ));
+        return Err(data_dir_error(path, "exists but is not a regular file; move it away or pick another data dir"));
     }
     let mut header = [0u8; 16];
-    let mut f =
-        fs::File::open(path).map_err(|e| data_dir_error(path, format!("cannot open: {e}")))?;
+    let mut f = fs::File::open(path).map_err(|e| data_dir_error(path, format!("cannot open: {e}")))?;
     let mut read = 0;
     while read < header.len() {
-        let n = f
-            .read(&mut header[read..])
-            .map_err(|e| data_dir_error(path, format!("cannot read: {e}")))?;
+        let n = f.read(&mut header[read..]).map_err(|e| data_dir_error(path, format!("cannot read: {e}")))?;
         if n == 0 {
             break;
         }
@@ -223,26 +181,16 @@ pub(crate) fn check_sqlite_header(path: &Path) -> Result<(), DbError> {
 /// written by `node_name`; a foreign database is not modified (not even switched to WAL).
 pub(crate) fn validate_existing(path: &Path, role: Role, node_name: &str) -> Result<(), DbError> {
     check_sqlite_header(path)?;
-    let ro = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(|e| data_dir_error(path, format!("cannot open read-only: {e}")))?;
+    let ro = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(|e| data_dir_error(path, format!("cannot open read-only: {e}")))?;
     check_identity(&ro, path, role, Some(node_name))
 }
 
 /// Opens an existing store database read-write after checking its identity.
-pub(crate) fn open_existing(
-    path: &Path,
-    role: Role,
-    node_name: &str,
-) -> Result<Connection, DbError> {
+pub(crate) fn open_existing(path: &Path, role: Role, node_name: &str) -> Result<Connection, DbError> {
     validate_existing(path, role, node_name)?;
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(|e| data_dir_error(path, format!("cannot open read-write: {e}")))?;
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(|e| data_dir_error(path, format!("cannot open read-write: {e}")))?;
     configure(&conn).map_err(|e| data_dir_error(path, format!("cannot configure: {e}")))?;
     Ok(conn)
 }
@@ -260,8 +208,7 @@ pub(crate) fn create_new(
     // so nothing depends on it.
     remove_if_exists(&tmp).map_err(|e| data_dir_error(&tmp, format!("cannot remove: {e}")))?;
     {
-        let conn = Connection::open(&tmp)
-            .map_err(|e| data_dir_error(&tmp, format!("cannot create: {e}")))?;
+        let conn = Connection::open(&tmp).map_err(|e| data_dir_error(&tmp, format!("cannot create: {e}")))?;
         configure(&conn).map_err(|e| data_dir_error(&tmp, format!("cannot configure: {e}")))?;
         let tx = conn.unchecked_transaction().and_then(|tx| {
             write_identity(&tx, role, node_name)?;
@@ -269,17 +216,12 @@ pub(crate) fn create_new(
             tx.commit()
         });
         tx.map_err(|e| data_dir_error(&tmp, format!("cannot initialize: {e}")))?;
-        conn.close()
-            .map_err(|(_, e)| data_dir_error(&tmp, format!("cannot close: {e}")))?;
+        conn.close().map_err(|(_, e)| data_dir_error(&tmp, format!("cannot close: {e}")))?;
     }
     if path.exists() {
-        return Err(data_dir_error(
-            path,
-            "appeared while the store was being created; refusing to overwrite it",
-        ));
+        return Err(data_dir_error(path, "appeared while the store was being created; refusing to overwrite it"));
     }
-    fs::rename(&tmp, path)
-        .map_err(|e| data_dir_error(path, format!("cannot rename into place: {e}")))?;
+    fs::rename(&tmp, path).map_err(|e| data_dir_error(path, format!("cannot rename into place: {e}")))?;
     if let Some(dir) = path.parent() {
         sync_dir(dir).map_err(|e| data_dir_error(dir, format!("cannot sync directory: {e}")))?;
     }
@@ -289,23 +231,15 @@ pub(crate) fn create_new(
 /// Removes temporary files a crash may have left behind (and their SQLite side
 /// files). Only names this crate generates are touched.
 pub(crate) fn remove_stale_tmp(dir: &Path) -> Result<(), DbError> {
-    const OURS: [&str; 5] = [
-        "snapshot-build-",
-        "snapshot-install.",
-        "snapshot.bin.",
-        "raft-log.db.",
-        "state.db.",
-    ];
-    let entries =
-        fs::read_dir(dir).map_err(|e| data_dir_error(dir, format!("cannot list: {e}")))?;
+    const OURS: [&str; 5] = ["snapshot-build-", "snapshot-install.", "snapshot.bin.", "raft-log.db.", "state.db."];
+    let entries = fs::read_dir(dir).map_err(|e| data_dir_error(dir, format!("cannot list: {e}")))?;
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
         let ours = OURS.iter().any(|p| name.starts_with(p)) && name.contains(".tmp");
         if ours {
             let path = entry.path();
-            remove_if_exists(&path)
-                .map_err(|e| data_dir_error(&path, format!("cannot remove stale file: {e}")))?;
+            remove_if_exists(&path).map_err(|e| data_dir_error(&path, format!("cannot remove stale file: {e}")))?;
         }
     }
     Ok(())
@@ -313,10 +247,7 @@ pub(crate) fn remove_stale_tmp(dir: &Path) -> Result<(), DbError> {
 
 /// `<path>.<suffix>.tmp`, the name used for files not yet in place.
 pub(crate) fn tmp_path(path: &Path, suffix: &str) -> PathBuf {
-    let mut name = path
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push(format!(".{suffix}.tmp"));
     path.with_file_name(name)
 }

@@ -54,11 +54,7 @@ pub struct Member {
 
 impl std::fmt::Display for Member {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} (cluster {}, api {})",
-            self.name, self.cluster_addr, self.api_addr
-        )
+        write!(f, "{} (cluster {}, api {})", self.name, self.cluster_addr, self.api_addr)
     }
 }
 

@@ -52,17 +52,12 @@ impl LogStore {
             datadir::create_new(&path, Role::Log, node_name, |c| c.execute_batch(SCHEMA))?;
         }
         let conn = datadir::open_existing(&path, Role::Log, node_name)?;
-        Ok(LogStore {
-            db: Arc::new(Mutex::new(conn)),
-        })
+        Ok(LogStore { db: Arc::new(Mutex::new(conn)) })
     }
 
     /// Last purged log id, read synchronously (used by the data-dir consistency checks).
     pub(crate) fn last_purged_blocking(&self) -> Result<Option<LogId>, StorageError> {
-        let conn = self
-            .db
-            .lock()
-            .expect("raft-log.db mutex poisoned by a panicked SQLite call");
+        let conn = self.db.lock().expect("raft-log.db mutex poisoned by a panicked SQLite call");
         read_meta(&conn, KEY_PURGED)
     }
 
@@ -73,9 +68,7 @@ impl LogStore {
     {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || {
-            let mut conn = db
-                .lock()
-                .expect("raft-log.db mutex poisoned by a panicked SQLite call");
+            let mut conn = db.lock().expect("raft-log.db mutex poisoned by a panicked SQLite call");
             f(&mut conn)
         })
         .await
@@ -89,35 +82,20 @@ fn to_sql_index(i: u64) -> i64 {
     i64::try_from(i).unwrap_or(i64::MAX)
 }
 
-fn read_meta<T: serde::de::DeserializeOwned>(
-    conn: &Connection,
-    key: &str,
-) -> Result<Option<T>, StorageError> {
+fn read_meta<T: serde::de::DeserializeOwned>(conn: &Connection, key: &str) -> Result<Option<T>, StorageError> {
     let raw: Option<String> = conn
-        .query_row("SELECT value FROM raft_meta WHERE key = ?1", [key], |r| {
-            r.get(0)
-        })
+        .query_row("SELECT value FROM raft_meta WHERE key = ?1", [key], |r| r.get(0))
         .optional()
         .map_err(|e| StorageIOError::read(&e))?;
     match raw {
         None => Ok(None),
-        Some(s) => serde_json::from_str(&s)
-            .map(Some)
-            .map_err(|e| StorageIOError::read(&e).into()),
+        Some(s) => serde_json::from_str(&s).map(Some).map_err(|e| StorageIOError::read(&e).into()),
     }
 }
 
-fn write_meta<T: serde::Serialize>(
-    conn: &Connection,
-    key: &str,
-    value: &T,
-) -> Result<(), rusqlite::Error> {
-    let json = serde_json::to_string(value)
-        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-    conn.execute(
-        "INSERT OR REPLACE INTO raft_meta (key, value) VALUES (?1, ?2)",
-        [key, &json],
-    )?;
+fn write_meta<T: serde::Serialize>(conn: &Connection, key: &str, value: &T) -> Result<(), rusqlite::Error> {
+    let json = serde_json::to_string(value).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+    conn.execute("INSERT OR REPLACE INTO raft_meta (key, value) VALUES (?1, ?2)", [key, &json])?;
     Ok(())
 }
 
@@ -140,14 +118,12 @@ impl RaftLogReader<TypeConfig> for LogStore {
             let mut stmt = conn
                 .prepare_cached("SELECT entry FROM log WHERE idx >= ?1 AND idx < ?2 ORDER BY idx")
                 .map_err(|e| StorageIOError::read_logs(&e))?;
-            let rows = stmt
-                .query_map([start, end], |r| r.get::<_, String>(0))
-                .map_err(|e| StorageIOError::read_logs(&e))?;
+            let rows =
+                stmt.query_map([start, end], |r| r.get::<_, String>(0)).map_err(|e| StorageIOError::read_logs(&e))?;
             let mut out = Vec::new();
             for row in rows {
                 let json = row.map_err(|e| StorageIOError::read_logs(&e))?;
-                let entry: Entry =
-                    serde_json::from_str(&json).map_err(|e| StorageIOError::read_logs(&e))?;
+                let entry: Entry = serde_json::from_str(&json).map_err(|e| StorageIOError::read_logs(&e))?;
                 out.push(entry);
             }
             Ok(out)
@@ -163,24 +139,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.call(|conn| {
             let last_purged: Option<LogId> = read_meta(conn, KEY_PURGED)?;
             let last: Option<String> = conn
-                .query_row(
-                    "SELECT log_id FROM log ORDER BY idx DESC LIMIT 1",
-                    [],
-                    |r| r.get(0),
-                )
+                .query_row("SELECT log_id FROM log ORDER BY idx DESC LIMIT 1", [], |r| r.get(0))
                 .optional()
                 .map_err(|e| StorageIOError::read_logs(&e))?;
             let last_log_id = match last {
-                Some(json) => Some(
-                    serde_json::from_str::<LogId>(&json)
-                        .map_err(|e| StorageIOError::read_logs(&e))?,
-                ),
+                Some(json) => Some(serde_json::from_str::<LogId>(&json).map_err(|e| StorageIOError::read_logs(&e))?),
                 None => last_purged,
             };
-            Ok(LogState {
-                last_purged_log_id: last_purged,
-                last_log_id,
-            })
+            Ok(LogState { last_purged_log_id: last_purged, last_log_id })
         })
         .await
     }
@@ -191,10 +157,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StorageError> {
         let vote = *vote;
-        self.call(move |conn| {
-            write_meta(conn, KEY_VOTE, &vote).map_err(|e| StorageIOError::write_vote(&e).into())
-        })
-        .await
+        self.call(move |conn| write_meta(conn, KEY_VOTE, &vote).map_err(|e| StorageIOError::write_vote(&e).into()))
+            .await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, StorageError> {
@@ -202,23 +166,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        self.call(move |conn| {
-            write_meta(conn, KEY_COMMITTED, &committed)
-                .map_err(|e| StorageIOError::write(&e).into())
-        })
-        .await
-    }
-
-    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        self.call(|conn| Ok(read_meta::<Option<LogId>>(conn, KEY_COMMITTED)?.flatten()))
+        self.call(move |conn| write_meta(conn, KEY_COMMITTED, &committed).map_err(|e| StorageIOError::write(&e).into()))
             .await
     }
 
-    async fn append<I>(
-        &mut self,
-        entries: I,
-        callback: LogFlushed<TypeConfig>,
-    ) -> Result<(), StorageError>
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        self.call(|conn| Ok(read_meta::<Option<LogId>>(conn, KEY_COMMITTED)?.flatten())).await
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -226,22 +182,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Serialize before entering the blocking pool: the iterator need not be 'static.
         let mut rows = Vec::new();
         for entry in entries {
-            let log_id = serde_json::to_string(&entry.log_id)
-                .map_err(|e| StorageIOError::write_log_entry(entry.log_id, &e))?;
-            let json = serde_json::to_string(&entry)
-                .map_err(|e| StorageIOError::write_log_entry(entry.log_id, &e))?;
+            let log_id =
+                serde_json::to_string(&entry.log_id).map_err(|e| StorageIOError::write_log_entry(entry.log_id, &e))?;
+            let json = serde_json::to_string(&entry).map_err(|e| StorageIOError::write_log_entry(entry.log_id, &e))?;
             rows.push((to_sql_index(entry.log_id.index), log_id, json));
         }
         let res = self
             .call(move |conn| {
-                let tx = conn
-                    .transaction()
-                    .map_err(|e| StorageIOError::write_logs(&e))?;
+                let tx = conn.transaction().map_err(|e| StorageIOError::write_logs(&e))?;
                 {
                     let mut stmt = tx
-                        .prepare_cached(
-                            "INSERT OR REPLACE INTO log (idx, log_id, entry) VALUES (?1, ?2, ?3)",
-                        )
+                        .prepare_cached("INSERT OR REPLACE INTO log (idx, log_id, entry) VALUES (?1, ?2, ?3)")
                         .map_err(|e| StorageIOError::write_logs(&e))?;
                     for (idx, log_id, json) in &rows {
                         stmt.execute(rusqlite::params![idx, log_id, json])
@@ -263,8 +214,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         let from = to_sql_index(log_id.index);
         self.call(move |conn| {
-            conn.execute("DELETE FROM log WHERE idx >= ?1", [from])
-                .map_err(|e| StorageIOError::write_logs(&e))?;
+            conn.execute("DELETE FROM log WHERE idx >= ?1", [from]).map_err(|e| StorageIOError::write_logs(&e))?;
             Ok(())
         })
         .await
@@ -273,14 +223,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         let upto = to_sql_index(log_id.index);
         self.call(move |conn| {
-            let tx = conn
-                .transaction()
-                .map_err(|e| StorageIOError::write_logs(&e))?;
+            let tx = conn.transaction().map_err(|e| StorageIOError::write_logs(&e))?;
             // The purged pointer is written first in the same transaction, so the log
             // state never shows a hole between last_purged and the first entry.
             write_meta(&tx, KEY_PURGED, &log_id).map_err(|e| StorageIOError::write_logs(&e))?;
-            tx.execute("DELETE FROM log WHERE idx <= ?1", [upto])
-                .map_err(|e| StorageIOError::write_logs(&e))?;
+            tx.execute("DELETE FROM log WHERE idx <= ?1", [upto]).map_err(|e| StorageIOError::write_logs(&e))?;
             tx.commit().map_err(|e| StorageIOError::write_logs(&e))?;
             Ok(())
         })

@@ -5,13 +5,11 @@
 
 use std::time::Duration;
 
-use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable,
-};
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable};
 use openraft::network::{Backoff, RPCOption};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
 };
 use openraft::{RPCTypes, RaftNetwork, RaftNetworkFactory};
 use serde::de::DeserializeOwned;
@@ -43,10 +41,7 @@ pub(crate) enum CallError {
 
 impl CallError {
     pub(crate) fn into_db_error(self, addr: &str) -> DbError {
-        DbError::Network {
-            addr: addr.to_string(),
-            reason: self.to_string(),
-        }
+        DbError::Network { addr: addr.to_string(), reason: self.to_string() }
     }
 }
 
@@ -97,9 +92,7 @@ impl ClusterClient {
         }
         if !status.is_success() {
             let text = resp.text().await.unwrap_or_default();
-            return Err(CallError::Other(format!(
-                "HTTP {status} from {url}: {text}"
-            )));
+            return Err(CallError::Other(format!("HTTP {status} from {url}: {text}")));
         }
         match tokio::time::timeout(timeout, resp.json::<Resp>()).await {
             Err(_) => Err(CallError::Timeout(timeout)),
@@ -167,21 +160,13 @@ impl PeerNetwork {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let answer: Result<Resp, RaftError<NodeId, E>> = self
-            .client
-            .post(&self.addr, path, req, timeout)
-            .await
-            .map_err(|e| match e {
+        let answer: Result<Resp, RaftError<NodeId, E>> =
+            self.client.post(&self.addr, path, req, timeout).await.map_err(|e| match e {
                 // Unreachable makes openraft back off instead of retrying at once.
-                CallError::Connect(_) | CallError::Unavailable => {
-                    RPCError::Unreachable(Unreachable::new(&e))
+                CallError::Connect(_) | CallError::Unavailable => RPCError::Unreachable(Unreachable::new(&e)),
+                CallError::Timeout(t) => {
+                    RPCError::Timeout(Timeout { action, id: self.id, target: self.target, timeout: t })
                 }
-                CallError::Timeout(t) => RPCError::Timeout(Timeout {
-                    action,
-                    id: self.id,
-                    target: self.target,
-                    timeout: t,
-                }),
                 CallError::Other(_) => RPCError::Network(NetworkError::new(&e)),
             })?;
         answer.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
@@ -195,24 +180,20 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
         let timeout = option.hard_ttl().min(self.rpc_timeout);
-        self.rpc("/append", RPCTypes::AppendEntries, &rpc, timeout)
-            .await
+        self.rpc("/append", RPCTypes::AppendEntries, &rpc, timeout).await
     }
 
     async fn install_snapshot(
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<
-        InstallSnapshotResponse<NodeId>,
-        RPCError<NodeId, Member, RaftError<NodeId, InstallSnapshotError>>,
-    > {
+    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId, InstallSnapshotError>>>
+    {
         let chunk = SnapshotChunk::from(rpc);
         // The last chunk also installs the snapshot on the receiver, which may take
         // longer than an ordinary RPC: openraft's install_snapshot_timeout governs it.
         let timeout = option.hard_ttl().max(self.rpc_timeout);
-        self.rpc("/snapshot", RPCTypes::InstallSnapshot, &chunk, timeout)
-            .await
+        self.rpc("/snapshot", RPCTypes::InstallSnapshot, &chunk, timeout).await
     }
 
     async fn vote(

@@ -20,12 +20,8 @@ use crate::log_store::LogStore;
 use crate::network::{CallError, ClusterClient, NetworkFactory};
 use crate::state_machine::StateMachine;
 use crate::types::{Payload, Raft};
-use crate::wire::{
-    JoinRequest, ReadIndexRequest, RemoveRequest, WireError, WireResult, WriteRequest,
-};
-use crate::{
-    node_id_for, Apply, ClusterStatus, Config, DbError, Member, MemberStatus, NodeId, Role,
-};
+use crate::wire::{JoinRequest, ReadIndexRequest, RemoveRequest, WireError, WireResult, WriteRequest};
+use crate::{node_id_for, Apply, ClusterStatus, Config, DbError, Member, MemberStatus, NodeId, Role};
 
 /// Attempts of one write or read-index (first try, plus a retry after a leader change
 /// or a refused forward, plus one more after a failover seen mid-way).
@@ -161,22 +157,15 @@ impl Inner {
         // The core publishes the state it loaded from disk on its first turn; waiting
         // for it makes status() right after open() show the resumed term and indexes.
         let mut first = raft.metrics();
-        if tokio::time::timeout(config.op_timeout, first.changed())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(config.op_timeout, first.changed()).await.is_err() {
             tracing::warn!(node = %config.node_name, "Raft published no metrics after start");
         }
 
         let initial = status_from(&raft.metrics().borrow(), &config.node_name);
         let (status_tx, _) = watch::channel(initial);
         let last_leader = Arc::new(Mutex::new(None));
-        let status_task = tokio::spawn(feed_status(
-            raft.metrics(),
-            status_tx.clone(),
-            last_leader.clone(),
-            config.node_name.clone(),
-        ));
+        let status_task =
+            tokio::spawn(feed_status(raft.metrics(), status_tx.clone(), last_leader.clone(), config.node_name.clone()));
         let reads = Arc::new(ReadPool::new(config.data_dir.join(datadir::STATE_FILE)));
         Ok(Arc::new(Inner {
             id,
@@ -198,10 +187,7 @@ impl Inner {
 
     fn check_running(&self) -> Result<(), DbError> {
         if self.is_stopped() {
-            return Err(DbError::Storage(format!(
-                "member {} is shut down; open it again to use it",
-                self.me.name
-            )));
+            return Err(DbError::Storage(format!("member {} is shut down; open it again to use it", self.me.name)));
         }
         Ok(())
     }
@@ -212,10 +198,7 @@ impl Inner {
         }
         // Bounded: a wedged storage call must not hang the caller's shutdown.
         let stop = self.raft.shutdown();
-        if tokio::time::timeout(self.config.op_timeout, stop)
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(self.config.op_timeout, stop).await.is_err() {
             tracing::warn!(node = %self.me.name, "Raft did not stop within op_timeout");
         }
         let tasks = std::mem::take(&mut *self.tasks.lock().expect("task list mutex poisoned"));
@@ -245,19 +228,13 @@ impl Inner {
     }
 
     fn last_known_leader(&self) -> Option<Member> {
-        self.current_leader().map(|(_, m)| m).or_else(|| {
-            self.last_leader
-                .lock()
-                .expect("last leader mutex poisoned")
-                .clone()
-        })
+        self.current_leader()
+            .map(|(_, m)| m)
+            .or_else(|| self.last_leader.lock().expect("last leader mutex poisoned").clone())
     }
 
     fn timeout_error(&self) -> DbError {
-        DbError::Timeout {
-            after: self.config.op_timeout,
-            leader: self.last_known_leader(),
-        }
+        DbError::Timeout { after: self.config.op_timeout, leader: self.last_known_leader() }
     }
 
     /// How long an operation waits for an election before answering `NoLeader`: long
@@ -268,11 +245,7 @@ impl Inner {
     }
 
     /// Waits for a known leader other than `avoid`, up to the leader wait or `deadline`.
-    async fn leader_for_op(
-        &self,
-        deadline: Instant,
-        avoid: Option<NodeId>,
-    ) -> Result<(NodeId, Member), DbError> {
+    async fn leader_for_op(&self, deadline: Instant, avoid: Option<NodeId>) -> Result<(NodeId, Member), DbError> {
         let until = deadline.min(Instant::now() + self.leader_wait());
         let mut rx = self.raft.metrics();
         loop {
@@ -282,11 +255,7 @@ impl Inner {
                 }
             }
             match tokio::time::timeout_at(until, rx.changed()).await {
-                Err(_) => {
-                    return Err(DbError::NoLeader {
-                        last_known: self.last_known_leader(),
-                    })
-                }
+                Err(_) => return Err(DbError::NoLeader { last_known: self.last_known_leader() }),
                 Ok(Err(_)) => return Err(self.check_running().err().unwrap_or_else(stopped)),
                 Ok(Ok(())) => {}
             }
@@ -295,20 +264,16 @@ impl Inner {
 
     fn map_wire(&self, e: WireError, addr: &str) -> DbError {
         match e {
-            WireError::NotLeader { leader } => DbError::NoLeader {
-                last_known: leader.or_else(|| self.last_known_leader()),
-            },
-            WireError::Timeout { leader } => DbError::Timeout {
-                after: self.config.op_timeout,
-                leader,
-            },
+            WireError::NotLeader { leader } => {
+                DbError::NoLeader { last_known: leader.or_else(|| self.last_known_leader()) }
+            }
+            WireError::Timeout { leader } => DbError::Timeout { after: self.config.op_timeout, leader },
             WireError::Membership(m) => DbError::Membership(m),
             WireError::Storage(s) => DbError::Storage(s),
             WireError::BadRequest(s) => DbError::Membership(s),
-            WireError::ShuttingDown => DbError::Network {
-                addr: addr.to_string(),
-                reason: "peer is shutting down".into(),
-            },
+            WireError::ShuttingDown => {
+                DbError::Network { addr: addr.to_string(), reason: "peer is shutting down".into() }
+            }
         }
     }
 
@@ -334,21 +299,14 @@ impl Inner {
                     Ok(Err(e)) => return Err(DbError::Storage(e.to_string())),
                 }
             } else {
-                let req = WriteRequest {
-                    command: Payload(command.clone()),
-                    timeout_ms: remote_budget(deadline),
-                };
+                let req = WriteRequest { command: Payload(command.clone()), timeout_ms: remote_budget(deadline) };
                 let addr = leader.cluster_addr.as_str();
-                let res: Result<WireResult<Payload>, CallError> = self
-                    .client
-                    .post(addr, "/write", &req, remaining(deadline))
-                    .await;
+                let res: Result<WireResult<Payload>, CallError> =
+                    self.client.post(addr, "/write", &req, remaining(deadline)).await;
                 match res {
                     Ok(Ok(p)) => return Ok(p.0),
                     Ok(Err(WireError::NotLeader { .. })) => {
-                        last_err = Some(DbError::NoLeader {
-                            last_known: Some(leader),
-                        });
+                        last_err = Some(DbError::NoLeader { last_known: Some(leader) });
                         avoid = Some(leader_id);
                     }
                     Ok(Err(e)) => return Err(self.map_wire(e, addr)),
@@ -363,9 +321,7 @@ impl Inner {
                 }
             }
         }
-        Err(last_err.unwrap_or(DbError::NoLeader {
-            last_known: self.last_known_leader(),
-        }))
+        Err(last_err.unwrap_or(DbError::NoLeader { last_known: self.last_known_leader() }))
     }
 
     /// Receiver side of `/raft/write`: only the leader writes; nobody forwards again.
@@ -373,14 +329,10 @@ impl Inner {
         self.ensure_leader_here()?;
         let budget = Duration::from_millis(req.timeout_ms).min(self.config.op_timeout);
         match tokio::time::timeout(budget, self.raft.client_write(req.command)).await {
-            Err(_) => Err(WireError::Timeout {
-                leader: Some(self.me.clone()),
-            }),
+            Err(_) => Err(WireError::Timeout { leader: Some(self.me.clone()) }),
             Ok(Ok(resp)) => Ok(resp.data),
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                Err(WireError::NotLeader {
-                    leader: f.leader_node,
-                })
+                Err(WireError::NotLeader { leader: f.leader_node })
             }
             Ok(Err(e)) => Err(WireError::Storage(e.to_string())),
         }
@@ -392,9 +344,7 @@ impl Inner {
         }
         match self.current_leader() {
             Some((id, _)) if id == self.id => Ok(()),
-            other => Err(WireError::NotLeader {
-                leader: other.map(|(_, m)| m),
-            }),
+            other => Err(WireError::NotLeader { leader: other.map(|(_, m)| m) }),
         }
     }
 
@@ -409,12 +359,10 @@ impl Inner {
         let deadline = Instant::now() + self.config.op_timeout;
         if let Some(index) = self.read_index(deadline).await? {
             let wait = self.raft.wait(Some(remaining(deadline)));
-            wait.applied_index_at_least(Some(index), "linearizable read")
-                .await
-                .map_err(|e| match e {
-                    WaitError::Timeout(..) => self.timeout_error(),
-                    WaitError::ShuttingDown => stopped(),
-                })?;
+            wait.applied_index_at_least(Some(index), "linearizable read").await.map_err(|e| match e {
+                WaitError::Timeout(..) => self.timeout_error(),
+                WaitError::ShuttingDown => stopped(),
+            })?;
         }
         self.read_local(f).await
     }
@@ -442,20 +390,14 @@ impl Inner {
                     Ok(i) => return Ok(i),
                 }
             } else {
-                let req = ReadIndexRequest {
-                    timeout_ms: remote_budget(deadline),
-                };
+                let req = ReadIndexRequest { timeout_ms: remote_budget(deadline) };
                 let addr = leader.cluster_addr.as_str();
-                let res: Result<WireResult<Option<u64>>, CallError> = self
-                    .client
-                    .post(addr, "/read-index", &req, remaining(deadline))
-                    .await;
+                let res: Result<WireResult<Option<u64>>, CallError> =
+                    self.client.post(addr, "/read-index", &req, remaining(deadline)).await;
                 match res {
                     Ok(Ok(i)) => return Ok(i),
                     Ok(Err(WireError::NotLeader { .. })) => {
-                        last_err = Some(DbError::NoLeader {
-                            last_known: Some(leader),
-                        });
+                        last_err = Some(DbError::NoLeader { last_known: Some(leader) });
                         avoid = Some(leader_id);
                     }
                     Ok(Err(e)) => return Err(self.map_wire(e, addr)),
@@ -469,29 +411,21 @@ impl Inner {
                 }
             }
         }
-        Err(last_err.unwrap_or(DbError::NoLeader {
-            last_known: self.last_known_leader(),
-        }))
+        Err(last_err.unwrap_or(DbError::NoLeader { last_known: self.last_known_leader() }))
     }
 
     /// Confirms leadership with a quorum and returns the read index.
     async fn local_read_index(&self, deadline: Instant) -> WireResult<Option<u64>> {
         match tokio::time::timeout_at(deadline, self.raft.get_read_log_id()).await {
-            Err(_) => Err(WireError::Timeout {
-                leader: Some(self.me.clone()),
-            }),
+            Err(_) => Err(WireError::Timeout { leader: Some(self.me.clone()) }),
             Ok(Ok((read, _applied))) => Ok(read.map(|l| l.index)),
             Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
-                Err(WireError::NotLeader {
-                    leader: f.leader_node,
-                })
+                Err(WireError::NotLeader { leader: f.leader_node })
             }
             // The leader could not hear from a quorum: as good as a timeout for the
             // caller, who may retry once the partition heals.
             Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))) => {
-                Err(WireError::Timeout {
-                    leader: Some(self.me.clone()),
-                })
+                Err(WireError::Timeout { leader: Some(self.me.clone()) })
             }
             Ok(Err(e)) => Err(WireError::Storage(e.to_string())),
         }
@@ -528,10 +462,7 @@ impl Inner {
 
     pub(crate) async fn join(&self, seeds: &[String]) -> Result<(), DbError> {
         self.check_running()?;
-        let seeds: Vec<&String> = seeds
-            .iter()
-            .filter(|s| **s != self.me.cluster_addr)
-            .collect();
+        let seeds: Vec<&String> = seeds.iter().filter(|s| **s != self.me.cluster_addr).collect();
         if seeds.is_empty() {
             return Err(DbError::Membership(
                 "no seed other than this member was given to join through; pass the cluster \
@@ -553,10 +484,8 @@ impl Inner {
                     forwarded: false,
                     timeout_ms: remote_budget(deadline),
                 };
-                let res: Result<WireResult<()>, CallError> = self
-                    .client
-                    .post(seed, "/join", &req, remaining(deadline))
-                    .await;
+                let res: Result<WireResult<()>, CallError> =
+                    self.client.post(seed, "/join", &req, remaining(deadline)).await;
                 match res {
                     Ok(Ok(())) => return Ok(()),
                     Ok(Err(WireError::BadRequest(m))) => return Err(DbError::Membership(m)),
@@ -582,22 +511,14 @@ impl Inner {
                 req.id, req.member.name
             )));
         }
-        let deadline =
-            Instant::now() + Duration::from_millis(req.timeout_ms).min(self.config.op_timeout);
+        let deadline = Instant::now() + Duration::from_millis(req.timeout_ms).min(self.config.op_timeout);
         match self.ensure_leader_here() {
             Ok(()) => self.add_voter(req.id, req.member, deadline).await,
             Err(WireError::NotLeader { .. }) if !req.forwarded => {
-                let (_, leader) = self
-                    .leader_for_op(deadline, None)
-                    .await
-                    .map_err(|_| WireError::NotLeader { leader: None })?;
-                let fwd = JoinRequest {
-                    forwarded: true,
-                    timeout_ms: remote_budget(deadline),
-                    ..req
-                };
-                self.forward(&leader.cluster_addr, "/join", &fwd, deadline)
-                    .await
+                let (_, leader) =
+                    self.leader_for_op(deadline, None).await.map_err(|_| WireError::NotLeader { leader: None })?;
+                let fwd = JoinRequest { forwarded: true, timeout_ms: remote_budget(deadline), ..req };
+                self.forward(&leader.cluster_addr, "/join", &fwd, deadline).await
             }
             Err(e) => Err(e),
         }
@@ -617,15 +538,12 @@ impl Inner {
             }
             // A voter rejoining with new addresses (e.g. a changed --advertise): update
             // the node record only; the voter set stays as it is.
-            let update = self.raft.change_membership(
-                ChangeMembers::SetNodes(std::collections::BTreeMap::from([(id, member)])),
-                false,
-            );
+            let update = self
+                .raft
+                .change_membership(ChangeMembers::SetNodes(std::collections::BTreeMap::from([(id, member)])), false);
             tokio::time::timeout_at(deadline, update)
                 .await
-                .map_err(|_| WireError::Timeout {
-                    leader: Some(self.me.clone()),
-                })?
+                .map_err(|_| WireError::Timeout { leader: Some(self.me.clone()) })?
                 .map_err(write_error)?;
             return Ok(());
         }
@@ -634,18 +552,12 @@ impl Inner {
         let add = self.raft.add_learner(id, member, true);
         tokio::time::timeout_at(deadline, add)
             .await
-            .map_err(|_| WireError::Timeout {
-                leader: Some(self.me.clone()),
-            })?
+            .map_err(|_| WireError::Timeout { leader: Some(self.me.clone()) })?
             .map_err(write_error)?;
-        let promote = self
-            .raft
-            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false);
+        let promote = self.raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false);
         tokio::time::timeout_at(deadline, promote)
             .await
-            .map_err(|_| WireError::Timeout {
-                leader: Some(self.me.clone()),
-            })?
+            .map_err(|_| WireError::Timeout { leader: Some(self.me.clone()) })?
             .map_err(write_error)?;
         Ok(())
     }
@@ -653,44 +565,27 @@ impl Inner {
     pub(crate) async fn remove_member(&self, name: &str) -> Result<(), DbError> {
         self.check_running()?;
         let deadline = Instant::now() + self.config.op_timeout;
-        let req = RemoveRequest {
-            name: name.to_string(),
-            forwarded: false,
-            timeout_ms: remote_budget(deadline),
-        };
+        let req = RemoveRequest { name: name.to_string(), forwarded: false, timeout_ms: remote_budget(deadline) };
         let (leader_id, leader) = self.leader_for_op(deadline, None).await?;
         let res = if leader_id == self.id {
             self.serve_remove(req).await
         } else {
-            let fwd = RemoveRequest {
-                forwarded: true,
-                ..req
-            };
-            self.forward(&leader.cluster_addr, "/remove", &fwd, deadline)
-                .await
+            let fwd = RemoveRequest { forwarded: true, ..req };
+            self.forward(&leader.cluster_addr, "/remove", &fwd, deadline).await
         };
         res.map_err(|e| self.map_wire(e, &leader.cluster_addr))
     }
 
     /// Receiver side of `/raft/remove`.
     pub(crate) async fn serve_remove(&self, req: RemoveRequest) -> WireResult<()> {
-        let deadline =
-            Instant::now() + Duration::from_millis(req.timeout_ms).min(self.config.op_timeout);
+        let deadline = Instant::now() + Duration::from_millis(req.timeout_ms).min(self.config.op_timeout);
         match self.ensure_leader_here() {
             Ok(()) => {}
             Err(WireError::NotLeader { .. }) if !req.forwarded => {
-                let (_, leader) = self
-                    .leader_for_op(deadline, None)
-                    .await
-                    .map_err(|_| WireError::NotLeader { leader: None })?;
-                let fwd = RemoveRequest {
-                    forwarded: true,
-                    timeout_ms: remote_budget(deadline),
-                    ..req
-                };
-                return self
-                    .forward(&leader.cluster_addr, "/remove", &fwd, deadline)
-                    .await;
+                let (_, leader) =
+                    self.leader_for_op(deadline, None).await.map_err(|_| WireError::NotLeader { leader: None })?;
+                let fwd = RemoveRequest { forwarded: true, timeout_ms: remote_budget(deadline), ..req };
+                return self.forward(&leader.cluster_addr, "/remove", &fwd, deadline).await;
             }
             Err(e) => return Err(e),
         }
@@ -712,9 +607,7 @@ impl Inner {
         };
         tokio::time::timeout_at(deadline, self.raft.change_membership(change, false))
             .await
-            .map_err(|_| WireError::Timeout {
-                leader: Some(self.me.clone()),
-            })?
+            .map_err(|_| WireError::Timeout { leader: Some(self.me.clone()) })?
             .map_err(write_error)?;
         Ok(())
     }
@@ -726,13 +619,10 @@ impl Inner {
         req: &Req,
         deadline: Instant,
     ) -> WireResult<()> {
-        let res: Result<WireResult<()>, CallError> =
-            self.client.post(addr, path, req, remaining(deadline)).await;
+        let res: Result<WireResult<()>, CallError> = self.client.post(addr, path, req, remaining(deadline)).await;
         match res {
             Ok(r) => r,
-            Err(CallError::Timeout(_)) => Err(WireError::Timeout {
-                leader: self.last_known_leader(),
-            }),
+            Err(CallError::Timeout(_)) => Err(WireError::Timeout { leader: self.last_known_leader() }),
             // The leader we know cannot be reached; to the caller that is "no leader".
             Err(e) => {
                 tracing::debug!(error = %e, addr, "forwarding to the leader failed");
@@ -744,12 +634,8 @@ impl Inner {
 
 fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, Member>>) -> WireError {
     match e {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => WireError::NotLeader {
-            leader: f.leader_node,
-        },
-        RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
-            WireError::Membership(c.to_string())
-        }
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => WireError::NotLeader { leader: f.leader_node },
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => WireError::Membership(c.to_string()),
         RaftError::Fatal(f) => WireError::Storage(f.to_string()),
     }
 }
@@ -793,17 +679,9 @@ pub(crate) fn status_from(m: &RaftMetrics<NodeId, Member>, name: &str) -> Cluste
             let matched = if role == Role::Leader && *id == m.id {
                 m.last_log_index
             } else {
-                m.replication
-                    .as_ref()
-                    .and_then(|r| r.get(id))
-                    .and_then(|l| l.map(|l| l.index))
+                m.replication.as_ref().and_then(|r| r.get(id)).and_then(|l| l.map(|l| l.index))
             };
-            MemberStatus {
-                id: *id,
-                member: member.clone(),
-                voter: voters.contains(id),
-                matched,
-            }
+            MemberStatus { id: *id, member: member.clone(), voter: voters.contains(id), matched }
         })
         .collect();
     let last_applied = m.last_applied.map(|l| l.index);
@@ -860,11 +738,7 @@ struct ReadPool {
 
 impl ReadPool {
     fn new(path: PathBuf) -> Self {
-        ReadPool {
-            path,
-            idle: Mutex::new(Vec::new()),
-            permits: Arc::new(Semaphore::new(READ_POOL_SIZE)),
-        }
+        ReadPool { path, idle: Mutex::new(Vec::new()), permits: Arc::new(Semaphore::new(READ_POOL_SIZE)) }
     }
 
     fn close(&self) {
@@ -877,19 +751,18 @@ impl ReadPool {
         T: Send + 'static,
         F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     {
-        let permit =
-            self.permits.clone().acquire_owned().await.map_err(|_| {
-                DbError::Storage("the read pool is closed (member shut down)".into())
-            })?;
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| DbError::Storage("the read pool is closed (member shut down)".into()))?;
         let pool = self.clone();
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let conn = pool.take()?;
             let out = f(&conn);
-            pool.idle
-                .lock()
-                .expect("read pool mutex poisoned")
-                .push(conn);
+            pool.idle.lock().expect("read pool mutex poisoned").push(conn);
             out.map_err(|e| DbError::Storage(format!("read on state.db failed: {e}")))
         })
         .await
@@ -900,11 +773,9 @@ impl ReadPool {
         if let Some(c) = self.idle.lock().expect("read pool mutex poisoned").pop() {
             return Ok(c);
         }
-        let conn = Connection::open_with_flags(
-            &self.path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(|e| DbError::Storage(format!("cannot open {}: {e}", self.path.display())))?;
+        let conn =
+            Connection::open_with_flags(&self.path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+                .map_err(|e| DbError::Storage(format!("cannot open {}: {e}", self.path.display())))?;
         conn.busy_timeout(Duration::from_secs(5))
             .map_err(|e| DbError::Storage(format!("cannot configure a read connection: {e}")))?;
         Ok(conn)

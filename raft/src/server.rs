@@ -18,9 +18,7 @@ use openraft::raft::{AppendEntriesRequest, VoteRequest};
 use crate::network::PREFIX;
 use crate::node::{Inner, BODY_LIMIT};
 use crate::types::TypeConfig;
-use crate::wire::{
-    JoinRequest, ReadIndexRequest, RemoveRequest, SnapshotChunk, WireResult, WriteRequest,
-};
+use crate::wire::{JoinRequest, ReadIndexRequest, RemoveRequest, SnapshotChunk, WireResult, WriteRequest};
 
 type St = State<Arc<Inner>>;
 
@@ -42,12 +40,7 @@ pub(crate) fn router(inner: Arc<Inner>) -> Router {
 fn unavailable(why: &str) -> Response {
     // Closing the connection drops it from the peer's pool, so a restarted member on the
     // same address is reached on a fresh connection instead of a dead one.
-    (
-        StatusCode::SERVICE_UNAVAILABLE,
-        [(header::CONNECTION, "close")],
-        why.to_string(),
-    )
-        .into_response()
+    (StatusCode::SERVICE_UNAVAILABLE, [(header::CONNECTION, "close")], why.to_string()).into_response()
 }
 
 /// Runs a Raft RPC unless the member is stopped, bounded by `limit`.

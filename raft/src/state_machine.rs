@@ -18,9 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use openraft::storage::RaftStateMachine;
-use openraft::{
-    EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageIOError,
-};
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageIOError};
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
 use crate::datadir::{self, Role};
@@ -109,15 +107,11 @@ impl StateMachine {
 
 impl Shared {
     fn lock_conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.conn
-            .lock()
-            .expect("state.db mutex poisoned by a panicked SQLite call")
+        self.conn.lock().expect("state.db mutex poisoned by a panicked SQLite call")
     }
 
     fn lock_snapshot(&self) -> std::sync::MutexGuard<'_, Option<Meta>> {
-        self.snapshot
-            .lock()
-            .expect("snapshot mutex poisoned by a panicked snapshot write")
+        self.snapshot.lock().expect("snapshot mutex poisoned by a panicked snapshot write")
     }
 
     fn state_path(&self) -> PathBuf {
@@ -142,11 +136,9 @@ impl Shared {
 
 fn read_sm_meta(conn: &Connection) -> Result<(Option<LogId>, StoredMembership), StorageError> {
     let get = |key: &str| -> Result<Option<String>, StorageError> {
-        conn.query_row("SELECT value FROM _raft_sm WHERE key = ?1", [key], |r| {
-            r.get(0)
-        })
-        .optional()
-        .map_err(|e| StorageIOError::read_state_machine(&e).into())
+        conn.query_row("SELECT value FROM _raft_sm WHERE key = ?1", [key], |r| r.get(0))
+            .optional()
+            .map_err(|e| StorageIOError::read_state_machine(&e).into())
     };
     let applied = match get(KEY_APPLIED)? {
         Some(s) => serde_json::from_str(&s).map_err(|e| StorageIOError::read_state_machine(&e))?,
@@ -159,11 +151,7 @@ fn read_sm_meta(conn: &Connection) -> Result<(Option<LogId>, StoredMembership), 
     Ok((applied, membership))
 }
 
-fn write_sm_meta(
-    conn: &Connection,
-    applied: &Option<LogId>,
-    membership: &StoredMembership,
-) -> rusqlite::Result<()> {
+fn write_sm_meta(conn: &Connection, applied: &Option<LogId>, membership: &StoredMembership) -> rusqlite::Result<()> {
     let sql = "INSERT OR REPLACE INTO _raft_sm (key, value) VALUES (?1, ?2)";
     conn.execute(sql, [KEY_APPLIED, &to_json(applied)?])?;
     conn.execute(sql, [KEY_MEMBERSHIP, &to_json(membership)?])?;
@@ -218,22 +206,15 @@ fn load_snapshot_meta(path: &Path) -> Result<Option<Meta>, DbError> {
     if !path.exists() {
         return Ok(None);
     }
-    let bytes =
-        fs::read(path).map_err(|e| datadir::data_dir_error(path, format!("cannot read: {e}")))?;
+    let bytes = fs::read(path).map_err(|e| datadir::data_dir_error(path, format!("cannot read: {e}")))?;
     let (meta, _) = parse_snapshot_file(bytes).map_err(|reason| {
-        datadir::data_dir_error(
-            path,
-            format!("{reason}; it is not a holdfast-raft snapshot, move it away"),
-        )
+        datadir::data_dir_error(path, format!("{reason}; it is not a holdfast-raft snapshot, move it away"))
     })?;
     Ok(Some(meta))
 }
 
 fn snapshot_id(last: &Option<LogId>) -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default();
     match last {
         Some(l) => format!("{}-{}-{nanos}", l.leader_id.term, l.index),
         None => format!("none-{nanos}"),
@@ -242,11 +223,8 @@ fn snapshot_id(last: &Option<LogId>) -> String {
 
 fn path_str(path: &Path) -> Result<&str, StorageError> {
     path.to_str().ok_or_else(|| {
-        StorageIOError::write_snapshot(
-            None,
-            &std::io::Error::other(format!("path {} is not UTF-8", path.display())),
-        )
-        .into()
+        StorageIOError::write_snapshot(None, &std::io::Error::other(format!("path {} is not UTF-8", path.display())))
+            .into()
     })
 }
 
@@ -256,10 +234,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             let seq = shared.seq.fetch_add(1, Ordering::Relaxed);
             let tmp = shared.dir.join(format!("snapshot-build-{seq}.tmp"));
             let werr = |e: &dyn std::error::Error| {
-                StorageError::from(StorageIOError::write_snapshot(
-                    None,
-                    &std::io::Error::other(e.to_string()),
-                ))
+                StorageError::from(StorageIOError::write_snapshot(None, &std::io::Error::other(e.to_string())))
             };
             datadir::remove_if_exists(&tmp).map_err(|e| werr(&e))?;
             // A separate read-only connection: VACUUM INTO reads one consistent
@@ -271,8 +246,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
                     )
                     .map_err(|e| werr(&e))?;
-                    ro.execute("VACUUM INTO ?1", [path_str(&tmp)?])
-                        .map_err(|e| werr(&e))?;
+                    ro.execute("VACUUM INTO ?1", [path_str(&tmp)?]).map_err(|e| werr(&e))?;
                 }
                 // The meta comes from the copy itself, so it matches the data exactly.
                 let (applied, membership) = {
@@ -288,16 +262,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             })();
             let _ = datadir::remove_if_exists(&tmp);
             let (applied, membership, data) = result?;
-            let meta = Meta {
-                snapshot_id: snapshot_id(&applied),
-                last_log_id: applied,
-                last_membership: membership,
-            };
+            let meta = Meta { snapshot_id: snapshot_id(&applied), last_log_id: applied, last_membership: membership };
             shared.store_snapshot(&meta, &data)?;
-            Ok(Snapshot {
-                meta,
-                snapshot: Box::new(Cursor::new(data)),
-            })
+            Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
         })
         .await
     }
@@ -322,9 +289,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.call(move |shared| {
             let mut conn = shared.lock_conn();
             let (_, mut membership) = read_sm_meta(&conn)?;
-            let tx = conn
-                .transaction()
-                .map_err(|e| StorageIOError::write_state_machine(&e))?;
+            let tx = conn.transaction().map_err(|e| StorageIOError::write_state_machine(&e))?;
             let mut responses = Vec::with_capacity(entries.len());
             let mut last = None;
             for entry in entries {
@@ -345,10 +310,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
                 last = Some(log_id);
             }
-            write_sm_meta(&tx, &last, &membership)
-                .map_err(|e| StorageIOError::write_state_machine(&e))?;
-            tx.commit()
-                .map_err(|e| StorageIOError::write_state_machine(&e))?;
+            write_sm_meta(&tx, &last, &membership).map_err(|e| StorageIOError::write_state_machine(&e))?;
+            tx.commit().map_err(|e| StorageIOError::write_state_machine(&e))?;
             Ok(responses)
         })
         .await
@@ -362,20 +325,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
-    async fn install_snapshot(
-        &mut self,
-        meta: &Meta,
-        snapshot: Box<Cursor<Vec<u8>>>,
-    ) -> Result<(), StorageError> {
+    async fn install_snapshot(&mut self, meta: &Meta, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
         let meta = meta.clone();
         let data = snapshot.into_inner();
         self.call(move |shared| {
             let sig = Some(meta.signature());
             let err = |e: &dyn std::fmt::Display| {
-                StorageError::from(StorageIOError::write_snapshot(
-                    sig.clone(),
-                    &std::io::Error::other(e.to_string()),
-                ))
+                StorageError::from(StorageIOError::write_snapshot(sig.clone(), &std::io::Error::other(e.to_string())))
             };
             let tmp = shared.dir.join("snapshot-install.tmp");
             datadir::remove_if_exists(&tmp).map_err(|e| err(&e))?;
@@ -396,21 +352,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     )));
                 }
                 // The copy carries the sender's node name; the live file must keep ours.
-                datadir::write_identity(&src, Role::State, &shared.node_name)
-                    .map_err(|e| err(&e))?;
+                datadir::write_identity(&src, Role::State, &shared.node_name).map_err(|e| err(&e))?;
 
                 let mut live = shared.lock_conn();
                 {
-                    let backup =
-                        rusqlite::backup::Backup::new(&src, &mut live).map_err(|e| err(&e))?;
+                    let backup = rusqlite::backup::Backup::new(&src, &mut live).map_err(|e| err(&e))?;
                     // -1 copies every page in one step: one write transaction on the
                     // live database, so readers see the old state or the new one.
                     match backup.step(-1).map_err(|e| err(&e))? {
                         rusqlite::backup::StepResult::Done => {}
                         other => {
-                            return Err(err(&format!(
-                                "backup into state.db did not finish in one step: {other:?}"
-                            )))
+                            return Err(err(&format!("backup into state.db did not finish in one step: {other:?}")))
                         }
                     }
                 }
@@ -441,10 +393,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 .map_err(|e| StorageIOError::read_snapshot(sig.clone(), &e))?;
             let (meta, data) = parse_snapshot_file(bytes)
                 .map_err(|e| StorageIOError::read_snapshot(sig, &std::io::Error::other(e)))?;
-            Ok(Some(Snapshot {
-                meta,
-                snapshot: Box::new(Cursor::new(data)),
-            }))
+            Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
         })
         .await
     }

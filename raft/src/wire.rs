@@ -20,25 +20,13 @@ pub(crate) struct SnapshotChunk {
 
 impl From<InstallSnapshotRequest<TypeConfig>> for SnapshotChunk {
     fn from(r: InstallSnapshotRequest<TypeConfig>) -> Self {
-        SnapshotChunk {
-            vote: r.vote,
-            meta: r.meta,
-            offset: r.offset,
-            data: r.data,
-            done: r.done,
-        }
+        SnapshotChunk { vote: r.vote, meta: r.meta, offset: r.offset, data: r.data, done: r.done }
     }
 }
 
 impl From<SnapshotChunk> for InstallSnapshotRequest<TypeConfig> {
     fn from(c: SnapshotChunk) -> Self {
-        InstallSnapshotRequest {
-            vote: c.vote,
-            meta: c.meta,
-            offset: c.offset,
-            data: c.data,
-            done: c.done,
-        }
+        InstallSnapshotRequest { vote: c.vote, meta: c.meta, offset: c.offset, data: c.data, done: c.done }
     }
 }
 

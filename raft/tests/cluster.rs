@@ -29,32 +29,18 @@ impl Apply for Kv {
         conn.execute_batch("CREATE TABLE kv (k TEXT PRIMARY KEY, v TEXT NOT NULL)")
     }
 
-    fn apply(
-        &self,
-        tx: &rusqlite::Transaction<'_>,
-        _index: u64,
-        command: &[u8],
-    ) -> rusqlite::Result<Vec<u8>> {
+    fn apply(&self, tx: &rusqlite::Transaction<'_>, _index: u64, command: &[u8]) -> rusqlite::Result<Vec<u8>> {
         let Ok(put) = serde_json::from_slice::<Put>(command) else {
             return Ok(b"\"rejected\"".to_vec());
         };
-        let prev: Option<String> = tx
-            .query_row("SELECT v FROM kv WHERE k = ?1", [&put.k], |r| r.get(0))
-            .optional()?;
-        tx.execute(
-            "INSERT OR REPLACE INTO kv (k, v) VALUES (?1, ?2)",
-            [&put.k, &put.v],
-        )?;
+        let prev: Option<String> = tx.query_row("SELECT v FROM kv WHERE k = ?1", [&put.k], |r| r.get(0)).optional()?;
+        tx.execute("INSERT OR REPLACE INTO kv (k, v) VALUES (?1, ?2)", [&put.k, &put.v])?;
         Ok(serde_json::to_vec(&prev).unwrap_or_default())
     }
 }
 
 fn put(k: &str, v: &str) -> Vec<u8> {
-    serde_json::to_vec(&Put {
-        k: k.into(),
-        v: v.into(),
-    })
-    .expect("serialize put")
+    serde_json::to_vec(&Put { k: k.into(), v: v.into() }).expect("serialize put")
 }
 
 fn prev(resp: &[u8]) -> Option<String> {
@@ -62,10 +48,7 @@ fn prev(resp: &[u8]) -> Option<String> {
 }
 
 fn get_sql(k: String) -> impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<Option<String>> {
-    move |c| {
-        c.query_row("SELECT v FROM kv WHERE k = ?1", [k], |r| r.get(0))
-            .optional()
-    }
+    move |c| c.query_row("SELECT v FROM kv WHERE k = ?1", [k], |r| r.get(0)).optional()
 }
 
 fn count_sql(c: &rusqlite::Connection) -> rusqlite::Result<i64> {
@@ -91,10 +74,7 @@ impl Member {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        if tokio::time::timeout(Duration::from_secs(3), &mut self.server)
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(Duration::from_secs(3), &mut self.server).await.is_err() {
             self.server.abort();
         }
         (self.name, self.dir, self.addr)
@@ -110,21 +90,12 @@ fn test_config(name: &str, dir: &Path, addr: &str) -> Config {
     c
 }
 
-async fn start_member(
-    name: &str,
-    dir: &Path,
-    addr: Option<&str>,
-    tweak: &dyn Fn(&mut Config),
-) -> Member {
-    let listener = TcpListener::bind(addr.unwrap_or("127.0.0.1:0"))
-        .await
-        .expect("bind cluster port");
+async fn start_member(name: &str, dir: &Path, addr: Option<&str>, tweak: &dyn Fn(&mut Config)) -> Member {
+    let listener = TcpListener::bind(addr.unwrap_or("127.0.0.1:0")).await.expect("bind cluster port");
     let addr = listener.local_addr().expect("local addr").to_string();
     let mut config = test_config(name, dir, &addr);
     tweak(&mut config);
-    let db = ReplicatedDb::open(config, Arc::new(Kv))
-        .await
-        .expect("open member");
+    let db = ReplicatedDb::open(config, Arc::new(Kv)).await.expect("open member");
     let router = db.cluster_router();
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(async move {
@@ -134,14 +105,7 @@ async fn start_member(
             })
             .await;
     });
-    Member {
-        name: name.to_string(),
-        dir: dir.to_path_buf(),
-        addr,
-        db,
-        stop: Some(stop),
-        server,
-    }
+    Member { name: name.to_string(), dir: dir.to_path_buf(), addr, db, stop: Some(stop), server }
 }
 
 struct Cluster {
@@ -155,17 +119,10 @@ impl Cluster {
     async fn start(n: usize, tweak: &dyn Fn(&mut Config)) -> Cluster {
         let root_dir = tempfile::tempdir().expect("tempdir");
         let root = root_dir.path().to_path_buf();
-        let mut c = Cluster {
-            _root: root_dir,
-            root,
-            members: Vec::new(),
-        };
+        let mut c = Cluster { _root: root_dir, root, members: Vec::new() };
         let first = c.add(tweak).await;
         c.m(first).db.bootstrap().await.expect("bootstrap");
-        wait_until(Duration::from_secs(5), "first member leads", || {
-            c.m(first).db.status().role == Role::Leader
-        })
-        .await;
+        wait_until(Duration::from_secs(5), "first member leads", || c.m(first).db.status().role == Role::Leader).await;
         for _ in 1..n {
             let i = c.add(tweak).await;
             let seeds = vec![c.m(first).addr.clone()];
@@ -188,24 +145,17 @@ impl Cluster {
     }
 
     fn alive(&self) -> impl Iterator<Item = (usize, &Member)> {
-        self.members
-            .iter()
-            .enumerate()
-            .filter_map(|(i, m)| m.as_ref().map(|m| (i, m)))
+        self.members.iter().enumerate().filter_map(|(i, m)| m.as_ref().map(|m| (i, m)))
     }
 
     /// Index of the member every live member agrees leads.
     async fn leader(&self) -> usize {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let mut leaders = self
-                .alive()
-                .filter(|(_, m)| m.db.status().role == Role::Leader);
+            let mut leaders = self.alive().filter(|(_, m)| m.db.status().role == Role::Leader);
             if let (Some((i, lm)), None) = (leaders.next(), leaders.next()) {
                 let lname = lm.name.clone();
-                let agreed = self
-                    .alive()
-                    .all(|(_, m)| m.db.status().leader.map(|l| l.name) == Some(lname.clone()));
+                let agreed = self.alive().all(|(_, m)| m.db.status().leader.map(|l| l.name) == Some(lname.clone()));
                 if agreed {
                     return i;
                 }
@@ -216,18 +166,11 @@ impl Cluster {
     }
 
     fn follower_of(&self, leader: usize) -> usize {
-        self.alive()
-            .map(|(i, _)| i)
-            .find(|i| *i != leader)
-            .expect("a follower is alive")
+        self.alive().map(|(i, _)| i).find(|i| *i != leader).expect("a follower is alive")
     }
 
     async fn kill(&mut self, i: usize) -> (String, PathBuf, String) {
-        self.members[i]
-            .take()
-            .expect("member is running")
-            .kill()
-            .await
+        self.members[i].take().expect("member is running").kill().await
     }
 
     async fn shutdown(mut self) {
@@ -243,10 +186,7 @@ impl Cluster {
 async fn wait_until(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
     while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {within:?} waiting for: {what}"
-        );
+        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -279,34 +219,18 @@ async fn three_members_commit_and_follower_writes_are_forwarded() {
 
     let st = c.m(leader).db.status();
     assert_eq!(st.members.iter().filter(|m| m.voter).count(), 3, "{st:?}");
-    assert_eq!(
-        st.leader.as_ref().map(|l| l.api_addr.clone()),
-        Some(format!("api-of-{}", c.m(leader).name))
-    );
+    assert_eq!(st.leader.as_ref().map(|l| l.api_addr.clone()), Some(format!("api-of-{}", c.m(leader).name)));
 
-    let r = c
-        .m(leader)
-        .db
-        .write(put("a", "1"))
-        .await
-        .expect("write on leader");
+    let r = c.m(leader).db.write(put("a", "1")).await.expect("write on leader");
     assert_eq!(prev(&r), None);
     // Through a follower: forwarded to the leader, answered with the previous value.
-    let r = c
-        .m(follower)
-        .db
-        .write(put("a", "2"))
-        .await
-        .expect("write via follower");
+    let r = c.m(follower).db.write(put("a", "2")).await.expect("write via follower");
     assert_eq!(prev(&r), Some("1".to_string()));
 
     let applied = c.m(leader).db.status().last_applied.expect("applied");
     for (_, m) in c.alive() {
         wait_applied(&m.db, applied, Duration::from_secs(3)).await;
-        let v =
-            m.db.read_local(get_sql("a".into()))
-                .await
-                .expect("read_local");
+        let v = m.db.read_local(get_sql("a".into())).await.expect("read_local");
         assert_eq!(v.as_deref(), Some("2"), "on {}", m.name);
     }
     // The leader reports how far each member got.
@@ -324,20 +248,10 @@ async fn follower_linearizable_read_sees_acknowledged_write() {
         let v = i.to_string();
         c.m(leader).db.write(put("x", &v)).await.expect("write");
         // No waiting: the read itself must catch up to the acknowledged write.
-        let got = c
-            .m(follower)
-            .db
-            .read(get_sql("x".into()))
-            .await
-            .expect("read");
+        let got = c.m(follower).db.read(get_sql("x".into())).await.expect("read");
         assert_eq!(got.as_deref(), Some(v.as_str()), "round {i}");
     }
-    let got = c
-        .m(leader)
-        .db
-        .read(get_sql("x".into()))
-        .await
-        .expect("read on leader");
+    let got = c.m(leader).db.read(get_sql("x".into())).await.expect("read on leader");
     assert_eq!(got.as_deref(), Some("19"));
     c.shutdown().await;
 }
@@ -361,19 +275,13 @@ async fn leader_failover_keeps_acknowledged_writes() {
         match c.m(survivor).db.write(put("after", "failover")).await {
             Ok(_) => break,
             Err(e) => {
-                assert!(
-                    started.elapsed() < Duration::from_secs(3),
-                    "no commit within 3 s after leader loss: {e}"
-                );
+                assert!(started.elapsed() < Duration::from_secs(3), "no commit within 3 s after leader loss: {e}");
             }
         }
     }
     let failover = started.elapsed();
     eprintln!("failover: new leader committed {failover:?} after the leader was killed");
-    assert!(
-        failover < Duration::from_secs(3),
-        "failover took {failover:?}"
-    );
+    assert!(failover < Duration::from_secs(3), "failover took {failover:?}");
 
     let new_leader = c.leader().await;
     assert_ne!(new_leader, old);
@@ -391,20 +299,12 @@ async fn restarted_member_catches_up_from_its_dir() {
     let mut c = Cluster::start(3, &no_tweak).await;
     let leader = c.leader().await;
     let victim = c.follower_of(leader);
-    c.m(leader)
-        .db
-        .write(put("before", "1"))
-        .await
-        .expect("write");
+    c.m(leader).db.write(put("before", "1")).await.expect("write");
     let before_term = c.m(victim).db.status().term;
     let (name, dir, addr) = c.kill(victim).await;
 
     for i in 0..10 {
-        c.m(leader)
-            .db
-            .write(put(&format!("while-down-{i}"), "x"))
-            .await
-            .expect("write with one member down");
+        c.m(leader).db.write(put(&format!("while-down-{i}"), "x")).await.expect("write with one member down");
     }
     let applied = c.m(leader).db.status().last_applied.expect("applied");
 
@@ -412,20 +312,13 @@ async fn restarted_member_catches_up_from_its_dir() {
     let m = start_member(&name, &dir, Some(&addr), &no_tweak).await;
     let st = m.db.status();
     assert!(st.term >= before_term, "vote/term lost on restart: {st:?}");
-    assert!(
-        st.last_applied.is_some(),
-        "state not resumed from disk: {st:?}"
-    );
+    assert!(st.last_applied.is_some(), "state not resumed from disk: {st:?}");
     c.members[victim] = Some(m);
     wait_applied(&c.m(victim).db, applied, Duration::from_secs(5)).await;
     let n = c.m(victim).db.read_local(count_sql).await.expect("count");
     assert_eq!(n, 11);
     // And it takes part again: a write through it succeeds.
-    c.m(victim)
-        .db
-        .write(put("after", "1"))
-        .await
-        .expect("write via restarted member");
+    c.m(victim).db.write(put("after", "1")).await.expect("write via restarted member");
     c.shutdown().await;
 }
 
@@ -435,11 +328,7 @@ async fn new_member_gets_snapshot_and_all_data() {
     let mut c = Cluster::start(3, &small_snapshots).await;
     let leader = c.leader().await;
     for i in 0..120 {
-        c.m(leader)
-            .db
-            .write(put(&format!("s{i}"), &i.to_string()))
-            .await
-            .expect("write");
+        c.m(leader).db.write(put(&format!("s{i}"), &i.to_string())).await.expect("write");
     }
     let st = c.m(leader).db.status();
     let snap = st.snapshot_index.expect("leader built a snapshot");
@@ -473,18 +362,12 @@ async fn new_member_gets_snapshot_and_all_data() {
     c.m(fourth).db.join(&seeds).await.expect("join fourth");
     let applied = c.m(leader).db.status().last_applied.expect("applied");
     let st = wait_applied(&c.m(fourth).db, applied, Duration::from_secs(5)).await;
-    assert!(
-        st.snapshot_index >= Some(snap),
-        "fourth member did not install a snapshot: {st:?}"
-    );
+    assert!(st.snapshot_index >= Some(snap), "fourth member did not install a snapshot: {st:?}");
     let first = tokio::time::timeout(Duration::from_secs(1), first_applied)
         .await
         .expect("first applied reported")
         .expect("watch task");
-    assert!(
-        first >= snap,
-        "fourth member applied {first} before the snapshot at {snap}"
-    );
+    assert!(first >= snap, "fourth member applied {first} before the snapshot at {snap}");
     // The installed copy kept WAL mode and this member's identity.
     let mode: String = c
         .m(fourth)
@@ -495,12 +378,7 @@ async fn new_member_gets_snapshot_and_all_data() {
     assert_eq!(mode.to_lowercase(), "wal");
     let n = c.m(fourth).db.read_local(count_sql).await.expect("count");
     assert_eq!(n, 120);
-    let v = c
-        .m(fourth)
-        .db
-        .read(get_sql("s119".into()))
-        .await
-        .expect("read");
+    let v = c.m(fourth).db.read(get_sql("s119".into())).await.expect("read");
     assert_eq!(v.as_deref(), Some("119"));
     let st = c.m(leader).db.status();
     assert_eq!(st.members.iter().filter(|m| m.voter).count(), 4, "{st:?}");
@@ -508,10 +386,7 @@ async fn new_member_gets_snapshot_and_all_data() {
     // The installed database carries this member's name, so it reopens as itself.
     let (name, dir, addr) = c.kill(fourth).await;
     let m = start_member(&name, &dir, Some(&addr), &small_snapshots).await;
-    let n =
-        m.db.read_local(count_sql)
-            .await
-            .expect("count after restart");
+    let n = m.db.read_local(count_sql).await.expect("count after restart");
     assert_eq!(n, 120);
     c.members[fourth] = Some(m);
     c.shutdown().await;
@@ -523,16 +398,8 @@ async fn lone_member_cannot_commit(keep_leader: bool) {
     let quick = |c: &mut Config| c.op_timeout = Duration::from_millis(1500);
     let mut c = Cluster::start(3, &quick).await;
     let leader = c.leader().await;
-    c.m(leader)
-        .db
-        .write(put("a", "1"))
-        .await
-        .expect("write with quorum");
-    let keep = if keep_leader {
-        leader
-    } else {
-        c.follower_of(leader)
-    };
+    c.m(leader).db.write(put("a", "1")).await.expect("write with quorum");
+    let keep = if keep_leader { leader } else { c.follower_of(leader) };
     let doomed: Vec<usize> = c.alive().map(|(i, _)| i).filter(|i| *i != keep).collect();
     for i in doomed {
         c.kill(i).await;
@@ -540,53 +407,21 @@ async fn lone_member_cannot_commit(keep_leader: bool) {
     let bound = Duration::from_millis(1500 + 1000);
 
     let started = Instant::now();
-    let err = c
-        .m(keep)
-        .db
-        .write(put("a", "2"))
-        .await
-        .expect_err("minority write must fail");
+    let err = c.m(keep).db.write(put("a", "2")).await.expect_err("minority write must fail");
     // A leader cut off from its quorum times out; a follower finds no leader to ask.
     if keep_leader {
-        assert!(
-            matches!(err, DbError::Timeout { .. }),
-            "unexpected error: {err:?}"
-        );
+        assert!(matches!(err, DbError::Timeout { .. }), "unexpected error: {err:?}");
     } else {
-        assert!(
-            matches!(err, DbError::NoLeader { .. }),
-            "unexpected error: {err:?}"
-        );
+        assert!(matches!(err, DbError::NoLeader { .. }), "unexpected error: {err:?}");
     }
-    assert!(
-        started.elapsed() < bound,
-        "write took {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < bound, "write took {:?}", started.elapsed());
 
     let started = Instant::now();
-    let err = c
-        .m(keep)
-        .db
-        .read(get_sql("a".into()))
-        .await
-        .expect_err("minority read must fail");
-    assert!(
-        matches!(err, DbError::Timeout { .. } | DbError::NoLeader { .. }),
-        "unexpected error: {err:?}"
-    );
-    assert!(
-        started.elapsed() < bound,
-        "read took {:?}",
-        started.elapsed()
-    );
+    let err = c.m(keep).db.read(get_sql("a".into())).await.expect_err("minority read must fail");
+    assert!(matches!(err, DbError::Timeout { .. } | DbError::NoLeader { .. }), "unexpected error: {err:?}");
+    assert!(started.elapsed() < bound, "read took {:?}", started.elapsed());
     // The stale value is still there for local reads.
-    let v = c
-        .m(keep)
-        .db
-        .read_local(get_sql("a".into()))
-        .await
-        .expect("read_local");
+    let v = c.m(keep).db.read_local(get_sql("a".into())).await.expect("read_local");
     assert_eq!(v.as_deref(), Some("1"));
     c.shutdown().await;
 }
@@ -614,31 +449,15 @@ async fn join_is_idempotent_and_remove_member_works() {
     assert_eq!(c.m(leader).db.status().members, before);
 
     // Remove the other follower, asked through a follower so it is forwarded.
-    let other = c
-        .alive()
-        .map(|(i, _)| i)
-        .find(|i| *i != leader && *i != follower)
-        .expect("third member");
+    let other = c.alive().map(|(i, _)| i).find(|i| *i != leader && *i != follower).expect("third member");
     let gone = c.m(other).name.clone();
-    c.m(follower)
-        .db
-        .remove_member(&gone)
-        .await
-        .expect("remove member");
+    c.m(follower).db.remove_member(&gone).await.expect("remove member");
     let st = c.m(leader).db.status();
     assert_eq!(st.members.len(), 2, "{st:?}");
     assert!(st.members.iter().all(|m| m.member.name != gone), "{st:?}");
     // Removing it again is harmless, and the smaller cluster still commits.
-    c.m(leader)
-        .db
-        .remove_member(&gone)
-        .await
-        .expect("repeated remove");
-    c.m(follower)
-        .db
-        .write(put("z", "1"))
-        .await
-        .expect("write after removal");
+    c.m(leader).db.remove_member(&gone).await.expect("repeated remove");
+    c.m(follower).db.write(put("z", "1")).await.expect("write after removal");
     c.shutdown().await;
 }
 
@@ -657,10 +476,7 @@ async fn single_member_restart_resumes_vote_log_and_state() {
     let again = m.db.status();
     assert!(again.term >= st.term);
     assert!(again.last_applied.is_some(), "{again:?}");
-    let r =
-        m.db.write(put("a", "2"))
-            .await
-            .expect("write after restart");
+    let r = m.db.write(put("a", "2")).await.expect("write after restart");
     assert_eq!(prev(&r).as_deref(), Some("1"));
     m.db.shutdown().await;
     m.db.shutdown().await; // idempotent
@@ -685,10 +501,7 @@ async fn open_err(dir: &Path, name: &str) -> DbError {
 fn assert_data_dir(e: &DbError, needle: &str) {
     match e {
         DbError::DataDir { reason, .. } => {
-            assert!(
-                reason.contains(needle),
-                "reason {reason:?} lacks {needle:?}"
-            )
+            assert!(reason.contains(needle), "reason {reason:?} lacks {needle:?}")
         }
         other => panic!("expected DataDir, got {other:?}"),
     }
@@ -703,26 +516,15 @@ async fn foreign_files_are_refused_and_left_alone() {
     std::fs::create_dir_all(&d1).expect("mkdir");
     std::fs::write(d1.join("state.db"), b"my notes").expect("write");
     assert_data_dir(&open_err(&d1, "m").await, "not a SQLite database");
-    assert_eq!(
-        std::fs::read(d1.join("state.db")).expect("read"),
-        b"my notes"
-    );
-    assert!(
-        !d1.join("raft-log.db").exists(),
-        "nothing may be created beside a foreign file"
-    );
+    assert_eq!(std::fs::read(d1.join("state.db")).expect("read"), b"my notes");
+    assert!(!d1.join("raft-log.db").exists(), "nothing may be created beside a foreign file");
 
     // An empty file is not an empty store either.
     let d2 = root.path().join("empty");
     std::fs::create_dir_all(&d2).expect("mkdir");
     std::fs::write(d2.join("raft-log.db"), b"").expect("write");
     assert_data_dir(&open_err(&d2, "m").await, "not a SQLite database");
-    assert_eq!(
-        std::fs::metadata(d2.join("raft-log.db"))
-            .expect("stat")
-            .len(),
-        0
-    );
+    assert_eq!(std::fs::metadata(d2.join("raft-log.db")).expect("stat").len(), 0);
 
     // Somebody else's SQLite database.
     let d3 = root.path().join("sqlite");
@@ -735,10 +537,7 @@ async fn foreign_files_are_refused_and_left_alone() {
     let before = std::fs::read(d3.join("raft-log.db")).expect("read");
     assert_data_dir(&open_err(&d3, "m").await, "identity table");
     assert_eq!(std::fs::read(d3.join("raft-log.db")).expect("read"), before);
-    assert!(
-        !d3.join("raft-log.db-wal").exists(),
-        "foreign db switched to WAL"
-    );
+    assert!(!d3.join("raft-log.db-wal").exists(), "foreign db switched to WAL");
 
     // A data dir path that is a file.
     let f = root.path().join("file");
@@ -759,10 +558,7 @@ async fn another_node_name_is_refused() {
 
     // The rightful owner still opens it, with its data.
     let m = start_member("m1", &dir, None, &no_tweak).await;
-    let v =
-        m.db.read_local(get_sql("a".into()))
-            .await
-            .expect("read_local");
+    let v = m.db.read_local(get_sql("a".into())).await.expect("read_local");
     assert_eq!(v.as_deref(), Some("1"));
     m.kill().await;
 }

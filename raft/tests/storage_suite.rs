@@ -16,12 +16,7 @@ impl Apply for NoApp {
         conn.execute_batch("CREATE TABLE t (x INTEGER)")
     }
 
-    fn apply(
-        &self,
-        _tx: &rusqlite::Transaction<'_>,
-        _index: u64,
-        command: &[u8],
-    ) -> rusqlite::Result<Vec<u8>> {
+    fn apply(&self, _tx: &rusqlite::Transaction<'_>, _index: u64, command: &[u8]) -> rusqlite::Result<Vec<u8>> {
         Ok(command.to_vec())
     }
 }
@@ -32,8 +27,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for Builder {
     async fn build(&self) -> Result<(TempDir, LogStore, StateMachine), StorageError<u64>> {
         let dir = tempfile::tempdir().map_err(|e| StorageIOError::write(&e))?;
         let log = LogStore::open(dir.path(), "suite").map_err(|e| StorageIOError::write(&e))?;
-        let sm = StateMachine::open(dir.path(), "suite", Arc::new(NoApp))
-            .map_err(|e| StorageIOError::write(&e))?;
+        let sm = StateMachine::open(dir.path(), "suite", Arc::new(NoApp)).map_err(|e| StorageIOError::write(&e))?;
         Ok((dir, log, sm))
     }
 }
