@@ -68,6 +68,7 @@ pub async fn plan_once(m: &Manager) -> Result<usize, super::api::ApiError> {
                 }
             })
             .collect(),
+        strategy: Default::default(),
     };
     let work: Vec<Pending> = pending
         .iter()

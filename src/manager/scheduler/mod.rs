@@ -50,11 +50,24 @@ impl NodeView {
     }
 }
 
+/// How to choose among feasible nodes (a cluster setting).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    /// Fill the fullest node that fits first (keeps whole nodes free for big tasks).
+    #[default]
+    Binpack,
+    /// Prefer the emptiest node (spreads load and failure impact).
+    Spread,
+}
+
 /// The cluster at the time of planning.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ClusterView {
     /// Every registered node.
     pub nodes: Vec<NodeView>,
+    /// Scoring strategy.
+    pub strategy: Strategy,
 }
 
 /// A task waiting for a node.
@@ -106,12 +119,16 @@ fn check(node: &NodeView, want: &Pending) -> Result<(), Miss> {
     Ok(())
 }
 
-/// Binpack score: the fuller the node after placement, the better (fills one node
-/// before the next, keeping whole nodes free for large tasks).
-fn score(node: &NodeView, r: &Resources) -> f64 {
+/// Utilization after placement (mean of CPU and memory); binpack maximizes it, spread
+/// minimizes it.
+fn score(node: &NodeView, r: &Resources, strategy: Strategy) -> f64 {
     let cpu = (node.reserved_cpu_millis + r.cpu_millis) as f64 / node.cpu_millis.max(1) as f64;
     let mem = (node.reserved_memory_mb + r.memory_mb) as f64 / node.memory_mb.max(1) as f64;
-    (cpu + mem) / 2.0
+    let used = (cpu + mem) / 2.0;
+    match strategy {
+        Strategy::Binpack => used,
+        Strategy::Spread => -used,
+    }
 }
 
 fn explain(nodes: &[NodeView], want: &Pending, misses: &BTreeMap<Miss, usize>) -> String {
@@ -159,7 +176,7 @@ pub fn plan(view: &ClusterView, work: &[Pending]) -> Plan {
             match check(node, want) {
                 Err(m) => *misses.entry(m).or_default() += 1,
                 Ok(()) => {
-                    let s = score(node, &want.resources);
+                    let s = score(node, &want.resources, view.strategy);
                     let better = match best {
                         None => true,
                         Some((j, bs)) => s > bs || (s == bs && node.name < nodes[j].name),
@@ -225,7 +242,7 @@ mod tests {
 
     #[test]
     fn binpack_fills_one_node_first_and_never_overcommits() {
-        let view = ClusterView { nodes: vec![node("b", 1000, 1000), node("a", 1000, 1000)] };
+        let view = ClusterView { nodes: vec![node("b", 1000, 1000), node("a", 1000, 1000)], ..Default::default() };
         let work: Vec<Pending> = (0..5).map(|i| task(&format!("t{i}"), 400, 100)).collect();
         let p = plan(&view, &work);
         assert_eq!(placed(&p), vec![("t0", "a"), ("t1", "a"), ("t2", "b"), ("t3", "b")]);
@@ -238,7 +255,7 @@ mod tests {
     fn reasons_name_each_check() {
         let mut small = node("small", 4000, 23000);
         small.measured_free_memory_mb = Some(23000);
-        let view = ClusterView { nodes: vec![small] };
+        let view = ClusterView { nodes: vec![small], ..Default::default() };
         let p = plan(&view, &[task("big", 100, 999_999)]);
         assert_eq!(p.unplaced[0].1, "no node fits: memory 999999 MB > largest free 23000 MB");
 
@@ -246,7 +263,7 @@ mod tests {
         labelled.labels.insert("zone".into(), "a".into());
         let mut down = node("d", 1000, 1000);
         down.eligible = false;
-        let view = ClusterView { nodes: vec![labelled, down] };
+        let view = ClusterView { nodes: vec![labelled, down], ..Default::default() };
         let mut t = task("t", 100, 10);
         t.constraints.labels.insert("zone".into(), "b".into());
         let p = plan(&view, &[t]);
@@ -257,10 +274,22 @@ mod tests {
     }
 
     #[test]
+    fn spread_balances_and_ties_break_by_name() {
+        let view = ClusterView {
+            nodes: vec![node("c", 1000, 1000), node("a", 1000, 1000), node("b", 1000, 1000)],
+            strategy: Strategy::Spread,
+        };
+        let work: Vec<Pending> = (0..6).map(|i| task(&format!("t{i}"), 100, 100)).collect();
+        let p = plan(&view, &work);
+        assert_eq!(placed(&p), vec![("t0", "a"), ("t1", "b"), ("t2", "c"), ("t3", "a"), ("t4", "b"), ("t5", "c")]);
+    }
+
+    #[test]
     fn measured_free_memory_limits_placement() {
         let mut n = node("a", 1000, 1000);
         n.measured_free_memory_mb = Some(150);
-        let p = plan(&ClusterView { nodes: vec![n] }, &[task("t1", 10, 100), task("t2", 10, 100)]);
+        let p =
+            plan(&ClusterView { nodes: vec![n], ..Default::default() }, &[task("t1", 10, 100), task("t2", 10, 100)]);
         assert_eq!(placed(&p), vec![("t1", "a")]);
         assert_eq!(p.unplaced[0].0, "t2");
     }
