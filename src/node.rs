@@ -93,8 +93,9 @@ pub async fn run_with_runtime(
             });
         }
         let planner = tokio::spawn(manager::leader::run_planner(mgr.clone(), stop_tx.subscribe()));
+        let liveness = tokio::spawn(manager::leader::run_liveness(mgr.clone(), stop_tx.subscribe()));
         tasks.push(tokio::spawn(async move {
-            let _ = planner.await;
+            let _ = tokio::join!(planner, liveness);
             Ok(())
         }));
         tracing::info!(node = %config.node_id, api = %m.api, cluster = %m.cluster, "manager serving");

@@ -147,6 +147,7 @@ async fn batch_exit_codes_complete_or_fail() {
     let mut bad = echo_spec(&["--exit-after", "1s", "--exit-code", "3"]);
     bad["kind"] = json!("batch");
     bad["restart"] = json!({"policy": "no"});
+    bad["reschedule"] = json!({"attempts": 0});
     let bad_id = dev.submit(bad).await;
     let t = dev.wait_state(&ok_id, "completed", Duration::from_secs(90)).await;
     assert_eq!(t["exit_code"], 0);
@@ -159,6 +160,7 @@ async fn crash_loop_restarts_with_backoff_then_fails() {
     let dev = Dev::start().await;
     let mut spec = echo_spec(&["--exit-after", "300ms", "--exit-code", "1"]);
     spec["restart"] = json!({"policy": "on-failure", "max_attempts": 3, "delay_ms": 300, "max_delay_ms": 2000});
+    spec["reschedule"] = json!({"attempts": 0});
     let id = dev.submit(spec).await;
     let t = dev.wait_state(&id, "failed", Duration::from_secs(90)).await;
     assert_eq!(t["restarts"], 3, "{t}");
@@ -194,10 +196,19 @@ async fn restarted_worker_adopts_its_container() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_image_fails_and_huge_task_stays_pending() {
     let dev = Dev::start().await;
-    let id = dev.submit(json!({"image": "nonexistent.invalid/nope:1"})).await;
-    let t = dev.wait_state(&id, "failed", Duration::from_secs(60)).await;
+    // One reschedule allowed, after 300 ms: two placements fail with Docker's reason, then
+    // the task stays failed (no retry storm).
+    let spec = json!({"image": "nonexistent.invalid/nope:1", "reschedule": {"attempts": 1, "delay_ms": 300}});
+    let id = dev.submit(spec).await;
+    let t = eventually(Duration::from_secs(60), "two failed placements", || async {
+        let t = dev.task(&id).await?;
+        let ps = t["placements"].as_array()?;
+        (ps.len() == 2 && ps.iter().all(|p| p["observed"] == "failed")).then_some(t)
+    })
+    .await;
+    assert_eq!(t["state"], "failed", "{t}");
     assert!(t["reason"].as_str().is_some_and(|r| r.contains("nonexistent.invalid")), "{t}");
-    assert_eq!(t["placements"].as_array().unwrap().len(), 1, "no retry storm: {t}");
+    assert!(t["placements"][0]["fence"].as_u64() > t["placements"][1]["fence"].as_u64(), "{t}");
 
     let id = dev.submit(json!({"image": "holdfast/echo:latest", "resources": {"memory_mb": 999_999}})).await;
     let t = eventually(Duration::from_secs(20), "pending reason", || async {

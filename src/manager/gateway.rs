@@ -12,10 +12,79 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 
+use axum::http::StatusCode as Status;
+use holdfast_raft::ReplicatedDb;
+use tokio::sync::{mpsc, oneshot};
+
 use super::api::{write, ApiError};
-use super::state::{query, Command};
+use super::state::{node_status, query, Command, NodeReports, Outcome};
 use super::{lock, now_ms, Liveness, Manager};
-use crate::model::sync::{Assignment, LogReply, NotLeader, SyncRequest, SyncResponse};
+use crate::model::sync::{Assignment, LogReply, NotLeader, StatusReport, SyncRequest, SyncResponse};
+
+/// Most jobs merged into one `ReportStatus` command.
+const BATCH_MAX: usize = 256;
+/// Jobs waiting for the batcher; a full queue answers 503 instead of growing.
+const BATCH_QUEUE: usize = 1_024;
+
+type Job = (NodeReports, oneshot::Sender<Result<u64, ApiError>>);
+
+/// Merges status reports from many workers into one Raft command per round: while one
+/// command commits, the next batch gathers.
+#[derive(Clone)]
+pub struct ReportBatcher {
+    tx: mpsc::Sender<Job>,
+}
+
+impl ReportBatcher {
+    /// Starts the batching task on the current runtime.
+    pub fn spawn(db: ReplicatedDb) -> Self {
+        let (tx, mut rx) = mpsc::channel::<Job>(BATCH_QUEUE);
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut jobs = vec![first];
+                while jobs.len() < BATCH_MAX {
+                    match rx.try_recv() {
+                        Ok(j) => jobs.push(j),
+                        Err(_) => break,
+                    }
+                }
+                let cmd =
+                    Command::ReportStatus { batches: jobs.iter().map(|(r, _)| r.clone()).collect(), now_ms: now_ms() };
+                let result = commit(&db, &cmd).await;
+                for (reports, reply) in jobs {
+                    let answer = match &result {
+                        Ok(v) => v["acked"][&reports.node].as_u64().ok_or_else(|| {
+                            ApiError::new(
+                                Status::NOT_FOUND,
+                                "not_found",
+                                format!("node {} is not registered", reports.node),
+                            )
+                        }),
+                        Err(e) => Err(e.clone()),
+                    };
+                    let _ = reply.send(answer);
+                }
+            }
+        });
+        ReportBatcher { tx }
+    }
+
+    /// Queues one node's reports and waits for the acknowledged sequence number.
+    pub async fn submit(&self, node: &str, reports: Vec<StatusReport>) -> Result<u64, ApiError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .try_send((NodeReports { node: node.to_string(), reports }, reply))
+            .map_err(|_| ApiError::unavailable("status report queue is full; retry shortly".into(), None))?;
+        answer.await.map_err(|_| ApiError::internal("report batcher stopped".into()))?
+    }
+}
+
+async fn commit(db: &ReplicatedDb, cmd: &Command) -> Result<serde_json::Value, ApiError> {
+    let bytes = serde_json::to_vec(cmd).map_err(|e| ApiError::internal(e.to_string()))?;
+    let out: Outcome = serde_json::from_slice(&db.write(bytes).await?)
+        .map_err(|e| ApiError::internal(format!("unreadable apply response: {e}")))?;
+    out.map_err(|r| ApiError::new(Status::UNPROCESSABLE_ENTITY, &r.code, r.message))
+}
 
 /// Routes under `/cluster/v1/` for workers.
 pub fn router(manager: Arc<Manager>) -> Router {
@@ -43,6 +112,14 @@ async fn sync(State(m): State<Arc<Manager>>, Json(req): Json<SyncRequest>) -> Re
 
     let name = req.node.clone();
     let reg = m.db.read_local(move |c| query::node_registration(c, &name)).await?;
+    if reg.as_ref().is_some_and(|g| g.status != node_status::READY) {
+        // Heard from again: back to ready (committed; the heartbeat itself is not).
+        write(
+            &m,
+            &Command::SetNodeStatus { name: req.node.clone(), status: node_status::READY.into(), now_ms: now_ms() },
+        )
+        .await?;
+    }
     let r = &req.resources;
     let changed = match &reg {
         None => true,
@@ -69,14 +146,9 @@ async fn sync(State(m): State<Arc<Manager>>, Json(req): Json<SyncRequest>) -> Re
         )
         .await?;
     }
-    let mut acked_seq = reg.map(|r| r.last_seq).unwrap_or(0);
+    let mut acked_seq = reg.as_ref().map(|r| r.last_seq).unwrap_or(0);
     if !req.reports.is_empty() {
-        let out = write(
-            &m,
-            &Command::ReportStatus { node: req.node.clone(), reports: req.reports.clone(), now_ms: now_ms() },
-        )
-        .await?;
-        acked_seq = out["acked_seq"].as_u64().unwrap_or(acked_seq);
+        acked_seq = m.reports.submit(&req.node, req.reports.clone()).await?;
     }
 
     // Long-poll: hold the request until the desired set changes, a log request is

@@ -28,6 +28,8 @@ pub struct ManagerTimers {
     pub max_long_poll: Duration,
     /// How long a log request waits for the worker to answer.
     pub log_timeout: Duration,
+    /// A disconnected node is marked down after this long.
+    pub down_after: Duration,
 }
 
 impl Default for ManagerTimers {
@@ -37,6 +39,7 @@ impl Default for ManagerTimers {
             heartbeat_ttl: Duration::from_secs(5),
             max_long_poll: Duration::from_millis(2_500),
             log_timeout: Duration::from_secs(10),
+            down_after: Duration::from_secs(60),
         }
     }
 }
@@ -123,19 +126,22 @@ pub struct Manager {
     pub log_signal: watch::Sender<u64>,
     /// Timers.
     pub timers: ManagerTimers,
-    /// When this process started (grace period for liveness after a leader change).
+    /// When this process started.
     pub started: Instant,
+    /// Batches workers' status reports into few Raft commands.
+    pub reports: gateway::ReportBatcher,
 }
 
 impl Manager {
     /// Wraps an opened database.
     pub fn new(db: ReplicatedDb, applied: watch::Receiver<u64>, timers: ManagerTimers) -> Arc<Self> {
         Arc::new(Manager {
-            db,
             applied,
             liveness: Mutex::new(HashMap::new()),
             logs: LogRelay::default(),
             log_signal: watch::channel(0).0,
+            reports: gateway::ReportBatcher::spawn(db.clone()),
+            db,
             timers,
             started: Instant::now(),
         })

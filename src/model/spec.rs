@@ -159,6 +159,46 @@ pub enum OfflineMode {
     Exclusive,
 }
 
+/// Manager-side rescheduling: a failed placement is replaced by a new one (new node
+/// when possible, higher fence) after an exponential delay, a limited number of times.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReschedulePolicy {
+    /// Replacements allowed after the first placement fails (0 disables).
+    #[serde(default = "default_attempts")]
+    pub attempts: u32,
+    /// Delay before the first replacement; doubles each time.
+    #[serde(default = "default_reschedule_delay")]
+    pub delay_ms: u64,
+    /// Cap on the delay.
+    #[serde(default = "default_reschedule_max_delay")]
+    pub max_delay_ms: u64,
+}
+
+fn default_reschedule_delay() -> u64 {
+    5_000
+}
+fn default_reschedule_max_delay() -> u64 {
+    300_000
+}
+
+impl Default for ReschedulePolicy {
+    fn default() -> Self {
+        ReschedulePolicy {
+            attempts: default_attempts(),
+            delay_ms: default_reschedule_delay(),
+            max_delay_ms: default_reschedule_max_delay(),
+        }
+    }
+}
+
+impl ReschedulePolicy {
+    /// Delay before replacement number `n` (0-based): exponential, capped.
+    pub fn delay_before(&self, n: u32) -> u64 {
+        self.delay_ms.saturating_mul(1u64 << n.min(32)).min(self.max_delay_ms)
+    }
+}
+
 /// Behaviour while the worker cannot reach a manager.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -225,6 +265,9 @@ pub struct TaskSpec {
     /// Placement constraints.
     #[serde(default)]
     pub constraints: Constraints,
+    /// Manager-side rescheduling of failed placements.
+    #[serde(default)]
+    pub reschedule: Option<ReschedulePolicy>,
 }
 
 /// Largest request body accepted for a spec.
@@ -336,6 +379,17 @@ impl TaskSpec {
                 }
             }
         }
+        if let Some(r) = &self.reschedule {
+            if r.attempts > 1_000 || r.delay_ms > r.max_delay_ms || r.max_delay_ms > 24 * 3_600_000 {
+                return Err(SpecError::new(
+                    "reschedule",
+                    format!(
+                        "need attempts ≤ 1000 and delay_ms ({}) ≤ max_delay_ms ({}) ≤ 86400000",
+                        r.delay_ms, r.max_delay_ms
+                    ),
+                ));
+            }
+        }
         if let Some(o) = &self.offline {
             if o.lost_after_ms < 1_000 || o.lost_after_ms > 30 * 24 * 3_600_000 {
                 return Err(SpecError::new("offline.lost_after_ms", "must be 1000 ms to 30 days"));
@@ -363,6 +417,21 @@ impl TaskSpec {
             delay_ms: default_delay(),
             max_delay_ms: default_max_delay(),
         })
+    }
+
+    /// The effective reschedule policy.
+    pub fn reschedule_policy(&self) -> ReschedulePolicy {
+        self.reschedule.clone().unwrap_or_default()
+    }
+
+    /// How long a disconnected node may hold this task before it counts as lost.
+    pub fn lost_after_ms(&self) -> u64 {
+        self.offline.as_ref().map_or_else(default_lost_after, |o| o.lost_after_ms)
+    }
+
+    /// Whether a lost placement is replaced elsewhere.
+    pub fn replace_when_lost(&self) -> bool {
+        self.offline.as_ref().is_none_or(|o| o.replace)
     }
 
     /// The effective offline mode.

@@ -29,6 +29,9 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/tasks/{id}", get(get_task).delete(stop_task))
         .route("/v1/tasks/{id}/logs", get(task_logs))
         .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes/{id}", get(get_node))
+        .route("/v1/nodes/{id}/drain", post(drain_node))
+        .route("/v1/nodes/{id}/eligibility", post(node_eligibility))
         .route("/v1/cluster", get(cluster))
         .route("/v1/cluster/members/{id}", delete(remove_member))
         .route("/v1/health", get(health))
@@ -181,36 +184,137 @@ async fn task_logs(
     }
 }
 
+fn node_json(n: &query::NodeRow, l: Option<&super::Liveness>) -> serde_json::Value {
+    serde_json::json!({
+        "id": n.name,
+        "address": n.address,
+        "status": n.status,
+        "status_since_ms": n.status_since_ms,
+        "draining": n.draining,
+        "drain_deadline_ms": n.drain_deadline_ms,
+        "eligible": n.eligible,
+        "labels": n.labels,
+        "capacity": { "cpu_millis": n.cpu_millis, "memory_mb": n.memory_mb, "disk_mb": n.disk_mb },
+        "reserved": {
+            "cpu_millis": n.reserved_cpu_millis,
+            "memory_mb": n.reserved_memory_mb,
+            "disk_mb": n.reserved_disk_mb,
+        },
+        "free": l.map(|l| serde_json::json!({
+            "memory_mb": l.resources.memory_free_mb,
+            "disk_mb": l.resources.disk_free_mb,
+            "load1": l.resources.load1,
+        })),
+        "engine_ok": l.map(|l| l.resources.engine_ok),
+        "last_seen_ms_ago": l.map(|l| l.last_seen.elapsed().as_millis() as u64),
+        "placements": n.placements,
+    })
+}
+
 async fn list_nodes(State(m): State<Arc<Manager>>) -> Result<Json<serde_json::Value>, ApiError> {
     let rows = m.db.read(query::nodes).await?;
     let live = super::lock(&m.liveness).clone();
-    let nodes: Vec<serde_json::Value> = rows
-        .into_iter()
-        .map(|n| {
-            let l = live.get(&n.name);
-            serde_json::json!({
-                "id": n.name,
-                "address": n.address,
-                "status": n.status,
-                "labels": n.labels,
-                "capacity": { "cpu_millis": n.cpu_millis, "memory_mb": n.memory_mb, "disk_mb": n.disk_mb },
-                "reserved": {
-                    "cpu_millis": n.reserved_cpu_millis,
-                    "memory_mb": n.reserved_memory_mb,
-                    "disk_mb": n.reserved_disk_mb,
-                },
-                "free": l.map(|l| serde_json::json!({
-                    "memory_mb": l.resources.memory_free_mb,
-                    "disk_mb": l.resources.disk_free_mb,
-                    "load1": l.resources.load1,
-                })),
-                "engine_ok": l.map(|l| l.resources.engine_ok),
-                "last_seen_ms_ago": l.map(|l| l.last_seen.elapsed().as_millis() as u64),
-                "placements": n.placements,
-            })
-        })
-        .collect();
+    let nodes: Vec<serde_json::Value> = rows.iter().map(|n| node_json(n, live.get(&n.name))).collect();
     Ok(Json(serde_json::json!({ "nodes": nodes })))
+}
+
+fn no_node(id: &str) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no node named {id}")).field("id")
+}
+
+async fn get_node(State(m): State<Arc<Manager>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    check_id(&id)?;
+    let key = id.clone();
+    let (rows, events) = m.db.read(move |c| Ok((query::nodes(c)?, query::node_events(c, &key)?))).await?;
+    let n = rows.iter().find(|n| n.name == id).ok_or_else(|| no_node(&id))?;
+    let live = super::lock(&m.liveness).get(&id).cloned();
+    let mut body = node_json(n, live.as_ref());
+    // Disconnected intervals, from the committed status changes.
+    let mut intervals = Vec::new();
+    let mut open: Option<u64> = None;
+    for e in &events {
+        match e.what.as_str() {
+            "disconnected" if open.is_none() => open = Some(e.at_ms),
+            "ready" => {
+                if let Some(from) = open.take() {
+                    intervals.push(serde_json::json!({ "from_ms": from, "to_ms": e.at_ms }));
+                }
+            }
+            _ => {}
+        }
+    }
+    if let Some(from) = open {
+        intervals.push(serde_json::json!({ "from_ms": from, "to_ms": null }));
+    }
+    body["disconnected"] = serde_json::json!(intervals);
+    body["events"] = serde_json::json!(events);
+    Ok(Json(body).into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DrainBody {
+    /// `false` ends a drain.
+    enable: Option<bool>,
+    /// Placements left after this many ms are stopped regardless.
+    deadline_ms: Option<u64>,
+}
+
+fn json_body<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(|b| b.is_ascii_whitespace()) {
+        return Ok(T::default());
+    }
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let field = e.path().to_string();
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid", e.inner().to_string()).field(if field == "." {
+            ""
+        } else {
+            &field
+        })
+    })
+}
+
+async fn drain_node(State(m): State<Arc<Manager>>, Path(id): Path<String>, body: Bytes) -> Result<Response, ApiError> {
+    check_id(&id)?;
+    let b: DrainBody = json_body(&body)?;
+    let now = now_ms();
+    let deadline = match b.deadline_ms {
+        Some(d) if d > 7 * 24 * 3_600_000 => {
+            return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid", "deadline_ms must be at most 7 days")
+                .field("deadline_ms"))
+        }
+        d => d.map(|d| now + d),
+    };
+    let enable = b.enable.unwrap_or(true);
+    write(&m, &Command::DrainNode { name: id.clone(), enable, deadline_ms: deadline, now_ms: now })
+        .await
+        .map_err(|e| if e.status == StatusCode::NOT_FOUND { no_node(&id) } else { e })?;
+    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "id": id, "draining": enable, "deadline_ms": deadline })))
+        .into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct EligibilityBody {
+    eligible: bool,
+}
+
+async fn node_eligibility(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    check_id(&id)?;
+    if body.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid", "body must be {\"eligible\": true|false}")
+            .field("eligible"));
+    }
+    let b: EligibilityBody = json_body(&body)?;
+    write(&m, &Command::SetEligibility { name: id.clone(), eligible: b.eligible, now_ms: now_ms() })
+        .await
+        .map_err(|e| if e.status == StatusCode::NOT_FOUND { no_node(&id) } else { e })?;
+    Ok(Json(serde_json::json!({ "id": id, "eligible": b.eligible })).into_response())
 }
 
 async fn cluster(State(m): State<Arc<Manager>>) -> Json<serde_json::Value> {

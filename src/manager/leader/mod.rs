@@ -1,14 +1,22 @@
-//! Leader-only loops. The planner takes a view of the state, calls the pure
-//! scheduler, and commits the plan as one command; `apply` re-checks it against the
-//! newest state (Nomad's optimistic plan/apply split).
+//! Leader-only loops.
+//!
+//! - The **planner** takes a view of the state, calls the pure scheduler, and commits
+//!   the plan as one command; `apply` re-checks it against the newest state (Nomad's
+//!   optimistic plan/apply split). Its work: tasks never placed, failed placements due
+//!   for a reschedule, placements lost with a silent node, placements on draining nodes.
+//! - The **liveness** loop judges nodes from the in-memory heartbeats and commits only
+//!   transitions (ready → disconnected → down), after a grace period when this manager
+//!   has just become leader.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast;
 
+use super::api::ApiError;
 use super::scheduler::{self, ClusterView, NodeView, Pending};
-use super::state::{query, Command};
+use super::state::query::{self, ReplaceCandidate};
+use super::state::{node_status, Command};
 use super::{lock, now_ms, Manager};
 
 /// Most tasks considered in one planning round.
@@ -28,21 +36,85 @@ pub async fn run_planner(m: Arc<Manager>, mut shutdown: broadcast::Receiver<()>)
         }
         // Under a burst of submissions, plan in batches rather than once per command.
         tokio::time::sleep(PLAN_DEBOUNCE).await;
-        // Wake on any applied command, a role change, or a tick (liveness moves nodes
-        // in and out of eligibility without any write).
+        // Wake on any applied command, a role change, or a tick (time alone makes
+        // reschedules due and nodes lost).
         tokio::select! {
             _ = shutdown.recv() => return,
             _ = applied.changed() => {}
             _ = status.changed() => {}
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
     }
 }
 
+/// Why a current placement should be replaced now, if it should.
+fn replacement_due(c: &ReplaceCandidate, now: u64, m: &Manager) -> Option<Vec<String>> {
+    if c.node_draining {
+        return Some(vec![c.node.clone()]);
+    }
+    if c.node_status != node_status::READY {
+        // Lost: silent for longer than the task tolerates. An exclusive task is only
+        // replaced once the old worker's lease has surely run out, so two never overlap.
+        let mut lost_after = c.spec.lost_after_ms();
+        if c.spec.offline_mode() == crate::model::OfflineMode::Exclusive {
+            lost_after = lost_after.max(m.timers.lease.as_millis() as u64 + m.timers.heartbeat_ttl.as_millis() as u64);
+        }
+        let silent_for = now.saturating_sub(c.node_status_since_ms);
+        return (c.spec.replace_when_lost() && silent_for >= lost_after).then(|| vec![c.node.clone()]);
+    }
+    // Failed on a ready node: reschedule with exponential delay, a limited number of times.
+    let policy = c.spec.reschedule_policy();
+    let used = c.placements.saturating_sub(1);
+    if used >= policy.attempts {
+        return None;
+    }
+    (now >= c.updated_ms + policy.delay_before(used)).then(|| c.failed_on.clone())
+}
+
 /// One planning round; returns how many placements were committed.
-pub async fn plan_once(m: &Manager) -> Result<usize, super::api::ApiError> {
-    let (pending, nodes) = m.db.read_local(|c| Ok((query::pending_tasks(c, PLAN_BATCH)?, query::nodes(c)?))).await?;
-    if pending.is_empty() {
+pub async fn plan_once(m: &Manager) -> Result<usize, ApiError> {
+    let (pending, candidates, nodes) =
+        m.db.read_local(|c| {
+            Ok((query::pending_tasks(c, PLAN_BATCH)?, query::replace_candidates(c, PLAN_BATCH)?, query::nodes(c)?))
+        })
+        .await?;
+    let now = now_ms();
+    let mut work: Vec<Pending> = pending
+        .iter()
+        .map(|t| Pending {
+            task_id: t.id.clone(),
+            resources: t.spec.resources.clone(),
+            constraints: t.spec.constraints.clone(),
+            replaces: None,
+            avoid: Vec::new(),
+        })
+        .collect();
+    let mut reasons: Vec<(String, Option<String>)> = pending.iter().map(|t| (t.id.clone(), t.reason.clone())).collect();
+    let mut expired_drains = Vec::new();
+    for c in &candidates {
+        if let Some(avoid) = replacement_due(c, now, m) {
+            work.push(Pending {
+                task_id: c.task_id.clone(),
+                resources: c.spec.resources.clone(),
+                constraints: c.spec.constraints.clone(),
+                replaces: Some(c.placement_id.clone()),
+                avoid,
+            });
+            reasons.push((c.task_id.clone(), c.reason.clone()));
+        }
+        if c.node_draining && c.drain_deadline_ms.is_some_and(|d| now >= d) {
+            expired_drains.push(c.placement_id.clone());
+        }
+    }
+    if !expired_drains.is_empty() {
+        let cmd = Command::StopPlacements {
+            ids: expired_drains,
+            reason: "drain deadline passed with no room elsewhere".into(),
+            now_ms: now,
+        };
+        super::api::write(m, &cmd).await?;
+    }
+    if work.is_empty() {
         return Ok(0);
     }
     let live = lock(&m.liveness).clone();
@@ -52,9 +124,18 @@ pub async fn plan_once(m: &Manager) -> Result<usize, super::api::ApiError> {
             .map(|n| {
                 let l = live.get(&n.name);
                 let fresh = l.is_some_and(|l| l.last_seen.elapsed() < m.timers.heartbeat_ttl);
+                let engine_ok = l.is_some_and(|l| l.resources.engine_ok);
                 NodeView {
-                    eligible: n.status == "ready" && fresh && l.is_some_and(|l| l.resources.engine_ok),
-                    status: if fresh { n.status.clone() } else { "not heard from".into() },
+                    eligible: n.status == node_status::READY && !n.draining && n.eligible && fresh && engine_ok,
+                    status: if n.draining {
+                        "draining".into()
+                    } else if !n.eligible {
+                        "ineligible".into()
+                    } else if !fresh {
+                        "not heard from".into()
+                    } else {
+                        n.status.clone()
+                    },
                     labels: n.labels,
                     cpu_millis: n.cpu_millis,
                     memory_mb: n.memory_mb,
@@ -70,26 +151,65 @@ pub async fn plan_once(m: &Manager) -> Result<usize, super::api::ApiError> {
             .collect(),
         strategy: Default::default(),
     };
-    let work: Vec<Pending> = pending
-        .iter()
-        .map(|t| Pending {
-            task_id: t.id.clone(),
-            resources: t.spec.resources.clone(),
-            constraints: t.spec.constraints.clone(),
-        })
-        .collect();
     let plan = scheduler::plan(&view, &work);
     // Only record reasons that changed: an unchanged reason would be a write that
     // wakes this loop for nothing.
     let unplaced: Vec<(String, String)> = plan
         .unplaced
         .into_iter()
-        .filter(|(id, why)| pending.iter().any(|t| &t.id == id && t.reason.as_deref() != Some(why)))
+        .filter(|(id, why)| reasons.iter().any(|(t, old)| t == id && old.as_deref() != Some(why)))
         .collect();
     if plan.placements.is_empty() && unplaced.is_empty() {
         return Ok(0);
     }
     let n = plan.placements.len();
-    super::api::write(m, &Command::ApplyPlan { placements: plan.placements, unplaced, now_ms: now_ms() }).await?;
+    super::api::write(m, &Command::ApplyPlan { placements: plan.placements, unplaced, now_ms: now }).await?;
     Ok(n)
+}
+
+/// Judges node liveness until shutdown; commits only transitions, only while leading.
+pub async fn run_liveness(m: Arc<Manager>, mut shutdown: broadcast::Receiver<()>) {
+    let mut leading_since: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.recv() => return,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        if m.db.status().role != holdfast_raft::Role::Leader {
+            leading_since = None;
+            continue;
+        }
+        // A new leader has no heartbeats yet: give every node one TTL to check in.
+        let since = *leading_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < m.timers.heartbeat_ttl {
+            continue;
+        }
+        if let Err(e) = judge_nodes(&m).await {
+            tracing::warn!(error = %e, "liveness round failed; retrying");
+        }
+    }
+}
+
+async fn judge_nodes(m: &Manager) -> Result<(), ApiError> {
+    let nodes = m.db.read_local(query::nodes).await?;
+    let live = lock(&m.liveness).clone();
+    let now = now_ms();
+    for n in nodes {
+        let fresh = live.get(&n.name).is_some_and(|l| l.last_seen.elapsed() < m.timers.heartbeat_ttl);
+        let next = match n.status.as_str() {
+            node_status::READY if !fresh => Some(node_status::DISCONNECTED),
+            node_status::DISCONNECTED | node_status::DOWN if fresh => Some(node_status::READY),
+            node_status::DISCONNECTED
+                if now.saturating_sub(n.status_since_ms) >= m.timers.down_after.as_millis() as u64 =>
+            {
+                Some(node_status::DOWN)
+            }
+            _ => None,
+        };
+        if let Some(status) = next {
+            tracing::info!(node = %n.name, from = %n.status, to = status, "node status");
+            super::api::write(m, &Command::SetNodeStatus { name: n.name, status: status.into(), now_ms: now }).await?;
+        }
+    }
+    Ok(())
 }

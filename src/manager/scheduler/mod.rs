@@ -79,6 +79,10 @@ pub struct Pending {
     pub resources: Resources,
     /// Constraints.
     pub constraints: Constraints,
+    /// Placement this one replaces, carried into the plan.
+    pub replaces: Option<String>,
+    /// Nodes to use only when no other node fits (where the task failed before).
+    pub avoid: Vec<String>,
 }
 
 /// The scheduler's output.
@@ -171,24 +175,30 @@ pub fn plan(view: &ClusterView, work: &[Pending]) -> Plan {
     let mut out = Plan::default();
     for want in work {
         let mut misses: BTreeMap<Miss, usize> = BTreeMap::new();
-        let mut best: Option<(usize, f64)> = None;
+        // Ranked by (not avoided, score, then smallest name): an avoided node is used
+        // only when nothing else fits.
+        let mut best: Option<(usize, bool, f64)> = None;
         for (i, node) in nodes.iter().enumerate() {
             match check(node, want) {
                 Err(m) => *misses.entry(m).or_default() += 1,
                 Ok(()) => {
                     let s = score(node, &want.resources, view.strategy);
+                    let preferred = !want.avoid.contains(&node.name);
                     let better = match best {
                         None => true,
-                        Some((j, bs)) => s > bs || (s == bs && node.name < nodes[j].name),
+                        Some((j, bp, bs)) => {
+                            (preferred && !bp)
+                                || (preferred == bp && (s > bs || (s == bs && node.name < nodes[j].name)))
+                        }
                     };
                     if better {
-                        best = Some((i, s));
+                        best = Some((i, preferred, s));
                     }
                 }
             }
         }
         match best {
-            Some((i, _)) => {
+            Some((i, _, _)) => {
                 let n = &mut nodes[i];
                 n.reserved_cpu_millis += want.resources.cpu_millis;
                 n.reserved_memory_mb += want.resources.memory_mb;
@@ -199,7 +209,11 @@ pub fn plan(view: &ClusterView, work: &[Pending]) -> Plan {
                 if let Some(d) = n.measured_free_disk_mb.as_mut() {
                     *d = d.saturating_sub(want.resources.disk_mb);
                 }
-                out.placements.push(PlannedPlacement { task_id: want.task_id.clone(), node: n.name.clone() });
+                out.placements.push(PlannedPlacement {
+                    task_id: want.task_id.clone(),
+                    node: n.name.clone(),
+                    replaces: want.replaces.clone(),
+                });
             }
             None => out.unplaced.push((want.task_id.clone(), explain(&nodes, want, &misses))),
         }
@@ -233,6 +247,8 @@ mod tests {
             task_id: id.into(),
             resources: Resources { cpu_millis: cpu, memory_mb: mem, disk_mb: 0 },
             constraints: Constraints::default(),
+            replaces: None,
+            avoid: Vec::new(),
         }
     }
 
@@ -282,6 +298,19 @@ mod tests {
         let work: Vec<Pending> = (0..6).map(|i| task(&format!("t{i}"), 100, 100)).collect();
         let p = plan(&view, &work);
         assert_eq!(placed(&p), vec![("t0", "a"), ("t1", "b"), ("t2", "c"), ("t3", "a"), ("t4", "b"), ("t5", "c")]);
+    }
+
+    #[test]
+    fn avoided_nodes_are_a_last_resort() {
+        let view = ClusterView { nodes: vec![node("a", 1000, 1000), node("b", 1000, 1000)], ..Default::default() };
+        let mut t = task("t", 100, 100);
+        t.avoid = vec!["a".into()];
+        t.replaces = Some("old".into());
+        let p = plan(&view, std::slice::from_ref(&t));
+        assert_eq!(placed(&p), vec![("t", "b")]);
+        assert_eq!(p.placements[0].replaces.as_deref(), Some("old"));
+        t.avoid = vec!["a".into(), "b".into()];
+        assert_eq!(placed(&plan(&view, &[t])), vec![("t", "a")]);
     }
 
     #[test]

@@ -60,15 +60,70 @@ pub enum Command {
         /// Leader wall clock.
         now_ms: u64,
     },
-    /// Observed-state changes from one worker.
+    /// Observed-state changes from many workers, batched by the leader.
     ReportStatus {
-        /// Reporting node.
-        node: String,
-        /// Changes, oldest first.
-        reports: Vec<StatusReport>,
+        /// Per node, its changes oldest first.
+        batches: Vec<NodeReports>,
         /// Leader wall clock.
         now_ms: u64,
     },
+    /// The leader's liveness judgement changed (heartbeats themselves are not written).
+    SetNodeStatus {
+        /// Node name.
+        name: String,
+        /// `ready`, `disconnected` or `down`.
+        status: String,
+        /// Leader wall clock.
+        now_ms: u64,
+    },
+    /// Start or end draining a node: no new placements; existing ones move away.
+    DrainNode {
+        /// Node name.
+        name: String,
+        /// `true` to drain, `false` to end draining.
+        enable: bool,
+        /// Placements still on the node at this time are stopped regardless.
+        deadline_ms: Option<u64>,
+        /// Leader wall clock.
+        now_ms: u64,
+    },
+    /// Tell placements to stop (a drain deadline passed with no room elsewhere).
+    StopPlacements {
+        /// Placement ids.
+        ids: Vec<String>,
+        /// Why, recorded in their history.
+        reason: String,
+        /// Leader wall clock.
+        now_ms: u64,
+    },
+    /// Mark a node eligible or not for new placements (existing ones stay).
+    SetEligibility {
+        /// Node name.
+        name: String,
+        /// Eligibility.
+        eligible: bool,
+        /// Leader wall clock.
+        now_ms: u64,
+    },
+}
+
+/// One worker's reports inside a batch.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeReports {
+    /// Reporting node.
+    pub node: String,
+    /// Changes, oldest first.
+    pub reports: Vec<StatusReport>,
+}
+
+/// Liveness statuses the leader commits.
+pub mod node_status {
+    /// Heard from within the heartbeat TTL.
+    pub const READY: &str = "ready";
+    /// Silent past the heartbeat TTL; its placements are unknown.
+    pub const DISCONNECTED: &str = "disconnected";
+    /// Silent past the down threshold.
+    pub const DOWN: &str = "down";
 }
 
 /// One placement in a plan.
@@ -78,6 +133,9 @@ pub struct PlannedPlacement {
     pub task_id: String,
     /// Chosen node.
     pub node: String,
+    /// Placement this one replaces (rescheduled, lost or drained); it is told to stop.
+    #[serde(default)]
+    pub replaces: Option<String>,
 }
 
 /// Why `apply` refused a command; travels back to the writer as data.
@@ -148,6 +206,10 @@ CREATE TABLE IF NOT EXISTS nodes (
     memory_mb INTEGER NOT NULL,
     disk_mb INTEGER NOT NULL,
     status TEXT NOT NULL,
+    status_since_ms INTEGER NOT NULL DEFAULT 0,
+    draining INTEGER NOT NULL DEFAULT 0,
+    drain_deadline_ms INTEGER,
+    eligible INTEGER NOT NULL DEFAULT 1,
     last_seq INTEGER NOT NULL DEFAULT 0,
     registered_ms INTEGER NOT NULL,
     updated_ms INTEGER NOT NULL
@@ -160,6 +222,14 @@ CREATE TABLE IF NOT EXISTS placement_events (
     detail TEXT
 );
 CREATE INDEX IF NOT EXISTS placement_events_p ON placement_events(placement_id);
+CREATE TABLE IF NOT EXISTS node_events (
+    id INTEGER PRIMARY KEY,
+    node TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    what TEXT NOT NULL,
+    detail TEXT
+);
+CREATE INDEX IF NOT EXISTS node_events_n ON node_events(node);
 "#;
 
 impl holdfast_raft::Apply for DomainState {
@@ -237,12 +307,13 @@ fn apply_command(tx: &Transaction<'_>, index: u64, cmd: Command) -> rusqlite::Re
         Command::RegisterNode { name, address, labels, cpu_millis, memory_mb, disk_mb, now_ms } => {
             let labels = serde_json::to_string(&labels).unwrap_or_default();
             tx.execute(
-                "INSERT INTO nodes (name, address, labels, cpu_millis, memory_mb, disk_mb, status, registered_ms, updated_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'ready', ?7, ?7)
+                "INSERT INTO nodes (name, address, labels, cpu_millis, memory_mb, disk_mb, status, status_since_ms, registered_ms, updated_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'ready', ?7, ?7, ?7)
                  ON CONFLICT(name) DO UPDATE SET address = ?2, labels = ?3, cpu_millis = ?4, memory_mb = ?5,
-                   disk_mb = ?6, status = CASE WHEN status = 'draining' THEN status ELSE 'ready' END, updated_ms = ?7",
+                   disk_mb = ?6, updated_ms = ?7",
                 params![name, address, labels, cpu_millis as i64, memory_mb as i64, disk_mb as i64, now_ms as i64],
             )?;
+            set_node_status(tx, &name, node_status::READY, now_ms)?;
             Ok(Ok(serde_json::json!({ "name": name })))
         }
         Command::ApplyPlan { placements, unplaced, now_ms } => {
@@ -274,6 +345,13 @@ fn apply_command(tx: &Transaction<'_>, index: u64, cmd: Command) -> rusqlite::Re
                             params![p.task_id, now_ms as i64],
                         )?;
                         event(tx, &pid, now_ms, "placed", Some(&format!("on {} with fence {index}", p.node)))?;
+                        if let Some(old) = &p.replaces {
+                            tx.execute(
+                                "UPDATE placements SET desired = 'stop', updated_ms = ?2 WHERE id = ?1",
+                                params![old, now_ms as i64],
+                            )?;
+                            event(tx, old, now_ms, "replaced", Some(&format!("by {pid} on {}", p.node)))?;
+                        }
                         committed.push(pid);
                     }
                 }
@@ -286,26 +364,72 @@ fn apply_command(tx: &Transaction<'_>, index: u64, cmd: Command) -> rusqlite::Re
             }
             Ok(Ok(serde_json::json!({ "placed": committed, "refused": refused })))
         }
-        Command::ReportStatus { node, reports, now_ms } => {
-            let last_seq: Option<i64> =
-                tx.query_row("SELECT last_seq FROM nodes WHERE name = ?1", [&node], |r| r.get(0)).optional()?;
-            let Some(mut last_seq) = last_seq.map(|s| s as u64) else {
-                return reject("not_found", format!("node {node} is not registered"));
-            };
-            let mut applied = 0u32;
+        Command::ReportStatus { batches, now_ms } => {
+            let mut acked = serde_json::Map::new();
             let mut ignored = Vec::new();
-            for r in reports {
-                if r.seq <= last_seq {
-                    continue; // delivered before: exactly-once effect
+            for NodeReports { node, reports } in batches {
+                let last_seq: Option<i64> =
+                    tx.query_row("SELECT last_seq FROM nodes WHERE name = ?1", [&node], |r| r.get(0)).optional()?;
+                let Some(mut last_seq) = last_seq.map(|s| s as u64) else {
+                    ignored.push(serde_json::json!({ "node": node, "reason": "node is not registered" }));
+                    continue;
+                };
+                for r in reports {
+                    if r.seq <= last_seq {
+                        continue; // delivered before: exactly-once effect
+                    }
+                    last_seq = r.seq;
+                    if let Err(why) = apply_report(tx, &node, &r, now_ms)? {
+                        ignored.push(serde_json::json!({ "node": node, "seq": r.seq, "reason": why }));
+                    }
                 }
-                last_seq = r.seq;
-                match apply_report(tx, &node, &r, now_ms)? {
-                    Ok(()) => applied += 1,
-                    Err(why) => ignored.push(serde_json::json!({ "seq": r.seq, "reason": why })),
+                tx.execute("UPDATE nodes SET last_seq = ?2 WHERE name = ?1", params![node, last_seq as i64])?;
+                acked.insert(node, last_seq.into());
+            }
+            Ok(Ok(serde_json::json!({ "acked": acked, "ignored": ignored })))
+        }
+        Command::SetNodeStatus { name, status, now_ms } => {
+            if ![node_status::READY, node_status::DISCONNECTED, node_status::DOWN].contains(&status.as_str()) {
+                return reject("invalid", format!("unknown node status {status:?}"));
+            }
+            if !set_node_status(tx, &name, &status, now_ms)? {
+                return reject("not_found", format!("no node named {name}"));
+            }
+            Ok(Ok(serde_json::json!({ "name": name, "status": status })))
+        }
+        Command::DrainNode { name, enable, deadline_ms, now_ms } => {
+            let n = tx.execute(
+                "UPDATE nodes SET draining = ?2, drain_deadline_ms = ?3, updated_ms = ?4 WHERE name = ?1",
+                params![name, enable, deadline_ms.map(|d| d as i64), now_ms as i64],
+            )?;
+            if n == 0 {
+                return reject("not_found", format!("no node named {name}"));
+            }
+            node_event(tx, &name, now_ms, if enable { "drain-started" } else { "drain-ended" }, None)?;
+            Ok(Ok(serde_json::json!({ "name": name, "draining": enable })))
+        }
+        Command::StopPlacements { ids, reason, now_ms } => {
+            for id in &ids {
+                let n = tx.execute(
+                    "UPDATE placements SET desired = 'stop', updated_ms = ?2 WHERE id = ?1 AND desired = 'run'",
+                    params![id, now_ms as i64],
+                )?;
+                if n > 0 {
+                    event(tx, id, now_ms, "stop-requested", Some(&reason))?;
                 }
             }
-            tx.execute("UPDATE nodes SET last_seq = ?2 WHERE name = ?1", params![node, last_seq as i64])?;
-            Ok(Ok(serde_json::json!({ "acked_seq": last_seq, "applied": applied, "ignored": ignored })))
+            Ok(Ok(serde_json::json!({ "stopped": ids })))
+        }
+        Command::SetEligibility { name, eligible, now_ms } => {
+            let n = tx.execute(
+                "UPDATE nodes SET eligible = ?2, updated_ms = ?3 WHERE name = ?1",
+                params![name, eligible, now_ms as i64],
+            )?;
+            if n == 0 {
+                return reject("not_found", format!("no node named {name}"));
+            }
+            node_event(tx, &name, now_ms, if eligible { "eligible" } else { "ineligible" }, None)?;
+            Ok(Ok(serde_json::json!({ "name": name, "eligible": eligible })))
         }
     }
 }
@@ -401,6 +525,33 @@ fn apply_report(
         event(tx, &r.placement_id, r.at_ms, r.observed.as_str(), r.reason.as_deref())?;
     }
     Ok(Ok(()))
+}
+
+/// Sets a node's liveness status, recording the change; `false` when no such node.
+fn set_node_status(tx: &Transaction<'_>, name: &str, status: &str, now_ms: u64) -> rusqlite::Result<bool> {
+    let old: Option<String> =
+        tx.query_row("SELECT status FROM nodes WHERE name = ?1", [name], |r| r.get(0)).optional()?;
+    let Some(old) = old else { return Ok(false) };
+    if old != status {
+        // `status_since_ms` marks the last move between ready and not ready, so
+        // disconnected → down keeps the time the node went silent.
+        let crosses = (old == node_status::READY) != (status == node_status::READY);
+        tx.execute(
+            "UPDATE nodes SET status = ?2, status_since_ms = CASE WHEN ?4 THEN ?3 ELSE status_since_ms END,
+               updated_ms = ?3 WHERE name = ?1",
+            params![name, status, now_ms as i64, crosses],
+        )?;
+        node_event(tx, name, now_ms, status, Some(&format!("was {old}")))?;
+    }
+    Ok(true)
+}
+
+fn node_event(tx: &Transaction<'_>, node: &str, at_ms: u64, what: &str, detail: Option<&str>) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO node_events (node, at_ms, what, detail) VALUES (?1, ?2, ?3, ?4)",
+        params![node, at_ms as i64, what, detail],
+    )?;
+    Ok(())
 }
 
 fn event(tx: &Transaction<'_>, placement: &str, at_ms: u64, what: &str, detail: Option<&str>) -> rusqlite::Result<()> {

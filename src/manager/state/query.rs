@@ -251,8 +251,16 @@ pub struct NodeRow {
     pub address: String,
     /// Labels.
     pub labels: BTreeMap<String, String>,
-    /// Replicated status: ready, disconnected, down, draining.
+    /// Liveness as last committed by the leader: ready, disconnected, down.
     pub status: String,
+    /// Last move between ready and not ready, ms since the epoch.
+    pub status_since_ms: u64,
+    /// Whether it is being drained.
+    pub draining: bool,
+    /// When a drain stops whatever is left, if set.
+    pub drain_deadline_ms: Option<u64>,
+    /// Whether it takes new placements.
+    pub eligible: bool,
     /// Total CPU, millicores.
     pub cpu_millis: u64,
     /// Total memory, MiB.
@@ -275,7 +283,8 @@ pub struct NodeRow {
 pub fn nodes(conn: &Connection) -> rusqlite::Result<Vec<NodeRow>> {
     let mut stmt = conn.prepare(
         "SELECT n.name, n.address, n.labels, n.status, n.cpu_millis, n.memory_mb, n.disk_mb, n.registered_ms,
-           COALESCE(SUM(p.cpu_millis),0), COALESCE(SUM(p.memory_mb),0), COALESCE(SUM(p.disk_mb),0), COUNT(p.id)
+           COALESCE(SUM(p.cpu_millis),0), COALESCE(SUM(p.memory_mb),0), COALESCE(SUM(p.disk_mb),0), COUNT(p.id),
+           n.status_since_ms, n.draining, n.drain_deadline_ms, n.eligible
          FROM nodes n LEFT JOIN placements p
            ON p.node = n.name AND p.desired = 'run' AND p.observed NOT IN ('failed','stopped','exited')
          GROUP BY n.name ORDER BY n.name",
@@ -295,6 +304,10 @@ pub fn nodes(conn: &Connection) -> rusqlite::Result<Vec<NodeRow>> {
             reserved_memory_mb: r.get::<_, i64>(9)? as u64,
             reserved_disk_mb: r.get::<_, i64>(10)? as u64,
             placements: r.get::<_, i64>(11)? as u64,
+            status_since_ms: r.get::<_, i64>(12)? as u64,
+            draining: r.get(13)?,
+            drain_deadline_ms: r.get::<_, Option<i64>>(14)?.map(|v| v as u64),
+            eligible: r.get(15)?,
         })
     })?;
     rows.collect()
@@ -336,12 +349,14 @@ pub struct Registration {
     pub memory_mb: u64,
     /// Total disk, MiB.
     pub disk_mb: u64,
+    /// Liveness status.
+    pub status: String,
 }
 
 /// A node's registration, if it is registered.
 pub fn node_registration(conn: &Connection, name: &str) -> rusqlite::Result<Option<Registration>> {
     conn.query_row(
-        "SELECT last_seq, labels, address, cpu_millis, memory_mb, disk_mb FROM nodes WHERE name = ?1",
+        "SELECT last_seq, labels, address, cpu_millis, memory_mb, disk_mb, status FROM nodes WHERE name = ?1",
         [name],
         |r| {
             let labels: String = r.get(1)?;
@@ -352,6 +367,7 @@ pub fn node_registration(conn: &Connection, name: &str) -> rusqlite::Result<Opti
                 cpu_millis: r.get::<_, i64>(3)? as u64,
                 memory_mb: r.get::<_, i64>(4)? as u64,
                 disk_mb: r.get::<_, i64>(5)? as u64,
+                status: r.get(6)?,
             })
         },
     )
@@ -361,4 +377,93 @@ pub fn node_registration(conn: &Connection, name: &str) -> rusqlite::Result<Opti
 /// Node owning a placement and its container id, for log relays.
 pub fn placement_location(conn: &Connection, placement_id: &str) -> rusqlite::Result<Option<String>> {
     conn.query_row("SELECT node FROM placements WHERE id = ?1", [placement_id], |r| r.get(0)).optional()
+}
+
+/// A task whose current placement may need a replacement.
+#[derive(Clone, Debug)]
+pub struct ReplaceCandidate {
+    /// Task id.
+    pub task_id: String,
+    /// Its spec.
+    pub spec: TaskSpec,
+    /// Its recorded pending reason.
+    pub reason: Option<String>,
+    /// The current placement.
+    pub placement_id: String,
+    /// Node of the current placement.
+    pub node: String,
+    /// Observed state of the current placement.
+    pub observed: Observed,
+    /// Exit code of the current placement.
+    pub exit_code: Option<i64>,
+    /// Last change of the current placement, ms since the epoch.
+    pub updated_ms: u64,
+    /// Node liveness status (`down` when the node is gone from the state).
+    pub node_status: String,
+    /// Since when the node has had that status.
+    pub node_status_since_ms: u64,
+    /// Whether the node is draining.
+    pub node_draining: bool,
+    /// The node's drain deadline, if any.
+    pub drain_deadline_ms: Option<u64>,
+    /// Placements the task has had so far.
+    pub placements: u32,
+    /// Nodes where earlier placements of the task failed.
+    pub failed_on: Vec<String>,
+}
+
+/// Current placements that failed, sit on a silent node, or sit on a draining node.
+pub fn replace_candidates(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<ReplaceCandidate>> {
+    let mut stmt = conn.prepare(
+        "SELECT p.task_id, t.spec, t.pending_reason, p.id, p.node, p.observed, p.exit_code, p.updated_ms,
+                COALESCE(n.status, 'down'), COALESCE(n.status_since_ms, 0), COALESCE(n.draining, 0), n.drain_deadline_ms,
+                (SELECT COUNT(*) FROM placements q WHERE q.task_id = p.task_id),
+                (SELECT group_concat(DISTINCT q.node) FROM placements q WHERE q.task_id = p.task_id AND q.observed = 'failed')
+         FROM placements p
+         JOIN tasks t ON t.id = p.task_id
+         LEFT JOIN nodes n ON n.name = p.node
+         WHERE t.desired = 'run' AND p.desired = 'run'
+           AND p.fence = (SELECT MAX(q.fence) FROM placements q WHERE q.task_id = p.task_id)
+           AND (p.observed = 'failed' OR (p.observed = 'exited' AND COALESCE(p.exit_code, 1) != 0)
+                OR n.name IS NULL OR n.status != 'ready' OR n.draining = 1)
+         LIMIT ?1",
+    )?;
+    let rows = stmt.query_map(params![limit as i64], |r| {
+        let spec: String = r.get(1)?;
+        let observed: String = r.get(5)?;
+        let failed_on: Option<String> = r.get(13)?;
+        let Ok(spec) = serde_json::from_str::<TaskSpec>(&spec) else {
+            return Ok(None);
+        };
+        Ok(Some(ReplaceCandidate {
+            task_id: r.get(0)?,
+            spec,
+            reason: r.get(2)?,
+            placement_id: r.get(3)?,
+            node: r.get(4)?,
+            observed: Observed::parse(&observed).unwrap_or(Observed::Pending),
+            exit_code: r.get(6)?,
+            updated_ms: r.get::<_, i64>(7)? as u64,
+            node_status: r.get(8)?,
+            node_status_since_ms: r.get::<_, i64>(9)? as u64,
+            node_draining: r.get(10)?,
+            drain_deadline_ms: r.get::<_, Option<i64>>(11)?.map(|v| v as u64),
+            placements: r.get::<_, i64>(12)? as u32,
+            failed_on: failed_on.map(|s| s.split(',').map(String::from).collect()).unwrap_or_default(),
+        }))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        out.extend(row?);
+    }
+    Ok(out)
+}
+
+/// A node's history of status changes, oldest first.
+pub fn node_events(conn: &Connection, node: &str) -> rusqlite::Result<Vec<EventView>> {
+    let mut stmt = conn.prepare("SELECT at_ms, what, detail FROM node_events WHERE node = ?1 ORDER BY id")?;
+    let rows = stmt.query_map([node], |r| {
+        Ok(EventView { at_ms: r.get::<_, i64>(0)? as u64, what: r.get(1)?, detail: r.get(2)? })
+    })?;
+    rows.collect()
 }
