@@ -120,6 +120,10 @@ fn raft_config(config: &Config) -> Result<openraft::Config, DbError> {
         // behind gets entries rather than a whole snapshot, yet the log really shrinks.
         max_in_snapshot_log_to_keep: (snapshot_every / 2).min(1000),
         snapshot_max_chunk_size: SNAPSHOT_CHUNK,
+        // Only used by a blocking add_learner: "caught up" means within one append
+        // batch, so a joining member is promoted once it can keep up, not while it is
+        // still thousands of entries (or a snapshot) behind.
+        replication_lag_threshold: 300,
         ..Default::default()
     }
     .validate()
@@ -175,7 +179,10 @@ impl Inner {
             last_leader.clone(),
             config.node_name.clone(),
         ));
-        let reads = Arc::new(ReadPool::new(config.data_dir.join(datadir::STATE_FILE)));
+        let reads = Arc::new(ReadPool::new(
+            config.data_dir.join(datadir::STATE_FILE),
+            config.op_timeout,
+        ));
         Ok(Arc::new(Inner {
             id,
             me,

@@ -17,14 +17,18 @@ pub(crate) struct ReadPool {
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
     permits: Arc<Semaphore>,
+    /// Longest wait for a free connection; past it the read fails instead of queueing
+    /// behind reads that never finish.
+    wait: Duration,
 }
 
 impl ReadPool {
-    pub(crate) fn new(path: PathBuf) -> Self {
+    pub(crate) fn new(path: PathBuf, wait: Duration) -> Self {
         ReadPool {
             path,
             idle: Mutex::new(Vec::new()),
             permits: Arc::new(Semaphore::new(READ_POOL_SIZE)),
+            wait,
         }
     }
 
@@ -38,10 +42,14 @@ impl ReadPool {
         T: Send + 'static,
         F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     {
-        let permit =
-            self.permits.clone().acquire_owned().await.map_err(|_| {
-                DbError::Storage("the read pool is closed (member shut down)".into())
-            })?;
+        let acquire = self.permits.clone().acquire_owned();
+        let permit = tokio::time::timeout(self.wait, acquire)
+            .await
+            .map_err(|_| DbError::Timeout {
+                after: self.wait,
+                leader: None,
+            })?
+            .map_err(|_| DbError::Storage("the read pool is closed (member shut down)".into()))?;
         let pool = self.clone();
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
