@@ -792,3 +792,17 @@ async fn another_node_name_is_refused() {
     assert_eq!(v.as_deref(), Some("1"));
     m.kill().await;
 }
+
+/// Compile-time check: the manager awaits these inside axum handlers and spawned
+/// tasks, which need `Send` futures.
+#[allow(dead_code)]
+fn api_futures_are_send(db: ReplicatedDb) {
+    fn send<T: Send>(_: T) {}
+    send(db.write(Vec::new()));
+    send(db.read(|_| Ok(())));
+    send(db.read_local(|_| Ok(())));
+    send(db.join(&[]));
+    send(db.bootstrap());
+    send(db.remove_member("x"));
+    send(db.shutdown());
+}
