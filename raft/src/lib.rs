@@ -25,8 +25,10 @@ mod datadir;
 mod log_store;
 mod network;
 mod node;
+mod read_pool;
 mod server;
 mod state_machine;
+mod status;
 mod types;
 mod wire;
 

@@ -2,32 +2,32 @@
 //! the public API (caller side) and the `/raft/` endpoints (receiver side).
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::metrics::WaitError;
-use openraft::{ChangeMembers, RaftMetrics, ServerState, SnapshotPolicy};
-use rusqlite::{Connection, OpenFlags};
-use tokio::sync::{watch, Semaphore};
+use openraft::{ChangeMembers, SnapshotPolicy};
+use rusqlite::Connection;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::datadir::{self, Role as FileRole};
 use crate::log_store::LogStore;
 use crate::network::{CallError, ClusterClient, NetworkFactory};
+use crate::read_pool::ReadPool;
 use crate::state_machine::StateMachine;
+use crate::status::{feed_status, leader_of, status_from};
 use crate::types::{Payload, Raft};
 use crate::wire::{JoinRequest, ReadIndexRequest, RemoveRequest, WireError, WireResult, WriteRequest};
-use crate::{node_id_for, Apply, ClusterStatus, Config, DbError, Member, MemberStatus, NodeId, Role};
+use crate::{node_id_for, Apply, ClusterStatus, Config, DbError, Member, NodeId, Role};
 
 /// Attempts of one write or read-index (first try, plus a retry after a leader change
 /// or a refused forward, plus one more after a failover seen mid-way).
 const MAX_ATTEMPTS: usize = 3;
-/// Read-only connections kept open for reads.
-const READ_POOL_SIZE: usize = 4;
 /// Snapshot chunk size; one chunk is one HTTP request.
 const SNAPSHOT_CHUNK: u64 = 1024 * 1024;
 /// Body limit of the `/raft/` endpoints: a full append batch or a base64 snapshot chunk.
@@ -118,6 +118,10 @@ fn raft_config(config: &Config) -> Result<openraft::Config, DbError> {
         // behind gets entries rather than a whole snapshot, yet the log really shrinks.
         max_in_snapshot_log_to_keep: (snapshot_every / 2).min(1000),
         snapshot_max_chunk_size: SNAPSHOT_CHUNK,
+        // Only used by a blocking add_learner: "caught up" means within one append
+        // batch, so a joining member is promoted once it can keep up, not while it is
+        // still thousands of entries (or a snapshot) behind.
+        replication_lag_threshold: 300,
         ..Default::default()
     }
     .validate()
@@ -166,7 +170,7 @@ impl Inner {
         let last_leader = Arc::new(Mutex::new(None));
         let status_task =
             tokio::spawn(feed_status(raft.metrics(), status_tx.clone(), last_leader.clone(), config.node_name.clone()));
-        let reads = Arc::new(ReadPool::new(config.data_dir.join(datadir::STATE_FILE)));
+        let reads = Arc::new(ReadPool::new(config.data_dir.join(datadir::STATE_FILE), config.op_timeout));
         Ok(Arc::new(Inner {
             id,
             me,
@@ -654,130 +658,4 @@ fn remote_budget(deadline: Instant) -> u64 {
     let left = remaining(deadline);
     let budget = left.saturating_sub((left / 10).min(Duration::from_millis(200)));
     u64::try_from(budget.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn leader_of(m: &RaftMetrics<NodeId, Member>) -> Option<(NodeId, Member)> {
-    let id = m.current_leader?;
-    let member = m.membership_config.membership().get_node(&id)?.clone();
-    Some((id, member))
-}
-
-/// Maps openraft's metrics to the crate's status view.
-pub(crate) fn status_from(m: &RaftMetrics<NodeId, Member>, name: &str) -> ClusterStatus {
-    let role = match (&m.running_state, m.state) {
-        (Err(_), _) | (_, ServerState::Shutdown) => Role::Shutdown,
-        (_, ServerState::Leader) => Role::Leader,
-        (_, ServerState::Follower) => Role::Follower,
-        (_, ServerState::Candidate) => Role::Candidate,
-        (_, ServerState::Learner) => Role::Learner,
-    };
-    let membership = m.membership_config.membership();
-    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-    let members = membership
-        .nodes()
-        .map(|(id, member)| {
-            let matched = if role == Role::Leader && *id == m.id {
-                m.last_log_index
-            } else {
-                m.replication.as_ref().and_then(|r| r.get(id)).and_then(|l| l.map(|l| l.index))
-            };
-            MemberStatus { id: *id, member: member.clone(), voter: voters.contains(id), matched }
-        })
-        .collect();
-    let last_applied = m.last_applied.map(|l| l.index);
-    ClusterStatus {
-        id: m.id,
-        name: name.to_string(),
-        role,
-        term: m.current_term,
-        leader: leader_of(m).map(|(_, member)| member),
-        last_log_index: m.last_log_index,
-        // openraft 0.9 metrics do not expose the commit index; applied trails it closely
-        // and never exceeds it.
-        commit_index: last_applied,
-        last_applied,
-        snapshot_index: m.snapshot.map(|l| l.index),
-        millis_since_quorum_ack: m.millis_since_quorum_ack,
-        members,
-    }
-}
-
-/// Republishes every metrics change as a [`ClusterStatus`]; ends when Raft stops.
-async fn feed_status(
-    mut rx: watch::Receiver<RaftMetrics<NodeId, Member>>,
-    tx: watch::Sender<ClusterStatus>,
-    last_leader: Arc<Mutex<Option<Member>>>,
-    name: String,
-) {
-    loop {
-        let status = status_from(&rx.borrow_and_update(), &name);
-        if let Some(l) = &status.leader {
-            *last_leader.lock().expect("last leader mutex poisoned") = Some(l.clone());
-        }
-        tx.send_if_modified(|cur| {
-            if *cur == status {
-                false
-            } else {
-                *cur = status;
-                true
-            }
-        });
-        if rx.changed().await.is_err() {
-            tx.send_modify(|s| s.role = Role::Shutdown);
-            return;
-        }
-    }
-}
-
-/// A few read-only connections to `state.db`, used one at a time on the blocking pool.
-struct ReadPool {
-    path: PathBuf,
-    idle: Mutex<Vec<Connection>>,
-    permits: Arc<Semaphore>,
-}
-
-impl ReadPool {
-    fn new(path: PathBuf) -> Self {
-        ReadPool { path, idle: Mutex::new(Vec::new()), permits: Arc::new(Semaphore::new(READ_POOL_SIZE)) }
-    }
-
-    fn close(&self) {
-        self.idle.lock().expect("read pool mutex poisoned").clear();
-        self.permits.close();
-    }
-
-    async fn run<T, F>(self: &Arc<Self>, f: F) -> Result<T, DbError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
-    {
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| DbError::Storage("the read pool is closed (member shut down)".into()))?;
-        let pool = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            let conn = pool.take()?;
-            let out = f(&conn);
-            pool.idle.lock().expect("read pool mutex poisoned").push(conn);
-            out.map_err(|e| DbError::Storage(format!("read on state.db failed: {e}")))
-        })
-        .await
-        .map_err(|e| DbError::Storage(format!("read closure panicked: {e}")))?
-    }
-
-    fn take(&self) -> Result<Connection, DbError> {
-        if let Some(c) = self.idle.lock().expect("read pool mutex poisoned").pop() {
-            return Ok(c);
-        }
-        let conn =
-            Connection::open_with_flags(&self.path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-                .map_err(|e| DbError::Storage(format!("cannot open {}: {e}", self.path.display())))?;
-        conn.busy_timeout(Duration::from_secs(5))
-            .map_err(|e| DbError::Storage(format!("cannot configure a read connection: {e}")))?;
-        Ok(conn)
-    }
 }

@@ -207,6 +207,15 @@ async fn wait_applied(db: &ReplicatedDb, index: u64, within: Duration) -> Cluste
     }
 }
 
+/// The leader's applied index covering every write acknowledged so far.
+///
+/// A write is acknowledged as soon as it is applied, but the metrics behind `status()`
+/// are published a moment later; a linearizable read waits for them to catch up.
+async fn settled_applied(db: &ReplicatedDb) -> u64 {
+    db.read(|_| Ok(())).await.expect("linearizable read on the leader");
+    db.status().last_applied.expect("applied")
+}
+
 fn no_tweak(_: &mut Config) {}
 
 // ---- tests ---------------------------------------------------------------------------
@@ -227,7 +236,7 @@ async fn three_members_commit_and_follower_writes_are_forwarded() {
     let r = c.m(follower).db.write(put("a", "2")).await.expect("write via follower");
     assert_eq!(prev(&r), Some("1".to_string()));
 
-    let applied = c.m(leader).db.status().last_applied.expect("applied");
+    let applied = settled_applied(&c.m(leader).db).await;
     for (_, m) in c.alive() {
         wait_applied(&m.db, applied, Duration::from_secs(3)).await;
         let v = m.db.read_local(get_sql("a".into())).await.expect("read_local");
@@ -306,7 +315,7 @@ async fn restarted_member_catches_up_from_its_dir() {
     for i in 0..10 {
         c.m(leader).db.write(put(&format!("while-down-{i}"), "x")).await.expect("write with one member down");
     }
-    let applied = c.m(leader).db.status().last_applied.expect("applied");
+    let applied = settled_applied(&c.m(leader).db).await;
 
     // Same name, same dir, same address: a restarted process.
     let m = start_member(&name, &dir, Some(&addr), &no_tweak).await;
@@ -360,7 +369,7 @@ async fn new_member_gets_snapshot_and_all_data() {
     // Through a follower seed: the join is forwarded to the leader.
     let seeds = vec![c.m(c.follower_of(leader)).addr.clone()];
     c.m(fourth).db.join(&seeds).await.expect("join fourth");
-    let applied = c.m(leader).db.status().last_applied.expect("applied");
+    let applied = settled_applied(&c.m(leader).db).await;
     let st = wait_applied(&c.m(fourth).db, applied, Duration::from_secs(5)).await;
     assert!(st.snapshot_index >= Some(snap), "fourth member did not install a snapshot: {st:?}");
     let first = tokio::time::timeout(Duration::from_secs(1), first_applied)
@@ -399,6 +408,7 @@ async fn lone_member_cannot_commit(keep_leader: bool) {
     let mut c = Cluster::start(3, &quick).await;
     let leader = c.leader().await;
     c.m(leader).db.write(put("a", "1")).await.expect("write with quorum");
+    let leader_addr = c.m(leader).addr.clone();
     let keep = if keep_leader { leader } else { c.follower_of(leader) };
     let doomed: Vec<usize> = c.alive().map(|(i, _)| i).filter(|i| *i != keep).collect();
     for i in doomed {
@@ -412,7 +422,14 @@ async fn lone_member_cannot_commit(keep_leader: bool) {
     if keep_leader {
         assert!(matches!(err, DbError::Timeout { .. }), "unexpected error: {err:?}");
     } else {
-        assert!(matches!(err, DbError::NoLeader { .. }), "unexpected error: {err:?}");
+        // Network: the forward raced with the dead leader closing its pooled connection,
+        // so delivery is unknown and the write is (rightly) not retried elsewhere.
+        let ok = match &err {
+            DbError::NoLeader { .. } => true,
+            DbError::Network { addr, .. } => *addr == leader_addr,
+            _ => false,
+        };
+        assert!(ok, "unexpected error: {err:?}");
     }
     assert!(started.elapsed() < bound, "write took {:?}", started.elapsed());
 
@@ -441,12 +458,17 @@ async fn join_is_idempotent_and_remove_member_works() {
     let c = Cluster::start(3, &no_tweak).await;
     let leader = c.leader().await;
     let follower = c.follower_of(leader);
-    let before = c.m(leader).db.status().members;
+    // Membership only: `matched` moves with every heartbeat-driven commit.
+    let membership = |st: ClusterStatus| st.members.into_iter().map(|m| (m.id, m.member, m.voter)).collect::<Vec<_>>();
+    let before = membership(c.m(leader).db.status());
+    let log_before = c.m(leader).db.status().last_log_index;
 
     // A voter joining again changes nothing.
     let seeds = vec![c.m(leader).addr.clone()];
     c.m(follower).db.join(&seeds).await.expect("repeated join");
-    assert_eq!(c.m(leader).db.status().members, before);
+    assert_eq!(membership(c.m(leader).db.status()), before);
+    // Not even a no-op membership entry was written.
+    assert_eq!(c.m(leader).db.status().last_log_index, log_before);
 
     // Remove the other follower, asked through a follower so it is forwarded.
     let other = c.alive().map(|(i, _)| i).find(|i| *i != leader && *i != follower).expect("third member");
@@ -561,4 +583,18 @@ async fn another_node_name_is_refused() {
     let v = m.db.read_local(get_sql("a".into())).await.expect("read_local");
     assert_eq!(v.as_deref(), Some("1"));
     m.kill().await;
+}
+
+/// Compile-time check: the manager awaits these inside axum handlers and spawned
+/// tasks, which need `Send` futures.
+#[allow(dead_code)]
+fn api_futures_are_send(db: ReplicatedDb) {
+    fn send<T: Send>(_: T) {}
+    send(db.write(Vec::new()));
+    send(db.read(|_| Ok(())));
+    send(db.read_local(|_| Ok(())));
+    send(db.join(&[]));
+    send(db.bootstrap());
+    send(db.remove_member("x"));
+    send(db.shutdown());
 }
