@@ -200,10 +200,12 @@ async fn bad_image_fails_and_huge_task_stays_pending() {
     // the task stays failed (no retry storm).
     let spec = json!({"image": "nonexistent.invalid/nope:1", "reschedule": {"attempts": 1, "delay_ms": 300}});
     let id = dev.submit(spec).await;
+    // The replaced placement is told to stop; its history keeps the failure.
     let t = eventually(Duration::from_secs(60), "two failed placements", || async {
         let t = dev.task(&id).await?;
         let ps = t["placements"].as_array()?;
-        (ps.len() == 2 && ps.iter().all(|p| p["observed"] == "failed")).then_some(t)
+        let failed = |p: &Value| p["events"].as_array().is_some_and(|e| e.iter().any(|e| e["what"] == "failed"));
+        (ps.len() == 2 && ps[0]["observed"] == "failed" && failed(&ps[1])).then_some(t)
     })
     .await;
     assert_eq!(t["state"], "failed", "{t}");
