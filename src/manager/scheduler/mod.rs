@@ -168,20 +168,46 @@ fn explain(nodes: &[NodeView], want: &Pending, misses: &BTreeMap<Miss, usize>) -
     format!("no node fits: {}", parts.join("; "))
 }
 
+/// Feasible nodes scored per task before choosing. Like Nomad's limit iterator this
+/// bounds the cost of a placement on a large cluster: scanning stops once this many
+/// feasible nodes were seen (starting at an offset derived from the task id, so tasks
+/// spread their scans), so the cost grows with how many nodes must be rejected, not
+/// with the cluster size. On clusters up to this size every node is scored.
+pub const MAX_CANDIDATES: usize = 64;
+
+fn start_offset(task_id: &str, n: usize) -> usize {
+    if n <= MAX_CANDIDATES {
+        return 0;
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in task_id.as_bytes() {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % n as u64) as usize
+}
+
 /// Places as much of `work` as fits, in order, accounting for what this plan already
 /// placed. Deterministic: ties go to the lexically smallest node name.
 pub fn plan(view: &ClusterView, work: &[Pending]) -> Plan {
     let mut nodes = view.nodes.clone();
     let mut out = Plan::default();
+    let n = nodes.len();
     for want in work {
         let mut misses: BTreeMap<Miss, usize> = BTreeMap::new();
         // Ranked by (not avoided, score, then smallest name): an avoided node is used
         // only when nothing else fits.
         let mut best: Option<(usize, bool, f64)> = None;
-        for (i, node) in nodes.iter().enumerate() {
+        let mut feasible = 0usize;
+        let offset = start_offset(&want.task_id, n);
+        for i in (offset..n).chain(0..offset) {
+            if feasible >= MAX_CANDIDATES {
+                break;
+            }
+            let node = &nodes[i];
             match check(node, want) {
                 Err(m) => *misses.entry(m).or_default() += 1,
                 Ok(()) => {
+                    feasible += 1;
                     let s = score(node, &want.resources, view.strategy);
                     let preferred = !want.avoid.contains(&node.name);
                     let better = match best {
@@ -311,6 +337,21 @@ mod tests {
         assert_eq!(p.placements[0].replaces.as_deref(), Some("old"));
         t.avoid = vec!["a".into(), "b".into()];
         assert_eq!(placed(&plan(&view, &[t])), vec![("t", "a")]);
+    }
+
+    #[test]
+    fn large_clusters_score_a_bounded_sample_and_still_never_overcommit() {
+        let nodes: Vec<NodeView> = (0..1000).map(|i| node(&format!("n{i:04}"), 1000, 1000)).collect();
+        let view = ClusterView { nodes, ..Default::default() };
+        let work: Vec<Pending> = (0..3000).map(|i| task(&format!("t{i}"), 300, 300)).collect();
+        let p = plan(&view, &work);
+        // 3 fit per node: exactly 3000 placements, none on a full node.
+        assert_eq!(p.placements.len(), 3000);
+        let mut per_node = std::collections::HashMap::new();
+        for pl in &p.placements {
+            *per_node.entry(pl.node.clone()).or_insert(0) += 1;
+        }
+        assert!(per_node.values().all(|&c| c <= 3), "overcommitted");
     }
 
     #[test]
