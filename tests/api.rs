@@ -136,3 +136,19 @@ async fn tasks_stay_pending_with_a_reason_and_stop() {
     assert_eq!(c["members"].as_array().unwrap().len(), 1, "{c}");
     assert!(c["commit_index"].as_u64().unwrap() >= 2, "{c}");
 }
+
+#[tokio::test]
+async fn metrics_speak_prometheus_text() {
+    let m = manager().await;
+    let (s, _) = post(&format!("{}/v1/tasks", m.api), r#"{"image":"holdfast/echo:latest"}"#, None).await;
+    assert_eq!(s, 201);
+    let text = http().get(format!("{}/metrics", m.api)).send().await.unwrap().text().await.unwrap();
+    for needle in [
+        "holdfast_raft_is_leader 1",
+        "holdfast_raft_term ",
+        "holdfast_raft_commit_index ",
+        "holdfast_api_request_duration_seconds_bucket{method=\"POST\",route=\"/v1/tasks\",status=\"201\"",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+}

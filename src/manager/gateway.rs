@@ -104,6 +104,15 @@ fn not_leader(m: &Manager) -> Response {
 }
 
 async fn sync(State(m): State<Arc<Manager>>, Json(req): Json<SyncRequest>) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let result = sync_inner(&m, req).await;
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    metrics::histogram!("holdfast_sync_duration_seconds", "outcome" => outcome).record(started.elapsed().as_secs_f64());
+    result
+}
+
+async fn sync_inner(m: &Arc<Manager>, req: SyncRequest) -> Result<Response, ApiError> {
+    let m = m.clone();
     if m.db.status().role != holdfast_raft::Role::Leader {
         return Ok(not_leader(&m));
     }

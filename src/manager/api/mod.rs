@@ -20,10 +20,13 @@ use crate::model::spec::{SpecError, MAX_SPEC_BYTES};
 use crate::model::TaskSpec;
 
 mod error;
+pub mod metrics;
 pub use error::ApiError;
 
 /// Routes of the public API and the probes.
 pub fn router(manager: Arc<Manager>) -> Router {
+    // Install the recorder before the first request so nothing is recorded into the void.
+    metrics::handle();
     Router::new()
         .route("/v1/tasks", post(submit_task).get(list_tasks))
         .route("/v1/tasks/{id}", get(get_task).delete(stop_task))
@@ -37,7 +40,9 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/health", get(health))
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
+        .route("/metrics", get(metrics::endpoint))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn(metrics::track))
         .layer(DefaultBodyLimit::max(MAX_SPEC_BYTES))
         .with_state(manager)
 }
