@@ -130,6 +130,8 @@ pub struct Manager {
     pub started: Instant,
     /// Batches workers' status reports into few Raft commands.
     pub reports: gateway::ReportBatcher,
+    /// What the planner saw last, to skip re-planning tasks nothing could change.
+    pub planner_memo: Mutex<leader::PlannerMemo>,
 }
 
 impl Manager {
@@ -144,6 +146,7 @@ impl Manager {
             db,
             timers,
             started: Instant::now(),
+            planner_memo: Mutex::new(leader::PlannerMemo::default()),
         })
     }
 }

@@ -24,6 +24,27 @@ const PLAN_BATCH: usize = 2_000;
 /// Shortest pause between planning rounds.
 const PLAN_DEBOUNCE: Duration = Duration::from_millis(10);
 
+/// A task already judged unplaceable is planned again only when the nodes changed
+/// (membership, status, eligibility, reservations) or after this long.
+const FULL_REPLAN_EVERY: Duration = Duration::from_secs(5);
+
+/// What the planner saw in its last full round.
+#[derive(Debug, Default)]
+pub struct PlannerMemo {
+    nodes_fingerprint: u64,
+    last_full: Option<Instant>,
+}
+
+fn fingerprint(nodes: &[query::NodeRow], fresh: impl Fn(&str) -> bool) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for n in nodes {
+        (&n.name, &n.status, n.draining, n.eligible, fresh(&n.name)).hash(&mut h);
+        (n.reserved_cpu_millis, n.reserved_memory_mb, n.reserved_disk_mb).hash(&mut h);
+    }
+    h.finish()
+}
+
 /// Runs the planner until shutdown; it acts only while this manager leads.
 pub async fn run_planner(m: Arc<Manager>, mut shutdown: broadcast::Receiver<()>) {
     let mut applied = m.applied.clone();
@@ -73,9 +94,20 @@ fn replacement_due(c: &ReplaceCandidate, now: u64, m: &Manager) -> Option<Vec<St
 
 /// One planning round; returns how many placements were committed.
 pub async fn plan_once(m: &Manager) -> Result<usize, ApiError> {
-    let (pending, candidates, nodes) =
-        m.db.read_local(|c| {
-            Ok((query::pending_tasks(c, PLAN_BATCH)?, query::replace_candidates(c, PLAN_BATCH)?, query::nodes(c)?))
+    let live = lock(&m.liveness).clone();
+    let is_fresh = |name: &str| live.get(name).is_some_and(|l| l.last_seen.elapsed() < m.timers.heartbeat_ttl);
+    let nodes = m.db.read_local(query::nodes).await?;
+    let print = fingerprint(&nodes, is_fresh);
+    let only_new = {
+        let memo = lock(&m.planner_memo);
+        memo.nodes_fingerprint == print && memo.last_full.is_some_and(|t| t.elapsed() < FULL_REPLAN_EVERY)
+    };
+    if !only_new {
+        *lock(&m.planner_memo) = PlannerMemo { nodes_fingerprint: print, last_full: Some(Instant::now()) };
+    }
+    let (pending, candidates) =
+        m.db.read_local(move |c| {
+            Ok((query::pending_tasks(c, PLAN_BATCH, only_new)?, query::replace_candidates(c, PLAN_BATCH)?))
         })
         .await?;
     let now = now_ms();
@@ -117,7 +149,6 @@ pub async fn plan_once(m: &Manager) -> Result<usize, ApiError> {
     if work.is_empty() {
         return Ok(0);
     }
-    let live = lock(&m.liveness).clone();
     let view = ClusterView {
         nodes: nodes
             .into_iter()

@@ -198,6 +198,8 @@ CREATE TABLE IF NOT EXISTS placements (
 );
 CREATE INDEX IF NOT EXISTS placements_task ON placements(task_id);
 CREATE INDEX IF NOT EXISTS placements_node ON placements(node);
+CREATE INDEX IF NOT EXISTS placements_observed ON placements(observed);
+CREATE INDEX IF NOT EXISTS tasks_unplanned ON tasks(created_index) WHERE pending_reason IS NULL AND desired = 'run';
 CREATE TABLE IF NOT EXISTS nodes (
     name TEXT PRIMARY KEY,
     address TEXT NOT NULL,

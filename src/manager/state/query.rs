@@ -221,13 +221,19 @@ pub struct PendingTask {
     pub reason: Option<String>,
 }
 
-/// Tasks that want to run and have never been placed.
-pub fn pending_tasks(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<PendingTask>> {
-    let mut stmt = conn.prepare(
+/// Tasks that want to run and have never been placed; with `only_new`, just those the
+/// planner has not looked at yet (no reason recorded).
+pub fn pending_tasks(conn: &Connection, limit: usize, only_new: bool) -> rusqlite::Result<Vec<PendingTask>> {
+    let mut stmt = conn.prepare(if only_new {
+        "SELECT t.id, t.spec, t.pending_reason FROM tasks t
+         WHERE t.desired = 'run' AND t.pending_reason IS NULL
+           AND NOT EXISTS (SELECT 1 FROM placements p WHERE p.task_id = t.id)
+         ORDER BY t.created_index LIMIT ?1"
+    } else {
         "SELECT t.id, t.spec, t.pending_reason FROM tasks t
          WHERE t.desired = 'run' AND NOT EXISTS (SELECT 1 FROM placements p WHERE p.task_id = t.id)
-         ORDER BY t.created_index LIMIT ?1",
-    )?;
+         ORDER BY t.created_index LIMIT ?1"
+    })?;
     let rows = stmt.query_map(params![limit as i64], |r| {
         let spec: String = r.get(1)?;
         Ok((r.get::<_, String>(0)?, spec, r.get::<_, Option<String>>(2)?))
@@ -422,10 +428,13 @@ pub fn replace_candidates(conn: &Connection, limit: usize) -> rusqlite::Result<V
          FROM placements p
          JOIN tasks t ON t.id = p.task_id
          LEFT JOIN nodes n ON n.name = p.node
-         WHERE t.desired = 'run' AND p.desired = 'run'
+         WHERE p.desired = 'run'
+           AND (p.observed IN ('failed', 'exited')
+                OR p.node IN (SELECT name FROM nodes WHERE status != 'ready' OR draining = 1))
+           AND t.desired = 'run'
+           AND NOT (p.observed = 'exited' AND COALESCE(p.exit_code, 1) = 0 AND COALESCE(n.status, '') = 'ready'
+                    AND COALESCE(n.draining, 0) = 0)
            AND p.fence = (SELECT MAX(q.fence) FROM placements q WHERE q.task_id = p.task_id)
-           AND (p.observed = 'failed' OR (p.observed = 'exited' AND COALESCE(p.exit_code, 1) != 0)
-                OR n.name IS NULL OR n.status != 'ready' OR n.draining = 1)
          LIMIT ?1",
     )?;
     let rows = stmt.query_map(params![limit as i64], |r| {
