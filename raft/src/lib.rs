@@ -6,8 +6,11 @@
 //! nodes or the public HTTP API of the application that uses it.
 //!
 //! Files in the data directory: `raft-log.db` (log, vote, committed, last purged) and
-//! `state.db` (application tables + `_raft_sm` metadata). Both run in WAL mode with
-//! `synchronous=FULL`, so anything openraft is told is durable is on disk.
+//! `state.db` (application tables + `_raft_sm` metadata), both in WAL mode. The log
+//! commits with `synchronous=FULL`, so anything openraft is told is durable is on disk;
+//! the state database commits with `synchronous=NORMAL` (atomic, survives a process
+//! crash) because the log can always re-apply what a power cut took, and it is
+//! checkpointed with fsync before the log behind a snapshot is purged.
 //!
 //! Transport: Raft RPCs, write forwarding, read-index and join requests travel as JSON
 //! over HTTP on the cluster port; [`ReplicatedDb::cluster_router`] returns the axum
