@@ -335,6 +335,10 @@ async fn reconcile_loop(w: Arc<Worker>, mut shutdown: broadcast::Receiver<()>) {
 }
 
 async fn reconcile_once(w: &Arc<Worker>) {
+    // Jobs in flight are snapshotted before the engine is listed: a job that finishes
+    // between the listing and the snapshot would otherwise look idle while the listing
+    // predates its container, and the placement would be created twice.
+    let busy_before = lock(&w.in_flight).clone();
     let filter = vec![(labels::NODE.to_string(), w.cfg.node.clone())];
     let containers = match w.runtime.list(&filter).await {
         Ok(c) => {
@@ -357,7 +361,8 @@ async fn reconcile_once(w: &Arc<Worker>) {
         }
     };
     supervise_health(w, &held, &containers);
-    let busy = lock(&w.in_flight).clone();
+    let mut busy = busy_before;
+    busy.extend(lock(&w.in_flight).iter().cloned());
     let held: Vec<Held> = held.into_iter().filter(|h| !busy.contains(&h.id)).collect();
     let containers: Vec<_> = containers
         .into_iter()

@@ -40,6 +40,8 @@ pub struct FakeRuntime {
     unavailable: AtomicBool,
     /// Source of container ids and host ports.
     next: AtomicU64,
+    /// How long `ensure_image` takes for images containing `slow`, in ms (a slow pull).
+    slow_pull_ms: AtomicU64,
 }
 
 impl Default for FakeRuntime {
@@ -55,6 +57,7 @@ impl FakeRuntime {
             containers: Mutex::new(BTreeMap::new()),
             unavailable: AtomicBool::new(false),
             next: AtomicU64::new(0),
+            slow_pull_ms: AtomicU64::new(0),
         }
     }
 
@@ -87,6 +90,12 @@ impl FakeRuntime {
     /// state meanwhile, as real ones keep running when dockerd is unreachable.
     pub fn set_unavailable(&self, unavailable: bool) {
         self.unavailable.store(unavailable, Ordering::Relaxed);
+    }
+
+    /// Makes `ensure_image` take `delay` for images whose name contains `slow`, to show
+    /// that a slow pull holds up nothing but its own placement.
+    pub fn set_slow_pull(&self, delay: Duration) {
+        self.slow_pull_ms.store(delay.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// Running containers of worker `node` (by the `holdfast.node` label).
@@ -124,6 +133,9 @@ impl Runtime for FakeRuntime {
 
     async fn ensure_image(&self, image: &str) -> Result<(), RuntimeError> {
         self.check_available()?;
+        if image.contains("slow") {
+            tokio::time::sleep(Duration::from_millis(self.slow_pull_ms.load(Ordering::Relaxed))).await;
+        }
         if image.contains("missing") {
             return Err(RuntimeError::ImageUnavailable {
                 image: image.to_string(),
