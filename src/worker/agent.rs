@@ -592,10 +592,12 @@ async fn restart(w: &Worker, h: &Held, container_id: String) {
 /// Re-checks that the placement fits what is free here now; `Ok(Err(reason))` is a
 /// refusal, `Err` means the engine could not say whether the image is present.
 async fn admission(w: &Worker, h: &Held) -> Result<Result<(), String>, RuntimeError> {
-    // A present image takes no new disk. An absent one will, but how much is unknown
-    // until it is fetched (a registry manifest is not asked for), so it counts as 0.
+    // A present image takes no new disk (it is already out of the measured free space).
+    // An absent one will, but its size is unknown until fetched (no registry manifest is
+    // asked for), so it counts as 0; the call still proves the engine answers before
+    // anything is recorded.
     let image_bytes = match w.runtime.image_size(&h.spec.image).await? {
-        Some(_present) => 0,
+        Some(_on_disk) => 0,
         None => 0,
     };
     let free = current_resources(w, Some(&h.id)).await;

@@ -718,6 +718,24 @@ mod tests {
     }
 
     #[test]
+    fn container_ip_prefers_named_networks_then_the_legacy_field() {
+        use bollard::models::EndpointSettings;
+        let endpoint = |ip: &str| EndpointSettings { ip_address: Some(ip.to_owned()), ..Default::default() };
+        let settings = |networks: Vec<(&str, &str)>, legacy: Option<&str>| NetworkSettings {
+            networks: Some(networks.into_iter().map(|(n, ip)| (n.to_owned(), endpoint(ip))).collect()),
+            ip_address: legacy.map(str::to_owned),
+            ..Default::default()
+        };
+        let check = |n: NetworkSettings, want: Option<&str>| assert_eq!(container_ip(&n).as_deref(), want, "{n:?}");
+        check(settings(vec![("bridge", "172.17.0.5")], Some("172.17.0.5")), Some("172.17.0.5"));
+        check(settings(vec![("zeta", "10.0.0.9"), ("alpha", "10.1.0.2")], None), Some("10.1.0.2"));
+        // Host networking and stopped containers have empty addresses.
+        check(settings(vec![("host", "")], Some("")), None);
+        check(settings(vec![], Some("172.17.0.7")), Some("172.17.0.7"));
+        check(NetworkSettings::default(), None);
+    }
+
+    #[test]
     fn config_maps_limits_and_ports() {
         let spec = ContainerSpec {
             name: "n".into(),
