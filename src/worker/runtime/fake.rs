@@ -2,7 +2,8 @@
 //! many simulated workers in one process, with no engine at all.
 //!
 //! It models only what the worker observes (containers, their states, ports, labels and
-//! logs) and none of what Docker does (images, networks, limits, processes). The Docker
+//! logs) and none of what Docker does (images, networks, limits, processes): nothing
+//! listens on a fake container, so a task with a health check fails it here. The Docker
 //! runtime stays covered by the real-engine tests (`tests/docker_runtime.rs`,
 //! `tests/e2e_docker.rs`); nothing here stands in for them.
 //!
