@@ -120,12 +120,25 @@ pub struct HttpProbe {
     pub port: u16,
 }
 
-/// Health checking of a running container.
+/// TCP health probe target: a successful connect is healthy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpProbe {
+    /// Container port.
+    pub port: u16,
+}
+
+/// Health checking of a running container; exactly one of `http` and `tcp` is set.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthSpec {
     /// HTTP GET probe; 2xx is healthy.
+    #[serde(default)]
     pub http: Option<HttpProbe>,
+    /// TCP connect probe. Omitted when unset so specs stored before it existed keep
+    /// their digest (idempotency keys compare digests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpProbe>,
     /// Probe period.
     #[serde(default = "default_interval")]
     pub interval_ms: u64,
@@ -373,9 +386,25 @@ impl TaskSpec {
                     "need interval_ms ≥ 100, 0 < timeout_ms ≤ interval_ms, failures ≥ 1",
                 ));
             }
-            if let Some(p) = &h.http {
-                if p.port == 0 || !p.path.starts_with('/') {
-                    return Err(SpecError::new("health.http", "port must be 1–65535 and path start with '/'"));
+            match (&h.http, &h.tcp) {
+                (Some(p), None) => {
+                    if p.port == 0 || !p.path.starts_with('/') || p.path.len() > 2048 {
+                        return Err(SpecError::new(
+                            "health.http",
+                            "port must be 1–65535 and path start with '/' (at most 2048 bytes)",
+                        ));
+                    }
+                }
+                (None, Some(p)) => {
+                    if p.port == 0 {
+                        return Err(SpecError::new("health.tcp.port", "must be 1–65535"));
+                    }
+                }
+                _ => {
+                    return Err(SpecError::new(
+                        "health",
+                        "set exactly one probe: {\"http\":{\"path\",\"port\"}} or {\"tcp\":{\"port\"}}",
+                    ))
                 }
             }
         }
@@ -479,6 +508,18 @@ mod tests {
         check(r#"{"image":"a","name":"bad name"}"#, Err("name"));
         check(r#"{"image":"a","restart":{"policy":"always","delay_ms":5,"max_delay_ms":1}}"#, Err("restart.delay_ms"));
         check(r#"not json"#, Err(""));
+    }
+
+    #[test]
+    fn health_needs_exactly_one_probe() {
+        check(r#"{"image":"a","health":{"http":{"path":"/health","port":7777}}}"#, Ok(()));
+        check(r#"{"image":"a","health":{"tcp":{"port":7777},"interval_ms":300,"timeout_ms":200}}"#, Ok(()));
+        check(r#"{"image":"a","health":{}}"#, Err("health"));
+        check(r#"{"image":"a","health":{"http":{"path":"/","port":1},"tcp":{"port":1}}}"#, Err("health"));
+        check(r#"{"image":"a","health":{"tcp":{"port":0}}}"#, Err("health.tcp.port"));
+        check(r#"{"image":"a","health":{"tcp":{"port":1,"host":"x"}}}"#, Err("health.tcp.host"));
+        check(r#"{"image":"a","health":{"http":{"path":"health","port":1}}}"#, Err("health.http"));
+        check(r#"{"image":"a","health":{"tcp":{"port":1},"timeout_ms":5000}}"#, Err("health"));
     }
 
     #[test]

@@ -1,20 +1,27 @@
 //! The worker agent: syncs with managers (long-poll; the sync is also the heartbeat),
 //! keeps the ledger, and drives the runtime toward the ledger through `reconcile`.
+//!
+//! Engine work runs in bounded pools: creates (image pulls and builds included, and
+//! local restarts) apart from stops, so a slow pull never holds up a stop. Health
+//! probers run one per running placement with a health spec, their probes bounded too;
+//! they hand `reconcile` verdicts, never actions.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use tokio::sync::{broadcast, Notify};
+use tokio::sync::{broadcast, Notify, Semaphore};
+use tokio::task::AbortHandle;
 
 use super::ledger::{Change, Held, Ledger, LedgerError};
-use super::reconcile::{reconcile, Action, Facts};
-use super::runtime::{labels, ContainerSpec, PortMap, Runtime, RuntimeError};
-use crate::model::sync::{LogReply, NotLeader, SyncRequest, SyncResponse};
-use crate::model::Observed;
+use super::reconcile::{reconcile, Action, Facts, Unhealthy};
+use super::runtime::{labels, ContainerInfo, ContainerSpec, ContainerState, PortMap, Runtime, RuntimeError};
+use crate::model::sync::{LogReply, NodeResources, NotLeader, SyncRequest, SyncResponse};
+use crate::model::{Desired, Observed};
 
 /// Settings of a worker.
 #[derive(Clone, Debug)]
@@ -35,6 +42,19 @@ pub struct WorkerConfig {
     pub stop_grace: Duration,
     /// Safety margin subtracted from every lease (clock drift, delivery delay).
     pub lease_margin: Duration,
+    /// Fixed resources reported in every sync and used by admission instead of
+    /// measuring this machine, so tests can run several simulated workers of different
+    /// sizes on one host. Live placements are subtracted from its free values as if
+    /// each used its reservation.
+    pub resources_override: Option<NodeResources>,
+    /// Placements being created at once (image pull or build, create, start; local
+    /// restarts too).
+    pub create_concurrency: usize,
+    /// Containers being stopped or removed at once; a pool apart from creates so a
+    /// slow pull never delays a stop.
+    pub stop_concurrency: usize,
+    /// Health probes in flight at once across all placements.
+    pub probe_concurrency: usize,
 }
 
 impl WorkerConfig {
@@ -49,9 +69,16 @@ impl WorkerConfig {
             sync_wait: Duration::from_secs(2),
             stop_grace: Duration::from_secs(10),
             lease_margin: Duration::from_secs(1),
+            resources_override: None,
+            create_concurrency: 4,
+            stop_concurrency: 8,
+            probe_concurrency: 32,
         }
     }
 }
+
+/// Log requests answered at once; each reads a container's log and posts it back.
+const LOG_CONCURRENCY: usize = 4;
 
 /// Worker failures that stop it from starting.
 #[derive(Debug, thiserror::Error)]
@@ -69,12 +96,36 @@ struct Worker {
     ledger: Arc<Ledger>,
     runtime: Arc<dyn Runtime>,
     http: reqwest::Client,
+    /// Health probes: no connection reuse, so every probe tests a fresh connect.
+    probe_http: reqwest::Client,
     wake_reconcile: Notify,
     wake_sync: Notify,
+    /// Placement ids (and `container:<id>` for orphans) with a job queued or running;
+    /// reconcile leaves them alone until it ends, so no job is ever doubled.
     in_flight: Mutex<HashSet<String>>,
+    /// Pool for creates, pulls and restarts.
+    creates: Arc<Semaphore>,
+    /// Pool for stops and removals.
+    stops: Arc<Semaphore>,
+    /// Bound on health probes in flight.
+    probes: Arc<Semaphore>,
+    /// Bound on log requests being answered.
+    log_jobs: Arc<Semaphore>,
+    /// Running probers by placement id.
+    probers: Mutex<HashMap<String, Prober>>,
+    /// Verdicts of probers, consumed by reconcile.
+    unhealthy: Mutex<HashMap<String, Unhealthy>>,
     engine_ok: AtomicBool,
     /// Lease end, ms since the epoch (0 = never held one).
     lease_until_ms: AtomicU64,
+}
+
+/// A health prober task and what it watches.
+struct Prober {
+    /// Container and restart count it probes; a restart starts a fresh prober.
+    key: (String, u32),
+    /// Cancels it.
+    handle: AbortHandle,
 }
 
 fn now_ms() -> u64 {
@@ -83,6 +134,31 @@ fn now_ms() -> u64 {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What is free here now, net of what other placements hold but a measurement cannot
+/// show yet (see [`super::resources::committed`]); `except` leaves one placement out
+/// (the one being admitted).
+async fn current_resources(w: &Worker, except: Option<&str>) -> NodeResources {
+    let engine_ok = w.engine_ok.load(Ordering::Relaxed);
+    let mut r = match &w.cfg.resources_override {
+        Some(fixed) => NodeResources { engine_ok, ..fixed.clone() },
+        None => {
+            let disk_path = PathBuf::from("/var/lib/docker");
+            let data_dir = w.cfg.data_dir.clone();
+            tokio::task::spawn_blocking(move || {
+                let p = if disk_path.exists() { disk_path } else { data_dir };
+                super::resources::measure(&p, engine_ok)
+            })
+            .await
+            .unwrap_or_default()
+        }
+    };
+    let held = w.ledger.all().unwrap_or_default();
+    let (memory, disk) = super::resources::committed(&held, except, w.cfg.resources_override.is_some());
+    r.memory_free_mb = r.memory_free_mb.saturating_sub(memory);
+    r.disk_free_mb = r.disk_free_mb.saturating_sub(disk);
+    r
 }
 
 /// Runs a worker until `shutdown` fires. Running containers are left running on
@@ -97,12 +173,21 @@ pub async fn run(
     }
     let ledger = Arc::new(Ledger::open(&cfg.data_dir, &cfg.node)?);
     let lease = ledger.meta_u64("lease_until_ms")?;
+    // A pool of 0 would never run anything; treat it as 1.
+    let pool = |n: usize| Arc::new(Semaphore::new(n.max(1)));
     let w = Arc::new(Worker {
         http: reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(3))
             .pool_idle_timeout(Duration::from_secs(30))
             .build()
             .unwrap_or_default(),
+        probe_http: reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap_or_default(),
+        creates: pool(cfg.create_concurrency),
+        stops: pool(cfg.stop_concurrency),
+        probes: pool(cfg.probe_concurrency),
+        log_jobs: pool(LOG_CONCURRENCY),
+        probers: Mutex::new(HashMap::new()),
+        unhealthy: Mutex::new(HashMap::new()),
         cfg,
         ledger,
         runtime,
@@ -117,6 +202,9 @@ pub async fn run(
     let rec = tokio::spawn(reconcile_loop(w.clone(), shutdown.resubscribe()));
     let _ = shutdown.recv().await;
     let _ = tokio::join!(sync, rec);
+    for (_, p) in lock(&w.probers).drain() {
+        p.handle.abort();
+    }
     tracing::info!(node = %w.cfg.node, "worker stopped; containers keep running for adoption");
     Ok(())
 }
@@ -127,15 +215,7 @@ async fn sync_loop(w: Arc<Worker>, mut shutdown: broadcast::Receiver<()>) {
     let mut managers = w.cfg.managers.clone();
     let mut failures = 0u32;
     loop {
-        let disk_path = PathBuf::from("/var/lib/docker");
-        let engine_ok = w.engine_ok.load(Ordering::Relaxed);
-        let data_dir = w.cfg.data_dir.clone();
-        let resources = tokio::task::spawn_blocking(move || {
-            let p = if disk_path.exists() { disk_path } else { data_dir };
-            super::resources::measure(&p, engine_ok)
-        })
-        .await
-        .unwrap_or_default();
+        let resources = current_resources(&w, None).await;
         let reports = w.ledger.outbox(1_000).unwrap_or_default();
         let req = SyncRequest {
             node: w.cfg.node.clone(),
@@ -202,7 +282,13 @@ async fn sync_loop(w: Arc<Worker>, mut shutdown: broadcast::Receiver<()>) {
                 for lr in resp.log_requests {
                     let w = w.clone();
                     let addr = addr.clone();
-                    tokio::spawn(async move { answer_logs(&w, &addr, lr.id, &lr.placement_id, lr.tail).await });
+                    tokio::spawn(async move {
+                        // Bounded: a burst of log requests waits instead of piling
+                        // engine calls onto a busy engine.
+                        if let Ok(_permit) = w.log_jobs.clone().acquire_owned().await {
+                            answer_logs(&w, &addr, lr.id, &lr.placement_id, lr.tail).await
+                        }
+                    });
                 }
                 w.wake_reconcile.notify_one();
             }
@@ -249,6 +335,10 @@ async fn reconcile_loop(w: Arc<Worker>, mut shutdown: broadcast::Receiver<()>) {
 }
 
 async fn reconcile_once(w: &Arc<Worker>) {
+    // Jobs in flight are snapshotted before the engine is listed: a job that finishes
+    // between the listing and the snapshot would otherwise look idle while the listing
+    // predates its container, and the placement would be created twice.
+    let busy_before = lock(&w.in_flight).clone();
     let filter = vec![(labels::NODE.to_string(), w.cfg.node.clone())];
     let containers = match w.runtime.list(&filter).await {
         Ok(c) => {
@@ -270,21 +360,93 @@ async fn reconcile_once(w: &Arc<Worker>) {
             return;
         }
     };
-    let busy = lock(&w.in_flight).clone();
+    supervise_health(w, &held, &containers);
+    let mut busy = busy_before;
+    busy.extend(lock(&w.in_flight).iter().cloned());
     let held: Vec<Held> = held.into_iter().filter(|h| !busy.contains(&h.id)).collect();
-    let containers: Vec<_> =
-        containers.into_iter().filter(|c| !c.labels.get(labels::PLACEMENT).is_some_and(|p| busy.contains(p))).collect();
+    let containers: Vec<_> = containers
+        .into_iter()
+        .filter(|c| !c.labels.get(labels::PLACEMENT).is_some_and(|p| busy.contains(p)))
+        .filter(|c| !busy.contains(&orphan_key(&c.id)))
+        .collect();
+    let unhealthy = lock(&w.unhealthy).clone();
     let actions = {
         let mut rng = rand::thread_rng();
         let mut jitter = |max: u64| rng.gen_range(0..=max);
         reconcile(
             &held,
             &containers,
-            &mut Facts { now_ms: now_ms(), advertise_host: &w.cfg.advertise_host, jitter: &mut jitter },
+            &mut Facts {
+                now_ms: now_ms(),
+                advertise_host: &w.cfg.advertise_host,
+                jitter: &mut jitter,
+                unhealthy: &unhealthy,
+            },
         )
     };
     for action in actions {
         execute(w, &held, action).await;
+    }
+}
+
+fn orphan_key(container_id: &str) -> String {
+    format!("container:{container_id}")
+}
+
+/// Starts a prober for every running placement with a health spec that lacks one
+/// (or whose container or restart count changed), and cancels probers of placements
+/// that no longer run. Probers live as long as their placement runs, one each.
+fn supervise_health(w: &Arc<Worker>, held: &[Held], containers: &[ContainerInfo]) {
+    let judged: HashSet<String> = lock(&w.unhealthy).keys().cloned().collect();
+    let mut wanted: HashMap<&str, (&Held, &ContainerInfo)> = HashMap::new();
+    for h in held {
+        if h.desired != Desired::Run || h.observed != Observed::Running || h.spec.health.is_none() {
+            continue;
+        }
+        if judged.contains(&h.id) {
+            continue;
+        }
+        let running =
+            containers.iter().find(|c| Some(&c.id) == h.container_id.as_ref() && c.state == ContainerState::Running);
+        if let Some(c) = running {
+            wanted.insert(h.id.as_str(), (h, c));
+        }
+    }
+    let mut probers = lock(&w.probers);
+    probers.retain(|id, p| {
+        let keep = wanted
+            .get(id.as_str())
+            .is_some_and(|(h, c)| p.key == (c.id.clone(), h.restarts) && !p.handle.is_finished());
+        if !keep {
+            p.handle.abort();
+        }
+        keep
+    });
+    for (id, (h, c)) in wanted {
+        if probers.contains_key(id) {
+            continue;
+        }
+        let Some(spec) = h.spec.health.clone() else { continue };
+        let addr = match super::health::target(&spec, c) {
+            Ok(addr) => addr,
+            Err(reason) => {
+                // Nothing to probe is a verdict too: the operator asked for a check
+                // that cannot run, and a silent pass would hide it.
+                let reason = format!("health check failed: {reason}");
+                lock(&w.unhealthy).insert(id.to_string(), Unhealthy { container_id: c.id.clone(), reason });
+                w.wake_reconcile.notify_one();
+                continue;
+            }
+        };
+        let (worker, pid, cid) = (w.clone(), id.to_string(), c.id.clone());
+        let watch = super::health::watch(w.probe_http.clone(), spec, addr, w.probes.clone());
+        let task = tokio::spawn(async move {
+            let reason = watch.await;
+            tracing::warn!(placement = %pid, container = %cid, %reason, "unhealthy; stopping it");
+            lock(&worker.unhealthy).insert(pid, Unhealthy { container_id: cid, reason });
+            worker.wake_reconcile.notify_one();
+        });
+        probers.insert(id.to_string(), Prober { key: (c.id.clone(), h.restarts), handle: task.abort_handle() });
     }
 }
 
@@ -325,85 +487,139 @@ fn container_spec(node: &str, h: &Held) -> ContainerSpec {
     }
 }
 
+/// Runs `job` as a task in `pool`. `key` stays in `in_flight` until the job ends, so a
+/// placement never has two jobs; a duplicate request is dropped. Jobs wait for a pool
+/// slot, and there is at most one per key, so the waiting is bounded by the ledger.
+fn spawn_job(w: &Arc<Worker>, pool: &Arc<Semaphore>, key: String, job: impl Future<Output = ()> + Send + 'static) {
+    if !lock(&w.in_flight).insert(key.clone()) {
+        return;
+    }
+    let (w, pool) = (w.clone(), pool.clone());
+    tokio::spawn(async move {
+        // The pools are never closed; a failed acquire would just skip this round.
+        if let Ok(_permit) = pool.acquire_owned().await {
+            job.await;
+        }
+        lock(&w.in_flight).remove(&key);
+        w.wake_reconcile.notify_one();
+    });
+}
+
 async fn execute(w: &Arc<Worker>, held: &[Held], action: Action) {
     let find = |id: &str| held.iter().find(|h| h.id == id).cloned();
     match action {
         Action::Report { placement_id, change } => {
             if let Some(h) = find(&placement_id) {
+                // Once the exit of an unhealthy container is recorded, its verdict is spent.
+                let spent = change.observed != Observed::Running;
                 record(w, &h, change);
+                if spent {
+                    lock(&w.unhealthy).remove(&placement_id);
+                }
             }
         }
         Action::Forget { placement_id } => {
             let _ = w.ledger.forget(&placement_id);
+            lock(&w.unhealthy).remove(&placement_id);
         }
         Action::RemoveOrphan { container_id } => {
-            let w = w.clone();
-            tokio::spawn(async move {
+            let w2 = w.clone();
+            let key = orphan_key(&container_id);
+            spawn_job(w, &w.stops, key, async move {
                 tracing::info!(container = %container_id, "removing container no placement owns");
-                let _ = w.runtime.stop(&container_id, w.cfg.stop_grace).await;
-                let _ = w.runtime.remove(&container_id).await;
+                let _ = w2.runtime.stop(&container_id, w2.cfg.stop_grace).await;
+                let _ = w2.runtime.remove(&container_id).await;
             });
         }
-        Action::Create { placement_id }
-        | Action::Start { placement_id, .. }
-        | Action::StopRemove { placement_id, .. }
-            if !lock(&w.in_flight).insert(placement_id.clone()) => {}
         Action::Create { placement_id } => {
             let Some(h) = find(&placement_id) else { return };
-            let w = w.clone();
-            tokio::spawn(async move {
-                create(&w, &h).await;
-                lock(&w.in_flight).remove(&h.id);
-                w.wake_reconcile.notify_one();
-            });
+            let w2 = w.clone();
+            spawn_job(w, &w.creates, placement_id, async move { create(&w2, &h).await });
         }
         Action::Start { placement_id, container_id } => {
             let Some(h) = find(&placement_id) else { return };
-            let w = w.clone();
-            tokio::spawn(async move {
-                match w.runtime.start(&container_id).await {
-                    Ok(_) => {
-                        let mut ch = base_change(&h, Observed::Running);
-                        ch.restarts = h.restarts + 1;
-                        ch.container_id = Some(container_id);
-                        record(&w, &h, ch);
-                    }
-                    Err(RuntimeError::Unavailable(e)) => {
-                        tracing::warn!(error = %e, "engine unavailable; restart later")
-                    }
-                    Err(e) => {
-                        let mut ch = base_change(&h, Observed::Failed);
-                        ch.reason = Some(format!("restart failed: {e}"));
-                        record(&w, &h, ch);
-                    }
+            let w2 = w.clone();
+            spawn_job(w, &w.creates, placement_id, async move { restart(&w2, &h, container_id).await });
+        }
+        Action::StopUnhealthy { placement_id, container_id } => {
+            let Some(h) = find(&placement_id) else { return };
+            let w2 = w.clone();
+            spawn_job(w, &w.stops, placement_id, async move {
+                // Stopped, not removed: the restart policy reuses the container.
+                if let Err(e) = w2.runtime.stop(&container_id, w2.cfg.stop_grace).await {
+                    tracing::warn!(placement = %h.id, error = %e, "could not stop unhealthy container; will retry");
                 }
-                lock(&w.in_flight).remove(&h.id);
-                w.wake_reconcile.notify_one();
             });
         }
         Action::StopRemove { placement_id, container_id } => {
             let Some(h) = find(&placement_id) else { return };
-            let w = w.clone();
-            tokio::spawn(async move {
-                let stopped = w.runtime.stop(&container_id, w.cfg.stop_grace).await;
-                let removed = w.runtime.remove(&container_id).await;
+            let w2 = w.clone();
+            spawn_job(w, &w.stops, placement_id, async move {
+                let stopped = w2.runtime.stop(&container_id, w2.cfg.stop_grace).await;
+                let removed = w2.runtime.remove(&container_id).await;
                 match stopped.and(removed) {
                     Ok(()) => {
                         let mut ch = base_change(&h, Observed::Stopped);
                         ch.endpoints.clear();
-                        record(&w, &h, ch);
+                        record(&w2, &h, ch);
+                        lock(&w2.unhealthy).remove(&h.id);
                     }
                     Err(e) => tracing::warn!(placement = %h.id, error = %e, "stop failed; will retry"),
                 }
-                lock(&w.in_flight).remove(&h.id);
-                w.wake_reconcile.notify_one();
             });
         }
     }
 }
 
+/// A local restart of an exited container.
+async fn restart(w: &Worker, h: &Held, container_id: String) {
+    match w.runtime.start(&container_id).await {
+        Ok(_) => {
+            let mut ch = base_change(h, Observed::Running);
+            ch.restarts = h.restarts + 1;
+            ch.container_id = Some(container_id);
+            record(w, h, ch);
+        }
+        Err(RuntimeError::Unavailable(e)) => tracing::warn!(error = %e, "engine unavailable; restart later"),
+        Err(e) => {
+            let mut ch = base_change(h, Observed::Failed);
+            ch.reason = Some(format!("restart failed: {e}"));
+            record(w, h, ch);
+        }
+    }
+}
+
+/// Re-checks that the placement fits what is free here now; `Ok(Err(reason))` is a
+/// refusal, `Err` means the engine could not say whether the image is present.
+async fn admission(w: &Worker, h: &Held) -> Result<Result<(), String>, RuntimeError> {
+    // A present image takes no new disk (it is already out of the measured free space).
+    // An absent one will, but its size is unknown until fetched (no registry manifest is
+    // asked for), so it counts as 0; the call still proves the engine answers before
+    // anything is recorded.
+    let image_bytes = match w.runtime.image_size(&h.spec.image).await? {
+        Some(_on_disk) => 0,
+        None => 0,
+    };
+    let free = current_resources(w, Some(&h.id)).await;
+    Ok(super::resources::admit(&w.cfg.node, &h.spec.resources, image_bytes, &free))
+}
+
 async fn create(w: &Worker, h: &Held) {
     let started = Instant::now();
+    match admission(w, h).await {
+        Ok(Ok(())) => {}
+        Ok(Err(refused)) => {
+            tracing::warn!(placement = %h.id, reason = %refused, "not starting");
+            let mut ch = base_change(h, Observed::Failed);
+            ch.reason = Some(refused);
+            record(w, h, ch);
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(placement = %h.id, error = %e, "cannot check admission; will retry");
+            return;
+        }
+    }
     if h.observed == Observed::Pending {
         record(w, h, base_change(h, Observed::Starting));
     }

@@ -1,5 +1,8 @@
 //! Desired (the ledger) vs actual (the engine's containers) → actions. Pure: no I/O,
-//! no clock (the time and the jitter source are arguments), so every rule is a table test.
+//! no clock (the time, the jitter source and the health verdicts are arguments), so
+//! every rule is a table test.
+
+use std::collections::HashMap;
 
 use crate::model::spec::RestartMode;
 use crate::model::{Desired, Observed};
@@ -20,6 +23,14 @@ pub enum Action {
         /// Placement id.
         placement_id: String,
         /// Container to start.
+        container_id: String,
+    },
+    /// Stop (not remove) a container its health probes judged unhealthy; its exit then
+    /// goes through the restart policy like a crash.
+    StopUnhealthy {
+        /// Placement id.
+        placement_id: String,
+        /// Container to stop.
         container_id: String,
     },
     /// Stop and remove the placement's container.
@@ -48,6 +59,15 @@ pub enum Action {
     },
 }
 
+/// A health verdict: this container of the placement failed its probes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unhealthy {
+    /// The container judged; a verdict on an older container does not apply.
+    pub container_id: String,
+    /// Why, e.g. `health check failed 3 times: GET /health on 172.17.0.5:7777: 500`.
+    pub reason: String,
+}
+
 /// Inputs besides the placements and containers.
 pub struct Facts<'a> {
     /// Wall clock, ms since the epoch.
@@ -56,6 +76,8 @@ pub struct Facts<'a> {
     pub advertise_host: &'a str,
     /// Full jitter: returns a value uniformly in `0..=max`.
     pub jitter: &'a mut dyn FnMut(u64) -> u64,
+    /// Health verdicts by placement id, from the probers.
+    pub unhealthy: &'a HashMap<String, Unhealthy>,
 }
 
 /// Restart delay before attempt `restarts + 1`: exponential, capped, full jitter.
@@ -122,7 +144,12 @@ pub fn reconcile(held: &[Held], containers: &[ContainerInfo], facts: &mut Facts<
             actions.push(Action::Create { placement_id: pid });
             continue;
         };
+        // A verdict only counts for the container it was made on.
+        let verdict = facts.unhealthy.get(&h.id).filter(|v| v.container_id == c.id);
         match &c.state {
+            ContainerState::Running if verdict.is_some() => {
+                actions.push(Action::StopUnhealthy { placement_id: pid, container_id: c.id.clone() });
+            }
             ContainerState::Running => {
                 let eps = endpoints(facts.advertise_host, c);
                 if h.observed != Observed::Running
@@ -148,10 +175,17 @@ pub fn reconcile(held: &[Held], containers: &[ContainerInfo], facts: &mut Facts<
                     continue;
                 }
                 let policy = h.spec.restart_policy();
+                // A container stopped for failing its health checks failed, whatever code
+                // its process chose on SIGTERM.
+                let failed = code != 0 || verdict.is_some();
                 let wants = match policy.policy {
                     RestartMode::Always => true,
-                    RestartMode::OnFailure => code != 0,
+                    RestartMode::OnFailure => failed,
                     RestartMode::No => false,
+                };
+                let why = match verdict {
+                    Some(v) => v.reason.clone(),
+                    None => format!("exited with code {code}"),
                 };
                 let mut ch = change(h, Observed::Exited);
                 ch.exit_code = Some(code);
@@ -160,13 +194,15 @@ pub fn reconcile(held: &[Held], containers: &[ContainerInfo], facts: &mut Facts<
                 if wants && h.restarts < policy.max_attempts {
                     let wait = backoff_ms(policy.delay_ms, policy.max_delay_ms, h.restarts, facts.jitter);
                     ch.observed = Observed::Restarting;
-                    ch.reason = Some(format!("exited with code {code}; restart {} in {wait} ms", h.restarts + 1));
+                    ch.reason = Some(format!("{why}; restart {} in {wait} ms", h.restarts + 1));
                     ch.next_start_ms = Some(facts.now_ms + wait);
                 } else if wants {
                     ch.observed = Observed::Failed;
-                    ch.reason = Some(format!("exited with code {code}; gave up after {} restarts", h.restarts));
+                    ch.reason = Some(format!("{why}; gave up after {} restarts", h.restarts));
                 } else {
-                    ch.reason = Some(format!("exited with code {code}"));
+                    // Policy `no`: a clean exit is done; an unhealthy one is a failure.
+                    ch.observed = if verdict.is_some() { Observed::Failed } else { Observed::Exited };
+                    ch.reason = Some(why);
                 }
                 actions.push(Action::Report { placement_id: pid, change: ch });
             }
@@ -204,12 +240,28 @@ mod tests {
     fn container(id: &str, placement: &str, state: ContainerState) -> ContainerInfo {
         let mut labels = BTreeMap::new();
         labels.insert(labels::PLACEMENT.to_string(), placement.to_string());
-        ContainerInfo { id: id.into(), name: id.into(), labels, state, ports: vec![(7777, 32768)], error: None }
+        ContainerInfo {
+            id: id.into(),
+            name: id.into(),
+            labels,
+            state,
+            ports: vec![(7777, 32768)],
+            error: None,
+            ip: Some("172.17.0.5".into()),
+        }
     }
 
     fn run(held: &[Held], containers: &[ContainerInfo]) -> Vec<Action> {
+        run_judged(held, containers, &HashMap::new())
+    }
+
+    fn run_judged(held: &[Held], containers: &[ContainerInfo], unhealthy: &HashMap<String, Unhealthy>) -> Vec<Action> {
         let mut half = |m: u64| m / 2;
-        reconcile(held, containers, &mut Facts { now_ms: 1_000, advertise_host: "10.0.0.1", jitter: &mut half })
+        reconcile(
+            held,
+            containers,
+            &mut Facts { now_ms: 1_000, advertise_host: "10.0.0.1", jitter: &mut half, unhealthy },
+        )
     }
 
     const SVC: &str = r#"{"image":"i"}"#;
@@ -288,6 +340,66 @@ mod tests {
         let acts =
             run(&[h], &[container("a", "p", ContainerState::Running), container("b", "p", ContainerState::Running)]);
         assert_eq!(acts, vec![Action::RemoveOrphan { container_id: "a".into() }]);
+    }
+
+    #[test]
+    fn health_verdicts_stop_then_count_as_failures() {
+        const REASON: &str = "health check failed 2 times: GET /health on 172.17.0.5:7777: 500";
+        let verdict = |container: &str| {
+            HashMap::from([("p".to_string(), Unhealthy { container_id: container.into(), reason: REASON.into() })])
+        };
+        let running = |restarts: u32, spec: &str| {
+            let mut h = held("p", Observed::Running, spec);
+            h.restarts = restarts;
+            h.container_id = Some("c".into());
+            h.endpoints = vec!["10.0.0.1:32768".into()];
+            h
+        };
+        let always = r#"{"image":"i","restart":{"policy":"always","max_attempts":2,"delay_ms":200}}"#;
+        let on_failure = r#"{"image":"i","restart":{"policy":"on-failure","max_attempts":2,"delay_ms":200}}"#;
+        let no = r#"{"image":"i","restart":{"policy":"no"}}"#;
+        let up = container("c", "p", ContainerState::Running);
+        let down = |code| container("c", "p", ContainerState::Exited { code });
+        let stop = vec![Action::StopUnhealthy { placement_id: "p".into(), container_id: "c".into() }];
+        let report = |acts: Vec<Action>| match &acts[..] {
+            [Action::Report { change, .. }] => (change.observed, change.reason.clone().unwrap_or_default()),
+            other => panic!("{other:?}"),
+        };
+        let restart_in_100 = format!("{REASON}; restart 1 in 100 ms");
+
+        // (held, container, verdict on, expected) — one row per rule.
+        type Expect = Result<(Observed, String), Vec<Action>>;
+        let table: Vec<(Held, ContainerInfo, Option<&str>, Expect)> = vec![
+            // No verdict: a healthy running container needs nothing.
+            (running(0, always), up.clone(), None, Err(vec![])),
+            // A verdict on the running container stops it (not remove: restarts reuse it).
+            (running(0, always), up.clone(), Some("c"), Err(stop.clone())),
+            // A verdict on an older container is ignored.
+            (running(0, always), up.clone(), Some("old"), Err(vec![])),
+            // Stopped by the verdict: restart with backoff, the reason names the probe,
+            // even with exit code 0 under on-failure.
+            (running(0, always), down(0), Some("c"), Ok((Observed::Restarting, restart_in_100.clone()))),
+            (running(0, on_failure), down(0), Some("c"), Ok((Observed::Restarting, restart_in_100))),
+            // Without a verdict, exit 0 under on-failure is a plain exit.
+            (running(0, on_failure), down(0), None, Ok((Observed::Exited, "exited with code 0".into()))),
+            // Restarts used up: failed, with the health reason.
+            (
+                running(2, always),
+                down(143),
+                Some("c"),
+                Ok((Observed::Failed, format!("{REASON}; gave up after 2 restarts"))),
+            ),
+            // Policy no: an unhealthy stop is a failure, not a clean exit.
+            (running(0, no), down(0), Some("c"), Ok((Observed::Failed, REASON.into()))),
+        ];
+        for (i, (h, c, on, want)) in table.into_iter().enumerate() {
+            let unhealthy = on.map(verdict).unwrap_or_default();
+            let acts = run_judged(&[h], &[c], &unhealthy);
+            match want {
+                Ok(expect) => assert_eq!(report(acts), expect, "row {i}"),
+                Err(expect) => assert_eq!(acts, expect, "row {i}"),
+            }
+        }
     }
 
     #[test]

@@ -16,7 +16,8 @@ use bollard::container::{
 use bollard::errors::Error as DockerError;
 use bollard::image::{BuildImageOptions, CreateImageOptions, TagImageOptions};
 use bollard::models::{
-    ContainerInspectResponse, ContainerStateStatusEnum, HostConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum,
+    ContainerInspectResponse, ContainerStateStatusEnum, HostConfig, NetworkSettings, PortBinding, RestartPolicy,
+    RestartPolicyNameEnum,
 };
 use bollard::Docker;
 use futures::{StreamExt, TryStreamExt};
@@ -551,7 +552,9 @@ fn container_info(response: ContainerInspectResponse) -> ContainerInfo {
         None => ContainerState::Other(String::new()),
     };
     let mut ports = Vec::new();
-    let published = response.network_settings.and_then(|n| n.ports).unwrap_or_default();
+    let network = response.network_settings.unwrap_or_default();
+    let ip = container_ip(&network);
+    let published = network.ports.unwrap_or_default();
     for (key, bindings) in published {
         let Some(container) = key.strip_suffix("/tcp").and_then(|p| p.parse::<u16>().ok()) else {
             continue;
@@ -575,7 +578,20 @@ fn container_info(response: ContainerInspectResponse) -> ContainerInfo {
         state: coarse,
         ports,
         error: state.error.filter(|e| !e.is_empty()),
+        ip,
     }
+}
+
+/// The container's IP: the first network (by name, for a stable answer) that gave it
+/// one, else the legacy top-level field. `None` for host networking or a stopped one.
+fn container_ip(network: &NetworkSettings) -> Option<String> {
+    let mut networks: Vec<_> = network.networks.iter().flatten().collect();
+    networks.sort_by(|a, b| a.0.cmp(b.0));
+    networks
+        .into_iter()
+        .filter_map(|(_, endpoint)| endpoint.ip_address.clone())
+        .chain(network.ip_address.clone())
+        .find(|ip| !ip.is_empty())
 }
 
 /// An in-memory build context: the binary and a Dockerfile that makes it the entrypoint.
@@ -699,6 +715,24 @@ mod tests {
         assert!(!is_static_elf(&truncated));
         assert!(!is_static_elf(b"#!/bin/sh\necho hi\n"));
         assert!(!is_static_elf(&[]));
+    }
+
+    #[test]
+    fn container_ip_prefers_named_networks_then_the_legacy_field() {
+        use bollard::models::EndpointSettings;
+        let endpoint = |ip: &str| EndpointSettings { ip_address: Some(ip.to_owned()), ..Default::default() };
+        let settings = |networks: Vec<(&str, &str)>, legacy: Option<&str>| NetworkSettings {
+            networks: Some(networks.into_iter().map(|(n, ip)| (n.to_owned(), endpoint(ip))).collect()),
+            ip_address: legacy.map(str::to_owned),
+            ..Default::default()
+        };
+        let check = |n: NetworkSettings, want: Option<&str>| assert_eq!(container_ip(&n).as_deref(), want, "{n:?}");
+        check(settings(vec![("bridge", "172.17.0.5")], Some("172.17.0.5")), Some("172.17.0.5"));
+        check(settings(vec![("zeta", "10.0.0.9"), ("alpha", "10.1.0.2")], None), Some("10.1.0.2"));
+        // Host networking and stopped containers have empty addresses.
+        check(settings(vec![("host", "")], Some("")), None);
+        check(settings(vec![], Some("172.17.0.7")), Some("172.17.0.7"));
+        check(NetworkSettings::default(), None);
     }
 
     #[test]

@@ -1,10 +1,12 @@
-//! The container runtime seen by the worker: a small trait, and its one real
-//! implementation on Docker (`docker.rs`, the only file that imports bollard).
+//! The container runtime seen by the worker: a small trait, its one real
+//! implementation on Docker (`docker.rs`, the only file that imports bollard), and an
+//! in-memory fake (`fake.rs`) for scale tests of scheduling.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 pub mod docker;
+pub mod fake;
 
 /// Label keys holdfast puts on every container it creates.
 pub mod labels {
@@ -79,6 +81,9 @@ pub struct ContainerInfo {
     pub ports: Vec<(u16, u16)>,
     /// Error text the engine recorded for the last start, if any.
     pub error: Option<String>,
+    /// The container's IP on its engine network, when it has one; health probes dial
+    /// it on the container port so unpublished ports can be checked too.
+    pub ip: Option<String>,
 }
 
 /// Facts about the engine used for resource reports.
