@@ -143,6 +143,10 @@ pub struct AgentArgs {
     /// Node labels `k=v,k2=v2` (workers).
     #[arg(long, env = "HOLDFAST_LABELS", value_delimiter = ',', value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
+    /// Placement strategy for new tasks: `binpack` (fill nodes) or `spread`. A cluster
+    /// setting: give every manager the same.
+    #[arg(long, env = "HOLDFAST_PLACEMENT", value_enum, default_value = "binpack")]
+    pub placement: crate::manager::scheduler::Strategy,
     /// Cluster join token file. Read and checked at startup; cluster authentication
     /// with it arrives with mutual TLS and is not enforced yet.
     #[arg(long, env = "HOLDFAST_TOKEN_FILE")]
@@ -209,11 +213,13 @@ impl DevArgs {
                 advertise_api: self.api.clone(),
                 bootstrap: true,
                 join: Vec::new(),
+                strategy: Default::default(),
             }),
             worker: Some(WorkerRole {
                 managers: vec![self.cluster.clone()],
                 advertise_host: dialable(host_of(&self.api)).to_string(),
                 labels: BTreeMap::new(),
+                resources_override: None,
             }),
         }
     }
@@ -243,6 +249,7 @@ impl AgentArgs {
             advertise_api,
             bootstrap: self.bootstrap,
             join: self.join.clone(),
+            strategy: self.placement,
         });
         if self.manager && !self.bootstrap && self.join.is_empty() {
             // A restarted member needs neither; a fresh one needs one of them.
@@ -264,6 +271,7 @@ impl AgentArgs {
                 managers,
                 advertise_host: adv_host.unwrap_or("127.0.0.1").to_string(),
                 labels: self.labels.iter().cloned().collect(),
+                resources_override: None,
             })
         } else {
             None

@@ -31,6 +31,8 @@ pub struct ManagerRole {
     pub bootstrap: bool,
     /// Cluster addresses of existing managers to join.
     pub join: Vec<String>,
+    /// Placement strategy.
+    pub strategy: crate::manager::scheduler::Strategy,
 }
 
 /// Worker settings.
@@ -42,4 +44,6 @@ pub struct WorkerRole {
     pub advertise_host: String,
     /// Node labels.
     pub labels: BTreeMap<String, String>,
+    /// Fixed resources to report instead of measuring (simulated nodes in tests).
+    pub resources_override: Option<crate::model::sync::NodeResources>,
 }

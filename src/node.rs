@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 
 use crate::config::Config;
-use crate::manager::{self, Manager, ManagerTimers};
+use crate::manager::{self, Manager, ManagerSettings};
 use crate::worker::agent::{self, WorkerConfig};
 use crate::worker::runtime::docker::DockerRuntime;
 use crate::worker::runtime::Runtime;
@@ -62,7 +62,8 @@ pub async fn run_with_runtime(
         );
         rc.op_timeout = Duration::from_secs(5);
         let rdb = holdfast_raft::ReplicatedDb::open(rc, domain).await?;
-        let mgr = Manager::new(rdb.clone(), applied, ManagerTimers::default());
+        let settings = ManagerSettings { strategy: m.strategy, ..Default::default() };
+        let mgr = Manager::new(rdb.clone(), applied, settings);
         let cluster_listener = crate::net::bind(&m.cluster, "cluster traffic").await?;
         let api_listener = crate::net::bind(&m.api, "the API").await?;
         let cluster_router = rdb.cluster_router().merge(manager::gateway::router(mgr.clone()));
@@ -110,6 +111,7 @@ pub async fn run_with_runtime(
         let mut wc = WorkerConfig::new(&config.node_id, config.data_dir.join("worker"), wr.managers.clone());
         wc.advertise_host = wr.advertise_host.clone();
         wc.labels = wr.labels.clone();
+        wc.resources_override = wr.resources_override.clone();
         let rx = stop_tx.subscribe();
         tasks.push(tokio::spawn(async move {
             agent::run(wc, runtime, rx).await.map_err(|e| std::io::Error::other(e.to_string()))

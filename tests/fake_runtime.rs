@@ -40,11 +40,13 @@ async fn two_hundred_tasks_reach_running_on_the_fake_runtime() {
             advertise_api: api.clone(),
             bootstrap: true,
             join: vec![],
+            strategy: Default::default(),
         }),
         worker: Some(WorkerRole {
             managers: vec![cluster.clone()],
             advertise_host: "127.0.0.1".into(),
             labels: BTreeMap::new(),
+            resources_override: None,
         }),
     };
     let fake = Arc::new(FakeRuntime::new());

@@ -162,7 +162,7 @@ async fn sync_inner(m: &Arc<Manager>, req: SyncRequest) -> Result<Response, ApiE
 
     // Long-poll: hold the request until the desired set changes, a log request is
     // queued, or the wait is over.
-    let wait = Duration::from_millis(req.wait_ms).min(m.timers.max_long_poll);
+    let wait = Duration::from_millis(req.wait_ms).min(m.settings.max_long_poll);
     let deadline = tokio::time::Instant::now() + wait;
     let mut applied = m.applied.clone();
     let mut logs = m.log_signal.subscribe();
@@ -183,7 +183,7 @@ async fn sync_inner(m: &Arc<Manager>, req: SyncRequest) -> Result<Response, ApiE
                 .insert(req.node.clone(), Liveness { last_seen: Instant::now(), resources: req.resources.clone() });
             let resp = SyncResponse {
                 version,
-                lease_ms: m.timers.lease.as_millis() as u64,
+                lease_ms: m.settings.lease.as_millis() as u64,
                 acked_seq,
                 assignments,
                 log_requests,

@@ -16,9 +16,9 @@ pub mod leader;
 pub mod scheduler;
 pub mod state;
 
-/// Timers of the control plane.
+/// Settings of the control plane: timers and the placement strategy.
 #[derive(Clone, Debug)]
-pub struct ManagerTimers {
+pub struct ManagerSettings {
     /// Lease granted to workers on every sync.
     pub lease: Duration,
     /// A node silent for this long is not offered new placements.
@@ -30,16 +30,19 @@ pub struct ManagerTimers {
     pub log_timeout: Duration,
     /// A disconnected node is marked down after this long.
     pub down_after: Duration,
+    /// Placement strategy (a cluster-wide setting: give every manager the same).
+    pub strategy: scheduler::Strategy,
 }
 
-impl Default for ManagerTimers {
+impl Default for ManagerSettings {
     fn default() -> Self {
-        ManagerTimers {
+        ManagerSettings {
             lease: Duration::from_secs(30),
             heartbeat_ttl: Duration::from_secs(5),
             max_long_poll: Duration::from_millis(2_500),
             log_timeout: Duration::from_secs(10),
             down_after: Duration::from_secs(60),
+            strategy: scheduler::Strategy::Binpack,
         }
     }
 }
@@ -124,8 +127,8 @@ pub struct Manager {
     pub logs: LogRelay,
     /// Bumped when a log request is queued, to wake long-polls.
     pub log_signal: watch::Sender<u64>,
-    /// Timers.
-    pub timers: ManagerTimers,
+    /// Timers and strategy.
+    pub settings: ManagerSettings,
     /// When this process started.
     pub started: Instant,
     /// Batches workers' status reports into few Raft commands.
@@ -136,7 +139,7 @@ pub struct Manager {
 
 impl Manager {
     /// Wraps an opened database.
-    pub fn new(db: ReplicatedDb, applied: watch::Receiver<u64>, timers: ManagerTimers) -> Arc<Self> {
+    pub fn new(db: ReplicatedDb, applied: watch::Receiver<u64>, settings: ManagerSettings) -> Arc<Self> {
         Arc::new(Manager {
             applied,
             liveness: Mutex::new(HashMap::new()),
@@ -144,7 +147,7 @@ impl Manager {
             log_signal: watch::channel(0).0,
             reports: gateway::ReportBatcher::spawn(db.clone()),
             db,
-            timers,
+            settings,
             started: Instant::now(),
             planner_memo: Mutex::new(leader::PlannerMemo::default()),
         })

@@ -53,6 +53,10 @@ pub struct StatusReport {
     pub container_id: Option<String>,
     /// Worker wall clock, ms since the epoch.
     pub at_ms: u64,
+    /// The worker refused to start the placement (admission: not enough resources
+    /// left); the manager places it elsewhere at once.
+    #[serde(default)]
+    pub refused: bool,
 }
 
 /// Sent by a worker to any manager.

@@ -466,6 +466,7 @@ fn base_change(h: &Held, observed: Observed) -> Change {
         endpoints: h.endpoints.clone(),
         container_id: h.container_id.clone(),
         next_start_ms: None,
+        refused: false,
     }
 }
 
@@ -612,6 +613,7 @@ async fn create(w: &Worker, h: &Held) {
             tracing::warn!(placement = %h.id, reason = %refused, "not starting");
             let mut ch = base_change(h, Observed::Failed);
             ch.reason = Some(refused);
+            ch.refused = true;
             record(w, h, ch);
             return;
         }

@@ -74,6 +74,8 @@ pub struct Change {
     pub container_id: Option<String>,
     /// Next restart time for `restarting`.
     pub next_start_ms: Option<u64>,
+    /// Admission refused the placement on this node.
+    pub refused: bool,
 }
 
 /// The ledger; all methods are blocking and short.
@@ -272,6 +274,7 @@ impl Ledger {
             endpoints: change.endpoints.clone(),
             container_id: change.container_id.clone().or_else(|| held.container_id.clone()),
             at_ms,
+            refused: change.refused,
         };
         tx.execute(
             "INSERT INTO outbox (seq, report) VALUES (?1, ?2)",

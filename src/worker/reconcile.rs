@@ -99,6 +99,7 @@ fn change(h: &Held, observed: Observed) -> Change {
         endpoints: h.endpoints.clone(),
         container_id: h.container_id.clone(),
         next_start_ms: None,
+        refused: false,
     }
 }
 

@@ -72,7 +72,7 @@ pub async fn endpoint(State(m): State<Arc<Manager>>) -> Result<Response, ApiErro
     for (status, draining, count) in nodes {
         metrics::gauge!("holdfast_nodes", "status" => status, "draining" => draining.to_string()).set(count as f64);
     }
-    let heard = lock(&m.liveness).values().filter(|l| l.last_seen.elapsed() < m.timers.heartbeat_ttl).count();
+    let heard = lock(&m.liveness).values().filter(|l| l.last_seen.elapsed() < m.settings.heartbeat_ttl).count();
     metrics::gauge!("holdfast_nodes_heard_within_ttl").set(heard as f64);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], h.render()).into_response())
 }

@@ -175,7 +175,7 @@ async fn task_logs(
     }
     let (req_id, rx) = m.logs.request(&p.node, &p.id, tail);
     m.log_signal.send_modify(|v| *v += 1);
-    match tokio::time::timeout(m.timers.log_timeout, rx).await {
+    match tokio::time::timeout(m.settings.log_timeout, rx).await {
         Ok(Ok(Ok(text))) => Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response()),
         Ok(Ok(Err(reason))) => Err(ApiError::new(StatusCode::BAD_GATEWAY, "logs_unavailable", reason)),
         _ => {
@@ -183,7 +183,7 @@ async fn task_logs(
             Err(ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 "worker_timeout",
-                format!("node {} did not send logs within {:?}", p.node, m.timers.log_timeout),
+                format!("node {} did not send logs within {:?}", p.node, m.settings.log_timeout),
             ))
         }
     }
@@ -357,7 +357,7 @@ async fn health(State(m): State<Arc<Manager>>) -> Response {
     let leader_known = s.leader.is_some();
     let engines: Vec<(String, bool)> = super::lock(&m.liveness)
         .iter()
-        .filter(|(_, l)| l.last_seen.elapsed() < m.timers.heartbeat_ttl)
+        .filter(|(_, l)| l.last_seen.elapsed() < m.settings.heartbeat_ttl)
         .map(|(n, l)| (n.clone(), l.resources.engine_ok))
         .collect();
     let engines_ok = engines.iter().all(|(_, ok)| *ok);

@@ -51,8 +51,17 @@ pub async fn run_planner(m: Arc<Manager>, mut shutdown: broadcast::Receiver<()>)
     let mut status = m.db.watch_status();
     loop {
         if m.db.status().role == holdfast_raft::Role::Leader {
-            if let Err(e) = plan_once(&m).await {
-                tracing::warn!(error = %e, "planning round failed; retrying");
+            match plan_round(&m).await {
+                // Everything refused: state moved under the plan. Re-planning at once
+                // would only be refused again; wait for the tick instead.
+                Ok(r) if r.placed == 0 && r.refused > 0 => {
+                    tokio::select! {
+                        _ = shutdown.recv() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "planning round failed; retrying"),
             }
         }
         // Under a burst of submissions, plan in batches rather than once per command.
@@ -78,10 +87,16 @@ fn replacement_due(c: &ReplaceCandidate, now: u64, m: &Manager) -> Option<Vec<St
         // replaced once the old worker's lease has surely run out, so two never overlap.
         let mut lost_after = c.spec.lost_after_ms();
         if c.spec.offline_mode() == crate::model::OfflineMode::Exclusive {
-            lost_after = lost_after.max(m.timers.lease.as_millis() as u64 + m.timers.heartbeat_ttl.as_millis() as u64);
+            lost_after =
+                lost_after.max(m.settings.lease.as_millis() as u64 + m.settings.heartbeat_ttl.as_millis() as u64);
         }
         let silent_for = now.saturating_sub(c.node_status_since_ms);
         return (c.spec.replace_when_lost() && silent_for >= lost_after).then(|| vec![c.node.clone()]);
+    }
+    // Refused by the worker's admission check: not the task's fault, so place it
+    // elsewhere at once, without spending a reschedule attempt.
+    if c.refused {
+        return Some(c.failed_on.clone());
     }
     // Failed on a ready node: reschedule with exponential delay, a limited number of times.
     let policy = c.spec.reschedule_policy();
@@ -92,10 +107,24 @@ fn replacement_due(c: &ReplaceCandidate, now: u64, m: &Manager) -> Option<Vec<St
     (now >= c.updated_ms + policy.delay_before(used)).then(|| c.failed_on.clone())
 }
 
+/// What one planning round did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Round {
+    /// Placements committed.
+    pub placed: usize,
+    /// Placements the applier refused (re-planned later).
+    pub refused: usize,
+}
+
 /// One planning round; returns how many placements were committed.
 pub async fn plan_once(m: &Manager) -> Result<usize, ApiError> {
+    plan_round(m).await.map(|r| r.placed)
+}
+
+/// One planning round, with what the applier refused.
+pub async fn plan_round(m: &Manager) -> Result<Round, ApiError> {
     let live = lock(&m.liveness).clone();
-    let is_fresh = |name: &str| live.get(name).is_some_and(|l| l.last_seen.elapsed() < m.timers.heartbeat_ttl);
+    let is_fresh = |name: &str| live.get(name).is_some_and(|l| l.last_seen.elapsed() < m.settings.heartbeat_ttl);
     let nodes = m.db.read_local(query::nodes).await?;
     let print = fingerprint(&nodes, is_fresh);
     let only_new = {
@@ -123,6 +152,7 @@ pub async fn plan_once(m: &Manager) -> Result<usize, ApiError> {
         .collect();
     let mut reasons: Vec<(String, Option<String>)> = pending.iter().map(|t| (t.id.clone(), t.reason.clone())).collect();
     let mut expired_drains = Vec::new();
+    tracing::debug!(pending = pending.len(), candidates = candidates.len(), only_new, "planning round");
     for c in &candidates {
         if let Some(avoid) = replacement_due(c, now, m) {
             work.push(Pending {
@@ -147,14 +177,14 @@ pub async fn plan_once(m: &Manager) -> Result<usize, ApiError> {
         super::api::write(m, &cmd).await?;
     }
     if work.is_empty() {
-        return Ok(0);
+        return Ok(Round::default());
     }
     let view = ClusterView {
         nodes: nodes
             .into_iter()
             .map(|n| {
                 let l = live.get(&n.name);
-                let fresh = l.is_some_and(|l| l.last_seen.elapsed() < m.timers.heartbeat_ttl);
+                let fresh = l.is_some_and(|l| l.last_seen.elapsed() < m.settings.heartbeat_ttl);
                 let engine_ok = l.is_some_and(|l| l.resources.engine_ok);
                 NodeView {
                     eligible: n.status == node_status::READY && !n.draining && n.eligible && fresh && engine_ok,
@@ -180,7 +210,7 @@ pub async fn plan_once(m: &Manager) -> Result<usize, ApiError> {
                 }
             })
             .collect(),
-        strategy: Default::default(),
+        strategy: m.settings.strategy,
     };
     let plan = scheduler::plan(&view, &work);
     // Only record reasons that changed: an unchanged reason would be a write that
@@ -191,11 +221,15 @@ pub async fn plan_once(m: &Manager) -> Result<usize, ApiError> {
         .filter(|(id, why)| reasons.iter().any(|(t, old)| t == id && old.as_deref() != Some(why)))
         .collect();
     if plan.placements.is_empty() && unplaced.is_empty() {
-        return Ok(0);
+        return Ok(Round::default());
     }
-    let n = plan.placements.len();
-    super::api::write(m, &Command::ApplyPlan { placements: plan.placements, unplaced, now_ms: now }).await?;
-    Ok(n)
+    let out = super::api::write(m, &Command::ApplyPlan { placements: plan.placements, unplaced, now_ms: now }).await?;
+    let refused = out["refused"].as_array().map_or(0, |r| r.len());
+    if refused > 0 {
+        // Normal under races (state moved between plan and apply); the next round re-plans.
+        tracing::info!(refused = %out["refused"], "plan applier refused placements");
+    }
+    Ok(Round { placed: out["placed"].as_array().map_or(0, |p| p.len()), refused })
 }
 
 /// Judges node liveness until shutdown; commits only transitions, only while leading.
@@ -212,7 +246,7 @@ pub async fn run_liveness(m: Arc<Manager>, mut shutdown: broadcast::Receiver<()>
         }
         // A new leader has no heartbeats yet: give every node one TTL to check in.
         let since = *leading_since.get_or_insert_with(Instant::now);
-        if since.elapsed() < m.timers.heartbeat_ttl {
+        if since.elapsed() < m.settings.heartbeat_ttl {
             continue;
         }
         if let Err(e) = judge_nodes(&m).await {
@@ -226,12 +260,12 @@ async fn judge_nodes(m: &Manager) -> Result<(), ApiError> {
     let live = lock(&m.liveness).clone();
     let now = now_ms();
     for n in nodes {
-        let fresh = live.get(&n.name).is_some_and(|l| l.last_seen.elapsed() < m.timers.heartbeat_ttl);
+        let fresh = live.get(&n.name).is_some_and(|l| l.last_seen.elapsed() < m.settings.heartbeat_ttl);
         let next = match n.status.as_str() {
             node_status::READY if !fresh => Some(node_status::DISCONNECTED),
             node_status::DISCONNECTED | node_status::DOWN if fresh => Some(node_status::READY),
             node_status::DISCONNECTED
-                if now.saturating_sub(n.status_since_ms) >= m.timers.down_after.as_millis() as u64 =>
+                if now.saturating_sub(n.status_since_ms) >= m.settings.down_after.as_millis() as u64 =>
             {
                 Some(node_status::DOWN)
             }

@@ -51,7 +51,7 @@ impl NodeView {
 }
 
 /// How to choose among feasible nodes (a cluster setting).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Strategy {
     /// Fill the fullest node that fits first (keeps whole nodes free for big tasks).

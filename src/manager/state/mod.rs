@@ -190,6 +190,7 @@ CREATE TABLE IF NOT EXISTS placements (
     restarts INTEGER NOT NULL DEFAULT 0,
     endpoints TEXT NOT NULL DEFAULT '[]',
     container_id TEXT,
+    refused INTEGER NOT NULL DEFAULT 0,
     cpu_millis INTEGER NOT NULL,
     memory_mb INTEGER NOT NULL,
     disk_mb INTEGER NOT NULL,
@@ -453,23 +454,37 @@ fn recheck_placement(tx: &Transaction<'_>, p: &PlannedPlacement) -> rusqlite::Re
         return Ok(Err("stored spec unreadable".into()));
     };
     let live: i64 = tx.query_row(
-        "SELECT COUNT(*) FROM placements WHERE task_id = ?1 AND desired = 'run' AND observed NOT IN ('failed','stopped','exited')",
-        [&p.task_id],
+        "SELECT COUNT(*) FROM placements WHERE task_id = ?1 AND desired = 'run'
+           AND observed NOT IN ('failed','stopped','exited') AND id IS NOT ?2",
+        params![p.task_id, p.replaces],
         |r| r.get(0),
     )?;
     if live > 0 {
         return Ok(Err("task already has a live placement".into()));
     }
-    let node: Option<(String, i64, i64, i64)> = tx
-        .query_row("SELECT status, cpu_millis, memory_mb, disk_mb FROM nodes WHERE name = ?1", [&p.node], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-        })
+    if let Some(old) = &p.replaces {
+        // Only the task's current placement can be replaced; anything older means the
+        // plan was made on stale state.
+        let current: Option<i64> =
+            tx.query_row("SELECT MAX(fence) FROM placements WHERE task_id = ?1", [&p.task_id], |r| r.get(0))?;
+        let old_fence: Option<i64> =
+            tx.query_row("SELECT fence FROM placements WHERE id = ?1", [old], |r| r.get(0)).optional()?;
+        if old_fence.is_none() || old_fence != current {
+            return Ok(Err(format!("placement {old} is no longer the task's current one")));
+        }
+    }
+    let node: Option<(String, bool, bool, i64, i64, i64)> = tx
+        .query_row(
+            "SELECT status, draining, eligible, cpu_millis, memory_mb, disk_mb FROM nodes WHERE name = ?1",
+            [&p.node],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+        )
         .optional()?;
-    let Some((status, cpu, mem, disk)) = node else {
+    let Some((status, draining, eligible, cpu, mem, disk)) = node else {
         return Ok(Err(format!("node {} is not registered", p.node)));
     };
-    if status != "ready" {
-        return Ok(Err(format!("node {} is {status}", p.node)));
+    if status != node_status::READY || draining || !eligible {
+        return Ok(Err(format!("node {} is {status}, draining {draining}, eligible {eligible}", p.node)));
     }
     let (rc, rm, rd): (i64, i64, i64) = tx.query_row(
         "SELECT COALESCE(SUM(cpu_millis),0), COALESCE(SUM(memory_mb),0), COALESCE(SUM(disk_mb),0)
@@ -511,7 +526,7 @@ fn apply_report(
     let endpoints = serde_json::to_string(&r.endpoints).unwrap_or_else(|_| "[]".into());
     tx.execute(
         "UPDATE placements SET observed = ?2, exit_code = ?3, reason = ?4, restarts = ?5, endpoints = ?6,
-           container_id = COALESCE(?7, container_id), updated_ms = ?8 WHERE id = ?1",
+           container_id = COALESCE(?7, container_id), updated_ms = ?8, refused = ?9 WHERE id = ?1",
         params![
             r.placement_id,
             r.observed.as_str(),
@@ -520,7 +535,8 @@ fn apply_report(
             r.restarts,
             endpoints,
             r.container_id,
-            now_ms as i64
+            now_ms as i64,
+            r.refused
         ],
     )?;
     if from != r.observed {

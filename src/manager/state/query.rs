@@ -416,6 +416,8 @@ pub struct ReplaceCandidate {
     pub placements: u32,
     /// Nodes where earlier placements of the task failed.
     pub failed_on: Vec<String>,
+    /// The current placement was refused by its worker's admission check.
+    pub refused: bool,
 }
 
 /// Current placements that failed, sit on a silent node, or sit on a draining node.
@@ -424,7 +426,8 @@ pub fn replace_candidates(conn: &Connection, limit: usize) -> rusqlite::Result<V
         "SELECT p.task_id, t.spec, t.pending_reason, p.id, p.node, p.observed, p.exit_code, p.updated_ms,
                 COALESCE(n.status, 'down'), COALESCE(n.status_since_ms, 0), COALESCE(n.draining, 0), n.drain_deadline_ms,
                 (SELECT COUNT(*) FROM placements q WHERE q.task_id = p.task_id),
-                (SELECT group_concat(DISTINCT q.node) FROM placements q WHERE q.task_id = p.task_id AND q.observed = 'failed')
+                (SELECT group_concat(DISTINCT q.node) FROM placements q WHERE q.task_id = p.task_id AND q.observed = 'failed'),
+                p.refused
          FROM placements p
          JOIN tasks t ON t.id = p.task_id
          LEFT JOIN nodes n ON n.name = p.node
@@ -459,6 +462,7 @@ pub fn replace_candidates(conn: &Connection, limit: usize) -> rusqlite::Result<V
             drain_deadline_ms: r.get::<_, Option<i64>>(11)?.map(|v| v as u64),
             placements: r.get::<_, i64>(12)? as u32,
             failed_on: failed_on.map(|s| s.split(',').map(String::from).collect()).unwrap_or_default(),
+            refused: r.get(14)?,
         }))
     })?;
     let mut out = Vec::new();
