@@ -78,11 +78,7 @@ impl Default for BreakerConfig {
     /// Five failures in a row, one good probe, five seconds open: a Docker engine that
     /// restarts is probed a few times a minute, not hammered.
     fn default() -> Self {
-        BreakerConfig {
-            failure_threshold: FIVE,
-            success_threshold: NonZeroU32::MIN,
-            open_for: Duration::from_secs(5),
-        }
+        BreakerConfig { failure_threshold: FIVE, success_threshold: NonZeroU32::MIN, open_for: Duration::from_secs(5) }
     }
 }
 
@@ -417,5 +413,196 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
         s.clone()
     } else {
         "non-string panic payload".to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    fn cfg(failures: u32, successes: u32, open_for: Duration) -> BreakerConfig {
+        BreakerConfig {
+            failure_threshold: NonZeroU32::new(failures).expect("nonzero"),
+            success_threshold: NonZeroU32::new(successes).expect("nonzero"),
+            open_for,
+        }
+    }
+
+    async fn ok(b: &Breaker) -> Result<(), BreakerError<&'static str>> {
+        b.call(|| async { Ok::<(), &'static str>(()) }).await
+    }
+
+    async fn fail(b: &Breaker) -> Result<(), BreakerError<&'static str>> {
+        b.call(|| async { Err::<(), _>("boom") }).await
+    }
+
+    fn recorder() -> (TransitionHook, Arc<Mutex<Vec<(BreakerState, BreakerState)>>>) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let hook: TransitionHook = Arc::new(move |t: &Transition| s.lock().expect("lock").push((t.from, t.to)));
+        (hook, seen)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closed_counts_consecutive_failures_and_a_success_resets_them() {
+        let b = Breaker::new("dep", cfg(3, 1, Duration::from_secs(5)));
+        assert!(matches!(fail(&b).await, Err(BreakerError::Inner("boom"))));
+        assert!(fail(&b).await.is_err());
+        assert_eq!(b.snapshot().consecutive_failures, 2);
+        assert!(ok(&b).await.is_ok());
+        assert_eq!(b.snapshot().consecutive_failures, 0);
+        assert!(fail(&b).await.is_err());
+        assert!(fail(&b).await.is_err());
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert!(fail(&b).await.is_err());
+        assert_eq!(b.state(), BreakerState::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_transition_and_the_hook_sees_each() {
+        let (hook, seen) = recorder();
+        let b = Breaker::new("dep", cfg(1, 2, Duration::from_secs(5))).with_hook(hook);
+        // closed -> open
+        assert!(fail(&b).await.is_err());
+        assert_eq!(b.state(), BreakerState::Open);
+        // open: fail fast without running, with the time left as the hint
+        let ran = AtomicUsize::new(0);
+        let r = b
+            .call(|| async {
+                ran.fetch_add(1, Ordering::SeqCst);
+                Ok::<(), &str>(())
+            })
+            .await;
+        match r {
+            Err(BreakerError::Open { name, retry_in }) => {
+                assert_eq!(name, "dep");
+                assert!(retry_in > Duration::from_secs(4) && retry_in <= Duration::from_secs(5), "{retry_in:?}");
+            }
+            other => panic!("expected Open, got {other:?}"),
+        }
+        assert_eq!(ran.load(Ordering::SeqCst), 0);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        // open -> half-open (probe admitted), failed probe: half-open -> open
+        assert!(matches!(fail(&b).await, Err(BreakerError::Inner(_))));
+        assert_eq!(b.state(), BreakerState::Open);
+        assert!(ok(&b).await.unwrap_err().is_open());
+        tokio::time::advance(Duration::from_secs(5)).await;
+        // open -> half-open, first good probe: still half-open (needs two)
+        assert!(ok(&b).await.is_ok());
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        // second good probe: half-open -> closed
+        assert!(ok(&b).await.is_ok());
+        assert_eq!(b.state(), BreakerState::Closed);
+        use BreakerState::*;
+        let expected = vec![(Closed, Open), (Open, HalfOpen), (HalfOpen, Open), (Open, HalfOpen), (HalfOpen, Closed)];
+        assert_eq!(*seen.lock().expect("lock"), expected);
+        let snap = b.snapshot();
+        assert_eq!(snap.transitions_total, 5);
+        assert_eq!(snap.rejected_total, 2);
+        assert_eq!(snap.failures_total, 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn exactly_one_probe_among_fifty_concurrent_calls() {
+        // open_for = 0: opened, then eligible for a probe at once, so no waiting.
+        let b = Arc::new(Breaker::new("dep", cfg(1, 1, Duration::ZERO)));
+        assert!(fail(&b).await.is_err());
+        assert_eq!(b.state(), BreakerState::Open);
+        let admitted = Arc::new(AtomicUsize::new(0));
+        let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+        let start = Arc::new(tokio::sync::Barrier::new(50));
+        let calls: Vec<_> = (0..50)
+            .map(|_| {
+                let (b, admitted, start, mut release) =
+                    (b.clone(), admitted.clone(), start.clone(), release_rx.clone());
+                tokio::spawn(async move {
+                    start.wait().await;
+                    b.call(|| async move {
+                        admitted.fetch_add(1, Ordering::SeqCst);
+                        // The probe stays in flight until the test has seen every rejection.
+                        let _ = release.wait_for(|r| *r).await;
+                        Ok::<(), &str>(())
+                    })
+                    .await
+                })
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while b.snapshot().rejected_total < 49 {
+            assert!(Instant::now() < deadline, "rejections: {:?}", b.snapshot());
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(admitted.load(Ordering::SeqCst), 1);
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        release_tx.send_replace(true);
+        let mut ok_count = 0;
+        let mut open_count = 0;
+        for c in calls {
+            match c.await.expect("task") {
+                Ok(()) => ok_count += 1,
+                Err(e) if e.is_open() => open_count += 1,
+                Err(e) => panic!("unexpected {e:?}"),
+            }
+        }
+        assert_eq!((ok_count, open_count), (1, 49));
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panic_counts_as_a_failure_and_is_mapped() {
+        let b = Breaker::new("dep", cfg(1, 1, Duration::from_secs(1)));
+        let r: Result<(), BreakerError<&str>> = b.call(|| async { panic!("engine exploded") }).await;
+        match r {
+            Err(BreakerError::Panicked { name, message }) => {
+                assert_eq!(name, "dep");
+                assert_eq!(message, "engine exploded");
+            }
+            other => panic!("expected Panicked, got {other:?}"),
+        }
+        assert_eq!(b.state(), BreakerState::Open);
+        assert_eq!(b.snapshot().failures_total, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_probe_frees_the_slot() {
+        let b = Breaker::new("dep", cfg(1, 1, Duration::from_secs(1)));
+        assert!(fail(&b).await.is_err());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let never = b.call(|| std::future::pending::<Result<(), &str>>());
+        // One poll admits the probe; dropping it cancels the call.
+        assert!(never.now_or_never().is_none());
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        assert!(ok(&b).await.is_ok(), "the next caller must become the probe");
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_result_from_an_older_state_is_ignored() {
+        let b = Breaker::new("dep", cfg(1, 1, Duration::from_secs(1)));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let slow = b.call(|| async {
+            let _ = rx.await;
+            Ok::<(), &str>(())
+        });
+        tokio::pin!(slow);
+        assert!(futures::poll!(&mut slow).is_pending());
+        assert!(fail(&b).await.is_err());
+        assert_eq!(b.state(), BreakerState::Open);
+        let _ = tx.send(());
+        assert!(slow.await.is_ok());
+        assert_eq!(b.state(), BreakerState::Open, "a success admitted while closed must not close an open breaker");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn errors_classified_as_harmless_do_not_open() {
+        let b = Breaker::new("dep", cfg(1, 1, Duration::from_secs(1)));
+        let r = b.call_classified(|e: &&str| *e != "not found", || async { Err::<(), _>("not found") }).await;
+        assert!(matches!(r, Err(BreakerError::Inner("not found"))));
+        assert_eq!(b.state(), BreakerState::Closed);
+        let r = b.call_classified(|e: &&str| *e != "not found", || async { Err::<(), _>("unreachable") }).await;
+        assert!(r.is_err());
+        assert_eq!(b.state(), BreakerState::Open);
     }
 }

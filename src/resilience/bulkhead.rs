@@ -128,3 +128,69 @@ impl Bulkhead {
         self.waiting.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| (w < max).then_some(w + 1)).is_ok()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nz(n: usize) -> NonZeroUsize {
+        NonZeroUsize::new(n).expect("nonzero")
+    }
+
+    #[tokio::test]
+    async fn rejects_when_full_and_admits_again_when_a_slot_frees() {
+        let b = Bulkhead::new("docker.pull", BulkheadConfig::fail_fast(nz(2)));
+        let one = b.acquire().await.expect("slot 1");
+        let _two = b.acquire().await.expect("slot 2");
+        assert_eq!(b.in_use(), 2);
+        let err = b.acquire().await.expect_err("full");
+        assert_eq!(err, BulkheadFull { name: "docker.pull".into(), limit: 2 });
+        assert_eq!(err.to_string(), "bulkhead docker.pull is full (2 calls in flight); try again later");
+        assert!(b.run(async { 1 }).await.is_err());
+        assert_eq!(b.snapshot().rejected_total, 2);
+        drop(one);
+        assert_eq!(b.in_use(), 1);
+        assert_eq!(b.run(async { 7 }).await, Ok(7));
+    }
+
+    #[tokio::test]
+    async fn two_pools_are_isolated() {
+        let pulls = Bulkhead::new("docker.pull", BulkheadConfig::fail_fast(nz(1)));
+        let lifecycle = Bulkhead::new("docker.lifecycle", BulkheadConfig::fail_fast(nz(1)));
+        let _slow_pull = pulls.acquire().await.expect("pull slot");
+        assert!(pulls.acquire().await.is_err());
+        // A stuck pull does not keep a stop from running.
+        assert_eq!(lifecycle.run(async { "stopped" }).await, Ok("stopped"));
+        assert_eq!((pulls.in_use(), lifecycle.in_use()), (1, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bounded_wait_admits_a_few_waiters_and_only_for_a_while() {
+        let b = Arc::new(Bulkhead::new(
+            "api.write",
+            BulkheadConfig { limit: nz(1), max_wait: Duration::from_secs(1), max_waiting: 1 },
+        ));
+        let held = b.acquire().await.expect("slot");
+        let waiter = tokio::spawn({
+            let b = b.clone();
+            async move { b.acquire().await.map(drop) }
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        while b.snapshot().waiting == 0 {
+            assert!(tokio::time::Instant::now() < deadline);
+            tokio::task::yield_now().await;
+        }
+        // The queue (one place) is taken: the next caller fails fast, no wait.
+        let before = tokio::time::Instant::now();
+        assert!(b.acquire().await.is_err());
+        assert_eq!(before.elapsed(), Duration::ZERO);
+        drop(held);
+        assert_eq!(waiter.await.expect("task"), Ok(()));
+        // Nobody releases now: a waiter gives up after max_wait.
+        let _held = b.acquire().await.expect("slot");
+        let before = tokio::time::Instant::now();
+        assert!(b.acquire().await.is_err());
+        assert_eq!(before.elapsed(), Duration::from_secs(1));
+        assert_eq!(b.snapshot().waiting, 0);
+    }
+}

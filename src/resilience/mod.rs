@@ -119,11 +119,14 @@ impl Snapshot {
         let b = &self.breakers;
         let h = &self.bulkheads;
         family(out, "holdfast_breaker_state", "gauge", "Breaker state: 0 closed, 1 half-open, 2 open.", b, |s| {
-            (s.name.as_str(), match s.state {
-                BreakerState::Closed => 0,
-                BreakerState::HalfOpen => 1,
-                BreakerState::Open => 2,
-            })
+            (
+                s.name.as_str(),
+                match s.state {
+                    BreakerState::Closed => 0,
+                    BreakerState::HalfOpen => 1,
+                    BreakerState::Open => 2,
+                },
+            )
         });
         family(out, "holdfast_breaker_consecutive_failures", "gauge", "Failures in a row while closed.", b, |s| {
             (s.name.as_str(), u64::from(s.consecutive_failures))
@@ -268,5 +271,95 @@ impl Guard {
             BreakerError::Inner(Step::TimedOut(t)) => GuardError::TimedOut(t),
             BreakerError::Inner(Step::Inner(e)) => GuardError::Inner(e),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::{NonZeroU32, NonZeroUsize};
+
+    use super::*;
+
+    fn guard(reg: &Registry, timeout: Duration, slots: usize) -> Guard {
+        let breaker = reg.breaker(
+            "docker",
+            BreakerConfig {
+                failure_threshold: NonZeroU32::MIN,
+                success_threshold: NonZeroU32::MIN,
+                open_for: Duration::from_secs(1),
+            },
+        );
+        let bulkhead =
+            reg.bulkhead("docker.start", BulkheadConfig::fail_fast(NonZeroUsize::new(slots).expect("nonzero")));
+        Guard::new(breaker, bulkhead, timeout)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timeout_counts_as_a_breaker_failure() {
+        let reg = Registry::new();
+        let g = guard(&reg, Duration::from_secs(2), 4);
+        let r: Result<(), GuardError<()>> = g.run("docker.start", std::future::pending()).await;
+        match r {
+            Err(GuardError::TimedOut(t)) => {
+                assert_eq!(t, TimedOut { what: "docker.start", after: Duration::from_secs(2) })
+            }
+            other => panic!("expected TimedOut, got {other:?}"),
+        }
+        assert_eq!(g.breaker.state(), BreakerState::Open);
+        let r = g.run("docker.start", async { Ok::<_, ()>(()) }).await;
+        assert!(matches!(r, Err(GuardError::Open { .. })), "{r:?}");
+        assert!(r.is_err_and(|e| e.rejected()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_bulkhead_does_not_use_up_the_half_open_probe() {
+        let reg = Registry::new();
+        let g = guard(&reg, Duration::from_secs(2), 1);
+        assert!(g.run("docker.start", async { Err::<(), _>("down") }).await.is_err());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let _slot = g.bulkhead.acquire().await.expect("slot");
+        let r = g.run("docker.start", async { Ok::<_, ()>(()) }).await;
+        assert!(matches!(r, Err(GuardError::Full(_))), "{r:?}");
+        assert_eq!(g.breaker.state(), BreakerState::Open, "no probe was spent");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_registry_lists_every_dependency_for_health_and_metrics() {
+        let reg = Registry::new();
+        let g = guard(&reg, Duration::from_secs(2), 3);
+        let same = reg.breaker("docker", BreakerConfig::default());
+        assert!(Arc::ptr_eq(&g.breaker, &same), "one breaker per name");
+        reg.bulkhead("docker.pull", BulkheadConfig::fail_fast(NonZeroUsize::MIN));
+        let _slot = g.bulkhead.acquire().await.expect("slot");
+        let snap = reg.snapshot();
+        assert!(!snap.degraded());
+        assert_eq!(snap.breakers.len(), 1);
+        let names: Vec<&str> = snap.bulkheads.iter().map(|b| b.name.as_str()).collect();
+        assert_eq!(names, ["docker.pull", "docker.start"]);
+        assert_eq!((snap.bulkheads[1].in_use, snap.bulkheads[1].limit), (1, 3));
+        let _ = g.breaker.call(|| async { Err::<(), _>(()) }).await;
+        let snap = reg.snapshot();
+        assert!(snap.degraded());
+        let mut text = String::new();
+        snap.write_prometheus(&mut text);
+        assert!(
+            text.contains("# TYPE holdfast_breaker_state gauge\nholdfast_breaker_state{name=\"docker\"} 2\n"),
+            "{text}"
+        );
+        assert!(text.contains("holdfast_bulkhead_in_use{name=\"docker.start\"} 1\n"), "{text}");
+        assert!(text.contains("holdfast_bulkhead_limit{name=\"docker.pull\"} 1\n"), "{text}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_registry_hook_reaches_every_breaker() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let reg = Registry::with_hook(Arc::new(move |t: &Transition| {
+            s.lock().expect("lock").push(format!("{}:{}->{}", t.name, t.from, t.to))
+        }));
+        let cfg = BreakerConfig { failure_threshold: NonZeroU32::MIN, ..BreakerConfig::default() };
+        let _ = reg.breaker("a", cfg.clone()).call(|| async { Err::<(), _>(()) }).await;
+        let _ = reg.breaker("b", cfg).call(|| async { Err::<(), _>(()) }).await;
+        assert_eq!(*seen.lock().expect("lock"), ["a:closed->open", "b:closed->open"]);
     }
 }

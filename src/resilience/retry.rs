@@ -195,3 +195,175 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    use super::*;
+
+    fn policy(base_ms: u64, cap_ms: u64, attempts: Option<u32>, deadline: Option<Duration>) -> RetryPolicy {
+        RetryPolicy {
+            base: Duration::from_millis(base_ms),
+            cap: Duration::from_millis(cap_ms),
+            max_attempts: attempts.and_then(NonZeroU32::new),
+            deadline,
+        }
+    }
+
+    #[derive(Debug, PartialEq)]
+    enum E {
+        Transient,
+        Bad,
+    }
+
+    fn retryable(e: &E) -> bool {
+        *e == E::Transient
+    }
+
+    #[test]
+    fn full_jitter_stays_in_the_window_and_covers_it() {
+        let p = policy(100, 5_000, None, None);
+        let mut rng = StdRng::seed_from_u64(7);
+        for retry in 0..10 {
+            let window = p.window(retry);
+            assert_eq!(window, Duration::from_millis((100u64 << retry).min(5_000)));
+            let samples: Vec<Duration> = (0..20_000).map(|_| p.delay(retry, &mut rng)).collect();
+            let max = samples.iter().max().copied().unwrap_or_default();
+            let min = samples.iter().min().copied().unwrap_or_default();
+            let mean = samples.iter().sum::<Duration>() / samples.len() as u32;
+            assert!(max <= window, "retry {retry}: {max:?} > {window:?}");
+            // Full jitter: the whole window is used, down to ~0, and the mean is half of it.
+            assert!(min < window / 100, "retry {retry}: min {min:?}");
+            assert!(max > window * 99 / 100, "retry {retry}: max {max:?}");
+            let half = window / 2;
+            assert!(mean > half * 95 / 100 && mean < half * 105 / 100, "retry {retry}: mean {mean:?} vs {half:?}");
+        }
+    }
+
+    #[test]
+    fn the_window_saturates_instead_of_overflowing() {
+        let p = policy(100, 60_000, None, None);
+        assert_eq!(p.window(40), Duration::from_secs(60));
+        assert_eq!(p.window(u32::MAX), Duration::from_secs(60));
+        let huge = RetryPolicy { cap: Duration::MAX, ..p };
+        assert!(huge.window(200) > Duration::from_secs(1 << 20));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn permanent_errors_are_not_retried() {
+        let calls = AtomicU32::new(0);
+        let r: Result<(), _> = retry(&policy(10, 100, Some(5), None), std::future::pending(), retryable, |_| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Err(E::Bad) }
+        })
+        .await;
+        assert!(matches!(r, Err(RetryError::Permanent { attempts: 1, error: E::Bad })));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transient_errors_are_retried_until_success_or_exhaustion() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let r = retry_with_rng(
+            &policy(10, 100, Some(5), None),
+            std::future::pending(),
+            retryable,
+            &mut rng,
+            |n| async move {
+                if n < 2 {
+                    Err(E::Transient)
+                } else {
+                    Ok(n)
+                }
+            },
+        )
+        .await;
+        assert_eq!(r.ok(), Some(2));
+        let r: Result<(), _> =
+            retry(&policy(10, 100, Some(3), None), std::future::pending(), retryable, |_| async { Err(E::Transient) })
+                .await;
+        assert!(matches!(r, Err(RetryError::Exhausted { attempts: 3, last: E::Transient })));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_bounds_waits_and_hung_attempts() {
+        let started = Instant::now();
+        let r: Result<(), _> = retry(
+            &policy(100, 1_000, None, Some(Duration::from_secs(2))),
+            std::future::pending(),
+            retryable,
+            |_| async { Err(E::Transient) },
+        )
+        .await;
+        assert!(matches!(r, Err(RetryError::DeadlineExceeded { last: Some(E::Transient), .. })), "{r:?}");
+        assert!(started.elapsed() <= Duration::from_secs(2));
+        let started = Instant::now();
+        let r: Result<(), RetryError<E>> =
+            retry(&policy(100, 1_000, None, Some(Duration::from_secs(2))), std::future::pending(), retryable, |_| {
+                std::future::pending()
+            })
+            .await;
+        assert!(matches!(r, Err(RetryError::DeadlineExceeded { attempts: 1, last: None, .. })), "{r:?}");
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn cancellation_during_a_backoff_wait_returns_promptly() {
+        // Real time: a 1-hour backoff window, cancelled right after the first failure.
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let mut tx = Some(tx);
+        let started = std::time::Instant::now();
+        let r: Result<(), _> = retry(
+            &RetryPolicy {
+                base: Duration::from_secs(3_600),
+                cap: Duration::from_secs(3_600),
+                max_attempts: None,
+                deadline: None,
+            },
+            async {
+                let _ = rx.await;
+            },
+            retryable,
+            |_| {
+                // Cancel as the attempt fails, so the cancellation lands in the wait.
+                let tx = tx.take();
+                async move {
+                    if let Some(tx) = tx {
+                        let _ = tx.send(());
+                    }
+                    Err(E::Transient)
+                }
+            },
+        )
+        .await;
+        assert!(matches!(r, Err(RetryError::Cancelled { attempts: 1, last: Some(E::Transient) })), "{r:?}");
+        assert!(started.elapsed() < Duration::from_millis(500), "took {:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn cancellation_during_an_attempt_returns_promptly() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let mut tx = Some(tx);
+        let started = std::time::Instant::now();
+        let r: Result<(), RetryError<E>> = retry(
+            &RetryPolicy::default(),
+            async {
+                let _ = rx.await;
+            },
+            retryable,
+            |_| {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(());
+                }
+                std::future::pending()
+            },
+        )
+        .await;
+        assert!(matches!(r, Err(RetryError::Cancelled { attempts: 1, last: None })), "{r:?}");
+        assert!(started.elapsed() < Duration::from_millis(500));
+    }
+}
