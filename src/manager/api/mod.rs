@@ -20,6 +20,7 @@ use crate::model::spec::{SpecError, MAX_SPEC_BYTES};
 use crate::model::TaskSpec;
 
 mod error;
+pub mod limits;
 pub use error::ApiError;
 
 /// Routes of the public API and the probes.
