@@ -13,6 +13,7 @@
 pub mod breaker;
 pub mod bulkhead;
 pub mod retry;
+pub mod runtime;
 pub mod timeout;
 
 use std::collections::BTreeMap;
