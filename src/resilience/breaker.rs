@@ -441,7 +441,9 @@ mod tests {
         b.call(|| async { Err::<(), _>("boom") }).await
     }
 
-    fn recorder() -> (TransitionHook, Arc<Mutex<Vec<(BreakerState, BreakerState)>>>) {
+    type Seen = Arc<Mutex<Vec<(BreakerState, BreakerState)>>>;
+
+    fn recorder() -> (TransitionHook, Seen) {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s = seen.clone();
         let hook: TransitionHook = Arc::new(move |t: &Transition| s.lock().expect("lock").push((t.from, t.to)));
@@ -573,7 +575,7 @@ mod tests {
         let b = Breaker::new("dep", cfg(1, 1, Duration::from_secs(1)));
         assert!(fail(&b).await.is_err());
         tokio::time::advance(Duration::from_secs(1)).await;
-        let never = b.call(|| std::future::pending::<Result<(), &str>>());
+        let never = b.call(std::future::pending::<Result<(), &str>>);
         // One poll admits the probe; dropping it cancels the call.
         assert!(never.now_or_never().is_none());
         assert_eq!(b.state(), BreakerState::HalfOpen);

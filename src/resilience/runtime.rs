@@ -233,8 +233,7 @@ mod tests {
     fn setup() -> (Arc<Fake>, GuardedRuntime, Registry) {
         let fake = Arc::new(Fake::default());
         let reg = Registry::new();
-        let mut cfg = GuardedRuntimeConfig::default();
-        cfg.lifecycle = BulkheadConfig::fail_fast(nz(1));
+        let cfg = GuardedRuntimeConfig { lifecycle: BulkheadConfig::fail_fast(nz(1)), ..Default::default() };
         let rt = GuardedRuntime::new(fake.clone(), &reg, cfg);
         (fake, rt, reg)
     }

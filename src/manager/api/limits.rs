@@ -155,7 +155,7 @@ pub fn dependencies_json(snapshot: &Snapshot) -> serde_json::Value {
             "name": b.name,
             "state": b.state.as_str(),
             "consecutive_failures": b.consecutive_failures,
-            "retry_in_ms": (b.state == BreakerState::Open).then(|| b.retry_in.as_millis() as u64),
+            "retry_in_ms": (b.state == BreakerState::Open).then_some(b.retry_in.as_millis() as u64),
             "rejected_total": b.rejected_total,
         })).collect::<Vec<_>>(),
         "bulkheads": snapshot.bulkheads.iter().map(|b| serde_json::json!({
