@@ -11,6 +11,7 @@ pub mod manager;
 pub mod model;
 pub mod net;
 pub mod node;
+pub mod resilience;
 pub mod worker;
 
 /// Resolves on SIGTERM (systemd stop) or SIGINT (Ctrl-C).

@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::manager::{self, Manager, ManagerSettings};
 use crate::worker::agent::{self, WorkerConfig};
 use crate::worker::runtime::docker::DockerRuntime;
+use crate::worker::runtime::guarded::GuardedRuntime;
 use crate::worker::runtime::Runtime;
 
 /// Why a node could not run.
@@ -49,6 +50,8 @@ pub async fn run_with_runtime(
         return Err(NodeError::NoRole);
     }
     let (stop_tx, _) = broadcast::channel::<()>(1);
+    // One registry of breakers and bulkheads per process, shown by health and metrics.
+    let resilience = crate::resilience::Registry::new();
     let mut tasks = Vec::new();
     let mut db = None;
 
@@ -63,12 +66,13 @@ pub async fn run_with_runtime(
         rc.op_timeout = Duration::from_secs(5);
         let rdb = holdfast_raft::ReplicatedDb::open(rc, domain).await?;
         let settings = ManagerSettings { strategy: m.strategy, ..Default::default() };
-        let mgr = Manager::new(rdb.clone(), applied, settings);
+        let mgr = Manager::new(rdb.clone(), applied, settings, resilience.clone());
         let cluster_listener = crate::net::bind(&m.cluster, "cluster traffic").await?;
         let api_listener = crate::net::bind(&m.api, "the API").await?;
         let cluster_router = rdb.cluster_router().merge(manager::gateway::router(mgr.clone()));
         tasks.push(crate::net::serve(cluster_listener, cluster_router, stop_tx.subscribe()));
-        tasks.push(crate::net::serve(api_listener, manager::api::router(mgr.clone()), stop_tx.subscribe()));
+        let api = manager::api::limits::apply(manager::api::router(mgr.clone()), Default::default());
+        tasks.push(crate::net::serve(api_listener, api, stop_tx.subscribe()));
         if m.bootstrap {
             rdb.bootstrap().await?;
         }
@@ -108,6 +112,8 @@ pub async fn run_with_runtime(
             Some(r) => r,
             None => Arc::new(DockerRuntime::connect().await?),
         };
+        // Every engine call goes through one breaker and per-kind bulkheads.
+        let runtime: Arc<dyn Runtime> = Arc::new(GuardedRuntime::new(runtime, &resilience, Default::default()));
         let mut wc = WorkerConfig::new(&config.node_id, config.data_dir.join("worker"), wr.managers.clone());
         wc.advertise_host = wr.advertise_host.clone();
         wc.labels = wr.labels.clone();

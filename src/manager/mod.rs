@@ -135,11 +135,18 @@ pub struct Manager {
     pub reports: gateway::ReportBatcher,
     /// What the planner saw last, to skip re-planning tasks nothing could change.
     pub planner_memo: Mutex<leader::PlannerMemo>,
+    /// Breakers and bulkheads of this process, for health and metrics.
+    pub resilience: crate::resilience::Registry,
 }
 
 impl Manager {
     /// Wraps an opened database.
-    pub fn new(db: ReplicatedDb, applied: watch::Receiver<u64>, settings: ManagerSettings) -> Arc<Self> {
+    pub fn new(
+        db: ReplicatedDb,
+        applied: watch::Receiver<u64>,
+        settings: ManagerSettings,
+        resilience: crate::resilience::Registry,
+    ) -> Arc<Self> {
         Arc::new(Manager {
             applied,
             liveness: Mutex::new(HashMap::new()),
@@ -150,6 +157,7 @@ impl Manager {
             settings,
             started: Instant::now(),
             planner_memo: Mutex::new(leader::PlannerMemo::default()),
+            resilience,
         })
     }
 }

@@ -74,5 +74,7 @@ pub async fn endpoint(State(m): State<Arc<Manager>>) -> Result<Response, ApiErro
     }
     let heard = lock(&m.liveness).values().filter(|l| l.last_seen.elapsed() < m.settings.heartbeat_ttl).count();
     metrics::gauge!("holdfast_nodes_heard_within_ttl").set(heard as f64);
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], h.render()).into_response())
+    let mut body = h.render();
+    m.resilience.snapshot().write_prometheus(&mut body);
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())
 }

@@ -20,6 +20,7 @@ use crate::model::spec::{SpecError, MAX_SPEC_BYTES};
 use crate::model::TaskSpec;
 
 mod error;
+pub mod limits;
 pub mod metrics;
 pub use error::ApiError;
 
@@ -361,9 +362,10 @@ async fn health(State(m): State<Arc<Manager>>) -> Response {
         .map(|(n, l)| (n.clone(), l.resources.engine_ok))
         .collect();
     let engines_ok = engines.iter().all(|(_, ok)| *ok);
+    let deps = m.resilience.snapshot();
     let overall = if !leader_known {
         "critical"
-    } else if !engines_ok {
+    } else if !engines_ok || deps.degraded() {
         "degraded"
     } else {
         "healthy"
@@ -378,6 +380,7 @@ async fn health(State(m): State<Arc<Manager>>) -> Response {
             "commit_index": s.commit_index,
             "last_applied": s.last_applied,
         },
+        "dependencies": limits::dependencies_json(&deps),
         "data_plane": {
             "nodes_seen": engines.len(),
             "engines": engines.into_iter().map(|(n, ok)| serde_json::json!({"node": n, "engine_ok": ok})).collect::<Vec<_>>(),

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 pub mod docker;
 pub mod fake;
+pub mod guarded;
 
 /// Label keys holdfast puts on every container it creates.
 pub mod labels {
