@@ -160,6 +160,17 @@ fn default_failures() -> u32 {
     3
 }
 
+impl OfflineMode {
+    /// Lower-case name as in the spec.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OfflineMode::Keep => "keep",
+            OfflineMode::Finish => "finish",
+            OfflineMode::Exclusive => "exclusive",
+        }
+    }
+}
+
 /// What a worker does with the task once its lease has expired.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -57,6 +57,10 @@ pub struct StatusReport {
     /// left); the manager places it elsewhere at once.
     #[serde(default)]
     pub refused: bool,
+    /// A story event for the placement's history (authority cached, stopped on lease
+    /// expiry, authority renewed), recorded even without a state change.
+    #[serde(default)]
+    pub story: Option<String>,
 }
 
 /// Sent by a worker to any manager.

@@ -118,6 +118,8 @@ struct Worker {
     engine_ok: AtomicBool,
     /// Lease end, ms since the epoch (0 = never held one).
     lease_until_ms: AtomicU64,
+    /// Lease validity seen by the last reconcile round, to record changes once.
+    lease_was_valid: AtomicBool,
 }
 
 /// A health prober task and what it watches.
@@ -196,6 +198,7 @@ pub async fn run(
         in_flight: Mutex::new(HashSet::new()),
         engine_ok: AtomicBool::new(false),
         lease_until_ms: AtomicU64::new(lease),
+        lease_was_valid: AtomicBool::new(lease > now_ms()),
     });
     tracing::info!(node = %w.cfg.node, managers = ?w.cfg.managers, "worker starting");
     let sync = tokio::spawn(sync_loop(w.clone(), shutdown.resubscribe()));
@@ -370,6 +373,9 @@ async fn reconcile_once(w: &Arc<Worker>) {
         .filter(|c| !busy.contains(&orphan_key(&c.id)))
         .collect();
     let unhealthy = lock(&w.unhealthy).clone();
+    let now = now_ms();
+    let lease_valid = now < w.lease_until_ms.load(Ordering::Relaxed);
+    note_authority(w, &held, lease_valid, now);
     let actions = {
         let mut rng = rand::thread_rng();
         let mut jitter = |max: u64| rng.gen_range(0..=max);
@@ -377,15 +383,42 @@ async fn reconcile_once(w: &Arc<Worker>) {
             &held,
             &containers,
             &mut Facts {
-                now_ms: now_ms(),
+                now_ms: now,
                 advertise_host: &w.cfg.advertise_host,
                 jitter: &mut jitter,
                 unhealthy: &unhealthy,
+                lease_valid,
             },
         )
     };
     for action in actions {
         execute(w, &held, action).await;
+    }
+}
+
+/// Records, once per change, that running placements now run under cached authority
+/// (the lease ran out) or that a manager renewed it: the cluster can tell the story of an
+/// outage afterwards.
+fn note_authority(w: &Worker, held: &[Held], lease_valid: bool, now: u64) {
+    let was = w.lease_was_valid.swap(lease_valid, Ordering::Relaxed);
+    if was == lease_valid {
+        return;
+    }
+    let story = if lease_valid { "authority-renewed" } else { "cached-authority" };
+    if lease_valid {
+        tracing::info!(node = %w.cfg.node, "lease renewed by a manager");
+    } else {
+        tracing::warn!(node = %w.cfg.node, "lease expired; running placements continue under cached authority per their offline mode");
+    }
+    for h in held.iter().filter(|h| h.desired == Desired::Run && h.observed == Observed::Running) {
+        let mut ch = base_change(h, Observed::Running);
+        ch.story = Some(story.to_string());
+        ch.reason = Some(if lease_valid {
+            format!("lease renewed at {now}")
+        } else {
+            format!("lease expired at {now}; offline mode {}", h.spec.offline_mode().as_str())
+        });
+        record(w, h, ch);
     }
 }
 
@@ -467,6 +500,8 @@ fn base_change(h: &Held, observed: Observed) -> Change {
         container_id: h.container_id.clone(),
         next_start_ms: None,
         refused: false,
+        suspended: false,
+        story: None,
     }
 }
 
@@ -541,6 +576,52 @@ async fn execute(w: &Arc<Worker>, held: &[Held], action: Action) {
             let Some(h) = find(&placement_id) else { return };
             let w2 = w.clone();
             spawn_job(w, &w.creates, placement_id, async move { restart(&w2, &h, container_id).await });
+        }
+        Action::Suspend { placement_id, container_id } => {
+            let Some(h) = find(&placement_id) else { return };
+            let w2 = w.clone();
+            spawn_job(w, &w.stops, placement_id, async move {
+                // Stopped, not removed: the same container resumes if the lease returns
+                // before a manager has replaced the placement.
+                match w2.runtime.stop(&container_id, w2.cfg.stop_grace).await {
+                    Ok(()) => {
+                        let mut ch = base_change(&h, Observed::Restarting);
+                        ch.suspended = true;
+                        ch.endpoints.clear();
+                        ch.story = Some("stopped-on-expiry".into());
+                        ch.reason = Some(format!(
+                            "lease expired at {}: stopped (offline mode exclusive) until a manager confirms",
+                            now_ms()
+                        ));
+                        record(&w2, &h, ch);
+                    }
+                    Err(e) => {
+                        tracing::warn!(placement = %h.id, error = %e, "could not stop on lease expiry; will retry")
+                    }
+                }
+            });
+        }
+        Action::Resume { placement_id, container_id } => {
+            let Some(h) = find(&placement_id) else { return };
+            let w2 = w.clone();
+            spawn_job(w, &w.creates, placement_id, async move {
+                match w2.runtime.start(&container_id).await {
+                    Ok(info) => {
+                        let mut ch = base_change(&h, Observed::Running);
+                        ch.container_id = Some(container_id);
+                        ch.endpoints = info
+                            .ports
+                            .iter()
+                            .filter(|(_, hp)| *hp != 0)
+                            .map(|(_, hp)| format!("{}:{hp}", w2.cfg.advertise_host))
+                            .collect();
+                        ch.story = Some("resumed".into());
+                        ch.reason = Some("lease renewed: started again".into());
+                        record(&w2, &h, ch);
+                    }
+                    Err(e) => tracing::warn!(placement = %h.id, error = %e, "could not resume; will retry"),
+                }
+            });
         }
         Action::StopUnhealthy { placement_id, container_id } => {
             let Some(h) = find(&placement_id) else { return };

@@ -55,6 +55,9 @@ pub struct Held {
     pub container_id: Option<String>,
     /// Earliest time of the next restart (backoff), ms since the epoch.
     pub next_start_ms: Option<u64>,
+    /// Stopped by this worker when its lease ran out (offline mode `exclusive`); started
+    /// again once a manager renews the lease, without counting as a restart.
+    pub suspended: bool,
 }
 
 /// An observed change to record (and report).
@@ -76,6 +79,11 @@ pub struct Change {
     pub next_start_ms: Option<u64>,
     /// Admission refused the placement on this node.
     pub refused: bool,
+    /// Whether the placement is now suspended (see [`Held::suspended`]).
+    pub suspended: bool,
+    /// A story event for the manager's history (`cached-authority`, `stopped-on-expiry`,
+    /// `authority-renewed`), recorded even when the observed state does not change.
+    pub story: Option<String>,
 }
 
 /// The ledger; all methods are blocking and short.
@@ -97,7 +105,8 @@ CREATE TABLE IF NOT EXISTS placements (
     restarts INTEGER NOT NULL DEFAULT 0,
     endpoints TEXT NOT NULL DEFAULT '[]',
     container_id TEXT,
-    next_start_ms INTEGER
+    next_start_ms INTEGER,
+    suspended INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS task_fences (task_id TEXT PRIMARY KEY, fence INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, report TEXT NOT NULL);
@@ -203,7 +212,7 @@ impl Ledger {
     pub fn all(&self) -> Result<Vec<Held>, LedgerError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT id, task_id, fence, desired, spec, observed, exit_code, reason, restarts, endpoints, container_id, next_start_ms
+            "SELECT id, task_id, fence, desired, spec, observed, exit_code, reason, restarts, endpoints, container_id, next_start_ms, suspended
              FROM placements ORDER BY fence, id",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -229,6 +238,7 @@ impl Ledger {
                 endpoints: serde_json::from_str(&endpoints).unwrap_or_default(),
                 container_id: r.get(10)?,
                 next_start_ms: r.get::<_, Option<i64>>(11)?.map(|v| v as u64),
+                suspended: r.get(12)?,
             }))
         })?;
         let mut out = Vec::new();
@@ -250,7 +260,7 @@ impl Ledger {
         let endpoints = serde_json::to_string(&change.endpoints).unwrap_or_else(|_| "[]".into());
         tx.execute(
             "UPDATE placements SET observed = ?2, exit_code = ?3, reason = ?4, restarts = ?5, endpoints = ?6,
-               container_id = COALESCE(?7, container_id), next_start_ms = ?8 WHERE id = ?1",
+               container_id = COALESCE(?7, container_id), next_start_ms = ?8, suspended = ?9 WHERE id = ?1",
             params![
                 held.id,
                 change.observed.as_str(),
@@ -259,7 +269,8 @@ impl Ledger {
                 change.restarts,
                 endpoints,
                 change.container_id,
-                change.next_start_ms.map(|v| v as i64)
+                change.next_start_ms.map(|v| v as i64),
+                change.suspended
             ],
         )?;
         let report = StatusReport {
@@ -275,6 +286,7 @@ impl Ledger {
             container_id: change.container_id.clone().or_else(|| held.container_id.clone()),
             at_ms,
             refused: change.refused,
+            story: change.story.clone(),
         };
         tx.execute(
             "INSERT INTO outbox (seq, report) VALUES (?1, ?2)",

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use crate::model::spec::RestartMode;
+use crate::model::spec::{OfflineMode, RestartMode};
 use crate::model::{Desired, Observed};
 
 use super::ledger::{Change, Held};
@@ -31,6 +31,21 @@ pub enum Action {
         /// Placement id.
         placement_id: String,
         /// Container to stop.
+        container_id: String,
+    },
+    /// Lease expired on an `exclusive` task: stop (keep) its container until a manager
+    /// renews the lease.
+    Suspend {
+        /// Placement id.
+        placement_id: String,
+        /// Container to stop.
+        container_id: String,
+    },
+    /// Lease renewed: start a suspended placement's container again.
+    Resume {
+        /// Placement id.
+        placement_id: String,
+        /// Container to start.
         container_id: String,
     },
     /// Stop and remove the placement's container.
@@ -78,6 +93,10 @@ pub struct Facts<'a> {
     pub jitter: &'a mut dyn FnMut(u64) -> u64,
     /// Health verdicts by placement id, from the probers.
     pub unhealthy: &'a HashMap<String, Unhealthy>,
+    /// Whether this worker holds a lease from a manager right now. Without one, each
+    /// task's offline mode decides: `keep` carries on, `finish` lets running work end but
+    /// starts nothing, `exclusive` stops.
+    pub lease_valid: bool,
 }
 
 /// Restart delay before attempt `restarts + 1`: exponential, capped, full jitter.
@@ -100,6 +119,8 @@ fn change(h: &Held, observed: Observed) -> Change {
         container_id: h.container_id.clone(),
         next_start_ms: None,
         refused: false,
+        suspended: false,
+        story: None,
     }
 }
 
@@ -141,13 +162,33 @@ pub fn reconcile(held: &[Held], containers: &[ContainerInfo], facts: &mut Facts<
         if h.observed.is_terminal() {
             continue;
         }
+        let mode = h.spec.offline_mode();
+        // May this worker start or restart anything for the placement right now?
+        let authority = facts.lease_valid || mode == OfflineMode::Keep;
         let Some(c) = c else {
-            actions.push(Action::Create { placement_id: pid });
+            if authority {
+                actions.push(Action::Create { placement_id: pid });
+            }
             continue;
         };
+        if h.suspended {
+            match &c.state {
+                ContainerState::Running => {
+                    actions.push(Action::Suspend { placement_id: pid, container_id: c.id.clone() })
+                }
+                _ if facts.lease_valid => {
+                    actions.push(Action::Resume { placement_id: pid, container_id: c.id.clone() })
+                }
+                _ => {}
+            }
+            continue;
+        }
         // A verdict only counts for the container it was made on.
         let verdict = facts.unhealthy.get(&h.id).filter(|v| v.container_id == c.id);
         match &c.state {
+            ContainerState::Running if !facts.lease_valid && mode == OfflineMode::Exclusive => {
+                actions.push(Action::Suspend { placement_id: pid, container_id: c.id.clone() });
+            }
             ContainerState::Running if verdict.is_some() => {
                 actions.push(Action::StopUnhealthy { placement_id: pid, container_id: c.id.clone() });
             }
@@ -164,12 +205,13 @@ pub fn reconcile(held: &[Held], containers: &[ContainerInfo], facts: &mut Facts<
                     actions.push(Action::Report { placement_id: pid, change: ch });
                 }
             }
-            ContainerState::Created => {
+            ContainerState::Created if authority => {
                 actions.push(Action::Start { placement_id: pid, container_id: c.id.clone() });
             }
+            ContainerState::Created => {}
             ContainerState::Exited { code } => {
                 let code = *code;
-                if h.observed == Observed::Restarting {
+                if h.observed == Observed::Restarting && authority {
                     if h.next_start_ms.is_none_or(|t| facts.now_ms >= t) {
                         actions.push(Action::Start { placement_id: pid, container_id: c.id.clone() });
                     }
@@ -184,10 +226,16 @@ pub fn reconcile(held: &[Held], containers: &[ContainerInfo], facts: &mut Facts<
                     RestartMode::OnFailure => failed,
                     RestartMode::No => false,
                 };
-                let why = match verdict {
+                let mut why = match verdict {
                     Some(v) => v.reason.clone(),
                     None => format!("exited with code {code}"),
                 };
+                // Without a lease, `finish` and `exclusive` start nothing: the exit is final.
+                let held_back = wants && !authority;
+                if held_back {
+                    why = format!("{why}; not restarted: lease expired (offline mode {})", mode.as_str());
+                }
+                let wants = wants && !held_back;
                 let mut ch = change(h, Observed::Exited);
                 ch.exit_code = Some(code);
                 ch.container_id = Some(c.id.clone());
@@ -201,8 +249,10 @@ pub fn reconcile(held: &[Held], containers: &[ContainerInfo], facts: &mut Facts<
                     ch.observed = Observed::Failed;
                     ch.reason = Some(format!("{why}; gave up after {} restarts", h.restarts));
                 } else {
-                    // Policy `no`: a clean exit is done; an unhealthy one is a failure.
-                    ch.observed = if verdict.is_some() { Observed::Failed } else { Observed::Exited };
+                    // Policy `no`: a clean exit is done; an unhealthy one is a failure. Held
+                    // back for want of a lease: a failed exit is a failure.
+                    ch.observed =
+                        if verdict.is_some() || (held_back && failed) { Observed::Failed } else { Observed::Exited };
                     ch.reason = Some(why);
                 }
                 actions.push(Action::Report { placement_id: pid, change: ch });
@@ -235,6 +285,7 @@ mod tests {
             endpoints: vec![],
             container_id: None,
             next_start_ms: None,
+            suspended: false,
         }
     }
 
@@ -257,12 +308,83 @@ mod tests {
     }
 
     fn run_judged(held: &[Held], containers: &[ContainerInfo], unhealthy: &HashMap<String, Unhealthy>) -> Vec<Action> {
+        run_with(held, containers, unhealthy, true)
+    }
+
+    fn run_with(
+        held: &[Held],
+        containers: &[ContainerInfo],
+        unhealthy: &HashMap<String, Unhealthy>,
+        lease_valid: bool,
+    ) -> Vec<Action> {
         let mut half = |m: u64| m / 2;
         reconcile(
             held,
             containers,
-            &mut Facts { now_ms: 1_000, advertise_host: "10.0.0.1", jitter: &mut half, unhealthy },
+            &mut Facts { now_ms: 1_000, advertise_host: "10.0.0.1", jitter: &mut half, unhealthy, lease_valid },
         )
+    }
+
+    fn offline(h: &[Held], c: &[ContainerInfo]) -> Vec<Action> {
+        run_with(h, c, &HashMap::new(), false)
+    }
+
+    #[test]
+    fn without_a_lease_each_offline_mode_decides() {
+        let keep = r#"{"image":"i","offline":{"mode":"keep"}}"#;
+        let finish = r#"{"image":"i","offline":{"mode":"finish"}}"#;
+        let exclusive = r#"{"image":"i","offline":{"mode":"exclusive"}}"#;
+        let running = |spec| {
+            let mut h = held("p", Observed::Running, spec);
+            h.container_id = Some("c".into());
+            h.endpoints = vec!["10.0.0.1:32768".into()];
+            h
+        };
+        let up = container("c", "p", ContainerState::Running);
+        let crashed = container("c", "p", ContainerState::Exited { code: 1 });
+
+        // keep: carries on, creates and restarts as if the lease were there.
+        assert!(offline(&[running(keep)], &[up.clone()]).is_empty());
+        assert_eq!(
+            offline(&[held("p", Observed::Pending, keep)], &[]),
+            vec![Action::Create { placement_id: "p".into() }]
+        );
+        let acts = offline(&[running(keep)], &[crashed.clone()]);
+        assert!(
+            matches!(&acts[0], Action::Report { change, .. } if change.observed == Observed::Restarting),
+            "{acts:?}"
+        );
+
+        // finish: running work goes on, nothing new starts, an exit is final.
+        assert!(offline(&[running(finish)], &[up.clone()]).is_empty());
+        assert!(offline(&[held("p", Observed::Pending, finish)], &[]).is_empty());
+        let acts = offline(&[running(finish)], &[crashed.clone()]);
+        let Action::Report { change, .. } = &acts[0] else { panic!("{acts:?}") };
+        assert_eq!(change.observed, Observed::Failed);
+        assert!(change.reason.as_deref().unwrap().contains("lease expired (offline mode finish)"), "{change:?}");
+        let mut waiting = running(finish);
+        waiting.observed = Observed::Restarting;
+        let acts = offline(&[waiting], &[crashed.clone()]);
+        assert!(matches!(&acts[0], Action::Report { change, .. } if change.observed == Observed::Failed), "{acts:?}");
+
+        // exclusive: stops at expiry, stays stopped, resumes when the lease returns.
+        assert_eq!(
+            offline(&[running(exclusive)], &[up.clone()]),
+            vec![Action::Suspend { placement_id: "p".into(), container_id: "c".into() }]
+        );
+        let mut suspended = running(exclusive);
+        suspended.observed = Observed::Restarting;
+        suspended.suspended = true;
+        let stopped = container("c", "p", ContainerState::Exited { code: 0 });
+        assert!(offline(&[suspended.clone()], &[stopped.clone()]).is_empty());
+        assert_eq!(
+            run(&[suspended.clone()], &[stopped]),
+            vec![Action::Resume { placement_id: "p".into(), container_id: "c".into() }]
+        );
+        // A suspended placement the manager replaced meanwhile is stopped for good.
+        suspended.desired = Desired::Stop;
+        let acts = run(&[suspended], &[container("c", "p", ContainerState::Exited { code: 0 })]);
+        assert_eq!(acts, vec![Action::StopRemove { placement_id: "p".into(), container_id: "c".into() }]);
     }
 
     const SVC: &str = r#"{"image":"i"}"#;

@@ -145,6 +145,7 @@ mod tests {
             endpoints: vec![],
             container_id: None,
             next_start_ms: None,
+            suspended: false,
         };
         let held = vec![
             h("starting", Observed::Starting, Desired::Run),

@@ -539,7 +539,11 @@ fn apply_report(
             r.refused
         ],
     )?;
-    if from != r.observed {
+    if let Some(story) = &r.story {
+        // Authority changes (cached, stopped on expiry, renewed) are history even when
+        // the observed state stays the same.
+        event(tx, &r.placement_id, r.at_ms, story, r.reason.as_deref())?;
+    } else if from != r.observed {
         event(tx, &r.placement_id, r.at_ms, r.observed.as_str(), r.reason.as_deref())?;
     }
     Ok(Ok(()))
@@ -547,9 +551,11 @@ fn apply_report(
 
 /// Sets a node's liveness status, recording the change; `false` when no such node.
 fn set_node_status(tx: &Transaction<'_>, name: &str, status: &str, now_ms: u64) -> rusqlite::Result<bool> {
-    let old: Option<String> =
-        tx.query_row("SELECT status FROM nodes WHERE name = ?1", [name], |r| r.get(0)).optional()?;
-    let Some(old) = old else { return Ok(false) };
+    let old: Option<(String, i64)> = tx
+        .query_row("SELECT status, status_since_ms FROM nodes WHERE name = ?1", [name], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let Some((old, since)) = old else { return Ok(false) };
+    let away_ms = (now_ms as i64).saturating_sub(since);
     if old != status {
         // `status_since_ms` marks the last move between ready and not ready, so
         // disconnected → down keeps the time the node went silent.
@@ -560,6 +566,19 @@ fn set_node_status(tx: &Transaction<'_>, name: &str, status: &str, now_ms: u64) 
             params![name, status, now_ms as i64, crosses],
         )?;
         node_event(tx, name, now_ms, status, Some(&format!("was {old}")))?;
+        if status == node_status::READY {
+            // The node is back: every placement it still holds is reconciled now; those
+            // replaced meanwhile were already told to stop (the highest fence wins).
+            let mut stmt =
+                tx.prepare("SELECT id, desired FROM placements WHERE node = ?1 AND observed NOT IN ('stopped')")?;
+            let rows: Vec<(String, String)> =
+                stmt.query_map([name], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+            drop(stmt);
+            for (id, desired) in rows {
+                let detail = format!("node {name} back after {away_ms} ms; desired {desired}");
+                event(tx, &id, now_ms, "reconciled", Some(&detail))?;
+            }
+        }
     }
     Ok(true)
 }
