@@ -147,6 +147,13 @@ pub struct AgentArgs {
     /// setting: give every manager the same.
     #[arg(long, env = "HOLDFAST_PLACEMENT", value_enum, default_value = "binpack")]
     pub placement: crate::manager::scheduler::Strategy,
+    /// Lease a manager grants workers on each sync (managers); a cut-off worker's
+    /// authority ends this long after its last successful sync.
+    #[arg(long, env = "HOLDFAST_LEASE", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub lease: std::time::Duration,
+    /// Silence after which a manager marks a worker `disconnected` (managers).
+    #[arg(long, env = "HOLDFAST_HEARTBEAT_TTL", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub heartbeat_ttl: std::time::Duration,
     /// Cluster join token file. Read and checked at startup; cluster authentication
     /// with it arrives with mutual TLS and is not enforced yet.
     #[arg(long, env = "HOLDFAST_TOKEN_FILE")]
@@ -214,6 +221,8 @@ impl DevArgs {
                 bootstrap: true,
                 join: Vec::new(),
                 strategy: Default::default(),
+                lease: std::time::Duration::from_secs(30),
+                heartbeat_ttl: std::time::Duration::from_secs(5),
             }),
             worker: Some(WorkerRole {
                 managers: vec![self.cluster.clone()],
@@ -230,6 +239,12 @@ impl AgentArgs {
     pub fn to_config(&self) -> Result<Config, String> {
         if !self.manager && !self.worker {
             return Err("pass --manager, --worker, or both".into());
+        }
+        if self.heartbeat_ttl < std::time::Duration::from_millis(500) || self.lease < self.heartbeat_ttl {
+            return Err(format!(
+                "need --heartbeat-ttl ≥ 500ms and --lease ≥ --heartbeat-ttl (got {:?} and {:?})",
+                self.heartbeat_ttl, self.lease
+            ));
         }
         if let Some(tf) = &self.token_file {
             std::fs::read_to_string(tf).map_err(|e| format!("--token-file {}: {e}", tf.display()))?;
@@ -250,6 +265,8 @@ impl AgentArgs {
             bootstrap: self.bootstrap,
             join: self.join.clone(),
             strategy: self.placement,
+            lease: self.lease,
+            heartbeat_ttl: self.heartbeat_ttl,
         });
         if self.manager && !self.bootstrap && self.join.is_empty() {
             // A restarted member needs neither; a fresh one needs one of them.

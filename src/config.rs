@@ -33,6 +33,10 @@ pub struct ManagerRole {
     pub join: Vec<String>,
     /// Placement strategy.
     pub strategy: crate::manager::scheduler::Strategy,
+    /// Lease granted to workers on each sync.
+    pub lease: std::time::Duration,
+    /// Silence after which a node is `disconnected`.
+    pub heartbeat_ttl: std::time::Duration,
 }
 
 /// Worker settings.

@@ -65,7 +65,13 @@ pub async fn run_with_runtime(
         );
         rc.op_timeout = Duration::from_secs(5);
         let rdb = holdfast_raft::ReplicatedDb::open(rc, domain).await?;
-        let settings = ManagerSettings { strategy: m.strategy, ..Default::default() };
+        let settings = ManagerSettings {
+            strategy: m.strategy,
+            lease: m.lease,
+            heartbeat_ttl: m.heartbeat_ttl,
+            max_long_poll: (m.heartbeat_ttl / 2).min(std::time::Duration::from_millis(2_500)),
+            ..Default::default()
+        };
         let mgr = Manager::new(rdb.clone(), applied, settings, resilience.clone());
         let cluster_listener = crate::net::bind(&m.cluster, "cluster traffic").await?;
         let api_listener = crate::net::bind(&m.api, "the API").await?;

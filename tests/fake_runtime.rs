@@ -41,6 +41,8 @@ async fn two_hundred_tasks_reach_running_on_the_fake_runtime() {
             bootstrap: true,
             join: vec![],
             strategy: Default::default(),
+            lease: Duration::from_secs(30),
+            heartbeat_ttl: Duration::from_secs(5),
         }),
         worker: Some(WorkerRole {
             managers: vec![cluster.clone()],

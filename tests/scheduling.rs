@@ -76,6 +76,8 @@ impl Cluster {
                 bootstrap: true,
                 join: vec![],
                 strategy,
+                lease: Duration::from_secs(10),
+                heartbeat_ttl: Duration::from_secs(2),
             }),
             worker: None,
         };
@@ -257,7 +259,7 @@ async fn a_dead_nodes_tasks_move_and_a_drained_node_empties() {
     let victim = victim.clone();
     let survivor = if victim == "a" { "b" } else { "a" }.to_string();
 
-    // The victim's process dies: heartbeat_ttl (5 s) + lost_after (1 s) later its tasks
+    // The victim's process dies: heartbeat_ttl (2 s) + lost_after (1 s) later its tasks
     // run on the survivor with higher fences.
     let vi = c.workers.iter().position(|w| w.name == victim).unwrap();
     c.workers[vi].kill().await;
@@ -272,7 +274,7 @@ async fn a_dead_nodes_tasks_move_and_a_drained_node_empties() {
     .await;
     assert!(moved.is_ok(), "tasks did not move: {:#?}\nnodes: {:#?}", c.tasks().await, c.nodes().await);
     let moved_after = started.elapsed();
-    assert!(moved_after < Duration::from_secs(12), "took {moved_after:?}");
+    assert!(moved_after < Duration::from_secs(8), "took {moved_after:?}");
     for t in c.tasks().await {
         let ps = t["placements"].as_array().unwrap();
         assert_eq!(ps.len(), 2, "{t}");
