@@ -308,3 +308,45 @@ async fn concurrent_ensure_image_builds_once() {
     let version_tag = format!("holdfast/echo:{}", env!("CARGO_PKG_VERSION"));
     assert!(runtime.image_size(&version_tag).await.expect("size").is_some());
 }
+
+#[tokio::test]
+async fn an_echo_image_from_another_binary_is_rebuilt() {
+    let _shared = ECHO_IMAGE.read().await;
+    // A same-named image that this binary did not build (no or another digest label).
+    let tag = format!("holdfast/echo:stale-{}", unique("t"));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), b"not holdfast").unwrap();
+    std::fs::write(dir.path().join("Dockerfile"), "FROM scratch\nCOPY f /f\nLABEL holdfast.binary.sha256=other\n")
+        .unwrap();
+    let built = std::process::Command::new("docker")
+        .args(["build", "-q", "-t", &tag])
+        .arg(dir.path())
+        .output()
+        .expect("docker build");
+    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
+    let _cleanup = scopeguard_rmi(&tag);
+
+    let runtime = runtime().await;
+    runtime.ensure_image(&tag).await.expect("rebuilt");
+    assert_eq!(runtime.echo_builds(), 1, "the stale image was trusted");
+    let label = std::process::Command::new("docker")
+        .args(["image", "inspect", "-f", "{{index .Config.Labels \"holdfast.binary.sha256\"}}", &tag])
+        .output()
+        .expect("inspect");
+    let label = String::from_utf8_lossy(&label.stdout).trim().to_string();
+    assert_eq!(label.len(), 64, "digest label missing: {label:?}");
+    // Now current: no second build.
+    runtime.ensure_image(&tag).await.expect("current");
+    assert_eq!(runtime.echo_builds(), 1);
+}
+
+/// Removes an image tag when dropped.
+fn scopeguard_rmi(tag: &str) -> impl Drop {
+    struct Rmi(String);
+    impl Drop for Rmi {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("docker").args(["rmi", "--force", &self.0]).output();
+        }
+    }
+    Rmi(tag.to_string())
+}

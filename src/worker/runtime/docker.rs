@@ -100,7 +100,13 @@ pub struct DockerRuntime {
     /// How many echo image builds this runtime has completed; observable for metrics and
     /// for tests that check concurrent callers share one build.
     echo_builds: AtomicU64,
+    /// SHA-256 of the binary the echo image is built from, once computed.
+    self_digest: tokio::sync::OnceCell<String>,
 }
+
+/// Image label recording which binary an echo image was built from: an image left by
+/// another build of holdfast (same version tag, other code) is rebuilt, not trusted.
+pub const ECHO_BINARY_LABEL: &str = "holdfast.binary.sha256";
 
 /// A parsed image reference: enough to tell the echo image apart and to pull one tag.
 #[derive(Debug, PartialEq, Eq)]
@@ -210,7 +216,13 @@ impl DockerRuntime {
         let docker = bounded("version", config.timeouts.connect, docker.negotiate_version())
             .await?
             .map_err(|e| RuntimeError::Unavailable(format!("{e}; {}", hint())))?;
-        Ok(DockerRuntime { docker, config, echo_build: tokio::sync::Mutex::new(()), echo_builds: AtomicU64::new(0) })
+        Ok(DockerRuntime {
+            docker,
+            config,
+            echo_build: tokio::sync::Mutex::new(()),
+            echo_builds: AtomicU64::new(0),
+            self_digest: tokio::sync::OnceCell::new(),
+        })
     }
 
     /// Number of echo image builds this runtime has completed.
@@ -226,6 +238,39 @@ impl DockerRuntime {
     }
 
     /// Whether a local image exists.
+    /// Digest of the binary echo images are built from (read once).
+    async fn self_digest(&self) -> Result<&str, RuntimeError> {
+        let path = self.config.self_binary.clone();
+        self.self_digest
+            .get_or_try_init(|| async move {
+                let bytes = tokio::fs::read(&path).await.map_err(|e| RuntimeError::ImageUnavailable {
+                    image: ECHO_REPOSITORY.to_owned(),
+                    reason: format!("cannot read {}: {e}", path.display()),
+                })?;
+                let digest = tokio::task::spawn_blocking(move || {
+                    use sha2::Digest;
+                    sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect::<String>()
+                })
+                .await
+                .map_err(|e| RuntimeError::Unavailable(format!("hashing the binary: {e}")))?;
+                Ok(digest)
+            })
+            .await
+            .map(String::as_str)
+    }
+
+    /// Whether an echo image is present and was built from this very binary.
+    async fn echo_current(&self, image: &str) -> Result<bool, RuntimeError> {
+        let found = bounded("image inspect", self.config.timeouts.inspect, self.docker.inspect_image(image)).await?;
+        let labels = match found {
+            Ok(inspect) => inspect.config.and_then(|c| c.labels).unwrap_or_default(),
+            Err(e) if status_of(&e) == Some(404) => return Ok(false),
+            Err(e) => return Err(classify("image inspect", e, Refusal::Engine)),
+        };
+        let digest = self.self_digest().await?;
+        Ok(labels.get(ECHO_BINARY_LABEL).map(String::as_str) == Some(digest))
+    }
+
     async fn image_present(&self, image: &str) -> Result<bool, RuntimeError> {
         let found = bounded("image inspect", self.config.timeouts.inspect, self.docker.inspect_image(image)).await?;
         match found {
@@ -260,10 +305,10 @@ impl DockerRuntime {
             t: version_tag.clone(),
             rm: true,
             forcerm: true,
-            labels: HashMap::from([(
-                "org.opencontainers.image.version".to_owned(),
-                env!("CARGO_PKG_VERSION").to_owned(),
-            )]),
+            labels: HashMap::from([
+                ("org.opencontainers.image.version".to_owned(), env!("CARGO_PKG_VERSION").to_owned()),
+                (ECHO_BINARY_LABEL.to_owned(), self.self_digest().await?.to_owned()),
+            ]),
             ..Default::default()
         };
         let limit = self.config.timeouts.build;
@@ -366,14 +411,14 @@ impl Runtime for DockerRuntime {
     }
 
     async fn ensure_image(&self, image: &str) -> Result<(), RuntimeError> {
-        if self.image_present(image).await? {
-            return Ok(());
-        }
         let reference = ImageRef::parse(image);
         if reference.is_echo() {
+            if self.echo_current(image).await? {
+                return Ok(());
+            }
             let _building = self.echo_build.lock().await;
             // Whoever held the lock before us may have built it already.
-            if self.image_present(image).await? {
+            if self.echo_current(image).await? {
                 return Ok(());
             }
             let tag = reference.tag_or_latest();
@@ -383,6 +428,9 @@ impl Runtime for DockerRuntime {
                 }
                 other => other,
             });
+        }
+        if self.image_present(image).await? {
+            return Ok(());
         }
         self.pull(image, &reference).await
     }
