@@ -69,11 +69,12 @@ fn now_ms() -> u64 {
 async fn committed(nodes: usize, tasks: usize) {
     let dir = tempfile::tempdir().unwrap();
     let (domain, applied) = DomainState::new();
+    let events = domain.events();
     let cfg = holdfast_raft::Config::new("bench", dir.path().join("m"), "127.0.0.1:1", "127.0.0.1:2");
     let db = holdfast_raft::ReplicatedDb::open(cfg, domain).await.expect("open");
     db.bootstrap().await.expect("bootstrap");
     let settings = ManagerSettings { heartbeat_ttl: Duration::from_secs(3600), ..Default::default() };
-    let m = Manager::new(db, applied, settings, Default::default());
+    let m = Manager::new(db, applied, settings, Default::default(), events);
     let deadline = Instant::now() + Duration::from_secs(10);
     while m.db.status().role != holdfast_raft::Role::Leader {
         assert!(Instant::now() < deadline, "no leader");

@@ -57,6 +57,7 @@ pub async fn run_with_runtime(
 
     if let Some(m) = &config.manager {
         let (domain, applied) = manager::state::DomainState::new();
+        let events = domain.events();
         let mut rc = holdfast_raft::Config::new(
             &config.node_id,
             config.data_dir.join("manager"),
@@ -72,7 +73,7 @@ pub async fn run_with_runtime(
             max_long_poll: (m.heartbeat_ttl / 2).min(std::time::Duration::from_millis(2_500)),
             ..Default::default()
         };
-        let mgr = Manager::new(rdb.clone(), applied, settings, resilience.clone());
+        let mgr = Manager::new(rdb.clone(), applied, settings, resilience.clone(), events);
         let cluster_listener = crate::net::bind(&m.cluster, "cluster traffic").await?;
         let api_listener = crate::net::bind(&m.api, "the API").await?;
         let cluster_router = rdb.cluster_router().merge(manager::gateway::router(mgr.clone()));

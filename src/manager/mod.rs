@@ -137,6 +137,8 @@ pub struct Manager {
     pub planner_memo: Mutex<leader::PlannerMemo>,
     /// Breakers and bulkheads of this process, for health and metrics.
     pub resilience: crate::resilience::Registry,
+    /// Domain events as this manager applies commands (for `/v1/events` and sinks).
+    pub events: tokio::sync::broadcast::Sender<state::DomainEvent>,
 }
 
 impl Manager {
@@ -146,6 +148,7 @@ impl Manager {
         applied: watch::Receiver<u64>,
         settings: ManagerSettings,
         resilience: crate::resilience::Registry,
+        events: tokio::sync::broadcast::Sender<state::DomainEvent>,
     ) -> Arc<Self> {
         Arc::new(Manager {
             applied,
@@ -158,6 +161,7 @@ impl Manager {
             started: Instant::now(),
             planner_memo: Mutex::new(leader::PlannerMemo::default()),
             resilience,
+            events,
         })
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use rusqlite::{params, OptionalExtension, Transaction};
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 use crate::model::sync::StatusReport;
 use crate::model::{transition, Desired, Observed, TaskSpec};
@@ -154,6 +154,104 @@ pub type Outcome = Result<serde_json::Value, Rejection>;
 /// The manager's state machine, plugged into `holdfast-raft`.
 pub struct DomainState {
     applied: watch::Sender<u64>,
+    events: broadcast::Sender<DomainEvent>,
+}
+
+/// Something that happened to the domain state, emitted by `apply` on every manager
+/// after a command took effect (at least once: a retried report may repeat).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DomainEvent {
+    /// Raft index of the command.
+    pub index: u64,
+    /// Wall clock of the command (leader's), ms since the epoch.
+    pub at_ms: u64,
+    /// `task.submitted`, `task.stopped`, `placement.created`, `placement.observed`,
+    /// `node.registered`, `node.status`, `node.drain`, `node.eligibility`, `placement.stop`.
+    pub kind: String,
+    /// Id of the task, placement or node concerned.
+    pub subject: String,
+    /// Details, by kind.
+    pub detail: serde_json::Value,
+}
+
+/// Events kept for slow subscribers before they start missing some.
+pub const EVENT_BUFFER: usize = 4_096;
+
+fn events_for(index: u64, cmd: &Command, out: &serde_json::Value) -> Vec<DomainEvent> {
+    let ev = |at_ms: u64, kind: &str, subject: &str, detail: serde_json::Value| DomainEvent {
+        index,
+        at_ms,
+        kind: kind.to_string(),
+        subject: subject.to_string(),
+        detail,
+    };
+    match cmd {
+        Command::SubmitTask { spec, now_ms, .. } => {
+            let id = out["id"].as_str().unwrap_or_default();
+            let created = out["created"].as_bool().unwrap_or(false);
+            if !created {
+                return Vec::new();
+            }
+            vec![ev(
+                *now_ms,
+                "task.submitted",
+                id,
+                serde_json::json!({ "name": spec.display_name(), "image": spec.image }),
+            )]
+        }
+        Command::StopTask { id, now_ms } => vec![ev(*now_ms, "task.stopped", id, serde_json::Value::Null)],
+        Command::RegisterNode { name, address, now_ms, .. } => {
+            vec![ev(*now_ms, "node.registered", name, serde_json::json!({ "address": address }))]
+        }
+        Command::ApplyPlan { placements, now_ms, .. } => {
+            let placed: Vec<&str> =
+                out["placed"].as_array().map(|a| a.iter().filter_map(|v| v.as_str()).collect()).unwrap_or_default();
+            placed
+                .iter()
+                .filter_map(|pid| {
+                    let task = pid.split('.').next().unwrap_or_default();
+                    placements.iter().find(|p| p.task_id == task).map(|p| {
+                        ev(
+                            *now_ms,
+                            "placement.created",
+                            pid,
+                            serde_json::json!({
+                                "task_id": p.task_id, "node": p.node, "fence": index, "replaces": p.replaces,
+                            }),
+                        )
+                    })
+                })
+                .collect()
+        }
+        Command::ReportStatus { batches, now_ms } => batches
+            .iter()
+            .flat_map(|b| {
+                b.reports.iter().map(move |r| {
+                    ev(
+                        *now_ms,
+                        "placement.observed",
+                        &r.placement_id,
+                        serde_json::json!({
+                            "task_id": r.task_id, "node": b.node, "observed": r.observed, "exit_code": r.exit_code,
+                            "reason": r.reason, "restarts": r.restarts, "story": r.story,
+                        }),
+                    )
+                })
+            })
+            .collect(),
+        Command::SetNodeStatus { name, status, now_ms } => {
+            vec![ev(*now_ms, "node.status", name, serde_json::json!({ "status": status }))]
+        }
+        Command::DrainNode { name, enable, deadline_ms, now_ms } => {
+            vec![ev(*now_ms, "node.drain", name, serde_json::json!({ "enable": enable, "deadline_ms": deadline_ms }))]
+        }
+        Command::SetEligibility { name, eligible, now_ms } => {
+            vec![ev(*now_ms, "node.eligibility", name, serde_json::json!({ "eligible": eligible }))]
+        }
+        Command::StopPlacements { ids, reason, now_ms } => {
+            ids.iter().map(|id| ev(*now_ms, "placement.stop", id, serde_json::json!({ "reason": reason }))).collect()
+        }
+    }
 }
 
 impl DomainState {
@@ -161,7 +259,13 @@ impl DomainState {
     /// (long-polls and leader loops wait on it).
     pub fn new() -> (Arc<Self>, watch::Receiver<u64>) {
         let (tx, rx) = watch::channel(0);
-        (Arc::new(DomainState { applied: tx }), rx)
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        (Arc::new(DomainState { applied: tx, events }), rx)
+    }
+
+    /// The sender of domain events; subscribe to it for the event stream and sinks.
+    pub fn events(&self) -> broadcast::Sender<DomainEvent> {
+        self.events.clone()
     }
 }
 
@@ -246,9 +350,17 @@ impl holdfast_raft::Apply for DomainState {
             Ok(cmd) => {
                 // Rejections roll back this command's partial writes but still consume it.
                 tx.execute_batch("SAVEPOINT cmd")?;
+                // Cheap next to the SQLite work, and only needed when someone listens.
+                let listening = self.events.receiver_count() > 0;
+                let kept = listening.then(|| cmd.clone());
                 let out = apply_command(tx, index, cmd)?;
                 if out.is_err() {
                     tx.execute_batch("ROLLBACK TO cmd")?;
+                }
+                if let (Some(cmd), Ok(v)) = (kept, &out) {
+                    for e in events_for(index, &cmd, v) {
+                        let _ = self.events.send(e);
+                    }
                 }
                 tx.execute_batch("RELEASE cmd")?;
                 out
