@@ -106,6 +106,15 @@ async fn idempotency_key_makes_retries_safe() {
     assert_error(s3, &b3, 409, None);
     let list = get_json(&tasks).await.unwrap();
     assert_eq!(list["tasks"].as_array().unwrap().len(), 1, "{list}");
+
+    // Every call that reached the state machine is audited, rejected ones too.
+    let audit = get_json(&format!("{}/v1/audit", m.api)).await.unwrap();
+    let results: Vec<&str> =
+        audit["entries"].as_array().unwrap().iter().map(|e| e["result"].as_str().unwrap()).collect();
+    assert_eq!(results, vec!["conflict", "ok", "ok"], "{audit}");
+    let first = &audit["entries"][2];
+    assert_eq!(first["action"], "POST /v1/tasks");
+    assert!(first["who"].as_str().unwrap().starts_with("127.0.0.1:"), "{first}");
 }
 
 #[tokio::test]

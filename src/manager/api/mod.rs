@@ -38,6 +38,7 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/nodes/{id}/eligibility", post(node_eligibility))
         .route("/v1/cluster", get(cluster))
         .route("/v1/cluster/members/{id}", delete(remove_member))
+        .route("/v1/audit", get(audit_log))
         .route("/v1/health", get(health))
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
@@ -65,6 +66,50 @@ fn outcome(bytes: Vec<u8>) -> Result<serde_json::Value, ApiError> {
     })
 }
 
+/// Who made a mutating call: the client address, plus the free-form
+/// `X-Holdfast-Actor` header when given (unauthenticated until mutual TLS lands).
+pub struct Who(pub String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Who {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let addr = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let actor = parts
+            .headers
+            .get("x-holdfast-actor")
+            .and_then(|v| v.to_str().ok())
+            .map(|a| a.chars().filter(|c| !c.is_control()).take(64).collect::<String>());
+        Ok(Who(match actor {
+            Some(a) if !a.is_empty() => format!("{a}@{addr}"),
+            _ => addr,
+        }))
+    }
+}
+
+/// Replicates a command as an audited call: the audit row (who, what, when, result)
+/// commits in the same Raft entry as the change itself.
+pub async fn write_audited(
+    manager: &Manager,
+    who: Who,
+    action: &str,
+    subject: &str,
+    cmd: Option<Command>,
+) -> Result<serde_json::Value, ApiError> {
+    let wrapped = Command::Audited {
+        who: who.0,
+        action: action.to_string(),
+        subject: subject.to_string(),
+        at_ms: now_ms(),
+        inner: cmd.map(Box::new),
+    };
+    write(manager, &wrapped).await
+}
+
 /// Replicates one command and decodes the state machine's answer.
 pub async fn write(manager: &Manager, cmd: &Command) -> Result<serde_json::Value, ApiError> {
     let bytes = serde_json::to_vec(cmd).map_err(|e| ApiError::internal(e.to_string()))?;
@@ -80,6 +125,7 @@ struct Submitted {
 
 async fn submit_task(
     State(m): State<Arc<Manager>>,
+    who: Who,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -108,8 +154,8 @@ async fn submit_task(
         }
     };
     let id = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let cmd = Command::SubmitTask { id, spec: Box::new(spec), idempotency_key: key, now_ms: now_ms() };
-    let out = write(&m, &cmd).await?;
+    let cmd = Command::SubmitTask { id: id.clone(), spec: Box::new(spec), idempotency_key: key, now_ms: now_ms() };
+    let out = write_audited(&m, who, "POST /v1/tasks", &id, Some(cmd)).await?;
     let id = out["id"].as_str().unwrap_or_default().to_string();
     let created = out["created"].as_bool().unwrap_or(true);
     let location = format!("/v1/tasks/{id}");
@@ -142,9 +188,10 @@ async fn get_task(State(m): State<Arc<Manager>>, Path(id): Path<String>) -> Resu
     }
 }
 
-async fn stop_task(State(m): State<Arc<Manager>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn stop_task(State(m): State<Arc<Manager>>, who: Who, Path(id): Path<String>) -> Result<Response, ApiError> {
     check_id(&id)?;
-    write(&m, &Command::StopTask { id: id.clone(), now_ms: now_ms() }).await?;
+    let cmd = Command::StopTask { id: id.clone(), now_ms: now_ms() };
+    write_audited(&m, who, "DELETE /v1/tasks/{id}", &id, Some(cmd)).await?;
     Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "id": id, "desired": "stop" }))).into_response())
 }
 
@@ -281,7 +328,12 @@ fn json_body<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T,
     })
 }
 
-async fn drain_node(State(m): State<Arc<Manager>>, Path(id): Path<String>, body: Bytes) -> Result<Response, ApiError> {
+async fn drain_node(
+    State(m): State<Arc<Manager>>,
+    who: Who,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     check_id(&id)?;
     let b: DrainBody = json_body(&body)?;
     let now = now_ms();
@@ -293,9 +345,14 @@ async fn drain_node(State(m): State<Arc<Manager>>, Path(id): Path<String>, body:
         d => d.map(|d| now + d),
     };
     let enable = b.enable.unwrap_or(true);
-    write(&m, &Command::DrainNode { name: id.clone(), enable, deadline_ms: deadline, now_ms: now })
-        .await
-        .map_err(|e| if e.status == StatusCode::NOT_FOUND { no_node(&id) } else { e })?;
+    let cmd = Command::DrainNode { name: id.clone(), enable, deadline_ms: deadline, now_ms: now };
+    write_audited(&m, who, "POST /v1/nodes/{id}/drain", &id, Some(cmd)).await.map_err(|e| {
+        if e.status == StatusCode::NOT_FOUND {
+            no_node(&id)
+        } else {
+            e
+        }
+    })?;
     Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "id": id, "draining": enable, "deadline_ms": deadline })))
         .into_response())
 }
@@ -308,6 +365,7 @@ struct EligibilityBody {
 
 async fn node_eligibility(
     State(m): State<Arc<Manager>>,
+    who: Who,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -317,9 +375,14 @@ async fn node_eligibility(
             .field("eligible"));
     }
     let b: EligibilityBody = json_body(&body)?;
-    write(&m, &Command::SetEligibility { name: id.clone(), eligible: b.eligible, now_ms: now_ms() })
-        .await
-        .map_err(|e| if e.status == StatusCode::NOT_FOUND { no_node(&id) } else { e })?;
+    let cmd = Command::SetEligibility { name: id.clone(), eligible: b.eligible, now_ms: now_ms() };
+    write_audited(&m, who, "POST /v1/nodes/{id}/eligibility", &id, Some(cmd)).await.map_err(|e| {
+        if e.status == StatusCode::NOT_FOUND {
+            no_node(&id)
+        } else {
+            e
+        }
+    })?;
     Ok(Json(serde_json::json!({ "id": id, "eligible": b.eligible })).into_response())
 }
 
@@ -347,9 +410,10 @@ async fn cluster(State(m): State<Arc<Manager>>) -> Json<serde_json::Value> {
     }))
 }
 
-async fn remove_member(State(m): State<Arc<Manager>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn remove_member(State(m): State<Arc<Manager>>, who: Who, Path(id): Path<String>) -> Result<Response, ApiError> {
     check_id(&id)?;
     m.db.remove_member(&id).await?;
+    write_audited(&m, who, "DELETE /v1/cluster/members/{id}", &id, None).await?;
     Ok((StatusCode::OK, Json(serde_json::json!({ "removed": id }))).into_response())
 }
 
@@ -387,6 +451,20 @@ async fn health(State(m): State<Arc<Manager>>) -> Response {
         },
     });
     (code, Json(body)).into_response()
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    limit: Option<usize>,
+}
+
+async fn audit_log(
+    State(m): State<Arc<Manager>>,
+    Query(q): Query<AuditQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
+    let entries = m.db.read(move |c| query::audit(c, limit)).await?;
+    Ok(Json(serde_json::json!({ "entries": entries })))
 }
 
 async fn live() -> &'static str {

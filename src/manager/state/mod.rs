@@ -87,6 +87,20 @@ pub enum Command {
         /// Leader wall clock.
         now_ms: u64,
     },
+    /// A mutating API call, recorded in the audit table with its result; `inner` is the
+    /// command it made (none for calls that are not commands, e.g. membership changes).
+    Audited {
+        /// Caller: client address and the `X-Holdfast-Actor` header, if any.
+        who: String,
+        /// What was asked (`POST /v1/tasks`, ...).
+        action: String,
+        /// Task, node or member concerned.
+        subject: String,
+        /// Leader wall clock.
+        at_ms: u64,
+        /// The command, applied first; its outcome is the call's.
+        inner: Option<Box<Command>>,
+    },
     /// Tell placements to stop (a drain deadline passed with no room elsewhere).
     StopPlacements {
         /// Placement ids.
@@ -251,6 +265,8 @@ fn events_for(index: u64, cmd: &Command, out: &serde_json::Value) -> Vec<DomainE
         Command::StopPlacements { ids, reason, now_ms } => {
             ids.iter().map(|id| ev(*now_ms, "placement.stop", id, serde_json::json!({ "reason": reason }))).collect()
         }
+        // Its inner command emits its own events.
+        Command::Audited { .. } => Vec::new(),
     }
 }
 
@@ -337,7 +353,38 @@ CREATE TABLE IF NOT EXISTS node_events (
     detail TEXT
 );
 CREATE INDEX IF NOT EXISTS node_events_n ON node_events(node);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY,
+    log_index INTEGER NOT NULL,
+    at_ms INTEGER NOT NULL,
+    who TEXT NOT NULL,
+    action TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    result TEXT NOT NULL
+);
 "#;
+
+impl DomainState {
+    /// Applies one command inside its own savepoint and emits its events.
+    fn apply_one(&self, tx: &Transaction<'_>, index: u64, cmd: Command) -> rusqlite::Result<Outcome> {
+        // Rejections roll back this command's partial writes but still consume it.
+        tx.execute_batch("SAVEPOINT cmd")?;
+        // Cheap next to the SQLite work, and only needed when someone listens.
+        let listening = self.events.receiver_count() > 0;
+        let kept = listening.then(|| cmd.clone());
+        let out = apply_command(tx, index, cmd)?;
+        if out.is_err() {
+            tx.execute_batch("ROLLBACK TO cmd")?;
+        }
+        if let (Some(cmd), Ok(v)) = (kept, &out) {
+            for e in events_for(index, &cmd, v) {
+                let _ = self.events.send(e);
+            }
+        }
+        tx.execute_batch("RELEASE cmd")?;
+        Ok(out)
+    }
+}
 
 impl holdfast_raft::Apply for DomainState {
     fn init_schema(&self, conn: &rusqlite::Connection) -> rusqlite::Result<()> {
@@ -347,24 +394,23 @@ impl holdfast_raft::Apply for DomainState {
     fn apply(&self, tx: &Transaction<'_>, index: u64, command: &[u8]) -> rusqlite::Result<Vec<u8>> {
         let outcome: Outcome = match serde_json::from_slice::<Command>(command) {
             Err(e) => Err(Rejection { code: "bad_command".into(), message: e.to_string() }),
-            Ok(cmd) => {
-                // Rejections roll back this command's partial writes but still consume it.
-                tx.execute_batch("SAVEPOINT cmd")?;
-                // Cheap next to the SQLite work, and only needed when someone listens.
-                let listening = self.events.receiver_count() > 0;
-                let kept = listening.then(|| cmd.clone());
-                let out = apply_command(tx, index, cmd)?;
-                if out.is_err() {
-                    tx.execute_batch("ROLLBACK TO cmd")?;
-                }
-                if let (Some(cmd), Ok(v)) = (kept, &out) {
-                    for e in events_for(index, &cmd, v) {
-                        let _ = self.events.send(e);
-                    }
-                }
-                tx.execute_batch("RELEASE cmd")?;
+            Ok(Command::Audited { who, action, subject, at_ms, inner }) => {
+                let out = match inner {
+                    Some(cmd) => self.apply_one(tx, index, *cmd)?,
+                    None => Ok(serde_json::Value::Null),
+                };
+                // Outside the command's savepoint: a rejected call is audited too.
+                let result = match &out {
+                    Ok(_) => "ok".to_string(),
+                    Err(r) => r.code.clone(),
+                };
+                tx.execute(
+                    "INSERT INTO audit (log_index, at_ms, who, action, subject, result) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![index as i64, at_ms as i64, who, action, subject, result],
+                )?;
                 out
             }
+            Ok(cmd) => self.apply_one(tx, index, cmd)?,
         };
         self.applied.send_replace(index);
         Ok(serde_json::to_vec(&outcome).unwrap_or_default())
@@ -523,6 +569,7 @@ fn apply_command(tx: &Transaction<'_>, index: u64, cmd: Command) -> rusqlite::Re
             node_event(tx, &name, now_ms, if enable { "drain-started" } else { "drain-ended" }, None)?;
             Ok(Ok(serde_json::json!({ "name": name, "draining": enable })))
         }
+        Command::Audited { .. } => reject("bad_command", "an audited command cannot be nested"),
         Command::StopPlacements { ids, reason, now_ms } => {
             for id in &ids {
                 let n = tx.execute(

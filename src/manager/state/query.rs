@@ -480,3 +480,37 @@ pub fn node_events(conn: &Connection, node: &str) -> rusqlite::Result<Vec<EventV
     })?;
     rows.collect()
 }
+
+/// One audited API call.
+#[derive(Clone, Debug, Serialize)]
+pub struct AuditEntry {
+    /// Raft index of the entry that recorded it.
+    pub index: u64,
+    /// When, ms since the epoch.
+    pub at_ms: u64,
+    /// Caller.
+    pub who: String,
+    /// Method and route.
+    pub action: String,
+    /// Task, node or member concerned.
+    pub subject: String,
+    /// `ok` or the rejection code.
+    pub result: String,
+}
+
+/// The newest `limit` audit entries, newest first.
+pub fn audit(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<AuditEntry>> {
+    let mut stmt =
+        conn.prepare("SELECT log_index, at_ms, who, action, subject, result FROM audit ORDER BY id DESC LIMIT ?1")?;
+    let rows = stmt.query_map([limit as i64], |r| {
+        Ok(AuditEntry {
+            index: r.get::<_, i64>(0)? as u64,
+            at_ms: r.get::<_, i64>(1)? as u64,
+            who: r.get(2)?,
+            action: r.get(3)?,
+            subject: r.get(4)?,
+            result: r.get(5)?,
+        })
+    })?;
+    rows.collect()
+}
