@@ -4,15 +4,23 @@
 //! hears of it, so a vote or an acknowledged entry survives a crash. SQLite is blocking,
 //! so each call runs on the blocking pool against one shared connection; the mutex also
 //! serializes writes, which openraft requires.
+//!
+//! Appends are **group-committed**: `append` hands its entries to one writer thread and
+//! returns at once; the writer commits everything queued meanwhile in one transaction
+//! (one fsync) and only then tells openraft through each `LogFlushed` callback. So
+//! RaftCore keeps accepting client writes while the disk syncs, and a burst costs one
+//! fsync instead of one per entry. Until written, entries are served to readers from an
+//! in-memory overlay; truncate and purge first wait for the writer to drain.
 
 // openraft's storage traits fix the error type to its (large) StorageError, and the
 // helpers here produce exactly that type.
 #![allow(clippy::result_large_err)]
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{LogState, OptionalSend, RaftLogReader, StorageIOError, Vote};
@@ -38,10 +46,88 @@ const KEY_VOTE: &str = "vote";
 const KEY_COMMITTED: &str = "committed";
 const KEY_PURGED: &str = "last_purged";
 
-/// The SQLite-backed [`RaftLogStorage`]; clones share one connection.
+/// One entry ready to be written: SQL index, log id JSON, entry JSON, and the entry.
+type Row = (i64, String, String, Entry);
+
+/// Work for the writer thread, processed strictly in order.
+enum Job {
+    /// Entries to commit, then acknowledge through the callback.
+    Append(Vec<Row>, LogFlushed<TypeConfig>),
+    /// Answered once every job queued before it is done.
+    Barrier(tokio::sync::oneshot::Sender<()>),
+}
+
+/// The SQLite-backed [`RaftLogStorage`]; clones share one connection and one writer.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Mutex<Connection>>,
+    /// Appended but not yet committed entries, by index, for readers.
+    pending: Arc<Mutex<BTreeMap<i64, Entry>>>,
+    writer: mpsc::Sender<Job>,
+}
+
+/// Most entries committed in one transaction (bounds the time one fsync batch takes).
+const GROUP_MAX: usize = 4_096;
+
+fn writer_loop(db: Arc<Mutex<Connection>>, pending: Arc<Mutex<BTreeMap<i64, Entry>>>, rx: mpsc::Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        let mut rows = 0usize;
+        // Everything queued while the last fsync ran goes into this one.
+        while rows < GROUP_MAX {
+            match rx.try_recv() {
+                Ok(job) => {
+                    if let Job::Append(r, _) = &job {
+                        rows += r.len();
+                    }
+                    jobs.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        let result = {
+            let mut conn = db.lock().expect("raft-log.db mutex poisoned by a panicked SQLite call");
+            (|| -> Result<(), rusqlite::Error> {
+                let tx = conn.transaction()?;
+                {
+                    let mut stmt =
+                        tx.prepare_cached("INSERT OR REPLACE INTO log (idx, log_id, entry) VALUES (?1, ?2, ?3)")?;
+                    for job in &jobs {
+                        if let Job::Append(rows, _) = job {
+                            for (idx, log_id, json, _) in rows {
+                                stmt.execute(rusqlite::params![idx, log_id, json])?;
+                            }
+                        }
+                    }
+                }
+                tx.commit()
+            })()
+        };
+        {
+            let mut p = pending.lock().expect("pending-entries mutex poisoned");
+            for job in &jobs {
+                if let Job::Append(rows, _) = job {
+                    for (idx, _, _, entry) in rows {
+                        // A later append may have replaced this index already; keep it.
+                        if p.get(idx).is_some_and(|e| e.log_id == entry.log_id) {
+                            p.remove(idx);
+                        }
+                    }
+                }
+            }
+        }
+        for job in jobs {
+            match job {
+                Job::Append(_, callback) => match &result {
+                    Ok(()) => callback.log_io_completed(Ok(())),
+                    Err(e) => callback.log_io_completed(Err(std::io::Error::other(e.to_string()))),
+                },
+                Job::Barrier(done) => {
+                    let _ = done.send(());
+                }
+            }
+        }
+    }
 }
 
 impl LogStore {
@@ -52,7 +138,29 @@ impl LogStore {
             datadir::create_new(&path, Role::Log, node_name, |c| c.execute_batch(SCHEMA))?;
         }
         let conn = datadir::open_existing(&path, Role::Log, node_name)?;
-        Ok(LogStore { db: Arc::new(Mutex::new(conn)) })
+        let db = Arc::new(Mutex::new(conn));
+        let pending = Arc::new(Mutex::new(BTreeMap::new()));
+        let (writer, rx) = mpsc::channel();
+        let (wdb, wpending) = (db.clone(), pending.clone());
+        std::thread::Builder::new()
+            .name("raft-log-writer".into())
+            .spawn(move || writer_loop(wdb, wpending, rx))
+            .map_err(|e| DbError::Storage(format!("cannot start the log writer thread: {e}")))?;
+        Ok(LogStore { db, pending, writer })
+    }
+
+    /// Waits until every append queued so far is committed.
+    async fn drain_writer(&self) -> Result<(), StorageError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.writer
+            .send(Job::Barrier(tx))
+            .map_err(|e| StorageIOError::write_logs(&std::io::Error::other(e.to_string())))?;
+        rx.await.map_err(|e| StorageIOError::write_logs(&e).into())
+    }
+
+    fn pending_range(&self, start: i64, end: i64) -> Vec<Entry> {
+        let p = self.pending.lock().expect("pending-entries mutex poisoned");
+        p.range(start..end).map(|(_, e)| e.clone()).collect()
     }
 
     /// Last purged log id, read synchronously (used by the data-dir consistency checks).
@@ -114,21 +222,33 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(e) => to_sql_index(*e),
             Bound::Unbounded => i64::MAX,
         };
-        self.call(move |conn| {
-            let mut stmt = conn
-                .prepare_cached("SELECT entry FROM log WHERE idx >= ?1 AND idx < ?2 ORDER BY idx")
-                .map_err(|e| StorageIOError::read_logs(&e))?;
-            let rows =
-                stmt.query_map([start, end], |r| r.get::<_, String>(0)).map_err(|e| StorageIOError::read_logs(&e))?;
-            let mut out = Vec::new();
-            for row in rows {
-                let json = row.map_err(|e| StorageIOError::read_logs(&e))?;
-                let entry: Entry = serde_json::from_str(&json).map_err(|e| StorageIOError::read_logs(&e))?;
-                out.push(entry);
-            }
-            Ok(out)
-        })
-        .await
+        let on_disk = self
+            .call(move |conn| {
+                let mut stmt = conn
+                    .prepare_cached("SELECT entry FROM log WHERE idx >= ?1 AND idx < ?2 ORDER BY idx")
+                    .map_err(|e| StorageIOError::read_logs(&e))?;
+                let rows = stmt
+                    .query_map([start, end], |r| r.get::<_, String>(0))
+                    .map_err(|e| StorageIOError::read_logs(&e))?;
+                let mut out = Vec::new();
+                for row in rows {
+                    let json = row.map_err(|e| StorageIOError::read_logs(&e))?;
+                    let entry: Entry = serde_json::from_str(&json).map_err(|e| StorageIOError::read_logs(&e))?;
+                    out.push(entry);
+                }
+                Ok(out)
+            })
+            .await?;
+        // Entries still in the writer's queue overlay what is on disk (newest wins).
+        let queued = self.pending_range(start, end);
+        if queued.is_empty() {
+            return Ok(on_disk);
+        }
+        let mut by_index: BTreeMap<u64, Entry> = on_disk.into_iter().map(|e| (e.log_id.index, e)).collect();
+        for e in queued {
+            by_index.insert(e.log_id.index, e);
+        }
+        Ok(by_index.into_values().collect())
     }
 }
 
@@ -136,19 +256,29 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        self.call(|conn| {
-            let last_purged: Option<LogId> = read_meta(conn, KEY_PURGED)?;
-            let last: Option<String> = conn
-                .query_row("SELECT log_id FROM log ORDER BY idx DESC LIMIT 1", [], |r| r.get(0))
-                .optional()
-                .map_err(|e| StorageIOError::read_logs(&e))?;
-            let last_log_id = match last {
-                Some(json) => Some(serde_json::from_str::<LogId>(&json).map_err(|e| StorageIOError::read_logs(&e))?),
-                None => last_purged,
-            };
-            Ok(LogState { last_purged_log_id: last_purged, last_log_id })
-        })
-        .await
+        let state = self
+            .call(|conn| {
+                let last_purged: Option<LogId> = read_meta(conn, KEY_PURGED)?;
+                let last: Option<String> = conn
+                    .query_row("SELECT log_id FROM log ORDER BY idx DESC LIMIT 1", [], |r| r.get(0))
+                    .optional()
+                    .map_err(|e| StorageIOError::read_logs(&e))?;
+                let last_log_id = match last {
+                    Some(json) => {
+                        Some(serde_json::from_str::<LogId>(&json).map_err(|e| StorageIOError::read_logs(&e))?)
+                    }
+                    None => last_purged,
+                };
+                Ok(LogState { last_purged_log_id: last_purged, last_log_id })
+            })
+            .await?;
+        let queued_last =
+            self.pending.lock().expect("pending-entries mutex poisoned").values().next_back().map(|e| e.log_id);
+        let last_log_id = match (state.last_log_id, queued_last) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        Ok(LogState { last_log_id, ..state })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -179,40 +309,30 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        // Serialize before entering the blocking pool: the iterator need not be 'static.
         let mut rows = Vec::new();
         for entry in entries {
             let log_id =
                 serde_json::to_string(&entry.log_id).map_err(|e| StorageIOError::write_log_entry(entry.log_id, &e))?;
             let json = serde_json::to_string(&entry).map_err(|e| StorageIOError::write_log_entry(entry.log_id, &e))?;
-            rows.push((to_sql_index(entry.log_id.index), log_id, json));
+            rows.push((to_sql_index(entry.log_id.index), log_id, json, entry));
         }
-        let res = self
-            .call(move |conn| {
-                let tx = conn.transaction().map_err(|e| StorageIOError::write_logs(&e))?;
-                {
-                    let mut stmt = tx
-                        .prepare_cached("INSERT OR REPLACE INTO log (idx, log_id, entry) VALUES (?1, ?2, ?3)")
-                        .map_err(|e| StorageIOError::write_logs(&e))?;
-                    for (idx, log_id, json) in &rows {
-                        stmt.execute(rusqlite::params![idx, log_id, json])
-                            .map_err(|e| StorageIOError::write_logs(&e))?;
-                    }
-                }
-                tx.commit().map_err(|e| StorageIOError::write_logs(&e))?;
-                Ok(())
-            })
-            .await;
-        // The commit above ran with synchronous=FULL, so the entries are on disk now.
-        match &res {
-            Ok(()) => callback.log_io_completed(Ok(())),
-            Err(e) => callback.log_io_completed(Err(std::io::Error::other(e.to_string()))),
+        {
+            let mut p = self.pending.lock().expect("pending-entries mutex poisoned");
+            for (idx, _, _, entry) in &rows {
+                p.insert(*idx, entry.clone());
+            }
         }
-        res
+        // Durability is reported later, through `callback`, once the group commits.
+        self.writer
+            .send(Job::Append(rows, callback))
+            .map_err(|e| StorageIOError::write_logs(&std::io::Error::other(e.to_string())).into())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         let from = to_sql_index(log_id.index);
+        // Queued appends must land before the delete, or they would come back after it.
+        self.drain_writer().await?;
+        self.pending.lock().expect("pending-entries mutex poisoned").retain(|idx, _| *idx < from);
         self.call(move |conn| {
             conn.execute("DELETE FROM log WHERE idx >= ?1", [from]).map_err(|e| StorageIOError::write_logs(&e))?;
             Ok(())
@@ -222,6 +342,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         let upto = to_sql_index(log_id.index);
+        self.drain_writer().await?;
         self.call(move |conn| {
             let tx = conn.transaction().map_err(|e| StorageIOError::write_logs(&e))?;
             // The purged pointer is written first in the same transaction, so the log
