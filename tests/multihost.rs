@@ -220,7 +220,13 @@ struct Partition {
 
 /// Runs an echo service with `offline`, cuts its worker off the network, waits for the
 /// replacement on the other worker, reconnects, and waits for exactly one copy.
-async fn partition_and_heal(offline: Value, replace_within: Duration, label: &str) -> (Partition, cluster::Samples) {
+/// Returns the cluster too, so assertions run while it stands (its logs are printed
+/// if one fails).
+async fn partition_and_heal(
+    offline: Value,
+    replace_within: Duration,
+    label: &str,
+) -> (Cluster, Partition, cluster::Samples) {
     let c = Cluster::start(3, 2).await;
     let id = c.submit(echo_service(Some(offline))).await;
     let t = c.wait_state(&id, "running", FIRST_RUN).await;
@@ -317,13 +323,12 @@ async fn partition_and_heal(offline: Value, replace_within: Duration, label: &st
         samples.samples.len(),
         samples.failed_polls,
     );
-    drop(c);
-    (p, samples)
+    (c, p, samples)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_off_worker_keeps_its_copy_replacement_runs_reconnect_converges() {
-    let (p, samples) = partition_and_heal(
+    let (_cluster, p, samples) = partition_and_heal(
         json!({"mode": "keep", "lost_after_ms": 3000, "replace": true}),
         Duration::from_secs(60),
         "keep_partition",
@@ -340,7 +345,7 @@ async fn cut_off_worker_keeps_its_copy_replacement_runs_reconnect_converges() {
 async fn exclusive_task_never_overlaps() {
     // The manager waits lease (30 s) + heartbeat TTL (5 s) after the node goes silent
     // before replacing an exclusive task; the worker stops it when its lease ends.
-    let (p, samples) = partition_and_heal(
+    let (_cluster, p, samples) = partition_and_heal(
         json!({"mode": "exclusive", "lost_after_ms": 3000, "replace": true}),
         Duration::from_secs(90),
         "exclusive_partition",
@@ -401,6 +406,13 @@ async fn worker_restart_and_buffered_statuses_during_outage() {
         (st.status == "exited" && st.exit_code == 0).then_some(()).ok_or(format!("{st:?}"))
     })
     .await;
+    // And once more the hard way (SIGKILL, no drain): the outbox already holds the
+    // batch's exit, which must still arrive exactly once.
+    for h in &hosts {
+        let w = c.worker(h);
+        cluster::docker_ok(&["kill", &w.container]).await;
+        c.start_node(w).await;
+    }
     tokio::time::sleep_until((down + BUFFERED_OUTAGE).into()).await;
     // Adopted, not duplicated: every task has exactly the containers it had.
     for t in &tasks {
@@ -432,8 +444,9 @@ async fn worker_restart_and_buffered_statuses_during_outage() {
     }
     eprintln!(
         "FIGURES worker_restart_and_buffered_statuses: outage {:?} (paused); worker restart of {hosts:?} took \
-         {restart_took:.1?}; containers kept ids: {}; service copies {}..={} during outage; managers back to \
-         converged {converged:.1?}; crash events {:?}; batch events {:?}; service events {:?}",
+         {restart_took:.1?} (then killed and started once more); containers kept ids: {}; service copies \
+         {}..={} during outage; managers back to converged {converged:.1?}; crash events {:?}; batch events {:?}; \
+         service events {:?}",
         BUFFERED_OUTAGE,
         tasks.len(),
         samples.min_between(down, back),
