@@ -205,6 +205,8 @@ struct Partition {
     disconnected_after: Duration,
     /// Cut → replacement running.
     replaced_after: Duration,
+    /// Node marked disconnected → replacement placed, by the manager's clock.
+    placed_after_silent_ms: u64,
     /// Reconnect → one copy, manager agrees.
     converged_after: Duration,
     /// Most copies running while cut off (polls, and engine events).
@@ -242,7 +244,7 @@ async fn partition_and_heal(
     let cut_at = Instant::now();
     until(Duration::from_secs(30), "the cut-off node to be marked disconnected", || async {
         let st = c.node_status(&cut.id).await.ok_or("no manager answers")?;
-        (st != "ready").then_some(()).ok_or(st)
+        (st == "disconnected").then_some(()).ok_or(st)
     })
     .await;
     let disconnected_after = cut_at.elapsed();
@@ -255,6 +257,18 @@ async fn partition_and_heal(
     let replaced_after = cut_at.elapsed();
     let new = current(&t).clone();
     let new_cid = str_of(&new["container_id"]);
+    // How long the manager let the silent node hold the task before placing a
+    // replacement, by its own clock: from the committed `disconnected` to the new
+    // placement's creation.
+    let node = c.get(&format!("/v1/nodes/{}", cut.id)).await.expect("node view");
+    let silent_since = node["events"]
+        .as_array()
+        .and_then(|es| es.iter().rev().find(|e| e["what"] == "disconnected"))
+        .and_then(|e| e["at_ms"].as_u64())
+        .unwrap_or_else(|| panic!("no disconnected event for {}: {node:#}", cut.id));
+    let placed_after_silent_ms = new["created_ms"].as_u64().unwrap().saturating_sub(silent_since);
+    let old_seen = by_fence(&t, old_fence);
+    let old_view_while_cut = format!("desired {} observed {}", old_seen["desired"], old_seen["observed"]);
     let cut_off_for = cut_at.elapsed();
     // Let the poller see the state the partition settled in before healing it.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -298,6 +312,7 @@ async fn partition_and_heal(
     let p = Partition {
         disconnected_after,
         replaced_after,
+        placed_after_silent_ms,
         converged_after,
         max_while_cut: (samples.max_between(cut_window.0, healed), samples.max_running_by_events()),
         max_after: samples.max_between(converged_at, Instant::now()),
@@ -305,11 +320,13 @@ async fn partition_and_heal(
         handover_ms,
     };
     eprintln!(
-        "FIGURES {label}: disconnected after {:.1?}, replacement running after {:.1?} (old fence {old_fence} on {}, \
-         new fence {new_fence} on {}); copies while cut off: max {} by polls, {} by engine events over the whole test; \
-         old copy last seen running {:.1?} after the cut; handover {:?} ms (negative = overlap); reconnect to \
-         converged {:.1?}; copies after converge: {}; distinct copies seen {}; {} polls, {} poll errors",
+        "FIGURES {label}: disconnected after {:.1?}, replacement placed {} ms after the node was marked \
+         disconnected and running {:.1?} after the cut (old fence {old_fence} on {}, new fence {new_fence} on {}); \
+         old placement while cut off: {old_view_while_cut}; copies while cut off: max {} by polls, {} by \
+         engine events over the whole test; old copy last seen running {:.1?} after the cut; handover {:?} ms \
+         (negative = overlap); reconnect to converged {:.1?}; copies after converge: {}; distinct copies seen {}; {} polls, {} poll errors",
         p.disconnected_after,
+        p.placed_after_silent_ms,
         p.replaced_after,
         cut.id,
         other.id,
@@ -335,6 +352,7 @@ async fn cut_off_worker_keeps_its_copy_replacement_runs_reconnect_converges() {
     )
     .await;
     // By design of `keep`: the cut-off copy keeps serving while the replacement runs.
+    assert!(p.placed_after_silent_ms >= 3_000, "replaced before lost_after_ms: {}", p.placed_after_silent_ms);
     assert_eq!(p.max_while_cut.0, 2, "mode keep: both copies run while cut off");
     assert_eq!(p.max_after, 1, "exactly one copy after converging");
     assert!(samples.max_running() <= 2, "never more than the two known copies");
@@ -351,6 +369,8 @@ async fn exclusive_task_never_overlaps() {
         "exclusive_partition",
     )
     .await;
+    // Lease 30 s + heartbeat TTL 5 s (ManagerSettings defaults): never earlier.
+    assert!(p.placed_after_silent_ms >= 35_000, "exclusive replaced too early: {}", p.placed_after_silent_ms);
     assert_eq!(
         samples.max_running(),
         1,
