@@ -324,7 +324,8 @@ async fn partition_and_heal(
          disconnected and running {:.1?} after the cut (old fence {old_fence} on {}, new fence {new_fence} on {}); \
          old placement while cut off: {old_view_while_cut}; copies while cut off: max {} by polls, {} by \
          engine events over the whole test; old copy last seen running {:.1?} after the cut; handover {:?} ms \
-         (negative = overlap); reconnect to converged {:.1?}; copies after converge: {}; distinct copies seen {}; {} polls, {} poll errors",
+         (negative = overlap); reconnect to converged {:.1?}; copies after converge: {}; distinct copies seen \
+         {}; {} polls, {} poll errors",
         p.disconnected_after,
         p.placed_after_silent_ms,
         p.replaced_after,
