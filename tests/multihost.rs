@@ -155,7 +155,8 @@ async fn managers_gone_work_goes_on() {
         if s["state"] == "running" && b["state"] == "completed" && ready {
             Ok((s, b))
         } else {
-            Err(format!("service {}, batch {}, workers ready {ready}", s["state"], b["state"]))
+            let nodes = c.get_from_leader("/v1/nodes").await.unwrap_or_default();
+            Err(format!("service {}, batch {}, workers ready {ready}; nodes {nodes}", s["state"], b["state"]))
         }
     })
     .await;

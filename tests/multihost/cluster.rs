@@ -384,6 +384,19 @@ impl Cluster {
         None
     }
 
+    /// GET `path` from the current leader. Liveness (`engine_ok`, `last_seen_ms_ago`)
+    /// lives in the leader's memory only; a follower answers `null` for it.
+    pub async fn get_from_leader(&self, path: &str) -> Option<Value> {
+        let leader = self.get("/v1/cluster").await?["leader"]["id"].as_str()?.to_string();
+        let i = self.managers.iter().position(|m| m.id == leader)?;
+        let addr = self.api.lock().unwrap()[i].clone()?;
+        let r = http().get(format!("http://{addr}{path}")).timeout(Duration::from_secs(5)).send().await.ok()?;
+        if !r.status().is_success() {
+            return None;
+        }
+        r.json().await.ok()
+    }
+
     /// Submits a TaskSpec through any manager (followers forward writes); returns the
     /// task id.
     pub async fn submit(&self, spec: Value) -> String {
@@ -454,7 +467,7 @@ impl Cluster {
     /// True when every worker is `ready` with a working engine and was heard from
     /// recently.
     pub async fn workers_ready(&self) -> bool {
-        let Some(v) = self.get("/v1/nodes").await else { return false };
+        let Some(v) = self.get_from_leader("/v1/nodes").await else { return false };
         let Some(nodes) = v["nodes"].as_array() else { return false };
         self.workers.iter().all(|w| {
             nodes.iter().any(|n| {
