@@ -1,0 +1,514 @@
+//! Multi-host fault tests: holdfast managers and workers as containers on their own
+//! Docker network, cut apart while they run real tasks (DESIGN.md §6, §7, §9).
+//!
+//! Each test builds its own cluster (random names and subnet, so tests run in parallel
+//! and reruns never collide) and prints a `FIGURES` line with what it measured; run
+//! with `--nocapture` to see them. Timers are the product defaults (lease 30 s,
+//! heartbeat TTL 5 s); tasks choose small `offline.lost_after_ms` values.
+
+#[path = "multihost/cluster.rs"]
+mod cluster;
+mod common;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use cluster::{inspect, task_containers, Cluster, EchoProbe, Node, Sampler};
+use common::http;
+use serde_json::{json, Value};
+
+/// How long every manager stays down in the outage scenario (the issue asks for two
+/// minutes: four lease lengths, so the workers run well past their authority).
+const MANAGER_OUTAGE: Duration = Duration::from_secs(120);
+/// The outage during which a worker restarts and statuses are buffered: long enough
+/// for the crash loop to play out around a worker restart.
+const BUFFERED_OUTAGE: Duration = Duration::from_secs(40);
+/// Bound on a fresh task reaching `running` (the first placement on a worker builds
+/// the echo image from its binary).
+const FIRST_RUN: Duration = Duration::from_secs(90);
+/// Bound on statuses converging once the fault is healed.
+const CONVERGE: Duration = Duration::from_secs(90);
+
+fn echo_service(offline: Option<Value>) -> Value {
+    let mut spec = json!({"image": "holdfast/echo:latest", "ports": [{"container": 7777}]});
+    if let Some(o) = offline {
+        spec["offline"] = o;
+    }
+    spec
+}
+
+fn wall_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// The task's current placement (the highest fence).
+fn current(t: &Value) -> &Value {
+    t["placements"].as_array().and_then(|ps| ps.iter().find(|p| p["current"] == true)).unwrap_or(&Value::Null)
+}
+
+/// A placement by fence.
+fn by_fence(t: &Value, fence: u64) -> &Value {
+    t["placements"].as_array().and_then(|ps| ps.iter().find(|p| p["fence"] == fence)).unwrap_or(&Value::Null)
+}
+
+fn str_of(v: &Value) -> String {
+    v.as_str().unwrap_or_default().to_string()
+}
+
+/// The `what` of a placement's events, in order.
+fn events(p: &Value) -> Vec<String> {
+    p["events"].as_array().map(|es| es.iter().map(|e| str_of(&e["what"])).collect()).unwrap_or_default()
+}
+
+fn count(p: &Value, what: &str) -> usize {
+    events(p).iter().filter(|w| *w == what).count()
+}
+
+/// Polls `f` until it returns `Ok`; after `within`, panics with `what` and the last
+/// reason `f` gave for not being done (a timeout without a reason helps nobody).
+async fn until<T, F, Fut>(within: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        let last = match f().await {
+            Ok(v) => return v,
+            Err(why) => why,
+        };
+        if Instant::now() > deadline {
+            panic!("timed out after {within:?} waiting for {what}; last: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until the echo endpoint answers a POST with its body.
+async fn echo_answers(endpoint: &str) {
+    until(Duration::from_secs(20), "the echo endpoint to answer", || async {
+        let r = http().post(format!("http://{endpoint}/")).body("hello").send().await.map_err(|e| e.to_string())?;
+        let text = r.text().await.map_err(|e| e.to_string())?;
+        (text == "hello").then_some(()).ok_or(format!("answered {text:?}"))
+    })
+    .await
+}
+
+/// Running container ids of a task, by the engine.
+async fn running_containers(task: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for id in task_containers(task).await.into_keys() {
+        if inspect(&id).await.is_some_and(|s| s.status == "running") {
+            out.push(id);
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn managers_gone_work_goes_on() {
+    let c = Cluster::start(3, 2).await;
+    let svc = c.submit(echo_service(None)).await;
+    let batch = c
+        .submit(json!({"image": "holdfast/echo:latest", "kind": "batch",
+                       "command": ["echo", "--listen", "0.0.0.0:7777", "--exit-after", "20s"]}))
+        .await;
+    let s = c.wait_state(&svc, "running", FIRST_RUN).await;
+    let b = c.wait_state(&batch, "running", FIRST_RUN).await;
+    let endpoint = str_of(&s["endpoints"][0]);
+    let (svc_cid, batch_cid) = (str_of(&current(&s)["container_id"]), str_of(&current(&b)["container_id"]));
+    echo_answers(&endpoint).await;
+
+    let sampler = Sampler::start(&svc).await;
+    let probe = EchoProbe::start(&endpoint, Duration::from_millis(250));
+    c.all_managers(|m| c.stop(m)).await;
+    let down = Instant::now();
+    assert!(
+        inspect(&batch_cid).await.is_some_and(|s| s.status == "running"),
+        "the batch task must still run when the outage begins, or the scenario proves nothing"
+    );
+
+    let exited = until(MANAGER_OUTAGE, "the batch container to exit during the outage", || async {
+        let st = inspect(&batch_cid).await.ok_or("batch container gone")?;
+        (st.status == "exited").then_some(st.clone()).ok_or(format!("{st:?}"))
+    })
+    .await;
+    let batch_exit_after = down.elapsed();
+    assert_eq!(exited.exit_code, 0, "batch container exit code");
+    // The outage lasts its full length on purpose: the claim is about what keeps
+    // happening meanwhile, not about a condition to wait for.
+    tokio::time::sleep_until((down + MANAGER_OUTAGE).into()).await;
+    for m in &c.managers {
+        let st = inspect(&m.container).await.map(|s| s.status);
+        assert_eq!(st.as_deref(), Some("exited"), "manager {} stayed down through the outage", m.id);
+    }
+    let outage_end = Instant::now();
+
+    c.all_managers(|m| c.start_node(m)).await;
+    let back = Instant::now();
+    let (s, b) = until(CONVERGE, "statuses to converge after the managers return", || async {
+        let s = c.task(&svc).await.ok_or("no manager answers")?;
+        let b = c.task(&batch).await.ok_or("no manager answers")?;
+        let ready = c.workers_ready().await;
+        if s["state"] == "running" && b["state"] == "completed" && ready {
+            Ok((s, b))
+        } else {
+            let nodes = c.get_from_leader("/v1/nodes").await.unwrap_or_default();
+            Err(format!("service {}, batch {}, workers ready {ready}; nodes {nodes}", s["state"], b["state"]))
+        }
+    })
+    .await;
+    let converged = back.elapsed();
+    let probes = probe.finish().await;
+    let samples = sampler.finish().await;
+
+    assert_eq!(current(&s)["container_id"], json!(svc_cid), "the service kept its container: {s:#}");
+    assert_eq!(s["placements"].as_array().map(Vec::len), Some(1), "no replacement: {s:#}");
+    assert_eq!(s["restarts"], 0, "{s:#}");
+    assert_eq!(b["exit_code"], 0, "{b:#}");
+    assert_eq!(current(&b)["container_id"], json!(batch_cid), "{b:#}");
+    assert_eq!(b["placements"].as_array().map(Vec::len), Some(1), "the batch ran once: {b:#}");
+
+    let in_outage = |at: Instant| at >= down && at <= outage_end;
+    let outage_probes: Vec<_> = probes.iter().filter(|(at, _)| in_outage(*at)).collect();
+    let outage_failed: Vec<_> = outage_probes.iter().filter(|(_, r)| r.is_err()).collect();
+    let all_failed = probes.iter().filter(|(_, r)| r.is_err()).count();
+    let polls = samples.count_between(down, outage_end);
+    let (min, max) = (samples.min_between(down, outage_end), samples.max_between(down, outage_end));
+    eprintln!(
+        "FIGURES managers_gone_work_goes_on: outage {:?}; tasks kept running 2/2 (service: {min}..={max} copies in \
+         {polls} polls, {} poll errors; batch exited 0 after {:.1?} of outage); echo answers failed {}/{} during the \
+         outage, {all_failed}/{} overall; managers back to converged {:.1?}",
+        outage_end - down,
+        samples.failed_polls,
+        batch_exit_after,
+        outage_failed.len(),
+        outage_probes.len(),
+        probes.len(),
+        converged,
+    );
+    assert!(outage_probes.len() > 100, "too few probes to judge: {}", outage_probes.len());
+    assert!(
+        outage_failed.is_empty(),
+        "echo failed during the outage: {:?}",
+        &outage_failed[..outage_failed.len().min(5)]
+    );
+    assert_eq!(all_failed, 0, "echo failed while managers came back");
+    assert_eq!((min, max), (1, 1), "exactly one service copy ran throughout the outage");
+    assert_eq!(samples.max_running(), 1);
+}
+
+/// What a partition test measured.
+struct Partition {
+    /// Cut → node marked disconnected.
+    disconnected_after: Duration,
+    /// Cut → replacement running.
+    replaced_after: Duration,
+    /// Node marked disconnected → replacement placed, by the manager's clock.
+    placed_after_silent_ms: u64,
+    /// Reconnect → one copy, manager agrees.
+    converged_after: Duration,
+    /// Most copies running while cut off (polls, and engine events).
+    max_while_cut: (usize, usize),
+    /// Most copies running after convergence.
+    max_after: usize,
+    /// Cut → the old copy seen running for the last time.
+    old_last_running: Option<Duration>,
+    /// Replacement first seen running minus old copy last seen running (positive =
+    /// a gap without a copy, negative = an overlap).
+    handover_ms: Option<i128>,
+}
+
+/// Runs an echo service with `offline`, cuts its worker off the network, waits for the
+/// replacement on the other worker, reconnects, and waits for exactly one copy.
+/// Returns the cluster too, so assertions run while it stands (its logs are printed
+/// if one fails).
+async fn partition_and_heal(
+    offline: Value,
+    replace_within: Duration,
+    label: &str,
+) -> (Cluster, Partition, cluster::Samples) {
+    let c = Cluster::start(3, 2).await;
+    let id = c.submit(echo_service(Some(offline))).await;
+    let t = c.wait_state(&id, "running", FIRST_RUN).await;
+    let old = current(&t).clone();
+    let (old_fence, old_cid) = (old["fence"].as_u64().unwrap(), str_of(&old["container_id"]));
+    let cut: Node = c.worker(old["node"].as_str().unwrap()).clone();
+    let other = c.workers.iter().find(|w| w.id != cut.id).unwrap().clone();
+
+    let sampler = Sampler::start(&id).await;
+    // A few polls of the steady state before the cut.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.disconnect(&cut).await;
+    let cut_at = Instant::now();
+    until(Duration::from_secs(30), "the cut-off node to be marked disconnected", || async {
+        let st = c.node_status(&cut.id).await.ok_or("no manager answers")?;
+        (st == "disconnected").then_some(()).ok_or(st)
+    })
+    .await;
+    let disconnected_after = cut_at.elapsed();
+    let t = c
+        .wait_task(&id, replace_within, "to run a replacement on the other worker", |t| {
+            let p = current(t);
+            p["fence"].as_u64() > Some(old_fence) && p["node"] == other.id.as_str() && p["observed"] == "running"
+        })
+        .await;
+    let replaced_after = cut_at.elapsed();
+    let new = current(&t).clone();
+    let new_cid = str_of(&new["container_id"]);
+    // How long the manager let the silent node hold the task before placing a
+    // replacement, by its own clock: from the committed `disconnected` to the new
+    // placement's creation.
+    let node = c.get(&format!("/v1/nodes/{}", cut.id)).await.expect("node view");
+    let silent_since = node["events"]
+        .as_array()
+        .and_then(|es| es.iter().rev().find(|e| e["what"] == "disconnected"))
+        .and_then(|e| e["at_ms"].as_u64())
+        .unwrap_or_else(|| panic!("no disconnected event for {}: {node:#}", cut.id));
+    let placed_after_silent_ms = new["created_ms"].as_u64().unwrap().saturating_sub(silent_since);
+    let old_seen = by_fence(&t, old_fence);
+    let old_view_while_cut = format!("desired {} observed {}", old_seen["desired"], old_seen["observed"]);
+    let cut_off_for = cut_at.elapsed();
+    // Let the poller see the state the partition settled in before healing it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.connect(&cut).await;
+    let healed = Instant::now();
+    let new_fence = new["fence"].as_u64().unwrap();
+    until(CONVERGE, "exactly one copy after the reconnect", || async {
+        let running = running_containers(&id).await;
+        if running != vec![new_cid.clone()] {
+            return Err(format!("running {running:?}, want only {new_cid}"));
+        }
+        if let Some(st) = inspect(&old_cid).await {
+            return Err(format!("old container still exists: {st:?}"));
+        }
+        let t = c.task(&id).await.ok_or("no manager answers")?;
+        let (oldp, cur) = (by_fence(&t, old_fence), current(&t));
+        let ok = t["state"] == "running"
+            && cur["fence"] == new_fence
+            && oldp["desired"] == "stop"
+            && oldp["observed"] == "stopped"
+            && count(oldp, "replaced") == 1
+            && c.workers_ready().await;
+        ok.then_some(()).ok_or(format!("task {t:#}"))
+    })
+    .await;
+    let converged_after = healed.elapsed();
+    let converged_at = Instant::now();
+    // A second of polls after convergence shows the one copy stays one.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let samples = sampler.finish().await;
+    let cut_window = (cut_at, cut_at + cut_off_for);
+    let last_old =
+        samples.samples.iter().filter(|s| s.running.iter().any(|r| r.container == old_cid)).map(|s| s.at).max();
+    let first_new =
+        samples.samples.iter().filter(|s| s.running.iter().any(|r| r.container == new_cid)).map(|s| s.at).min();
+    let handover_ms = match (last_old, first_new) {
+        (Some(o), Some(n)) if n >= o => Some((n - o).as_millis() as i128),
+        (Some(o), Some(n)) => Some(-((o - n).as_millis() as i128)),
+        _ => None,
+    };
+    let p = Partition {
+        disconnected_after,
+        replaced_after,
+        placed_after_silent_ms,
+        converged_after,
+        max_while_cut: (samples.max_between(cut_window.0, healed), samples.max_running_by_events()),
+        max_after: samples.max_between(converged_at, Instant::now()),
+        old_last_running: last_old.map(|o| o.saturating_duration_since(cut_at)),
+        handover_ms,
+    };
+    eprintln!(
+        "FIGURES {label}: disconnected after {:.1?}, replacement placed {} ms after the node was marked \
+         disconnected and running {:.1?} after the cut (old fence {old_fence} on {}, new fence {new_fence} on {}); \
+         old placement while cut off: {old_view_while_cut}; copies while cut off: max {} by polls, {} by \
+         engine events over the whole test; old copy last seen running {:.1?} after the cut; handover {:?} ms \
+         (negative = overlap); reconnect to converged {:.1?}; copies after converge: {}; distinct copies seen \
+         {}; {} polls, {} poll errors",
+        p.disconnected_after,
+        p.placed_after_silent_ms,
+        p.replaced_after,
+        cut.id,
+        other.id,
+        p.max_while_cut.0,
+        p.max_while_cut.1,
+        p.old_last_running,
+        p.handover_ms,
+        p.converged_after,
+        p.max_after,
+        samples.copies().len(),
+        samples.samples.len(),
+        samples.failed_polls,
+    );
+    (c, p, samples)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_off_worker_keeps_its_copy_replacement_runs_reconnect_converges() {
+    let (_cluster, p, samples) = partition_and_heal(
+        json!({"mode": "keep", "lost_after_ms": 3000, "replace": true}),
+        Duration::from_secs(60),
+        "keep_partition",
+    )
+    .await;
+    // By design of `keep`: the cut-off copy keeps serving while the replacement runs.
+    assert!(p.placed_after_silent_ms >= 3_000, "replaced before lost_after_ms: {}", p.placed_after_silent_ms);
+    assert_eq!(p.max_while_cut.0, 2, "mode keep: both copies run while cut off");
+    assert_eq!(p.max_after, 1, "exactly one copy after converging");
+    assert!(samples.max_running() <= 2, "never more than the two known copies");
+    assert!(p.handover_ms.is_some_and(|h| h < 0), "the old copy ran on after the replacement started");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exclusive_task_never_overlaps() {
+    // The manager waits lease (30 s) + heartbeat TTL (5 s) after the node goes silent
+    // before replacing an exclusive task; the worker stops it when its lease ends.
+    let (_cluster, p, samples) = partition_and_heal(
+        json!({"mode": "exclusive", "lost_after_ms": 3000, "replace": true}),
+        Duration::from_secs(90),
+        "exclusive_partition",
+    )
+    .await;
+    // Lease 30 s + heartbeat TTL 5 s (ManagerSettings defaults): never earlier.
+    assert!(p.placed_after_silent_ms >= 35_000, "exclusive replaced too early: {}", p.placed_after_silent_ms);
+    assert_eq!(
+        samples.max_running(),
+        1,
+        "exclusive: two copies overlapped (old copy last seen running {:?} after the cut, replacement running {:?} \
+         after it; handover {:?} ms)",
+        p.old_last_running,
+        p.replaced_after,
+        p.handover_ms,
+    );
+    assert!(samples.max_running_by_events() <= 1, "exclusive: engine events show two copies running at once");
+    assert_eq!(p.max_after, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_restart_and_buffered_statuses_during_outage() {
+    let c = Cluster::start(3, 2).await;
+    let svc = c.submit(echo_service(None)).await;
+    let batch = c
+        .submit(json!({"image": "holdfast/echo:latest", "kind": "batch",
+                       "command": ["echo", "--listen", "0.0.0.0:7777", "--exit-after", "15s"]}))
+        .await;
+    c.wait_state(&svc, "running", FIRST_RUN).await;
+    c.wait_state(&batch, "running", FIRST_RUN).await;
+    // Each run lasts 4 s: room to pause every manager between the first `running` and
+    // the first crash, so the restarts and the final failure happen in the outage.
+    let crash = c
+        .submit(json!({"image": "holdfast/echo:latest",
+                       "command": ["echo", "--listen", "0.0.0.0:7777", "--exit-after", "4s", "--exit-code", "1"],
+                       "restart": {"policy": "on-failure", "max_attempts": 2, "delay_ms": 200},
+                       "reschedule": {"attempts": 0}}))
+        .await;
+    c.wait_state(&crash, "running", FIRST_RUN).await;
+    let sampler = Sampler::start(&svc).await;
+    c.all_managers(|m| c.pause(m)).await;
+    let (down, down_ms) = (Instant::now(), wall_ms());
+
+    let tasks = [svc.clone(), batch.clone(), crash.clone()];
+    let mut before = BTreeMap::new();
+    for t in &tasks {
+        before.insert(t.clone(), task_containers(t).await);
+    }
+    let batch_cid = before[&batch].keys().next().cloned().expect("batch container");
+    assert!(inspect(&batch_cid).await.is_some_and(|s| s.status == "running"), "batch must still run at the pause");
+    // Restart every worker holding one of the tasks, while no manager can be reached.
+    let hosts: std::collections::BTreeSet<String> = before.values().flat_map(|m| m.values().cloned()).collect();
+    let restart_started = Instant::now();
+    for h in &hosts {
+        c.restart(c.worker(h)).await;
+    }
+    let restart_took = restart_started.elapsed();
+    until(BUFFERED_OUTAGE, "the batch container to exit 0 during the outage", || async {
+        let st = inspect(&batch_cid).await.ok_or("batch container gone")?;
+        (st.status == "exited" && st.exit_code == 0).then_some(()).ok_or(format!("{st:?}"))
+    })
+    .await;
+    // And once more the hard way (SIGKILL, no drain): the outbox already holds the
+    // batch's exit, which must still arrive exactly once.
+    for h in &hosts {
+        let w = c.worker(h);
+        cluster::docker_ok(&["kill", &w.container]).await;
+        c.start_node(w).await;
+    }
+    tokio::time::sleep_until((down + BUFFERED_OUTAGE).into()).await;
+    // Adopted, not duplicated: every task has exactly the containers it had.
+    for t in &tasks {
+        assert_eq!(task_containers(t).await, before[t], "task {t}: containers changed across the worker restart");
+    }
+    let up_ms = wall_ms();
+    c.all_managers(|m| c.unpause(m)).await;
+    let back = Instant::now();
+
+    let views = until(CONVERGE, "statuses to converge after the outage", || async {
+        let mut views = Vec::new();
+        for t in &tasks {
+            views.push(c.task(t).await.ok_or("no manager answers")?);
+        }
+        let states: Vec<&Value> = views.iter().map(|v| &v["state"]).collect();
+        let ready = c.workers_ready().await;
+        if states == [&json!("running"), &json!("completed"), &json!("failed")] && ready {
+            Ok(views)
+        } else {
+            Err(format!("states {states:?}, workers ready {ready}"))
+        }
+    })
+    .await;
+    let converged = back.elapsed();
+    let samples = sampler.finish().await;
+    let (s, b, k) = (&views[0], &views[1], &views[2]);
+    for t in &tasks {
+        assert_eq!(task_containers(t).await, before[t], "task {t}: containers changed after the outage");
+    }
+    eprintln!(
+        "FIGURES worker_restart_and_buffered_statuses: outage {:?} (paused); worker restart of {hosts:?} took \
+         {restart_took:.1?} (then killed and started once more); containers kept ids: {}; service copies \
+         {}..={} during outage; managers back to converged {converged:.1?}; crash events {:?}; batch events {:?}; \
+         service events {:?}",
+        BUFFERED_OUTAGE,
+        tasks.len(),
+        samples.min_between(down, back),
+        samples.max_running(),
+        events(current(k)),
+        events(current(b)),
+        events(current(s)),
+    );
+
+    assert_eq!(current(s)["container_id"], json!(before[&svc].keys().next()), "{s:#}");
+    assert_eq!(s["restarts"], 0, "{s:#}");
+    assert_eq!((samples.min_between(down, back), samples.max_running()), (1, 1), "one service copy throughout");
+    assert_eq!(b["exit_code"], 0, "{b:#}");
+    assert_eq!((k["restarts"].as_u64(), k["exit_code"].as_i64()), (Some(2), Some(1)), "{k:#}");
+    for t in [s, b, k] {
+        assert_eq!(t["placements"].as_array().map(Vec::len), Some(1), "one placement each: {t:#}");
+        let p = current(t);
+        let evs = events(p);
+        for pair in evs.windows(2) {
+            assert_ne!(pair[0], pair[1], "an event recorded twice in a row: {evs:?}\n{t:#}");
+        }
+        for bad in ["stale-report", "invalid-report"] {
+            assert_eq!(count(p, bad), 0, "{bad} in {evs:?}");
+        }
+    }
+    // Each observed transition exactly once; the crash loop's happened in the outage.
+    assert_eq!(count(current(s), "running"), 1, "service: {:?}", events(current(s)));
+    assert_eq!((count(current(b), "running"), count(current(b), "exited")), (1, 1), "batch: {:?}", events(current(b)));
+    let kp = current(k);
+    assert_eq!(
+        (count(kp, "running"), count(kp, "restarting"), count(kp, "failed")),
+        (3, 2, 1),
+        "crash loop: {:?}",
+        events(kp)
+    );
+    let during = |what: &str| {
+        kp["events"].as_array().unwrap().iter().filter(|e| e["what"] == what).all(|e| {
+            let at = e["at_ms"].as_u64().unwrap_or(0);
+            at >= down_ms && at <= up_ms
+        })
+    };
+    assert!(during("restarting") && during("failed"), "crash loop outside the outage window: {kp:#}");
+}
