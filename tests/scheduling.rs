@@ -280,6 +280,7 @@ async fn a_dead_nodes_tasks_move_and_a_drained_node_empties() {
         assert_eq!(ps.len(), 2, "{t}");
         assert!(ps[0]["fence"].as_u64() > ps[1]["fence"].as_u64(), "{t}");
         assert_eq!(ps[1]["desired"], "stop", "{t}");
+        assert_eq!(ps[1]["node_status"], "disconnected", "{t}");
     }
     let node = get_json(&c.url(&format!("/v1/nodes/{victim}"))).await.unwrap();
     assert_eq!(node["status"], "disconnected", "{node}");

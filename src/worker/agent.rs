@@ -242,7 +242,16 @@ async fn sync_loop(w: Arc<Worker>, mut shutdown: broadcast::Receiver<()>) {
             r = call => r,
         };
         let outcome = match result {
-            Err(e) => Err(format!("{addr}: {e}")),
+            Err(e) => {
+                // reqwest's Display omits the cause (refused, reset, timed out): walk it.
+                let mut why = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    why = format!("{why}: {s}");
+                    source = s.source();
+                }
+                Err(format!("{addr}: {why}"))
+            }
             Ok(resp) if resp.status() == reqwest::StatusCode::MISDIRECTED_REQUEST => {
                 let hint = resp.json::<NotLeader>().await.ok().and_then(|n| n.leader_cluster_addr);
                 match hint {

@@ -35,6 +35,9 @@ pub struct PlacementView {
     pub container_id: Option<String>,
     /// Whether this is the task's current placement (highest fence).
     pub current: bool,
+    /// Liveness of its node as the leader last committed it; while it is not `ready`,
+    /// `observed` is only the last thing the node said, and the task shows `unknown`.
+    pub node_status: String,
     /// Creation time, ms since the epoch.
     pub created_ms: u64,
     /// Last change, ms since the epoch.
@@ -62,7 +65,8 @@ pub struct TaskView {
     pub id: String,
     /// Display name.
     pub name: String,
-    /// Derived state: pending, starting, running, restarting, completed, failed, stopping, stopped.
+    /// Derived state: pending, starting, running, restarting, completed, failed, stopping,
+    /// stopped, or unknown (its node is silent; see the placement's `node_status`).
     pub state: &'static str,
     /// Manager's intent.
     pub desired: Desired,
@@ -90,6 +94,7 @@ fn derive_state(desired: Desired, current: Option<&PlacementView>) -> &'static s
         (Desired::Stop, Some(p)) if p.observed == Observed::Stopped => "stopped",
         (Desired::Stop, Some(_)) => "stopping",
         (Desired::Run, None) => "pending",
+        (Desired::Run, Some(p)) if p.node_status != "ready" && !p.observed.is_terminal() => "unknown",
         (Desired::Run, Some(p)) => match p.observed {
             Observed::Pending | Observed::Pulling | Observed::Starting => "starting",
             Observed::Running => "running",
@@ -101,7 +106,8 @@ fn derive_state(desired: Desired, current: Option<&PlacementView>) -> &'static s
     }
 }
 
-const PLACEMENT_COLS: &str = "id, node, fence, desired, observed, exit_code, reason, restarts, endpoints, container_id, created_ms, updated_ms, task_id";
+const PLACEMENT_COLS: &str = "p.id, p.node, p.fence, p.desired, p.observed, p.exit_code, p.reason, p.restarts, p.endpoints, p.container_id, p.created_ms, p.updated_ms, p.task_id, COALESCE(n.status, 'down')";
+const PLACEMENT_FROM: &str = "placements p LEFT JOIN nodes n ON n.name = p.node";
 
 fn placement_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, PlacementView)> {
     let desired: String = r.get(3)?;
@@ -121,6 +127,7 @@ fn placement_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, PlacementVi
             endpoints: serde_json::from_str(&endpoints).unwrap_or_default(),
             container_id: r.get(9)?,
             current: false,
+            node_status: r.get(13)?,
             created_ms: r.get::<_, i64>(10)? as u64,
             updated_ms: r.get::<_, i64>(11)? as u64,
             events: Vec::new(),
@@ -176,7 +183,7 @@ pub fn list_tasks(conn: &Connection) -> rusqlite::Result<Vec<TaskView>> {
     let mut stmt = conn.prepare(&format!("SELECT {TASK_COLS} FROM tasks ORDER BY created_index DESC"))?;
     let mut tasks: Vec<(TaskView, Option<String>)> = stmt.query_map([], build_task)?.collect::<Result<_, _>>()?;
     let mut by_task: BTreeMap<String, Vec<PlacementView>> = BTreeMap::new();
-    let mut stmt = conn.prepare(&format!("SELECT {PLACEMENT_COLS} FROM placements"))?;
+    let mut stmt = conn.prepare(&format!("SELECT {PLACEMENT_COLS} FROM {PLACEMENT_FROM}"))?;
     for row in stmt.query_map([], placement_row)? {
         let (task_id, p) = row?;
         by_task.entry(task_id).or_default().push(p);
@@ -195,7 +202,7 @@ pub fn get_task(conn: &Connection, id: &str) -> rusqlite::Result<Option<TaskView
     else {
         return Ok(None);
     };
-    let mut stmt = conn.prepare(&format!("SELECT {PLACEMENT_COLS} FROM placements WHERE task_id = ?1"))?;
+    let mut stmt = conn.prepare(&format!("SELECT {PLACEMENT_COLS} FROM {PLACEMENT_FROM} WHERE p.task_id = ?1"))?;
     task.placements = stmt.query_map([id], placement_row)?.map(|r| r.map(|(_, p)| p)).collect::<Result<_, _>>()?;
     let mut ev =
         conn.prepare("SELECT at_ms, observed, detail FROM placement_events WHERE placement_id = ?1 ORDER BY id")?;
