@@ -91,6 +91,11 @@ async fn three_managers_survive_leader_kill_and_restart() {
         let id = submit(&ms[i % 3], i).await.unwrap_or_else(|e| panic!("submit {i}: {e}"));
         acked.push(id);
     }
+    // Node reads on any member answer (followers ask the leader for liveness).
+    for m in &ms {
+        let v = get_json(&m.url("/v1/nodes")).await.expect("nodes on every member");
+        assert!(v["nodes"].is_array(), "{v}");
+    }
     // Linearizable reads on a follower see every acknowledged write.
     let on_m3 = task_ids(&ms[2]).await.expect("read on m3");
     for id in &acked {

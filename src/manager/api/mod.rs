@@ -264,11 +264,33 @@ fn node_json(n: &query::NodeRow, l: Option<&super::Liveness>) -> serde_json::Val
     })
 }
 
-async fn list_nodes(State(m): State<Arc<Manager>>) -> Result<Json<serde_json::Value>, ApiError> {
+/// Liveness (last seen, measured free resources, engine state) lives in the leader's
+/// memory only, so a follower answers node reads by asking the leader; if it cannot, it
+/// answers from its own state with those fields `null`.
+async fn from_leader(m: &Manager, path: &str) -> Option<Response> {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    let s = m.db.status();
+    if s.role == holdfast_raft::Role::Leader {
+        return None;
+    }
+    let leader = s.leader?;
+    let client = CLIENT.get_or_init(|| {
+        reqwest::Client::builder().timeout(Duration::from_secs(3)).no_proxy().build().unwrap_or_default()
+    });
+    let resp = client.get(format!("http://{}{path}", leader.api_addr)).send().await.ok()?;
+    let status = StatusCode::from_u16(resp.status().as_u16()).ok()?;
+    let body = resp.bytes().await.ok()?;
+    Some((status, [(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+async fn list_nodes(State(m): State<Arc<Manager>>) -> Result<Response, ApiError> {
+    if let Some(r) = from_leader(&m, "/v1/nodes").await {
+        return Ok(r);
+    }
     let rows = m.db.read(query::nodes).await?;
     let live = super::lock(&m.liveness).clone();
     let nodes: Vec<serde_json::Value> = rows.iter().map(|n| node_json(n, live.get(&n.name))).collect();
-    Ok(Json(serde_json::json!({ "nodes": nodes })))
+    Ok(Json(serde_json::json!({ "nodes": nodes })).into_response())
 }
 
 fn no_node(id: &str) -> ApiError {
@@ -277,6 +299,9 @@ fn no_node(id: &str) -> ApiError {
 
 async fn get_node(State(m): State<Arc<Manager>>, Path(id): Path<String>) -> Result<Response, ApiError> {
     check_id(&id)?;
+    if let Some(r) = from_leader(&m, &format!("/v1/nodes/{id}")).await {
+        return Ok(r);
+    }
     let key = id.clone();
     let (rows, events) = m.db.read(move |c| Ok((query::nodes(c)?, query::node_events(c, &key)?))).await?;
     let n = rows.iter().find(|n| n.name == id).ok_or_else(|| no_node(&id))?;
