@@ -84,8 +84,7 @@ pub async fn run_with_runtime(
             .merge(manager::api::events::router(mgr.clone(), Default::default(), stop_tx.clone()));
         tasks.push(crate::net::serve(api_listener, api, stop_tx.subscribe()));
         if let Some(sink) = &m.event_sink {
-            let (_stats, sink_task) =
-                manager::sink::spawn(&mgr, sink.clone(), &config.data_dir, stop_tx.subscribe());
+            let (_stats, sink_task) = manager::sink::spawn(&mgr, sink.clone(), &config.data_dir, stop_tx.subscribe());
             tasks.push(sink_task);
         }
         if m.bootstrap {

@@ -183,7 +183,8 @@ pub fn spawn(
         let _ = shutdown.recv().await;
         let _ = stop_tx.send(true);
     });
-    let intake = tokio::spawn(intake(m.events.subscribe(), m.db.watch_status(), queue.clone(), stats.clone(), stop.clone()));
+    let intake =
+        tokio::spawn(intake(m.events.subscribe(), m.db.watch_status(), queue.clone(), stats.clone(), stop.clone()));
     let http = reqwest::Client::builder()
         .connect_timeout(config.delivery_timeout)
         .timeout(config.delivery_timeout)
@@ -191,7 +192,14 @@ pub fn spawn(
         .build()
         .unwrap_or_default();
     tracing::info!(target = %config.target, spool = %spool_path.display(), "event sink forwarding the leader's events");
-    let delivery = Delivery { spool: Arc::new(Mutex::new(Spool::open(spool_path, config.spool_max_bytes))), config, http, guard, queue, stats: stats.clone() };
+    let delivery = Delivery {
+        spool: Arc::new(Mutex::new(Spool::open(spool_path, config.spool_max_bytes))),
+        config,
+        http,
+        guard,
+        queue,
+        stats: stats.clone(),
+    };
     let handle = tokio::spawn(async move {
         delivery.run(stop).await;
         let _ = intake.await;
@@ -665,7 +673,7 @@ mod tests {
     use super::*;
 
     fn lines(range: std::ops::Range<u32>) -> Vec<String> {
-        range.map(|i| format!("{{\"n\":{i:04}}}")).collect()
+        range.map(|i| format!("{{\"n\":\"{i:04}\"}}")).collect()
     }
 
     fn drain(s: &mut Spool) -> Vec<String> {
@@ -682,7 +690,8 @@ mod tests {
 
     #[test]
     fn sink_targets_parse_from_the_flag() {
-        let check = |s: &str, want: Result<SinkTarget, ()>| assert_eq!(SinkTarget::parse(s).map_err(|_| ()), want, "{s}");
+        let check =
+            |s: &str, want: Result<SinkTarget, ()>| assert_eq!(SinkTarget::parse(s).map_err(|_| ()), want, "{s}");
         check("http://127.0.0.1:9000/events", Ok(SinkTarget::Http("http://127.0.0.1:9000/events".into())));
         check("/var/log/holdfast/events.jsonl", Ok(SinkTarget::File("/var/log/holdfast/events.jsonl".into())));
         check("events.jsonl", Ok(SinkTarget::File("events.jsonl".into())));
@@ -718,7 +727,7 @@ mod tests {
     fn a_full_spool_drops_its_oldest_events_and_stays_bounded() {
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join(SPOOL_FILE);
-        // Each line is 11 bytes with its newline: room for 9.
+        // Each line is 13 bytes with its newline: room for 7.
         let mut s = Spool::open(path.clone(), 100);
         let mut dropped = 0;
         for chunk in (0..40).step_by(4) {
@@ -727,7 +736,7 @@ mod tests {
         }
         let kept = drain(&mut s);
         assert_eq!(dropped as usize + kept.len(), 40, "every event is either kept or counted");
-        assert_eq!(kept.last(), Some(&"{\"n\":0039}".to_string()), "the newest survive");
+        assert_eq!(kept.last(), Some(&"{\"n\":\"0039\"}".to_string()), "the newest survive");
         let want: Vec<String> = lines(40 - kept.len() as u32..40);
         assert_eq!(kept, want, "what is kept is the newest, in order");
     }

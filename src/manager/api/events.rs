@@ -128,10 +128,7 @@ async fn stream(
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "too_many_streams",
-            format!(
-                "{} event streams are open, the limit; close one or retry after the Retry-After delay",
-                s.limit
-            ),
+            format!("{} event streams are open, the limit; close one or retry after the Retry-After delay", s.limit),
         )
     })?;
     let open = Open { events: s.manager.events.subscribe(), stop: s.shutdown.subscribe(), prefix, _slot: slot };
@@ -161,4 +158,69 @@ fn events(open: Open) -> impl Stream<Item = Result<Event, Infallible>> {
 
 fn sse_event(e: &DomainEvent) -> Event {
     Event::default().event(&e.kind).id(e.index.to_string()).data(event_json(e).to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(index: u64, kind: &str) -> DomainEvent {
+        DomainEvent {
+            index,
+            at_ms: 1,
+            kind: kind.into(),
+            subject: format!("s{index}"),
+            detail: serde_json::Value::Null,
+        }
+    }
+
+    fn open(events: broadcast::Receiver<DomainEvent>, stop: broadcast::Receiver<()>, prefix: &str) -> Open {
+        let slot = Arc::new(Semaphore::new(1)).try_acquire_owned().expect("slot");
+        Open { events, stop, prefix: prefix.into(), _slot: slot }
+    }
+
+    /// (event, id, data) of each SSE frame.
+    async fn frames(open: Open) -> Vec<(String, String, serde_json::Value)> {
+        let body = Sse::new(events(open)).into_response().into_body();
+        let bytes = axum::body::to_bytes(body, 1 << 20).await.expect("body");
+        let text = String::from_utf8(bytes.to_vec()).expect("utf-8");
+        text.split("\n\n")
+            .filter(|f| !f.trim().is_empty())
+            .map(|f| {
+                let field = |name: &str| {
+                    f.lines().find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string())).unwrap_or_default()
+                };
+                let data = serde_json::from_str(&field("data:")).expect("json data");
+                (field("event:"), field("id:"), data)
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_lagging_stream_is_told_how_many_it_missed_and_carries_on_filtered() {
+        let (tx, rx) = broadcast::channel(4);
+        let (_stop_tx, stop) = broadcast::channel(1);
+        for i in 1..=10 {
+            let _ = tx.send(event(i, if i % 2 == 0 { "task.submitted" } else { "node.status" }));
+        }
+        drop(tx);
+        let got = frames(open(rx, stop, "task.")).await;
+        let summary: Vec<(&str, &str)> = got.iter().map(|(e, id, _)| (e.as_str(), id.as_str())).collect();
+        assert_eq!(summary, [("lagged", ""), ("task.submitted", "8"), ("task.submitted", "10")]);
+        assert_eq!(got[0].2, serde_json::json!({ "missed": 6 }));
+        assert_eq!(got[1].2["subject"], "s8");
+        assert_eq!(got[1].2["kind"], "task.submitted");
+    }
+
+    #[tokio::test]
+    async fn a_stream_ends_when_the_process_stops() {
+        let (tx, rx) = broadcast::channel(4);
+        let (stop_tx, stop) = broadcast::channel(1);
+        let _ = tx.send(event(1, "task.submitted"));
+        let _ = stop_tx.send(());
+        // The sender lives on: only the stop signal can end the body.
+        let got = tokio::time::timeout(Duration::from_secs(5), frames(open(rx, stop, ""))).await.expect("ended");
+        assert!(got.len() <= 1, "{got:?}");
+        drop(tx);
+    }
 }
