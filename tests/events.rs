@@ -28,8 +28,8 @@ struct Cluster {
     cluster: String,
     dir: tempfile::TempDir,
     data_dir: PathBuf,
-    _manager: tokio::task::JoinHandle<()>,
-    _stop_manager: tokio::sync::oneshot::Sender<()>,
+    manager: Option<tokio::task::JoinHandle<()>>,
+    stop_manager: Option<tokio::sync::oneshot::Sender<()>>,
     _workers: Vec<broadcast::Sender<()>>,
 }
 
@@ -39,14 +39,21 @@ impl Cluster {
         let api = format!("127.0.0.1:{}", free_port());
         let cluster = format!("127.0.0.1:{}", free_port());
         let data_dir = dir.path().join("m1");
+        let mut c = Cluster { api, cluster, dir, data_dir, manager: None, stop_manager: None, _workers: Vec::new() };
+        c.run_manager(sink).await;
+        c
+    }
+
+    /// Starts the manager on this cluster's addresses and data dir; waits until ready.
+    async fn run_manager(&mut self, sink: Option<SinkConfig>) {
         let config = Config {
             node_id: "m1".into(),
-            data_dir: data_dir.clone(),
+            data_dir: self.data_dir.clone(),
             manager: Some(ManagerRole {
-                api: api.clone(),
-                cluster: cluster.clone(),
-                advertise_cluster: cluster.clone(),
-                advertise_api: api.clone(),
+                api: self.api.clone(),
+                cluster: self.cluster.clone(),
+                advertise_cluster: self.cluster.clone(),
+                advertise_api: self.api.clone(),
                 bootstrap: true,
                 join: vec![],
                 strategy: Default::default(),
@@ -57,21 +64,30 @@ impl Cluster {
             worker: None,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let manager = tokio::spawn(async move {
+        self.manager = Some(tokio::spawn(async move {
             holdfast::node::run(config, async {
                 let _ = stopped.await;
             })
             .await
             .expect("manager runs");
-        });
-        let c = Cluster { api, cluster, dir, data_dir, _manager: manager, _stop_manager: stop, _workers: Vec::new() };
-        let url = c.url("/health/ready");
+        }));
+        self.stop_manager = Some(stop);
+        let url = self.url("/health/ready");
         eventually(Duration::from_secs(20), "manager ready", || {
             let url = url.clone();
             async move { http().get(&url).send().await.ok().filter(|r| r.status().is_success()) }
         })
         .await;
-        c
+    }
+
+    /// Stops the manager cleanly (as SIGTERM would) and waits until it has.
+    async fn stop_manager(&mut self) {
+        if let Some(stop) = self.stop_manager.take() {
+            let _ = stop.send(());
+        }
+        if let Some(m) = self.manager.take() {
+            tokio::time::timeout(Duration::from_secs(20), m).await.expect("manager stops in time").expect("clean stop");
+        }
     }
 
     fn url(&self, path: &str) -> String {
@@ -242,6 +258,28 @@ async fn the_stream_shows_a_task_submitted_then_placed() {
     .await;
     assert!(placements.all().iter().all(|s| s.event.starts_with("placement.")), "{:?}", placements.all());
 
+    // At most 64 streams at once (two are open above); the next is refused in the one
+    // error shape, and a closed stream frees its slot.
+    let client = reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).build().unwrap();
+    let mut open = Vec::new();
+    for _ in 0..62 {
+        let r = client.get(c.url("/v1/events")).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        open.push(r);
+    }
+    let r = client.get(c.url("/v1/events")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_many_streams");
+    drop(open.pop());
+    eventually(Duration::from_secs(10), "a slot freed by a closed stream", || async {
+        let r = client.get(c.url("/v1/events")).send().await.ok()?;
+        (r.status().as_u16() == 200).then_some(r)
+    })
+    .await;
+    drop(open);
+
     // Only GET; errors keep the one shape even outside the API's limits layer.
     let r = http().post(c.url("/v1/events")).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 405);
@@ -390,4 +428,39 @@ async fn a_file_sink_appends_json_lines() {
     assert!(submitted.is_some() && submitted < placed, "{kinds:?}");
     assert_eq!(kinds.first(), Some(&"node.registered"), "{kinds:?}");
     assert!(!c.spool().exists(), "a healthy sink leaves no spool");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spool_left_at_shutdown_is_replayed_by_the_next_start() {
+    let collector = Collector::default();
+    let url = start_collector(collector.clone()).await;
+    let mut c = Cluster::start(Some(fast_sink(SinkTarget::Http(url.clone())))).await;
+    c.add_worker("w1").await;
+    let (id, _) = c.submit().await;
+    let spooled = |id: String, path: PathBuf| async move {
+        let text = std::fs::read_to_string(path).ok()?;
+        text.lines().any(|l| l.contains("task.submitted") && l.contains(&id)).then_some(())
+    };
+    eventually(Duration::from_secs(10), "the hung sink's events spooled", || spooled(id.clone(), c.spool())).await;
+    // A second task whose events may still be queued in memory when the stop comes.
+    let (late, _) = c.submit().await;
+    c.stop_manager().await;
+    assert!(c.spool().exists(), "the spool outlives the process");
+    assert!(spooled(late.clone(), c.spool()).await.is_some(), "queued events were spooled at shutdown");
+
+    collector.answering.store(true, Ordering::Relaxed);
+    c.run_manager(Some(fast_sink(SinkTarget::Http(url)))).await;
+    eventually(Duration::from_secs(15), "spool replayed after the restart", || async {
+        (!c.spool().exists()).then_some(())
+    })
+    .await;
+    let got = collector.received.lock().unwrap().clone();
+    for task in [&id, &late] {
+        assert!(
+            got.iter().any(|e| e["kind"] == "task.submitted" && e["subject"] == json!(task)),
+            "task.submitted {task} delivered after the restart: {got:?}"
+        );
+    }
+    let indexes: Vec<u64> = got.iter().filter_map(|e| e["index"].as_u64()).collect();
+    assert!(indexes.windows(2).all(|w| w[0] <= w[1]), "in order: {indexes:?}");
 }
