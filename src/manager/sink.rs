@@ -41,7 +41,7 @@ use tokio::sync::{broadcast, watch, Notify};
 use super::api::events::event_json;
 use super::state::DomainEvent;
 use super::{lock, Manager};
-use crate::resilience::{BreakerConfig, BulkheadConfig, Guard, GuardError};
+use crate::resilience::{BreakerConfig, BreakerState, BulkheadConfig, Guard, GuardError};
 
 /// Name of the sink's breaker and bulkhead in the resilience registry.
 pub const BREAKER: &str = "event-sink";
@@ -356,6 +356,11 @@ impl Delivery {
 
     /// Sends the spool in order until it is empty (then removes it) or a delivery fails.
     async fn replay(&self, stop: &mut watch::Receiver<bool>, failing: &mut bool) {
+        // While the breaker is open nothing would be sent: skip reading the spool.
+        let breaker = self.guard.breaker.snapshot();
+        if breaker.state == BreakerState::Open && !breaker.retry_in.is_zero() {
+            return;
+        }
         loop {
             // Events that arrive meanwhile go behind the spool: order kept, queue short.
             let fresh = self.queue.take(usize::MAX);
