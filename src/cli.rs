@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{Config, ManagerRole, WorkerRole};
+use crate::manager::sink::{SinkConfig, SinkTarget};
 
 /// holdfast: an edge-native container orchestrator in one binary.
 #[derive(Parser, Debug)]
@@ -107,6 +108,11 @@ pub struct DevArgs {
     /// Node name.
     #[arg(long, env = "HOLDFAST_NODE_ID", default_value = "dev")]
     pub node_id: String,
+    /// Forward domain events to an `http://` URL (POST JSON batches) or a file path
+    /// (append JSON lines) while this manager leads; spooled under the data dir while
+    /// the sink is down.
+    #[arg(long, env = "HOLDFAST_EVENT_SINK", value_parser = parse_sink)]
+    pub event_sink: Option<SinkTarget>,
 }
 
 /// `holdfast agent` flags (the public contract, DESIGN.md §8).
@@ -158,6 +164,11 @@ pub struct AgentArgs {
     /// with it arrives with mutual TLS and is not enforced yet.
     #[arg(long, env = "HOLDFAST_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// Forward domain events to an `http://` URL (POST JSON batches) or a file path
+    /// (append JSON lines) while this manager leads (managers); spooled under the data dir while
+    /// the sink is down.
+    #[arg(long, env = "HOLDFAST_EVENT_SINK", value_parser = parse_sink)]
+    pub event_sink: Option<SinkTarget>,
 }
 
 /// `holdfast echo` flags.
@@ -188,6 +199,10 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("label {s:?} must look like key=value")),
     }
+}
+
+fn parse_sink(s: &str) -> Result<SinkTarget, String> {
+    SinkTarget::parse(s)
 }
 
 fn host_of(addr: &str) -> &str {
@@ -223,6 +238,7 @@ impl DevArgs {
                 strategy: Default::default(),
                 lease: std::time::Duration::from_secs(30),
                 heartbeat_ttl: std::time::Duration::from_secs(5),
+                event_sink: self.event_sink.clone().map(SinkConfig::new),
             }),
             worker: Some(WorkerRole {
                 managers: vec![self.cluster.clone()],
@@ -267,7 +283,11 @@ impl AgentArgs {
             strategy: self.placement,
             lease: self.lease,
             heartbeat_ttl: self.heartbeat_ttl,
+            event_sink: self.event_sink.clone().map(SinkConfig::new),
         });
+        if self.event_sink.is_some() && !self.manager {
+            return Err("--event-sink forwards a manager's events; it needs --manager".into());
+        }
         if self.manager && !self.bootstrap && self.join.is_empty() {
             // A restarted member needs neither; a fresh one needs one of them.
             let fresh = !self.data_dir.join("manager").exists();

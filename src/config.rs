@@ -37,6 +37,8 @@ pub struct ManagerRole {
     pub lease: std::time::Duration,
     /// Silence after which a node is `disconnected`.
     pub heartbeat_ttl: std::time::Duration,
+    /// Where to forward domain events while this manager leads (`--event-sink`).
+    pub event_sink: Option<crate::manager::sink::SinkConfig>,
 }
 
 /// Worker settings.

@@ -78,8 +78,15 @@ pub async fn run_with_runtime(
         let api_listener = crate::net::bind(&m.api, "the API").await?;
         let cluster_router = rdb.cluster_router().merge(manager::gateway::router(mgr.clone()));
         tasks.push(crate::net::serve(cluster_listener, cluster_router, stop_tx.subscribe()));
-        let api = manager::api::limits::apply(manager::api::router(mgr.clone()), Default::default());
+        let api = manager::api::limits::apply(manager::api::router(mgr.clone()), Default::default())
+            // Merged after the limits: a stream must not be cut by the request timeout;
+            // it has its own cap on open streams.
+            .merge(manager::api::events::router(mgr.clone(), Default::default(), stop_tx.clone()));
         tasks.push(crate::net::serve(api_listener, api, stop_tx.subscribe()));
+        if let Some(sink) = &m.event_sink {
+            let (_stats, sink_task) = manager::sink::spawn(&mgr, sink.clone(), &config.data_dir, stop_tx.subscribe());
+            tasks.push(sink_task);
+        }
         if m.bootstrap {
             rdb.bootstrap().await?;
         }

@@ -37,6 +37,7 @@ fn start_manager(dir: &std::path::Path, api: &str, cluster: &str) -> ManagerProc
             strategy: Default::default(),
             lease: Duration::from_secs(3),
             heartbeat_ttl: Duration::from_secs(1),
+            event_sink: None,
         }),
         worker: None,
     };

@@ -43,6 +43,7 @@ async fn two_hundred_tasks_reach_running_on_the_fake_runtime() {
             strategy: Default::default(),
             lease: Duration::from_secs(30),
             heartbeat_ttl: Duration::from_secs(5),
+            event_sink: None,
         }),
         worker: Some(WorkerRole {
             managers: vec![cluster.clone()],

@@ -78,6 +78,7 @@ impl Cluster {
                 strategy,
                 lease: Duration::from_secs(10),
                 heartbeat_ttl: Duration::from_secs(2),
+                event_sink: None,
             }),
             worker: None,
         };

@@ -14,6 +14,7 @@ pub mod api;
 pub mod gateway;
 pub mod leader;
 pub mod scheduler;
+pub mod sink;
 pub mod state;
 
 /// Settings of the control plane: timers and the placement strategy.

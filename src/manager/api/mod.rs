@@ -20,6 +20,7 @@ use crate::model::spec::{SpecError, MAX_SPEC_BYTES};
 use crate::model::TaskSpec;
 
 mod error;
+pub mod events;
 pub mod limits;
 pub mod metrics;
 pub use error::ApiError;

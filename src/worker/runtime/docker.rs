@@ -81,11 +81,14 @@ pub struct DockerConfig {
     /// The static binary copied into the echo image; tests point it at the built
     /// `holdfast` because their own `/proc/self/exe` is the test harness.
     pub self_binary: PathBuf,
+    /// Unix socket of the engine; `None` follows `DOCKER_HOST` or the default socket.
+    /// Tests point it at a fault-injecting proxy.
+    pub socket: Option<PathBuf>,
 }
 
 impl Default for DockerConfig {
     fn default() -> Self {
-        DockerConfig { timeouts: DockerTimeouts::default(), self_binary: PathBuf::from(SELF_EXE) }
+        DockerConfig { timeouts: DockerTimeouts::default(), self_binary: PathBuf::from(SELF_EXE), socket: None }
     }
 }
 
@@ -203,11 +206,19 @@ impl DockerRuntime {
 
     /// [`connect`](Self::connect) with explicit settings.
     pub async fn connect_with(config: DockerConfig) -> Result<Self, RuntimeError> {
-        let hint = || {
-            let host = std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".to_owned());
-            format!("is dockerd running and reachable at {host} (DOCKER_HOST)?")
+        let hint = || match &config.socket {
+            Some(path) => format!("is dockerd running and reachable at unix://{}?", path.display()),
+            None => {
+                let host = std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".to_owned());
+                format!("is dockerd running and reachable at {host} (DOCKER_HOST)?")
+            }
         };
-        let docker = Docker::connect_with_defaults()
+        let docker = match &config.socket {
+            // bollard's own timeout is replaced just below, as for the default client.
+            Some(path) => Docker::connect_with_unix(&path.to_string_lossy(), 120, bollard::API_DEFAULT_VERSION),
+            None => Docker::connect_with_defaults(),
+        };
+        let docker = docker
             .map_err(|e| RuntimeError::Unavailable(format!("{e}; {}", hint())))?
             // Our per-call timeouts are the real bounds; bollard's single client-wide
             // timeout would otherwise cut builds and long stops short.

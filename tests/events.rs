@@ -1,0 +1,466 @@
+//! Domain events leaving the manager: the `GET /v1/events` stream and the
+//! `--event-sink` forwarder, on an in-process cluster (one real manager, one worker on
+//! the in-memory runtime; placement is what matters here, not Docker).
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::routing::post;
+use axum::{Json, Router};
+use common::*;
+use holdfast::config::{Config, ManagerRole};
+use holdfast::manager::sink::{SinkConfig, SinkTarget, SPOOL_DIR, SPOOL_FILE};
+use holdfast::model::sync::NodeResources;
+use holdfast::worker::agent::{self, WorkerConfig};
+use holdfast::worker::runtime::fake::FakeRuntime;
+use holdfast::worker::runtime::Runtime;
+use serde_json::{json, Value};
+use tokio::sync::broadcast;
+
+struct Cluster {
+    api: String,
+    cluster: String,
+    dir: tempfile::TempDir,
+    data_dir: PathBuf,
+    manager: Option<tokio::task::JoinHandle<()>>,
+    stop_manager: Option<tokio::sync::oneshot::Sender<()>>,
+    _workers: Vec<broadcast::Sender<()>>,
+}
+
+impl Cluster {
+    async fn start(sink: Option<SinkConfig>) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let api = format!("127.0.0.1:{}", free_port());
+        let cluster = format!("127.0.0.1:{}", free_port());
+        let data_dir = dir.path().join("m1");
+        let mut c = Cluster { api, cluster, dir, data_dir, manager: None, stop_manager: None, _workers: Vec::new() };
+        c.run_manager(sink).await;
+        c
+    }
+
+    /// Starts the manager on this cluster's addresses and data dir; waits until ready.
+    async fn run_manager(&mut self, sink: Option<SinkConfig>) {
+        let config = Config {
+            node_id: "m1".into(),
+            data_dir: self.data_dir.clone(),
+            manager: Some(ManagerRole {
+                api: self.api.clone(),
+                cluster: self.cluster.clone(),
+                advertise_cluster: self.cluster.clone(),
+                advertise_api: self.api.clone(),
+                bootstrap: true,
+                join: vec![],
+                strategy: Default::default(),
+                lease: Duration::from_secs(10),
+                heartbeat_ttl: Duration::from_secs(2),
+                event_sink: sink,
+            }),
+            worker: None,
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        self.manager = Some(tokio::spawn(async move {
+            holdfast::node::run(config, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("manager runs");
+        }));
+        self.stop_manager = Some(stop);
+        let url = self.url("/health/ready");
+        eventually(Duration::from_secs(20), "manager ready", || {
+            let url = url.clone();
+            async move { http().get(&url).send().await.ok().filter(|r| r.status().is_success()) }
+        })
+        .await;
+    }
+
+    /// Stops the manager cleanly (as SIGTERM would) and waits until it has.
+    async fn stop_manager(&mut self) {
+        if let Some(stop) = self.stop_manager.take() {
+            let _ = stop.send(());
+        }
+        if let Some(m) = self.manager.take() {
+            tokio::time::timeout(Duration::from_secs(20), m).await.expect("manager stops in time").expect("clean stop");
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.api)
+    }
+
+    fn spool(&self) -> PathBuf {
+        self.data_dir.join(SPOOL_DIR).join(SPOOL_FILE)
+    }
+
+    async fn add_worker(&mut self, name: &str) {
+        let runtime: Arc<dyn Runtime> = Arc::new(FakeRuntime::new());
+        let mut wc = WorkerConfig::new(name, self.dir.path().join(name), vec![self.cluster.clone()]);
+        wc.resources_override = Some(NodeResources {
+            cpus: 64,
+            cpu_millis: 64_000,
+            load1: 0.0,
+            memory_total_mb: 256_000,
+            memory_free_mb: 256_000,
+            disk_total_mb: 100_000,
+            disk_free_mb: 100_000,
+            engine_ok: true,
+        });
+        wc.sync_wait = Duration::from_millis(500);
+        let (stop, rx) = broadcast::channel(1);
+        tokio::spawn(async move {
+            agent::run(wc, runtime, rx).await.expect("worker runs");
+        });
+        self._workers.push(stop);
+        let (url, name) = (self.url("/v1/nodes"), name.to_string());
+        eventually(Duration::from_secs(20), "worker registered", || {
+            let (url, name) = (url.clone(), name.clone());
+            async move {
+                let v = get_json(&url).await?;
+                v["nodes"].as_array()?.iter().any(|n| n["id"] == json!(name) && n["engine_ok"] == true).then_some(())
+            }
+        })
+        .await;
+    }
+
+    /// Submits a small task; returns its id and when the submission was sent.
+    async fn submit(&self) -> (String, Instant) {
+        let at = Instant::now();
+        let r = http()
+            .post(self.url("/v1/tasks"))
+            .json(&json!({"image": "holdfast/echo:latest", "resources": {"cpu_millis": 10, "memory_mb": 16}}))
+            .send()
+            .await
+            .expect("submit");
+        let status = r.status().as_u16();
+        let v: Value = r.json().await.expect("json");
+        assert_eq!(status, 201, "{v}");
+        (v["id"].as_str().expect("id").to_string(), at)
+    }
+}
+
+/// One received SSE event and when it arrived.
+#[derive(Clone, Debug)]
+struct Seen {
+    at: Instant,
+    event: String,
+    id: String,
+    data: Value,
+}
+
+/// Reads `GET /v1/events{query}` in the background into a shared list.
+struct EventTail {
+    seen: Arc<Mutex<Vec<Seen>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EventTail {
+    async fn open(c: &Cluster, query: &str) -> EventTail {
+        // No overall timeout: the stream is meant to stay open.
+        let client = reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).build().unwrap();
+        let mut resp =
+            tokio::time::timeout(Duration::from_secs(10), client.get(c.url(&format!("/v1/events{query}"))).send())
+                .await
+                .expect("stream answers in time")
+                .expect("stream");
+        assert_eq!(resp.status().as_u16(), 200);
+        assert_eq!(resp.headers()["content-type"], "text/event-stream");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let out = seen.clone();
+        let task = tokio::spawn(async move {
+            let mut buf = String::new();
+            while let Ok(Some(chunk)) = resp.chunk().await {
+                buf.push_str(&String::from_utf8_lossy(&chunk));
+                while let Some(end) = buf.find("\n\n") {
+                    let frame: String = buf.drain(..end + 2).collect();
+                    let field =
+                        |name: &str| frame.lines().find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()));
+                    // Keep-alive comments (`:`) carry no event.
+                    let Some(event) = field("event:") else { continue };
+                    let data = field("data:").and_then(|d| serde_json::from_str(&d).ok()).unwrap_or(Value::Null);
+                    let id = field("id:").unwrap_or_default();
+                    out.lock().unwrap().push(Seen { at: Instant::now(), event, id, data });
+                }
+            }
+        });
+        EventTail { seen, task }
+    }
+
+    fn all(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// The first event of `kind` whose `pick` field is `value`.
+    async fn wait_for(&self, kind: &str, pick: fn(&Value) -> &Value, value: &str, within: Duration) -> Seen {
+        eventually(within, &format!("{kind} for {value}"), || async {
+            self.all().into_iter().find(|s| s.event == kind && pick(&s.data) == value)
+        })
+        .await
+    }
+}
+
+impl Drop for EventTail {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn subject(v: &Value) -> &Value {
+    &v["subject"]
+}
+
+fn task_of(v: &Value) -> &Value {
+    &v["detail"]["task_id"]
+}
+
+fn key(v: &Value) -> (u64, String, String) {
+    (
+        v["index"].as_u64().unwrap_or(0),
+        v["kind"].as_str().unwrap_or_default().to_string(),
+        v["subject"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_shows_a_task_submitted_then_placed() {
+    let mut c = Cluster::start(None).await;
+    let all = EventTail::open(&c, "").await;
+    let placements = EventTail::open(&c, "?kind=placement.").await;
+    c.add_worker("w1").await;
+    let registered = all.wait_for("node.registered", subject, "w1", Duration::from_secs(10)).await;
+    assert_eq!(registered.data["kind"], "node.registered");
+
+    let mut latencies = Vec::new();
+    for _ in 0..5 {
+        let (id, sent) = c.submit().await;
+        let submitted = all.wait_for("task.submitted", subject, &id, Duration::from_secs(10)).await;
+        let placed = all.wait_for("placement.created", task_of, &id, Duration::from_secs(10)).await;
+        assert!(
+            submitted.id.parse::<u64>().unwrap() < placed.id.parse::<u64>().unwrap(),
+            "ids are Raft indexes: {submitted:?} before {placed:?}"
+        );
+        assert_eq!(placed.data["detail"]["node"], "w1");
+        assert_eq!(placed.data["index"].to_string(), placed.id);
+        latencies.push(placed.at - sent);
+    }
+    latencies.sort();
+    println!("submit → placement.created on the stream, no sink: median {:?}, max {:?}", latencies[2], latencies[4]);
+
+    // The filtered stream carries only what it asked for.
+    eventually(Duration::from_secs(10), "filtered stream has the placements", || async {
+        (placements.all().iter().filter(|s| s.event == "placement.created").count() >= 5).then_some(())
+    })
+    .await;
+    assert!(placements.all().iter().all(|s| s.event.starts_with("placement.")), "{:?}", placements.all());
+
+    // At most 64 streams at once (two are open above); the next is refused in the one
+    // error shape, and a closed stream frees its slot.
+    let client = reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).build().unwrap();
+    let mut open = Vec::new();
+    for _ in 0..62 {
+        let r = client.get(c.url("/v1/events")).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        open.push(r);
+    }
+    let r = client.get(c.url("/v1/events")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_many_streams");
+    drop(open.pop());
+    eventually(Duration::from_secs(10), "a slot freed by a closed stream", || async {
+        let r = client.get(c.url("/v1/events")).send().await.ok()?;
+        (r.status().as_u16() == 200).then_some(r)
+    })
+    .await;
+    drop(open);
+
+    // Only GET; errors keep the one shape even outside the API's limits layer.
+    let r = http().post(c.url("/v1/events")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 405);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "method_not_allowed");
+    let long = "k".repeat(65);
+    let r = http().get(c.url(&format!("/v1/events?kind={long}"))).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["field"], "kind");
+}
+
+/// A sink collector whose answers can be switched off (it then holds every request
+/// open without answering, like a hung server).
+#[derive(Clone, Default)]
+struct Collector {
+    answering: Arc<AtomicBool>,
+    received: Arc<Mutex<Vec<Value>>>,
+    requests: Arc<std::sync::atomic::AtomicU64>,
+}
+
+async fn collect(State(c): State<Collector>, Json(batch): Json<Vec<Value>>) -> &'static str {
+    c.requests.fetch_add(1, Ordering::Relaxed);
+    if !c.answering.load(Ordering::Relaxed) {
+        std::future::pending::<()>().await;
+    }
+    c.received.lock().unwrap().extend(batch);
+    "ok"
+}
+
+async fn start_collector(c: Collector) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = Router::new().route("/events", post(collect)).with_state(c);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{addr}/events")
+}
+
+fn fast_sink(target: SinkTarget) -> SinkConfig {
+    let mut s = SinkConfig::new(target);
+    s.delivery_timeout = Duration::from_millis(500);
+    s.retry_every = Duration::from_millis(100);
+    s.linger = Duration::from_millis(20);
+    s.breaker.open_for = Duration::from_millis(500);
+    s
+}
+
+fn spool_len(path: &std::path::Path) -> Option<u64> {
+    std::fs::metadata(path).ok().map(|m| m.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_sink_never_slows_placement_and_its_spool_replays_in_order() {
+    let collector = Collector::default();
+    let url = start_collector(collector.clone()).await;
+    let mut c = Cluster::start(Some(fast_sink(SinkTarget::Http(url)))).await;
+    // The ground truth: every event the manager applied, from the stream.
+    let truth = EventTail::open(&c, "").await;
+    c.add_worker("w1").await;
+
+    let mut latencies = Vec::new();
+    let mut ids = Vec::new();
+    for round in 0..10 {
+        let (id, sent) = c.submit().await;
+        let placed = truth.wait_for("placement.created", task_of, &id, Duration::from_secs(10)).await;
+        latencies.push(placed.at - sent);
+        ids.push(id);
+        if round == 4 {
+            // Half-way: the spool must already hold what the hung sink did not take.
+            eventually(Duration::from_secs(10), "spool written", || async { spool_len(&c.spool()).filter(|n| *n > 0) })
+                .await;
+        }
+    }
+    latencies.sort();
+    let (median, max) = (latencies[latencies.len() / 2], latencies[latencies.len() - 1]);
+    println!("submit → placement.created with a hung sink: median {median:?}, max {max:?}");
+    assert!(max < Duration::from_secs(2), "a hung sink slowed placement: {latencies:?}");
+    assert!(collector.requests.load(Ordering::Relaxed) > 0, "the sink was tried");
+    assert!(collector.received.lock().unwrap().is_empty(), "nothing was answered yet");
+
+    // The spool grows as more events arrive, and the breaker shows in health.
+    let before = spool_len(&c.spool()).unwrap_or(0);
+    let (id, _) = c.submit().await;
+    ids.push(id.clone());
+    truth.wait_for("placement.created", task_of, &id, Duration::from_secs(10)).await;
+    let grown =
+        eventually(Duration::from_secs(10), "spool grows", || async { spool_len(&c.spool()).filter(|n| *n > before) })
+            .await;
+    println!("spool: {before} → {grown} bytes while the sink hangs");
+    // Three timed-out deliveries in a row open the breaker; health shows it.
+    let health = eventually(Duration::from_secs(10), "event-sink breaker open in health", || async {
+        let h = get_json(&c.url("/v1/health")).await?;
+        let b = h["dependencies"]["breakers"].as_array()?.iter().find(|b| b["name"] == "event-sink")?.clone();
+        (b["state"] != "closed").then_some(h)
+    })
+    .await;
+    assert_eq!(health["status"], "degraded", "{health}");
+
+    // The sink answers again: the spool is replayed in order and removed.
+    let flipped = Instant::now();
+    collector.answering.store(true, Ordering::Relaxed);
+    eventually(Duration::from_secs(15), "spool replayed and removed", || async { (!c.spool().exists()).then_some(()) })
+        .await;
+    println!("spool of {grown} bytes replayed and removed {:?} after the sink answered", flipped.elapsed());
+
+    // Every event the stream saw reached the sink, in the same order (a delivery that
+    // timed out may have arrived twice: de-duplicate, as consumers do).
+    let dedup = |events: Vec<Value>| {
+        let mut seen = HashSet::new();
+        events.into_iter().filter(|e| seen.insert(key(e))).map(|e| key(&e)).collect::<Vec<_>>()
+    };
+    let want = eventually(Duration::from_secs(15), "sink has every event", || async {
+        let want = dedup(truth.all().into_iter().map(|s| s.data).collect());
+        let got = dedup(collector.received.lock().unwrap().clone());
+        (got.len() >= want.len()).then_some(want)
+    })
+    .await;
+    let got = dedup(collector.received.lock().unwrap().clone());
+    assert_eq!(got[..want.len()], want[..], "the sink saw the events in apply order");
+    for id in &ids {
+        assert!(got.iter().any(|(_, k, s)| k == "task.submitted" && s == id), "task.submitted {id} delivered");
+    }
+    let health = get_json(&c.url("/v1/health")).await.expect("health");
+    assert_eq!(health["status"], "healthy", "breaker closed again: {health}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_sink_appends_json_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("events.jsonl");
+    let mut c = Cluster::start(Some(fast_sink(SinkTarget::File(file.clone())))).await;
+    c.add_worker("w1").await;
+    let (id, _) = c.submit().await;
+    let lines = eventually(Duration::from_secs(10), "task events in the file", || async {
+        let text = std::fs::read_to_string(&file).ok()?;
+        let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).expect("every line is JSON")).collect();
+        let placed = lines.iter().any(|e| e["kind"] == "placement.created" && e["detail"]["task_id"] == json!(id));
+        placed.then_some(lines)
+    })
+    .await;
+    let kinds: Vec<&str> = lines.iter().filter_map(|e| e["kind"].as_str()).collect();
+    let submitted = lines.iter().position(|e| e["kind"] == "task.submitted" && e["subject"] == json!(id));
+    let placed = lines.iter().position(|e| e["kind"] == "placement.created" && e["detail"]["task_id"] == json!(id));
+    assert!(submitted.is_some() && submitted < placed, "{kinds:?}");
+    assert_eq!(kinds.first(), Some(&"node.registered"), "{kinds:?}");
+    assert!(!c.spool().exists(), "a healthy sink leaves no spool");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spool_left_at_shutdown_is_replayed_by_the_next_start() {
+    let collector = Collector::default();
+    let url = start_collector(collector.clone()).await;
+    let mut c = Cluster::start(Some(fast_sink(SinkTarget::Http(url.clone())))).await;
+    c.add_worker("w1").await;
+    let (id, _) = c.submit().await;
+    let spooled = |id: String, path: PathBuf| async move {
+        let text = std::fs::read_to_string(path).ok()?;
+        text.lines().any(|l| l.contains("task.submitted") && l.contains(&id)).then_some(())
+    };
+    eventually(Duration::from_secs(10), "the hung sink's events spooled", || spooled(id.clone(), c.spool())).await;
+    // A second task whose events may still be queued in memory when the stop comes.
+    let (late, _) = c.submit().await;
+    c.stop_manager().await;
+    assert!(c.spool().exists(), "the spool outlives the process");
+    assert!(spooled(late.clone(), c.spool()).await.is_some(), "queued events were spooled at shutdown");
+
+    collector.answering.store(true, Ordering::Relaxed);
+    c.run_manager(Some(fast_sink(SinkTarget::Http(url)))).await;
+    eventually(Duration::from_secs(15), "spool replayed after the restart", || async {
+        (!c.spool().exists()).then_some(())
+    })
+    .await;
+    let got = collector.received.lock().unwrap().clone();
+    for task in [&id, &late] {
+        assert!(
+            got.iter().any(|e| e["kind"] == "task.submitted" && e["subject"] == json!(task)),
+            "task.submitted {task} delivered after the restart: {got:?}"
+        );
+    }
+    let indexes: Vec<u64> = got.iter().filter_map(|e| e["index"].as_u64()).collect();
+    assert!(indexes.windows(2).all(|w| w[0] <= w[1]), "in order: {indexes:?}");
+}
