@@ -152,6 +152,11 @@ async fn metrics_speak_prometheus_text() {
     let (s, _) = post(&format!("{}/v1/tasks", m.api), r#"{"image":"holdfast/echo:latest"}"#, None).await;
     assert_eq!(s, 201);
     let text = http().get(format!("{}/metrics", m.api)).send().await.unwrap().text().await.unwrap();
+    let h = get_json(&format!("{}/v1/health", m.api)).await.expect("health answers 200");
+    assert_eq!(h["status"], "healthy", "{h}");
+    assert_eq!(h["control_plane"]["quorum"], true, "{h}");
+    assert_eq!(h["control_plane"]["role"], "leader", "{h}");
+    assert!(h["data_plane"]["nodes"].as_array().is_some_and(|n| n.is_empty()), "{h}");
     for needle in [
         "holdfast_raft_is_leader 1",
         "holdfast_raft_term ",

@@ -446,16 +446,44 @@ async fn remove_member(State(m): State<Arc<Manager>>, who: Who, Path(id): Path<S
 async fn health(State(m): State<Arc<Manager>>) -> Response {
     let s = m.db.status();
     let leader_known = s.leader.is_some();
-    let engines: Vec<(String, bool)> = super::lock(&m.liveness)
-        .iter()
-        .filter(|(_, l)| l.last_seen.elapsed() < m.settings.heartbeat_ttl)
-        .map(|(n, l)| (n.clone(), l.resources.engine_ok))
-        .collect();
-    let engines_ok = engines.iter().all(|(_, ok)| *ok);
+    let leading = s.role == holdfast_raft::Role::Leader;
+    let apply_lag = s.last_log_index.unwrap_or(0).saturating_sub(s.last_applied.unwrap_or(0));
+    let voters = s.members.iter().filter(|mm| mm.voter).count();
+    // A leader that has not heard from a quorum for two election timeouts has lost it.
+    let quorum_ok =
+        if leading { voters <= 1 || s.millis_since_quorum_ack.is_some_and(|ms| ms < 1_000) } else { leader_known };
     let deps = m.resilience.snapshot();
-    let overall = if !leader_known {
+
+    // The data plane is judged where liveness lives: on the leader.
+    let nodes = if leading { m.db.read_local(query::nodes).await.ok() } else { None };
+    let live = super::lock(&m.liveness).clone();
+    let mut node_views = Vec::new();
+    let mut data_degraded = false;
+    if let Some(rows) = &nodes {
+        for n in rows {
+            let l = live.get(&n.name);
+            let engine_ok = l.map(|l| l.resources.engine_ok);
+            let disk_pressure = l.is_some_and(|l| {
+                let r = &l.resources;
+                r.disk_total_mb > 0 && (r.disk_free_mb * 10 < r.disk_total_mb || r.disk_free_mb < 1_024)
+            });
+            let silent = n.status != super::state::node_status::READY;
+            let unknown = if silent { n.placements } else { 0 };
+            data_degraded |= engine_ok == Some(false) || disk_pressure || unknown > 0;
+            node_views.push(serde_json::json!({
+                "node": n.name,
+                "status": n.status,
+                "engine_ok": engine_ok,
+                "last_seen_ms_ago": l.map(|l| l.last_seen.elapsed().as_millis() as u64),
+                "live_placements": n.placements,
+                "unknown_placements": unknown,
+                "disk_pressure": disk_pressure,
+            }));
+        }
+    }
+    let overall = if !leader_known || !quorum_ok {
         "critical"
-    } else if !engines_ok || deps.degraded() {
+    } else if data_degraded || deps.degraded() {
         "degraded"
     } else {
         "healthy"
@@ -466,14 +494,19 @@ async fn health(State(m): State<Arc<Manager>>) -> Response {
         "control_plane": {
             "role": s.role,
             "leader": s.leader.map(|l| l.name),
+            "quorum": quorum_ok,
+            "voters": voters,
             "term": s.term,
             "commit_index": s.commit_index,
             "last_applied": s.last_applied,
+            "last_log_index": s.last_log_index,
+            "apply_lag": apply_lag,
+            "millis_since_quorum_ack": s.millis_since_quorum_ack,
         },
         "dependencies": limits::dependencies_json(&deps),
         "data_plane": {
-            "nodes_seen": engines.len(),
-            "engines": engines.into_iter().map(|(n, ok)| serde_json::json!({"node": n, "engine_ok": ok})).collect::<Vec<_>>(),
+            "judged_by": if leading { "this manager (leader)" } else { "the leader only; ask it" },
+            "nodes": node_views,
         },
     });
     (code, Json(body)).into_response()
