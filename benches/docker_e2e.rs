@@ -72,6 +72,23 @@ async fn run() {
     let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
     let base = format!("http://{api}");
 
+    // Wait for the dev node: API up and its worker registered with a working engine.
+    let ready_by = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ready = match http.get(format!("{base}/v1/nodes")).send().await {
+            Ok(r) => r
+                .json::<serde_json::Value>()
+                .await
+                .ok()
+                .is_some_and(|v| v["nodes"].as_array().is_some_and(|n| n.iter().any(|n| n["engine_ok"] == true))),
+            Err(_) => false,
+        };
+        if ready {
+            break;
+        }
+        assert!(Instant::now() < ready_by, "holdfast dev did not become ready within 60 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Warm-up: the first task builds the echo image from the binary.
     let first = submit_and_wait(&http, &base, 0).await.expect("first echo task");
     println!("first task (includes building holdfast/echo from the binary): {:.0} ms", millis(first));

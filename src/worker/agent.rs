@@ -716,6 +716,7 @@ async fn create(w: &Worker, h: &Held) {
         record(w, h, base_change(h, Observed::Starting));
     }
     let h = &Held { observed: Observed::Starting, ..h.clone() };
+    let admitted_ms = started.elapsed().as_millis() as u64;
     if let Err(e) = w.runtime.ensure_image(&h.spec.image).await {
         match e {
             RuntimeError::Unavailable(msg) => tracing::warn!(error = %msg, "engine unavailable; will retry"),
@@ -727,6 +728,8 @@ async fn create(w: &Worker, h: &Held) {
         }
         return;
     }
+    let image_ms = started.elapsed().as_millis() as u64;
+    tracing::debug!(placement = %h.id, admitted_ms, image_ms, "creating");
     match w.runtime.create_and_start(&container_spec(&w.cfg.node, h)).await {
         Ok(info) => {
             let mut ch = base_change(h, Observed::Running);

@@ -20,14 +20,21 @@ pub fn measure(disk_path: &Path, engine_ok: bool) -> NodeResources {
         RefreshKind::nothing().with_memory(MemoryRefreshKind::nothing().with_ram()).with_cpu(CpuRefreshKind::nothing()),
     );
     let cpus = sys.cpus().len().max(1) as u32;
-    let disks = Disks::new_with_refreshed_list_specifics(DiskRefreshKind::nothing().with_storage());
+    // List mounts without their sizes, then size only the one that holds the path: a
+    // Docker host has a mount per container (fuse-overlayfs here), and sizing them all
+    // took seconds, on every placement's admission check.
+    let mut disks = Disks::new_with_refreshed_list_specifics(DiskRefreshKind::nothing());
     let path = std::fs::canonicalize(disk_path).unwrap_or_else(|_| disk_path.to_path_buf());
     // The filesystem holding a path is the mount point that is its longest prefix.
     let disk = disks
-        .list()
-        .iter()
+        .list_mut()
+        .iter_mut()
         .filter(|d| path.starts_with(d.mount_point()))
         .max_by_key(|d| d.mount_point().as_os_str().len());
+    let disk = disk.map(|d| {
+        d.refresh_specifics(DiskRefreshKind::nothing().with_storage());
+        &*d
+    });
     let mib = MIB;
     NodeResources {
         cpus,

@@ -135,12 +135,14 @@ fn score(node: &NodeView, r: &Resources, strategy: Strategy) -> f64 {
     }
 }
 
-fn explain(nodes: &[NodeView], want: &Pending, misses: &BTreeMap<Miss, usize>) -> String {
-    if nodes.is_empty() {
+fn explain(nodes: &Nodes<'_>, want: &Pending, misses: &BTreeMap<Miss, usize>) -> String {
+    if nodes.len() == 0 {
         return "no worker nodes registered".into();
     }
     let r = &want.resources;
-    let largest = |f: fn(&NodeView) -> u64| nodes.iter().filter(|n| n.eligible).map(f).max().unwrap_or(0);
+    let largest = |f: fn(&NodeView) -> u64| {
+        (0..nodes.len()).map(|i| nodes.get(i)).filter(|n| n.eligible).map(f).max().unwrap_or(0)
+    };
     let parts: Vec<String> = misses
         .iter()
         .map(|(miss, count)| {
@@ -186,10 +188,30 @@ fn start_offset(task_id: &str, n: usize) -> usize {
     (h % n as u64) as usize
 }
 
+/// The view's nodes plus what this plan has placed on them so far. Copy-on-write, so a
+/// plan over a large cluster copies only the nodes it uses, not all of them.
+struct Nodes<'a> {
+    base: &'a [NodeView],
+    changed: std::collections::HashMap<usize, NodeView>,
+}
+
+impl<'a> Nodes<'a> {
+    fn len(&self) -> usize {
+        self.base.len()
+    }
+    fn get(&self, i: usize) -> &NodeView {
+        self.changed.get(&i).unwrap_or(&self.base[i])
+    }
+    fn get_mut(&mut self, i: usize) -> &mut NodeView {
+        let base = self.base;
+        self.changed.entry(i).or_insert_with(|| base[i].clone())
+    }
+}
+
 /// Places as much of `work` as fits, in order, accounting for what this plan already
 /// placed. Deterministic: ties go to the lexically smallest node name.
 pub fn plan(view: &ClusterView, work: &[Pending]) -> Plan {
-    let mut nodes = view.nodes.clone();
+    let mut nodes = Nodes { base: &view.nodes, changed: Default::default() };
     let mut out = Plan::default();
     let n = nodes.len();
     for want in work {
@@ -203,7 +225,7 @@ pub fn plan(view: &ClusterView, work: &[Pending]) -> Plan {
             if feasible >= MAX_CANDIDATES {
                 break;
             }
-            let node = &nodes[i];
+            let node = nodes.get(i);
             match check(node, want) {
                 Err(m) => *misses.entry(m).or_default() += 1,
                 Ok(()) => {
@@ -214,7 +236,7 @@ pub fn plan(view: &ClusterView, work: &[Pending]) -> Plan {
                         None => true,
                         Some((j, bp, bs)) => {
                             (preferred && !bp)
-                                || (preferred == bp && (s > bs || (s == bs && node.name < nodes[j].name)))
+                                || (preferred == bp && (s > bs || (s == bs && node.name < nodes.get(j).name)))
                         }
                     };
                     if better {
@@ -225,7 +247,7 @@ pub fn plan(view: &ClusterView, work: &[Pending]) -> Plan {
         }
         match best {
             Some((i, _, _)) => {
-                let n = &mut nodes[i];
+                let n = nodes.get_mut(i);
                 n.reserved_cpu_millis += want.resources.cpu_millis;
                 n.reserved_memory_mb += want.resources.memory_mb;
                 n.reserved_disk_mb += want.resources.disk_mb;

@@ -580,8 +580,12 @@ fn container_config(spec: &ContainerSpec) -> Config<String> {
     }
     let host_config = HostConfig {
         restart_policy: Some(RestartPolicy { name: Some(RestartPolicyNameEnum::NO), maximum_retry_count: None }),
-        nano_cpus: (spec.cpu_millis > 0)
-            .then(|| i64::try_from(spec.cpu_millis.saturating_mul(1_000_000)).unwrap_or(i64::MAX)),
+        // CPU is a reservation for the scheduler and a relative weight here (1024 shares
+        // per core, min 2), as Nomad does by default: a hard CFS quota of a few
+        // millicores throttles even the container's start (a 10-millicore task took 2 s
+        // to start on this host; 300 ms unthrottled). Memory stays a hard limit.
+        cpu_shares: (spec.cpu_millis > 0)
+            .then(|| i64::try_from((spec.cpu_millis.saturating_mul(1024) / 1000).max(2)).unwrap_or(i64::MAX)),
         memory: (spec.memory_mb > 0)
             .then(|| i64::try_from(spec.memory_mb.saturating_mul(1024 * 1024)).unwrap_or(i64::MAX)),
         port_bindings: (!port_bindings.is_empty()).then_some(port_bindings),
@@ -813,7 +817,8 @@ mod tests {
         assert_eq!(config.cmd, None, "an empty command keeps the image's CMD");
         assert_eq!(config.env, Some(vec!["A=1".to_owned()]));
         let host = config.host_config.unwrap_or_default();
-        assert_eq!(host.nano_cpus, Some(250_000_000));
+        assert_eq!(host.cpu_shares, Some(256));
+        assert_eq!(host.nano_cpus, None, "CPU is a weight, not a hard quota");
         assert_eq!(host.memory, Some(64 * 1024 * 1024));
         let bindings = host.port_bindings.unwrap_or_default();
         let port = |key: &str| bindings[key].as_ref().map(|b| b[0].host_port.clone().unwrap_or_default());
