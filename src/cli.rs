@@ -229,16 +229,8 @@ impl DevArgs {
             node_id: self.node_id.clone(),
             data_dir: self.data_dir.clone(),
             manager: Some(ManagerRole {
-                api: self.api.clone(),
-                cluster: self.cluster.clone(),
-                advertise_cluster: self.cluster.clone(),
-                advertise_api: self.api.clone(),
-                bootstrap: true,
-                join: Vec::new(),
-                strategy: Default::default(),
-                lease: std::time::Duration::from_secs(30),
-                heartbeat_ttl: std::time::Duration::from_secs(5),
                 event_sink: self.event_sink.clone().map(SinkConfig::new),
+                ..ManagerRole::bootstrap(&self.api, &self.cluster)
             }),
             worker: Some(WorkerRole {
                 managers: vec![self.cluster.clone()],

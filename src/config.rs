@@ -41,6 +41,25 @@ pub struct ManagerRole {
     pub event_sink: Option<crate::manager::sink::SinkConfig>,
 }
 
+impl ManagerRole {
+    /// A single manager that starts its own cluster, listening and advertising on the
+    /// given addresses, with default timers and no event sink.
+    pub fn bootstrap(api: &str, cluster: &str) -> ManagerRole {
+        ManagerRole {
+            api: api.to_string(),
+            cluster: cluster.to_string(),
+            advertise_cluster: cluster.to_string(),
+            advertise_api: api.to_string(),
+            bootstrap: true,
+            join: Vec::new(),
+            strategy: Default::default(),
+            lease: std::time::Duration::from_secs(30),
+            heartbeat_ttl: std::time::Duration::from_secs(5),
+            event_sink: None,
+        }
+    }
+}
+
 /// Worker settings.
 #[derive(Clone, Debug)]
 pub struct WorkerRole {

@@ -144,16 +144,9 @@ impl Cluster {
             node_id: "m1".into(),
             data_dir: dir.path().join("m1"),
             manager: Some(ManagerRole {
-                api: api.clone(),
-                cluster: cluster.clone(),
-                advertise_cluster: cluster.clone(),
-                advertise_api: api.clone(),
-                bootstrap: true,
-                join: vec![],
-                strategy: Default::default(),
                 lease: Duration::from_secs(20),
                 heartbeat_ttl: Duration::from_secs(2),
-                event_sink: None,
+                ..ManagerRole::bootstrap(&api, &cluster)
             }),
             worker: None,
         };

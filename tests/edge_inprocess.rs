@@ -28,16 +28,9 @@ fn start_manager(dir: &std::path::Path, api: &str, cluster: &str) -> ManagerProc
         node_id: "m1".into(),
         data_dir: dir.join("m1"),
         manager: Some(ManagerRole {
-            api: api.into(),
-            cluster: cluster.into(),
-            advertise_cluster: cluster.into(),
-            advertise_api: api.into(),
-            bootstrap: true,
-            join: vec![],
-            strategy: Default::default(),
             lease: Duration::from_secs(3),
             heartbeat_ttl: Duration::from_secs(1),
-            event_sink: None,
+            ..ManagerRole::bootstrap(api, cluster)
         }),
         worker: None,
     };

@@ -50,16 +50,10 @@ impl Cluster {
             node_id: "m1".into(),
             data_dir: self.data_dir.clone(),
             manager: Some(ManagerRole {
-                api: self.api.clone(),
-                cluster: self.cluster.clone(),
-                advertise_cluster: self.cluster.clone(),
-                advertise_api: self.api.clone(),
-                bootstrap: true,
-                join: vec![],
-                strategy: Default::default(),
                 lease: Duration::from_secs(10),
                 heartbeat_ttl: Duration::from_secs(2),
                 event_sink: sink,
+                ..ManagerRole::bootstrap(&self.api, &self.cluster)
             }),
             worker: None,
         };

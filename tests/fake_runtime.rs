@@ -33,18 +33,7 @@ async fn two_hundred_tasks_reach_running_on_the_fake_runtime() {
     let config = Config {
         node_id: node.clone(),
         data_dir: dir.path().join("data"),
-        manager: Some(ManagerRole {
-            api: api.clone(),
-            cluster: cluster.clone(),
-            advertise_cluster: cluster.clone(),
-            advertise_api: api.clone(),
-            bootstrap: true,
-            join: vec![],
-            strategy: Default::default(),
-            lease: Duration::from_secs(30),
-            heartbeat_ttl: Duration::from_secs(5),
-            event_sink: None,
-        }),
+        manager: Some(ManagerRole::bootstrap(&api, &cluster)),
         worker: Some(WorkerRole {
             managers: vec![cluster.clone()],
             advertise_host: "127.0.0.1".into(),

@@ -500,18 +500,7 @@ fn record(w: &Worker, h: &Held, change: Change) {
 }
 
 fn base_change(h: &Held, observed: Observed) -> Change {
-    Change {
-        observed,
-        exit_code: h.exit_code,
-        reason: h.reason.clone(),
-        restarts: h.restarts,
-        endpoints: h.endpoints.clone(),
-        container_id: h.container_id.clone(),
-        next_start_ms: None,
-        refused: false,
-        suspended: false,
-        story: None,
-    }
+    Change::carrying(h, observed)
 }
 
 fn container_spec(node: &str, h: &Held) -> ContainerSpec {

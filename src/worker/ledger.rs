@@ -86,6 +86,25 @@ pub struct Change {
     pub story: Option<String>,
 }
 
+impl Change {
+    /// A change to `observed` that keeps everything else the placement already had
+    /// (exit code, reason, restarts, endpoints, container) and clears the one-shot flags.
+    pub fn carrying(h: &Held, observed: Observed) -> Change {
+        Change {
+            observed,
+            exit_code: h.exit_code,
+            reason: h.reason.clone(),
+            restarts: h.restarts,
+            endpoints: h.endpoints.clone(),
+            container_id: h.container_id.clone(),
+            next_start_ms: None,
+            refused: false,
+            suspended: false,
+            story: None,
+        }
+    }
+}
+
 /// The ledger; all methods are blocking and short.
 pub struct Ledger {
     conn: Mutex<Connection>,

@@ -110,18 +110,7 @@ fn endpoints(host: &str, c: &ContainerInfo) -> Vec<String> {
 }
 
 fn change(h: &Held, observed: Observed) -> Change {
-    Change {
-        observed,
-        exit_code: h.exit_code,
-        reason: h.reason.clone(),
-        restarts: h.restarts,
-        endpoints: h.endpoints.clone(),
-        container_id: h.container_id.clone(),
-        next_start_ms: None,
-        refused: false,
-        suspended: false,
-        story: None,
-    }
+    Change::carrying(h, observed)
 }
 
 /// Computes the actions that move `actual` toward `held`.
