@@ -9,7 +9,7 @@ use common::*;
 use serde_json::{json, Value};
 
 struct Manager {
-    _proc: Proc,
+    proc: Proc,
     api: String,
     _dir: tempfile::TempDir,
 }
@@ -42,7 +42,7 @@ async fn manager() -> Manager {
         async move { http().get(&url).send().await.ok().filter(|r| r.status().is_success()) }
     })
     .await;
-    Manager { _proc: proc, api: format!("http://{api}"), _dir: dir }
+    Manager { proc, api: format!("http://{api}"), _dir: dir }
 }
 
 async fn post(url: &str, body: &str, key: Option<&str>) -> (u16, Value) {
@@ -165,4 +165,56 @@ async fn metrics_speak_prometheus_text() {
     ] {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }
+}
+
+/// Resident memory of a process in KiB, from /proc.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_concurrent_submissions_get_clear_answers_and_bounded_memory() {
+    use futures::StreamExt;
+    let mut m = manager().await;
+    let pid = m.proc.child.id();
+    let before = rss_kib(pid);
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    let url = format!("{}/v1/tasks", m.api);
+    let statuses: Vec<u16> = futures::stream::iter(0..2_000)
+        .map(|i| {
+            let (client, url) = (client.clone(), url.clone());
+            async move {
+                let body = format!(r#"{{"image":"holdfast/echo:latest","name":"c{i}"}}"#);
+                match client.post(&url).body(body).send().await {
+                    Ok(r) => {
+                        let status = r.status().as_u16();
+                        if status != 201 {
+                            // Every refusal is the JSON error shape.
+                            let v: Value = r.json().await.unwrap_or(Value::Null);
+                            assert!(v["error"]["code"].is_string(), "{status}: {v}");
+                        }
+                        status
+                    }
+                    Err(e) => panic!("request {i} failed at the transport: {e}"),
+                }
+            }
+        })
+        .buffer_unordered(2_000)
+        .collect()
+        .await;
+    let ok = statuses.iter().filter(|s| **s == 201).count();
+    assert!(statuses.iter().all(|s| matches!(s, 201 | 429 | 503)), "unexpected statuses");
+    assert!(ok > 0, "nothing admitted");
+    // Still alive and answering, with memory bounded.
+    assert!(m.proc.child.try_wait().unwrap().is_none(), "manager died");
+    let after = rss_kib(pid);
+    assert!(after < before + 512 * 1024, "RSS grew from {before} KiB to {after} KiB");
+    let list = get_json(&url).await.expect("still answering");
+    assert_eq!(list["tasks"].as_array().unwrap().len(), ok, "every 201 is a task, nothing else is");
+    eprintln!("2,000 concurrent: {ok} admitted, {} refused; RSS {before} → {after} KiB", 2_000 - ok);
 }
