@@ -14,6 +14,12 @@ pub mod node;
 pub mod resilience;
 pub mod worker;
 
+/// Locks a std mutex, recovering from poisoning: every mutex here guards plain maps
+/// and sets that stay valid if a holder panicked.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Resolves on SIGTERM (systemd stop) or SIGINT (Ctrl-C).
 pub async fn shutdown_signal() {
     let term = async {

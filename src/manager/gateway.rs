@@ -16,8 +16,8 @@ use axum::http::StatusCode as Status;
 use holdfast_raft::ReplicatedDb;
 use tokio::sync::{mpsc, oneshot};
 
-use super::api::{write, ApiError};
-use super::state::{node_status, query, Command, NodeReports, Outcome};
+use super::api::{write, write_db, ApiError};
+use super::state::{node_status, query, Command, NodeReports};
 use super::{lock, now_ms, Liveness, Manager};
 use crate::model::sync::{Assignment, LogReply, NotLeader, StatusReport, SyncRequest, SyncResponse};
 
@@ -50,7 +50,7 @@ impl ReportBatcher {
                 }
                 let cmd =
                     Command::ReportStatus { batches: jobs.iter().map(|(r, _)| r.clone()).collect(), now_ms: now_ms() };
-                let result = commit(&db, &cmd).await;
+                let result = write_db(&db, &cmd).await;
                 for (reports, reply) in jobs {
                     let answer = match &result {
                         Ok(v) => v["acked"][&reports.node].as_u64().ok_or_else(|| {
@@ -77,13 +77,6 @@ impl ReportBatcher {
             .map_err(|_| ApiError::unavailable("status report queue is full; retry shortly".into(), None))?;
         answer.await.map_err(|_| ApiError::internal("report batcher stopped".into()))?
     }
-}
-
-async fn commit(db: &ReplicatedDb, cmd: &Command) -> Result<serde_json::Value, ApiError> {
-    let bytes = serde_json::to_vec(cmd).map_err(|e| ApiError::internal(e.to_string()))?;
-    let out: Outcome = serde_json::from_slice(&db.write(bytes).await?)
-        .map_err(|e| ApiError::internal(format!("unreadable apply response: {e}")))?;
-    out.map_err(|r| ApiError::new(Status::UNPROCESSABLE_ENTITY, &r.code, r.message))
 }
 
 /// Routes under `/cluster/v1/` for workers.

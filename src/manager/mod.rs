@@ -111,10 +111,7 @@ impl LogRelay {
     }
 }
 
-/// Locks a std mutex, recovering from poisoning (the data is plain maps, always valid).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+pub(crate) use crate::lock;
 
 /// Shared state of one manager process.
 pub struct Manager {

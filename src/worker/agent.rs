@@ -20,6 +20,7 @@ use tokio::task::AbortHandle;
 use super::ledger::{Change, Held, Ledger, LedgerError};
 use super::reconcile::{reconcile, Action, Facts, Unhealthy};
 use super::runtime::{labels, ContainerInfo, ContainerSpec, ContainerState, PortMap, Runtime, RuntimeError};
+use crate::lock;
 use crate::model::sync::{LogReply, NodeResources, NotLeader, SyncRequest, SyncResponse};
 use crate::model::{Desired, Observed};
 
@@ -132,10 +133,6 @@ struct Prober {
 
 fn now_ms() -> u64 {
     crate::manager::now_ms()
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// What is free here now, net of what other placements hold but a measurement cannot
@@ -607,12 +604,7 @@ async fn execute(w: &Arc<Worker>, held: &[Held], action: Action) {
                     Ok(info) => {
                         let mut ch = base_change(&h, Observed::Running);
                         ch.container_id = Some(container_id);
-                        ch.endpoints = info
-                            .ports
-                            .iter()
-                            .filter(|(_, hp)| *hp != 0)
-                            .map(|(_, hp)| format!("{}:{hp}", w2.cfg.advertise_host))
-                            .collect();
+                        ch.endpoints = super::reconcile::endpoints(&w2.cfg.advertise_host, &info);
                         ch.story = Some("resumed".into());
                         ch.reason = Some("lease renewed: started again".into());
                         record(&w2, &h, ch);
@@ -723,12 +715,7 @@ async fn create(w: &Worker, h: &Held) {
         Ok(info) => {
             let mut ch = base_change(h, Observed::Running);
             ch.container_id = Some(info.id.clone());
-            ch.endpoints = info
-                .ports
-                .iter()
-                .filter(|(_, hp)| *hp != 0)
-                .map(|(_, hp)| format!("{}:{hp}", w.cfg.advertise_host))
-                .collect();
+            ch.endpoints = super::reconcile::endpoints(&w.cfg.advertise_host, &info);
             ch.reason = None;
             record(w, h, ch);
             tracing::info!(placement = %h.id, container = %info.id, ms = started.elapsed().as_millis() as u64, "started");

@@ -105,7 +105,8 @@ pub fn backoff_ms(delay_ms: u64, max_delay_ms: u64, restarts: u32, jitter: &mut 
     jitter(exp.min(max_delay_ms))
 }
 
-fn endpoints(host: &str, c: &ContainerInfo) -> Vec<String> {
+/// `host:port` for each published port the engine has assigned.
+pub fn endpoints(host: &str, c: &ContainerInfo) -> Vec<String> {
     c.ports.iter().filter(|(_, h)| *h != 0).map(|(_, h)| format!("{host}:{h}")).collect()
 }
 

@@ -113,8 +113,13 @@ pub async fn write_audited(
 
 /// Replicates one command and decodes the state machine's answer.
 pub async fn write(manager: &Manager, cmd: &Command) -> Result<serde_json::Value, ApiError> {
+    write_db(&manager.db, cmd).await
+}
+
+/// [`write`] for callers that hold only the database (the report batcher).
+pub async fn write_db(db: &holdfast_raft::ReplicatedDb, cmd: &Command) -> Result<serde_json::Value, ApiError> {
     let bytes = serde_json::to_vec(cmd).map_err(|e| ApiError::internal(e.to_string()))?;
-    outcome(manager.db.write(bytes).await?)
+    outcome(db.write(bytes).await?)
 }
 
 #[derive(Serialize)]
