@@ -640,7 +640,7 @@ async fn force_new_cluster_on_a_lone_survivor_keeps_every_write() {
     // A new member can join the reset cluster and gets all the data.
     let root = c.root.clone();
     let fresh = start_member("fresh", &root.join("fresh"), None, &no_tweak).await;
-    fresh.db.join(&[again.addr.clone()]).await.expect("join the reset cluster");
+    fresh.db.join(std::slice::from_ref(&again.addr)).await.expect("join the reset cluster");
     let applied = settled_applied(&again.db).await;
     wait_applied(&fresh.db, applied, Duration::from_secs(10)).await;
     assert_eq!(fresh.db.read_local(count_sql).await.expect("read"), n);
@@ -703,7 +703,7 @@ async fn backup_restores_into_a_new_one_member_cluster() {
     assert_eq!(prev(&prev_v).as_deref(), Some("v7"));
     // A member joining the restored cluster receives the restored state by snapshot.
     let j = start_member("r2", &c.root.join("r2"), None, &no_tweak).await;
-    j.db.join(&[r.addr.clone()]).await.expect("join restored cluster");
+    j.db.join(std::slice::from_ref(&r.addr)).await.expect("join restored cluster");
     let applied = settled_applied(&r.db).await;
     wait_applied(&j.db, applied, Duration::from_secs(10)).await;
     assert_eq!(j.db.read_local(count_sql).await.expect("read"), 50);
