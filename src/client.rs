@@ -32,13 +32,18 @@ impl Api {
                 text.trim().to_string()
             }
         };
-        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(30)).connect_timeout(Duration::from_secs(5));
+        let mut builder =
+            reqwest::Client::builder().timeout(Duration::from_secs(30)).connect_timeout(Duration::from_secs(5));
         if base.starts_with("https://") {
             let ca = auth.ca_file.clone().unwrap_or_else(|| auth.data_dir.join("ca.pem"));
             let pem = std::fs::read(&ca).with_context(|| {
-                format!("an https API needs the CA that signed its certificate: pass --ca-file (tried {})", ca.display())
+                format!(
+                    "an https API needs the CA that signed its certificate: pass --ca-file (tried {})",
+                    ca.display()
+                )
             })?;
-            let cert = reqwest::Certificate::from_pem(&pem).with_context(|| format!("{} is not a PEM certificate", ca.display()))?;
+            let cert = reqwest::Certificate::from_pem(&pem)
+                .with_context(|| format!("{} is not a PEM certificate", ca.display()))?;
             builder = builder.tls_built_in_root_certs(false).add_root_certificate(cert);
         }
         Ok(Api { base: base.trim_end_matches('/').to_string(), http: builder.build()?, token })

@@ -82,7 +82,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             Ok(0)
         }
         Command::Task { cmd, api_url, auth } => holdfast::client::Api::new(&api_url, &auth)?.task(cmd).await.map(|_| 0),
-        Command::Node { api_url, auth } => holdfast::client::Api::new(&api_url, &auth)?.get("/v1/nodes").await.map(|_| 0),
+        Command::Node { api_url, auth } => {
+            holdfast::client::Api::new(&api_url, &auth)?.get("/v1/nodes").await.map(|_| 0)
+        }
         Command::Cluster { api_url, auth } => {
             holdfast::client::Api::new(&api_url, &auth)?.get("/v1/cluster").await.map(|_| 0)
         }

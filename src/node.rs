@@ -94,7 +94,8 @@ pub async fn run_with_runtime(
         }
         if m.bootstrap {
             rdb.bootstrap().await?;
-            let ensure = manager::api::auth::ensure_admin_token(mgr.clone(), config.data_dir.clone(), stop_tx.subscribe());
+            let ensure =
+                manager::api::auth::ensure_admin_token(mgr.clone(), config.data_dir.clone(), stop_tx.subscribe());
             tokio::spawn(ensure);
         }
         tasks.push(tokio::spawn(watch_fatal(rdb.clone(), config.data_dir.join("manager"))));

@@ -135,11 +135,17 @@ impl Cluster {
     }
 
     async fn tasks(&self) -> Vec<Value> {
-        get_json(&self.client, &self.url("/v1/tasks")).await.and_then(|v| v["tasks"].as_array().cloned()).unwrap_or_default()
+        get_json(&self.client, &self.url("/v1/tasks"))
+            .await
+            .and_then(|v| v["tasks"].as_array().cloned())
+            .unwrap_or_default()
     }
 
     async fn nodes(&self) -> Vec<Value> {
-        get_json(&self.client, &self.url("/v1/nodes")).await.and_then(|v| v["nodes"].as_array().cloned()).unwrap_or_default()
+        get_json(&self.client, &self.url("/v1/nodes"))
+            .await
+            .and_then(|v| v["nodes"].as_array().cloned())
+            .unwrap_or_default()
     }
 
     /// Current placements' node per running task.

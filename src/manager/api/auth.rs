@@ -92,12 +92,12 @@ pub fn needed_role(method: &Method, path: &str) -> Option<Role> {
         return Some(Role::Reader);
     }
     let segs: Vec<&str> = path.trim_end_matches('/').split('/').collect();
-    let operator = match (method, segs.as_slice()) {
-        (&Method::POST, ["", "v1", "tasks"]) => true,
-        (&Method::DELETE, ["", "v1", "tasks", _]) => true,
-        (&Method::POST, ["", "v1", "nodes", _, "drain" | "eligibility"]) => true,
-        _ => false,
-    };
+    let operator = matches!(
+        (method, segs.as_slice()),
+        (&Method::POST, ["", "v1", "tasks"])
+            | (&Method::DELETE, ["", "v1", "tasks", _])
+            | (&Method::POST, ["", "v1", "nodes", _, "drain" | "eligibility"])
+    );
     Some(if operator { Role::Operator } else { Role::Admin })
 }
 

@@ -86,9 +86,10 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Who {
     async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
         // The auth layer puts the caller there; a mutating route without it would be a
         // wiring bug, refused rather than audited under a made-up name.
-        let caller = parts.extensions.get::<auth::Caller>().ok_or_else(|| {
-            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "this call needs a bearer token")
-        })?;
+        let caller = parts
+            .extensions
+            .get::<auth::Caller>()
+            .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "this call needs a bearer token"))?;
         let on_behalf_of = parts
             .headers
             .get("x-holdfast-actor")

@@ -462,7 +462,15 @@ impl holdfast_raft::Apply for DomainState {
                 tx.execute(
                     "INSERT INTO audit (log_index, at_ms, who, action, subject, result, on_behalf_of)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    params![index as i64, at_ms.min(i64::MAX as u64) as i64, who, action, subject, result, on_behalf_of],
+                    params![
+                        index as i64,
+                        at_ms.min(i64::MAX as u64) as i64,
+                        who,
+                        action,
+                        subject,
+                        result,
+                        on_behalf_of
+                    ],
                 )?;
                 out
             }
@@ -503,9 +511,12 @@ fn invalid(message: impl Into<String>) -> Option<Rejection> {
 /// task spec validated again (whatever path the command came by). `None` when sound.
 fn check_command(cmd: &Command) -> Option<Rejection> {
     let id = |what: &str, v: &str| (!valid_id(v)).then(|| invalid(format!("{what} {v:?} is not a valid id"))).flatten();
-    let text = |what: &str, v: &str| (v.len() > MAX_TEXT).then(|| invalid(format!("{what} is longer than {MAX_TEXT} bytes"))).flatten();
+    let text = |what: &str, v: &str| {
+        (v.len() > MAX_TEXT).then(|| invalid(format!("{what} is longer than {MAX_TEXT} bytes"))).flatten()
+    };
     let num = |what: &str, v: u64| (v > MAX_INT).then(|| invalid(format!("{what} {v} is out of range"))).flatten();
-    let many = |what: &str, n: usize| (n > MAX_ITEMS).then(|| invalid(format!("more than {MAX_ITEMS} {what}"))).flatten();
+    let many =
+        |what: &str, n: usize| (n > MAX_ITEMS).then(|| invalid(format!("more than {MAX_ITEMS} {what}"))).flatten();
     match cmd {
         Command::SubmitTask { id: tid, spec, idempotency_key, now_ms } => id("task id", tid)
             .or_else(|| num("now_ms", *now_ms))
@@ -517,14 +528,16 @@ fn check_command(cmd: &Command) -> Option<Rejection> {
             })
             .or_else(|| spec.validate().err().and_then(|e| invalid(format!("{}: {}", e.field, e.message)))),
         Command::StopTask { id: tid, now_ms } => id("task id", tid).or_else(|| num("now_ms", *now_ms)),
-        Command::RegisterNode { name, address, labels, cpu_millis, memory_mb, disk_mb, now_ms } => id("node name", name)
-            .or_else(|| text("address", address))
-            .or_else(|| many("labels", labels.len()))
-            .or_else(|| labels.iter().find_map(|(k, v)| text("label", k).or_else(|| text("label", v))))
-            .or_else(|| num("cpu_millis", *cpu_millis))
-            .or_else(|| num("memory_mb", *memory_mb))
-            .or_else(|| num("disk_mb", *disk_mb))
-            .or_else(|| num("now_ms", *now_ms)),
+        Command::RegisterNode { name, address, labels, cpu_millis, memory_mb, disk_mb, now_ms } => {
+            id("node name", name)
+                .or_else(|| text("address", address))
+                .or_else(|| many("labels", labels.len()))
+                .or_else(|| labels.iter().find_map(|(k, v)| text("label", k).or_else(|| text("label", v))))
+                .or_else(|| num("cpu_millis", *cpu_millis))
+                .or_else(|| num("memory_mb", *memory_mb))
+                .or_else(|| num("disk_mb", *disk_mb))
+                .or_else(|| num("now_ms", *now_ms))
+        }
         Command::ApplyPlan { placements, unplaced, now_ms } => many("placements", placements.len())
             .or_else(|| many("unplaced tasks", unplaced.len()))
             .or_else(|| {
@@ -538,9 +551,7 @@ fn check_command(cmd: &Command) -> Option<Rejection> {
             .or_else(|| num("now_ms", *now_ms)),
         // Reports are checked one by one in `apply`: one bad report must not cost the
         // other nodes' reports batched with it.
-        Command::ReportStatus { batches, now_ms } => {
-            many("batches", batches.len()).or_else(|| num("now_ms", *now_ms))
-        }
+        Command::ReportStatus { batches, now_ms } => many("batches", batches.len()).or_else(|| num("now_ms", *now_ms)),
         Command::SetNodeStatus { name, status, now_ms } => {
             id("node name", name).or_else(|| text("status", status)).or_else(|| num("now_ms", *now_ms))
         }
@@ -701,7 +712,8 @@ fn apply_command(tx: &Transaction<'_>, index: u64, cmd: Command) -> rusqlite::Re
                     continue;
                 };
                 if !valid_id(&node) || reports.len() > MAX_ITEMS {
-                    ignored.push(serde_json::json!({ "node": node, "reason": "invalid node name or too many reports" }));
+                    ignored
+                        .push(serde_json::json!({ "node": node, "reason": "invalid node name or too many reports" }));
                     continue;
                 }
                 for r in reports {

@@ -509,10 +509,9 @@ pub struct AuditEntry {
 
 /// The newest `limit` audit entries, newest first.
 pub fn audit(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<AuditEntry>> {
-    let mut stmt =
-        conn.prepare(
-            "SELECT log_index, at_ms, who, action, subject, result, on_behalf_of FROM audit ORDER BY id DESC LIMIT ?1",
-        )?;
+    let mut stmt = conn.prepare(
+        "SELECT log_index, at_ms, who, action, subject, result, on_behalf_of FROM audit ORDER BY id DESC LIMIT ?1",
+    )?;
     let rows = stmt.query_map([limit as i64], |r| {
         Ok(AuditEntry {
             index: r.get::<_, i64>(0)? as u64,
