@@ -14,6 +14,9 @@ use crate::model::{transition, Desired, Observed, TaskSpec};
 pub mod query;
 pub mod tokens;
 
+#[cfg(test)]
+mod hostile;
+
 /// Every replicated write.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Command {
@@ -449,6 +452,10 @@ impl holdfast_raft::Apply for DomainState {
     fn apply(&self, tx: &Transaction<'_>, index: u64, command: &[u8]) -> rusqlite::Result<Vec<u8>> {
         let outcome: Outcome = match serde_json::from_slice::<Command>(command) {
             Err(e) => Err(Rejection { code: "bad_command".into(), message: e.to_string() }),
+            // The envelope's own fields are checked before anything is written.
+            Ok(cmd @ Command::Audited { .. }) if check_command(&cmd).is_some() => {
+                Err(check_command(&cmd).unwrap_or_else(|| Rejection { code: "invalid".into(), message: String::new() }))
+            }
             Ok(Command::Audited { who, on_behalf_of, action, subject, at_ms, inner }) => {
                 let out = match inner {
                     Some(cmd) => self.apply_one(tx, index, *cmd)?,
