@@ -230,6 +230,10 @@ pub struct AgentArgs {
     /// the sink is down.
     #[arg(long, env = "HOLDFAST_EVENT_SINK", value_parser = parse_sink)]
     pub event_sink: Option<SinkTarget>,
+    /// Refuse writes (507) while the data dir's disk has less than this many MiB free,
+    /// so a full disk is a clear error that heals itself, not a storage failure (0: off).
+    #[arg(long, env = "HOLDFAST_MIN_FREE_MB", default_value_t = crate::config::DEFAULT_MIN_FREE_MB)]
+    pub min_free_mb: u64,
 }
 
 /// `holdfast echo` flags.
@@ -337,6 +341,7 @@ impl AgentArgs {
             lease: self.lease,
             heartbeat_ttl: self.heartbeat_ttl,
             event_sink: self.event_sink.clone().map(SinkConfig::new),
+            min_free_mb: self.min_free_mb,
         });
         if self.event_sink.is_some() && !self.manager {
             return Err("--event-sink forwards a manager's events; it needs --manager".into());

@@ -16,6 +16,9 @@ pub struct Config {
     pub worker: Option<WorkerRole>,
 }
 
+/// Default `--min-free-mb`: room for SQLite to finish what it started.
+pub const DEFAULT_MIN_FREE_MB: u64 = 64;
+
 /// Manager settings.
 #[derive(Clone, Debug)]
 pub struct ManagerRole {
@@ -39,6 +42,8 @@ pub struct ManagerRole {
     pub heartbeat_ttl: std::time::Duration,
     /// Where to forward domain events while this manager leads (`--event-sink`).
     pub event_sink: Option<crate::manager::sink::SinkConfig>,
+    /// Writes are refused (507) while the data dir's disk has less free space (MiB).
+    pub min_free_mb: u64,
 }
 
 impl ManagerRole {
@@ -56,6 +61,7 @@ impl ManagerRole {
             lease: std::time::Duration::from_secs(30),
             heartbeat_ttl: std::time::Duration::from_secs(5),
             event_sink: None,
+            min_free_mb: DEFAULT_MIN_FREE_MB,
         }
     }
 }

@@ -66,6 +66,7 @@ pub async fn run_with_runtime(
             &m.advertise_api,
         );
         rc.op_timeout = Duration::from_secs(5);
+        rc.min_free_bytes = m.min_free_mb.saturating_mul(1 << 20);
         let rdb = holdfast_raft::ReplicatedDb::open(rc, domain).await?;
         let settings = ManagerSettings {
             strategy: m.strategy,
@@ -98,7 +99,7 @@ pub async fn run_with_runtime(
                 manager::api::auth::ensure_admin_token(mgr.clone(), config.data_dir.clone(), stop_tx.subscribe());
             tokio::spawn(ensure);
         }
-        tasks.push(tokio::spawn(watch_fatal(rdb.clone(), config.data_dir.join("manager"))));
+        tasks.push(tokio::spawn(watch_fatal(rdb.clone(), config.data_dir.join("manager"), stop_tx.subscribe())));
         if !m.join.is_empty() {
             let seeds = m.join.clone();
             let joining = rdb.clone();
@@ -180,7 +181,12 @@ pub async fn run_with_runtime(
 
 /// Ends with an error naming the file and the cause when Raft stops on its own (a
 /// fatal storage error), so the process exits non-zero and systemd restarts it.
-async fn watch_fatal(db: holdfast_raft::ReplicatedDb, dir: std::path::PathBuf) -> Result<(), std::io::Error> {
+/// Ends quietly when the node is asked to stop.
+async fn watch_fatal(
+    db: holdfast_raft::ReplicatedDb,
+    dir: std::path::PathBuf,
+    mut stop: broadcast::Receiver<()>,
+) -> Result<(), std::io::Error> {
     let mut status = db.watch_status();
     loop {
         {
@@ -191,9 +197,14 @@ async fn watch_fatal(db: holdfast_raft::ReplicatedDb, dir: std::path::PathBuf) -
                 return Err(std::io::Error::other(format!("fatal storage error in {}: {cause}", dir.display())));
             }
         }
-        if status.changed().await.is_err() {
-            // The database is closing (our own shutdown): nothing more to watch.
-            return std::future::pending().await;
+        tokio::select! {
+            changed = status.changed() => {
+                if changed.is_err() {
+                    // The database is closing (our own shutdown): nothing more to watch.
+                    return std::future::pending().await;
+                }
+            }
+            _ = stop.recv() => return Ok(()),
         }
     }
 }

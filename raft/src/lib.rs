@@ -112,6 +112,11 @@ pub struct Config {
     /// Upper bound for a write or linearizable read, including forwarding; past it the
     /// caller gets [`DbError::Timeout`] instead of waiting on a minority.
     pub op_timeout: Duration,
+    /// A write is refused with [`DbError::StorageFull`] while the file system of
+    /// `data_dir` has less free space than this: a full disk answers a clear error
+    /// instead of failing inside SQLite (fatal), and writes resume by themselves when
+    /// space returns. `0` turns the check off.
+    pub min_free_bytes: u64,
 }
 
 impl Config {
@@ -127,6 +132,7 @@ impl Config {
             snapshot_every: 5_000,
             rpc_timeout: Duration::from_secs(2),
             op_timeout: Duration::from_secs(5),
+            min_free_bytes: 64 << 20,
         }
     }
 }
@@ -170,6 +176,10 @@ pub enum DbError {
     /// SQLite or openraft failed in a way that is not the caller's fault.
     #[error("storage failure: {0}")]
     Storage(String),
+    /// The leader's disk is below its free-space reserve; nothing was written. The
+    /// message names the directory, the free bytes and the reserve.
+    #[error("{0}")]
+    StorageFull(String),
 }
 
 /// Role of this member as openraft reports it.
