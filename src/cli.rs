@@ -88,7 +88,7 @@ pub struct ApiAuth {
     #[arg(long, env = "HOLDFAST_DATA_DIR", default_value = "./holdfast-data", global = true)]
     pub data_dir: PathBuf,
     /// CA certificate (PEM) that signed the API's certificate, for an https URL;
-    /// defaults to `<data-dir>/ca.pem`.
+    /// defaults to `<data-dir>/ca.pem`, else the manager's own `<data-dir>/api-cert.pem`.
     #[arg(long, env = "HOLDFAST_CA_FILE", global = true)]
     pub ca_file: Option<PathBuf>,
 }
@@ -234,6 +234,14 @@ pub struct AgentArgs {
     /// so a full disk is a clear error that heals itself, not a storage failure (0: off).
     #[arg(long, env = "HOLDFAST_MIN_FREE_MB", default_value_t = crate::config::DEFAULT_MIN_FREE_MB)]
     pub min_free_mb: u64,
+    /// PEM certificate (chain) the API serves over HTTPS (managers; with --api-key).
+    /// Off loopback the API is always HTTPS; without this it uses a certificate of
+    /// its own, kept in the data dir as `api-cert.pem`.
+    #[arg(long, env = "HOLDFAST_API_CERT", requires = "api_key")]
+    pub api_cert: Option<PathBuf>,
+    /// PEM private key of --api-cert.
+    #[arg(long, env = "HOLDFAST_API_KEY", requires = "api_cert")]
+    pub api_key: Option<PathBuf>,
 }
 
 /// `holdfast echo` flags.
@@ -342,6 +350,7 @@ impl AgentArgs {
             heartbeat_ttl: self.heartbeat_ttl,
             event_sink: self.event_sink.clone().map(SinkConfig::new),
             min_free_mb: self.min_free_mb,
+            api_tls_files: self.api_cert.clone().zip(self.api_key.clone()),
         });
         if self.event_sink.is_some() && !self.manager {
             return Err("--event-sink forwards a manager's events; it needs --manager".into());

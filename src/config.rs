@@ -44,6 +44,9 @@ pub struct ManagerRole {
     pub event_sink: Option<crate::manager::sink::SinkConfig>,
     /// Writes are refused (507) while the data dir's disk has less free space (MiB).
     pub min_free_mb: u64,
+    /// API certificate and key (`--api-cert`, `--api-key`); without them an API bound
+    /// off loopback serves a certificate the node makes itself.
+    pub api_tls_files: Option<(PathBuf, PathBuf)>,
 }
 
 impl ManagerRole {
@@ -62,6 +65,7 @@ impl ManagerRole {
             heartbeat_ttl: std::time::Duration::from_secs(5),
             event_sink: None,
             min_free_mb: DEFAULT_MIN_FREE_MB,
+            api_tls_files: None,
         }
     }
 }

@@ -88,7 +88,17 @@ pub async fn run_with_runtime(
             // Merged after the limits: a stream must not be cut by the request timeout;
             // it has its own cap on open streams.
             .merge(manager::api::auth::layer(streams, mgr.clone()));
-        tasks.push(crate::net::serve(api_listener, api, stop_tx.subscribe()));
+        // Off loopback the API speaks only HTTPS (ARCHITECTURE.md, "Access").
+        let tls = manager::api::tls::source_for(&m.api, &m.advertise_api, m.api_tls_files.clone(), &config.data_dir);
+        tasks.push(match tls {
+            Some(source) => {
+                let tls_config =
+                    manager::api::tls::server_config(&source).map_err(|e| std::io::Error::other(e.to_string()))?;
+                tracing::info!(api = %m.api, ?source, "the API serves HTTPS");
+                manager::api::tls::serve(api_listener, api, tls_config, stop_tx.subscribe())
+            }
+            None => crate::net::serve(api_listener, api, stop_tx.subscribe()),
+        });
         if let Some(sink) = &m.event_sink {
             let (_stats, sink_task) = manager::sink::spawn(&mgr, sink.clone(), &config.data_dir, stop_tx.subscribe());
             tasks.push(sink_task);

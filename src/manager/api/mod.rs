@@ -24,6 +24,7 @@ mod error;
 pub mod events;
 pub mod limits;
 pub mod metrics;
+pub mod tls;
 pub mod tokens;
 pub use error::ApiError;
 
