@@ -321,6 +321,9 @@ impl AgentArgs {
         if !self.manager && !self.worker {
             return Err("pass --manager, --worker, or both".into());
         }
+        if !crate::manager::state::valid_id(&self.node_id) {
+            return Err(format!("--node-id {:?}: use 1–64 ASCII letters, digits, '-', '_' or '.'", self.node_id));
+        }
         if self.heartbeat_ttl < std::time::Duration::from_millis(500) || self.lease < self.heartbeat_ttl {
             return Err(format!(
                 "need --heartbeat-ttl ≥ 500ms and --lease ≥ --heartbeat-ttl (got {:?} and {:?})",

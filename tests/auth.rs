@@ -74,6 +74,16 @@ async fn each_role_against_each_route() {
     let m = start(dir.path(), "m1", &["--bootstrap"]);
     let admin = api_client(&m.data).await;
     let api = m.api.clone();
+    // Private files: the data dir 0700; the token and the databases 0600.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&m.data), 0o700);
+        assert_eq!(mode(&m.data.join("manager")), 0o700);
+        for f in ["admin.token", "manager/state.db", "manager/raft-log.db"] {
+            assert_eq!(mode(&m.data.join(f)), 0o600, "{f}");
+        }
+    }
     let (_, op) = make_token(&admin, &api, "ops", "operator", None).await;
     let (_, rd) = make_token(&admin, &api, "viewer", "reader", None).await;
     let clients = [("admin", admin.clone()), ("operator", client_with_token(&op)), ("reader", client_with_token(&rd))];
