@@ -91,7 +91,7 @@ pub struct ApiAuth {
     #[arg(long, env = "HOLDFAST_DATA_DIR", default_value = "./holdfast-data", global = true)]
     pub data_dir: PathBuf,
     /// CA certificate (PEM) that signed the API's certificate, for an https URL;
-    /// defaults to `<data-dir>/ca.pem`.
+    /// defaults to `<data-dir>/ca.pem`, else the manager's own `<data-dir>/api-cert.pem`.
     #[arg(long, env = "HOLDFAST_CA_FILE", global = true)]
     pub ca_file: Option<PathBuf>,
 }
@@ -271,6 +271,18 @@ pub struct AgentArgs {
     /// the sink is down.
     #[arg(long, env = "HOLDFAST_EVENT_SINK", value_parser = parse_sink)]
     pub event_sink: Option<SinkTarget>,
+    /// Refuse writes (507) while the data dir's disk has less than this many MiB free,
+    /// so a full disk is a clear error that heals itself, not a storage failure (0: off).
+    #[arg(long, env = "HOLDFAST_MIN_FREE_MB", default_value_t = crate::config::DEFAULT_MIN_FREE_MB)]
+    pub min_free_mb: u64,
+    /// PEM certificate (chain) the API serves over HTTPS (managers; with --api-key).
+    /// Off loopback the API is always HTTPS; without this it uses a certificate of
+    /// its own, kept in the data dir as `api-cert.pem`.
+    #[arg(long, env = "HOLDFAST_API_CERT", requires = "api_key")]
+    pub api_cert: Option<PathBuf>,
+    /// PEM private key of --api-cert.
+    #[arg(long, env = "HOLDFAST_API_KEY", requires = "api_cert")]
+    pub api_key: Option<PathBuf>,
 }
 
 /// `holdfast echo` flags.
@@ -350,6 +362,9 @@ impl AgentArgs {
         if !self.manager && !self.worker {
             return Err("pass --manager, --worker, or both".into());
         }
+        if !crate::manager::state::valid_id(&self.node_id) {
+            return Err(format!("--node-id {:?}: use 1–64 ASCII letters, digits, '-', '_' or '.'", self.node_id));
+        }
         if self.heartbeat_ttl < std::time::Duration::from_millis(500) || self.lease < self.heartbeat_ttl {
             return Err(format!(
                 "need --heartbeat-ttl ≥ 500ms and --lease ≥ --heartbeat-ttl (got {:?} and {:?})",
@@ -379,6 +394,8 @@ impl AgentArgs {
             heartbeat_ttl: self.heartbeat_ttl,
             event_sink: self.event_sink.clone().map(SinkConfig::new),
             force_new_cluster: self.force_new_cluster,
+            min_free_mb: self.min_free_mb,
+            api_tls_files: self.api_cert.clone().zip(self.api_key.clone()),
         });
         if self.force_new_cluster && (!self.manager || self.bootstrap) {
             return Err("--force-new-cluster restarts an existing manager from its data: it needs --manager \

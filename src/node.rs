@@ -67,6 +67,7 @@ pub async fn run_with_runtime(
         );
         rc.op_timeout = Duration::from_secs(5);
         rc.force_new_cluster = m.force_new_cluster;
+        rc.min_free_bytes = m.min_free_mb.saturating_mul(1 << 20);
         let rdb = holdfast_raft::ReplicatedDb::open(rc, domain).await?;
         let settings = ManagerSettings {
             strategy: m.strategy,
@@ -89,7 +90,17 @@ pub async fn run_with_runtime(
             // Merged after the limits: a stream must not be cut by the request timeout;
             // it has its own cap on open streams.
             .merge(manager::api::auth::layer(streams, mgr.clone()));
-        tasks.push(crate::net::serve(api_listener, api, stop_tx.subscribe()));
+        // Off loopback the API speaks only HTTPS (ARCHITECTURE.md, "Access").
+        let tls = manager::api::tls::source_for(&m.api, &m.advertise_api, m.api_tls_files.clone(), &config.data_dir);
+        tasks.push(match tls {
+            Some(source) => {
+                let tls_config =
+                    manager::api::tls::server_config(&source).map_err(|e| std::io::Error::other(e.to_string()))?;
+                tracing::info!(api = %m.api, ?source, "the API serves HTTPS");
+                manager::api::tls::serve(api_listener, api, tls_config, stop_tx.subscribe())
+            }
+            None => crate::net::serve(api_listener, api, stop_tx.subscribe()),
+        });
         if let Some(sink) = &m.event_sink {
             let (_stats, sink_task) = manager::sink::spawn(&mgr, sink.clone(), &config.data_dir, stop_tx.subscribe());
             tasks.push(sink_task);
@@ -100,7 +111,7 @@ pub async fn run_with_runtime(
                 manager::api::auth::ensure_admin_token(mgr.clone(), config.data_dir.clone(), stop_tx.subscribe());
             tokio::spawn(ensure);
         }
-        tasks.push(tokio::spawn(watch_fatal(rdb.clone(), config.data_dir.join("manager"))));
+        tasks.push(tokio::spawn(watch_fatal(rdb.clone(), config.data_dir.join("manager"), stop_tx.subscribe())));
         if !m.join.is_empty() {
             let seeds = m.join.clone();
             let joining = rdb.clone();
@@ -182,7 +193,12 @@ pub async fn run_with_runtime(
 
 /// Ends with an error naming the file and the cause when Raft stops on its own (a
 /// fatal storage error), so the process exits non-zero and systemd restarts it.
-async fn watch_fatal(db: holdfast_raft::ReplicatedDb, dir: std::path::PathBuf) -> Result<(), std::io::Error> {
+/// Ends quietly when the node is asked to stop.
+async fn watch_fatal(
+    db: holdfast_raft::ReplicatedDb,
+    dir: std::path::PathBuf,
+    mut stop: broadcast::Receiver<()>,
+) -> Result<(), std::io::Error> {
     let mut status = db.watch_status();
     loop {
         {
@@ -193,9 +209,14 @@ async fn watch_fatal(db: holdfast_raft::ReplicatedDb, dir: std::path::PathBuf) -
                 return Err(std::io::Error::other(format!("fatal storage error in {}: {cause}", dir.display())));
             }
         }
-        if status.changed().await.is_err() {
-            // The database is closing (our own shutdown): nothing more to watch.
-            return std::future::pending().await;
+        tokio::select! {
+            changed = status.changed() => {
+                if changed.is_err() {
+                    // The database is closing (our own shutdown): nothing more to watch.
+                    return std::future::pending().await;
+                }
+            }
+            _ = stop.recv() => return Ok(()),
         }
     }
 }

@@ -118,6 +118,11 @@ pub struct Config {
     /// Before starting, make this member the only voter of a new one-member cluster
     /// that keeps all its state (quorum-loss recovery; see [`force_new_cluster`]).
     pub force_new_cluster: bool,
+    /// A write is refused with [`DbError::StorageFull`] while the file system of
+    /// `data_dir` has less free space than this: a full disk answers a clear error
+    /// instead of failing inside SQLite (fatal), and writes resume by themselves when
+    /// space returns. `0` turns the check off.
+    pub min_free_bytes: u64,
 }
 
 impl Config {
@@ -134,6 +139,7 @@ impl Config {
             rpc_timeout: Duration::from_secs(2),
             op_timeout: Duration::from_secs(5),
             force_new_cluster: false,
+            min_free_bytes: 64 << 20,
         }
     }
 }
@@ -177,6 +183,10 @@ pub enum DbError {
     /// SQLite or openraft failed in a way that is not the caller's fault.
     #[error("storage failure: {0}")]
     Storage(String),
+    /// The leader's disk is below its free-space reserve; nothing was written. The
+    /// message names the directory, the free bytes and the reserve.
+    #[error("{0}")]
+    StorageFull(String),
 }
 
 /// Role of this member as openraft reports it.

@@ -25,6 +25,7 @@ pub mod events;
 pub mod limits;
 pub mod metrics;
 mod snapshot;
+pub mod tls;
 pub mod tokens;
 pub use error::ApiError;
 
@@ -620,6 +621,9 @@ impl From<DbError> for ApiError {
             ),
             DbError::Network { .. } => ApiError::unavailable(e.to_string(), None),
             DbError::Membership(_) => ApiError::new(StatusCode::CONFLICT, "membership", e.to_string()),
+            DbError::StorageFull(_) => {
+                ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage", e.to_string())
+            }
             DbError::DataDir { .. } | DbError::Storage(_) => ApiError::internal(e.to_string()),
         }
     }
