@@ -363,3 +363,62 @@ pub fn metrics_router(
 pub fn tick() -> Duration {
     watchdog_period().unwrap_or(STATUS_EVERY)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(role: holdfast_raft::Role, last_log: u64, applied: u64) -> holdfast_raft::ClusterStatus {
+        holdfast_raft::ClusterStatus {
+            id: 1,
+            name: "m1".into(),
+            role,
+            term: 1,
+            leader: None,
+            last_log_index: Some(last_log),
+            commit_index: Some(applied),
+            last_applied: Some(applied),
+            snapshot_index: None,
+            millis_since_quorum_ack: None,
+            members: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn raft_is_dead_when_shut_down_or_when_applying_stalls_with_entries_waiting() {
+        use holdfast_raft::Role::{Follower, Leader, Shutdown};
+        let mut j = RaftLiveness::default();
+        assert!(j.alive(&status(Leader, 5, 5)));
+        // Idle (nothing waiting) is alive for ever.
+        for _ in 0..20 {
+            assert!(j.alive(&status(Leader, 5, 5)));
+        }
+        // Entries waiting, applied index stuck: dead after STALL_TICKS ticks.
+        let mut verdicts = Vec::new();
+        for _ in 0..RaftLiveness::STALL_TICKS + 1 {
+            verdicts.push(j.alive(&status(Follower, 9, 5)));
+        }
+        assert!(verdicts[..RaftLiveness::STALL_TICKS as usize - 1].iter().all(|v| *v), "{verdicts:?}");
+        assert!(!verdicts.last().unwrap());
+        // Progress revives it; a stopped core is dead at once.
+        assert!(j.alive(&status(Follower, 9, 6)));
+        assert!(!j.alive(&status(Shutdown, 9, 9)));
+    }
+
+    #[test]
+    fn worker_metrics_write_every_container_state_so_emptied_states_read_zero() {
+        use crate::worker::runtime::ContainerState;
+        let v = WorkerVitals::default();
+        v.containers([&ContainerState::Running, &ContainerState::Running, &ContainerState::Exited { code: 1 }]);
+        let mut out = String::new();
+        v.write_prometheus(&mut out);
+        assert!(out.contains("holdfast_worker_containers{state=\"running\"} 2"), "{out}");
+        assert!(out.contains("holdfast_worker_containers{state=\"exited\"} 1"), "{out}");
+        v.containers([]);
+        let mut out = String::new();
+        v.write_prometheus(&mut out);
+        assert!(out.contains("holdfast_worker_containers{state=\"running\"} 0"), "{out}");
+        assert!(out.contains("# HELP holdfast_worker_lease_remaining_seconds"), "{out}");
+        assert!(v.status_line().starts_with("no valid lease"), "{}", v.status_line());
+    }
+}

@@ -24,10 +24,11 @@ pub fn handle() -> &'static PrometheusHandle {
             .map(|b| b.build_recorder())
             .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
         let handle = recorder.handle();
-        describe();
         // Fails only if another recorder was installed first (e.g. two managers in one
         // test process); the handle still renders this one's view.
         let _ = metrics::set_global_recorder(recorder);
+        // After installing: descriptions go to the global recorder.
+        describe();
         handle
     })
 }
