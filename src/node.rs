@@ -78,6 +78,7 @@ pub async fn run_service(
             &m.advertise_api,
         );
         rc.op_timeout = Duration::from_secs(5);
+        rc.version = crate::cli::LONG_VERSION.to_string();
         let rdb = holdfast_raft::ReplicatedDb::open(rc, domain).await?;
         let settings = ManagerSettings {
             strategy: m.strategy,

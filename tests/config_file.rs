@@ -174,3 +174,26 @@ fn every_long_flag_of_agent_and_dev_has_an_env_twin() {
     }
     assert!(checked >= 25, "walked only {checked} flags");
 }
+
+#[test]
+fn the_example_config_names_only_real_flags() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/holdfast.toml")).unwrap();
+    let cmd = Cli::command();
+    let agent = cmd.find_subcommand("agent").unwrap();
+    let longs: Vec<&str> = agent.get_arguments().filter_map(|a| a.get_long()).collect();
+    let mut keys = 0;
+    for line in text.lines() {
+        // `# key = value   # comment` lines are the documented keys.
+        let Some(rest) = line.strip_prefix("# ") else { continue };
+        let Some((key, value)) = rest.split_once(" = ") else { continue };
+        if key.contains(' ') {
+            continue;
+        }
+        assert!(longs.contains(&key), "example key {key:?} is not a flag of holdfast agent");
+        let value = value.split("  #").next().unwrap().trim();
+        let doc: Result<toml::Table, _> = toml::from_str(&format!("{key} = {value}"));
+        assert!(doc.is_ok(), "example value for {key} is not TOML: {value}");
+        keys += 1;
+    }
+    assert!(keys >= 10, "found only {keys} example keys");
+}

@@ -156,6 +156,10 @@ fn dev_notifies_ready_after_the_api_answers_then_watchdog_then_stopping() {
     assert!(status.contains("STATUS=leader svc, 1 voters"), "{status}");
     assert!(status.contains("engine ok"), "{status}");
 
+    // /v1/cluster names each member's version (version, commit, build date).
+    let cluster: serde_json::Value = serde_json::from_str(&get_text(&format!("http://{api_addr}/v1/cluster"))).unwrap();
+    assert_eq!(cluster["members"][0]["version"], holdfast::cli::LONG_VERSION, "{cluster}");
+
     // One scrape of the metrics port covers manager, worker and breakers, with HELP.
     let text = get_text(&format!("http://{metrics_addr}/metrics"));
     for needle in [

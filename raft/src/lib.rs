@@ -55,6 +55,11 @@ pub struct Member {
     pub cluster_addr: String,
     /// `host:port` of this member's public HTTP API (shown to clients as the leader).
     pub api_addr: String,
+    /// The application's version string as of this member's last bootstrap or join
+    /// (opaque here; empty when the application gives none or in records written
+    /// before the field existed).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub version: String,
 }
 
 impl std::fmt::Display for Member {
@@ -112,6 +117,8 @@ pub struct Config {
     /// Upper bound for a write or linearizable read, including forwarding; past it the
     /// caller gets [`DbError::Timeout`] instead of waiting on a minority.
     pub op_timeout: Duration,
+    /// Opaque version string advertised in this member's [`Member`] record.
+    pub version: String,
 }
 
 impl Config {
@@ -127,6 +134,7 @@ impl Config {
             snapshot_every: 5_000,
             rpc_timeout: Duration::from_secs(2),
             op_timeout: Duration::from_secs(5),
+            version: String::new(),
         }
     }
 }

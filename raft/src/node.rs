@@ -141,6 +141,7 @@ impl Inner {
             name: config.node_name.clone(),
             cluster_addr: config.cluster_addr.clone(),
             api_addr: config.api_addr.clone(),
+            version: config.version.clone(),
         };
         let raft_config = raft_config(&config)?;
         let (dir, name) = (config.data_dir.clone(), config.node_name.clone());
