@@ -1,8 +1,7 @@
 //! Thin entry point: parse flags → build a config → run until SIGTERM/SIGINT.
 
 use anyhow::Context;
-use holdfast::cli::ImageCommand;
-use holdfast::cli::{Cli, Command, LogFormat, EXIT_CONFIG};
+use holdfast::cli::{Cli, ClusterCommand, Command, ImageCommand, LogFormat, SnapshotCommand, EXIT_CONFIG};
 
 fn main() -> std::process::ExitCode {
     // Configuration errors (flags, config file, values) exit with EXIT_CONFIG, which
@@ -83,6 +82,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Task { cmd, api_url } => holdfast::client::task(&api_url, cmd).await.map(|_| 0),
         Command::Node { api_url } => holdfast::client::get(&api_url, "/v1/nodes").await.map(|_| 0),
-        Command::Cluster { api_url } => holdfast::client::get(&api_url, "/v1/cluster").await.map(|_| 0),
+        Command::Cluster { cmd: None, api_url } => holdfast::client::get(&api_url, "/v1/cluster").await.map(|_| 0),
+        Command::Cluster { cmd: Some(ClusterCommand::Snapshot { cmd }), api_url } => match cmd {
+            SnapshotCommand::Save { file } => holdfast::client::snapshot_save(&api_url, &file).await.map(|_| 0),
+            SnapshotCommand::Restore { file, data_dir, node_id } => {
+                holdfast::client::snapshot_restore(&file, &data_dir, &node_id).map(|_| 0)
+            }
+        },
     }
 }
