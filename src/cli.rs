@@ -7,11 +7,26 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{Config, ManagerRole, WorkerRole};
+
+/// Exit code for a configuration error (a bad flag, file, key or value): `EX_CONFIG`
+/// from sysexits. The units' `RestartPreventExitStatus=` names it so a typo does not
+/// restart in a loop.
+pub const EXIT_CONFIG: u8 = 78;
+
+/// `holdfast --version`: version, git commit and build date (from `build.rs`).
+pub const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("HOLDFAST_GIT_COMMIT"),
+    ", built ",
+    env!("HOLDFAST_BUILD_DATE"),
+    ")"
+);
 use crate::manager::sink::{SinkConfig, SinkTarget};
 
 /// holdfast: an edge-native container orchestrator in one binary.
 #[derive(Parser, Debug)]
-#[command(name = "holdfast", version, about)]
+#[command(name = "holdfast", version = LONG_VERSION, about)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -190,6 +205,44 @@ pub enum TaskCommand {
     },
 }
 
+/// Log line format.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Flags of every long-running process (`agent`, `dev`): config file, logs, metrics.
+#[derive(Args, Debug, Clone)]
+pub struct ServiceArgs {
+    /// TOML file with one key per long flag (`node-id = "m1"`); flags and `HOLDFAST_*`
+    /// variables win over it. An unknown key is an error.
+    #[arg(long, env = "HOLDFAST_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Log line format: `text` or `json`. Under journald, text lines carry the syslog
+    /// priority and no timestamp.
+    #[arg(long, env = "HOLDFAST_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Log filter: a level (`info`, `debug`) or per-module directives
+    /// (`info,openraft=warn`). Default: `HOLDFAST_LOG`, else `info,openraft=warn`.
+    #[arg(long, env = "HOLDFAST_LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// Serve `/metrics`, `/health/live` and `/health/ready` on this address too (any
+    /// role; the only metrics endpoint of a worker-only process).
+    #[arg(long, env = "HOLDFAST_METRICS")]
+    pub metrics: Option<String>,
+}
+
+impl ServiceArgs {
+    /// The node's service options.
+    pub fn options(&self) -> crate::service::ServiceOptions {
+        crate::service::ServiceOptions { metrics: self.metrics.clone() }
+    }
+}
+
 /// `holdfast dev` flags.
 #[derive(Args, Debug)]
 pub struct DevArgs {
@@ -210,6 +263,9 @@ pub struct DevArgs {
     /// the sink is down.
     #[arg(long, env = "HOLDFAST_EVENT_SINK", value_parser = parse_sink)]
     pub event_sink: Option<SinkTarget>,
+    /// Config file, logs and metrics.
+    #[command(flatten)]
+    pub service: ServiceArgs,
 }
 
 /// `holdfast agent` flags (the public contract, DESIGN.md §8).
@@ -283,6 +339,9 @@ pub struct AgentArgs {
     /// PEM private key of --api-cert.
     #[arg(long, env = "HOLDFAST_API_KEY", requires = "api_cert")]
     pub api_key: Option<PathBuf>,
+    /// Config file, logs and metrics.
+    #[command(flatten)]
+    pub service: ServiceArgs,
 }
 
 /// `holdfast echo` flags.

@@ -46,6 +46,17 @@ pub async fn run_with_runtime(
     runtime: Option<Arc<dyn Runtime>>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), NodeError> {
+    run_service(config, runtime, crate::service::ServiceOptions::default(), shutdown).await
+}
+
+/// Like [`run_with_runtime`], with the service options (`--metrics`). Tells systemd
+/// when the node is ready, alive and stopping (ARCHITECTURE.md "Running as a service").
+pub async fn run_service(
+    config: Config,
+    runtime: Option<Arc<dyn Runtime>>,
+    options: crate::service::ServiceOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), NodeError> {
     if config.manager.is_none() && config.worker.is_none() {
         return Err(NodeError::NoRole);
     }
@@ -55,6 +66,8 @@ pub async fn run_with_runtime(
     let resilience = crate::resilience::Registry::new();
     let mut tasks = Vec::new();
     let mut db = None;
+    let mut watched = crate::service::Watched { max_idle: Duration::from_secs(30), ..Default::default() };
+    let mut metrics_manager = None;
 
     if let Some(m) = &config.manager {
         let (domain, applied) = manager::state::DomainState::new();
@@ -66,6 +79,7 @@ pub async fn run_with_runtime(
             &m.advertise_api,
         );
         rc.op_timeout = Duration::from_secs(5);
+        rc.version = crate::cli::LONG_VERSION.to_string();
         rc.force_new_cluster = m.force_new_cluster;
         rc.min_free_bytes = m.min_free_mb.saturating_mul(1 << 20);
         let rdb = holdfast_raft::ReplicatedDb::open(rc, domain).await?;
@@ -140,6 +154,8 @@ pub async fn run_with_runtime(
             Ok(())
         }));
         tracing::info!(node = %config.node_id, api = %m.api, cluster = %m.cluster, "manager serving");
+        watched.db = Some(rdb.clone());
+        metrics_manager = Some(mgr.clone());
         db = Some(rdb);
     }
 
@@ -154,11 +170,19 @@ pub async fn run_with_runtime(
         wc.advertise_host = wr.advertise_host.clone();
         wc.labels = wr.labels.clone();
         wc.resources_override = wr.resources_override.clone();
+        watched.worker = Some(wc.vitals.clone());
         let rx = stop_tx.subscribe();
         tasks.push(tokio::spawn(async move {
             agent::run(wc, runtime, rx).await.map_err(|e| std::io::Error::other(e.to_string()))
         }));
     }
+
+    if let Some(addr) = &options.metrics {
+        let listener = crate::net::bind(addr, "metrics").await?;
+        let router = crate::service::metrics_router(metrics_manager, watched.clone(), resilience.clone());
+        tasks.push(crate::net::serve(listener, router, stop_tx.subscribe()));
+    }
+    tokio::spawn(crate::service::supervise(watched, crate::service::tick(), stop_tx.subscribe()));
 
     // Either shutdown is asked for, or a role stops on its own (an error).
     let mut tasks = futures::future::select_all(tasks);
@@ -166,6 +190,7 @@ pub async fn run_with_runtime(
         _ = shutdown => None,
         (res, _, rest) = &mut tasks => Some((res, rest)),
     };
+    crate::service::stopping();
     let _ = stop_tx.send(());
     let result = match early {
         Some((res, rest)) => {

@@ -58,6 +58,11 @@ pub struct Member {
     pub cluster_addr: String,
     /// `host:port` of this member's public HTTP API (shown to clients as the leader).
     pub api_addr: String,
+    /// The application's version string as of this member's last bootstrap or join
+    /// (opaque here; empty when the application gives none or in records written
+    /// before the field existed).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub version: String,
 }
 
 impl std::fmt::Display for Member {
@@ -115,6 +120,8 @@ pub struct Config {
     /// Upper bound for a write or linearizable read, including forwarding; past it the
     /// caller gets [`DbError::Timeout`] instead of waiting on a minority.
     pub op_timeout: Duration,
+    /// Opaque version string advertised in this member's [`Member`] record.
+    pub version: String,
     /// Before starting, make this member the only voter of a new one-member cluster
     /// that keeps all its state (quorum-loss recovery; see [`force_new_cluster`]).
     pub force_new_cluster: bool,
@@ -138,6 +145,7 @@ impl Config {
             snapshot_every: 5_000,
             rpc_timeout: Duration::from_secs(2),
             op_timeout: Duration::from_secs(5),
+            version: String::new(),
             force_new_cluster: false,
             min_free_bytes: 64 << 20,
         }

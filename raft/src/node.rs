@@ -141,6 +141,7 @@ impl Inner {
             name: config.node_name.clone(),
             cluster_addr: config.cluster_addr.clone(),
             api_addr: config.api_addr.clone(),
+            version: config.version.clone(),
         };
         let raft_config = raft_config(&config)?;
         let forcing = config.clone();

@@ -578,6 +578,7 @@ async fn cluster(State(m): State<Arc<Manager>>) -> Json<serde_json::Value> {
             "id": mm.member.name,
             "api": mm.member.api_addr,
             "cluster": mm.member.cluster_addr,
+            "version": (!mm.member.version.is_empty()).then_some(&mm.member.version),
             "voter": mm.voter,
             "role": if mm.voter { "voter" } else { "learner" },
             "last_applied": mm.matched,
