@@ -52,3 +52,43 @@ pub async fn task(api: &str, cmd: TaskCommand) -> anyhow::Result<()> {
 pub async fn get(api: &str, path: &str) -> anyhow::Result<()> {
     call(reqwest::Client::new().get(format!("{}{path}", api.trim_end_matches('/')))).await
 }
+
+/// `holdfast token join`: prints the role's join token from `data_dir`, or with
+/// `rotate` makes a new one through the API (and updates the file when it exists).
+pub async fn join_token(cmd: crate::cli::TokenCommand) -> anyhow::Result<()> {
+    let crate::cli::TokenCommand::Join { role, rotate, ttl, uses, data_dir, api_url } = cmd;
+    let path = data_dir.join(format!("join-{role}.token"));
+    if !rotate {
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "reading {} (run this on the first manager, or pass --data-dir; --rotate makes a new token)",
+                path.display()
+            )
+        })?;
+        println!("{}", text.trim());
+        return Ok(());
+    }
+    let body = serde_json::json!({
+        "role": role, "ttl_ms": ttl.map(|t| t.as_millis() as u64), "uses": uses,
+    });
+    let url = format!("{}/v1/cluster/join-tokens", api_url.trim_end_matches('/'));
+    let resp = reqwest::Client::new()
+        .post(url)
+        .json(&body)
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .context("cannot reach the holdfast API")?;
+    let status = resp.status();
+    let v: serde_json::Value = resp.json().await.context("unreadable API answer")?;
+    if !status.is_success() {
+        bail!("{status}: {v}");
+    }
+    let token = v["token"].as_str().context("no token in the answer")?.to_string();
+    if path.exists() {
+        crate::net::identity::write_private(&path, &format!("{token}\n"))?;
+        eprintln!("wrote {}", path.display());
+    }
+    println!("{token}");
+    Ok(())
+}

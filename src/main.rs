@@ -38,8 +38,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             println!(
                 "holdfast dev: API and UI on http://{api}\n\
                  Run the echo task:\n  curl -s -X POST http://{api}/v1/tasks -d '{{\"image\":\"holdfast/echo:latest\",\"ports\":[{{\"container\":7777}}]}}'\n\
-                 Then find its endpoint with: curl -s http://{api}/v1/tasks",
-                api = args.api
+                 Then find its endpoint with: curl -s http://{api}/v1/tasks\n\
+                 Cluster port {cluster}: mutual TLS; join tokens in {data}",
+                api = args.api,
+                cluster = args.cluster,
+                data = args.data_dir.display()
             );
             holdfast::node::run(config, holdfast::shutdown_signal()).await?;
             Ok(0)
@@ -70,5 +73,6 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Task { cmd, api_url } => holdfast::client::task(&api_url, cmd).await.map(|_| 0),
         Command::Node { api_url } => holdfast::client::get(&api_url, "/v1/nodes").await.map(|_| 0),
         Command::Cluster { api_url } => holdfast::client::get(&api_url, "/v1/cluster").await.map(|_| 0),
+        Command::Token { cmd } => holdfast::client::join_token(cmd).await.map(|_| 0),
     }
 }

@@ -13,7 +13,7 @@
 //! checkpointed with fsync before the log behind a snapshot is purged.
 //!
 //! Transport: Raft RPCs, write forwarding, read-index and join requests travel as JSON
-//! over HTTP on the cluster port; [`ReplicatedDb::cluster_router`] returns the axum
+//! over HTTPS (mutual TLS, configuration handed in by the application) on the cluster port; [`ReplicatedDb::cluster_router`] returns the axum
 //! routes (all under `/raft/`) and the `network` module holds the only client.
 
 #![warn(missing_docs)]
@@ -112,11 +112,21 @@ pub struct Config {
     /// Upper bound for a write or linearizable read, including forwarding; past it the
     /// caller gets [`DbError::Timeout`] instead of waiting on a minority.
     pub op_timeout: Duration,
+    /// TLS for every call to a peer (client certificate and server verification). The
+    /// crate is handed it and checks no roles itself; there is no plain-HTTP mode.
+    pub tls: Arc<rustls::ClientConfig>,
 }
 
 impl Config {
-    /// Defaults tuned for a LAN: 100 ms heartbeat, 300–600 ms election timeout.
-    pub fn new(node_name: &str, data_dir: PathBuf, cluster_addr: &str, api_addr: &str) -> Self {
+    /// Defaults tuned for a LAN: 100 ms heartbeat, 300–600 ms election timeout; peers
+    /// are dialed over `tls`.
+    pub fn new(
+        node_name: &str,
+        data_dir: PathBuf,
+        cluster_addr: &str,
+        api_addr: &str,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Self {
         Config {
             node_name: node_name.to_string(),
             data_dir,
@@ -127,6 +137,7 @@ impl Config {
             snapshot_every: 5_000,
             rpc_timeout: Duration::from_secs(2),
             op_timeout: Duration::from_secs(5),
+            tls,
         }
     }
 }

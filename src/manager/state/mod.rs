@@ -12,6 +12,7 @@ use crate::model::sync::StatusReport;
 use crate::model::{transition, Desired, Observed, TaskSpec};
 
 pub mod query;
+pub mod trust;
 
 /// Every replicated write.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -119,6 +120,8 @@ pub enum Command {
         /// Leader wall clock.
         now_ms: u64,
     },
+    /// Join tokens, the cluster CA and revocations (`state::trust`).
+    Trust(trust::TrustCommand),
 }
 
 /// One worker's reports inside a batch.
@@ -266,7 +269,7 @@ fn events_for(index: u64, cmd: &Command, out: &serde_json::Value) -> Vec<DomainE
             ids.iter().map(|id| ev(*now_ms, "placement.stop", id, serde_json::json!({ "reason": reason }))).collect()
         }
         // Its inner command emits its own events.
-        Command::Audited { .. } => Vec::new(),
+        Command::Audited { .. } | Command::Trust(_) => Vec::new(),
     }
 }
 
@@ -388,7 +391,8 @@ impl DomainState {
 
 impl holdfast_raft::Apply for DomainState {
     fn init_schema(&self, conn: &rusqlite::Connection) -> rusqlite::Result<()> {
-        conn.execute_batch(SCHEMA)
+        conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(trust::SCHEMA)
     }
 
     fn apply(&self, tx: &Transaction<'_>, index: u64, command: &[u8]) -> rusqlite::Result<Vec<u8>> {
@@ -570,6 +574,7 @@ fn apply_command(tx: &Transaction<'_>, index: u64, cmd: Command) -> rusqlite::Re
             Ok(Ok(serde_json::json!({ "name": name, "draining": enable })))
         }
         Command::Audited { .. } => reject("bad_command", "an audited command cannot be nested"),
+        Command::Trust(t) => trust::apply(tx, t),
         Command::StopPlacements { ids, reason, now_ms } => {
             for id in &ids {
                 let n = tx.execute(
