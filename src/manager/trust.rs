@@ -92,11 +92,18 @@ async fn join(State((m, t)): St, body_in: Result<Json<JoinRequest>, JsonRejectio
     let hash = pki::secret_hash(&req.secret);
     // Only a known token costs a Raft write: a stranger's guesses stay local.
     let h = hash.clone();
-    let known: bool =
+    let (known, seeded): (bool, bool) =
         m.db.read_local(move |c| {
-            c.query_row("SELECT COUNT(*) FROM join_tokens WHERE hash = ?1", [&h], |r| r.get::<_, i64>(0)).map(|n| n > 0)
+            let known =
+                c.query_row("SELECT COUNT(*) FROM join_tokens WHERE hash = ?1", [&h], |r| r.get::<_, i64>(0))?;
+            let seeded = c.query_row("SELECT COUNT(*) FROM trust_ca", [], |r| r.get::<_, i64>(0))?;
+            Ok((known > 0, seeded > 0))
         })
         .await?;
+    if !known && !seeded {
+        // A new cluster still recording its first tokens, or a member still catching up.
+        return Err(ApiError::unavailable("this manager does not know the cluster's tokens yet; retry".into(), None));
+    }
     let refuse = |code: &str, message: String| {
         tracing::warn!(node = %req.node, role = %req.role, code, "join refused: {message}");
         ApiError::new(StatusCode::FORBIDDEN, code, message)
@@ -201,8 +208,9 @@ pub async fn revoke(m: &Manager, revocations: &Revocations, node: &str, reason: 
 /// this manager leads and the writes commit.
 pub fn seed(m: Arc<Manager>, boot: Bootstrapped, mut shutdown: broadcast::Receiver<()>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut cmds =
-            vec![TrustCommand::SetCa { cert_pem: boot.ca.cert_pem.clone(), key_pem: boot.ca.key_pem.clone() }];
+        // Tokens first, the CA last: a manager whose state has the CA also knows the
+        // first tokens, so a join it does not recognize is really refused.
+        let mut cmds = Vec::new();
         for (role, token) in &boot.tokens {
             cmds.push(TrustCommand::AddJoinToken {
                 hash: token.hash(),
@@ -213,6 +221,7 @@ pub fn seed(m: Arc<Manager>, boot: Bootstrapped, mut shutdown: broadcast::Receiv
                 now_ms: now_ms(),
             });
         }
+        cmds.push(TrustCommand::SetCa { cert_pem: boot.ca.cert_pem.clone(), key_pem: boot.ca.key_pem.clone() });
         for cmd in cmds {
             loop {
                 match write(&m, &Command::Trust(cmd.clone())).await {

@@ -161,7 +161,8 @@ pub fn write_identity(ca: &holdfast::net::pki::Ca, dir: &Path, node: &str, role:
 /// Server TLS for a fake manager: a manager certificate of `ca`, asking clients for one.
 pub fn fake_manager_tls(ca: &holdfast::net::pki::Ca) -> std::sync::Arc<rustls::ServerConfig> {
     use holdfast::net::tls;
-    let (cert, key) = ca.issue("fake-manager", holdfast::net::pki::Role::Manager, Duration::from_secs(3600)).expect("issue");
+    let (cert, key) =
+        ca.issue("fake-manager", holdfast::net::pki::Role::Manager, Duration::from_secs(3600)).expect("issue");
     let resolver = tls::CertResolver::new(tls::certified_key(&cert, &key, &ca.cert_pem).expect("key"));
     let ca_der = ca.cert_der().expect("CA der");
     tls::server_config(&[ca_der], resolver, Duration::from_secs(60)).expect("server config")
