@@ -242,19 +242,27 @@ pub fn seed(m: Arc<Manager>, boot: Bootstrapped, mut shutdown: broadcast::Receiv
     })
 }
 
-/// Refreshes the door's revocation list from the local state every second.
+/// Refreshes the door's revocation list from the local state after commands apply
+/// (at most every 100 ms) and at least every second, so a revocation committed on any
+/// manager closes every manager's door within about 100 ms.
 pub fn refresh_revocations(
     m: Arc<Manager>,
     revocations: Revocations,
     mut shutdown: broadcast::Receiver<()>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        let mut applied = m.applied.clone();
         loop {
             if let Ok(all) = m.db.read_local(st::revocations).await {
                 revocations.replace(all);
             }
             tokio::select! {
                 _ = shutdown.recv() => return,
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+            tokio::select! {
+                _ = shutdown.recv() => return,
+                _ = applied.changed() => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }

@@ -312,7 +312,15 @@ pub fn client_config(
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(ManagerVerifier::new(ca_ders)?))
         .with_client_cert_resolver(resolver);
-    Ok(Arc::new(cfg))
+    Ok(Arc::new(no_resumption(cfg)))
+}
+
+/// TLS session resumption would carry the *old* certificate's identity into a new
+/// connection after a renewal (the server sees the resumed session's peer), so it is
+/// off: connections are pooled anyway, and a full handshake is rare.
+fn no_resumption(mut cfg: rustls::ClientConfig) -> rustls::ClientConfig {
+    cfg.resumption = rustls::client::Resumption::disabled();
+    cfg
 }
 
 /// A client configuration for joining: no certificate, and a server is trusted only if
@@ -326,7 +334,7 @@ pub fn join_client_config(ca_digest: &str) -> Result<(Arc<rustls::ClientConfig>,
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_no_client_auth();
-    Ok((Arc::new(cfg), mismatch))
+    Ok((Arc::new(no_resumption(cfg)), mismatch))
 }
 
 /// The cluster port's server configuration: presents `resolver`'s certificate, asks
@@ -340,10 +348,13 @@ pub fn server_config(
         .allow_unauthenticated()
         .build()
         .map_err(|e| TlsError::Verifier(e.to_string()))?;
-    let cfg = rustls::ServerConfig::builder_with_provider(provider())
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(GraceVerifier { inner, grace }))
         .with_cert_resolver(resolver);
+    // No resumption: every connection proves its peer's current certificate.
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
     Ok(Arc::new(cfg))
 }
 
