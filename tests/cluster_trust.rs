@@ -241,6 +241,21 @@ async fn tokens_admit_and_the_door_refuses_each_bad_caller() {
     .await;
     assert_eq!(node_status(&m1, "w1").await.as_deref(), Some("ready"));
 
+    // The listener's limits, as a manager: a snapshot chunk far past the bytes received
+    // is refused before it can allocate; an oversized vote is refused; both as JSON.
+    let m1c = client_of(&m1.data);
+    let chunk = json!({
+        "vote": {"leader_id": {"term": 1, "node_id": 1}, "committed": false},
+        "meta": {"last_log_id": null, "last_membership": {"log_id": null, "membership": {"configs": [], "nodes": {}}},
+                 "snapshot_id": "evil"},
+        "offset": 1u64 << 40, "data": "AAAA", "done": false,
+    });
+    let (s, v) = post_json(&m1c, &format!("https://{}/raft/snapshot", m1.cluster), chunk).await.unwrap();
+    assert_eq!((s, v["error"]["code"].as_str()), (400, Some("bad_chunk")), "{v}");
+    let big = json!({"padding": "x".repeat(200_000)});
+    let (s, v) = post_json(&m1c, &format!("https://{}/raft/vote", m1.cluster), big).await.unwrap();
+    assert_eq!((s, v["error"]["code"].as_str()), (413, Some("too_large")), "{v}");
+
     // A removed manager is refused on its next call.
     let resp = http().delete(m1.url("/v1/cluster/members/m2")).send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 200, "{:?}", resp.text().await);

@@ -112,7 +112,7 @@ pub async fn check(State(revocations): State<Revocations>, req: Request, next: N
         }
     };
     match verdict {
-        None => next.run(req).await,
+        None => json_errors(next.run(req).await).await,
         Some((status, code, message)) => {
             tracing::warn!(%remote, peer = peer.name(), %path, code, "cluster port: refused: {message}");
             refuse(status, code, message)
@@ -131,4 +131,36 @@ pub async fn bounded(State(slots): State<Arc<tokio::sync::Semaphore>>, req: Requ
             r
         }
     }
+}
+
+/// Gives every error answer of the cluster port the JSON error shape (extractor
+/// rejections such as a malformed body are plain text otherwise).
+async fn json_errors(resp: Response) -> Response {
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    let status = resp.status();
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 4_096).await.map(|b| String::from_utf8_lossy(&b).into_owned());
+    let code = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+        s if s.is_client_error() => "bad_request",
+        _ => "internal",
+    };
+    let mut out = refuse(status, code, text.unwrap_or_default());
+    // Keep `Connection: close` and the like.
+    for (k, v) in parts.headers.iter() {
+        if k != axum::http::header::CONTENT_TYPE && k != axum::http::header::CONTENT_LENGTH {
+            out.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    out
 }
