@@ -449,3 +449,38 @@ async fn past_the_grace_window_a_node_says_which_token_and_command_to_use() {
     let text = err.to_string();
     assert!(text.contains("holdfast token join --role worker") && text.contains("--token-file"), "{text}");
 }
+
+#[tokio::test]
+async fn a_node_dials_only_servers_proving_a_manager_certificate_of_its_ca() {
+    // The client every node uses (sync, redirects, Raft) against three servers of the
+    // same CA: one with a manager certificate, one with a worker certificate (a worker
+    // posing as a manager in a 421 hint), and one of another CA.
+    let ca = Ca::generate().unwrap();
+    let other = Ca::generate().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write_identity(&ca, &dir.path().join("me"), "me", Role::Worker);
+    let client = client_of(&dir.path().join("me"));
+    let serve_as = |issuer: &Ca, role: Role| {
+        let (cert, key) = issuer.issue("srv", role, Duration::from_secs(60)).unwrap();
+        let resolver = tls::CertResolver::new(tls::certified_key(&cert, &key, &issuer.cert_pem).unwrap());
+        let cfg = tls::server_config(&[ca.cert_der().unwrap()], resolver, Duration::ZERO).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        let router = axum::Router::new().route("/cluster/v1/sync", axum::routing::post(|| async { "hello" }));
+        let (stop, rx) = tokio::sync::broadcast::channel(1);
+        std::mem::forget(stop);
+        tls::serve(listener, cfg, router, Default::default(), rx);
+        format!("https://{addr}/cluster/v1/sync")
+    };
+    let good = serve_as(&ca, Role::Manager);
+    let posing = serve_as(&ca, Role::Worker);
+    let foreign = serve_as(&other, Role::Manager);
+    let answer = client.post(&good).send().await.expect("a manager of the CA answers");
+    assert_eq!(answer.text().await.unwrap(), "hello");
+    for url in [posing, foreign] {
+        let r = client.post(&url).send().await;
+        assert!(r.is_err(), "{url} was trusted: {r:?}");
+    }
+}
