@@ -97,8 +97,8 @@ fn parse_role(s: &str) -> Result<crate::net::pki::Role, String> {
 /// Life and grace of cluster certificates (`agent` and `dev`).
 #[derive(Args, Debug, Clone)]
 pub struct CertArgs {
-    /// Life of the cluster-port certificates this manager signs; nodes renew at two
-    /// thirds of it, over the running connection.
+    /// Life of the cluster-port certificates this manager signs (a manager setting:
+    /// the signer decides); nodes renew at two thirds of it, over the running connection.
     #[arg(long, env = "HOLDFAST_CERT_LIFETIME", value_parser = humantime::parse_duration, default_value = "30d")]
     pub cert_lifetime: std::time::Duration,
     /// How long after expiry a node that was cut off may still renew by itself.
@@ -216,9 +216,10 @@ pub struct AgentArgs {
     /// File holding a join token (`HFTKN-1-...`), for a node that has no cluster
     /// certificate yet; written by the first manager as `join-worker.token` and
     /// `join-manager.token` in its data dir.
-    #[arg(long, env = "HOLDFAST_TOKEN_FILE", conflicts_with = "token")]
+    #[arg(long, env = "HOLDFAST_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
-    /// A join token given inline (prefer `--token-file`: command lines are visible).
+    /// A join token given inline (prefer `--token-file`: command lines are visible;
+    /// `--token-file` wins when both are given).
     #[arg(long, env = "HOLDFAST_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// Certificate life and grace.
