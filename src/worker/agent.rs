@@ -149,7 +149,8 @@ struct Prober {
 }
 
 fn now_ms() -> u64 {
-    crate::manager::now_ms()
+    // Not manager::now_ms: the worker imports nothing from the manager.
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// What is free here now, net of what other placements hold but a measurement cannot
