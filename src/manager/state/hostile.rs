@@ -26,9 +26,10 @@ fn variant(c: &Command) -> &'static str {
         Command::SetEligibility { .. } => "SetEligibility",
         Command::CreateToken { .. } => "CreateToken",
         Command::RevokeToken { .. } => "RevokeToken",
+        Command::Trust(_) => "Trust",
     }
 }
-const VARIANTS: usize = 12;
+const VARIANTS: usize = 13;
 
 struct Db {
     conn: Connection,
@@ -283,6 +284,38 @@ fn every_command_with_hostile_content_is_a_rejection_never_an_error() {
         ("digest that is not hex", token("k3", "reader", "zz"), Rejected("invalid")),
         ("revoke of an unknown token", Command::RevokeToken { id: "nope".into(), now_ms: 3 }, Rejected("not_found")),
         ("revoke of the last admin token", Command::RevokeToken { id: "k1".into(), now_ms: 3 }, Rejected("conflict")),
+        (
+            "CA that is not PEM",
+            Command::Trust(trust::TrustCommand::SetCa { cert_pem: huge.clone(), key_pem: "k".into() }),
+            Rejected("bad_ca"),
+        ),
+        (
+            "join token with a non-hex hash",
+            Command::Trust(trust::TrustCommand::AddJoinToken {
+                hash: "zz".into(),
+                role: "worker".into(),
+                expires_at_ms: None,
+                uses: None,
+                replace: false,
+                now_ms: 3,
+            }),
+            Rejected("bad_token"),
+        ),
+        (
+            "join by an invalid node name",
+            Command::Trust(trust::TrustCommand::UseJoinToken {
+                hash: hash.clone(),
+                role: "worker".into(),
+                node: "../x".into(),
+                now_ms: 3,
+            }),
+            Rejected("invalid"),
+        ),
+        (
+            "revocation with 10 kB of reason",
+            Command::Trust(trust::TrustCommand::RevokeNode { node: "n1".into(), reason: huge.clone(), now_ms: 3 }),
+            Rejected("invalid"),
+        ),
     ];
 
     let covered: std::collections::BTreeSet<&str> = table.iter().map(|(_, c, _)| variant(c)).collect();
