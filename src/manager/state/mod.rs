@@ -310,10 +310,9 @@ fn events_for(index: u64, cmd: &Command, out: &serde_json::Value) -> Vec<DomainE
         }
         // Its inner command emits its own events.
         Command::Audited { .. } => Vec::new(),
-        Command::CreateToken { id, name, role, now_ms, .. } => {
-            vec![ev(*now_ms, "token.created", id, serde_json::json!({ "name": name, "role": role }))]
-        }
-        Command::RevokeToken { id, now_ms } => vec![ev(*now_ms, "token.revoked", id, serde_json::Value::Null)],
+        // Not domain events, and readers (who may follow the stream) may not list
+        // tokens; the audit log records them for admins.
+        Command::CreateToken { .. } | Command::RevokeToken { .. } => Vec::new(),
     }
 }
 
