@@ -42,6 +42,9 @@ pub struct ManagerRole {
     pub heartbeat_ttl: std::time::Duration,
     /// Where to forward domain events while this manager leads (`--event-sink`).
     pub event_sink: Option<crate::manager::sink::SinkConfig>,
+    /// Restart as the only member of a new cluster keeping all state
+    /// (`--force-new-cluster`, quorum-loss recovery).
+    pub force_new_cluster: bool,
     /// Writes are refused (507) while the data dir's disk has less free space (MiB).
     pub min_free_mb: u64,
     /// API certificate and key (`--api-cert`, `--api-key`); without them an API bound
@@ -64,6 +67,7 @@ impl ManagerRole {
             lease: std::time::Duration::from_secs(30),
             heartbeat_ttl: std::time::Duration::from_secs(5),
             event_sink: None,
+            force_new_cluster: false,
             min_free_mb: DEFAULT_MIN_FREE_MB,
             api_tls_files: None,
         }

@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use holdfast::cli::{Cli, Command, ImageCommand};
+use holdfast::cli::{Cli, ClusterCommand, Command, ImageCommand, SnapshotCommand};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -85,9 +85,17 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Node { api_url, auth } => {
             holdfast::client::Api::new(&api_url, &auth)?.get("/v1/nodes").await.map(|_| 0)
         }
-        Command::Cluster { api_url, auth } => {
+        Command::Cluster { cmd: None, api_url, auth } => {
             holdfast::client::Api::new(&api_url, &auth)?.get("/v1/cluster").await.map(|_| 0)
         }
+        Command::Cluster { cmd: Some(ClusterCommand::Snapshot { cmd }), api_url, auth } => match cmd {
+            SnapshotCommand::Save { file } => {
+                holdfast::client::Api::new(&api_url, &auth)?.snapshot_save(&file).await.map(|_| 0)
+            }
+            SnapshotCommand::Restore { file, node_id } => {
+                holdfast::client::snapshot_restore(&file, &auth.data_dir, &node_id).map(|_| 0)
+            }
+        },
         Command::Token { cmd, api_url, auth } => {
             holdfast::client::Api::new(&api_url, &auth)?.token(cmd).await.map(|_| 0)
         }

@@ -72,7 +72,8 @@ impl Caller {
 
 /// The role a request needs, `None` when it is open to anyone.
 ///
-/// `reader`: every GET under `/v1/` (except audit and tokens) and `/metrics`;
+/// `reader`: every GET under `/v1/` (except audit, tokens and the cluster snapshot)
+/// and `/metrics`;
 /// `operator`: submit and stop tasks, drain and eligibility of nodes; `admin`:
 /// everything else (members, tokens, the audit log, any route added later).
 pub fn needed_role(method: &Method, path: &str) -> Option<Role> {
@@ -85,7 +86,8 @@ pub fn needed_role(method: &Method, path: &str) -> Option<Role> {
         // The UI and its assets; anything else here is a 404 anyway.
         return if get { None } else { Some(Role::Admin) };
     }
-    if path.starts_with("/v1/audit") || path.starts_with("/v1/tokens") {
+    // A snapshot holds token digests and, with cluster TLS, the CA key.
+    if path.starts_with("/v1/audit") || path.starts_with("/v1/tokens") || path.starts_with("/v1/cluster/snapshot") {
         return Some(Role::Admin);
     }
     if get {
@@ -354,6 +356,7 @@ mod tests {
             ("POST", "/v1/nodes/n1/drain", Some(Operator)),
             ("POST", "/v1/nodes/n1/eligibility", Some(Operator)),
             ("DELETE", "/v1/cluster/members/m2", Some(Admin)),
+            ("GET", "/v1/cluster/snapshot", Some(Admin)),
             ("PUT", "/v1/tasks/t1", Some(Admin)),
             ("POST", "/v1/anything-new", Some(Admin)),
         ];
