@@ -445,7 +445,17 @@ impl DomainState {
 impl holdfast_raft::Apply for DomainState {
     fn init_schema(&self, conn: &rusqlite::Connection) -> rusqlite::Result<()> {
         conn.execute_batch(SCHEMA)?;
-        conn.execute_batch(tokens::SCHEMA)
+        conn.execute_batch(tokens::SCHEMA)?;
+        // Added after the first release: a store from before gets the column on open.
+        let has: bool = conn.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('audit') WHERE name = 'on_behalf_of'",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has {
+            conn.execute_batch("ALTER TABLE audit ADD COLUMN on_behalf_of TEXT")?;
+        }
+        Ok(())
     }
 
     fn apply(&self, tx: &Transaction<'_>, index: u64, command: &[u8]) -> rusqlite::Result<Vec<u8>> {
