@@ -91,7 +91,8 @@ pub fn node_id_for(name: &str) -> NodeId {
 /// the command is consumed either way. `Err` means the database itself failed and is
 /// treated as a fatal storage error.
 pub trait Apply: Send + Sync + 'static {
-    /// Creates the application's tables when absent; called on a fresh state database.
+    /// Creates the application's tables (and adds columns) when absent; called on a
+    /// fresh state database and again on every open, so it must be idempotent.
     fn init_schema(&self, conn: &rusqlite::Connection) -> rusqlite::Result<()>;
     /// Applies one committed command; `index` is its Raft log index, unique and growing
     /// across the cluster (usable as a fence).

@@ -26,7 +26,7 @@ struct Kv;
 
 impl Apply for Kv {
     fn init_schema(&self, conn: &rusqlite::Connection) -> rusqlite::Result<()> {
-        conn.execute_batch("CREATE TABLE kv (k TEXT PRIMARY KEY, v TEXT NOT NULL)")
+        conn.execute_batch("CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v TEXT NOT NULL)")
     }
 
     fn apply(&self, tx: &rusqlite::Transaction<'_>, _index: u64, command: &[u8]) -> rusqlite::Result<Vec<u8>> {

@@ -313,10 +313,9 @@ fn events_for(index: u64, cmd: &Command, out: &serde_json::Value) -> Vec<DomainE
         }
         // Its inner command emits its own events.
         Command::Audited { .. } | Command::Trust(_) => Vec::new(),
-        Command::CreateToken { id, name, role, now_ms, .. } => {
-            vec![ev(*now_ms, "token.created", id, serde_json::json!({ "name": name, "role": role }))]
-        }
-        Command::RevokeToken { id, now_ms } => vec![ev(*now_ms, "token.revoked", id, serde_json::Value::Null)],
+        // Not domain events, and readers (who may follow the stream) may not list
+        // tokens; the audit log records them for admins.
+        Command::CreateToken { .. } | Command::RevokeToken { .. } => Vec::new(),
     }
 }
 
@@ -450,7 +449,17 @@ impl holdfast_raft::Apply for DomainState {
     fn init_schema(&self, conn: &rusqlite::Connection) -> rusqlite::Result<()> {
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(tokens::SCHEMA)?;
-        conn.execute_batch(trust::SCHEMA)
+        conn.execute_batch(trust::SCHEMA)?;
+        // Added after the first release: a store from before gets the column on open.
+        let has: bool = conn.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('audit') WHERE name = 'on_behalf_of'",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has {
+            conn.execute_batch("ALTER TABLE audit ADD COLUMN on_behalf_of TEXT")?;
+        }
+        Ok(())
     }
 
     fn apply(&self, tx: &Transaction<'_>, index: u64, command: &[u8]) -> rusqlite::Result<Vec<u8>> {
