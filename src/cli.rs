@@ -48,6 +48,10 @@ pub enum Command {
         #[arg(long, env = "HOLDFAST_API_URL", default_value = "http://127.0.0.1:7700")]
         api_url: String,
     },
+    /// Internal: the first process of guarded (`exclusive`) containers; see
+    /// ARCHITECTURE.md, "The fence inside the container". Not for operators.
+    #[command(hide = true)]
+    Guard(GuardArgs),
     /// Cluster status (client of the HTTP API).
     Cluster {
         /// API base URL.
@@ -169,6 +173,21 @@ pub struct AgentArgs {
     /// the sink is down.
     #[arg(long, env = "HOLDFAST_EVENT_SINK", value_parser = parse_sink)]
     pub event_sink: Option<SinkTarget>,
+}
+
+/// `holdfast guard` flags. Deliberately without env twins: the guard runs inside the
+/// task's container, whose environment belongs to the task.
+#[derive(Args, Debug)]
+pub struct GuardArgs {
+    /// The deadline file the worker keeps current.
+    #[arg(long, default_value = "/.holdfast-deadline")]
+    pub deadline_file: PathBuf,
+    /// SIGTERM → SIGKILL grace when the deadline passes.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    pub grace: std::time::Duration,
+    /// The app to run: the image's ENTRYPOINT + CMD (after `--`).
+    #[arg(last = true)]
+    pub argv: Vec<std::ffi::OsString>,
 }
 
 /// `holdfast echo` flags.

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod echo;
+pub mod guard;
 pub mod manager;
 pub mod model;
 pub mod net;

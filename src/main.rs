@@ -6,6 +6,16 @@ use holdfast::cli::{Cli, Command, ImageCommand};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // The guard is PID 1 of a container: it must run before any thread exists (no
+    // tokio runtime, no logger) so its signal mask covers the whole process.
+    if let Command::Guard(args) = cli.command {
+        let code = holdfast::guard::run(holdfast::guard::GuardConfig {
+            argv: args.argv,
+            deadline_file: args.deadline_file,
+            grace: args.grace,
+        });
+        return std::process::ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HOLDFAST_LOG")
@@ -69,6 +79,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Task { cmd, api_url } => holdfast::client::task(&api_url, cmd).await.map(|_| 0),
         Command::Node { api_url } => holdfast::client::get(&api_url, "/v1/nodes").await.map(|_| 0),
+        Command::Guard(_) => anyhow::bail!("the guard runs before the async runtime starts"),
         Command::Cluster { api_url } => holdfast::client::get(&api_url, "/v1/cluster").await.map(|_| 0),
     }
 }

@@ -166,6 +166,11 @@ impl Runtime for GuardedRuntime {
     async fn logs(&self, id: &str, tail: usize) -> Result<String, RuntimeError> {
         guarded(&self.logs, "docker.logs", self.inner.logs(id, tail)).await
     }
+
+    async fn set_deadline(&self, id: &str, deadline_boot_ms: u64) -> Result<(), RuntimeError> {
+        // A small write to a running container: the lifecycle pool, so a pull never delays it.
+        guarded(&self.lifecycle, "docker.set_deadline", self.inner.set_deadline(id, deadline_boot_ms)).await
+    }
 }
 
 #[cfg(test)]
@@ -226,6 +231,9 @@ mod tests {
         }
         async fn logs(&self, _: &str, _: usize) -> Result<String, RuntimeError> {
             self.answer(String::new())
+        }
+        async fn set_deadline(&self, _: &str, _: u64) -> Result<(), RuntimeError> {
+            self.answer(())
         }
     }
 
@@ -299,6 +307,7 @@ mod tests {
             cpu_millis: 0,
             memory_mb: 0,
             labels: Default::default(),
+            guard: None,
         }
     }
 }
