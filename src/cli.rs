@@ -179,12 +179,10 @@ pub struct AgentArgs {
 /// task's container, whose environment belongs to the task.
 #[derive(Args, Debug)]
 pub struct GuardArgs {
-    /// The deadline file the worker keeps current.
+    /// The deadline file the worker keeps current (it also carries the SIGTERM →
+    /// SIGKILL grace).
     #[arg(long, default_value = "/.holdfast-deadline")]
     pub deadline_file: PathBuf,
-    /// SIGTERM → SIGKILL grace when the deadline passes.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
-    pub grace: std::time::Duration,
     /// The app to run: the image's ENTRYPOINT + CMD (after `--`).
     #[arg(last = true)]
     pub argv: Vec<std::ffi::OsString>,

@@ -39,8 +39,6 @@ pub const DEADLINE_DIR: &str = "/";
 pub const DEADLINE_NAME: &str = ".holdfast-deadline";
 /// How often the guard re-reads the deadline file.
 pub const POLL: Duration = Duration::from_millis(200);
-/// Grace between the guard's SIGTERM and SIGKILL when the deadline passes.
-pub const GRACE: Duration = Duration::from_millis(2_000);
 
 /// Settings of one guard process.
 #[derive(Clone, Debug)]
@@ -49,8 +47,6 @@ pub struct GuardConfig {
     pub argv: Vec<OsString>,
     /// The deadline file.
     pub deadline_file: PathBuf,
-    /// SIGTERM → SIGKILL grace once the deadline passed.
-    pub grace: Duration,
 }
 
 /// `CLOCK_BOOTTIME` in ms: monotonic, counts suspend, shared by every process of the
@@ -66,21 +62,32 @@ pub fn boottime_ms() -> u64 {
     (ts.tv_sec as u64).saturating_mul(1_000) + (ts.tv_nsec as u64) / 1_000_000
 }
 
-/// The deadline file's text for an absolute `CLOCK_BOOTTIME` deadline in ms. The
-/// trailing newline marks a complete write: a torn read is ignored, not misread.
-pub fn deadline_text(deadline_boot_ms: u64) -> String {
-    format!("holdfast-deadline-v1 {deadline_boot_ms}\n")
+/// A deadline as the worker writes it and the guard reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Deadline {
+    /// When the guard starts stopping the app, `CLOCK_BOOTTIME` ms.
+    pub at_boot_ms: u64,
+    /// SIGTERM → SIGKILL grace, ms.
+    pub grace_ms: u64,
 }
 
-/// Parses [`deadline_text`]; `None` for anything else (absent, torn, foreign).
-pub fn parse_deadline(text: &str) -> Option<u64> {
-    let line = text.strip_suffix('\n')?;
-    let value = line.strip_prefix("holdfast-deadline-v1 ")?;
-    value.parse().ok()
+impl Deadline {
+    /// The file's text. The trailing newline marks a complete write: a torn read is
+    /// ignored, never misread.
+    pub fn text(&self) -> String {
+        format!("holdfast-deadline-v1 {} {}\n", self.at_boot_ms, self.grace_ms)
+    }
+
+    /// Parses [`Deadline::text`]; `None` for anything else (absent, torn, foreign).
+    pub fn parse(text: &str) -> Option<Deadline> {
+        let line = text.strip_suffix('\n')?;
+        let (at, grace) = line.strip_prefix("holdfast-deadline-v1 ")?.split_once(' ')?;
+        Some(Deadline { at_boot_ms: at.parse().ok()?, grace_ms: grace.parse().ok()? })
+    }
 }
 
-fn read_deadline(path: &Path) -> Option<u64> {
-    std::fs::read_to_string(path).ok().as_deref().and_then(parse_deadline)
+fn read_deadline(path: &Path) -> Option<Deadline> {
+    std::fs::read_to_string(path).ok().as_deref().and_then(Deadline::parse)
 }
 
 /// Signals the guard forwards to the app unchanged.
@@ -141,9 +148,20 @@ pub fn run(config: GuardConfig) -> i32 {
             libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
         }
     }
-    let mut deadline = read_deadline(&config.deadline_file).unwrap_or(0);
-    if boottime_ms() >= deadline {
-        say("no valid deadline (lease expired or not written): not starting the task");
+    // A renewal may be rewriting the file just now (the engine truncates, then writes):
+    // a torn read is retried briefly before it counts as no deadline at all.
+    let first = (0..10).find_map(|attempt| {
+        if attempt > 0 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        read_deadline(&config.deadline_file)
+    });
+    let Some(mut deadline) = first else {
+        say("no deadline written: not starting the task");
+        return FENCED_EXIT;
+    };
+    if boottime_ms() >= deadline.at_boot_ms {
+        say("the deadline has passed (lease expired): not starting the task");
         return FENCED_EXIT;
     }
     let mut command = std::process::Command::new(&program);
@@ -176,14 +194,14 @@ pub fn run(config: GuardConfig) -> i32 {
     loop {
         let now = boottime_ms();
         match kill_at {
-            None if now >= deadline => {
+            None if now >= deadline.at_boot_ms => {
                 say(&format!(
-                    "lease deadline passed: stopping the task (SIGTERM, SIGKILL after {:?}); exit code {FENCED_EXIT}",
-                    config.grace
+                    "lease deadline passed: stopping the task (SIGTERM, SIGKILL after {} ms); exit code {FENCED_EXIT}",
+                    deadline.grace_ms
                 ));
                 // SAFETY: plain kill(2) on our own child.
                 unsafe { libc::kill(app, libc::SIGTERM) };
-                kill_at = Some(now + config.grace.as_millis() as u64);
+                kill_at = Some(now + deadline.grace_ms);
             }
             Some(at) if now >= at && !killed => {
                 // SAFETY: as above.
@@ -202,7 +220,7 @@ pub fn run(config: GuardConfig) -> i32 {
         }
         let mut wake = next_poll;
         match kill_at {
-            None => wake = wake.min(deadline),
+            None => wake = wake.min(deadline.at_boot_ms),
             Some(at) if !killed => wake = wake.min(at),
             Some(_) => {}
         }
@@ -245,15 +263,17 @@ mod tests {
 
     #[test]
     fn deadline_text_round_trips_and_torn_writes_are_ignored() {
-        let text = deadline_text(123_456);
-        assert_eq!(parse_deadline(&text), Some(123_456));
+        let d = Deadline { at_boot_ms: 123_456, grace_ms: 2_000 };
+        let text = d.text();
+        assert_eq!(Deadline::parse(&text), Some(d));
         // Every proper prefix of a write is rejected, so a torn read never shortens or
         // lengthens the deadline.
         for cut in 0..text.len() {
-            assert_eq!(parse_deadline(&text[..cut]), None, "{:?}", &text[..cut]);
+            assert_eq!(Deadline::parse(&text[..cut]), None, "{:?}", &text[..cut]);
         }
-        assert_eq!(parse_deadline("holdfast-deadline-v1 x\n"), None);
-        assert_eq!(parse_deadline("999\n"), None);
+        assert_eq!(Deadline::parse("holdfast-deadline-v1 x 1\n"), None);
+        assert_eq!(Deadline::parse("holdfast-deadline-v1 1\n"), None);
+        assert_eq!(Deadline::parse("999 1\n"), None);
     }
 
     #[test]

@@ -9,11 +9,8 @@ fn main() -> std::process::ExitCode {
     // The guard is PID 1 of a container: it must run before any thread exists (no
     // tokio runtime, no logger) so its signal mask covers the whole process.
     if let Command::Guard(args) = cli.command {
-        let code = holdfast::guard::run(holdfast::guard::GuardConfig {
-            argv: args.argv,
-            deadline_file: args.deadline_file,
-            grace: args.grace,
-        });
+        let code =
+            holdfast::guard::run(holdfast::guard::GuardConfig { argv: args.argv, deadline_file: args.deadline_file });
         return std::process::ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
     tracing_subscriber::fmt()

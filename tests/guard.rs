@@ -11,13 +11,17 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{holdfast_bin, require_docker};
-use holdfast::guard::{boottime_ms, deadline_text, FENCED_EXIT};
+use holdfast::guard::{boottime_ms, Deadline, FENCED_EXIT};
 use holdfast::worker::runtime::docker::{DockerConfig, DockerRuntime};
 use holdfast::worker::runtime::{labels, ContainerSpec, ContainerState, GuardSpec, Runtime, RuntimeError};
 
-/// Writes a deadline `ms` from now into `file`.
+/// Writes a deadline `ms` from now, with a 2 s grace, into `file`.
 fn write_deadline(file: &Path, ms: u64) {
-    std::fs::write(file, deadline_text(boottime_ms() + ms)).expect("deadline file");
+    write_deadline_with_grace(file, ms, 2_000);
+}
+
+fn write_deadline_with_grace(file: &Path, ms: u64, grace_ms: u64) {
+    std::fs::write(file, Deadline { at_boot_ms: boottime_ms() + ms, grace_ms }.text()).expect("deadline file");
 }
 
 /// Runs `holdfast guard --deadline-file F [extra] -- argv...` as a child, its stdout and
@@ -120,8 +124,8 @@ fn the_guard_passes_exit_codes_and_signals_through_and_fences_on_its_deadline() 
     );
 
     // An app that ignores SIGTERM is killed after the grace.
-    write_deadline(&file, 500);
-    let child = guard(&file, &["--grace", "500ms"], &["/bin/sh", "-c", "trap '' TERM; exec sleep 30"]);
+    write_deadline_with_grace(&file, 500, 500);
+    let child = guard(&file, &[], &["/bin/sh", "-c", "trap '' TERM; exec sleep 30"]);
     let (code, out, took) = finish(&file, child, Duration::from_secs(10));
     assert_eq!(code, FENCED_EXIT, "{out}");
     assert!(took < Duration::from_secs(3), "SIGKILL after the grace: {took:?}");
@@ -219,7 +223,7 @@ fn spec(name: &str, image: &str, command: &[&str], deadline_in_ms: u64) -> Conta
         cpu_millis: 0,
         memory_mb: 64,
         labels: BTreeMap::from([(labels::TASK.to_string(), name.to_string())]),
-        guard: Some(GuardSpec { deadline_boot_ms: boottime_ms() + deadline_in_ms }),
+        guard: Some(GuardSpec { deadline: Deadline { at_boot_ms: boottime_ms() + deadline_in_ms, grace_ms: 2_000 } }),
     }
 }
 
@@ -366,7 +370,7 @@ async fn guarded_containers_run_any_entrypoint_shape_and_fence_on_their_deadline
     let info = rt.create_and_start(&spec(&name("renew"), &tag("entry"), &listen[1..], 2_000)).await.unwrap();
     let renewing = Instant::now();
     while renewing.elapsed() < Duration::from_secs(4) {
-        rt.set_deadline(&info.id, boottime_ms() + 2_000).await.unwrap();
+        rt.set_deadline(&info.id, Deadline { at_boot_ms: boottime_ms() + 2_000, grace_ms: 2_000 }).await.unwrap();
         assert_eq!(rt.inspect(&info.id).await.unwrap().map(|i| i.state), Some(ContainerState::Running));
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -375,7 +379,7 @@ async fn guarded_containers_run_any_entrypoint_shape_and_fence_on_their_deadline
     assert!(took < Duration::from_secs(5), "{took:?}");
 
     // A fenced container starts again only with a fresh deadline.
-    rt.set_deadline(&info.id, boottime_ms() + 60_000).await.unwrap();
+    rt.set_deadline(&info.id, Deadline { at_boot_ms: boottime_ms() + 60_000, grace_ms: 2_000 }).await.unwrap();
     assert_eq!(rt.start(&info.id).await.unwrap().state, ContainerState::Running);
     rt.stop(&info.id, Duration::from_secs(10)).await.unwrap();
 }

@@ -21,6 +21,7 @@ use super::fence::{guard_deadline, FenceTiming};
 use super::ledger::{Change, Held, Ledger, LedgerError};
 use super::reconcile::{reconcile, Action, Facts, Unhealthy};
 use super::runtime::{labels, ContainerInfo, ContainerSpec, ContainerState, GuardSpec, PortMap, Runtime, RuntimeError};
+use crate::guard::Deadline;
 use crate::lock;
 use crate::model::sync::{LogReply, NodeResources, NotLeader, SyncRequest, SyncResponse};
 use crate::model::{Desired, Observed};
@@ -120,6 +121,8 @@ struct Worker {
     engine_ok: AtomicBool,
     /// Lease end, ms since the epoch (0 = never held one).
     lease_until_ms: AtomicU64,
+    /// Length of the last lease granted, ms: scales the guards' stop budget.
+    lease_ms: AtomicU64,
     /// Lease validity seen by the last reconcile round, to record changes once.
     lease_was_valid: AtomicBool,
     /// Woken on every lease renewal: the fence keeper moves the guards' deadlines.
@@ -185,6 +188,7 @@ pub async fn run(
     }
     let ledger = Arc::new(Ledger::open(&cfg.data_dir, &cfg.node)?);
     let lease = ledger.meta_u64("lease_until_ms")?;
+    let lease_ms = ledger.meta_u64("lease_ms")?;
     // A pool of 0 would never run anything; treat it as 1.
     let pool = |n: usize| Arc::new(Semaphore::new(n.max(1)));
     let w = Arc::new(Worker {
@@ -208,6 +212,7 @@ pub async fn run(
         in_flight: Mutex::new(HashSet::new()),
         engine_ok: AtomicBool::new(false),
         lease_until_ms: AtomicU64::new(lease),
+        lease_ms: AtomicU64::new(lease_ms),
         lease_was_valid: AtomicBool::new(lease > now_ms()),
         renewed: Notify::new(),
         last_round_ms: AtomicU64::new(0),
@@ -292,7 +297,9 @@ async fn sync_loop(w: Arc<Worker>, mut shutdown: broadcast::Receiver<()>) {
                 // The lease counts from when the request was sent, so it can never
                 // outlive the one the manager granted.
                 let until = sent_at_ms + resp.lease_ms.saturating_sub(w.cfg.lease_margin.as_millis() as u64);
+                w.lease_ms.store(resp.lease_ms, Ordering::Relaxed);
                 w.lease_until_ms.store(until, Ordering::Relaxed);
+                let _ = w.ledger.set_meta_u64("lease_ms", resp.lease_ms);
                 let _ = w.ledger.set_meta_u64("lease_until_ms", until);
                 w.renewed.notify_one();
                 match w.ledger.accept(&resp.assignments) {
@@ -352,10 +359,11 @@ async fn answer_logs(w: &Worker, addr: &str, id: u64, placement_id: &str, tail: 
 /// The guard deadline the current lease allows now, `None` when too little is left
 /// (see `worker::fence`). The boot clock is read first, so a pause between the reads
 /// only makes the deadline earlier.
-fn current_deadline(w: &Worker) -> Option<u64> {
+fn current_deadline(w: &Worker) -> Option<Deadline> {
     let boot = crate::guard::boottime_ms();
     let now = now_ms();
-    guard_deadline(w.lease_until_ms.load(Ordering::Relaxed), now, boot, FenceTiming::default())
+    let timing = FenceTiming::for_lease(w.lease_ms.load(Ordering::Relaxed));
+    guard_deadline(w.lease_until_ms.load(Ordering::Relaxed), now, boot, timing)
 }
 
 /// Moves every running guard's deadline after each lease renewal. Writes are bounded
@@ -801,7 +809,7 @@ async fn create(w: &Worker, h: &Held) {
     tracing::debug!(placement = %h.id, admitted_ms, image_ms, "creating");
     let guard = if h.spec.guarded() {
         match current_deadline(w) {
-            Some(deadline_boot_ms) => Some(GuardSpec { deadline_boot_ms }),
+            Some(deadline) => Some(GuardSpec { deadline }),
             None => {
                 tracing::info!(placement = %h.id, "too little lease left to start a guarded task; waiting for a renewal");
                 return;

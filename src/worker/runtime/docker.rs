@@ -631,7 +631,7 @@ impl Runtime for DockerRuntime {
             tracing::warn!(container = %spec.name, warning, "docker create");
         }
         if let Some(guard) = &spec.guard {
-            if let Err(error) = self.set_deadline(&created.id, guard.deadline_boot_ms).await {
+            if let Err(error) = self.set_deadline(&created.id, guard.deadline).await {
                 self.discard(&created.id).await;
                 return Err(error);
             }
@@ -710,8 +710,8 @@ impl Runtime for DockerRuntime {
         }
     }
 
-    async fn set_deadline(&self, id: &str, deadline_boot_ms: u64) -> Result<(), RuntimeError> {
-        let archive = deadline_archive(deadline_boot_ms)
+    async fn set_deadline(&self, id: &str, deadline: crate::guard::Deadline) -> Result<(), RuntimeError> {
+        let archive = deadline_archive(deadline)
             .map_err(|e| RuntimeError::Rejected(format!("cannot assemble the deadline archive: {e}")))?;
         let options = UploadToContainerOptions { path: DEADLINE_DIR, ..Default::default() };
         bounded(
@@ -823,8 +823,8 @@ fn guard_build_context(binary: &[u8]) -> std::io::Result<Vec<u8>> {
 }
 
 /// A one-file tar archive: the deadline the guard reads.
-fn deadline_archive(deadline_boot_ms: u64) -> std::io::Result<Vec<u8>> {
-    let text = crate::guard::deadline_text(deadline_boot_ms);
+fn deadline_archive(deadline: crate::guard::Deadline) -> std::io::Result<Vec<u8>> {
+    let text = deadline.text();
     let mut archive = tar::Builder::new(Vec::with_capacity(2048));
     let mut header = tar::Header::new_gnu();
     header.set_size(text.len() as u64);

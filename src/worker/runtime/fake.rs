@@ -236,12 +236,12 @@ impl Runtime for FakeRuntime {
         Ok(c.logs[from..].iter().map(|l| format!("{l}\n")).collect())
     }
 
-    async fn set_deadline(&self, id: &str, deadline_boot_ms: u64) -> Result<(), RuntimeError> {
+    async fn set_deadline(&self, id: &str, deadline: crate::guard::Deadline) -> Result<(), RuntimeError> {
         // No process runs here to stop; the deadline is only kept in the log for tests.
         self.check_available()?;
         let mut containers = self.lock();
         let c = containers.get_mut(id).ok_or_else(|| RuntimeError::NotFound(id.to_string()))?;
-        c.logs.push(format!("deadline {deadline_boot_ms}"));
+        c.logs.push(format!("deadline {}", deadline.at_boot_ms));
         Ok(())
     }
 }

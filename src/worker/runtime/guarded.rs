@@ -167,9 +167,9 @@ impl Runtime for GuardedRuntime {
         guarded(&self.logs, "docker.logs", self.inner.logs(id, tail)).await
     }
 
-    async fn set_deadline(&self, id: &str, deadline_boot_ms: u64) -> Result<(), RuntimeError> {
+    async fn set_deadline(&self, id: &str, deadline: crate::guard::Deadline) -> Result<(), RuntimeError> {
         // A small write to a running container: the lifecycle pool, so a pull never delays it.
-        guarded(&self.lifecycle, "docker.set_deadline", self.inner.set_deadline(id, deadline_boot_ms)).await
+        guarded(&self.lifecycle, "docker.set_deadline", self.inner.set_deadline(id, deadline)).await
     }
 }
 
@@ -232,7 +232,7 @@ mod tests {
         async fn logs(&self, _: &str, _: usize) -> Result<String, RuntimeError> {
             self.answer(String::new())
         }
-        async fn set_deadline(&self, _: &str, _: u64) -> Result<(), RuntimeError> {
+        async fn set_deadline(&self, _: &str, _: crate::guard::Deadline) -> Result<(), RuntimeError> {
             self.answer(())
         }
     }

@@ -57,9 +57,9 @@ pub struct ContainerSpec {
 /// inside the container").
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GuardSpec {
-    /// The first deadline (`CLOCK_BOOTTIME` ms), written into the container before it
-    /// starts; the worker moves it on every lease renewal.
-    pub deadline_boot_ms: u64,
+    /// The first deadline, written into the container before it starts; the worker
+    /// moves it on every lease renewal.
+    pub deadline: crate::guard::Deadline,
 }
 
 /// Coarse container state as reported by the engine.
@@ -156,7 +156,7 @@ pub trait Runtime: Send + Sync + 'static {
     async fn remove(&self, id: &str) -> Result<(), RuntimeError>;
     /// The last `tail` lines of stdout and stderr, interleaved as the engine stores them.
     async fn logs(&self, id: &str, tail: usize) -> Result<String, RuntimeError>;
-    /// Writes a guarded container's deadline (`CLOCK_BOOTTIME` ms) into it through the
-    /// engine, so its guard stops the task then unless the deadline moves again.
-    async fn set_deadline(&self, id: &str, deadline_boot_ms: u64) -> Result<(), RuntimeError>;
+    /// Writes a guarded container's deadline into it through the engine, so its guard
+    /// stops the task then unless the deadline moves again.
+    async fn set_deadline(&self, id: &str, deadline: crate::guard::Deadline) -> Result<(), RuntimeError>;
 }
