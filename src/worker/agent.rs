@@ -631,6 +631,9 @@ async fn execute(w: &Arc<Worker>, held: &[Held], action: Action) {
     match action {
         Action::Report { placement_id, change } => {
             if let Some(h) = find(&placement_id) {
+                if change.story.as_deref() == Some("fenced") {
+                    tracing::warn!(placement = %h.id, reason = ?change.reason, "the guard stopped this task at its deadline");
+                }
                 // Once the exit of an unhealthy container is recorded, its verdict is spent.
                 let spent = change.observed != Observed::Running;
                 record(w, &h, change);
@@ -804,6 +807,21 @@ async fn create(w: &Worker, h: &Held) {
             }
         }
         return;
+    }
+    if h.spec.guarded() {
+        // Before the deadline is taken: the first guarded start on an engine builds the
+        // guard image, which could otherwise eat the run time the deadline allows.
+        if let Err(e) = w.runtime.ensure_guard().await {
+            match e {
+                RuntimeError::Unavailable(msg) => tracing::warn!(error = %msg, "engine unavailable; will retry"),
+                other => {
+                    let mut ch = base_change(h, Observed::Failed);
+                    ch.reason = Some(format!("cannot prepare the exclusive guard: {other}"));
+                    record(w, h, ch);
+                }
+            }
+            return;
+        }
     }
     let image_ms = started.elapsed().as_millis() as u64;
     tracing::debug!(placement = %h.id, admitted_ms, image_ms, "creating");

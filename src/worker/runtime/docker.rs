@@ -710,6 +710,10 @@ impl Runtime for DockerRuntime {
         }
     }
 
+    async fn ensure_guard(&self) -> Result<(), RuntimeError> {
+        self.guard_volume().await.map(|_| ())
+    }
+
     async fn set_deadline(&self, id: &str, deadline: crate::guard::Deadline) -> Result<(), RuntimeError> {
         let archive = deadline_archive(deadline)
             .map_err(|e| RuntimeError::Rejected(format!("cannot assemble the deadline archive: {e}")))?;

@@ -236,6 +236,10 @@ impl Runtime for FakeRuntime {
         Ok(c.logs[from..].iter().map(|l| format!("{l}\n")).collect())
     }
 
+    async fn ensure_guard(&self) -> Result<(), RuntimeError> {
+        self.check_available()
+    }
+
     async fn set_deadline(&self, id: &str, deadline: crate::guard::Deadline) -> Result<(), RuntimeError> {
         // No process runs here to stop; the deadline is only kept in the log for tests.
         self.check_available()?;

@@ -167,6 +167,11 @@ impl Runtime for GuardedRuntime {
         guarded(&self.logs, "docker.logs", self.inner.logs(id, tail)).await
     }
 
+    async fn ensure_guard(&self) -> Result<(), RuntimeError> {
+        // A build at worst, like the echo image: the pull pool.
+        guarded(&self.pull, "docker.ensure_guard", self.inner.ensure_guard()).await
+    }
+
     async fn set_deadline(&self, id: &str, deadline: crate::guard::Deadline) -> Result<(), RuntimeError> {
         // A small write to a running container: the lifecycle pool, so a pull never delays it.
         guarded(&self.lifecycle, "docker.set_deadline", self.inner.set_deadline(id, deadline)).await
@@ -231,6 +236,9 @@ mod tests {
         }
         async fn logs(&self, _: &str, _: usize) -> Result<String, RuntimeError> {
             self.answer(String::new())
+        }
+        async fn ensure_guard(&self) -> Result<(), RuntimeError> {
+            self.answer(())
         }
         async fn set_deadline(&self, _: &str, _: crate::guard::Deadline) -> Result<(), RuntimeError> {
             self.answer(())

@@ -156,6 +156,9 @@ pub trait Runtime: Send + Sync + 'static {
     async fn remove(&self, id: &str) -> Result<(), RuntimeError>;
     /// The last `tail` lines of stdout and stderr, interleaved as the engine stores them.
     async fn logs(&self, id: &str, tail: usize) -> Result<String, RuntimeError>;
+    /// Makes sure guarded containers can be created here (the guard binary is on the
+    /// engine); slow the first time per engine and binary, instant after.
+    async fn ensure_guard(&self) -> Result<(), RuntimeError>;
     /// Writes a guarded container's deadline into it through the engine, so its guard
     /// stops the task then unless the deadline moves again.
     async fn set_deadline(&self, id: &str, deadline: crate::guard::Deadline) -> Result<(), RuntimeError>;
