@@ -838,6 +838,16 @@ async fn create(w: &Worker, h: &Held) {
     };
     match w.runtime.create_and_start(&container_spec(&w.cfg.node, h, guard)).await {
         Ok(info) => {
+            if h.spec.guarded() {
+                // The deadline was taken before a create that may have been slow; the
+                // lease was renewed meanwhile, but the fence keeper only knows this
+                // container once it is recorded. Move it now, not at the next renewal.
+                if let Some(deadline) = current_deadline(w) {
+                    if let Err(e) = w.runtime.set_deadline(&info.id, deadline).await {
+                        tracing::warn!(placement = %h.id, error = %e, "could not move the guard's deadline");
+                    }
+                }
+            }
             let mut ch = base_change(h, Observed::Running);
             ch.container_id = Some(info.id.clone());
             ch.endpoints = super::reconcile::endpoints(&w.cfg.advertise_host, &info);
