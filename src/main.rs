@@ -1,11 +1,18 @@
 //! Thin entry point: parse flags → build a config → run until SIGTERM/SIGINT.
 
 use anyhow::Context;
-use clap::Parser;
-use holdfast::cli::{Cli, ClusterCommand, Command, ImageCommand, SnapshotCommand};
+use holdfast::cli::{Cli, ClusterCommand, Command, ImageCommand, LogFormat, SnapshotCommand, EXIT_CONFIG};
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    // Configuration errors (flags, config file, values) exit with EXIT_CONFIG, which
+    // the units' RestartPreventExitStatus= names.
+    let cli = match holdfast::config_file::parse_from(std::env::args_os().collect()) {
+        Ok(cli) => cli,
+        Err(e) => {
+            e.print();
+            return std::process::ExitCode::from(e.code());
+        }
+    };
     // The guard is PID 1 of a container: it must run before any thread exists (no
     // tokio runtime, no logger) so its signal mask covers the whole process.
     if let Command::Guard(args) = cli.command {
@@ -13,15 +20,15 @@ fn main() -> std::process::ExitCode {
             holdfast::guard::run(holdfast::guard::GuardConfig { argv: args.argv, deadline_file: args.deadline_file });
         return std::process::ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HOLDFAST_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
-        )
-        .with_writer(std::io::stderr)
-        // Container logs are files, not terminals: no colour codes in them.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let (format, level) = match &cli.command {
+        Command::Dev(a) => (a.service.log_format, a.service.log_level.clone()),
+        Command::Agent(a) => (a.service.log_format, a.service.log_level.clone()),
+        _ => (LogFormat::Text, None),
+    };
+    if let Err(e) = holdfast::logging::init(format, level.as_deref()) {
+        eprintln!("holdfast: {e}");
+        return std::process::ExitCode::from(EXIT_CONFIG);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -29,6 +36,12 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    if let Command::Agent(a) = &cli.command {
+        if let Err(e) = a.to_config() {
+            eprintln!("holdfast: {e}");
+            return std::process::ExitCode::from(EXIT_CONFIG);
+        }
+    }
     match runtime.block_on(dispatch(cli)) {
         Ok(code) => std::process::ExitCode::from(code),
         Err(e) => {
@@ -42,18 +55,32 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Dev(args) => {
             let config = args.to_config();
-            println!(
-                "holdfast dev: API and UI on http://{api}\n\
-                 Run the echo task:\n  curl -s -X POST http://{api}/v1/tasks -d '{{\"image\":\"holdfast/echo:latest\",\"ports\":[{{\"container\":7777}}]}}'\n\
-                 Then find its endpoint with: curl -s http://{api}/v1/tasks",
-                api = args.api
-            );
-            holdfast::node::run(config, holdfast::shutdown_signal()).await?;
+            // The admin token exists once this single-node cluster has elected itself.
+            let token_file = args.data_dir.join(holdfast::manager::api::auth::ADMIN_TOKEN_FILE);
+            let api = args.api.clone();
+            tokio::spawn(async move {
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+                while std::time::Instant::now() < deadline {
+                    if let Ok(t) = std::fs::read_to_string(&token_file) {
+                        let token = t.trim();
+                        println!(
+                            "holdfast dev: API on http://{api} (admin token in {file})\n\
+                             Run the echo task:\n  curl -s -H 'Authorization: Bearer {token}' -X POST http://{api}/v1/tasks -d '{{\"image\":\"holdfast/echo:latest\",\"ports\":[{{\"container\":7777}}]}}'\n\
+                             Then find its endpoint with: curl -s -H 'Authorization: Bearer {token}' http://{api}/v1/tasks\n\
+                             UI: http://{api}/#token={token}",
+                            file = token_file.display()
+                        );
+                        return;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            });
+            holdfast::node::run_service(config, None, args.service.options(), holdfast::shutdown_signal()).await?;
             Ok(0)
         }
         Command::Agent(args) => {
             let config = args.to_config().map_err(anyhow::Error::msg)?;
-            holdfast::node::run(config, holdfast::shutdown_signal()).await?;
+            holdfast::node::run_service(config, None, args.service.options(), holdfast::shutdown_signal()).await?;
             Ok(0)
         }
         Command::Echo(a) => {
@@ -74,15 +101,24 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             println!("built {}", tags.join(", "));
             Ok(0)
         }
-        Command::Task { cmd, api_url } => holdfast::client::task(&api_url, cmd).await.map(|_| 0),
-        Command::Node { api_url } => holdfast::client::get(&api_url, "/v1/nodes").await.map(|_| 0),
         Command::Guard(_) => anyhow::bail!("the guard runs before the async runtime starts"),
-        Command::Cluster { cmd: None, api_url } => holdfast::client::get(&api_url, "/v1/cluster").await.map(|_| 0),
-        Command::Cluster { cmd: Some(ClusterCommand::Snapshot { cmd }), api_url } => match cmd {
-            SnapshotCommand::Save { file } => holdfast::client::snapshot_save(&api_url, &file).await.map(|_| 0),
-            SnapshotCommand::Restore { file, data_dir, node_id } => {
-                holdfast::client::snapshot_restore(&file, &data_dir, &node_id).map(|_| 0)
+        Command::Task { cmd, api_url, auth } => holdfast::client::Api::new(&api_url, &auth)?.task(cmd).await.map(|_| 0),
+        Command::Node { api_url, auth } => {
+            holdfast::client::Api::new(&api_url, &auth)?.get("/v1/nodes").await.map(|_| 0)
+        }
+        Command::Cluster { cmd: None, api_url, auth } => {
+            holdfast::client::Api::new(&api_url, &auth)?.get("/v1/cluster").await.map(|_| 0)
+        }
+        Command::Cluster { cmd: Some(ClusterCommand::Snapshot { cmd }), api_url, auth } => match cmd {
+            SnapshotCommand::Save { file } => {
+                holdfast::client::Api::new(&api_url, &auth)?.snapshot_save(&file).await.map(|_| 0)
+            }
+            SnapshotCommand::Restore { file, node_id } => {
+                holdfast::client::snapshot_restore(&file, &auth.data_dir, &node_id).map(|_| 0)
             }
         },
+        Command::Token { cmd, api_url, auth } => {
+            holdfast::client::Api::new(&api_url, &auth)?.token(cmd).await.map(|_| 0)
+        }
     }
 }

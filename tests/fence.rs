@@ -34,6 +34,8 @@ const FAILOVER: Duration = Duration::from_secs(60);
 /// change here.
 struct TestCluster {
     api: String,
+    /// Carries the admin token the bootstrapping manager wrote.
+    client: reqwest::Client,
     cluster: String,
     _manager: Proc,
     workers: Vec<Worker>,
@@ -49,7 +51,7 @@ struct Worker {
 }
 
 impl TestCluster {
-    fn start(dir: &Path) -> TestCluster {
+    async fn start(dir: &Path) -> TestCluster {
         let api = format!("127.0.0.1:{}", free_port());
         let cluster = format!("127.0.0.1:{}", free_port());
         let manager_data = dir.join("m1");
@@ -75,7 +77,8 @@ impl TestCluster {
             &[],
         );
         let suffix = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
-        let mut tc = TestCluster { api, cluster, _manager: manager, workers: Vec::new(), _cleanup: Vec::new() };
+        let client = api_client(&manager_data).await;
+        let mut tc = TestCluster { api, client, cluster, _manager: manager, workers: Vec::new(), _cleanup: Vec::new() };
         for i in 1..=2 {
             let name = format!("fence-w{i}-{suffix}");
             tc._cleanup.push(NodeContainers(name.clone()));
@@ -102,7 +105,7 @@ impl TestCluster {
     }
 
     async fn task(&self, id: &str) -> Option<Value> {
-        get_json(&self.url(&format!("/v1/tasks/{id}"))).await
+        get_json(&self.client, &self.url(&format!("/v1/tasks/{id}"))).await
     }
 }
 
@@ -149,14 +152,14 @@ enum Fault {
 async fn exclusive_task_survives(fault: Fault) {
     require_docker();
     let dir = tempfile::tempdir().unwrap();
-    let mut tc = TestCluster::start(dir.path());
+    let mut tc = TestCluster::start(dir.path()).await;
     let spec = json!({
         "image": "holdfast/echo:latest",
         "name": "fenced-echo",
         "offline": {"mode": "exclusive", "lost_after_ms": 1000},
     });
     let id = eventually(Duration::from_secs(30), "the manager accepts the task", || async {
-        let r = http().post(tc.url("/v1/tasks")).json(&spec).send().await.ok()?;
+        let r = tc.client.post(tc.url("/v1/tasks")).json(&spec).send().await.ok()?;
         (r.status().as_u16() == 201).then_some(())?;
         r.json::<Value>().await.ok()?["id"].as_str().map(String::from)
     })

@@ -58,6 +58,8 @@ pub struct WorkerConfig {
     pub stop_concurrency: usize,
     /// Health probes in flight at once across all placements.
     pub probe_concurrency: usize,
+    /// Vital signs for the watchdog, status line and `/metrics` (see `service.rs`).
+    pub vitals: Arc<crate::service::WorkerVitals>,
 }
 
 impl WorkerConfig {
@@ -76,6 +78,7 @@ impl WorkerConfig {
             create_concurrency: 4,
             stop_concurrency: 8,
             probe_concurrency: 32,
+            vitals: Default::default(),
         }
     }
 }
@@ -189,6 +192,7 @@ pub async fn run(
     let ledger = Arc::new(Ledger::open(&cfg.data_dir, &cfg.node)?);
     let lease = ledger.meta_u64("lease_until_ms")?;
     let lease_ms = ledger.meta_u64("lease_ms")?;
+    cfg.vitals.set_lease(lease);
     // A pool of 0 would never run anything; treat it as 1.
     let pool = |n: usize| Arc::new(Semaphore::new(n.max(1)));
     let w = Arc::new(Worker {
@@ -238,6 +242,7 @@ async fn sync_loop(w: Arc<Worker>, mut shutdown: broadcast::Receiver<()>) {
     loop {
         let resources = current_resources(&w, None).await;
         let reports = w.ledger.outbox(1_000).unwrap_or_default();
+        w.cfg.vitals.sync_turn(reports.len());
         let req = SyncRequest {
             node: w.cfg.node.clone(),
             address: w.cfg.advertise_host.clone(),
@@ -251,6 +256,7 @@ async fn sync_loop(w: Arc<Worker>, mut shutdown: broadcast::Receiver<()>) {
         let addr = managers[target % managers.len()].clone();
         let url = format!("http://{addr}/cluster/v1/sync");
         let sent_at_ms = now_ms();
+        let sent_at = std::time::Instant::now();
         let timeout = w.cfg.sync_wait + Duration::from_secs(10);
         let call = w.http.post(&url).json(&req).timeout(timeout).send();
         let result = tokio::select! {
@@ -300,6 +306,7 @@ async fn sync_loop(w: Arc<Worker>, mut shutdown: broadcast::Receiver<()>) {
                 w.lease_ms.store(resp.lease_ms, Ordering::Relaxed);
                 w.lease_until_ms.store(until, Ordering::Relaxed);
                 let _ = w.ledger.set_meta_u64("lease_ms", resp.lease_ms);
+                w.cfg.vitals.synced(sent_at.elapsed(), until);
                 let _ = w.ledger.set_meta_u64("lease_until_ms", until);
                 w.renewed.notify_one();
                 match w.ledger.accept(&resp.assignments) {
@@ -419,9 +426,12 @@ async fn reconcile_once(w: &Arc<Worker>) {
     let containers = match w.runtime.list(&filter).await {
         Ok(c) => {
             w.engine_ok.store(true, Ordering::Relaxed);
+            w.cfg.vitals.engine(true);
+            w.cfg.vitals.containers(c.iter().map(|c| &c.state));
             c
         }
         Err(e) => {
+            w.cfg.vitals.engine(false);
             // An engine we cannot ask is not a dead task: report nothing, retry.
             if w.engine_ok.swap(false, Ordering::Relaxed) {
                 tracing::warn!(error = %e, "container engine unavailable; tasks left as they are");
