@@ -69,6 +69,10 @@ pub enum Command {
         #[command(flatten)]
         auth: ApiAuth,
     },
+    /// Internal: the first process of guarded (`exclusive`) containers; see
+    /// ARCHITECTURE.md, "The fence inside the container". Not for operators.
+    #[command(hide = true)]
+    Guard(GuardArgs),
     /// Cluster status, and backups (client of the HTTP API).
     Cluster {
         /// What to do; cluster status when absent.
@@ -386,6 +390,19 @@ pub struct AgentArgs {
     /// Config file, logs and metrics.
     #[command(flatten)]
     pub service: ServiceArgs,
+}
+
+/// `holdfast guard` flags. Deliberately without env twins: the guard runs inside the
+/// task's container, whose environment belongs to the task.
+#[derive(Args, Debug)]
+pub struct GuardArgs {
+    /// The deadline file the worker keeps current (it also carries the SIGTERM →
+    /// SIGKILL grace).
+    #[arg(long, default_value = "/.holdfast-deadline")]
+    pub deadline_file: PathBuf,
+    /// The app to run: the image's ENTRYPOINT + CMD (after `--`).
+    #[arg(last = true)]
+    pub argv: Vec<std::ffi::OsString>,
 }
 
 /// `holdfast echo` flags.

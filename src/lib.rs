@@ -9,6 +9,7 @@ pub mod client;
 pub mod config;
 pub mod config_file;
 pub mod echo;
+pub mod guard;
 pub mod logging;
 pub mod manager;
 pub mod model;

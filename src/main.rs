@@ -15,6 +15,13 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(e.code());
         }
     };
+    // The guard is PID 1 of a container: it must run before any thread exists (no
+    // tokio runtime, no logger) so its signal mask covers the whole process.
+    if let Command::Guard(args) = cli.command {
+        let code =
+            holdfast::guard::run(holdfast::guard::GuardConfig { argv: args.argv, deadline_file: args.deadline_file });
+        return std::process::ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     let (format, level) = match &cli.command {
         Command::Dev(a) => (a.service.log_format, a.service.log_level.clone()),
         Command::Agent(a) => (a.service.log_format, a.service.log_level.clone()),
@@ -100,6 +107,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             println!("built {}", tags.join(", "));
             Ok(0)
         }
+        Command::Guard(_) => anyhow::bail!("the guard runs before the async runtime starts"),
         Command::Task { cmd, api_url, auth } => holdfast::client::Api::new(&api_url, &auth)?.task(cmd).await.map(|_| 0),
         Command::Node { api_url, auth } => {
             holdfast::client::Api::new(&api_url, &auth)?.get("/v1/nodes").await.map(|_| 0)

@@ -78,6 +78,7 @@ fn echo_spec(name: &str, command: &[&str]) -> ContainerSpec {
             (labels::PLACEMENT.to_owned(), format!("{name}-p1")),
             (labels::FENCE.to_owned(), "7".to_owned()),
         ]),
+        guard: None,
     }
 }
 

@@ -386,6 +386,62 @@ async fn exclusive_task_never_overlaps() {
     assert_eq!(p.max_after, 1);
 }
 
+/// The worker's container is paused (`docker pause`: the process freezes, its engine
+/// socket stays open) while its `exclusive` task runs on the host engine: only the guard
+/// inside the task's container can stop it before the manager places a replacement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_worker_exclusive_task_is_fenced_by_its_guard() {
+    let c = Cluster::start(1, 2).await;
+    let id = c.submit(echo_service(Some(json!({"mode": "exclusive", "lost_after_ms": 1000})))).await;
+    let t = c.wait_state(&id, "running", FIRST_RUN).await;
+    let old = current(&t).clone();
+    let (old_fence, old_cid) = (old["fence"].as_u64().unwrap(), str_of(&old["container_id"]));
+    let paused: Node = c.worker(old["node"].as_str().unwrap()).clone();
+    let other = c.workers.iter().find(|w| w.id != paused.id).unwrap().clone();
+
+    let sampler = Sampler::start(&id).await;
+    c.pause(&paused).await;
+    let paused_at = Instant::now();
+    let fenced_after = until(Duration::from_secs(60), "the guard to stop the old copy", || async {
+        let st = inspect(&old_cid).await.ok_or_else(|| "old container gone".to_string())?;
+        (st.status == "exited").then(|| (paused_at.elapsed(), st.exit_code)).ok_or(st.status)
+    })
+    .await;
+    let t = c
+        .wait_task(&id, Duration::from_secs(90), "to run a replacement on the other worker", |t| {
+            let p = current(t);
+            p["fence"].as_u64() > Some(old_fence) && p["node"] == other.id.as_str() && p["observed"] == "running"
+        })
+        .await;
+    let replaced_after = paused_at.elapsed();
+    let new_cid = str_of(&current(&t)["container_id"]);
+    let samples = sampler.finish().await;
+    c.unpause(&paused).await;
+    let story = "fenced: lease expired while the worker was not running";
+    until(CONVERGE, "the fence in the history and the old container removed", || async {
+        let t = c.task(&id).await.ok_or("no manager answers")?;
+        let oldp = by_fence(&t, old_fence);
+        let told = oldp["events"].as_array().is_some_and(|es| es.iter().any(|e| e["detail"] == story));
+        let gone = inspect(&old_cid).await.is_none();
+        (told && gone && t["state"] == "running").then_some(()).ok_or(format!("task {t:#}"))
+    })
+    .await;
+    eprintln!(
+        "FIGURES paused_worker_exclusive: guard stopped the old copy {:.1?} after the pause (exit {}), replacement \
+         running {replaced_after:.1?} after it; copies: max {} by polls, {} by events; {} polls",
+        fenced_after.0,
+        fenced_after.1,
+        samples.max_running(),
+        samples.max_running_by_events(),
+        samples.samples.len(),
+    );
+    assert_eq!(fenced_after.1, 213, "the guard's fence code");
+    assert_eq!(samples.max_running(), 1, "never two copies (polls): {:?}", samples.copies());
+    assert!(samples.max_running_by_events() <= 1, "never two copies (engine events)");
+    let at = |action: &str, cid: &str| samples.events.iter().find(|(_, a, c)| a == action && c == cid).map(|e| e.0);
+    assert!(at("die", &old_cid) < at("start", &new_cid) && at("die", &old_cid).is_some(), "{:?}", samples.events);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_restart_and_buffered_statuses_during_outage() {
     let c = Cluster::start(3, 2).await;

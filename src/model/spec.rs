@@ -235,6 +235,11 @@ pub struct OfflineSpec {
     /// Whether a lost placement is replaced on another node.
     #[serde(default = "default_true")]
     pub replace: bool,
+    /// Run the task under the in-container guard, which stops it when the worker's lease
+    /// runs out even if the worker itself is dead or hung. Always on for `exclusive`
+    /// (which refuses `false`); off by default for `keep` and `finish`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guard: Option<bool>,
 }
 
 fn default_lost_after() -> u64 {
@@ -434,6 +439,12 @@ impl TaskSpec {
             if o.lost_after_ms < 1_000 || o.lost_after_ms > 30 * 24 * 3_600_000 {
                 return Err(SpecError::new("offline.lost_after_ms", "must be 1000 ms to 30 days"));
             }
+            if o.guard == Some(false) && self.offline_mode() == OfflineMode::Exclusive {
+                return Err(SpecError::new(
+                    "offline.guard",
+                    "offline mode exclusive always runs under the guard; drop `guard` or set it to true",
+                ));
+            }
         }
         Ok(())
     }
@@ -480,6 +491,12 @@ impl TaskSpec {
             Kind::Service => OfflineMode::Keep,
             Kind::Batch => OfflineMode::Finish,
         })
+    }
+
+    /// Whether placements of this task run under the in-container guard: always for
+    /// `exclusive`, otherwise only when `offline.guard` asks for it.
+    pub fn guarded(&self) -> bool {
+        self.offline_mode() == OfflineMode::Exclusive || self.offline.as_ref().and_then(|o| o.guard) == Some(true)
     }
 
     /// A stable digest of the canonical JSON, to compare specs under one idempotency key.
@@ -542,6 +559,23 @@ mod tests {
         let s = TaskSpec::from_json(br#"{"image":"x/y:1"}"#).unwrap();
         assert_eq!(s.restart_policy().policy, RestartMode::Always);
         assert_eq!(s.offline_mode(), OfflineMode::Keep);
+    }
+
+    #[test]
+    fn guard_is_always_on_for_exclusive_and_asked_for_otherwise() {
+        let guarded = |json: &str| TaskSpec::from_json(json.as_bytes()).unwrap().guarded();
+        assert!(guarded(r#"{"image":"a","offline":{"mode":"exclusive"}}"#));
+        assert!(guarded(r#"{"image":"a","offline":{"mode":"exclusive","guard":true}}"#));
+        assert!(!guarded(r#"{"image":"a"}"#));
+        assert!(!guarded(r#"{"image":"a","kind":"batch"}"#));
+        assert!(!guarded(r#"{"image":"a","offline":{"mode":"keep","guard":false}}"#));
+        assert!(guarded(r#"{"image":"a","offline":{"mode":"keep","guard":true}}"#));
+        assert!(guarded(r#"{"image":"a","kind":"batch","offline":{"guard":true}}"#));
+        check(r#"{"image":"a","offline":{"mode":"exclusive","guard":false}}"#, Err("offline.guard"));
+        check(r#"{"image":"a","offline":{"guard":"yes"}}"#, Err("offline.guard"));
+        // Additive: a spec without the field keeps its digest.
+        let plain = TaskSpec::from_json(br#"{"image":"a","offline":{"mode":"keep"}}"#).unwrap();
+        assert!(!serde_json::to_string(&plain).unwrap().contains("guard"));
     }
 
     #[test]

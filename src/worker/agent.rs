@@ -17,9 +17,11 @@ use rand::Rng;
 use tokio::sync::{broadcast, Notify, Semaphore};
 use tokio::task::AbortHandle;
 
+use super::fence::{guard_deadline, FenceTiming};
 use super::ledger::{Change, Held, Ledger, LedgerError};
 use super::reconcile::{reconcile, Action, Facts, Unhealthy};
-use super::runtime::{labels, ContainerInfo, ContainerSpec, ContainerState, PortMap, Runtime, RuntimeError};
+use super::runtime::{labels, ContainerInfo, ContainerSpec, ContainerState, GuardSpec, PortMap, Runtime, RuntimeError};
+use crate::guard::Deadline;
 use crate::lock;
 use crate::model::sync::{LogReply, NodeResources, NotLeader, SyncRequest, SyncResponse};
 use crate::model::{Desired, Observed};
@@ -139,9 +141,23 @@ struct Worker {
     engine_ok: AtomicBool,
     /// Lease end, ms since the epoch (0 = never held one).
     lease_until_ms: AtomicU64,
+    /// Length of the last lease granted, ms: scales the guards' stop budget.
+    lease_ms: AtomicU64,
     /// Lease validity seen by the last reconcile round, to record changes once.
     lease_was_valid: AtomicBool,
+    /// Woken on every lease renewal: the fence keeper moves the guards' deadlines.
+    renewed: Notify,
+    /// When the last reconcile round ran (ms since the epoch; 0 = none yet in this
+    /// process): a long gap means the worker was not running (dead or stopped).
+    last_round_ms: AtomicU64,
 }
+
+/// A gap between reconcile rounds (normally ≤ 500 ms) longer than this means the
+/// worker process was not running meanwhile.
+const AWAY_AFTER_MS: u64 = 3_000;
+
+/// Deadline writes in flight at once when a renewal moves every guard's deadline.
+const DEADLINE_CONCURRENCY: usize = 8;
 
 /// A health prober task and what it watches.
 struct Prober {
@@ -221,6 +237,7 @@ pub async fn run(
     });
     let ledger = Arc::new(Ledger::open(&cfg.data_dir, &cfg.node)?);
     let lease = ledger.meta_u64("lease_until_ms")?;
+    let lease_ms = ledger.meta_u64("lease_ms")?;
     cfg.vitals.set_lease(lease);
     // A pool of 0 would never run anything; treat it as 1.
     let pool = |n: usize| Arc::new(Semaphore::new(n.max(1)));
@@ -241,13 +258,17 @@ pub async fn run(
         in_flight: Mutex::new(HashSet::new()),
         engine_ok: AtomicBool::new(false),
         lease_until_ms: AtomicU64::new(lease),
+        lease_ms: AtomicU64::new(lease_ms),
         lease_was_valid: AtomicBool::new(lease > now_ms()),
+        renewed: Notify::new(),
+        last_round_ms: AtomicU64::new(0),
     });
     tracing::info!(node = %w.cfg.node, managers = ?w.cfg.managers, "worker starting");
     let sync = tokio::spawn(sync_loop(w.clone(), shutdown.resubscribe()));
     let rec = tokio::spawn(reconcile_loop(w.clone(), shutdown.resubscribe()));
+    let fences = tokio::spawn(fence_loop(w.clone(), shutdown.resubscribe()));
     let _ = shutdown.recv().await;
-    let _ = tokio::join!(sync, rec);
+    let _ = tokio::join!(sync, rec, fences);
     if let Some(r) = renewal {
         let _ = r.await;
     }
@@ -328,9 +349,12 @@ async fn sync_loop(w: Arc<Worker>, mut shutdown: broadcast::Receiver<()>) {
                 // The lease counts from when the request was sent, so it can never
                 // outlive the one the manager granted.
                 let until = sent_at_ms + resp.lease_ms.saturating_sub(w.cfg.lease_margin.as_millis() as u64);
+                w.lease_ms.store(resp.lease_ms, Ordering::Relaxed);
                 w.lease_until_ms.store(until, Ordering::Relaxed);
+                let _ = w.ledger.set_meta_u64("lease_ms", resp.lease_ms);
                 w.cfg.vitals.synced(sent_at.elapsed(), until);
                 let _ = w.ledger.set_meta_u64("lease_until_ms", until);
+                w.renewed.notify_one();
                 match w.ledger.accept(&resp.assignments) {
                     Ok(refused) if !refused.is_empty() => {
                         tracing::warn!(?refused, "refused placements with a fence below one already seen")
@@ -386,6 +410,49 @@ async fn answer_logs(w: &Worker, addr: &str, id: u64, placement_id: &str, tail: 
     }
 }
 
+/// The guard deadline the current lease allows now, `None` when too little is left
+/// (see `worker::fence`). The boot clock is read first, so a pause between the reads
+/// only makes the deadline earlier.
+fn current_deadline(w: &Worker) -> Option<Deadline> {
+    let boot = crate::guard::boottime_ms();
+    let now = now_ms();
+    let timing = FenceTiming::for_lease(w.lease_ms.load(Ordering::Relaxed));
+    guard_deadline(w.lease_until_ms.load(Ordering::Relaxed), now, boot, timing)
+}
+
+/// Moves every running guard's deadline after each lease renewal. Writes are bounded
+/// (engine timeouts, a few at once); one that fails leaves the older, earlier deadline
+/// in place, which is the safe direction.
+async fn fence_loop(w: Arc<Worker>, mut shutdown: broadcast::Receiver<()>) {
+    use futures::StreamExt;
+    loop {
+        tokio::select! {
+            _ = shutdown.recv() => return,
+            _ = w.renewed.notified() => {}
+        }
+        let held = w.ledger.all().unwrap_or_default();
+        let targets: Vec<String> = held
+            .into_iter()
+            .filter(|h| h.spec.guarded() && h.desired == Desired::Run && !h.suspended)
+            .filter(|h| matches!(h.observed, Observed::Running | Observed::Starting | Observed::Restarting))
+            .filter_map(|h| h.container_id)
+            .collect();
+        futures::stream::iter(targets)
+            .for_each_concurrent(DEADLINE_CONCURRENCY, |cid| {
+                let w = w.clone();
+                async move {
+                    // Computed per write, just before it: never older than the lease it reflects.
+                    let Some(deadline) = current_deadline(&w) else { return };
+                    match w.runtime.set_deadline(&cid, deadline).await {
+                        Ok(()) | Err(RuntimeError::NotFound(_)) => {}
+                        Err(e) => tracing::warn!(container = %cid, error = %e, "could not move the guard's deadline"),
+                    }
+                }
+            })
+            .await;
+    }
+}
+
 async fn reconcile_loop(w: Arc<Worker>, mut shutdown: broadcast::Receiver<()>) {
     loop {
         reconcile_once(&w).await;
@@ -438,6 +505,8 @@ async fn reconcile_once(w: &Arc<Worker>) {
     let unhealthy = lock(&w.unhealthy).clone();
     let now = now_ms();
     let lease_valid = now < w.lease_until_ms.load(Ordering::Relaxed);
+    let last_round = w.last_round_ms.swap(now, Ordering::Relaxed);
+    let worker_was_away = last_round == 0 || now.saturating_sub(last_round) > AWAY_AFTER_MS;
     note_authority(w, &held, lease_valid, now);
     let actions = {
         let mut rng = rand::thread_rng();
@@ -451,6 +520,7 @@ async fn reconcile_once(w: &Arc<Worker>) {
                 jitter: &mut jitter,
                 unhealthy: &unhealthy,
                 lease_valid,
+                worker_was_away,
             },
         )
     };
@@ -557,7 +627,7 @@ fn base_change(h: &Held, observed: Observed) -> Change {
     Change::carrying(h, observed)
 }
 
-fn container_spec(node: &str, h: &Held) -> ContainerSpec {
+fn container_spec(node: &str, h: &Held, guard: Option<GuardSpec>) -> ContainerSpec {
     let mut l = BTreeMap::new();
     l.insert(labels::NODE.to_string(), node.to_string());
     l.insert(labels::TASK.to_string(), h.task_id.clone());
@@ -572,6 +642,26 @@ fn container_spec(node: &str, h: &Held) -> ContainerSpec {
         cpu_millis: h.spec.resources.cpu_millis,
         memory_mb: h.spec.resources.memory_mb,
         labels: l,
+        guard,
+    }
+}
+
+/// Before (re)starting a guarded placement's container: writes a deadline the current
+/// lease allows. `false` when there is none (the lease is about to end): do not start.
+async fn arm_guard(w: &Worker, h: &Held, container_id: &str) -> bool {
+    if !h.spec.guarded() {
+        return true;
+    }
+    let Some(deadline) = current_deadline(w) else {
+        tracing::info!(placement = %h.id, "too little lease left to start a guarded task; waiting for a renewal");
+        return false;
+    };
+    match w.runtime.set_deadline(container_id, deadline).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(placement = %h.id, error = %e, "could not write the guard's deadline; will retry");
+            false
+        }
     }
 }
 
@@ -598,6 +688,9 @@ async fn execute(w: &Arc<Worker>, held: &[Held], action: Action) {
     match action {
         Action::Report { placement_id, change } => {
             if let Some(h) = find(&placement_id) {
+                if change.story.as_deref() == Some("fenced") {
+                    tracing::warn!(placement = %h.id, reason = ?change.reason, "the guard stopped this task at its deadline");
+                }
                 // Once the exit of an unhealthy container is recorded, its verdict is spent.
                 let spent = change.observed != Observed::Running;
                 record(w, &h, change);
@@ -657,6 +750,9 @@ async fn execute(w: &Arc<Worker>, held: &[Held], action: Action) {
             let Some(h) = find(&placement_id) else { return };
             let w2 = w.clone();
             spawn_job(w, &w.creates, placement_id, async move {
+                if !arm_guard(&w2, &h, &container_id).await {
+                    return;
+                }
                 match w2.runtime.start(&container_id).await {
                     Ok(info) => {
                         let mut ch = base_change(&h, Observed::Running);
@@ -702,6 +798,9 @@ async fn execute(w: &Arc<Worker>, held: &[Held], action: Action) {
 
 /// A local restart of an exited container.
 async fn restart(w: &Worker, h: &Held, container_id: String) {
+    if !arm_guard(w, h, &container_id).await {
+        return;
+    }
     match w.runtime.start(&container_id).await {
         Ok(_) => {
             let mut ch = base_change(h, Observed::Running);
@@ -766,10 +865,46 @@ async fn create(w: &Worker, h: &Held) {
         }
         return;
     }
+    if h.spec.guarded() {
+        // Before the deadline is taken: the first guarded start on an engine builds the
+        // guard image, which could otherwise eat the run time the deadline allows.
+        if let Err(e) = w.runtime.ensure_guard().await {
+            match e {
+                RuntimeError::Unavailable(msg) => tracing::warn!(error = %msg, "engine unavailable; will retry"),
+                other => {
+                    let mut ch = base_change(h, Observed::Failed);
+                    ch.reason = Some(format!("cannot prepare the exclusive guard: {other}"));
+                    record(w, h, ch);
+                }
+            }
+            return;
+        }
+    }
     let image_ms = started.elapsed().as_millis() as u64;
     tracing::debug!(placement = %h.id, admitted_ms, image_ms, "creating");
-    match w.runtime.create_and_start(&container_spec(&w.cfg.node, h)).await {
+    let guard = if h.spec.guarded() {
+        match current_deadline(w) {
+            Some(deadline) => Some(GuardSpec { deadline }),
+            None => {
+                tracing::info!(placement = %h.id, "too little lease left to start a guarded task; waiting for a renewal");
+                return;
+            }
+        }
+    } else {
+        None
+    };
+    match w.runtime.create_and_start(&container_spec(&w.cfg.node, h, guard)).await {
         Ok(info) => {
+            if h.spec.guarded() {
+                // The deadline was taken before a create that may have been slow; the
+                // lease was renewed meanwhile, but the fence keeper only knows this
+                // container once it is recorded. Move it now, not at the next renewal.
+                if let Some(deadline) = current_deadline(w) {
+                    if let Err(e) = w.runtime.set_deadline(&info.id, deadline).await {
+                        tracing::warn!(placement = %h.id, error = %e, "could not move the guard's deadline");
+                    }
+                }
+            }
             let mut ch = base_change(h, Observed::Running);
             ch.container_id = Some(info.id.clone());
             ch.endpoints = super::reconcile::endpoints(&w.cfg.advertise_host, &info);

@@ -1,6 +1,7 @@
 //! The data plane: sync with managers, local ledger, reconcile, container runtime.
 
 pub mod agent;
+pub mod fence;
 pub mod health;
 pub mod ledger;
 pub mod reconcile;

@@ -97,6 +97,34 @@ pub struct Facts<'a> {
     /// task's offline mode decides: `keep` carries on, `finish` lets running work end but
     /// starts nothing, `exclusive` stops.
     pub lease_valid: bool,
+    /// Whether this worker process was not running (dead, restarted, or stopped) for a
+    /// while before this round: a guard that fenced its task meanwhile is recorded as
+    /// having done so while the worker was away.
+    pub worker_was_away: bool,
+}
+
+/// Whether `c` is a guarded placement's container that its guard stopped because the
+/// deadline passed (exit code [`FENCED_EXIT`](crate::guard::FENCED_EXIT)).
+fn fenced(h: &Held, c: &ContainerInfo) -> bool {
+    h.spec.guarded() && c.state == (ContainerState::Exited { code: i64::from(crate::guard::FENCED_EXIT) })
+}
+
+/// The report of a guard's fence: the placement is suspended (as if this worker had
+/// stopped it on expiry) and resumes only when a manager renews the lease and still
+/// lists it; a replaced one is stopped and removed as usual.
+fn fenced_change(h: &Held, c: &ContainerInfo, facts: &Facts<'_>) -> Change {
+    let mut ch = change(h, Observed::Restarting);
+    ch.suspended = true;
+    ch.exit_code = Some(i64::from(crate::guard::FENCED_EXIT));
+    ch.container_id = Some(c.id.clone());
+    ch.endpoints.clear();
+    ch.story = Some("fenced".into());
+    ch.reason = Some(if facts.worker_was_away {
+        "fenced: lease expired while the worker was not running".into()
+    } else {
+        "fenced: lease expired; the guard stopped the task".into()
+    });
+    ch
 }
 
 /// Restart delay before attempt `restarts + 1`: exponential, capped, full jitter.
@@ -139,6 +167,10 @@ pub fn reconcile(held: &[Held], containers: &[ContainerInfo], facts: &mut Facts<
 
         if h.desired == Desired::Stop {
             match c {
+                // Tell the story of a fence before removing its evidence.
+                Some(c) if fenced(h, c) && !h.suspended => {
+                    actions.push(Action::Report { placement_id: pid, change: fenced_change(h, c, facts) })
+                }
                 Some(c) => actions.push(Action::StopRemove { placement_id: pid, container_id: c.id.clone() }),
                 None if h.observed != Observed::Stopped => {
                     let mut ch = change(h, Observed::Stopped);
@@ -176,6 +208,9 @@ pub fn reconcile(held: &[Held], containers: &[ContainerInfo], facts: &mut Facts<
         // A verdict only counts for the container it was made on.
         let verdict = facts.unhealthy.get(&h.id).filter(|v| v.container_id == c.id);
         match &c.state {
+            ContainerState::Exited { .. } if fenced(h, c) => {
+                actions.push(Action::Report { placement_id: pid, change: fenced_change(h, c, facts) });
+            }
             ContainerState::Running if !facts.lease_valid && mode == OfflineMode::Exclusive => {
                 actions.push(Action::Suspend { placement_id: pid, container_id: c.id.clone() });
             }
@@ -311,7 +346,14 @@ mod tests {
         reconcile(
             held,
             containers,
-            &mut Facts { now_ms: 1_000, advertise_host: "10.0.0.1", jitter: &mut half, unhealthy, lease_valid },
+            &mut Facts {
+                now_ms: 1_000,
+                advertise_host: "10.0.0.1",
+                jitter: &mut half,
+                unhealthy,
+                lease_valid,
+                worker_was_away: false,
+            },
         )
     }
 
@@ -375,6 +417,71 @@ mod tests {
         suspended.desired = Desired::Stop;
         let acts = run(&[suspended], &[container("c", "p", ContainerState::Exited { code: 0 })]);
         assert_eq!(acts, vec![Action::StopRemove { placement_id: "p".into(), container_id: "c".into() }]);
+    }
+
+    #[test]
+    fn a_guard_fence_is_recorded_then_the_highest_fence_is_followed() {
+        let exclusive = r#"{"image":"i","offline":{"mode":"exclusive"}}"#;
+        let guarded_keep = r#"{"image":"i","offline":{"mode":"keep","guard":true}}"#;
+        let plain_keep = r#"{"image":"i","offline":{"mode":"keep"}}"#;
+        let fenced_exit = container("c", "p", ContainerState::Exited { code: i64::from(crate::guard::FENCED_EXIT) });
+        let running = |spec| {
+            let mut h = held("p", Observed::Running, spec);
+            h.container_id = Some("c".into());
+            h
+        };
+        let away = |h: &[Held], c: &[ContainerInfo], lease_valid: bool| {
+            let mut half = |m: u64| m / 2;
+            reconcile(
+                h,
+                c,
+                &mut Facts {
+                    now_ms: 1_000,
+                    advertise_host: "10.0.0.1",
+                    jitter: &mut half,
+                    unhealthy: &HashMap::new(),
+                    lease_valid,
+                    worker_was_away: true,
+                },
+            )
+        };
+        for (spec, lease_valid) in [(exclusive, false), (exclusive, true), (guarded_keep, true)] {
+            // Back from the dead, with or without a lease yet: the fence is the story.
+            let acts = away(&[running(spec)], &[fenced_exit.clone()], lease_valid);
+            let [Action::Report { change, .. }] = acts.as_slice() else { panic!("{spec}: {acts:?}") };
+            assert_eq!(change.observed, Observed::Restarting, "{spec}");
+            assert!(change.suspended, "{spec}");
+            assert_eq!(change.story.as_deref(), Some("fenced"));
+            assert_eq!(change.reason.as_deref(), Some("fenced: lease expired while the worker was not running"));
+            // A live worker that lost its managers says so differently.
+            let acts = offline(&[running(spec)], &[fenced_exit.clone()]);
+            let [Action::Report { change, .. }] = acts.as_slice() else { panic!("{spec}: {acts:?}") };
+            assert_eq!(change.reason.as_deref(), Some("fenced: lease expired; the guard stopped the task"));
+        }
+        // Then the placement is a suspended one: resumed with a lease, kept without.
+        let mut suspended = running(exclusive);
+        suspended.observed = Observed::Restarting;
+        suspended.suspended = true;
+        assert!(offline(&[suspended.clone()], &[fenced_exit.clone()]).is_empty());
+        assert_eq!(
+            run(&[suspended.clone()], &[fenced_exit.clone()]),
+            vec![Action::Resume { placement_id: "p".into(), container_id: "c".into() }]
+        );
+        // Replaced meanwhile: the fence is told first, then the container goes.
+        let mut replaced = running(exclusive);
+        replaced.desired = Desired::Stop;
+        let acts = run(&[replaced.clone()], &[fenced_exit.clone()]);
+        assert!(matches!(&acts[..], [Action::Report { change, .. }] if change.story.as_deref() == Some("fenced")));
+        replaced.suspended = true;
+        assert_eq!(
+            run(&[replaced], &[fenced_exit.clone()]),
+            vec![Action::StopRemove { placement_id: "p".into(), container_id: "c".into() }]
+        );
+        // Code 213 from an unguarded task is just an exit code.
+        let acts = run(&[running(plain_keep)], &[fenced_exit]);
+        let [Action::Report { change, .. }] = acts.as_slice() else { panic!("{acts:?}") };
+        assert_eq!(change.story, None);
+        assert!(!change.suspended);
     }
 
     const SVC: &str = r#"{"image":"i"}"#;

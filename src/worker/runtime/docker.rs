@@ -11,21 +11,33 @@ use std::time::Duration;
 
 use bollard::container::{
     Config, CreateContainerOptions, InspectContainerOptions, ListContainersOptions, LogsOptions,
-    RemoveContainerOptions, StartContainerOptions, StopContainerOptions,
+    RemoveContainerOptions, StartContainerOptions, StopContainerOptions, UploadToContainerOptions,
 };
 use bollard::errors::Error as DockerError;
 use bollard::image::{BuildImageOptions, CreateImageOptions, TagImageOptions};
 use bollard::models::{
-    ContainerInspectResponse, ContainerStateStatusEnum, HostConfig, NetworkSettings, PortBinding, RestartPolicy,
-    RestartPolicyNameEnum,
+    ContainerInspectResponse, ContainerStateStatusEnum, HostConfig, Mount, MountTypeEnum, MountVolumeOptions,
+    NetworkSettings, PortBinding, RestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::Docker;
 use futures::{StreamExt, TryStreamExt};
 
 use super::{ContainerInfo, ContainerSpec, ContainerState, EngineInfo, Runtime, RuntimeError};
+use crate::guard::{DEADLINE_DIR, DEADLINE_NAME, GUARD_BIN, GUARD_DIR};
 
 /// Repository of the echo image every worker can build from its own binary.
 pub const ECHO_REPOSITORY: &str = "holdfast/echo";
+
+/// Repository of the image that carries only the guard binary; tagged with the first 16
+/// hex digits of the binary's SHA-256, so an upgraded worker uses a new one.
+pub const GUARD_REPOSITORY: &str = "holdfast/guard";
+
+/// Label on the guard volume's marker container (value: the binary's digest prefix).
+pub const GUARD_LABEL: &str = "holdfast.guard";
+
+/// Where the guard image keeps the binary; the volume is mounted there once, empty, so
+/// the engine copies the binary into it.
+const GUARD_IMAGE_DIR: &str = "/hf";
 
 /// Where the echo image's entrypoint comes from unless configured otherwise.
 const SELF_EXE: &str = "/proc/self/exe";
@@ -105,6 +117,8 @@ pub struct DockerRuntime {
     echo_builds: AtomicU64,
     /// SHA-256 of the binary the echo image is built from, once computed.
     self_digest: tokio::sync::OnceCell<String>,
+    /// Name of the volume holding the guard binary, once it is ready on this engine.
+    guard_volume: tokio::sync::OnceCell<String>,
 }
 
 /// Image label recording which binary an echo image was built from: an image left by
@@ -233,6 +247,7 @@ impl DockerRuntime {
             echo_build: tokio::sync::Mutex::new(()),
             echo_builds: AtomicU64::new(0),
             self_digest: tokio::sync::OnceCell::new(),
+            guard_volume: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -409,6 +424,145 @@ impl DockerRuntime {
     }
 }
 
+/// The guard: its binary in a volume per engine and binary, and guarded creates.
+impl DockerRuntime {
+    /// The first 16 hex digits of the binary's SHA-256: names the guard image, volume
+    /// and marker container.
+    async fn guard_key(&self) -> Result<String, RuntimeError> {
+        Ok(self.self_digest().await?.chars().take(16).collect())
+    }
+
+    /// Makes sure the volume holding this very binary exists on the engine and returns
+    /// its name. A never-started marker container of the guard image, created with the
+    /// empty volume mounted, makes the engine copy the binary in (it populates an empty
+    /// named volume from the image on create); the marker's name is unique on the
+    /// engine, so of several workers sharing one engine exactly one populates the
+    /// volume, and the marker's existence says the copy is complete.
+    async fn guard_volume(&self) -> Result<&str, RuntimeError> {
+        self.guard_volume
+            .get_or_try_init(|| async {
+                let key = self.guard_key().await?;
+                let name = format!("holdfast-guard-{key}");
+                if self.inspect_raw(&name).await?.is_none() {
+                    self.ensure_guard_image(&key).await?;
+                    self.create_guard_marker(&key, &name).await?;
+                }
+                Ok(name)
+            })
+            .await
+            .map(String::as_str)
+    }
+
+    /// Builds `holdfast/guard:<key>` (FROM scratch, only the binary) unless present.
+    async fn ensure_guard_image(&self, key: &str) -> Result<(), RuntimeError> {
+        let image = format!("{GUARD_REPOSITORY}:{key}");
+        if self.image_present(&image).await? {
+            return Ok(());
+        }
+        let unavailable = |reason: String| RuntimeError::ImageUnavailable { image: image.clone(), reason };
+        let path = &self.config.self_binary;
+        let binary =
+            tokio::fs::read(path).await.map_err(|e| unavailable(format!("cannot read {}: {e}", path.display())))?;
+        if !is_static_elf(&binary) {
+            return Err(unavailable(format!(
+                "{} is not a statically linked ELF binary, so it cannot be the guard in other images; \
+                 build the static one with packaging/build-static.sh and run that",
+                path.display()
+            )));
+        }
+        let context =
+            guard_build_context(&binary).map_err(|e| unavailable(format!("cannot assemble the build context: {e}")))?;
+        drop(binary);
+        let options = BuildImageOptions {
+            dockerfile: "Dockerfile".to_owned(),
+            t: image.clone(),
+            rm: true,
+            forcerm: true,
+            labels: HashMap::from([(ECHO_BINARY_LABEL.to_owned(), self.self_digest().await?.to_owned())]),
+            ..Default::default()
+        };
+        bounded(
+            "build",
+            self.config.timeouts.build,
+            self.docker.build_image(options, None, Some(context.into())).try_for_each(|_progress| async { Ok(()) }),
+        )
+        .await?
+        .map_err(|e| match e {
+            DockerError::DockerResponseServerError { .. } | DockerError::DockerStreamError { .. } => {
+                unavailable(message_of(&e))
+            }
+            other => RuntimeError::Unavailable(format!("docker build: {other}")),
+        })?;
+        tracing::info!(%image, "built the guard image from {}", path.display());
+        Ok(())
+    }
+
+    /// Creates the marker container `name` that populates the guard volume `name`; when
+    /// another worker is creating it (name conflict), waits until it exists.
+    async fn create_guard_marker(&self, key: &str, name: &str) -> Result<(), RuntimeError> {
+        let config = Config {
+            image: Some(format!("{GUARD_REPOSITORY}:{key}")),
+            labels: Some(HashMap::from([(GUARD_LABEL.to_owned(), key.to_owned())])),
+            host_config: Some(HostConfig {
+                mounts: Some(vec![Mount {
+                    target: Some(GUARD_IMAGE_DIR.to_owned()),
+                    source: Some(name.to_owned()),
+                    typ: Some(MountTypeEnum::VOLUME),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let options = CreateContainerOptions { name, platform: None };
+        let created =
+            bounded("create", self.config.timeouts.create, self.docker.create_container(Some(options), config)).await?;
+        match created {
+            Ok(_) => {
+                tracing::info!(volume = name, "guard volume ready");
+                Ok(())
+            }
+            Err(e) if status_of(&e) == Some(409) => {
+                // Another worker on this engine is populating it: the marker appears in
+                // the engine's list only once its create (and the copy) finished.
+                let deadline = tokio::time::Instant::now() + self.config.timeouts.create;
+                while tokio::time::Instant::now() < deadline {
+                    if self.inspect_raw(name).await?.is_some() {
+                        return Ok(());
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(RuntimeError::Unavailable(format!("guard volume {name} not ready within the create timeout")))
+            }
+            Err(e) => Err(classify("create", e, Refusal::Task)),
+        }
+    }
+
+    /// The argv the guard of `spec` runs, from the image's ENTRYPOINT and CMD; refuses
+    /// (as the task's problem) images the guard cannot run in or that have nothing to run.
+    async fn guarded_argv(&self, spec: &ContainerSpec) -> Result<Vec<String>, RuntimeError> {
+        let inspected =
+            bounded("image inspect", self.config.timeouts.inspect, self.docker.inspect_image(&spec.image)).await?;
+        let image = match inspected {
+            Ok(image) => image,
+            Err(e) if status_of(&e) == Some(404) => {
+                return Err(RuntimeError::ImageUnavailable { image: spec.image.clone(), reason: message_of(&e) })
+            }
+            Err(e) => return Err(classify("image inspect", e, Refusal::Engine)),
+        };
+        let config = image.config.unwrap_or_default();
+        guarded_argv(
+            &spec.image,
+            image.os.as_deref().unwrap_or_default(),
+            image.architecture.as_deref().unwrap_or_default(),
+            &config.entrypoint.unwrap_or_default(),
+            &config.cmd.unwrap_or_default(),
+            &spec.command,
+        )
+        .map_err(RuntimeError::Rejected)
+    }
+}
+
 #[async_trait::async_trait]
 impl Runtime for DockerRuntime {
     async fn ping(&self) -> Result<EngineInfo, RuntimeError> {
@@ -456,7 +610,14 @@ impl Runtime for DockerRuntime {
     }
 
     async fn create_and_start(&self, spec: &ContainerSpec) -> Result<ContainerInfo, RuntimeError> {
-        let config = container_config(spec);
+        let mut config = container_config(spec);
+        if spec.guard.is_some() {
+            // Everything that can refuse a guarded start is checked before the container
+            // exists: nothing ever runs unguarded in its place.
+            let volume = self.guard_volume().await?;
+            let argv = self.guarded_argv(spec).await?;
+            guard_config(&mut config, volume, argv);
+        }
         let options = CreateContainerOptions { name: spec.name.as_str(), platform: None };
         let created =
             bounded("create", self.config.timeouts.create, self.docker.create_container(Some(options), config))
@@ -468,6 +629,12 @@ impl Runtime for DockerRuntime {
                 })?;
         for warning in &created.warnings {
             tracing::warn!(container = %spec.name, warning, "docker create");
+        }
+        if let Some(guard) = &spec.guard {
+            if let Err(error) = self.set_deadline(&created.id, guard.deadline).await {
+                self.discard(&created.id).await;
+                return Err(error);
+            }
         }
         match self.start(&created.id).await {
             Ok(info) => Ok(info),
@@ -543,6 +710,26 @@ impl Runtime for DockerRuntime {
         }
     }
 
+    async fn ensure_guard(&self) -> Result<(), RuntimeError> {
+        self.guard_volume().await.map(|_| ())
+    }
+
+    async fn set_deadline(&self, id: &str, deadline: crate::guard::Deadline) -> Result<(), RuntimeError> {
+        let archive = deadline_archive(deadline)
+            .map_err(|e| RuntimeError::Rejected(format!("cannot assemble the deadline archive: {e}")))?;
+        let options = UploadToContainerOptions { path: DEADLINE_DIR, ..Default::default() };
+        bounded(
+            "set deadline",
+            self.config.timeouts.inspect,
+            self.docker.upload_to_container(id, Some(options), archive.into()),
+        )
+        .await?
+        .map_err(|e| match status_of(&e) {
+            Some(404) => RuntimeError::NotFound(id.to_owned()),
+            _ => classify("set deadline", e, Refusal::Task),
+        })
+    }
+
     async fn logs(&self, id: &str, tail: usize) -> Result<String, RuntimeError> {
         let options =
             LogsOptions { follow: false, stdout: true, stderr: true, tail: tail.to_string(), ..Default::default() };
@@ -559,6 +746,97 @@ impl Runtime for DockerRuntime {
         }
         Ok(text)
     }
+}
+
+/// Turns a create request into a guarded one: the guard binary (read-only volume) is
+/// the entrypoint, the app's full argv its command.
+fn guard_config(config: &mut Config<String>, volume: &str, argv: Vec<String>) {
+    config.entrypoint = Some(vec![GUARD_BIN.to_owned(), "guard".to_owned(), "--".to_owned()]);
+    config.cmd = Some(argv);
+    let host = config.host_config.get_or_insert_with(HostConfig::default);
+    host.mounts.get_or_insert_with(Vec::new).push(Mount {
+        target: Some(GUARD_DIR.to_owned()),
+        source: Some(volume.to_owned()),
+        typ: Some(MountTypeEnum::VOLUME),
+        read_only: Some(true),
+        volume_options: Some(MountVolumeOptions { no_copy: Some(true), ..Default::default() }),
+        ..Default::default()
+    });
+}
+
+/// Docker's name for the architecture this binary was built for.
+pub fn docker_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "arm" => "arm",
+        "x86" => "386",
+        other => other,
+    }
+}
+
+/// The app a guard runs for `image` (whose own ENTRYPOINT and CMD are given): its
+/// ENTRYPOINT followed by the task's command, or by its CMD when the task gives none, as
+/// Docker itself would. Refuses images of another OS or architecture, and images with
+/// nothing to run.
+pub fn guarded_argv(
+    image: &str,
+    os: &str,
+    arch: &str,
+    entrypoint: &[String],
+    cmd: &[String],
+    command: &[String],
+) -> Result<Vec<String>, String> {
+    if !os.is_empty() && os != "linux" {
+        return Err(format!(
+            "image {image} is for {os}; the exclusive guard (holdfast, linux/{}) cannot run in it",
+            docker_arch()
+        ));
+    }
+    if !arch.is_empty() && arch != docker_arch() {
+        return Err(format!(
+            "image {image} is built for {arch}; the exclusive guard (holdfast, linux/{}) cannot run in it: \
+             use an image for {} or constrain the task to nodes of its architecture",
+            docker_arch(),
+            docker_arch()
+        ));
+    }
+    let tail = if command.is_empty() { cmd } else { command };
+    let argv: Vec<String> = entrypoint.iter().chain(tail).cloned().collect();
+    if argv.is_empty() {
+        return Err(format!(
+            "image {image} has no ENTRYPOINT and no CMD and the task gives no command: nothing for the guard to run"
+        ));
+    }
+    Ok(argv)
+}
+
+/// A build context holding only the guard binary, at [`GUARD_IMAGE_DIR`].
+fn guard_build_context(binary: &[u8]) -> std::io::Result<Vec<u8>> {
+    let dockerfile =
+        format!("FROM scratch\nCOPY holdfast {GUARD_IMAGE_DIR}/holdfast\nCMD [\"{GUARD_IMAGE_DIR}/holdfast\"]\n");
+    let mut archive = tar::Builder::new(Vec::with_capacity(binary.len() + 4096));
+    for (path, mode, data) in [("Dockerfile", 0o644, dockerfile.as_bytes()), ("holdfast", 0o755, binary)] {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(mode);
+        header.set_cksum();
+        archive.append_data(&mut header, path, data)?;
+    }
+    archive.into_inner()
+}
+
+/// A one-file tar archive: the deadline the guard reads.
+fn deadline_archive(deadline: crate::guard::Deadline) -> std::io::Result<Vec<u8>> {
+    let text = deadline.text();
+    let mut archive = tar::Builder::new(Vec::with_capacity(2048));
+    let mut header = tar::Header::new_gnu();
+    header.set_size(text.len() as u64);
+    // Readable by any user the image runs as; written only through the engine.
+    header.set_mode(0o644);
+    header.set_cksum();
+    archive.append_data(&mut header, DEADLINE_NAME, text.as_bytes())?;
+    archive.into_inner()
 }
 
 /// The create request for a spec: restart policy `no` because restarts are the worker's
@@ -799,6 +1077,46 @@ mod tests {
     }
 
     #[test]
+    fn the_guard_runs_entrypoint_then_command_or_cmd_and_refuses_what_it_cannot_run() {
+        let v = |items: &[&str]| items.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let arch = docker_arch();
+        let check = |entry: &[&str], cmd: &[&str], command: &[&str], want: Result<&[&str], &str>| {
+            let got = guarded_argv("img", "linux", arch, &v(entry), &v(cmd), &v(command));
+            match (got, want) {
+                (Ok(argv), Ok(want)) => assert_eq!(argv, v(want)),
+                (Err(reason), Err(part)) => assert!(reason.contains(part), "{reason}"),
+                (got, want) => panic!("{entry:?} {cmd:?} {command:?}: got {got:?}, want {want:?}"),
+            }
+        };
+        check(&["/app"], &["echo"], &[], Ok(&["/app", "echo"]));
+        check(&["/app"], &["echo"], &["other", "-x"], Ok(&["/app", "other", "-x"]));
+        check(&[], &["/app", "echo"], &[], Ok(&["/app", "echo"]));
+        check(&[], &["/app", "echo"], &["/bin/x"], Ok(&["/bin/x"]));
+        check(&["/app", "echo"], &[], &[], Ok(&["/app", "echo"]));
+        check(&[], &[], &["/bin/x"], Ok(&["/bin/x"]));
+        check(&[], &[], &[], Err("no ENTRYPOINT and no CMD"));
+        let other = if arch == "arm64" { "amd64" } else { "arm64" };
+        let err = guarded_argv("img", "linux", other, &v(&["/app"]), &[], &[]).unwrap_err();
+        assert!(err.contains(&format!("built for {other}")), "{err}");
+        assert!(guarded_argv("img", "windows", arch, &v(&["/app"]), &[], &[]).unwrap_err().contains("windows"));
+        // Engines that leave the fields empty are taken at their word.
+        assert!(guarded_argv("img", "", "", &v(&["/app"]), &[], &[]).is_ok());
+    }
+
+    #[test]
+    fn a_guarded_config_makes_the_guard_pid_1_over_a_read_only_volume() {
+        let mut config = Config::<String> { cmd: Some(vec!["x".into()]), ..Default::default() };
+        guard_config(&mut config, "holdfast-guard-abc", vec!["/app".into(), "echo".into()]);
+        assert_eq!(config.entrypoint, Some(vec![GUARD_BIN.to_owned(), "guard".into(), "--".into()]));
+        assert_eq!(config.cmd, Some(vec!["/app".to_owned(), "echo".into()]));
+        let mounts = config.host_config.unwrap_or_default().mounts.unwrap_or_default();
+        assert_eq!(mounts.len(), 1);
+        assert_eq!(mounts[0].source.as_deref(), Some("holdfast-guard-abc"));
+        assert_eq!(mounts[0].target.as_deref(), Some(GUARD_DIR));
+        assert_eq!(mounts[0].read_only, Some(true));
+    }
+
+    #[test]
     fn config_maps_limits_and_ports() {
         let spec = ContainerSpec {
             name: "n".into(),
@@ -812,6 +1130,7 @@ mod tests {
             cpu_millis: 250,
             memory_mb: 64,
             labels: BTreeMap::from([("holdfast.task".into(), "t".into())]),
+            guard: None,
         };
         let config = container_config(&spec);
         assert_eq!(config.cmd, None, "an empty command keeps the image's CMD");

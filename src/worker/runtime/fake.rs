@@ -235,6 +235,19 @@ impl Runtime for FakeRuntime {
         let from = c.logs.len().saturating_sub(tail);
         Ok(c.logs[from..].iter().map(|l| format!("{l}\n")).collect())
     }
+
+    async fn ensure_guard(&self) -> Result<(), RuntimeError> {
+        self.check_available()
+    }
+
+    async fn set_deadline(&self, id: &str, deadline: crate::guard::Deadline) -> Result<(), RuntimeError> {
+        // No process runs here to stop; the deadline is only kept in the log for tests.
+        self.check_available()?;
+        let mut containers = self.lock();
+        let c = containers.get_mut(id).ok_or_else(|| RuntimeError::NotFound(id.to_string()))?;
+        c.logs.push(format!("deadline {}", deadline.at_boot_ms));
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -252,6 +265,7 @@ mod tests {
             cpu_millis: 1,
             memory_mb: 4,
             labels: BTreeMap::from([(labels::NODE.to_string(), node.to_string())]),
+            guard: None,
         }
     }
 

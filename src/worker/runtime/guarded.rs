@@ -166,6 +166,16 @@ impl Runtime for GuardedRuntime {
     async fn logs(&self, id: &str, tail: usize) -> Result<String, RuntimeError> {
         guarded(&self.logs, "docker.logs", self.inner.logs(id, tail)).await
     }
+
+    async fn ensure_guard(&self) -> Result<(), RuntimeError> {
+        // A build at worst, like the echo image: the pull pool.
+        guarded(&self.pull, "docker.ensure_guard", self.inner.ensure_guard()).await
+    }
+
+    async fn set_deadline(&self, id: &str, deadline: crate::guard::Deadline) -> Result<(), RuntimeError> {
+        // A small write to a running container: the lifecycle pool, so a pull never delays it.
+        guarded(&self.lifecycle, "docker.set_deadline", self.inner.set_deadline(id, deadline)).await
+    }
 }
 
 #[cfg(test)]
@@ -226,6 +236,12 @@ mod tests {
         }
         async fn logs(&self, _: &str, _: usize) -> Result<String, RuntimeError> {
             self.answer(String::new())
+        }
+        async fn ensure_guard(&self) -> Result<(), RuntimeError> {
+            self.answer(())
+        }
+        async fn set_deadline(&self, _: &str, _: crate::guard::Deadline) -> Result<(), RuntimeError> {
+            self.answer(())
         }
     }
 
@@ -299,6 +315,7 @@ mod tests {
             cpu_millis: 0,
             memory_mb: 0,
             labels: Default::default(),
+            guard: None,
         }
     }
 }

@@ -49,6 +49,17 @@ pub struct ContainerSpec {
     pub memory_mb: u64,
     /// Labels (see [`labels`]).
     pub labels: BTreeMap<String, String>,
+    /// Run under the in-container guard (offline mode `exclusive` or `offline.guard`).
+    pub guard: Option<GuardSpec>,
+}
+
+/// How a guarded container starts (see `crate::guard` and ARCHITECTURE.md, "The fence
+/// inside the container").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuardSpec {
+    /// The first deadline, written into the container before it starts; the worker
+    /// moves it on every lease renewal.
+    pub deadline: crate::guard::Deadline,
 }
 
 /// Coarse container state as reported by the engine.
@@ -145,4 +156,10 @@ pub trait Runtime: Send + Sync + 'static {
     async fn remove(&self, id: &str) -> Result<(), RuntimeError>;
     /// The last `tail` lines of stdout and stderr, interleaved as the engine stores them.
     async fn logs(&self, id: &str, tail: usize) -> Result<String, RuntimeError>;
+    /// Makes sure guarded containers can be created here (the guard binary is on the
+    /// engine); slow the first time per engine and binary, instant after.
+    async fn ensure_guard(&self) -> Result<(), RuntimeError>;
+    /// Writes a guarded container's deadline into it through the engine, so its guard
+    /// stops the task then unless the deadline moves again.
+    async fn set_deadline(&self, id: &str, deadline: crate::guard::Deadline) -> Result<(), RuntimeError>;
 }
