@@ -23,6 +23,7 @@ mod error;
 pub mod events;
 pub mod limits;
 pub mod metrics;
+pub mod ui;
 pub use error::ApiError;
 
 /// Routes of the public API and the probes.
@@ -44,6 +45,7 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .route("/metrics", get(metrics::endpoint))
+        .merge(ui::router())
         .fallback(not_found)
         .layer(axum::middleware::from_fn(metrics::track))
         .layer(DefaultBodyLimit::max(MAX_SPEC_BYTES))
