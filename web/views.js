@@ -388,7 +388,7 @@ export const ECHO_SPEC = {
   resources: { cpu_millis: 100, memory_mb: 64, disk_mb: 50 },
   kind: 'service',
   restart: { policy: 'on-failure', max_attempts: 3, delay_ms: 1000, max_delay_ms: 60000 },
-  health: { http: { path: '/', port: 7777 }, interval_ms: 2000, timeout_ms: 1000, failures: 3 },
+  health: { http: { path: '/health', port: 7777 }, interval_ms: 2000, timeout_ms: 1000, failures: 3 },
   offline: { mode: 'keep', lost_after_ms: 60000, replace: true },
 };
 
@@ -508,9 +508,14 @@ export function taskDetail(main, params, id) {
   );
 
   let loadingLogs = false;
+  let logsAgain = false;
   async function loadLogs() {
-    if (loadingLogs) return;
+    if (loadingLogs) {
+      logsAgain = true;
+      return;
+    }
     loadingLogs = true;
+    logsAgain = false;
     try {
       const text = await get(`/v1/tasks/${encodeURIComponent(id)}/logs?tail=${tail.value}`, { text: true });
       const atEnd = logs.scrollTop + logs.clientHeight >= logs.scrollHeight - 4;
@@ -521,6 +526,7 @@ export function taskDetail(main, params, id) {
       fill(logsMsg, problem(e));
     } finally {
       loadingLogs = false;
+      if (logsAgain) loadLogs();
     }
   }
   tail.addEventListener('change', loadLogs);
@@ -528,10 +534,17 @@ export function taskDetail(main, params, id) {
     if (follow.checked && document.visibilityState === 'visible') loadLogs();
   }, 2000);
 
+  let logsFor = null;
   function draw() {
     const t = store.tasks.get(id);
     if (!t) return;
     const cur = currentPlacement(t);
+    // A new placement or a new observed state may mean new output: fetch it again.
+    const key = cur ? `${cur.id}/${cur.observed}/${cur.restarts}` : null;
+    if (key !== logsFor) {
+      logsFor = key;
+      if (cur) loadLogs();
+    }
     fill(
       head,
       h('h1', {}, 'Task ', h('span', { class: 'mono' }, t.id), ' ', badge(t.state, 'task-state')),
@@ -624,7 +637,6 @@ export function taskDetail(main, params, id) {
       })
       .catch((e) => fill(head, h('h1', {}, 'Task ', id), errorBox(e)));
   reload();
-  loadLogs();
   return { update: (w) => (w === 'tasks' ? draw() : null), refresh: reload, needsRefreshOn: () => false, unmount: () => clearInterval(poll) };
 }
 

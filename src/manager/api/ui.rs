@@ -119,10 +119,7 @@ pub fn version() -> &'static str {
 
 /// Routes of the UI. Merge into the API router; they need no state.
 pub fn router<S: Clone + Send + Sync + 'static>() -> Router<S> {
-    Router::new()
-        .route("/", get(index))
-        .route("/index.html", get(index))
-        .route("/ui/{version}/{*path}", get(file))
+    Router::new().route("/", get(index)).route("/index.html", get(index)).route("/ui/{version}/{*path}", get(file))
 }
 
 fn accepts_gzip(headers: &HeaderMap) -> bool {
@@ -163,7 +160,8 @@ async fn index(headers: HeaderMap) -> Response {
 async fn file(Path((version, path)): Path<(String, String)>, headers: HeaderMap) -> Response {
     let ui = ui();
     let Some(a) = ui.files.get(&path) else {
-        return ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("the UI has no file {path:?}")).into_response();
+        return ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("the UI has no file {path:?}"))
+            .into_response();
     };
     // A page from an older binary may still ask for its version: answer with today's
     // file, but do not let anything keep it.
