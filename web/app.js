@@ -136,7 +136,12 @@ async function detectRole() {
     await get('/v1/tokens');
     return 'admin';
   } catch (e) {
-    if (e instanceof ApiError && e.status === 403) return 'limited';
+    if (e instanceof ApiError && e.status === 403) {
+      // Not admin. Without a self endpoint the exact role is only a hint in the message;
+      // the server decides every call anyway, and a refusal is shown where it happens.
+      const m = /has (reader|operator)\b/.exec(e.message || '');
+      return m ? m[1] : 'limited';
+    }
     if (e instanceof ApiError && e.status === 404) return 'open';
     if (e instanceof ApiError && e.status === 401) throw e;
     return 'unknown';

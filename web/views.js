@@ -187,7 +187,7 @@ export function nodes(main) {
         h('button', {
           type: 'button',
           class: 'drain',
-          'data-node': n.id,
+          'data-key': `${n.id}:drain`,
           onclick: async () => {
             const enable = !n.draining;
             if (!(await confirmDialog(enable ? `Drain node ${n.id}? Its tasks move to other nodes.` : `Stop draining node ${n.id}?`, enable ? 'Drain' : 'Stop draining'))) return;
@@ -198,6 +198,7 @@ export function nodes(main) {
         h('button', {
           type: 'button',
           class: 'eligibility',
+          'data-key': `${n.id}:eligibility`,
           onclick: async () => {
             const eligible = !n.eligible;
             if (!(await confirmDialog(eligible ? `Let the scheduler place new tasks on ${n.id}?` : `Place no new tasks on ${n.id}? Running ones stay.`, eligible ? 'Make eligible' : 'Make ineligible'))) return;
@@ -235,7 +236,10 @@ export function nodes(main) {
     const ns = store.nodes;
     if (!ns) return;
     fill(status, `${ns.length} node${ns.length === 1 ? '' : 's'}`);
+    // Redraws must not take the keyboard focus away from a button.
+    const focused = list.contains(document.activeElement) ? document.activeElement.dataset.key : null;
     fill(list, ns.map(card));
+    if (focused) list.querySelector(`[data-key="${CSS.escape(focused)}"]`)?.focus();
   };
   draw();
   const reload = () => loadNodes().catch((e) => fill(status, errorBox(e)));
@@ -767,7 +771,7 @@ export function admin(main) {
         h(
           'table',
           {},
-          h('thead', {}, h('tr', {}, ['Name', 'Role', 'Id', 'Expires', ''].map((x) => h('th', { scope: 'col' }, x)))),
+          h('thead', {}, h('tr', {}, ['Name', 'Role', 'Id', 'Created', 'Expires', ''].map((x) => h('th', { scope: 'col' }, x)))),
           h(
             'tbody',
             {},
@@ -778,8 +782,9 @@ export function admin(main) {
                 h('td', {}, t.name),
                 h('td', {}, t.role),
                 h('td', { class: 'mono' }, t.id),
+                h('td', {}, ago(t.created_ms), t.created_by ? ` by ${t.created_by}` : ''),
                 h('td', {}, t.expires_ms ? ago(t.expires_ms) : 'never'),
-                h('td', {}, h('button', { type: 'button', class: 'small danger', onclick: async () => {
+                h('td', {}, t.revoked_ms ? [badge('revoked'), ' ', ago(t.revoked_ms)] : h('button', { type: 'button', class: 'small danger', onclick: async () => {
                   if (!(await confirmDialog(`Revoke token ${t.name}? Clients using it get 401 at once.`, 'Revoke'))) return;
                   await act(`Revoked ${t.name}`, () => call('DELETE', `/v1/tokens/${encodeURIComponent(t.id)}`));
                   loadTokens();

@@ -15,14 +15,34 @@ pub struct Browser {
     /// The WebDriver session.
     pub client: Client,
     driver: Child,
+    /// This session's own Chromium profile; it names the session's processes.
+    profile: tempfile::TempDir,
 }
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        // The session's Chromium is a child of chromedriver; killing the driver ends both.
         let _ = self.driver.kill();
         let _ = self.driver.wait();
+        // A test that panicked never closed its session, and Chromium outlives its
+        // driver: end exactly the processes started with this session's profile.
+        let marker = self.profile.path().display().to_string();
+        for pid in pids_mentioning(&marker) {
+            let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+        }
     }
+}
+
+/// Processes with an argument that contains `needle` (from /proc).
+fn pids_mentioning(needle: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| {
+        let e = e.ok()?;
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let needle = needle.as_bytes();
+        cmdline.split(|b| *b == 0).any(|a| a.windows(needle.len()).any(|w| w == needle)).then_some(pid)
+    })
+    .collect()
 }
 
 fn free_port() -> u16 {
@@ -55,8 +75,10 @@ pub async fn open(width: u32, height: u32) -> Browser {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn chromedriver");
+    let profile = tempfile::tempdir().expect("profile dir");
     let mut chrome = serde_json::json!({
         "args": [
+            format!("--user-data-dir={}", profile.path().display()),
             "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
             "--disable-extensions", "--no-first-run", "--disable-background-networking",
             format!("--window-size={width},{height}"),
@@ -80,7 +102,7 @@ pub async fn open(width: u32, height: u32) -> Browser {
             Err(e) => panic!("no WebDriver session on {url}: {e}"),
         }
     };
-    Browser { client, driver }
+    Browser { client, driver, profile }
 }
 
 impl Browser {
@@ -124,8 +146,20 @@ impl Browser {
     pub async fn click(&self, css: &str) {
         let sel = serde_json::to_string(css).expect("selector");
         self.wait_js(Duration::from_secs(10), css, &format!("return !!document.querySelector({sel});")).await;
-        let el = self.client.find(Locator::Css(css)).await.unwrap_or_else(|e| panic!("{css}: {e}"));
-        el.click().await.unwrap_or_else(|e| panic!("click {css}: {e}"));
+        // Live views redraw as events arrive; an element found a moment ago may have been
+        // replaced by its redrawn twin, so find it again (a few times) before clicking.
+        let mut last = String::new();
+        for _ in 0..5 {
+            let el = self.client.find(Locator::Css(css)).await.unwrap_or_else(|e| panic!("{css}: {e}"));
+            match el.click().await {
+                Ok(()) => return,
+                Err(e) => last = e.to_string(),
+            }
+            if !last.contains("stale") {
+                break;
+            }
+        }
+        panic!("click {css}: {last}");
     }
 
     /// Saves a PNG of the viewport under `target/ui-screenshots/`; returns its path.
