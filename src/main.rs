@@ -36,7 +36,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Dev(args) => {
             let config = args.to_config();
             println!(
-                "holdfast dev: web UI on http://{api}/ (API under http://{api}/v1/)\n\
+                "holdfast dev: API and UI on http://{api}\n\
                  Run the echo task:\n  curl -s -X POST http://{api}/v1/tasks -d '{{\"image\":\"holdfast/echo:latest\",\"ports\":[{{\"container\":7777}}]}}'\n\
                  Then find its endpoint with: curl -s http://{api}/v1/tasks",
                 api = args.api
