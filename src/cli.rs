@@ -48,11 +48,49 @@ pub enum Command {
         #[arg(long, env = "HOLDFAST_API_URL", default_value = "http://127.0.0.1:7700")]
         api_url: String,
     },
-    /// Cluster status (client of the HTTP API).
+    /// Cluster status, and backups (client of the HTTP API).
     Cluster {
+        /// What to do; cluster status when absent.
+        #[command(subcommand)]
+        cmd: Option<ClusterCommand>,
         /// API base URL.
-        #[arg(long, env = "HOLDFAST_API_URL", default_value = "http://127.0.0.1:7700")]
+        #[arg(long, env = "HOLDFAST_API_URL", default_value = "http://127.0.0.1:7700", global = true)]
         api_url: String,
+    },
+}
+
+/// `holdfast cluster ...`
+#[derive(Subcommand, Debug)]
+pub enum ClusterCommand {
+    /// Back up or restore the whole replicated state.
+    Snapshot {
+        /// Save or restore.
+        #[command(subcommand)]
+        cmd: SnapshotCommand,
+    },
+}
+
+/// `holdfast cluster snapshot ...`
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCommand {
+    /// Stream an online, consistent snapshot from the API into FILE (checked, then
+    /// renamed into place).
+    Save {
+        /// Where to write it.
+        file: PathBuf,
+    },
+    /// Seed a new first manager's data directory from FILE; then start it with
+    /// `holdfast agent --manager --node-id ID --data-dir DIR` (no --bootstrap).
+    Restore {
+        /// A file written by `snapshot save`.
+        file: PathBuf,
+        /// Data directory of the new manager; its `manager/` part must not exist yet.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Node name of the new manager (keep the old leader's name and address so
+        /// workers reconnect unchanged).
+        #[arg(long)]
+        node_id: String,
     },
 }
 
@@ -143,6 +181,11 @@ pub struct AgentArgs {
     /// Start a new cluster with this manager as its first member.
     #[arg(long, env = "HOLDFAST_BOOTSTRAP")]
     pub bootstrap: bool,
+    /// Quorum lost for good: restart this surviving manager as the only member of a new
+    /// cluster that keeps all its state (tasks, nodes, tokens, CA). Wipe the other
+    /// managers' data directories before they join again. Remove the flag afterwards.
+    #[arg(long, env = "HOLDFAST_FORCE_NEW_CLUSTER")]
+    pub force_new_cluster: bool,
     /// Cluster addresses of existing managers (comma-separated).
     #[arg(long, env = "HOLDFAST_JOIN", value_delimiter = ',')]
     pub join: Vec<String>,
@@ -276,7 +319,13 @@ impl AgentArgs {
             lease: self.lease,
             heartbeat_ttl: self.heartbeat_ttl,
             event_sink: self.event_sink.clone().map(SinkConfig::new),
+            force_new_cluster: self.force_new_cluster,
         });
+        if self.force_new_cluster && (!self.manager || self.bootstrap) {
+            return Err("--force-new-cluster restarts an existing manager from its data: it needs --manager \
+                        and no --bootstrap"
+                .into());
+        }
         if self.event_sink.is_some() && !self.manager {
             return Err("--event-sink forwards a manager's events; it needs --manager".into());
         }

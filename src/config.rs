@@ -39,6 +39,9 @@ pub struct ManagerRole {
     pub heartbeat_ttl: std::time::Duration,
     /// Where to forward domain events while this manager leads (`--event-sink`).
     pub event_sink: Option<crate::manager::sink::SinkConfig>,
+    /// Restart as the only member of a new cluster keeping all state
+    /// (`--force-new-cluster`, quorum-loss recovery).
+    pub force_new_cluster: bool,
 }
 
 impl ManagerRole {
@@ -56,6 +59,7 @@ impl ManagerRole {
             lease: std::time::Duration::from_secs(30),
             heartbeat_ttl: std::time::Duration::from_secs(5),
             event_sink: None,
+            force_new_cluster: false,
         }
     }
 }

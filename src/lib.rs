@@ -3,6 +3,7 @@
 //! `main.rs` parses flags into a [`config::Config`] and calls [`node::run`]. See
 //! `ARCHITECTURE.md` for the map and the invariants.
 
+pub mod backup;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use holdfast::cli::{Cli, Command, ImageCommand};
+use holdfast::cli::{Cli, ClusterCommand, Command, ImageCommand, SnapshotCommand};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -69,6 +69,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Task { cmd, api_url } => holdfast::client::task(&api_url, cmd).await.map(|_| 0),
         Command::Node { api_url } => holdfast::client::get(&api_url, "/v1/nodes").await.map(|_| 0),
-        Command::Cluster { api_url } => holdfast::client::get(&api_url, "/v1/cluster").await.map(|_| 0),
+        Command::Cluster { cmd: None, api_url } => holdfast::client::get(&api_url, "/v1/cluster").await.map(|_| 0),
+        Command::Cluster { cmd: Some(ClusterCommand::Snapshot { cmd }), api_url } => match cmd {
+            SnapshotCommand::Save { file } => holdfast::client::snapshot_save(&api_url, &file).await.map(|_| 0),
+            SnapshotCommand::Restore { file, data_dir, node_id } => {
+                holdfast::client::snapshot_restore(&file, &data_dir, &node_id).map(|_| 0)
+            }
+        },
     }
 }

@@ -65,12 +65,14 @@ pub async fn run_with_runtime(
             &m.advertise_api,
         );
         rc.op_timeout = Duration::from_secs(5);
+        rc.force_new_cluster = m.force_new_cluster;
         let rdb = holdfast_raft::ReplicatedDb::open(rc, domain).await?;
         let settings = ManagerSettings {
             strategy: m.strategy,
             lease: m.lease,
             heartbeat_ttl: m.heartbeat_ttl,
             max_long_poll: (m.heartbeat_ttl / 2).min(std::time::Duration::from_millis(2_500)),
+            scratch_dir: config.data_dir.join("scratch"),
             ..Default::default()
         };
         let mgr = Manager::new(rdb.clone(), applied, settings, resilience.clone(), events);

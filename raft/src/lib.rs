@@ -29,6 +29,7 @@ mod log_store;
 mod network;
 mod node;
 mod read_pool;
+mod recover;
 mod server;
 mod state_machine;
 mod status;
@@ -42,6 +43,8 @@ pub mod store {
     pub use crate::state_machine::StateMachine;
     pub use crate::types::{Payload, TypeConfig};
 }
+
+pub use recover::{force_new_cluster, restore_snapshot, Forced, Restored};
 
 /// Raft node id. Derived from the human node name by [`node_id_for`].
 pub type NodeId = u64;
@@ -112,6 +115,9 @@ pub struct Config {
     /// Upper bound for a write or linearizable read, including forwarding; past it the
     /// caller gets [`DbError::Timeout`] instead of waiting on a minority.
     pub op_timeout: Duration,
+    /// Before starting, make this member the only voter of a new one-member cluster
+    /// that keeps all its state (quorum-loss recovery; see [`force_new_cluster`]).
+    pub force_new_cluster: bool,
 }
 
 impl Config {
@@ -127,6 +133,7 @@ impl Config {
             snapshot_every: 5_000,
             rpc_timeout: Duration::from_secs(2),
             op_timeout: Duration::from_secs(5),
+            force_new_cluster: false,
         }
     }
 }
@@ -288,6 +295,14 @@ impl ReplicatedDb {
         F: FnOnce(&rusqlite::Connection) -> rusqlite::Result<T> + Send + 'static,
     {
         self.inner.read_local(f).await
+    }
+
+    /// Writes a consistent copy of the state database to `dest` (which must not exist)
+    /// after a linearizable read barrier, so it holds every write acknowledged before
+    /// the call. Returns the last log index the copy has applied. The copy is what
+    /// [`restore_snapshot`] takes.
+    pub async fn backup_to(&self, dest: &std::path::Path) -> Result<u64, DbError> {
+        self.inner.backup_to(dest).await
     }
 
     /// Removes a member (by node name) from the membership; forwarded to the leader.

@@ -143,6 +143,17 @@ impl Inner {
             api_addr: config.api_addr.clone(),
         };
         let raft_config = raft_config(&config)?;
+        let forcing = config.clone();
+        let forced = tokio::task::spawn_blocking(move || crate::recover::force_if_asked(&forcing))
+            .await
+            .map_err(|e| DbError::Storage(format!("forcing a new cluster panicked: {e}")))??;
+        if let Some(f) = forced {
+            tracing::warn!(
+                node = %config.node_name, term = f.term, index = f.index, dropped = ?f.dropped,
+                "forced a new one-member cluster from this member's state; wipe the dropped members' data \
+                 directories before they join again"
+            );
+        }
         let (dir, name) = (config.data_dir.clone(), config.node_name.clone());
         let (log, sm) = tokio::task::spawn_blocking(move || open_stores(&dir, &name, app))
             .await
@@ -369,6 +380,23 @@ impl Inner {
             })?;
         }
         self.read_local(f).await
+    }
+
+    pub(crate) async fn backup_to(&self, dest: &Path) -> Result<u64, DbError> {
+        // Everything acknowledged before this call is applied here once the barrier passes.
+        self.read(|_| Ok(())).await?;
+        let dest = dest.to_path_buf();
+        self.read_local(move |conn| {
+            let path = dest.to_str().ok_or_else(|| rusqlite::Error::InvalidPath(dest.clone()))?;
+            conn.execute("VACUUM INTO ?1", [path])?;
+            let copy = Connection::open_with_flags(&dest, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+            let raw: String =
+                copy.query_row("SELECT value FROM _raft_sm WHERE key = 'last_applied'", [], |r| r.get(0))?;
+            let applied: Option<crate::types::LogId> = serde_json::from_str(&raw)
+                .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))?;
+            Ok(applied.map(|l| l.index).unwrap_or(0))
+        })
+        .await
     }
 
     pub(crate) async fn read_local<T, F>(&self, f: F) -> Result<T, DbError>

@@ -187,6 +187,19 @@ fn write_snapshot_file(path: &Path, meta: &Meta, data: &[u8]) -> std::io::Result
     Ok(())
 }
 
+/// Writes `snapshot.bin` for a store built by a restore: `data` is the restored
+/// `state.db`, applied up to `applied`.
+pub(crate) fn write_restored_snapshot(
+    dir: &Path,
+    applied: LogId,
+    membership: StoredMembership,
+    data: &[u8],
+) -> std::io::Result<()> {
+    let last = Some(applied);
+    let meta = Meta { snapshot_id: snapshot_id(&last), last_log_id: last, last_membership: membership };
+    write_snapshot_file(&dir.join(datadir::SNAPSHOT_FILE), &meta, data)
+}
+
 /// Splits the content of `snapshot.bin` into meta and database bytes.
 fn parse_snapshot_file(mut bytes: Vec<u8>) -> Result<(Meta, Vec<u8>), String> {
     if bytes.len() < 16 || &bytes[..8] != SNAPSHOT_MAGIC {

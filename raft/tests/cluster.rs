@@ -598,3 +598,116 @@ fn api_futures_are_send(db: ReplicatedDb) {
     send(db.remove_member("x"));
     send(db.shutdown());
 }
+
+// ---- quorum-loss recovery and restore ------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_new_cluster_on_a_lone_survivor_keeps_every_write() {
+    let mut c = Cluster::start(3, &no_tweak).await;
+    let leader = c.leader().await;
+    for i in 0..20 {
+        c.m(leader).db.write(put(&format!("k{i}"), "v")).await.expect("write while healthy");
+    }
+    let applied = settled_applied(&c.m(leader).db).await;
+    // Keep a follower, lose the other two for good: the survivor cannot commit alone.
+    let survivor = c.follower_of(leader);
+    wait_applied(&c.m(survivor).db, applied, Duration::from_secs(5)).await;
+    let others: Vec<usize> = c.alive().map(|(i, _)| i).filter(|i| *i != survivor).collect();
+    for i in others {
+        c.kill(i).await;
+    }
+    assert!(c.m(survivor).db.write(put("lost", "quorum")).await.is_err(), "a lone member of three must not commit");
+    let (name, dir, addr) = c.kill(survivor).await;
+
+    let forced = start_member(&name, &dir, Some(&addr), &|cfg: &mut Config| cfg.force_new_cluster = true).await;
+    wait_until(Duration::from_secs(5), "the survivor leads alone", || forced.db.status().role == Role::Leader).await;
+    let st = forced.db.status();
+    assert_eq!(st.members.len(), 1, "one member left: {st:?}");
+    assert_eq!(st.members[0].member.name, name);
+    forced.db.write(put("after", "reset")).await.expect("writable after the reset");
+    let n = forced.db.read(count_sql).await.expect("read");
+    // 20 acknowledged writes + the new one; the refused write may or may not have been
+    // appended before the loss (it was never acknowledged), like any unacknowledged write.
+    assert!((21..=22).contains(&n), "every acknowledged write is kept: {n} keys");
+    assert_eq!(forced.db.read(get_sql("after".into())).await.expect("read").as_deref(), Some("reset"));
+
+    // Leaving the flag on is harmless while the member is still alone.
+    let (name, dir, addr) = forced.kill().await;
+    let again = start_member(&name, &dir, Some(&addr), &|cfg: &mut Config| cfg.force_new_cluster = true).await;
+    wait_until(Duration::from_secs(5), "still leads", || again.db.status().role == Role::Leader).await;
+    assert_eq!(again.db.read(count_sql).await.expect("read"), n);
+
+    // A new member can join the reset cluster and gets all the data.
+    let root = c.root.clone();
+    let fresh = start_member("fresh", &root.join("fresh"), None, &no_tweak).await;
+    fresh.db.join(std::slice::from_ref(&again.addr)).await.expect("join the reset cluster");
+    let applied = settled_applied(&again.db).await;
+    wait_applied(&fresh.db, applied, Duration::from_secs(10)).await;
+    assert_eq!(fresh.db.read_local(count_sql).await.expect("read"), n);
+    // Now that another member joined, forcing again would drop it: refused.
+    let (name, dir, addr) = again.kill().await;
+    let listener = TcpListener::bind(&addr).await.expect("rebind");
+    drop(listener);
+    let mut cfg = test_config(&name, &dir, &addr);
+    cfg.force_new_cluster = true;
+    let refused = ReplicatedDb::open(cfg, Arc::new(Kv)).await.err().expect("forcing twice is refused");
+    assert_data_dir(&refused, "fresh");
+    fresh.kill().await;
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_new_cluster_refuses_a_directory_that_is_not_a_manager_store() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut cfg = test_config("m9", &root.path().join("empty"), "127.0.0.1:1");
+    cfg.force_new_cluster = true;
+    let e = holdfast_raft::force_new_cluster(&cfg).expect_err("nothing to force");
+    assert_data_dir(&e, "no manager store");
+    assert!(!root.path().join("empty").exists(), "nothing was created");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_restores_into_a_new_one_member_cluster() {
+    let c = Cluster::start(3, &no_tweak).await;
+    let leader = c.leader().await;
+    for i in 0..50 {
+        c.m(leader).db.write(put(&format!("k{i}"), &format!("v{i}"))).await.expect("write");
+    }
+    // Taken on a follower: the read barrier makes it hold every acknowledged write.
+    let follower = c.follower_of(leader);
+    let copy = c.root.join("backup.db");
+    let applied = c.m(follower).db.backup_to(&copy).await.expect("backup");
+    assert!(applied >= 50, "applied {applied}");
+
+    let target = c.root.join("restored");
+    std::fs::create_dir_all(&target).expect("mkdir");
+    std::fs::write(target.join("stray"), b"x").expect("stray file");
+    let cfg = test_config("r1", &target, "127.0.0.1:1");
+    let e = holdfast_raft::restore_snapshot(&copy, &cfg).expect_err("non-empty dir refused");
+    assert_data_dir(&e, "not empty");
+    std::fs::remove_file(target.join("stray")).expect("rm");
+    let not_db = c.root.join("garbage.db");
+    std::fs::write(&not_db, b"definitely not sqlite").expect("write");
+    let e = holdfast_raft::restore_snapshot(&not_db, &cfg).expect_err("garbage refused");
+    assert!(matches!(e, DbError::DataDir { .. }), "{e}");
+    assert_eq!(std::fs::read_dir(&target).expect("ls").count(), 0, "a refused restore writes nothing");
+
+    let restored = holdfast_raft::restore_snapshot(&copy, &cfg).expect("restore");
+    assert_eq!(restored.last_applied, applied);
+    assert_eq!(restored.old_members.len(), 3);
+    let r = start_member("r1", &target, None, &no_tweak).await;
+    wait_until(Duration::from_secs(5), "restored member leads", || r.db.status().role == Role::Leader).await;
+    assert_eq!(r.db.read(count_sql).await.expect("read"), 50);
+    assert_eq!(r.db.read(get_sql("k7".into())).await.expect("read").as_deref(), Some("v7"));
+    let prev_v = r.db.write(put("k7", "new")).await.expect("write after restore");
+    assert_eq!(prev(&prev_v).as_deref(), Some("v7"));
+    // A member joining the restored cluster receives the restored state by snapshot.
+    let j = start_member("r2", &c.root.join("r2"), None, &no_tweak).await;
+    j.db.join(std::slice::from_ref(&r.addr)).await.expect("join restored cluster");
+    let applied = settled_applied(&r.db).await;
+    wait_applied(&j.db, applied, Duration::from_secs(10)).await;
+    assert_eq!(j.db.read_local(count_sql).await.expect("read"), 50);
+    j.kill().await;
+    r.kill().await;
+    c.shutdown().await;
+}

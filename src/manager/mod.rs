@@ -33,6 +33,9 @@ pub struct ManagerSettings {
     pub down_after: Duration,
     /// Placement strategy (a cluster-wide setting: give every manager the same).
     pub strategy: scheduler::Strategy,
+    /// Where snapshot copies are made before they are streamed (same file system as
+    /// the data when set by `node`; the system temp dir by default).
+    pub scratch_dir: std::path::PathBuf,
 }
 
 impl Default for ManagerSettings {
@@ -44,6 +47,7 @@ impl Default for ManagerSettings {
             log_timeout: Duration::from_secs(10),
             down_after: Duration::from_secs(60),
             strategy: scheduler::Strategy::Binpack,
+            scratch_dir: std::env::temp_dir(),
         }
     }
 }

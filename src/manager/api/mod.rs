@@ -23,6 +23,7 @@ mod error;
 pub mod events;
 pub mod limits;
 pub mod metrics;
+mod snapshot;
 pub mod ui;
 pub use error::ApiError;
 
@@ -40,6 +41,7 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/nodes/{id}/eligibility", post(node_eligibility))
         .route("/v1/cluster", get(cluster))
         .route("/v1/cluster/members/{id}", delete(remove_member))
+        .route("/v1/cluster/snapshot", get(snapshot::cluster_snapshot))
         .route("/v1/audit", get(audit_log))
         .route("/v1/health", get(health))
         .route("/health/live", get(live))

@@ -1,0 +1,226 @@
+//! Day-2 recovery on real processes and the real Docker engine: a snapshot saved
+//! through the API, quorum lost for good and `--force-new-cluster` on the survivor,
+//! then a restore into a new data directory; a worker's container runs untouched
+//! throughout and no duplicate appears.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+struct Manager {
+    name: String,
+    api: String,
+    cluster: String,
+    proc: Option<Proc>,
+}
+
+impl Manager {
+    fn new(name: &str) -> Manager {
+        Manager {
+            name: name.into(),
+            api: format!("127.0.0.1:{}", free_port()),
+            cluster: format!("127.0.0.1:{}", free_port()),
+            proc: None,
+        }
+    }
+
+    fn start(&mut self, root: &Path, data: &Path, extra: &[&str]) {
+        let mut args = vec!["agent", "--manager", "--node-id", &self.name, "--data-dir"];
+        let data = data.to_str().expect("utf-8 path");
+        args.extend([data, "--api", &self.api, "--cluster", &self.cluster, "--heartbeat-ttl", "2s", "--lease", "20s"]);
+        args.extend_from_slice(extra);
+        self.proc = Some(Proc::spawn(&args, &root.join(format!("{}.log", self.name)), &[]));
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.api)
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.terminate(Duration::from_secs(15)).unwrap_or_else(|| panic!("{} did not stop on SIGTERM", self.name));
+        }
+    }
+}
+
+async fn submit(m: &Manager, spec: Value) -> Result<String, String> {
+    let resp = http().post(m.url("/v1/tasks")).json(&spec).send().await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let v: Value = resp.json().await.map_err(|e| e.to_string())?;
+    match status {
+        201 => Ok(v["id"].as_str().unwrap_or_default().to_string()),
+        _ => Err(format!("{status}: {v}")),
+    }
+}
+
+async fn task_ids(m: &Manager) -> Option<Vec<String>> {
+    let v = get_json(&m.url("/v1/tasks")).await?;
+    let mut ids: Vec<String> =
+        v["tasks"].as_array()?.iter().filter_map(|t| t["id"].as_str().map(String::from)).collect();
+    ids.sort();
+    Some(ids)
+}
+
+async fn lone_leader(m: &Manager) {
+    eventually(Duration::from_secs(30), "a one-member cluster led by this manager", || async {
+        let v = get_json(&m.url("/v1/cluster")).await?;
+        let members = v["members"].as_array()?;
+        (v["leader"]["id"] == json!(m.name) && members.len() == 1).then_some(())
+    })
+    .await;
+}
+
+/// The running containers of a task, straight from the engine.
+fn running_containers(task: &str) -> Vec<String> {
+    let out = Command::new("docker")
+        .args(["ps", "-q", "--no-trunc", "--filter", &format!("label=holdfast.task={task}")])
+        .output()
+        .expect("docker ps");
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+}
+
+/// The worker is ready on `m` and its echo task still runs in the same container.
+async fn worker_converged(m: &Manager, worker: &str, task: &str, container: &str) {
+    eventually(Duration::from_secs(60), "worker ready and the task running on it", || async {
+        let nodes = get_json(&m.url("/v1/nodes")).await?;
+        let ready = nodes["nodes"].as_array()?.iter().any(|n| n["id"] == json!(worker) && n["status"] == "ready");
+        let t = get_json(&m.url(&format!("/v1/tasks/{task}"))).await?;
+        (ready && t["state"] == "running").then_some(())
+    })
+    .await;
+    assert_eq!(running_containers(task), vec![container.to_string()], "the same single container runs");
+}
+
+fn holdfast(args: &[&str]) -> std::process::Output {
+    Command::new(holdfast_bin()).args(args).output().expect("run holdfast")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_force_new_cluster_and_restore_keep_state_and_containers() {
+    require_docker();
+    let root = tempfile::tempdir().expect("tempdir");
+    let r = root.path();
+    let mut ms: Vec<Manager> = ["m1", "m2", "m3"].iter().map(|n| Manager::new(n)).collect();
+    let data = |n: &str| -> PathBuf { r.join(n) };
+    let seed = ms[0].cluster.clone();
+    ms[0].start(r, &data("m1"), &["--bootstrap"]);
+    ms[1].start(r, &data("m2"), &["--join", &seed]);
+    ms[2].start(r, &data("m3"), &["--join", &seed]);
+    eventually(Duration::from_secs(30), "three voters", || async {
+        let v = get_json(&ms[0].url("/v1/cluster")).await?;
+        (v["members"].as_array()?.iter().filter(|m| m["voter"] == true).count() == 3).then_some(())
+    })
+    .await;
+
+    let worker = format!("rec-{}", free_port());
+    let _cleanup = NodeContainers(worker.clone());
+    let joins = ms.iter().map(|m| m.cluster.clone()).collect::<Vec<_>>().join(",");
+    let _w = Proc::spawn(
+        &["agent", "--worker", "--node-id", &worker, "--data-dir", data(&worker).to_str().unwrap(), "--join", &joins],
+        &r.join("worker.log"),
+        &[],
+    );
+    let echo = submit(&ms[0], json!({"image": "holdfast/echo:latest", "ports": [{"container": 7777}]}))
+        .await
+        .expect("submit echo");
+    let mut pending = Vec::new();
+    for i in 0..10 {
+        let spec = json!({"image": "holdfast/echo:latest", "name": format!("p{i}"),
+                          "constraints": {"labels": {"zone": "nowhere"}}});
+        pending.push(submit(&ms[i % 3], spec).await.expect("submit pending"));
+    }
+    eventually(Duration::from_secs(90), "echo running", || async {
+        let t = get_json(&ms[0].url(&format!("/v1/tasks/{echo}"))).await?;
+        (t["state"] == "running").then_some(())
+    })
+    .await;
+    let container = running_containers(&echo).pop().expect("a running container");
+    let before = task_ids(&ms[0]).await.expect("task list");
+    assert_eq!(before.len(), 11);
+
+    // An online backup through the API, with the CLI.
+    let snap = r.join("cluster.snapshot");
+    let api_url = format!("http://{}", ms[1].api);
+    let out = holdfast(&["cluster", "snapshot", "save", snap.to_str().unwrap(), "--api-url", &api_url]);
+    assert!(out.status.success(), "save failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("saved"), "{out:?}");
+
+    // Quorum lost for good: two managers die and never come back.
+    for m in &mut ms[1..] {
+        m.proc.take().expect("running").kill();
+    }
+    let refused = submit(&ms[0], json!({"image": "holdfast/echo:latest"})).await;
+    assert!(refused.is_err(), "a lone manager of three must refuse writes: {refused:?}");
+
+    // The survivor restarts as a one-member cluster with all its state.
+    ms[0].stop();
+    ms[0].start(r, &data("m1"), &["--force-new-cluster"]);
+    lone_leader(&ms[0]).await;
+    let after_force = task_ids(&ms[0]).await.expect("task list after the reset");
+    for id in &before {
+        assert!(after_force.contains(id), "task {id} lost by the reset");
+    }
+    let extra = submit(&ms[0], json!({"image": "holdfast/echo:latest", "constraints": {"labels": {"zone": "x"}}}))
+        .await
+        .expect("writable after the reset");
+    worker_converged(&ms[0], &worker, &echo, &container).await;
+
+    // Disaster: the survivor's disk is gone too. Restore the snapshot into a new data
+    // directory under the same name and addresses; the worker reconnects unchanged.
+    ms[0].proc.take().expect("running").kill();
+    let fresh = data("m1-restored");
+    let mut truncated = std::fs::read(&snap).expect("read snapshot");
+    truncated.truncate(truncated.len() - 100);
+    let bad = r.join("truncated.snapshot");
+    std::fs::write(&bad, &truncated).expect("write");
+    let out = holdfast(&[
+        "cluster",
+        "snapshot",
+        "restore",
+        bad.to_str().unwrap(),
+        "--data-dir",
+        fresh.to_str().unwrap(),
+        "--node-id",
+        "m1",
+    ]);
+    assert!(!out.status.success(), "a truncated snapshot must be refused");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("truncated"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!fresh.join("manager").exists(), "a refused restore writes nothing");
+    let out = holdfast(&[
+        "cluster",
+        "snapshot",
+        "restore",
+        snap.to_str().unwrap(),
+        "--data-dir",
+        fresh.to_str().unwrap(),
+        "--node-id",
+        "m1",
+    ]);
+    assert!(out.status.success(), "restore failed: {}", String::from_utf8_lossy(&out.stderr));
+    let again = holdfast(&[
+        "cluster",
+        "snapshot",
+        "restore",
+        snap.to_str().unwrap(),
+        "--data-dir",
+        fresh.to_str().unwrap(),
+        "--node-id",
+        "m1",
+    ]);
+    assert!(!again.status.success(), "restoring over an existing manager is refused");
+
+    ms[0].start(r, &fresh, &[]);
+    lone_leader(&ms[0]).await;
+    let restored = task_ids(&ms[0]).await.expect("task list after restore");
+    assert_eq!(restored, before, "the restored cluster holds exactly what the snapshot held");
+    assert!(!restored.contains(&extra), "a task submitted after the snapshot is not in it");
+    worker_converged(&ms[0], &worker, &echo, &container).await;
+    submit(&ms[0], json!({"image": "holdfast/echo:latest", "constraints": {"labels": {"zone": "y"}}}))
+        .await
+        .expect("the restored cluster takes writes");
+}
