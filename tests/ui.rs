@@ -242,6 +242,9 @@ async fn the_console_runs_the_echo_task_from_submit_to_stop_and_survives_a_manag
     )
     .await;
     b.screenshot("audit").await;
+    b.client.goto(&dev.url("/#/admin")).await.expect("goto admin");
+    b.wait_js(WAIT, "the managers table", &format!("return document.querySelector('#main')?.textContent.includes({});", q(&node))).await;
+    b.screenshot("admin").await;
 
     // Stop it from its page.
     b.client.goto(&dev.url(&format!("/#/tasks/{id}"))).await.expect("goto task");

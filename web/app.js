@@ -159,6 +159,11 @@ async function start() {
   }
   window.addEventListener('hashchange', route);
   setInterval(tickTimes, 15000);
+  // Liveness (last seen, measured free resources, apply lag) changes without events:
+  // views that show it read it again every 10 s while the tab is visible.
+  setInterval(() => {
+    if (current && current.poll && current.refresh && document.visibilityState === 'visible') current.refresh();
+  }, 10000);
   if (parseHash().path === '/login') {
     route();
     return;

@@ -149,7 +149,7 @@ export function overview(main) {
   draw();
   const reload = () => Promise.all([loadHealth(), loadCluster(), loadNodes(false)]).catch((e) => fill(verdict, h('h2', { id: 'h-verdict' }, 'Health'), errorBox(e)));
   reload();
-  return { update: (w) => (['health', 'cluster', 'nodes'].includes(w) ? draw() : null), refresh: reload, needsRefreshOn: () => true };
+  return { update: (w) => (['health', 'cluster', 'nodes'].includes(w) ? draw() : null), refresh: reload, needsRefreshOn: () => true, poll: true };
 }
 
 // ---------------------------------------------------------------- nodes
@@ -244,7 +244,7 @@ export function nodes(main) {
   draw();
   const reload = () => loadNodes().catch((e) => fill(status, errorBox(e)));
   reload();
-  return { update: (w) => (w === 'nodes' ? draw() : null), refresh: reload, needsRefreshOn: (k) => k.startsWith('node.') || k.startsWith('placement.') };
+  return { update: (w) => (w === 'nodes' ? draw() : null), refresh: reload, needsRefreshOn: (k) => k.startsWith('node.') || k.startsWith('placement.'), poll: true };
 }
 
 // ---------------------------------------------------------------- tasks
