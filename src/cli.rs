@@ -41,12 +41,18 @@ pub enum Command {
         /// API base URL.
         #[arg(long, env = "HOLDFAST_API_URL", default_value = "http://127.0.0.1:7700", global = true)]
         api_url: String,
+        /// How to authenticate.
+        #[command(flatten)]
+        auth: ApiAuth,
     },
     /// Nodes (client of the HTTP API).
     Node {
         /// API base URL.
         #[arg(long, env = "HOLDFAST_API_URL", default_value = "http://127.0.0.1:7700")]
         api_url: String,
+        /// How to authenticate.
+        #[command(flatten)]
+        auth: ApiAuth,
     },
     /// Cluster status, and backups (client of the HTTP API).
     Cluster {
@@ -56,6 +62,61 @@ pub enum Command {
         /// API base URL.
         #[arg(long, env = "HOLDFAST_API_URL", default_value = "http://127.0.0.1:7700", global = true)]
         api_url: String,
+        /// How to authenticate.
+        #[command(flatten)]
+        auth: ApiAuth,
+    },
+    /// API tokens (client of the HTTP API; needs an admin token).
+    Token {
+        /// Token command.
+        #[command(subcommand)]
+        cmd: TokenCommand,
+        /// API base URL.
+        #[arg(long, env = "HOLDFAST_API_URL", default_value = "http://127.0.0.1:7700", global = true)]
+        api_url: String,
+        /// How to authenticate.
+        #[command(flatten)]
+        auth: ApiAuth,
+    },
+}
+
+/// How the API client authenticates and checks the server: the token comes from
+/// `--token`, else `HOLDFAST_API_TOKEN`, else `<data-dir>/admin.token`.
+#[derive(Args, Debug, Clone)]
+pub struct ApiAuth {
+    /// API bearer token.
+    #[arg(long, env = "HOLDFAST_API_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// Data directory holding `admin.token` (and `ca.pem` for an https URL).
+    #[arg(long, env = "HOLDFAST_DATA_DIR", default_value = "./holdfast-data", global = true)]
+    pub data_dir: PathBuf,
+    /// CA certificate (PEM) that signed the API's certificate, for an https URL;
+    /// defaults to `<data-dir>/ca.pem`.
+    #[arg(long, env = "HOLDFAST_CA_FILE", global = true)]
+    pub ca_file: Option<PathBuf>,
+}
+
+/// `holdfast token ...`
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Create an API token; its secret is printed once.
+    Create {
+        /// `admin`, `operator` or `reader`.
+        #[arg(long)]
+        role: String,
+        /// Name the audit log records for calls made with it.
+        #[arg(long)]
+        name: String,
+        /// Lifetime (e.g. `30d`, `12h`); none by default.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<std::time::Duration>,
+    },
+    /// List tokens (never their secrets).
+    List,
+    /// Revoke a token by id, on every manager at once.
+    Revoke {
+        /// Token id.
+        id: String,
     },
 }
 
@@ -79,14 +140,12 @@ pub enum SnapshotCommand {
         /// Where to write it.
         file: PathBuf,
     },
-    /// Seed a new first manager's data directory from FILE; then start it with
+    /// Seed a new first manager's data directory (`--data-dir`; its `manager/` part
+    /// must not exist yet) from FILE; then start it with
     /// `holdfast agent --manager --node-id ID --data-dir DIR` (no --bootstrap).
     Restore {
         /// A file written by `snapshot save`.
         file: PathBuf,
-        /// Data directory of the new manager; its `manager/` part must not exist yet.
-        #[arg(long)]
-        data_dir: PathBuf,
         /// Node name of the new manager (keep the old leader's name and address so
         /// workers reconnect unchanged).
         #[arg(long)]

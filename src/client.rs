@@ -1,103 +1,161 @@
-//! The CLI's HTTP client for `holdfast task|node|cluster`: prints the API's JSON.
+//! The CLI's HTTP client for `holdfast task|node|cluster|token`: authenticates with a
+//! bearer token and prints the API's JSON.
 
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use crate::cli::TaskCommand;
+use crate::cli::{ApiAuth, TaskCommand, TokenCommand};
 
-async fn call(req: reqwest::RequestBuilder) -> anyhow::Result<()> {
-    let resp = req.timeout(Duration::from_secs(30)).send().await.context("cannot reach the holdfast API")?;
-    let status = resp.status();
-    let text = resp.text().await.unwrap_or_default();
-    let pretty = serde_json::from_str::<serde_json::Value>(&text)
-        .ok()
-        .and_then(|v| serde_json::to_string_pretty(&v).ok())
-        .unwrap_or(text);
-    if status.is_success() {
-        println!("{pretty}");
-        Ok(())
-    } else {
-        bail!("{status}: {pretty}")
-    }
+/// An authenticated API client: base URL, HTTP client and bearer token.
+pub struct Api {
+    base: String,
+    http: reqwest::Client,
+    token: String,
 }
 
-/// Runs a `holdfast task ...` command against `api`.
-pub async fn task(api: &str, cmd: TaskCommand) -> anyhow::Result<()> {
-    let http = reqwest::Client::new();
-    let api = api.trim_end_matches('/');
-    match cmd {
-        TaskCommand::Submit { file, idempotency_key } => {
-            let body = if file.as_os_str() == "-" {
-                let mut s = String::new();
-                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
-                s
-            } else {
-                std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?
-            };
-            let mut req = http.post(format!("{api}/v1/tasks")).header("content-type", "application/json").body(body);
-            if let Some(k) = idempotency_key {
-                req = req.header("Idempotency-Key", k);
+impl Api {
+    /// Finds the token (`--token`, `HOLDFAST_API_TOKEN`, `<data-dir>/admin.token`) and,
+    /// for an https URL, the CA to trust (`--ca-file`, else `<data-dir>/ca.pem`).
+    pub fn new(base: &str, auth: &ApiAuth) -> anyhow::Result<Api> {
+        let token = match auth.token.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
+            Some(t) => t.to_string(),
+            None => {
+                let path = auth.data_dir.join(crate::manager::api::auth::ADMIN_TOKEN_FILE);
+                let text = std::fs::read_to_string(&path).with_context(|| {
+                    format!(
+                        "no API token: pass --token, set HOLDFAST_API_TOKEN, or point --data-dir at a data \
+                         directory holding admin.token (tried {})",
+                        path.display()
+                    )
+                })?;
+                text.trim().to_string()
             }
-            call(req).await
+        };
+        let mut builder =
+            reqwest::Client::builder().timeout(Duration::from_secs(30)).connect_timeout(Duration::from_secs(5));
+        if base.starts_with("https://") {
+            let ca = auth.ca_file.clone().unwrap_or_else(|| auth.data_dir.join("ca.pem"));
+            let pem = std::fs::read(&ca).with_context(|| {
+                format!(
+                    "an https API needs the CA that signed its certificate: pass --ca-file (tried {})",
+                    ca.display()
+                )
+            })?;
+            let cert = reqwest::Certificate::from_pem(&pem)
+                .with_context(|| format!("{} is not a PEM certificate", ca.display()))?;
+            builder = builder.tls_built_in_root_certs(false).add_root_certificate(cert);
         }
-        TaskCommand::List => call(http.get(format!("{api}/v1/tasks"))).await,
-        TaskCommand::Get { id } => call(http.get(format!("{api}/v1/tasks/{id}"))).await,
-        TaskCommand::Stop { id } => call(http.delete(format!("{api}/v1/tasks/{id}"))).await,
-        TaskCommand::Logs { id } => call(http.get(format!("{api}/v1/tasks/{id}/logs"))).await,
+        Ok(Api { base: base.trim_end_matches('/').to_string(), http: builder.build()?, token })
     }
-}
 
-/// GETs one API path and prints it.
-pub async fn get(api: &str, path: &str) -> anyhow::Result<()> {
-    call(reqwest::Client::new().get(format!("{}{path}", api.trim_end_matches('/')))).await
-}
+    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token)
+    }
 
-/// `holdfast cluster snapshot save FILE`: streams `GET /v1/cluster/snapshot` into
-/// `FILE.part`, checks its length and checksum, then renames it to `file`.
-pub async fn snapshot_save(api: &str, file: &std::path::Path) -> anyhow::Result<()> {
-    use tokio::io::AsyncWriteExt;
-    let url = format!("{}/v1/cluster/snapshot", api.trim_end_matches('/'));
-    // No overall timeout: a large state takes as long as it takes; a stalled stream
-    // is cut by the read timeout instead.
-    let http = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(10))
-        .read_timeout(Duration::from_secs(60))
-        .build()?;
-    let mut resp = http.get(&url).send().await.context("cannot reach the holdfast API")?;
-    if !resp.status().is_success() {
+    async fn call(&self, req: reqwest::RequestBuilder) -> anyhow::Result<()> {
+        let resp = req.send().await.with_context(|| format!("cannot reach the holdfast API at {}", self.base))?;
         let status = resp.status();
-        bail!("{status}: {}", resp.text().await.unwrap_or_default());
-    }
-    let part = file.with_extension("part");
-    let mut out = tokio::fs::File::create(&part).await.with_context(|| format!("creating {}", part.display()))?;
-    while let Some(chunk) = resp.chunk().await.context("snapshot download interrupted")? {
-        out.write_all(&chunk).await?;
-    }
-    out.sync_all().await?;
-    drop(out);
-    let checked = part.clone();
-    let header = tokio::task::spawn_blocking(move || {
-        crate::backup::read_verified(std::fs::File::open(&checked)?, std::io::sink())
-    })
-    .await?;
-    let header = match header {
-        Ok(h) => h,
-        Err(e) => {
-            let _ = std::fs::remove_file(&part);
-            bail!("the downloaded snapshot is unusable: {e}");
+        let text = resp.text().await.unwrap_or_default();
+        let pretty = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| serde_json::to_string_pretty(&v).ok())
+            .unwrap_or(text);
+        if status.is_success() {
+            println!("{pretty}");
+            Ok(())
+        } else {
+            bail!("{status}: {pretty}")
         }
-    };
-    std::fs::rename(&part, file).with_context(|| format!("renaming into {}", file.display()))?;
-    println!(
-        "saved {}: state applied up to index {} by {}, {} bytes of database, sha256 {}",
-        file.display(),
-        header.last_applied,
-        header.taken_by,
-        header.db_bytes,
-        header.db_sha256
-    );
-    Ok(())
+    }
+
+    /// GETs one API path and prints it.
+    pub async fn get(&self, path: &str) -> anyhow::Result<()> {
+        self.call(self.req(reqwest::Method::GET, path)).await
+    }
+
+    /// Runs a `holdfast task ...` command.
+    pub async fn task(&self, cmd: TaskCommand) -> anyhow::Result<()> {
+        use reqwest::Method;
+        match cmd {
+            TaskCommand::Submit { file, idempotency_key } => {
+                let body = if file.as_os_str() == "-" {
+                    let mut s = String::new();
+                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+                    s
+                } else {
+                    std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?
+                };
+                let mut req = self.req(Method::POST, "/v1/tasks").header("content-type", "application/json").body(body);
+                if let Some(k) = idempotency_key {
+                    req = req.header("Idempotency-Key", k);
+                }
+                self.call(req).await
+            }
+            TaskCommand::List => self.get("/v1/tasks").await,
+            TaskCommand::Get { id } => self.get(&format!("/v1/tasks/{id}")).await,
+            TaskCommand::Stop { id } => self.call(self.req(Method::DELETE, &format!("/v1/tasks/{id}"))).await,
+            TaskCommand::Logs { id } => self.get(&format!("/v1/tasks/{id}/logs")).await,
+        }
+    }
+
+    /// Runs a `holdfast token ...` command.
+    pub async fn token(&self, cmd: TokenCommand) -> anyhow::Result<()> {
+        use reqwest::Method;
+        match cmd {
+            TokenCommand::Create { role, name, ttl } => {
+                let mut body = serde_json::json!({ "name": name, "role": role });
+                if let Some(ttl) = ttl {
+                    body["ttl_ms"] = serde_json::json!(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+                }
+                self.call(self.req(Method::POST, "/v1/tokens").json(&body)).await
+            }
+            TokenCommand::List => self.get("/v1/tokens").await,
+            TokenCommand::Revoke { id } => self.call(self.req(Method::DELETE, &format!("/v1/tokens/{id}"))).await,
+        }
+    }
+
+    /// `holdfast cluster snapshot save FILE`: streams `GET /v1/cluster/snapshot` into
+    /// `FILE.part`, checks its length and checksum, then renames it to `file`.
+    pub async fn snapshot_save(&self, file: &std::path::Path) -> anyhow::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        // A large state takes longer than the usual 30 s request timeout.
+        let req = self.req(reqwest::Method::GET, "/v1/cluster/snapshot").timeout(Duration::from_secs(3600));
+        let mut resp = req.send().await.with_context(|| format!("cannot reach the holdfast API at {}", self.base))?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            bail!("{status}: {}", resp.text().await.unwrap_or_default());
+        }
+        let part = file.with_extension("part");
+        let mut out = tokio::fs::File::create(&part).await.with_context(|| format!("creating {}", part.display()))?;
+        while let Some(chunk) = resp.chunk().await.context("snapshot download interrupted")? {
+            out.write_all(&chunk).await?;
+        }
+        out.sync_all().await?;
+        drop(out);
+        let checked = part.clone();
+        let header = tokio::task::spawn_blocking(move || {
+            crate::backup::read_verified(std::fs::File::open(&checked)?, std::io::sink())
+        })
+        .await?;
+        let header = match header {
+            Ok(h) => h,
+            Err(e) => {
+                let _ = std::fs::remove_file(&part);
+                bail!("the downloaded snapshot is unusable: {e}");
+            }
+        };
+        std::fs::rename(&part, file).with_context(|| format!("renaming into {}", file.display()))?;
+        println!(
+            "saved {}: state applied up to index {} by {}, {} bytes of database, sha256 {}",
+            file.display(),
+            header.last_applied,
+            header.taken_by,
+            header.db_bytes,
+            header.db_sha256
+        );
+        Ok(())
+    }
 }
 
 /// `holdfast cluster snapshot restore FILE --data-dir DIR --node-id ID`: checks the

@@ -35,12 +35,26 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Dev(args) => {
             let config = args.to_config();
-            println!(
-                "holdfast dev: API and UI on http://{api}\n\
-                 Run the echo task:\n  curl -s -X POST http://{api}/v1/tasks -d '{{\"image\":\"holdfast/echo:latest\",\"ports\":[{{\"container\":7777}}]}}'\n\
-                 Then find its endpoint with: curl -s http://{api}/v1/tasks",
-                api = args.api
-            );
+            // The admin token exists once this single-node cluster has elected itself.
+            let token_file = args.data_dir.join(holdfast::manager::api::auth::ADMIN_TOKEN_FILE);
+            let api = args.api.clone();
+            tokio::spawn(async move {
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+                while std::time::Instant::now() < deadline {
+                    if let Ok(t) = std::fs::read_to_string(&token_file) {
+                        let token = t.trim();
+                        println!(
+                            "holdfast dev: API on http://{api} (admin token in {file})\n\
+                             Run the echo task:\n  curl -s -H 'Authorization: Bearer {token}' -X POST http://{api}/v1/tasks -d '{{\"image\":\"holdfast/echo:latest\",\"ports\":[{{\"container\":7777}}]}}'\n\
+                             Then find its endpoint with: curl -s -H 'Authorization: Bearer {token}' http://{api}/v1/tasks\n\
+                             UI: http://{api}/#token={token}",
+                            file = token_file.display()
+                        );
+                        return;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            });
             holdfast::node::run(config, holdfast::shutdown_signal()).await?;
             Ok(0)
         }
@@ -67,14 +81,23 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             println!("built {}", tags.join(", "));
             Ok(0)
         }
-        Command::Task { cmd, api_url } => holdfast::client::task(&api_url, cmd).await.map(|_| 0),
-        Command::Node { api_url } => holdfast::client::get(&api_url, "/v1/nodes").await.map(|_| 0),
-        Command::Cluster { cmd: None, api_url } => holdfast::client::get(&api_url, "/v1/cluster").await.map(|_| 0),
-        Command::Cluster { cmd: Some(ClusterCommand::Snapshot { cmd }), api_url } => match cmd {
-            SnapshotCommand::Save { file } => holdfast::client::snapshot_save(&api_url, &file).await.map(|_| 0),
-            SnapshotCommand::Restore { file, data_dir, node_id } => {
-                holdfast::client::snapshot_restore(&file, &data_dir, &node_id).map(|_| 0)
+        Command::Task { cmd, api_url, auth } => holdfast::client::Api::new(&api_url, &auth)?.task(cmd).await.map(|_| 0),
+        Command::Node { api_url, auth } => {
+            holdfast::client::Api::new(&api_url, &auth)?.get("/v1/nodes").await.map(|_| 0)
+        }
+        Command::Cluster { cmd: None, api_url, auth } => {
+            holdfast::client::Api::new(&api_url, &auth)?.get("/v1/cluster").await.map(|_| 0)
+        }
+        Command::Cluster { cmd: Some(ClusterCommand::Snapshot { cmd }), api_url, auth } => match cmd {
+            SnapshotCommand::Save { file } => {
+                holdfast::client::Api::new(&api_url, &auth)?.snapshot_save(&file).await.map(|_| 0)
+            }
+            SnapshotCommand::Restore { file, node_id } => {
+                holdfast::client::snapshot_restore(&file, &auth.data_dir, &node_id).map(|_| 0)
             }
         },
+        Command::Token { cmd, api_url, auth } => {
+            holdfast::client::Api::new(&api_url, &auth)?.token(cmd).await.map(|_| 0)
+        }
     }
 }

@@ -49,6 +49,7 @@ pub async fn run_with_runtime(
     if config.manager.is_none() && config.worker.is_none() {
         return Err(NodeError::NoRole);
     }
+    crate::manager::api::auth::private_dir(&config.data_dir)?;
     let (stop_tx, _) = broadcast::channel::<()>(1);
     // One registry of breakers and bulkheads per process, shown by health and metrics.
     let resilience = crate::resilience::Registry::new();
@@ -80,10 +81,14 @@ pub async fn run_with_runtime(
         let api_listener = crate::net::bind(&m.api, "the API").await?;
         let cluster_router = rdb.cluster_router().merge(manager::gateway::router(mgr.clone()));
         tasks.push(crate::net::serve(cluster_listener, cluster_router, stop_tx.subscribe()));
-        let api = manager::api::limits::apply(manager::api::router(mgr.clone()), Default::default())
+        // The token check runs inside the limits, so its lookups are bounded too; the
+        // stream router gets its own (no route is reached without its role's token).
+        let routes = manager::api::auth::layer(manager::api::router(mgr.clone()), mgr.clone());
+        let streams = manager::api::events::router(mgr.clone(), Default::default(), stop_tx.clone());
+        let api = manager::api::limits::apply(routes, Default::default())
             // Merged after the limits: a stream must not be cut by the request timeout;
             // it has its own cap on open streams.
-            .merge(manager::api::events::router(mgr.clone(), Default::default(), stop_tx.clone()));
+            .merge(manager::api::auth::layer(streams, mgr.clone()));
         tasks.push(crate::net::serve(api_listener, api, stop_tx.subscribe()));
         if let Some(sink) = &m.event_sink {
             let (_stats, sink_task) = manager::sink::spawn(&mgr, sink.clone(), &config.data_dir, stop_tx.subscribe());
@@ -91,7 +96,11 @@ pub async fn run_with_runtime(
         }
         if m.bootstrap {
             rdb.bootstrap().await?;
+            let ensure =
+                manager::api::auth::ensure_admin_token(mgr.clone(), config.data_dir.clone(), stop_tx.subscribe());
+            tokio::spawn(ensure);
         }
+        tasks.push(tokio::spawn(watch_fatal(rdb.clone(), config.data_dir.join("manager"))));
         if !m.join.is_empty() {
             let seeds = m.join.clone();
             let joining = rdb.clone();
@@ -149,9 +158,10 @@ pub async fn run_with_runtime(
     let _ = stop_tx.send(());
     let result = match early {
         Some((res, rest)) => {
-            for t in rest {
-                let _ = tokio::time::timeout(Duration::from_secs(15), t).await;
-            }
+            let fatal = matches!(&res, Ok(Err(e)) if e.to_string().starts_with("fatal storage error"));
+            // After a fatal storage error the process must end within seconds.
+            let grace = if fatal { Duration::from_secs(3) } else { Duration::from_secs(15) };
+            let _ = tokio::time::timeout(grace, futures::future::join_all(rest)).await;
             match res {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(NodeError::Io(e)),
@@ -168,4 +178,24 @@ pub async fn run_with_runtime(
         db.shutdown().await;
     }
     result
+}
+
+/// Ends with an error naming the file and the cause when Raft stops on its own (a
+/// fatal storage error), so the process exits non-zero and systemd restarts it.
+async fn watch_fatal(db: holdfast_raft::ReplicatedDb, dir: std::path::PathBuf) -> Result<(), std::io::Error> {
+    let mut status = db.watch_status();
+    loop {
+        {
+            let s = status.borrow_and_update();
+            if s.role == holdfast_raft::Role::Shutdown {
+                let cause = s.fatal.clone().unwrap_or_else(|| "Raft stopped unexpectedly".into());
+                tracing::error!(dir = %dir.display(), %cause, "fatal storage error; exiting");
+                return Err(std::io::Error::other(format!("fatal storage error in {}: {cause}", dir.display())));
+            }
+        }
+        if status.changed().await.is_err() {
+            // The database is closing (our own shutdown): nothing more to watch.
+            return std::future::pending().await;
+        }
+    }
 }

@@ -11,6 +11,8 @@ use serde_json::{json, Value};
 struct Manager {
     proc: Proc,
     api: String,
+    client: reqwest::Client,
+    token: String,
     _dir: tempfile::TempDir,
 }
 
@@ -42,11 +44,12 @@ async fn manager() -> Manager {
         async move { http().get(&url).send().await.ok().filter(|r| r.status().is_success()) }
     })
     .await;
-    Manager { proc, api: format!("http://{api}"), _dir: dir }
+    let token = admin_token(&data).await;
+    Manager { proc, api: format!("http://{api}"), client: client_with_token(&token), token, _dir: dir }
 }
 
-async fn post(url: &str, body: &str, key: Option<&str>) -> (u16, Value) {
-    let mut req = http().post(url).body(body.to_string());
+async fn post(client: &reqwest::Client, url: &str, body: &str, key: Option<&str>) -> (u16, Value) {
+    let mut req = client.post(url).body(body.to_string());
     if let Some(k) = key {
         req = req.header("Idempotency-Key", k);
     }
@@ -69,27 +72,27 @@ async fn bad_input_gets_a_clear_error_and_loses_nothing() {
     let m = manager().await;
     let tasks = format!("{}/v1/tasks", m.api);
 
-    let (s, b) = post(&tasks, "{not json", None).await;
+    let (s, b) = post(&m.client, &tasks, "{not json", None).await;
     assert_error(s, &b, 400, None);
-    let (s, b) = post(&tasks, r#"{"image":"a","colour":"red"}"#, None).await;
+    let (s, b) = post(&m.client, &tasks, r#"{"image":"a","colour":"red"}"#, None).await;
     assert_error(s, &b, 400, Some("colour"));
-    let (s, b) = post(&tasks, r#"{"image":"a","resources":{"memory_mb":-5}}"#, None).await;
+    let (s, b) = post(&m.client, &tasks, r#"{"image":"a","resources":{"memory_mb":-5}}"#, None).await;
     assert_error(s, &b, 400, Some("resources.memory_mb"));
-    let (s, b) = post(&tasks, r#"{"command":["x"]}"#, None).await;
+    let (s, b) = post(&m.client, &tasks, r#"{"command":["x"]}"#, None).await;
     assert_error(s, &b, 400, Some("image"));
     let big = format!(r#"{{"image":"a","env":{{"K":"{}"}}}}"#, "x".repeat(400_000));
-    let (s, b) = post(&tasks, &big, None).await;
+    let (s, b) = post(&m.client, &tasks, &big, None).await;
     assert_error(s, &b, 413, None);
 
-    let r = http().get(format!("{}/v1/tasks/nope", m.api)).send().await.unwrap();
+    let r = m.client.get(format!("{}/v1/tasks/nope", m.api)).send().await.unwrap();
     let s = r.status().as_u16();
     assert_error(s, &r.json().await.unwrap(), 404, Some("id"));
-    let r = http().get(format!("{}/v1/no/such/route", m.api)).send().await.unwrap();
+    let r = m.client.get(format!("{}/v1/no/such/route", m.api)).send().await.unwrap();
     let s = r.status().as_u16();
     assert_error(s, &r.json().await.unwrap(), 404, None);
 
     // Nothing above created a task.
-    let list = get_json(&tasks).await.unwrap();
+    let list = get_json(&m.client, &tasks).await.unwrap();
     assert_eq!(list["tasks"].as_array().unwrap().len(), 0, "{list}");
 }
 
@@ -97,50 +100,51 @@ async fn bad_input_gets_a_clear_error_and_loses_nothing() {
 async fn idempotency_key_makes_retries_safe() {
     let m = manager().await;
     let tasks = format!("{}/v1/tasks", m.api);
-    let (s1, b1) = post(&tasks, r#"{"image":"holdfast/echo:latest"}"#, Some("k-1")).await;
+    let (s1, b1) = post(&m.client, &tasks, r#"{"image":"holdfast/echo:latest"}"#, Some("k-1")).await;
     assert_eq!(s1, 201, "{b1}");
-    let (s2, b2) = post(&tasks, r#"{"image":"holdfast/echo:latest"}"#, Some("k-1")).await;
+    let (s2, b2) = post(&m.client, &tasks, r#"{"image":"holdfast/echo:latest"}"#, Some("k-1")).await;
     assert_eq!(s2, 200, "{b2}");
     assert_eq!(b1["id"], b2["id"]);
-    let (s3, b3) = post(&tasks, r#"{"image":"other"}"#, Some("k-1")).await;
+    let (s3, b3) = post(&m.client, &tasks, r#"{"image":"other"}"#, Some("k-1")).await;
     assert_error(s3, &b3, 409, None);
-    let list = get_json(&tasks).await.unwrap();
+    let list = get_json(&m.client, &tasks).await.unwrap();
     assert_eq!(list["tasks"].as_array().unwrap().len(), 1, "{list}");
 
     // Every call that reached the state machine is audited, rejected ones too.
-    let audit = get_json(&format!("{}/v1/audit", m.api)).await.unwrap();
+    let audit = get_json(&m.client, &format!("{}/v1/audit", m.api)).await.unwrap();
     let results: Vec<&str> =
         audit["entries"].as_array().unwrap().iter().map(|e| e["result"].as_str().unwrap()).collect();
     assert_eq!(results, vec!["conflict", "ok", "ok"], "{audit}");
     let first = &audit["entries"][2];
     assert_eq!(first["action"], "POST /v1/tasks");
-    assert!(first["who"].as_str().unwrap().starts_with("127.0.0.1:"), "{first}");
+    assert!(first["who"].as_str().unwrap().starts_with("admin ("), "{first}");
 }
 
 #[tokio::test]
 async fn tasks_stay_pending_with_a_reason_and_stop() {
     let m = manager().await;
     let tasks = format!("{}/v1/tasks", m.api);
-    let (s, b) = post(&tasks, r#"{"image":"holdfast/echo:latest","name":"e1"}"#, None).await;
+    let (s, b) = post(&m.client, &tasks, r#"{"image":"holdfast/echo:latest","name":"e1"}"#, None).await;
     assert_eq!(s, 201, "{b}");
     let id = b["id"].as_str().unwrap().to_string();
     let url = format!("{}/v1/tasks/{id}", m.api);
     let t = eventually(Duration::from_secs(10), "pending reason", || {
         let url = url.clone();
-        async move { get_json(&url).await.filter(|t| t["reason"].is_string()) }
+        let client = m.client.clone();
+        async move { get_json(&client, &url).await.filter(|t| t["reason"].is_string()) }
     })
     .await;
     assert_eq!(t["state"], "pending");
     assert_eq!(t["name"], "e1");
     assert_eq!(t["reason"], "no worker nodes registered");
 
-    let r = http().delete(&url).send().await.unwrap();
+    let r = m.client.delete(&url).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 202);
-    let t = get_json(&url).await.unwrap();
+    let t = get_json(&m.client, &url).await.unwrap();
     assert_eq!(t["desired"], "stop");
     assert_eq!(t["state"], "stopped");
 
-    let c = get_json(&format!("{}/v1/cluster", m.api)).await.unwrap();
+    let c = get_json(&m.client, &format!("{}/v1/cluster", m.api)).await.unwrap();
     assert_eq!(c["leader"]["id"], "m1", "{c}");
     assert_eq!(c["members"].as_array().unwrap().len(), 1, "{c}");
     assert!(c["commit_index"].as_u64().unwrap() >= 2, "{c}");
@@ -149,10 +153,10 @@ async fn tasks_stay_pending_with_a_reason_and_stop() {
 #[tokio::test]
 async fn metrics_speak_prometheus_text() {
     let m = manager().await;
-    let (s, _) = post(&format!("{}/v1/tasks", m.api), r#"{"image":"holdfast/echo:latest"}"#, None).await;
+    let (s, _) = post(&m.client, &format!("{}/v1/tasks", m.api), r#"{"image":"holdfast/echo:latest"}"#, None).await;
     assert_eq!(s, 201);
-    let text = http().get(format!("{}/metrics", m.api)).send().await.unwrap().text().await.unwrap();
-    let h = get_json(&format!("{}/v1/health", m.api)).await.expect("health answers 200");
+    let text = m.client.get(format!("{}/metrics", m.api)).send().await.unwrap().text().await.unwrap();
+    let h = get_json(&m.client, &format!("{}/v1/health", m.api)).await.expect("health answers 200");
     assert_eq!(h["status"], "healthy", "{h}");
     assert_eq!(h["control_plane"]["quorum"], true, "{h}");
     assert_eq!(h["control_plane"]["role"], "leader", "{h}");
@@ -187,10 +191,10 @@ async fn two_thousand_concurrent_submissions_get_clear_answers_and_bounded_memor
     let url = format!("{}/v1/tasks", m.api);
     let statuses: Vec<u16> = futures::stream::iter(0..2_000)
         .map(|i| {
-            let (client, url) = (client.clone(), url.clone());
+            let (client, url, token) = (client.clone(), url.clone(), m.token.clone());
             async move {
                 let body = format!(r#"{{"image":"holdfast/echo:latest","name":"c{i}"}}"#);
-                match client.post(&url).body(body).send().await {
+                match client.post(&url).bearer_auth(&token).body(body).send().await {
                     Ok(r) => {
                         let status = r.status().as_u16();
                         if status != 201 {
@@ -214,7 +218,7 @@ async fn two_thousand_concurrent_submissions_get_clear_answers_and_bounded_memor
     assert!(m.proc.child.try_wait().unwrap().is_none(), "manager died");
     let after = rss_kib(pid);
     assert!(after < before + 512 * 1024, "RSS grew from {before} KiB to {after} KiB");
-    let list = get_json(&url).await.expect("still answering");
+    let list = get_json(&m.client, &url).await.expect("still answering");
     assert_eq!(list["tasks"].as_array().unwrap().len(), ok, "every 201 is a task, nothing else is");
     eprintln!("2,000 concurrent: {ok} admitted, {} refused; RSS {before} → {after} KiB", 2_000 - ok);
 }

@@ -16,6 +16,8 @@ struct Member {
     cluster: String,
     data: PathBuf,
     proc: Option<Proc>,
+    /// Carries the cluster's admin token (from the bootstrap member's data dir).
+    client: reqwest::Client,
 }
 
 impl Member {
@@ -41,12 +43,12 @@ impl Member {
 }
 
 async fn cluster_view(m: &Member) -> Option<Value> {
-    get_json(&m.url("/v1/cluster")).await
+    get_json(&m.client, &m.url("/v1/cluster")).await
 }
 
 async fn submit(m: &Member, n: usize) -> Result<String, String> {
     let body = format!(r#"{{"image":"holdfast/echo:latest","name":"t{n}"}}"#);
-    let resp = http().post(m.url("/v1/tasks")).body(body).send().await.map_err(|e| e.to_string())?;
+    let resp = m.client.post(m.url("/v1/tasks")).body(body).send().await.map_err(|e| e.to_string())?;
     let status = resp.status();
     let v: Value = resp.json().await.map_err(|e| e.to_string())?;
     if status.as_u16() == 201 {
@@ -57,7 +59,7 @@ async fn submit(m: &Member, n: usize) -> Result<String, String> {
 }
 
 async fn task_ids(m: &Member) -> Option<Vec<String>> {
-    let v = get_json(&m.url("/v1/tasks")).await?;
+    let v = get_json(&m.client, &m.url("/v1/tasks")).await?;
     Some(v["tasks"].as_array()?.iter().filter_map(|t| t["id"].as_str().map(String::from)).collect())
 }
 
@@ -71,10 +73,15 @@ async fn three_managers_survive_leader_kill_and_restart() {
             cluster: format!("127.0.0.1:{}", free_port()),
             data: dir.path().join(format!("m{i}")),
             proc: None,
+            client: http(),
         })
         .collect();
     let seed = ms[0].cluster.clone();
     ms[0].start(dir.path(), &["--bootstrap"]);
+    let client = api_client(&ms[0].data).await;
+    for m in &mut ms {
+        m.client = client.clone();
+    }
     ms[1].start(dir.path(), &["--join", &seed]);
     ms[2].start(dir.path(), &["--join", &seed]);
 
@@ -93,7 +100,7 @@ async fn three_managers_survive_leader_kill_and_restart() {
     }
     // Node reads on any member answer (followers ask the leader for liveness).
     for m in &ms {
-        let v = get_json(&m.url("/v1/nodes")).await.expect("nodes on every member");
+        let v = get_json(&m.client, &m.url("/v1/nodes")).await.expect("nodes on every member");
         assert!(v["nodes"].is_array(), "{v}");
     }
     // Linearizable reads on a follower see every acknowledged write.
@@ -151,7 +158,8 @@ async fn three_managers_survive_leader_kill_and_restart() {
         }
     }
     let started = Instant::now();
-    let resp = http()
+    let resp = ms[survivor]
+        .client
         .post(ms[survivor].url("/v1/tasks"))
         .body(r#"{"image":"x"}"#)
         .timeout(Duration::from_secs(20))

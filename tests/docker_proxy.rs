@@ -132,6 +132,7 @@ struct Cluster {
     api: String,
     cluster: String,
     dir: tempfile::TempDir,
+    client: reqwest::Client,
     _stop_manager: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -158,14 +159,8 @@ impl Cluster {
             .await
             .expect("manager runs");
         });
-        let c = Cluster { api, cluster, dir, _stop_manager: stop };
-        let url = c.url("/health/ready");
-        eventually(Duration::from_secs(20), "manager ready", || {
-            let url = url.clone();
-            async move { http().get(&url).send().await.ok().filter(|r| r.status().is_success()) }
-        })
-        .await;
-        c
+        let client = api_client(&dir.path().join("m1")).await;
+        Cluster { api, cluster, dir, client, _stop_manager: stop }
     }
 
     fn url(&self, path: &str) -> String {
@@ -216,7 +211,7 @@ impl Cluster {
     }
 
     async fn node(&self, name: &str) -> Option<Value> {
-        let v = get_json(&self.url("/v1/nodes")).await?;
+        let v = get_json(&self.client, &self.url("/v1/nodes")).await?;
         v["nodes"].as_array()?.iter().find(|n| n["id"] == json!(name)).cloned()
     }
 
@@ -229,7 +224,7 @@ impl Cluster {
 
     async fn wait_health(&self, status: &str) {
         eventually(Duration::from_secs(30), &format!("health {status}"), || async {
-            let h = get_json(&self.url("/v1/health")).await?;
+            let h = get_json(&self.client, &self.url("/v1/health")).await?;
             (h["status"] == status).then_some(())
         })
         .await;
@@ -242,7 +237,7 @@ impl Cluster {
         if let Some(z) = zone {
             spec["constraints"] = json!({"labels": {"zone": z}});
         }
-        let r = http().post(self.url("/v1/tasks")).json(&spec).send().await.expect("submit");
+        let r = self.client.post(self.url("/v1/tasks")).json(&spec).send().await.expect("submit");
         let status = r.status().as_u16();
         let v: Value = r.json().await.expect("json");
         assert_eq!(status, 201, "{v}");
@@ -250,7 +245,7 @@ impl Cluster {
     }
 
     async fn task(&self, id: &str) -> Value {
-        get_json(&self.url(&format!("/v1/tasks/{id}"))).await.unwrap_or(Value::Null)
+        get_json(&self.client, &self.url(&format!("/v1/tasks/{id}"))).await.unwrap_or(Value::Null)
     }
 
     /// Waits until task `id` runs on `node`.

@@ -14,6 +14,7 @@ struct Dev {
     cluster: String,
     node: String,
     dir: tempfile::TempDir,
+    client: reqwest::Client,
     _cleanup: NodeContainers,
 }
 
@@ -25,7 +26,8 @@ impl Dev {
         let api = format!("127.0.0.1:{}", free_port());
         let cluster = format!("127.0.0.1:{}", free_port());
         let proc = spawn_dev(dir.path(), &node, &api, &cluster);
-        let dev = Dev { proc, api, cluster, node: node.clone(), dir, _cleanup: NodeContainers(node) };
+        let client = api_client(&dir.path().join("data")).await;
+        let dev = Dev { proc, api, cluster, node: node.clone(), dir, client, _cleanup: NodeContainers(node) };
         dev.wait_ready().await;
         dev
     }
@@ -34,9 +36,9 @@ impl Dev {
         let url = self.url("/v1/nodes");
         let node = self.node.clone();
         eventually(Duration::from_secs(60), "dev node registered", || {
-            let (url, node) = (url.clone(), node.clone());
+            let (url, node, client) = (url.clone(), node.clone(), self.client.clone());
             async move {
-                let v = get_json(&url).await?;
+                let v = get_json(&client, &url).await?;
                 v["nodes"].as_array()?.iter().any(|n| n["id"] == json!(node) && n["engine_ok"] == true).then_some(())
             }
         })
@@ -53,7 +55,7 @@ impl Dev {
     }
 
     async fn submit(&self, spec: Value) -> String {
-        let resp = http().post(self.url("/v1/tasks")).json(&spec).send().await.unwrap();
+        let resp = self.client.post(self.url("/v1/tasks")).json(&spec).send().await.unwrap();
         let status = resp.status();
         let body: Value = resp.json().await.unwrap();
         assert_eq!(status.as_u16(), 201, "{body}");
@@ -61,7 +63,7 @@ impl Dev {
     }
 
     async fn task(&self, id: &str) -> Option<Value> {
-        get_json(&self.url(&format!("/v1/tasks/{id}"))).await
+        get_json(&self.client, &self.url(&format!("/v1/tasks/{id}"))).await
     }
 
     async fn wait_state(&self, id: &str, state: &str, within: Duration) -> Value {
@@ -126,10 +128,10 @@ async fn echo_runs_answers_logs_and_stops() {
     assert_eq!(answer, body);
     assert_eq!(containers_with_label("holdfast.task", &id).len(), 1);
 
-    let logs = http().get(dev.url(&format!("/v1/tasks/{id}/logs"))).send().await.unwrap();
+    let logs = dev.client.get(dev.url(&format!("/v1/tasks/{id}/logs"))).send().await.unwrap();
     assert_eq!(logs.status().as_u16(), 200);
 
-    let r = http().delete(dev.url(&format!("/v1/tasks/{id}"))).send().await.unwrap();
+    let r = dev.client.delete(dev.url(&format!("/v1/tasks/{id}"))).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 202);
     dev.wait_state(&id, "stopped", Duration::from_secs(30)).await;
     eventually(Duration::from_secs(10), "container removed", || async {

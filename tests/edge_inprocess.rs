@@ -56,8 +56,8 @@ impl ManagerProc {
     }
 }
 
-async fn task(api: &str, id: &str) -> Option<Value> {
-    get_json(&format!("http://{api}/v1/tasks/{id}")).await
+async fn task(client: &reqwest::Client, api: &str, id: &str) -> Option<Value> {
+    get_json(client, &format!("http://{api}/v1/tasks/{id}")).await
 }
 
 fn container_state(fake: &FakeRuntime, task_id: &str) -> Option<ContainerState> {
@@ -92,22 +92,23 @@ async fn offline_modes_hold_when_the_manager_is_gone() {
     let (stop_worker, rx) = broadcast::channel(1);
     let worker = tokio::spawn(async move { agent::run(wc, runtime, rx).await.expect("worker runs") });
 
+    let client = api_client(&dir.path().join("m1")).await;
     let ready = format!("http://{api}/v1/nodes");
     eventually(Duration::from_secs(20), "worker registered", || async {
-        let v = get_json(&ready).await?;
+        let v = get_json(&client, &ready).await?;
         v["nodes"].as_array()?.iter().any(|n| n["engine_ok"] == true).then_some(())
     })
     .await;
     let mut ids = Vec::new();
     for mode in ["keep", "finish", "exclusive"] {
         let spec = json!({"image": "holdfast/echo:latest", "name": mode, "offline": {"mode": mode}});
-        let r = http().post(format!("http://{api}/v1/tasks")).json(&spec).send().await.unwrap();
+        let r = client.post(format!("http://{api}/v1/tasks")).json(&spec).send().await.unwrap();
         assert_eq!(r.status().as_u16(), 201);
         ids.push(r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string());
     }
     for id in &ids {
         eventually(Duration::from_secs(20), "running", || async {
-            (task(&api, id).await?["state"] == "running").then_some(())
+            (task(&client, &api, id).await?["state"] == "running").then_some(())
         })
         .await;
     }
@@ -151,7 +152,7 @@ async fn offline_modes_hold_when_the_manager_is_gone() {
             .collect()
     };
     let ex = eventually(Duration::from_secs(20), "exclusive story", || async {
-        let t = task(&api, exclusive).await?;
+        let t = task(&client, &api, exclusive).await?;
         let s = story(t.clone());
         (s.contains(&"stopped-on-expiry".to_string()) && s.contains(&"resumed".to_string()) && t["state"] == "running")
             .then_some(t)
@@ -159,13 +160,13 @@ async fn offline_modes_hold_when_the_manager_is_gone() {
     .await;
     assert_eq!(ex["restarts"], 0, "a suspension is not a restart: {ex}");
     let fin = eventually(Duration::from_secs(20), "finish failed for good", || async {
-        let t = task(&api, finish).await?;
+        let t = task(&client, &api, finish).await?;
         (t["state"] == "failed").then_some(t)
     })
     .await;
     assert!(fin["reason"].as_str().unwrap().contains("lease expired (offline mode finish)"), "{fin}");
     let kp = eventually(Duration::from_secs(20), "keep story", || async {
-        let t = task(&api, keep).await?;
+        let t = task(&client, &api, keep).await?;
         let s = story(t.clone());
         (s.contains(&"cached-authority".to_string()) && t["state"] == "running" && t["restarts"] == 1).then_some(t)
     })

@@ -28,6 +28,7 @@ struct Cluster {
     cluster: String,
     dir: tempfile::TempDir,
     data_dir: PathBuf,
+    client: reqwest::Client,
     manager: Option<tokio::task::JoinHandle<()>>,
     stop_manager: Option<tokio::sync::oneshot::Sender<()>>,
     _workers: Vec<broadcast::Sender<()>>,
@@ -39,7 +40,16 @@ impl Cluster {
         let api = format!("127.0.0.1:{}", free_port());
         let cluster = format!("127.0.0.1:{}", free_port());
         let data_dir = dir.path().join("m1");
-        let mut c = Cluster { api, cluster, dir, data_dir, manager: None, stop_manager: None, _workers: Vec::new() };
+        let mut c = Cluster {
+            api,
+            cluster,
+            dir,
+            data_dir,
+            client: http(),
+            manager: None,
+            stop_manager: None,
+            _workers: Vec::new(),
+        };
         c.run_manager(sink).await;
         c
     }
@@ -66,12 +76,7 @@ impl Cluster {
             .expect("manager runs");
         }));
         self.stop_manager = Some(stop);
-        let url = self.url("/health/ready");
-        eventually(Duration::from_secs(20), "manager ready", || {
-            let url = url.clone();
-            async move { http().get(&url).send().await.ok().filter(|r| r.status().is_success()) }
-        })
-        .await;
+        self.client = api_client(&self.data_dir).await;
     }
 
     /// Stops the manager cleanly (as SIGTERM would) and waits until it has.
@@ -113,9 +118,9 @@ impl Cluster {
         self._workers.push(stop);
         let (url, name) = (self.url("/v1/nodes"), name.to_string());
         eventually(Duration::from_secs(20), "worker registered", || {
-            let (url, name) = (url.clone(), name.clone());
+            let (url, name, client) = (url.clone(), name.clone(), self.client.clone());
             async move {
-                let v = get_json(&url).await?;
+                let v = get_json(&client, &url).await?;
                 v["nodes"].as_array()?.iter().any(|n| n["id"] == json!(name) && n["engine_ok"] == true).then_some(())
             }
         })
@@ -125,7 +130,8 @@ impl Cluster {
     /// Submits a small task; returns its id and when the submission was sent.
     async fn submit(&self) -> (String, Instant) {
         let at = Instant::now();
-        let r = http()
+        let r = self
+            .client
             .post(self.url("/v1/tasks"))
             .json(&json!({"image": "holdfast/echo:latest", "resources": {"cpu_millis": 10, "memory_mb": 16}}))
             .send()
@@ -153,10 +159,18 @@ struct EventTail {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// A client without an overall timeout (streams stay open) carrying the admin token.
+fn stream_client(c: &Cluster) -> reqwest::Client {
+    let token = std::fs::read_to_string(c.data_dir.join("admin.token")).expect("admin.token");
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {}", token.trim()).parse().unwrap());
+    reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).default_headers(headers).build().unwrap()
+}
+
 impl EventTail {
     async fn open(c: &Cluster, query: &str) -> EventTail {
         // No overall timeout: the stream is meant to stay open.
-        let client = reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).build().unwrap();
+        let client = stream_client(c);
         let mut resp =
             tokio::time::timeout(Duration::from_secs(10), client.get(c.url(&format!("/v1/events{query}"))).send())
                 .await
@@ -254,7 +268,7 @@ async fn the_stream_shows_a_task_submitted_then_placed() {
 
     // At most 64 streams at once (two are open above); the next is refused in the one
     // error shape, and a closed stream frees its slot.
-    let client = reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).build().unwrap();
+    let client = stream_client(&c);
     let mut open = Vec::new();
     for _ in 0..62 {
         let r = client.get(c.url("/v1/events")).send().await.unwrap();
@@ -275,12 +289,12 @@ async fn the_stream_shows_a_task_submitted_then_placed() {
     drop(open);
 
     // Only GET; errors keep the one shape even outside the API's limits layer.
-    let r = http().post(c.url("/v1/events")).send().await.unwrap();
+    let r = c.client.post(c.url("/v1/events")).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 405);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "method_not_allowed");
     let long = "k".repeat(65);
-    let r = http().get(c.url(&format!("/v1/events?kind={long}"))).send().await.unwrap();
+    let r = c.client.get(c.url(&format!("/v1/events?kind={long}"))).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 400);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["field"], "kind");
@@ -367,7 +381,7 @@ async fn a_hung_sink_never_slows_placement_and_its_spool_replays_in_order() {
     println!("spool: {before} → {grown} bytes while the sink hangs");
     // Three timed-out deliveries in a row open the breaker; health shows it.
     let health = eventually(Duration::from_secs(10), "event-sink breaker open in health", || async {
-        let h = get_json(&c.url("/v1/health")).await?;
+        let h = get_json(&c.client, &c.url("/v1/health")).await?;
         let b = h["dependencies"]["breakers"].as_array()?.iter().find(|b| b["name"] == "event-sink")?.clone();
         (b["state"] != "closed").then_some(h)
     })
@@ -398,7 +412,7 @@ async fn a_hung_sink_never_slows_placement_and_its_spool_replays_in_order() {
     for id in &ids {
         assert!(got.iter().any(|(_, k, s)| k == "task.submitted" && s == id), "task.submitted {id} delivered");
     }
-    let health = get_json(&c.url("/v1/health")).await.expect("health");
+    let health = get_json(&c.client, &c.url("/v1/health")).await.expect("health");
     assert_eq!(health["status"], "healthy", "breaker closed again: {health}");
 }
 

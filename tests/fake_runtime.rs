@@ -48,16 +48,16 @@ async fn two_hundred_tasks_reach_running_on_the_fake_runtime() {
         let _ = stopped.await;
     }));
 
+    let client = api_client(&dir.path().join("data")).await;
     let nodes = format!("http://{api}/v1/nodes");
     eventually(Duration::from_secs(30), "fake worker registered", || async {
-        let v = get_json(&nodes).await?;
+        let v = get_json(&client, &nodes).await?;
         v["nodes"].as_array()?.iter().any(|n| n["id"] == "fake-1" && n["engine_ok"] == true).then_some(())
     })
     .await;
 
     let started = Instant::now();
     const TASKS: usize = 200;
-    let client = http();
     let url = format!("http://{api}/v1/tasks");
     // Tiny reservations so 200 fit this machine's measured CPU and memory.
     let spec = json!({"image": "holdfast/echo:latest", "ports": [{"container": 7777}],
@@ -77,7 +77,7 @@ async fn two_hundred_tasks_reach_running_on_the_fake_runtime() {
     let running = tokio::time::timeout(
         Duration::from_secs(40),
         eventually(Duration::from_secs(41), "200 tasks running", || async {
-            let v = get_json(&list).await?;
+            let v = get_json(&client, &list).await?;
             let tasks = v["tasks"].as_array()?;
             let mut states = BTreeMap::<String, usize>::new();
             for t in tasks {

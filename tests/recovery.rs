@@ -43,13 +43,16 @@ impl Manager {
 
     fn stop(&mut self) {
         if let Some(mut p) = self.proc.take() {
-            p.terminate(Duration::from_secs(15)).unwrap_or_else(|| panic!("{} did not stop on SIGTERM", self.name));
+            // The drain waits up to 15 s for the roles and 5 s for Raft (node.rs).
+            if p.terminate(Duration::from_secs(30)).is_none() {
+                panic!("{} did not stop on SIGTERM:\n{}", self.name, p.log_text());
+            }
         }
     }
 }
 
-async fn submit(m: &Manager, spec: Value) -> Result<String, String> {
-    let resp = http().post(m.url("/v1/tasks")).json(&spec).send().await.map_err(|e| e.to_string())?;
+async fn submit(c: &reqwest::Client, m: &Manager, spec: Value) -> Result<String, String> {
+    let resp = c.post(m.url("/v1/tasks")).json(&spec).send().await.map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
     let v: Value = resp.json().await.map_err(|e| e.to_string())?;
     match status {
@@ -58,17 +61,17 @@ async fn submit(m: &Manager, spec: Value) -> Result<String, String> {
     }
 }
 
-async fn task_ids(m: &Manager) -> Option<Vec<String>> {
-    let v = get_json(&m.url("/v1/tasks")).await?;
+async fn task_ids(c: &reqwest::Client, m: &Manager) -> Option<Vec<String>> {
+    let v = get_json(c, &m.url("/v1/tasks")).await?;
     let mut ids: Vec<String> =
         v["tasks"].as_array()?.iter().filter_map(|t| t["id"].as_str().map(String::from)).collect();
     ids.sort();
     Some(ids)
 }
 
-async fn lone_leader(m: &Manager) {
+async fn lone_leader(c: &reqwest::Client, m: &Manager) {
     eventually(Duration::from_secs(30), "a one-member cluster led by this manager", || async {
-        let v = get_json(&m.url("/v1/cluster")).await?;
+        let v = get_json(c, &m.url("/v1/cluster")).await?;
         let members = v["members"].as_array()?;
         (v["leader"]["id"] == json!(m.name) && members.len() == 1).then_some(())
     })
@@ -85,11 +88,11 @@ fn running_containers(task: &str) -> Vec<String> {
 }
 
 /// The worker is ready on `m` and its echo task still runs in the same container.
-async fn worker_converged(m: &Manager, worker: &str, task: &str, container: &str) {
+async fn worker_converged(c: &reqwest::Client, m: &Manager, worker: &str, task: &str, container: &str) {
     eventually(Duration::from_secs(60), "worker ready and the task running on it", || async {
-        let nodes = get_json(&m.url("/v1/nodes")).await?;
+        let nodes = get_json(c, &m.url("/v1/nodes")).await?;
         let ready = nodes["nodes"].as_array()?.iter().any(|n| n["id"] == json!(worker) && n["status"] == "ready");
-        let t = get_json(&m.url(&format!("/v1/tasks/{task}"))).await?;
+        let t = get_json(c, &m.url(&format!("/v1/tasks/{task}"))).await?;
         (ready && t["state"] == "running").then_some(())
     })
     .await;
@@ -111,8 +114,10 @@ async fn snapshot_force_new_cluster_and_restore_keep_state_and_containers() {
     ms[0].start(r, &data("m1"), &["--bootstrap"]);
     ms[1].start(r, &data("m2"), &["--join", &seed]);
     ms[2].start(r, &data("m3"), &["--join", &seed]);
+    let token = admin_token(&data("m1")).await;
+    let c = &client_with_token(&token);
     eventually(Duration::from_secs(30), "three voters", || async {
-        let v = get_json(&ms[0].url("/v1/cluster")).await?;
+        let v = get_json(c, &ms[0].url("/v1/cluster")).await?;
         (v["members"].as_array()?.iter().filter(|m| m["voter"] == true).count() == 3).then_some(())
     })
     .await;
@@ -125,28 +130,29 @@ async fn snapshot_force_new_cluster_and_restore_keep_state_and_containers() {
         &r.join("worker.log"),
         &[],
     );
-    let echo = submit(&ms[0], json!({"image": "holdfast/echo:latest", "ports": [{"container": 7777}]}))
+    let echo = submit(c, &ms[0], json!({"image": "holdfast/echo:latest", "ports": [{"container": 7777}]}))
         .await
         .expect("submit echo");
     let mut pending = Vec::new();
     for i in 0..10 {
         let spec = json!({"image": "holdfast/echo:latest", "name": format!("p{i}"),
                           "constraints": {"labels": {"zone": "nowhere"}}});
-        pending.push(submit(&ms[i % 3], spec).await.expect("submit pending"));
+        pending.push(submit(c, &ms[i % 3], spec).await.expect("submit pending"));
     }
     eventually(Duration::from_secs(90), "echo running", || async {
-        let t = get_json(&ms[0].url(&format!("/v1/tasks/{echo}"))).await?;
+        let t = get_json(c, &ms[0].url(&format!("/v1/tasks/{echo}"))).await?;
         (t["state"] == "running").then_some(())
     })
     .await;
     let container = running_containers(&echo).pop().expect("a running container");
-    let before = task_ids(&ms[0]).await.expect("task list");
+    let before = task_ids(c, &ms[0]).await.expect("task list");
     assert_eq!(before.len(), 11);
 
     // An online backup through the API, with the CLI.
     let snap = r.join("cluster.snapshot");
     let api_url = format!("http://{}", ms[1].api);
-    let out = holdfast(&["cluster", "snapshot", "save", snap.to_str().unwrap(), "--api-url", &api_url]);
+    let out =
+        holdfast(&["cluster", "snapshot", "save", snap.to_str().unwrap(), "--api-url", &api_url, "--token", &token]);
     assert!(out.status.success(), "save failed: {}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("saved"), "{out:?}");
 
@@ -154,21 +160,21 @@ async fn snapshot_force_new_cluster_and_restore_keep_state_and_containers() {
     for m in &mut ms[1..] {
         m.proc.take().expect("running").kill();
     }
-    let refused = submit(&ms[0], json!({"image": "holdfast/echo:latest"})).await;
+    let refused = submit(c, &ms[0], json!({"image": "holdfast/echo:latest"})).await;
     assert!(refused.is_err(), "a lone manager of three must refuse writes: {refused:?}");
 
     // The survivor restarts as a one-member cluster with all its state.
     ms[0].stop();
     ms[0].start(r, &data("m1"), &["--force-new-cluster"]);
-    lone_leader(&ms[0]).await;
-    let after_force = task_ids(&ms[0]).await.expect("task list after the reset");
+    lone_leader(c, &ms[0]).await;
+    let after_force = task_ids(c, &ms[0]).await.expect("task list after the reset");
     for id in &before {
         assert!(after_force.contains(id), "task {id} lost by the reset");
     }
-    let extra = submit(&ms[0], json!({"image": "holdfast/echo:latest", "constraints": {"labels": {"zone": "x"}}}))
+    let extra = submit(c, &ms[0], json!({"image": "holdfast/echo:latest", "constraints": {"labels": {"zone": "x"}}}))
         .await
         .expect("writable after the reset");
-    worker_converged(&ms[0], &worker, &echo, &container).await;
+    worker_converged(c, &ms[0], &worker, &echo, &container).await;
 
     // Disaster: the survivor's disk is gone too. Restore the snapshot into a new data
     // directory under the same name and addresses; the worker reconnects unchanged.
@@ -215,12 +221,13 @@ async fn snapshot_force_new_cluster_and_restore_keep_state_and_containers() {
     assert!(!again.status.success(), "restoring over an existing manager is refused");
 
     ms[0].start(r, &fresh, &[]);
-    lone_leader(&ms[0]).await;
-    let restored = task_ids(&ms[0]).await.expect("task list after restore");
+    lone_leader(c, &ms[0]).await;
+    let restored = task_ids(c, &ms[0]).await.expect("task list after restore");
     assert_eq!(restored, before, "the restored cluster holds exactly what the snapshot held");
     assert!(!restored.contains(&extra), "a task submitted after the snapshot is not in it");
-    worker_converged(&ms[0], &worker, &echo, &container).await;
-    submit(&ms[0], json!({"image": "holdfast/echo:latest", "constraints": {"labels": {"zone": "y"}}}))
+    // Tokens are part of the state: the old admin token works on the restored cluster.
+    worker_converged(c, &ms[0], &worker, &echo, &container).await;
+    submit(c, &ms[0], json!({"image": "holdfast/echo:latest", "constraints": {"labels": {"zone": "y"}}}))
         .await
         .expect("the restored cluster takes writes");
 }

@@ -43,6 +43,7 @@ struct Cluster {
     cluster: String,
     dir: tempfile::TempDir,
     workers: Vec<Worker>,
+    client: reqwest::Client,
     _manager: tokio::task::JoinHandle<()>,
     _stop_manager: tokio::sync::oneshot::Sender<()>,
 }
@@ -84,14 +85,8 @@ impl Cluster {
             .await
             .expect("manager runs");
         });
-        let c = Cluster { api, cluster, dir, workers: Vec::new(), _manager: manager, _stop_manager: stop };
-        let url = c.url("/health/ready");
-        eventually(Duration::from_secs(20), "manager ready", || {
-            let url = url.clone();
-            async move { http().get(&url).send().await.ok().filter(|r| r.status().is_success()) }
-        })
-        .await;
-        c
+        let client = api_client(&dir.path().join("m1")).await;
+        Cluster { api, cluster, dir, workers: Vec::new(), client, _manager: manager, _stop_manager: stop }
     }
 
     fn url(&self, path: &str) -> String {
@@ -112,9 +107,9 @@ impl Cluster {
         self.workers.push(Worker { name: name.into(), fake, stop: Some(stop), task: Some(task) });
         let (url, name) = (self.url("/v1/nodes"), name.to_string());
         eventually(Duration::from_secs(20), "worker registered", || {
-            let (url, name) = (url.clone(), name.clone());
+            let (url, name, client) = (url.clone(), name.clone(), self.client.clone());
             async move {
-                let v = get_json(&url).await?;
+                let v = get_json(&client, &url).await?;
                 v["nodes"].as_array()?.iter().any(|n| n["id"] == json!(name) && n["engine_ok"] == true).then_some(())
             }
         })
@@ -123,7 +118,7 @@ impl Cluster {
 
     async fn submit_many(&self, n: usize, spec: Value, parallel: usize) -> Vec<String> {
         let url = self.url("/v1/tasks");
-        let client = http();
+        let client = self.client.clone();
         let results: Vec<(u16, Value)> = futures::stream::iter(0..n)
             .map(|_| {
                 let (client, url, spec) = (client.clone(), url.clone(), spec.clone());
@@ -140,11 +135,17 @@ impl Cluster {
     }
 
     async fn tasks(&self) -> Vec<Value> {
-        get_json(&self.url("/v1/tasks")).await.and_then(|v| v["tasks"].as_array().cloned()).unwrap_or_default()
+        get_json(&self.client, &self.url("/v1/tasks"))
+            .await
+            .and_then(|v| v["tasks"].as_array().cloned())
+            .unwrap_or_default()
     }
 
     async fn nodes(&self) -> Vec<Value> {
-        get_json(&self.url("/v1/nodes")).await.and_then(|v| v["nodes"].as_array().cloned()).unwrap_or_default()
+        get_json(&self.client, &self.url("/v1/nodes"))
+            .await
+            .and_then(|v| v["nodes"].as_array().cloned())
+            .unwrap_or_default()
     }
 
     /// Current placements' node per running task.
@@ -277,13 +278,13 @@ async fn a_dead_nodes_tasks_move_and_a_drained_node_empties() {
         assert_eq!(ps[1]["desired"], "stop", "{t}");
         assert_eq!(ps[1]["node_status"], "disconnected", "{t}");
     }
-    let node = get_json(&c.url(&format!("/v1/nodes/{victim}"))).await.unwrap();
+    let node = get_json(&c.client, &c.url(&format!("/v1/nodes/{victim}"))).await.unwrap();
     assert_eq!(node["status"], "disconnected", "{node}");
     assert_eq!(node["disconnected"].as_array().unwrap().len(), 1, "{node}");
 
     // Drain the survivor after a fresh node joins: everything moves to the new node.
     c.add_worker("c", resources(4000, 8192), &[]).await;
-    let r = http().post(c.url(&format!("/v1/nodes/{survivor}/drain"))).body("{}").send().await.unwrap();
+    let r = c.client.post(c.url(&format!("/v1/nodes/{survivor}/drain"))).body("{}").send().await.unwrap();
     assert_eq!(r.status().as_u16(), 202);
     eventually(Duration::from_secs(20), "drained node empty", || async {
         let per = c.running_on().await;
@@ -291,7 +292,7 @@ async fn a_dead_nodes_tasks_move_and_a_drained_node_empties() {
         (per.get("c") == Some(&4) && survivor_fake.running_count(&survivor) == 0).then_some(())
     })
     .await;
-    let r = http().post(c.url("/v1/nodes/nope/drain")).send().await.unwrap();
+    let r = c.client.post(c.url("/v1/nodes/nope/drain")).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 404);
     for w in &mut c.workers {
         w.kill().await;

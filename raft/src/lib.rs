@@ -233,6 +233,9 @@ pub struct ClusterStatus {
     pub millis_since_quorum_ack: Option<u64>,
     /// Every member of the current membership.
     pub members: Vec<MemberStatus>,
+    /// Why Raft stopped on its own (a fatal storage error), naming the file and the
+    /// cause; `None` while running or after a requested shutdown.
+    pub fatal: Option<String>,
 }
 
 /// A handle to this member's replicated database; cheap to clone.

@@ -52,7 +52,24 @@ pub(crate) fn status_from(m: &RaftMetrics<NodeId, Member>, name: &str) -> Cluste
         snapshot_index: m.snapshot.map(|l| l.index),
         millis_since_quorum_ack: m.millis_since_quorum_ack,
         members,
+        fatal: match &m.running_state {
+            Err(openraft::error::Fatal::Stopped) | Ok(()) => None,
+            Err(e) => Some(fatal_text(&e.to_string())),
+        },
     }
+}
+
+/// Names the file behind a fatal storage error from openraft's subject text (openraft
+/// 0.9 has no accessor for the subject).
+fn fatal_text(err: &str) -> String {
+    let file = if err.contains("Logs") || err.contains("Log(") || err.contains("LogIndex") || err.contains("Vote") {
+        crate::datadir::LOG_FILE
+    } else if err.contains("Snapshot") {
+        crate::datadir::SNAPSHOT_FILE
+    } else {
+        crate::datadir::STATE_FILE
+    };
+    format!("{file}: {err}")
 }
 
 /// Republishes every metrics change as a [`ClusterStatus`]; ends when Raft stops.

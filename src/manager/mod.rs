@@ -141,6 +141,8 @@ pub struct Manager {
     pub resilience: crate::resilience::Registry,
     /// Domain events as this manager applies commands (for `/v1/events` and sinks).
     pub events: tokio::sync::broadcast::Sender<state::DomainEvent>,
+    /// Tokens the API's auth layer checked recently (see `api::auth`).
+    pub tokens: api::auth::TokenCache,
 }
 
 impl Manager {
@@ -164,6 +166,7 @@ impl Manager {
             planner_memo: Mutex::new(leader::PlannerMemo::default()),
             resilience,
             events,
+            tokens: Default::default(),
         })
     }
 }

@@ -92,9 +92,34 @@ pub fn http() -> reqwest::Client {
     reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client")
 }
 
-/// GET `url` as JSON, `None` on any failure.
-pub async fn get_json(url: &str) -> Option<serde_json::Value> {
-    let resp = http().get(url).send().await.ok()?;
+/// The admin API token a bootstrapping manager writes in its data dir, waiting up to
+/// 30 s for it (it is written once the manager has elected itself).
+pub async fn admin_token(data_dir: &Path) -> String {
+    let path = data_dir.join("admin.token");
+    eventually(Duration::from_secs(30), "admin.token in the data dir", || {
+        let path = path.clone();
+        async move { std::fs::read_to_string(&path).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()) }
+    })
+    .await
+}
+
+/// An HTTP client (10 s per request) that sends `token` as its bearer token.
+pub fn client_with_token(token: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")).expect("token is a header value");
+    headers.insert(reqwest::header::AUTHORIZATION, value);
+    reqwest::Client::builder().timeout(Duration::from_secs(10)).default_headers(headers).build().expect("client")
+}
+
+/// The one way tests talk to the API: a client carrying the admin token of the
+/// bootstrapping manager whose data dir is `data_dir`.
+pub async fn api_client(data_dir: &Path) -> reqwest::Client {
+    client_with_token(&admin_token(data_dir).await)
+}
+
+/// GET `url` as JSON with `client`, `None` on any failure.
+pub async fn get_json(client: &reqwest::Client, url: &str) -> Option<serde_json::Value> {
+    let resp = client.get(url).send().await.ok()?;
     if !resp.status().is_success() {
         return None;
     }

@@ -19,11 +19,13 @@ use super::{now_ms, Manager};
 use crate::model::spec::{SpecError, MAX_SPEC_BYTES};
 use crate::model::TaskSpec;
 
+pub mod auth;
 mod error;
 pub mod events;
 pub mod limits;
 pub mod metrics;
 mod snapshot;
+pub mod tokens;
 pub mod ui;
 pub use error::ApiError;
 
@@ -43,6 +45,8 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/cluster/members/{id}", delete(remove_member))
         .route("/v1/cluster/snapshot", get(snapshot::cluster_snapshot))
         .route("/v1/audit", get(audit_log))
+        .route("/v1/tokens", post(tokens::create).get(tokens::list))
+        .route("/v1/tokens/{id}", delete(tokens::revoke))
         .route("/v1/health", get(health))
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
@@ -71,28 +75,46 @@ fn outcome(bytes: Vec<u8>) -> Result<serde_json::Value, ApiError> {
     })
 }
 
-/// Who made a mutating call: the client address, plus the free-form
-/// `X-Holdfast-Actor` header when given (unauthenticated until mutual TLS lands).
-pub struct Who(pub String);
+/// Who made a mutating call: the authenticated token (name and id) is the actor; the
+/// free-form `X-Holdfast-Actor` header is kept only as "on behalf of", never as the actor.
+pub struct Who {
+    /// The token's `name (id)`.
+    pub actor: String,
+    /// The header's text, control characters removed, at most 64 characters.
+    pub on_behalf_of: Option<String>,
+}
 
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Who {
-    type Rejection = std::convert::Infallible;
+    type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
-        let addr = parts
+        // The auth layer puts the caller there; a mutating route without it would be a
+        // wiring bug, refused rather than audited under a made-up name.
+        let caller = parts
             .extensions
-            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-            .map(|c| c.0.to_string())
-            .unwrap_or_else(|| "unknown".into());
-        let actor = parts
+            .get::<auth::Caller>()
+            .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "this call needs a bearer token"))?;
+        let on_behalf_of = parts
             .headers
             .get("x-holdfast-actor")
             .and_then(|v| v.to_str().ok())
-            .map(|a| a.chars().filter(|c| !c.is_control()).take(64).collect::<String>());
-        Ok(Who(match actor {
-            Some(a) if !a.is_empty() => format!("{a}@{addr}"),
-            _ => addr,
-        }))
+            .map(|a| a.chars().filter(|c| !c.is_control()).take(64).collect::<String>())
+            .filter(|a| !a.is_empty());
+        Ok(Who { actor: caller.who(), on_behalf_of })
+    }
+}
+
+/// Whether the caller may see env values (every role but `reader`).
+fn sees_env(caller: Option<&axum::Extension<auth::Caller>>) -> bool {
+    caller.is_some_and(|c| c.role > tokens::Role::Reader)
+}
+
+/// Env values replaced by this for callers that may not see them.
+pub const REDACTED: &str = "<redacted>";
+
+fn redact(t: &mut query::TaskView) {
+    for v in t.spec.env.values_mut() {
+        *v = REDACTED.to_string();
     }
 }
 
@@ -106,7 +128,8 @@ pub async fn write_audited(
     cmd: Option<Command>,
 ) -> Result<serde_json::Value, ApiError> {
     let wrapped = Command::Audited {
-        who: who.0,
+        who: who.actor,
+        on_behalf_of: who.on_behalf_of,
         action: action.to_string(),
         subject: subject.to_string(),
         at_ms: now_ms(),
@@ -163,7 +186,9 @@ async fn submit_task(
             Some(k.to_string())
         }
     };
-    let id = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    // 128 random bits: a collision is not a practical concern, and even one would be
+    // a `conflict` rejection in `apply`, never a stopped state machine.
+    let id = format!("t{}", uuid::Uuid::new_v4().simple());
     let cmd = Command::SubmitTask { id: id.clone(), spec: Box::new(spec), idempotency_key: key, now_ms: now_ms() };
     let out = write_audited(&m, who, "POST /v1/tasks", &id, Some(cmd)).await?;
     let id = out["id"].as_str().unwrap_or_default().to_string();
@@ -177,23 +202,38 @@ async fn submit_task(
     Ok(resp)
 }
 
-async fn list_tasks(State(m): State<Arc<Manager>>) -> Result<Json<serde_json::Value>, ApiError> {
-    let tasks = m.db.read(query::list_tasks).await?;
+async fn list_tasks(
+    State(m): State<Arc<Manager>>,
+    caller: Option<axum::Extension<auth::Caller>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let mut tasks = m.db.read(query::list_tasks).await?;
+    if !sees_env(caller.as_ref()) {
+        tasks.iter_mut().for_each(redact);
+    }
     Ok(Json(serde_json::json!({ "tasks": tasks })))
 }
 
 fn check_id(id: &str) -> Result<(), ApiError> {
-    if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+    if !super::state::valid_id(id) {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid", format!("{id:?} is not a valid id")).field("id"));
     }
     Ok(())
 }
 
-async fn get_task(State(m): State<Arc<Manager>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn get_task(
+    State(m): State<Arc<Manager>>,
+    caller: Option<axum::Extension<auth::Caller>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     check_id(&id)?;
     let key = id.clone();
     match m.db.read(move |c| query::get_task(c, &key)).await? {
-        Some(t) => Ok(Json(t).into_response()),
+        Some(mut t) => {
+            if !sees_env(caller.as_ref()) {
+                redact(&mut t);
+            }
+            Ok(Json(t).into_response())
+        }
         None => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no task with id {id}")).field("id")),
     }
 }
@@ -276,8 +316,10 @@ fn node_json(n: &query::NodeRow, l: Option<&super::Liveness>) -> serde_json::Val
 
 /// Liveness (last seen, measured free resources, engine state) lives in the leader's
 /// memory only, so a follower answers node reads by asking the leader; if it cannot, it
-/// answers from its own state with those fields `null`.
-async fn from_leader(m: &Manager, path: &str) -> Option<Response> {
+/// answers from its own state with those fields `null`. The caller's bearer token
+/// goes along (the leader checks it again); an HTTPS leader is not asked (no client
+/// certificate store here yet), so such a follower answers from its own state.
+async fn from_leader(m: &Manager, path: &str, headers: &HeaderMap) -> Option<Response> {
     static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
     let s = m.db.status();
     if s.role == holdfast_raft::Role::Leader {
@@ -287,14 +329,18 @@ async fn from_leader(m: &Manager, path: &str) -> Option<Response> {
     let client = CLIENT.get_or_init(|| {
         reqwest::Client::builder().timeout(Duration::from_secs(3)).no_proxy().build().unwrap_or_default()
     });
-    let resp = client.get(format!("http://{}{path}", leader.api_addr)).send().await.ok()?;
+    let mut req = client.get(format!("http://{}{path}", leader.api_addr));
+    if let Some(auth) = headers.get(header::AUTHORIZATION) {
+        req = req.header(header::AUTHORIZATION, auth.clone());
+    }
+    let resp = req.send().await.ok()?;
     let status = StatusCode::from_u16(resp.status().as_u16()).ok()?;
     let body = resp.bytes().await.ok()?;
     Some((status, [(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
-async fn list_nodes(State(m): State<Arc<Manager>>) -> Result<Response, ApiError> {
-    if let Some(r) = from_leader(&m, "/v1/nodes").await {
+async fn list_nodes(State(m): State<Arc<Manager>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    if let Some(r) = from_leader(&m, "/v1/nodes", &headers).await {
         return Ok(r);
     }
     let rows = m.db.read(query::nodes).await?;
@@ -307,9 +353,13 @@ fn no_node(id: &str) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no node named {id}")).field("id")
 }
 
-async fn get_node(State(m): State<Arc<Manager>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn get_node(
+    State(m): State<Arc<Manager>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     check_id(&id)?;
-    if let Some(r) = from_leader(&m, &format!("/v1/nodes/{id}")).await {
+    if let Some(r) = from_leader(&m, &format!("/v1/nodes/{id}"), &headers).await {
         return Ok(r);
     }
     let key = id.clone();
@@ -535,8 +585,14 @@ async fn audit_log(
     Ok(Json(serde_json::json!({ "entries": entries })))
 }
 
-async fn live() -> &'static str {
-    "ok"
+/// Fails from the moment Raft is gone (a fatal storage error): the process is about
+/// to exit, and a supervisor must not take it for alive meanwhile.
+async fn live(State(m): State<Arc<Manager>>) -> Result<&'static str, ApiError> {
+    let s = m.db.status();
+    if s.role == holdfast_raft::Role::Shutdown {
+        return Err(ApiError::unavailable("Raft has stopped on this manager; the process is exiting".into(), None));
+    }
+    Ok("ok")
 }
 
 async fn ready(State(m): State<Arc<Manager>>) -> Result<&'static str, ApiError> {

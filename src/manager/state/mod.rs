@@ -12,6 +12,10 @@ use crate::model::sync::StatusReport;
 use crate::model::{transition, Desired, Observed, TaskSpec};
 
 pub mod query;
+pub mod tokens;
+
+#[cfg(test)]
+mod hostile;
 
 /// Every replicated write.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -90,8 +94,12 @@ pub enum Command {
     /// A mutating API call, recorded in the audit table with its result; `inner` is the
     /// command it made (none for calls that are not commands, e.g. membership changes).
     Audited {
-        /// Caller: client address and the `X-Holdfast-Actor` header, if any.
+        /// Caller: the authenticated token's name and id (`name (id)`).
         who: String,
+        /// Free text from the `X-Holdfast-Actor` header: whom the caller says it acts
+        /// for. Recorded as such, never as the actor.
+        #[serde(default)]
+        on_behalf_of: Option<String>,
         /// What was asked (`POST /v1/tasks`, ...).
         action: String,
         /// Task, node or member concerned.
@@ -119,7 +127,42 @@ pub enum Command {
         /// Leader wall clock.
         now_ms: u64,
     },
+    /// A new API bearer token (only the digest of its secret travels and is stored).
+    CreateToken {
+        /// Token id, chosen by the API handler.
+        id: String,
+        /// Human name; the audit names callers by it.
+        name: String,
+        /// `admin`, `operator` or `reader`.
+        role: String,
+        /// Hex SHA-256 of the secret.
+        secret_sha256: String,
+        /// Expiry, ms since the epoch; `None` never expires.
+        expires_ms: Option<u64>,
+        /// Who created it (token name and id), or `bootstrap`.
+        created_by: String,
+        /// Leader wall clock.
+        now_ms: u64,
+    },
+    /// Revoke an API token; every manager refuses it once applied.
+    RevokeToken {
+        /// Token id.
+        id: String,
+        /// Leader wall clock.
+        now_ms: u64,
+    },
 }
+
+/// Whether `s` follows the id rules shared by task, node, placement and token ids:
+/// 1–64 characters of ASCII letters, digits, `-`, `_` and `.`.
+pub fn valid_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// A report sequence number more than this far beyond the node's last applied one is
+/// refused, not stored: a worker numbers its changes one by one, so such a jump can
+/// only come from a corrupt or hostile report and would silence the node's real ones.
+pub const MAX_SEQ_JUMP: u64 = 1_000_000;
 
 /// One worker's reports inside a batch.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -267,6 +310,10 @@ fn events_for(index: u64, cmd: &Command, out: &serde_json::Value) -> Vec<DomainE
         }
         // Its inner command emits its own events.
         Command::Audited { .. } => Vec::new(),
+        Command::CreateToken { id, name, role, now_ms, .. } => {
+            vec![ev(*now_ms, "token.created", id, serde_json::json!({ "name": name, "role": role }))]
+        }
+        Command::RevokeToken { id, now_ms } => vec![ev(*now_ms, "token.revoked", id, serde_json::Value::Null)],
     }
 }
 
@@ -360,7 +407,8 @@ CREATE TABLE IF NOT EXISTS audit (
     who TEXT NOT NULL,
     action TEXT NOT NULL,
     subject TEXT NOT NULL,
-    result TEXT NOT NULL
+    result TEXT NOT NULL,
+    on_behalf_of TEXT
 );
 "#;
 
@@ -372,7 +420,16 @@ impl DomainState {
         // Cheap next to the SQLite work, and only needed when someone listens.
         let listening = self.events.receiver_count() > 0;
         let kept = listening.then(|| cmd.clone());
-        let out = apply_command(tx, index, cmd)?;
+        let out = match check_command(&cmd) {
+            Some(r) => Err(r),
+            None => match apply_command(tx, index, cmd) {
+                Ok(out) => out,
+                // Belt and braces: a constraint the checks above missed is still the
+                // command's content at fault, never the storage's, so it is a rejection.
+                Err(e) if is_content_error(&e) => Err(Rejection { code: "conflict".into(), message: e.to_string() }),
+                Err(e) => return Err(e),
+            },
+        };
         if out.is_err() {
             tx.execute_batch("ROLLBACK TO cmd")?;
         }
@@ -388,13 +445,18 @@ impl DomainState {
 
 impl holdfast_raft::Apply for DomainState {
     fn init_schema(&self, conn: &rusqlite::Connection) -> rusqlite::Result<()> {
-        conn.execute_batch(SCHEMA)
+        conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(tokens::SCHEMA)
     }
 
     fn apply(&self, tx: &Transaction<'_>, index: u64, command: &[u8]) -> rusqlite::Result<Vec<u8>> {
         let outcome: Outcome = match serde_json::from_slice::<Command>(command) {
             Err(e) => Err(Rejection { code: "bad_command".into(), message: e.to_string() }),
-            Ok(Command::Audited { who, action, subject, at_ms, inner }) => {
+            // The envelope's own fields are checked before anything is written.
+            Ok(cmd @ Command::Audited { .. }) if check_command(&cmd).is_some() => {
+                Err(check_command(&cmd).unwrap_or_else(|| Rejection { code: "invalid".into(), message: String::new() }))
+            }
+            Ok(Command::Audited { who, on_behalf_of, action, subject, at_ms, inner }) => {
                 let out = match inner {
                     Some(cmd) => self.apply_one(tx, index, *cmd)?,
                     None => Ok(serde_json::Value::Null),
@@ -405,8 +467,17 @@ impl holdfast_raft::Apply for DomainState {
                     Err(r) => r.code.clone(),
                 };
                 tx.execute(
-                    "INSERT INTO audit (log_index, at_ms, who, action, subject, result) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    params![index as i64, at_ms as i64, who, action, subject, result],
+                    "INSERT INTO audit (log_index, at_ms, who, action, subject, result, on_behalf_of)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![
+                        index as i64,
+                        at_ms.min(i64::MAX as u64) as i64,
+                        who,
+                        action,
+                        subject,
+                        result,
+                        on_behalf_of
+                    ],
                 )?;
                 out
             }
@@ -419,6 +490,114 @@ impl holdfast_raft::Apply for DomainState {
 
 fn reject(code: &str, message: impl Into<String>) -> rusqlite::Result<Outcome> {
     Ok(Err(Rejection { code: code.into(), message: message.into() }))
+}
+
+/// SQLite errors that a command's content can cause (a UNIQUE or CHECK constraint, a
+/// value too big); anything else is the storage failing.
+fn is_content_error(e: &rusqlite::Error) -> bool {
+    use rusqlite::ffi::ErrorCode;
+    match e {
+        rusqlite::Error::SqliteFailure(f, _) => matches!(f.code, ErrorCode::ConstraintViolation | ErrorCode::TooBig),
+        rusqlite::Error::ToSqlConversionFailure(_) | rusqlite::Error::IntegralValueOutOfRange(..) => true,
+        _ => false,
+    }
+}
+
+/// Longest free text (reasons, addresses, audit fields) a command may carry.
+const MAX_TEXT: usize = 4_096;
+/// Most items (placements, reports, ids, labels) one command may carry.
+const MAX_ITEMS: usize = 100_000;
+/// Largest number stored in an INTEGER column (SQLite integers are signed 64-bit).
+const MAX_INT: u64 = i64::MAX as u64;
+
+fn invalid(message: impl Into<String>) -> Option<Rejection> {
+    Some(Rejection { code: "invalid".into(), message: message.into() })
+}
+
+/// Checks of a command's content that need no database: ids, sizes, numbers, and the
+/// task spec validated again (whatever path the command came by). `None` when sound.
+fn check_command(cmd: &Command) -> Option<Rejection> {
+    let id = |what: &str, v: &str| (!valid_id(v)).then(|| invalid(format!("{what} {v:?} is not a valid id"))).flatten();
+    let text = |what: &str, v: &str| {
+        (v.len() > MAX_TEXT).then(|| invalid(format!("{what} is longer than {MAX_TEXT} bytes"))).flatten()
+    };
+    let num = |what: &str, v: u64| (v > MAX_INT).then(|| invalid(format!("{what} {v} is out of range"))).flatten();
+    let many =
+        |what: &str, n: usize| (n > MAX_ITEMS).then(|| invalid(format!("more than {MAX_ITEMS} {what}"))).flatten();
+    match cmd {
+        Command::SubmitTask { id: tid, spec, idempotency_key, now_ms } => id("task id", tid)
+            .or_else(|| num("now_ms", *now_ms))
+            .or_else(|| {
+                idempotency_key
+                    .as_ref()
+                    .filter(|k| k.is_empty() || k.len() > 128)
+                    .and_then(|_| invalid("Idempotency-Key must be 1–128 characters"))
+            })
+            .or_else(|| spec.validate().err().and_then(|e| invalid(format!("{}: {}", e.field, e.message)))),
+        Command::StopTask { id: tid, now_ms } => id("task id", tid).or_else(|| num("now_ms", *now_ms)),
+        Command::RegisterNode { name, address, labels, cpu_millis, memory_mb, disk_mb, now_ms } => {
+            id("node name", name)
+                .or_else(|| text("address", address))
+                .or_else(|| many("labels", labels.len()))
+                .or_else(|| labels.iter().find_map(|(k, v)| text("label", k).or_else(|| text("label", v))))
+                .or_else(|| num("cpu_millis", *cpu_millis))
+                .or_else(|| num("memory_mb", *memory_mb))
+                .or_else(|| num("disk_mb", *disk_mb))
+                .or_else(|| num("now_ms", *now_ms))
+        }
+        Command::ApplyPlan { placements, unplaced, now_ms } => many("placements", placements.len())
+            .or_else(|| many("unplaced tasks", unplaced.len()))
+            .or_else(|| {
+                placements.iter().find_map(|p| {
+                    id("task id", &p.task_id)
+                        .or_else(|| id("node name", &p.node))
+                        .or_else(|| p.replaces.as_deref().and_then(|r| id("placement id", r)))
+                })
+            })
+            .or_else(|| unplaced.iter().find_map(|(t, why)| text("task id", t).or_else(|| text("reason", why))))
+            .or_else(|| num("now_ms", *now_ms)),
+        // Reports are checked one by one in `apply`: one bad report must not cost the
+        // other nodes' reports batched with it.
+        Command::ReportStatus { batches, now_ms } => many("batches", batches.len()).or_else(|| num("now_ms", *now_ms)),
+        Command::SetNodeStatus { name, status, now_ms } => {
+            id("node name", name).or_else(|| text("status", status)).or_else(|| num("now_ms", *now_ms))
+        }
+        Command::DrainNode { name, deadline_ms, now_ms, .. } => id("node name", name)
+            .or_else(|| deadline_ms.and_then(|d| num("deadline_ms", d)))
+            .or_else(|| num("now_ms", *now_ms)),
+        Command::Audited { who, on_behalf_of, action, subject, at_ms, .. } => text("who", who)
+            .or_else(|| text("action", action))
+            .or_else(|| text("subject", subject))
+            .or_else(|| on_behalf_of.as_deref().and_then(|o| text("on_behalf_of", o)))
+            .or_else(|| num("at_ms", *at_ms)),
+        Command::StopPlacements { ids, reason, now_ms } => many("placement ids", ids.len())
+            .or_else(|| ids.iter().find_map(|p| id("placement id", p)))
+            .or_else(|| text("reason", reason))
+            .or_else(|| num("now_ms", *now_ms)),
+        Command::SetEligibility { name, now_ms, .. } => id("node name", name).or_else(|| num("now_ms", *now_ms)),
+        Command::CreateToken { created_by, now_ms, .. } => {
+            text("created_by", created_by).or_else(|| num("now_ms", *now_ms))
+        }
+        Command::RevokeToken { id: tid, now_ms } => id("token id", tid).or_else(|| num("now_ms", *now_ms)),
+    }
+}
+
+/// Why one report cannot be applied, judged on its content alone.
+fn check_report(r: &StatusReport, last_seq: u64) -> Option<String> {
+    if r.seq > last_seq.saturating_add(MAX_SEQ_JUMP) || r.seq > MAX_INT {
+        return Some(format!("seq {} is far beyond the node's last one ({last_seq}); refused", r.seq));
+    }
+    if !valid_id(&r.placement_id) || !valid_id(&r.task_id) {
+        return Some("report names an invalid placement or task id".into());
+    }
+    if r.fence > MAX_INT || r.at_ms > MAX_INT {
+        return Some("report fence or time out of range".into());
+    }
+    let long = |s: &Option<String>| s.as_ref().is_some_and(|s| s.len() > MAX_TEXT);
+    if long(&r.reason) || long(&r.container_id) || long(&r.story) || r.endpoints.len() > 64 {
+        return Some("report text too long".into());
+    }
+    None
 }
 
 fn apply_command(tx: &Transaction<'_>, index: u64, cmd: Command) -> rusqlite::Result<Outcome> {
@@ -442,6 +621,10 @@ fn apply_command(tx: &Transaction<'_>, index: u64, cmd: Command) -> rusqlite::Re
                         ),
                     );
                 }
+            }
+            let exists: bool = tx.query_row("SELECT EXISTS(SELECT 1 FROM tasks WHERE id = ?1)", [&id], |r| r.get(0))?;
+            if exists {
+                return reject("conflict", format!("a task with id {id} already exists"));
             }
             let spec_json = serde_json::to_string(&spec).unwrap_or_default();
             tx.execute(
@@ -535,9 +718,20 @@ fn apply_command(tx: &Transaction<'_>, index: u64, cmd: Command) -> rusqlite::Re
                     ignored.push(serde_json::json!({ "node": node, "reason": "node is not registered" }));
                     continue;
                 };
+                if !valid_id(&node) || reports.len() > MAX_ITEMS {
+                    ignored
+                        .push(serde_json::json!({ "node": node, "reason": "invalid node name or too many reports" }));
+                    continue;
+                }
                 for r in reports {
                     if r.seq <= last_seq {
                         continue; // delivered before: exactly-once effect
+                    }
+                    if let Some(why) = check_report(&r, last_seq) {
+                        // Not stored and `last_seq` does not move: the node's real
+                        // reports still apply.
+                        ignored.push(serde_json::json!({ "node": node, "seq": r.seq, "reason": why }));
+                        continue;
                     }
                     last_seq = r.seq;
                     if let Err(why) = apply_report(tx, &node, &r, now_ms)? {
@@ -570,6 +764,10 @@ fn apply_command(tx: &Transaction<'_>, index: u64, cmd: Command) -> rusqlite::Re
             Ok(Ok(serde_json::json!({ "name": name, "draining": enable })))
         }
         Command::Audited { .. } => reject("bad_command", "an audited command cannot be nested"),
+        Command::CreateToken { id, name, role, secret_sha256, expires_ms, created_by, now_ms } => {
+            tokens::create(tx, &id, &name, &role, &secret_sha256, &created_by, expires_ms, now_ms)
+        }
+        Command::RevokeToken { id, now_ms } => tokens::revoke(tx, &id, now_ms),
         Command::StopPlacements { ids, reason, now_ms } => {
             for id in &ids {
                 let n = tx.execute(

@@ -503,12 +503,15 @@ pub struct AuditEntry {
     pub subject: String,
     /// `ok` or the rejection code.
     pub result: String,
+    /// Whom the caller said it acted for (`X-Holdfast-Actor`), as free text.
+    pub on_behalf_of: Option<String>,
 }
 
 /// The newest `limit` audit entries, newest first.
 pub fn audit(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<AuditEntry>> {
-    let mut stmt =
-        conn.prepare("SELECT log_index, at_ms, who, action, subject, result FROM audit ORDER BY id DESC LIMIT ?1")?;
+    let mut stmt = conn.prepare(
+        "SELECT log_index, at_ms, who, action, subject, result, on_behalf_of FROM audit ORDER BY id DESC LIMIT ?1",
+    )?;
     let rows = stmt.query_map([limit as i64], |r| {
         Ok(AuditEntry {
             index: r.get::<_, i64>(0)? as u64,
@@ -517,6 +520,7 @@ pub fn audit(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<AuditEntry
             action: r.get(3)?,
             subject: r.get(4)?,
             result: r.get(5)?,
+            on_behalf_of: r.get(6)?,
         })
     })?;
     rows.collect()
