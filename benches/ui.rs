@@ -110,8 +110,7 @@ async fn run() {
     let mut fmp = Vec::new();
     let mut fcp = Vec::new();
     for i in 0..6 {
-        b.client.goto("about:blank").await.expect("blank");
-        b.client.goto(&url).await.expect("goto");
+        b.load(&url).await;
         let v = b.wait_js(Duration::from_secs(30), "the overview mark", paint).await;
         let m = v[0].as_f64().expect("fmp");
         let c = v[1].as_f64().unwrap_or(f64::NAN);
@@ -131,8 +130,7 @@ async fn run() {
     );
 
     // The task list: load, then scroll and filter.
-    b.client.goto("about:blank").await.expect("blank");
-    b.client.goto(&format!("{base}/#/tasks")).await.expect("tasks");
+    b.load(&format!("{base}/#/tasks")).await;
     let ready = b
         .wait_js(
             Duration::from_secs(60),

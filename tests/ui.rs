@@ -119,7 +119,7 @@ async fn the_console_runs_the_echo_task_from_submit_to_stop_and_survives_a_manag
     let b = browser::open(1280, 1000).await;
 
     // Log in from the fragment URL: the token is kept for the tab and leaves the URL.
-    b.client.goto(&dev.url(&format!("/#token={token}"))).await.expect("goto");
+    b.load(&dev.url(&format!("/#token={token}"))).await;
     b.wait_js(WAIT, "the health verdict", "return document.querySelector('#health-status')?.textContent;").await;
     let url = b.client.current_url().await.expect("url");
     assert!(!url.as_str().contains("token"), "the token stayed in the URL: {url}");
@@ -243,7 +243,12 @@ async fn the_console_runs_the_echo_task_from_submit_to_stop_and_survives_a_manag
     .await;
     b.screenshot("audit").await;
     b.client.goto(&dev.url("/#/admin")).await.expect("goto admin");
-    b.wait_js(WAIT, "the managers table", &format!("return document.querySelector('#main')?.textContent.includes({});", q(&node))).await;
+    b.wait_js(
+        WAIT,
+        "the managers table",
+        &format!("return document.querySelector('#main')?.textContent.includes({});", q(&node)),
+    )
+    .await;
     b.screenshot("admin").await;
 
     // Stop it from its page.
@@ -306,7 +311,7 @@ async fn a_bad_token_shows_the_login_message_not_a_blank_page() {
     let _cleanup = NodeContainers(node.clone());
     let dev = Dev::start(dir.path(), &node).await;
     let b = browser::open(1024, 800).await;
-    b.client.goto(&dev.url("/#token=not-a-real-token")).await.expect("goto");
+    b.load(&dev.url("/#token=not-a-real-token")).await;
     let msg = b
         .wait_js(
             Duration::from_secs(20),

@@ -403,6 +403,13 @@ export const ECHO_SPEC = {
   offline: { mode: 'keep', lost_after_ms: 60000, replace: true },
 };
 
+/** 128 random bits as hex (crypto.randomUUID needs a secure context; this does not). */
+function randomKey() {
+  const b = new Uint8Array(16);
+  crypto.getRandomValues(b);
+  return 'ui-' + [...b].map((x) => x.toString(16).padStart(2, '0')).join('');
+}
+
 /** Selects the text of `field` (a dotted path such as `resources.memory_mb`) in the editor. */
 function selectField(area, field) {
   const parts = String(field).split(/[.[\]]+/).filter((p) => p && !/^\d+$/.test(p));
@@ -444,7 +451,19 @@ export function submit(main) {
         }
         send.disabled = true;
         try {
-          const r = await call('POST', '/v1/tasks', { body: area.value, extraHeaders: key.value ? { 'Idempotency-Key': key.value } : {} });
+          // Always idempotent: a submission whose answer was lost is sent again with the
+          // same key, and the manager answers with the task it already made.
+          const idem = key.value || randomKey();
+          let r;
+          for (let attempt = 0; ; attempt++) {
+            try {
+              r = await call('POST', '/v1/tasks', { body: area.value, extraHeaders: { 'Idempotency-Key': idem } });
+              break;
+            } catch (x) {
+              if (!(x instanceof Offline) || attempt >= 2) throw x;
+              await new Promise((ok) => setTimeout(ok, 700));
+            }
+          }
           toast(`Task ${r.id} submitted`);
           location.hash = `#/tasks/${encodeURIComponent(r.id)}`;
         } catch (x) {
@@ -467,7 +486,7 @@ export function submit(main) {
     h('p', { id: 'spec-help', class: 'hint' }, 'Prefilled with the echo task. Only "image" is required; unknown fields are refused.'),
     area,
     err,
-    h('label', { for: 'idem' }, 'Idempotency key (retries with the same key make no second task) '),
+    h('label', { for: 'idem' }, 'Idempotency key (optional; one is made for each submission, so a retry never makes a second task) '),
     key,
     h('div', { class: 'actions' }, h('button', { type: 'button', onclick: () => (area.value = JSON.stringify(ECHO_SPEC, null, 2)) }, 'Reset to the echo task'), send),
   );

@@ -134,6 +134,38 @@ impl Browser {
         }
     }
 
+    /// Loads `url` as a new document and waits for the UI's `<main>`. Chromium aborts a
+    /// load with ERR_NETWORK_CHANGED when Docker adds or removes an interface (other
+    /// tests start containers all the time), so such a load is tried again.
+    pub async fn load(&self, url: &str) {
+        let mut last = String::new();
+        for _ in 0..5 {
+            self.client.goto("about:blank").await.expect("about:blank");
+            self.client.goto(url).await.unwrap_or_else(|e| panic!("goto {url}: {e}"));
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let state = self
+                    .client
+                    .execute(
+                        "if (document.getElementById('main')) return 'ok';
+                         if (location.href.startsWith('chrome-error:') || document.body?.textContent.includes('ERR_')) return 'error';
+                         return '';",
+                        vec![],
+                    )
+                    .await
+                    .unwrap_or(serde_json::Value::Null);
+                match state.as_str() {
+                    Some("ok") => return,
+                    Some("error") => break,
+                    _ if Instant::now() > deadline => break,
+                    _ => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+            last = self.text("body").await;
+        }
+        panic!("could not load {url}; the page says:\n{last}");
+    }
+
     /// Text of the first element matching `css` (empty when there is none).
     pub async fn text(&self, css: &str) -> String {
         match self.client.find(Locator::Css(css)).await {
