@@ -115,7 +115,8 @@ export async function getAll(path, key, pageSize = 1000) {
   let after = null;
   for (let i = 0; i < 1000; i++) {
     const url = `${path}${sep}limit=${pageSize}` + (after ? `&after=${encodeURIComponent(after)}` : '');
-    const page = await get(url);
+    // A page of thousands of tasks with their placements is megabytes: allow it time.
+    const page = await get(url, { timeoutMs: 60000 });
     out = out.concat(page[key] || []);
     if (!page.next || page.next === after) return out;
     after = page.next;

@@ -139,7 +139,8 @@ impl Browser {
     /// tests start containers all the time), so such a load is tried again.
     pub async fn load(&self, url: &str) {
         let mut last = String::new();
-        for _ in 0..5 {
+        for attempt in 0..10u64 {
+            tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
             self.client.goto("about:blank").await.expect("about:blank");
             self.client.goto(url).await.unwrap_or_else(|e| panic!("goto {url}: {e}"));
             let deadline = Instant::now() + Duration::from_secs(30);
