@@ -153,6 +153,19 @@ async fn run() {
             "const m = performance.getEntriesByName('holdfast:tasks-ready')[0]; return m && document.querySelectorAll('#task-rows tr[data-id]').length > 0 && m.startTime;",
         )
         .await;
+    let fetch = r#"
+        const done = arguments[0];
+        const t0 = performance.now();
+        fetch('/v1/tasks', { headers: { Authorization: 'Bearer ' + sessionStorage.getItem('holdfast.token') } })
+          .then((r) => r.json())
+          .then((j) => done([performance.now() - t0, j.tasks.length]), (e) => done([String(e), 0]));
+    "#;
+    let f = b.client.execute_async(fetch, vec![]).await.expect("fetch");
+    println!(
+        "the same list fetched and parsed in the page again: {:.0} ms ({} tasks)",
+        f[0].as_f64().unwrap_or(f64::NAN),
+        f[1]
+    );
     let count = b.text("#task-count").await;
     println!("task list drawn {:.0} ms after navigation ({count})", ready.as_f64().unwrap_or(f64::NAN));
     assert!(count.starts_with(&format!("{} of", fmt_thousands(n))), "{count}");
