@@ -70,7 +70,11 @@ async fn closed_loop<F>(clients: usize, secs: u64, make: F) -> Figures
 where
     F: Fn(&reqwest::Client, usize) -> reqwest::RequestBuilder + Send + Sync + 'static,
 {
-    let http = reqwest::Client::builder().pool_max_idle_per_host(512).timeout(Duration::from_secs(10)).build().unwrap();
+    let http = authed(reqwest::Client::builder())
+        .pool_max_idle_per_host(512)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
     let make = Arc::new(make);
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
@@ -111,7 +115,11 @@ async fn open_loop<F>(rate: u64, secs: u64, make: F) -> Figures
 where
     F: Fn(&reqwest::Client, usize) -> reqwest::RequestBuilder + Send + Sync + 'static,
 {
-    let http = reqwest::Client::builder().pool_max_idle_per_host(512).timeout(Duration::from_secs(10)).build().unwrap();
+    let http = authed(reqwest::Client::builder())
+        .pool_max_idle_per_host(512)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
     let make = Arc::new(make);
     let total = (rate * secs) as usize;
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
@@ -140,8 +148,27 @@ where
     Figures { rate: lat.len() as f64 / secs as f64, p50: pct(&lat, 0.5), p99: pct(&lat, 0.99), errors }
 }
 
+/// The admin API token of the bootstrap manager, once it has written it.
+static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Adds the admin token to every request of a client (etcd ignores the header).
+fn authed(b: reqwest::ClientBuilder) -> reqwest::ClientBuilder {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(t) = TOKEN.get() {
+        headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {t}").parse().unwrap());
+    }
+    b.default_headers(headers)
+}
+
 async fn get_json(url: &str) -> Option<serde_json::Value> {
-    let r = reqwest::Client::new().get(url).timeout(Duration::from_secs(2)).send().await.ok()?;
+    let r = authed(reqwest::Client::builder())
+        .build()
+        .unwrap()
+        .get(url)
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .ok()?;
     r.json().await.ok()
 }
 
@@ -235,6 +262,9 @@ async fn run() {
         let extra: Vec<&str> = if i == 0 { vec!["--bootstrap"] } else { vec!["--join", &seed] };
         spawn(&bin, m, &extra, &log);
     }
+    let token_file = ms[0].data.join("admin.token");
+    let token = wait_for(Duration::from_secs(60), || async { std::fs::read_to_string(&token_file).ok() }).await;
+    let _ = TOKEN.set(token.trim().to_string());
     let api0 = ms[0].api.clone();
     wait_for(Duration::from_secs(60), || async {
         let v = get_json(&format!("http://{api0}/v1/cluster")).await?;
@@ -326,7 +356,7 @@ async fn run() {
     drop(etcd);
 
     println!("\n== failover: leader SIGKILL -> next acknowledged write, {kills} kills ==");
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().unwrap();
+    let http = authed(reqwest::Client::builder()).timeout(Duration::from_secs(2)).build().unwrap();
     let mut times = Vec::new();
     for k in 0..kills {
         let (li, _) = leader_api(&ms).await;

@@ -69,11 +69,22 @@ async fn run() {
             .spawn()
             .expect("spawn holdfast dev"),
     );
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    // The API needs the admin token `holdfast dev` writes once it has elected itself.
+    let ready_by = Instant::now() + Duration::from_secs(60);
+    let token_file = dir.path().join("data").join("admin.token");
+    let token = loop {
+        if let Ok(t) = std::fs::read_to_string(&token_file) {
+            break t.trim().to_string();
+        }
+        assert!(Instant::now() < ready_by, "holdfast dev wrote no admin.token within 60 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {token}").parse().unwrap());
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).default_headers(headers).build().unwrap();
     let base = format!("http://{api}");
 
     // Wait for the dev node: API up and its worker registered with a working engine.
-    let ready_by = Instant::now() + Duration::from_secs(60);
     loop {
         let ready = match http.get(format!("{base}/v1/nodes")).send().await {
             Ok(r) => r

@@ -7,11 +7,26 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{Config, ManagerRole, WorkerRole};
+
+/// Exit code for a configuration error (a bad flag, file, key or value): `EX_CONFIG`
+/// from sysexits. The units' `RestartPreventExitStatus=` names it so a typo does not
+/// restart in a loop.
+pub const EXIT_CONFIG: u8 = 78;
+
+/// `holdfast --version`: version, git commit and build date (from `build.rs`).
+pub const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("HOLDFAST_GIT_COMMIT"),
+    ", built ",
+    env!("HOLDFAST_BUILD_DATE"),
+    ")"
+);
 use crate::manager::sink::{SinkConfig, SinkTarget};
 
 /// holdfast: an edge-native container orchestrator in one binary.
 #[derive(Parser, Debug)]
-#[command(name = "holdfast", version, about)]
+#[command(name = "holdfast", version = LONG_VERSION, about)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -91,7 +106,7 @@ pub struct ApiAuth {
     #[arg(long, env = "HOLDFAST_DATA_DIR", default_value = "./holdfast-data", global = true)]
     pub data_dir: PathBuf,
     /// CA certificate (PEM) that signed the API's certificate, for an https URL;
-    /// defaults to `<data-dir>/ca.pem`.
+    /// defaults to `<data-dir>/ca.pem`, else the manager's own `<data-dir>/api-cert.pem`.
     #[arg(long, env = "HOLDFAST_CA_FILE", global = true)]
     pub ca_file: Option<PathBuf>,
 }
@@ -190,6 +205,44 @@ pub enum TaskCommand {
     },
 }
 
+/// Log line format.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Flags of every long-running process (`agent`, `dev`): config file, logs, metrics.
+#[derive(Args, Debug, Clone)]
+pub struct ServiceArgs {
+    /// TOML file with one key per long flag (`node-id = "m1"`); flags and `HOLDFAST_*`
+    /// variables win over it. An unknown key is an error.
+    #[arg(long, env = "HOLDFAST_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Log line format: `text` or `json`. Under journald, text lines carry the syslog
+    /// priority and no timestamp.
+    #[arg(long, env = "HOLDFAST_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Log filter: a level (`info`, `debug`) or per-module directives
+    /// (`info,openraft=warn`). Default: `HOLDFAST_LOG`, else `info,openraft=warn`.
+    #[arg(long, env = "HOLDFAST_LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// Serve `/metrics`, `/health/live` and `/health/ready` on this address too (any
+    /// role; the only metrics endpoint of a worker-only process).
+    #[arg(long, env = "HOLDFAST_METRICS")]
+    pub metrics: Option<String>,
+}
+
+impl ServiceArgs {
+    /// The node's service options.
+    pub fn options(&self) -> crate::service::ServiceOptions {
+        crate::service::ServiceOptions { metrics: self.metrics.clone() }
+    }
+}
+
 /// `holdfast dev` flags.
 #[derive(Args, Debug)]
 pub struct DevArgs {
@@ -210,6 +263,9 @@ pub struct DevArgs {
     /// the sink is down.
     #[arg(long, env = "HOLDFAST_EVENT_SINK", value_parser = parse_sink)]
     pub event_sink: Option<SinkTarget>,
+    /// Config file, logs and metrics.
+    #[command(flatten)]
+    pub service: ServiceArgs,
 }
 
 /// `holdfast agent` flags (the public contract, DESIGN.md §8).
@@ -271,6 +327,21 @@ pub struct AgentArgs {
     /// the sink is down.
     #[arg(long, env = "HOLDFAST_EVENT_SINK", value_parser = parse_sink)]
     pub event_sink: Option<SinkTarget>,
+    /// Refuse writes (507) while the data dir's disk has less than this many MiB free,
+    /// so a full disk is a clear error that heals itself, not a storage failure (0: off).
+    #[arg(long, env = "HOLDFAST_MIN_FREE_MB", default_value_t = crate::config::DEFAULT_MIN_FREE_MB)]
+    pub min_free_mb: u64,
+    /// PEM certificate (chain) the API serves over HTTPS (managers; with --api-key).
+    /// Off loopback the API is always HTTPS; without this it uses a certificate of
+    /// its own, kept in the data dir as `api-cert.pem`.
+    #[arg(long, env = "HOLDFAST_API_CERT", requires = "api_key")]
+    pub api_cert: Option<PathBuf>,
+    /// PEM private key of --api-cert.
+    #[arg(long, env = "HOLDFAST_API_KEY", requires = "api_cert")]
+    pub api_key: Option<PathBuf>,
+    /// Config file, logs and metrics.
+    #[command(flatten)]
+    pub service: ServiceArgs,
 }
 
 /// `holdfast echo` flags.
@@ -350,6 +421,9 @@ impl AgentArgs {
         if !self.manager && !self.worker {
             return Err("pass --manager, --worker, or both".into());
         }
+        if !crate::manager::state::valid_id(&self.node_id) {
+            return Err(format!("--node-id {:?}: use 1–64 ASCII letters, digits, '-', '_' or '.'", self.node_id));
+        }
         if self.heartbeat_ttl < std::time::Duration::from_millis(500) || self.lease < self.heartbeat_ttl {
             return Err(format!(
                 "need --heartbeat-ttl ≥ 500ms and --lease ≥ --heartbeat-ttl (got {:?} and {:?})",
@@ -379,6 +453,8 @@ impl AgentArgs {
             heartbeat_ttl: self.heartbeat_ttl,
             event_sink: self.event_sink.clone().map(SinkConfig::new),
             force_new_cluster: self.force_new_cluster,
+            min_free_mb: self.min_free_mb,
+            api_tls_files: self.api_cert.clone().zip(self.api_key.clone()),
         });
         if self.force_new_cluster && (!self.manager || self.bootstrap) {
             return Err("--force-new-cluster restarts an existing manager from its data: it needs --manager \

@@ -35,7 +35,16 @@ impl Api {
         let mut builder =
             reqwest::Client::builder().timeout(Duration::from_secs(30)).connect_timeout(Duration::from_secs(5));
         if base.starts_with("https://") {
-            let ca = auth.ca_file.clone().unwrap_or_else(|| auth.data_dir.join("ca.pem"));
+            // The cluster CA, else the certificate a manager made for itself (same dir).
+            let ca = auth.ca_file.clone().unwrap_or_else(|| {
+                let ca = auth.data_dir.join("ca.pem");
+                let own = auth.data_dir.join(crate::manager::api::tls::SELF_SIGNED_CERT);
+                if !ca.exists() && own.exists() {
+                    own
+                } else {
+                    ca
+                }
+            });
             let pem = std::fs::read(&ca).with_context(|| {
                 format!(
                     "an https API needs the CA that signed its certificate: pass --ca-file (tried {})",

@@ -16,6 +16,9 @@ pub struct Config {
     pub worker: Option<WorkerRole>,
 }
 
+/// Default `--min-free-mb`: room for SQLite to finish what it started.
+pub const DEFAULT_MIN_FREE_MB: u64 = 64;
+
 /// Manager settings.
 #[derive(Clone, Debug)]
 pub struct ManagerRole {
@@ -42,6 +45,11 @@ pub struct ManagerRole {
     /// Restart as the only member of a new cluster keeping all state
     /// (`--force-new-cluster`, quorum-loss recovery).
     pub force_new_cluster: bool,
+    /// Writes are refused (507) while the data dir's disk has less free space (MiB).
+    pub min_free_mb: u64,
+    /// API certificate and key (`--api-cert`, `--api-key`); without them an API bound
+    /// off loopback serves a certificate the node makes itself.
+    pub api_tls_files: Option<(PathBuf, PathBuf)>,
 }
 
 impl ManagerRole {
@@ -60,6 +68,8 @@ impl ManagerRole {
             heartbeat_ttl: std::time::Duration::from_secs(5),
             event_sink: None,
             force_new_cluster: false,
+            min_free_mb: DEFAULT_MIN_FREE_MB,
+            api_tls_files: None,
         }
     }
 }

@@ -7,12 +7,15 @@ pub mod backup;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod config_file;
 pub mod echo;
+pub mod logging;
 pub mod manager;
 pub mod model;
 pub mod net;
 pub mod node;
 pub mod resilience;
+pub mod service;
 pub mod worker;
 
 /// Locks a std mutex, recovering from poisoning: every mutex here guards plain maps

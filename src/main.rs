@@ -1,20 +1,27 @@
 //! Thin entry point: parse flags → build a config → run until SIGTERM/SIGINT.
 
 use anyhow::Context;
-use clap::Parser;
-use holdfast::cli::{Cli, ClusterCommand, Command, ImageCommand, SnapshotCommand};
+use holdfast::cli::{Cli, ClusterCommand, Command, ImageCommand, LogFormat, SnapshotCommand, EXIT_CONFIG};
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HOLDFAST_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
-        )
-        .with_writer(std::io::stderr)
-        // Container logs are files, not terminals: no colour codes in them.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // Configuration errors (flags, config file, values) exit with EXIT_CONFIG, which
+    // the units' RestartPreventExitStatus= names.
+    let cli = match holdfast::config_file::parse_from(std::env::args_os().collect()) {
+        Ok(cli) => cli,
+        Err(e) => {
+            e.print();
+            return std::process::ExitCode::from(e.code());
+        }
+    };
+    let (format, level) = match &cli.command {
+        Command::Dev(a) => (a.service.log_format, a.service.log_level.clone()),
+        Command::Agent(a) => (a.service.log_format, a.service.log_level.clone()),
+        _ => (LogFormat::Text, None),
+    };
+    if let Err(e) = holdfast::logging::init(format, level.as_deref()) {
+        eprintln!("holdfast: {e}");
+        return std::process::ExitCode::from(EXIT_CONFIG);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -22,6 +29,12 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    if let Command::Agent(a) = &cli.command {
+        if let Err(e) = a.to_config() {
+            eprintln!("holdfast: {e}");
+            return std::process::ExitCode::from(EXIT_CONFIG);
+        }
+    }
     match runtime.block_on(dispatch(cli)) {
         Ok(code) => std::process::ExitCode::from(code),
         Err(e) => {
@@ -55,12 +68,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 }
             });
-            holdfast::node::run(config, holdfast::shutdown_signal()).await?;
+            holdfast::node::run_service(config, None, args.service.options(), holdfast::shutdown_signal()).await?;
             Ok(0)
         }
         Command::Agent(args) => {
             let config = args.to_config().map_err(anyhow::Error::msg)?;
-            holdfast::node::run(config, holdfast::shutdown_signal()).await?;
+            holdfast::node::run_service(config, None, args.service.options(), holdfast::shutdown_signal()).await?;
             Ok(0)
         }
         Command::Echo(a) => {

@@ -46,6 +46,17 @@ pub async fn run_with_runtime(
     runtime: Option<Arc<dyn Runtime>>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), NodeError> {
+    run_service(config, runtime, crate::service::ServiceOptions::default(), shutdown).await
+}
+
+/// Like [`run_with_runtime`], with the service options (`--metrics`). Tells systemd
+/// when the node is ready, alive and stopping (ARCHITECTURE.md "Running as a service").
+pub async fn run_service(
+    config: Config,
+    runtime: Option<Arc<dyn Runtime>>,
+    options: crate::service::ServiceOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), NodeError> {
     if config.manager.is_none() && config.worker.is_none() {
         return Err(NodeError::NoRole);
     }
@@ -55,6 +66,8 @@ pub async fn run_with_runtime(
     let resilience = crate::resilience::Registry::new();
     let mut tasks = Vec::new();
     let mut db = None;
+    let mut watched = crate::service::Watched { max_idle: Duration::from_secs(30), ..Default::default() };
+    let mut metrics_manager = None;
 
     if let Some(m) = &config.manager {
         let (domain, applied) = manager::state::DomainState::new();
@@ -66,7 +79,9 @@ pub async fn run_with_runtime(
             &m.advertise_api,
         );
         rc.op_timeout = Duration::from_secs(5);
+        rc.version = crate::cli::LONG_VERSION.to_string();
         rc.force_new_cluster = m.force_new_cluster;
+        rc.min_free_bytes = m.min_free_mb.saturating_mul(1 << 20);
         let rdb = holdfast_raft::ReplicatedDb::open(rc, domain).await?;
         let settings = ManagerSettings {
             strategy: m.strategy,
@@ -89,7 +104,17 @@ pub async fn run_with_runtime(
             // Merged after the limits: a stream must not be cut by the request timeout;
             // it has its own cap on open streams.
             .merge(manager::api::auth::layer(streams, mgr.clone()));
-        tasks.push(crate::net::serve(api_listener, api, stop_tx.subscribe()));
+        // Off loopback the API speaks only HTTPS (ARCHITECTURE.md, "Access").
+        let tls = manager::api::tls::source_for(&m.api, &m.advertise_api, m.api_tls_files.clone(), &config.data_dir);
+        tasks.push(match tls {
+            Some(source) => {
+                let tls_config =
+                    manager::api::tls::server_config(&source).map_err(|e| std::io::Error::other(e.to_string()))?;
+                tracing::info!(api = %m.api, ?source, "the API serves HTTPS");
+                manager::api::tls::serve(api_listener, api, tls_config, stop_tx.subscribe())
+            }
+            None => crate::net::serve(api_listener, api, stop_tx.subscribe()),
+        });
         if let Some(sink) = &m.event_sink {
             let (_stats, sink_task) = manager::sink::spawn(&mgr, sink.clone(), &config.data_dir, stop_tx.subscribe());
             tasks.push(sink_task);
@@ -100,7 +125,7 @@ pub async fn run_with_runtime(
                 manager::api::auth::ensure_admin_token(mgr.clone(), config.data_dir.clone(), stop_tx.subscribe());
             tokio::spawn(ensure);
         }
-        tasks.push(tokio::spawn(watch_fatal(rdb.clone(), config.data_dir.join("manager"))));
+        tasks.push(tokio::spawn(watch_fatal(rdb.clone(), config.data_dir.join("manager"), stop_tx.subscribe())));
         if !m.join.is_empty() {
             let seeds = m.join.clone();
             let joining = rdb.clone();
@@ -129,6 +154,8 @@ pub async fn run_with_runtime(
             Ok(())
         }));
         tracing::info!(node = %config.node_id, api = %m.api, cluster = %m.cluster, "manager serving");
+        watched.db = Some(rdb.clone());
+        metrics_manager = Some(mgr.clone());
         db = Some(rdb);
     }
 
@@ -143,11 +170,19 @@ pub async fn run_with_runtime(
         wc.advertise_host = wr.advertise_host.clone();
         wc.labels = wr.labels.clone();
         wc.resources_override = wr.resources_override.clone();
+        watched.worker = Some(wc.vitals.clone());
         let rx = stop_tx.subscribe();
         tasks.push(tokio::spawn(async move {
             agent::run(wc, runtime, rx).await.map_err(|e| std::io::Error::other(e.to_string()))
         }));
     }
+
+    if let Some(addr) = &options.metrics {
+        let listener = crate::net::bind(addr, "metrics").await?;
+        let router = crate::service::metrics_router(metrics_manager, watched.clone(), resilience.clone());
+        tasks.push(crate::net::serve(listener, router, stop_tx.subscribe()));
+    }
+    tokio::spawn(crate::service::supervise(watched, crate::service::tick(), stop_tx.subscribe()));
 
     // Either shutdown is asked for, or a role stops on its own (an error).
     let mut tasks = futures::future::select_all(tasks);
@@ -155,6 +190,7 @@ pub async fn run_with_runtime(
         _ = shutdown => None,
         (res, _, rest) = &mut tasks => Some((res, rest)),
     };
+    crate::service::stopping();
     let _ = stop_tx.send(());
     let result = match early {
         Some((res, rest)) => {
@@ -182,7 +218,12 @@ pub async fn run_with_runtime(
 
 /// Ends with an error naming the file and the cause when Raft stops on its own (a
 /// fatal storage error), so the process exits non-zero and systemd restarts it.
-async fn watch_fatal(db: holdfast_raft::ReplicatedDb, dir: std::path::PathBuf) -> Result<(), std::io::Error> {
+/// Ends quietly when the node is asked to stop.
+async fn watch_fatal(
+    db: holdfast_raft::ReplicatedDb,
+    dir: std::path::PathBuf,
+    mut stop: broadcast::Receiver<()>,
+) -> Result<(), std::io::Error> {
     let mut status = db.watch_status();
     loop {
         {
@@ -193,9 +234,14 @@ async fn watch_fatal(db: holdfast_raft::ReplicatedDb, dir: std::path::PathBuf) -
                 return Err(std::io::Error::other(format!("fatal storage error in {}: {cause}", dir.display())));
             }
         }
-        if status.changed().await.is_err() {
-            // The database is closing (our own shutdown): nothing more to watch.
-            return std::future::pending().await;
+        tokio::select! {
+            changed = status.changed() => {
+                if changed.is_err() {
+                    // The database is closing (our own shutdown): nothing more to watch.
+                    return std::future::pending().await;
+                }
+            }
+            _ = stop.recv() => return Ok(()),
         }
     }
 }

@@ -135,10 +135,7 @@ impl Cluster {
     }
 
     async fn tasks(&self) -> Vec<Value> {
-        get_json(&self.client, &self.url("/v1/tasks"))
-            .await
-            .and_then(|v| v["tasks"].as_array().cloned())
-            .unwrap_or_default()
+        all_tasks(&self.client, &self.url("")).await.unwrap_or_default()
     }
 
     async fn nodes(&self) -> Vec<Value> {

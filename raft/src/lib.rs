@@ -58,6 +58,11 @@ pub struct Member {
     pub cluster_addr: String,
     /// `host:port` of this member's public HTTP API (shown to clients as the leader).
     pub api_addr: String,
+    /// The application's version string as of this member's last bootstrap or join
+    /// (opaque here; empty when the application gives none or in records written
+    /// before the field existed).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub version: String,
 }
 
 impl std::fmt::Display for Member {
@@ -115,9 +120,16 @@ pub struct Config {
     /// Upper bound for a write or linearizable read, including forwarding; past it the
     /// caller gets [`DbError::Timeout`] instead of waiting on a minority.
     pub op_timeout: Duration,
+    /// Opaque version string advertised in this member's [`Member`] record.
+    pub version: String,
     /// Before starting, make this member the only voter of a new one-member cluster
     /// that keeps all its state (quorum-loss recovery; see [`force_new_cluster`]).
     pub force_new_cluster: bool,
+    /// A write is refused with [`DbError::StorageFull`] while the file system of
+    /// `data_dir` has less free space than this: a full disk answers a clear error
+    /// instead of failing inside SQLite (fatal), and writes resume by themselves when
+    /// space returns. `0` turns the check off.
+    pub min_free_bytes: u64,
 }
 
 impl Config {
@@ -133,7 +145,9 @@ impl Config {
             snapshot_every: 5_000,
             rpc_timeout: Duration::from_secs(2),
             op_timeout: Duration::from_secs(5),
+            version: String::new(),
             force_new_cluster: false,
+            min_free_bytes: 64 << 20,
         }
     }
 }
@@ -177,6 +191,10 @@ pub enum DbError {
     /// SQLite or openraft failed in a way that is not the caller's fault.
     #[error("storage failure: {0}")]
     Storage(String),
+    /// The leader's disk is below its free-space reserve; nothing was written. The
+    /// message names the directory, the free bytes and the reserve.
+    #[error("{0}")]
+    StorageFull(String),
 }
 
 /// Role of this member as openraft reports it.

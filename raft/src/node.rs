@@ -141,6 +141,7 @@ impl Inner {
             name: config.node_name.clone(),
             cluster_addr: config.cluster_addr.clone(),
             api_addr: config.api_addr.clone(),
+            version: config.version.clone(),
         };
         let raft_config = raft_config(&config)?;
         let forcing = config.clone();
@@ -286,6 +287,7 @@ impl Inner {
             WireError::Membership(m) => DbError::Membership(m),
             WireError::Storage(s) => DbError::Storage(s),
             WireError::BadRequest(s) => DbError::Membership(s),
+            WireError::StorageFull { message } => DbError::StorageFull(message),
             WireError::ShuttingDown => {
                 DbError::Network { addr: addr.to_string(), reason: "peer is shutting down".into() }
             }
@@ -293,6 +295,25 @@ impl Inner {
     }
 
     // ---- writes -------------------------------------------------------------------
+
+    /// Refuses a write while the data directory's file system is below the reserve.
+    fn check_space(&self) -> Result<(), DbError> {
+        let min = self.config.min_free_bytes;
+        if min == 0 {
+            return Ok(());
+        }
+        // A failed statvfs says nothing about space; the write itself will tell.
+        let Ok(st) = rustix::fs::statvfs(&self.config.data_dir) else { return Ok(()) };
+        let free = st.f_bavail.saturating_mul(st.f_frsize);
+        if free < min {
+            return Err(DbError::StorageFull(format!(
+                "the disk holding {} has {free} bytes free, below the {min}-byte reserve; nothing was written \
+                 (free some space: writes resume by themselves)",
+                self.config.data_dir.display()
+            )));
+        }
+        Ok(())
+    }
 
     pub(crate) async fn write(&self, command: Vec<u8>) -> Result<Vec<u8>, DbError> {
         self.check_running()?;
@@ -303,6 +324,7 @@ impl Inner {
             // After a failed attempt, "no leader" says more than the transport error.
             let (leader_id, leader) = self.leader_for_op(deadline, avoid).await?;
             if leader_id == self.id {
+                self.check_space()?;
                 let write = self.raft.client_write(Payload(command.clone()));
                 match tokio::time::timeout_at(deadline, write).await {
                     Err(_) => return Err(self.timeout_error()),
@@ -342,6 +364,7 @@ impl Inner {
     /// Receiver side of `/raft/write`: only the leader writes; nobody forwards again.
     pub(crate) async fn serve_write(&self, req: WriteRequest) -> WireResult<Payload> {
         self.ensure_leader_here()?;
+        self.check_space().map_err(|e| WireError::StorageFull { message: e.to_string() })?;
         let budget = Duration::from_millis(req.timeout_ms).min(self.config.op_timeout);
         match tokio::time::timeout(budget, self.raft.client_write(req.command)).await {
             Err(_) => Err(WireError::Timeout { leader: Some(self.me.clone()) }),

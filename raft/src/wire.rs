@@ -52,6 +52,12 @@ pub(crate) enum WireError {
     /// The receiver is shutting down.
     #[error("member is shutting down")]
     ShuttingDown,
+    /// The leader's disk is below its free-space reserve; nothing was written.
+    #[error("the leader's disk is full: {message}")]
+    StorageFull {
+        /// The leader's own message (path, free bytes, reserve).
+        message: String,
+    },
 }
 
 /// Answer of every forwarded request.

@@ -56,6 +56,8 @@ pub struct WorkerConfig {
     pub stop_concurrency: usize,
     /// Health probes in flight at once across all placements.
     pub probe_concurrency: usize,
+    /// Vital signs for the watchdog, status line and `/metrics` (see `service.rs`).
+    pub vitals: Arc<crate::service::WorkerVitals>,
 }
 
 impl WorkerConfig {
@@ -74,6 +76,7 @@ impl WorkerConfig {
             create_concurrency: 4,
             stop_concurrency: 8,
             probe_concurrency: 32,
+            vitals: Default::default(),
         }
     }
 }
@@ -172,6 +175,7 @@ pub async fn run(
     }
     let ledger = Arc::new(Ledger::open(&cfg.data_dir, &cfg.node)?);
     let lease = ledger.meta_u64("lease_until_ms")?;
+    cfg.vitals.set_lease(lease);
     // A pool of 0 would never run anything; treat it as 1.
     let pool = |n: usize| Arc::new(Semaphore::new(n.max(1)));
     let w = Arc::new(Worker {
@@ -217,6 +221,7 @@ async fn sync_loop(w: Arc<Worker>, mut shutdown: broadcast::Receiver<()>) {
     loop {
         let resources = current_resources(&w, None).await;
         let reports = w.ledger.outbox(1_000).unwrap_or_default();
+        w.cfg.vitals.sync_turn(reports.len());
         let req = SyncRequest {
             node: w.cfg.node.clone(),
             address: w.cfg.advertise_host.clone(),
@@ -230,6 +235,7 @@ async fn sync_loop(w: Arc<Worker>, mut shutdown: broadcast::Receiver<()>) {
         let addr = managers[target % managers.len()].clone();
         let url = format!("http://{addr}/cluster/v1/sync");
         let sent_at_ms = now_ms();
+        let sent_at = std::time::Instant::now();
         let timeout = w.cfg.sync_wait + Duration::from_secs(10);
         let call = w.http.post(&url).json(&req).timeout(timeout).send();
         let result = tokio::select! {
@@ -277,6 +283,7 @@ async fn sync_loop(w: Arc<Worker>, mut shutdown: broadcast::Receiver<()>) {
                 // outlive the one the manager granted.
                 let until = sent_at_ms + resp.lease_ms.saturating_sub(w.cfg.lease_margin.as_millis() as u64);
                 w.lease_until_ms.store(until, Ordering::Relaxed);
+                w.cfg.vitals.synced(sent_at.elapsed(), until);
                 let _ = w.ledger.set_meta_u64("lease_until_ms", until);
                 match w.ledger.accept(&resp.assignments) {
                     Ok(refused) if !refused.is_empty() => {
@@ -352,9 +359,12 @@ async fn reconcile_once(w: &Arc<Worker>) {
     let containers = match w.runtime.list(&filter).await {
         Ok(c) => {
             w.engine_ok.store(true, Ordering::Relaxed);
+            w.cfg.vitals.engine(true);
+            w.cfg.vitals.containers(c.iter().map(|c| &c.state));
             c
         }
         Err(e) => {
+            w.cfg.vitals.engine(false);
             // An engine we cannot ask is not a dead task: report nothing, retry.
             if w.engine_ok.swap(false, Ordering::Relaxed) {
                 tracing::warn!(error = %e, "container engine unavailable; tasks left as they are");

@@ -156,3 +156,18 @@ impl Drop for NodeContainers {
         }
     }
 }
+
+/// Every task, walking the pages of `GET {api}/v1/tasks` by their `next` cursor;
+/// `None` on any failure.
+pub async fn all_tasks(client: &reqwest::Client, api: &str) -> Option<Vec<serde_json::Value>> {
+    let mut out = Vec::new();
+    let mut url = format!("{api}/v1/tasks?limit=2000");
+    loop {
+        let page = get_json(client, &url).await?;
+        out.extend(page["tasks"].as_array()?.iter().cloned());
+        match page["next"].as_str() {
+            Some(next) => url = format!("{api}/v1/tasks?limit=2000&after={next}"),
+            None => return Some(out),
+        }
+    }
+}

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tokio::io::AsyncBufReadExt;
 
-use crate::common::{eventually, holdfast_bin, http, require_docker};
+use crate::common::{eventually, holdfast_bin, require_docker};
 
 /// Port of the API inside a manager container (published on loopback).
 const API_PORT: u16 = 7700;
@@ -256,6 +256,9 @@ pub struct Cluster {
     api: Mutex<Vec<Option<String>>>,
     /// The manager index that answered last, tried first next time.
     preferred: Mutex<usize>,
+    /// HTTPS client (managers bind 0.0.0.0, so their API is HTTPS) trusting every
+    /// manager's own certificate and carrying the admin token of `m1`.
+    client: OnceLock<reqwest::Client>,
 }
 
 impl Cluster {
@@ -282,6 +285,7 @@ impl Cluster {
             workers: ws.clone(),
             api: Mutex::new(vec![None; managers]),
             preferred: Mutex::new(0),
+            client: OnceLock::new(),
         };
         let seed = format!("{}:{CLUSTER_PORT}", ms[0].ip);
         for (i, m) in ms.iter().enumerate() {
@@ -304,6 +308,7 @@ impl Cluster {
             cluster.run_node(&image, m, &["-p", &format!("127.0.0.1::{API_PORT}")], &args).await;
             cluster.refresh_api(i).await;
         }
+        cluster.login().await;
         let joins = ms.iter().map(|m| format!("{}:{CLUSTER_PORT}", m.ip)).collect::<Vec<_>>().join(",");
         for w in &ws {
             let args = [
@@ -352,6 +357,42 @@ impl Cluster {
         docker_ok(&cmd).await;
     }
 
+    /// Copies `path` out of `container` (it may not exist yet: polled for 30 s).
+    async fn copy_out(container: &str, path: &str) -> Vec<u8> {
+        let dir = std::env::temp_dir().join(format!("hf-mh-copy-{}-{container}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let file = dir.join(path.rsplit('/').next().unwrap_or("file"));
+        let got = eventually(Duration::from_secs(30), &format!("{path} in {container}"), || {
+            let src = format!("{container}:{path}");
+            let file = file.clone();
+            async move {
+                docker(&["cp", &src, file.to_str()?]).await.ok()?;
+                std::fs::read(&file).ok().filter(|b| !b.is_empty())
+            }
+        })
+        .await;
+        let _ = std::fs::remove_dir_all(&dir);
+        got
+    }
+
+    /// Builds the API client: every manager's certificate as a root, `m1`'s admin token.
+    async fn login(&self) {
+        let token = Self::copy_out(&self.managers[0].container, "/data/admin.token").await;
+        let token = String::from_utf8_lossy(&token).trim().to_string();
+        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(10)).tls_built_in_root_certs(false);
+        for m in &self.managers {
+            let pem = Self::copy_out(&m.container, "/data/api-cert.pem").await;
+            builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("PEM certificate"));
+        }
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {token}").parse().expect("header"));
+        let _ = self.client.set(builder.default_headers(headers).build().expect("client"));
+    }
+
+    fn http(&self) -> &reqwest::Client {
+        self.client.get().expect("logged in at start")
+    }
+
     /// Reads manager `i`'s published API port (after a start it changes).
     async fn refresh_api(&self, i: usize) {
         let out = docker(&["port", &self.managers[i].container, &format!("{API_PORT}/tcp")]).await.ok();
@@ -371,7 +412,7 @@ impl Cluster {
         for k in 0..addrs.len() {
             let i = (first + k) % addrs.len();
             let Some(a) = &addrs[i] else { continue };
-            let resp = http().get(format!("http://{a}{path}")).timeout(Duration::from_secs(5)).send().await;
+            let resp = self.http().get(format!("https://{a}{path}")).timeout(Duration::from_secs(5)).send().await;
             if let Ok(r) = resp {
                 if r.status().is_success() {
                     if let Ok(v) = r.json().await {
@@ -390,7 +431,7 @@ impl Cluster {
         let leader = self.get("/v1/cluster").await?["leader"]["id"].as_str()?.to_string();
         let i = self.managers.iter().position(|m| m.id == leader)?;
         let addr = self.api.lock().unwrap()[i].clone()?;
-        let r = http().get(format!("http://{addr}{path}")).timeout(Duration::from_secs(5)).send().await.ok()?;
+        let r = self.http().get(format!("https://{addr}{path}")).timeout(Duration::from_secs(5)).send().await.ok()?;
         if !r.status().is_success() {
             return None;
         }
@@ -403,7 +444,7 @@ impl Cluster {
         let last = Mutex::new(String::new());
         let got = eventually(Duration::from_secs(30), "a manager accepts the task", || async {
             for a in self.api_addrs() {
-                match http().post(format!("http://{a}/v1/tasks")).json(&spec).send().await {
+                match self.http().post(format!("https://{a}/v1/tasks")).json(&spec).send().await {
                     Ok(r) if r.status().as_u16() == 201 => {
                         let v: Value = r.json().await.ok()?;
                         return v["id"].as_str().map(String::from);

@@ -27,8 +27,46 @@ pub fn handle() -> &'static PrometheusHandle {
         // Fails only if another recorder was installed first (e.g. two managers in one
         // test process); the handle still renders this one's view.
         let _ = metrics::set_global_recorder(recorder);
+        // After installing: descriptions go to the global recorder.
+        describe();
         handle
     })
+}
+
+/// `# HELP` text for every metric recorded through the `metrics` facade.
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_histogram!("holdfast_api_request_duration_seconds", "API request latency by method, route and status.");
+    describe_histogram!("holdfast_sync_duration_seconds", "Worker sync requests served by this manager, by outcome.");
+    describe_histogram!("holdfast_worker_sync_seconds", "Round trip of this worker's successful syncs.");
+    describe_gauge!("holdfast_raft_term", "Current Raft term.");
+    describe_gauge!("holdfast_raft_commit_index", "Highest log index known committed (applied here).");
+    describe_gauge!("holdfast_raft_last_applied", "Last log index applied to the state database.");
+    describe_gauge!("holdfast_raft_last_log_index", "Last log index on this member.");
+    describe_gauge!("holdfast_raft_is_leader", "1 while this member leads.");
+    describe_gauge!("holdfast_raft_members", "Members in the Raft membership.");
+    describe_gauge!("holdfast_placements", "Placements by observed and desired state.");
+    describe_gauge!("holdfast_nodes", "Worker nodes by status and draining.");
+    describe_gauge!("holdfast_nodes_heard_within_ttl", "Nodes heard from within the heartbeat TTL.");
+    describe_gauge!("holdfast_event_sink_queued", "Events queued for the event sink.");
+    describe_gauge!("holdfast_event_sink_spool_bytes", "Size of the event sink's spool file.");
+    for c in ["delivered", "spooled", "dropped", "failed_deliveries"] {
+        describe_counter!(format!("holdfast_event_sink_{c}_total"), format!("Event sink: events {c}."));
+    }
+}
+
+/// Label sets written at the previous scrape, per gauge family, so a group that
+/// disappears from the database is written as 0 instead of keeping its last value.
+fn zero_missing(family: &'static str, now: &std::collections::BTreeSet<Vec<(&'static str, String)>>) {
+    type Seen = std::collections::BTreeMap<&'static str, std::collections::BTreeSet<Vec<(&'static str, String)>>>;
+    static SEEN: std::sync::Mutex<Seen> = std::sync::Mutex::new(std::collections::BTreeMap::new());
+    let mut seen = lock(&SEEN);
+    let before = seen.entry(family).or_default();
+    for gone in before.difference(now) {
+        let labels: Vec<metrics::Label> = gone.iter().map(|(k, v)| metrics::Label::new(*k, v.clone())).collect();
+        metrics::gauge!(family, labels).set(0.0);
+    }
+    before.extend(now.iter().cloned());
 }
 
 /// Records `holdfast_api_request_duration_seconds{method,route,status}`.
@@ -45,6 +83,14 @@ pub async fn track(req: Request, next: Next) -> Response {
 
 /// The scrape endpoint.
 pub async fn endpoint(State(m): State<Arc<Manager>>) -> Result<Response, ApiError> {
+    let mut body = render(&m).await?;
+    m.resilience.snapshot().write_prometheus(&mut body);
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())
+}
+
+/// The manager's figures and everything recorded through the `metrics` facade in this
+/// process, as Prometheus text (breakers and bulkheads are not included).
+pub async fn render(m: &Manager) -> Result<String, ApiError> {
     let h = handle();
     let s = m.db.status();
     metrics::gauge!("holdfast_raft_term").set(s.term as f64);
@@ -66,15 +112,19 @@ pub async fn endpoint(State(m): State<Arc<Manager>>) -> Result<Response, ApiErro
             Ok((placements, nodes))
         })
         .await?;
+    let mut groups = std::collections::BTreeSet::new();
     for (observed, desired, count) in placements {
+        groups.insert(vec![("observed", observed.clone()), ("desired", desired.clone())]);
         metrics::gauge!("holdfast_placements", "observed" => observed, "desired" => desired).set(count as f64);
     }
+    zero_missing("holdfast_placements", &groups);
+    let mut groups = std::collections::BTreeSet::new();
     for (status, draining, count) in nodes {
+        groups.insert(vec![("status", status.clone()), ("draining", draining.to_string())]);
         metrics::gauge!("holdfast_nodes", "status" => status, "draining" => draining.to_string()).set(count as f64);
     }
+    zero_missing("holdfast_nodes", &groups);
     let heard = lock(&m.liveness).values().filter(|l| l.last_seen.elapsed() < m.settings.heartbeat_ttl).count();
     metrics::gauge!("holdfast_nodes_heard_within_ttl").set(heard as f64);
-    let mut body = h.render();
-    m.resilience.snapshot().write_prometheus(&mut body);
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())
+    Ok(h.render())
 }

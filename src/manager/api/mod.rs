@@ -25,6 +25,7 @@ pub mod events;
 pub mod limits;
 pub mod metrics;
 mod snapshot;
+pub mod tls;
 pub mod tokens;
 pub mod ui;
 pub use error::ApiError;
@@ -202,15 +203,106 @@ async fn submit_task(
     Ok(resp)
 }
 
+/// Page sizes of `GET /v1/tasks` (README, "API").
+pub const TASK_PAGE_DEFAULT: usize = 500;
+/// Largest `limit` accepted.
+pub const TASK_PAGE_MAX: usize = 2_000;
+
+/// Query of `GET /v1/tasks`; every value arrives as text so a bad one is named.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TaskListQuery {
+    limit: Option<String>,
+    after: Option<String>,
+    state: Option<String>,
+    node: Option<String>,
+    name: Option<String>,
+}
+
+/// Derived task states a `state=` filter may name.
+const TASK_STATES: [&str; 9] =
+    ["pending", "starting", "running", "restarting", "completed", "failed", "stopping", "stopped", "unknown"];
+
+impl TaskListQuery {
+    fn filter(self) -> Result<query::TaskFilter, ApiError> {
+        let bad = |field: &str, msg: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid", msg).field(field);
+        let limit = match self.limit.as_deref() {
+            None => TASK_PAGE_DEFAULT,
+            Some(l) => match l.parse::<usize>() {
+                Ok(n) if (1..=TASK_PAGE_MAX).contains(&n) => n,
+                _ => {
+                    return Err(bad(
+                        "limit",
+                        format!("limit must be a whole number from 1 to {TASK_PAGE_MAX}, got {l:?}"),
+                    ))
+                }
+            },
+        };
+        let after =
+            match self.after.as_deref() {
+                None | Some("") => None,
+                Some(a) => Some(a.parse::<u64>().map_err(|_| {
+                    bad("after", format!("after must be the `next` cursor of a previous page, got {a:?}"))
+                })?),
+            };
+        if let Some(s) = self.state.as_deref() {
+            if !TASK_STATES.contains(&s) {
+                return Err(bad("state", format!("state must be one of {TASK_STATES:?}, got {s:?}")));
+            }
+        }
+        for (field, v) in [("node", &self.node), ("name", &self.name)] {
+            if v.as_ref().is_some_and(|v| v.is_empty() || v.len() > 253) {
+                return Err(bad(field, format!("{field} must be 1 to 253 characters")));
+            }
+        }
+        Ok(query::TaskFilter { limit, after, state: self.state, node: self.node, name: self.name })
+    }
+}
+
+/// The `next` link of a task page: the same filters, the new cursor.
+fn next_link(f: &query::TaskFilter, next: u64) -> String {
+    let mut q = vec![format!("limit={}", f.limit), format!("after={next}")];
+    for (k, v) in [("state", &f.state), ("node", &f.node), ("name", &f.name)] {
+        if let Some(v) = v {
+            let enc: String = v
+                .bytes()
+                .map(|b| match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+                    _ => format!("%{b:02X}"),
+                })
+                .collect();
+            q.push(format!("{k}={enc}"));
+        }
+    }
+    format!("/v1/tasks?{}", q.join("&"))
+}
+
 async fn list_tasks(
     State(m): State<Arc<Manager>>,
     caller: Option<axum::Extension<auth::Caller>>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let mut tasks = m.db.read(query::list_tasks).await?;
+    q: Result<Query<TaskListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            format!("{}; known parameters: limit, after, state, node, name", e.body_text()),
+        )
+    })?;
+    let filter = q.filter()?;
+    let f = filter.clone();
+    let mut page = m.db.read(move |c| query::list_tasks(c, &f)).await?;
     if !sees_env(caller.as_ref()) {
-        tasks.iter_mut().for_each(redact);
+        page.tasks.iter_mut().for_each(redact);
     }
-    Ok(Json(serde_json::json!({ "tasks": tasks })))
+    let next = page.next.map(|n| n.to_string());
+    let mut resp = Json(serde_json::json!({ "tasks": page.tasks, "next": next })).into_response();
+    if let Some(n) = page.next {
+        if let Ok(v) = axum::http::HeaderValue::from_str(&format!("<{}>; rel=\"next\"", next_link(&filter, n))) {
+            resp.headers_mut().insert(axum::http::header::LINK, v);
+        }
+    }
+    Ok(resp)
 }
 
 fn check_id(id: &str) -> Result<(), ApiError> {
@@ -488,6 +580,7 @@ async fn cluster(State(m): State<Arc<Manager>>) -> Json<serde_json::Value> {
             "id": mm.member.name,
             "api": mm.member.api_addr,
             "cluster": mm.member.cluster_addr,
+            "version": (!mm.member.version.is_empty()).then_some(&mm.member.version),
             "voter": mm.voter,
             "role": if mm.voter { "voter" } else { "learner" },
             "last_applied": mm.matched,
@@ -622,6 +715,9 @@ impl From<DbError> for ApiError {
             ),
             DbError::Network { .. } => ApiError::unavailable(e.to_string(), None),
             DbError::Membership(_) => ApiError::new(StatusCode::CONFLICT, "membership", e.to_string()),
+            DbError::StorageFull(_) => {
+                ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage", e.to_string())
+            }
             DbError::DataDir { .. } | DbError::Storage(_) => ApiError::internal(e.to_string()),
         }
     }

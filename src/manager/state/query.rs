@@ -178,21 +178,94 @@ fn finish(task: &mut TaskView, pending_reason: Option<String>) {
 
 const TASK_COLS: &str = "id, name, spec, desired, pending_reason, created_ms, updated_ms";
 
-/// Every task, newest first, with placements (no history).
-pub fn list_tasks(conn: &Connection) -> rusqlite::Result<Vec<TaskView>> {
-    let mut stmt = conn.prepare(&format!("SELECT {TASK_COLS} FROM tasks ORDER BY created_index DESC"))?;
-    let mut tasks: Vec<(TaskView, Option<String>)> = stmt.query_map([], build_task)?.collect::<Result<_, _>>()?;
-    let mut by_task: BTreeMap<String, Vec<PlacementView>> = BTreeMap::new();
-    let mut stmt = conn.prepare(&format!("SELECT {PLACEMENT_COLS} FROM {PLACEMENT_FROM}"))?;
-    for row in stmt.query_map([], placement_row)? {
-        let (task_id, p) = row?;
-        by_task.entry(task_id).or_default().push(p);
+/// Which tasks a list page holds (`GET /v1/tasks?limit=&after=&state=&node=&name=`).
+#[derive(Clone, Debug, Default)]
+pub struct TaskFilter {
+    /// Most tasks on the page.
+    pub limit: usize,
+    /// Only tasks created before this cursor (the `created_index` of the last task of
+    /// the previous page); newest first, so tasks added meanwhile never shift a walk.
+    pub after: Option<u64>,
+    /// Only tasks in this derived state (`pending`, `running`, ...).
+    pub state: Option<String>,
+    /// Only tasks with a placement on this node.
+    pub node: Option<String>,
+    /// Only tasks with exactly this name.
+    pub name: Option<String>,
+}
+
+/// One page of tasks and the cursor of the next page (`None` at the end).
+#[derive(Debug)]
+pub struct TaskPage {
+    /// The tasks, newest first, with placements (no history).
+    pub tasks: Vec<TaskView>,
+    /// Where the next page starts.
+    pub next: Option<u64>,
+}
+
+/// Most task rows one page request examines. A state filter is applied after the
+/// state is derived, so a rare state can need many rows; past this the page ends
+/// early (possibly empty) with a cursor and the client continues, instead of one
+/// request scanning every task. A page is complete only when `next` is null.
+const MAX_SCAN: usize = 2_000;
+
+/// One page of tasks, newest first, with placements (no history). Reads task rows
+/// from the cursor on in index order, so the cost follows the page, not the table.
+pub fn list_tasks(conn: &Connection, f: &TaskFilter) -> rusqlite::Result<TaskPage> {
+    let limit = f.limit.max(1);
+    let mut sql = format!("SELECT {TASK_COLS}, created_index FROM tasks t WHERE created_index < ?1");
+    if f.name.is_some() {
+        sql.push_str(" AND name = ?2");
     }
-    for (task, reason) in &mut tasks {
-        task.placements = by_task.remove(&task.id).unwrap_or_default();
-        finish(task, reason.take());
+    if f.node.is_some() {
+        sql.push_str(" AND EXISTS (SELECT 1 FROM placements p WHERE p.task_id = t.id AND p.node = ?3)");
     }
-    Ok(tasks.into_iter().map(|(t, _)| t).collect())
+    sql.push_str(" ORDER BY created_index DESC LIMIT ?4");
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let mut placements =
+        conn.prepare_cached(&format!("SELECT {PLACEMENT_COLS} FROM {PLACEMENT_FROM} WHERE p.task_id = ?1"))?;
+    let mut cursor = f.after.map_or(i64::MAX, |a| i64::try_from(a).unwrap_or(i64::MAX));
+    let mut tasks = Vec::new();
+    let mut scanned = 0usize;
+    // With no state filter one batch of `limit + 1` rows decides the page; with one,
+    // batches continue until the page is full, the table ends, or MAX_SCAN is reached.
+    let batch = if f.state.is_some() { (limit * 2).clamp(64, 1_000) } else { limit + 1 };
+    loop {
+        let rows: Vec<((TaskView, Option<String>), i64)> = stmt
+            .query_map(
+                rusqlite::params![
+                    cursor,
+                    f.name.as_deref().unwrap_or(""),
+                    f.node.as_deref().unwrap_or(""),
+                    batch as i64
+                ],
+                |r| Ok((build_task(r)?, r.get::<_, i64>(7)?)),
+            )?
+            .collect::<Result<_, _>>()?;
+        let exhausted = rows.len() < batch;
+        for ((mut task, reason), index) in rows {
+            if tasks.len() == limit {
+                // A further matching row may exist: the page ends at the last one taken.
+                return Ok(TaskPage { next: Some(cursor as u64), tasks });
+            }
+            scanned += 1;
+            task.placements = placements
+                .query_map([&task.id], placement_row)?
+                .map(|r| r.map(|(_, p)| p))
+                .collect::<Result<_, _>>()?;
+            finish(&mut task, reason);
+            cursor = index;
+            if f.state.as_deref().is_none_or(|s| s == task.state) {
+                tasks.push(task);
+            }
+        }
+        if exhausted {
+            return Ok(TaskPage { tasks, next: None });
+        }
+        if tasks.len() == limit || scanned >= MAX_SCAN {
+            return Ok(TaskPage { next: Some(cursor as u64), tasks });
+        }
+    }
 }
 
 /// One task with placements and their history.
