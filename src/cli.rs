@@ -286,7 +286,7 @@ pub struct DevArgs {
     /// Data directory.
     #[arg(long, env = "HOLDFAST_DATA_DIR", default_value = "./holdfast-data")]
     pub data_dir: PathBuf,
-    /// API + UI listen address.
+    /// Listen address of the HTTP API and the web UI (the UI is served at `/`).
     #[arg(long, env = "HOLDFAST_API", default_value = "127.0.0.1:7700")]
     pub api: String,
     /// Cluster listen address.
@@ -323,7 +323,7 @@ pub struct AgentArgs {
     /// Data directory.
     #[arg(long, env = "HOLDFAST_DATA_DIR", default_value = "/var/lib/holdfast")]
     pub data_dir: PathBuf,
-    /// API + UI listen address (managers).
+    /// Listen address of the HTTP API and the web UI, served at `/` (managers).
     #[arg(long, env = "HOLDFAST_API", default_value = "127.0.0.1:7700")]
     pub api: String,
     /// Cluster (Raft + worker sync) listen address (managers).

@@ -27,6 +27,7 @@ pub mod metrics;
 mod snapshot;
 pub mod tls;
 pub mod tokens;
+pub mod ui;
 pub use error::ApiError;
 
 /// Routes of the public API and the probes.
@@ -51,6 +52,7 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .route("/metrics", get(metrics::endpoint))
+        .merge(ui::router())
         .fallback(not_found)
         .layer(axum::middleware::from_fn(metrics::track))
         .layer(DefaultBodyLimit::max(MAX_SPEC_BYTES))
