@@ -267,13 +267,26 @@ pub struct ServiceArgs {
     /// (`info,openraft=warn`). Default: `HOLDFAST_LOG`, else `info,openraft=warn`.
     #[arg(long, env = "HOLDFAST_LOG_LEVEL")]
     pub log_level: Option<String>,
-    /// Serve `/metrics`, `/health/live` and `/health/ready` on this address too (any
-    /// role; the only metrics endpoint of a worker-only process).
+    /// Serve `/metrics`, `/health/live` and `/health/ready` on this loopback address
+    /// too (any role; the only metrics endpoint of a worker-only process). It has no
+    /// authentication, so a non-loopback address is refused.
     #[arg(long, env = "HOLDFAST_METRICS")]
     pub metrics: Option<String>,
 }
 
 impl ServiceArgs {
+    /// Checks what clap cannot: `--metrics` serves without a token, so it must stay on
+    /// loopback (secure by default; managers serve `/metrics` on the API with a token).
+    pub fn validate(&self) -> Result<(), String> {
+        match &self.metrics {
+            Some(a) if !crate::manager::api::tls::is_loopback(a) => Err(format!(
+                "--metrics {a}: the metrics port has no authentication, so it listens on loopback only \
+                 (e.g. 127.0.0.1:9700); scrape a manager remotely through the API's /metrics with a reader token"
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// The node's service options.
     pub fn options(&self) -> crate::service::ServiceOptions {
         crate::service::ServiceOptions { metrics: self.metrics.clone() }

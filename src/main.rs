@@ -38,6 +38,15 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    let service = match &cli.command {
+        Command::Dev(a) => Some(&a.service),
+        Command::Agent(a) => Some(&a.service),
+        _ => None,
+    };
+    if let Some(Err(e)) = service.map(|s| s.validate()) {
+        eprintln!("holdfast: {e}");
+        return std::process::ExitCode::from(EXIT_CONFIG);
+    }
     if let Command::Agent(a) = &cli.command {
         if let Err(e) = a.to_config() {
             eprintln!("holdfast: {e}");

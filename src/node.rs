@@ -244,6 +244,10 @@ pub async fn run_service(
     }
 
     if let Some(addr) = &options.metrics {
+        // No authentication on this port: loopback only (ARCHITECTURE.md "Running as a service").
+        if !crate::manager::api::tls::is_loopback(addr) {
+            return Err(NodeError::Io(std::io::Error::other(format!("--metrics {addr}: loopback addresses only"))));
+        }
         let listener = crate::net::bind(addr, "metrics").await?;
         let router = crate::service::metrics_router(metrics_manager, watched.clone(), resilience.clone());
         tasks.push(crate::net::serve(listener, router, stop_tx.subscribe()));

@@ -157,7 +157,12 @@ fn dev_notifies_ready_after_the_api_answers_then_watchdog_then_stopping() {
     assert!(status.contains("engine ok"), "{status}");
 
     // /v1/cluster names each member's version (version, commit, build date).
-    let cluster: serde_json::Value = serde_json::from_str(&get_text(&format!("http://{api_addr}/v1/cluster"))).unwrap();
+    let token = std::fs::read_to_string(data.join("admin.token")).expect("dev writes admin.token");
+    let cluster = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+        let r = http().get(format!("http://{api_addr}/v1/cluster")).bearer_auth(token.trim()).send().await.unwrap();
+        assert!(r.status().is_success(), "/v1/cluster: {}", r.status());
+        r.json::<serde_json::Value>().await.unwrap()
+    });
     assert_eq!(cluster["members"][0]["version"], holdfast::cli::LONG_VERSION, "{cluster}");
 
     // One scrape of the metrics port covers manager, worker and breakers, with HELP.
@@ -284,6 +289,9 @@ fn configuration_errors_exit_with_ex_config() {
     std::fs::write(&file, "node-id = \"w\"\nwokrer = true\n").unwrap();
     assert_eq!(code(&["agent", "--config", file.to_str().unwrap()]), want);
     assert_eq!(code(&["agent", "--node-id", "w", "--worker", "--join", "x:1", "--log-level", "info,=="]), want);
+    // The metrics port has no authentication: loopback only.
+    let metrics = ["agent", "--node-id", "w", "--worker", "--join", "x:1", "--metrics", "0.0.0.0:9700"];
+    assert_eq!(code(&metrics), want);
     assert_eq!(code(&["--version"]), Some(0));
 }
 
