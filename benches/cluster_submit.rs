@@ -257,9 +257,20 @@ async fn run() {
         })
         .collect();
     let seed = ms[0].cluster.clone();
+    let token_file = ms[0].data.join("join-manager.token");
+    let token_arg = token_file.to_str().expect("utf-8 path").to_string();
     for (i, m) in ms.iter_mut().enumerate() {
         let log = dir.path().join(format!("m{}.log", i + 1));
-        let extra: Vec<&str> = if i == 0 { vec!["--bootstrap"] } else { vec!["--join", &seed] };
+        // Mutual TLS on the cluster port: the others join with the first one's token.
+        let extra: Vec<&str> =
+            if i == 0 { vec!["--bootstrap"] } else { vec!["--join", &seed, "--token-file", &token_arg] };
+        if i == 1 {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !token_file.exists() {
+                assert!(Instant::now() < deadline, "the first manager wrote no join token");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         spawn(&bin, m, &extra, &log);
     }
     let token_file = ms[0].data.join("admin.token");

@@ -66,11 +66,19 @@ fn now_ms() -> u64 {
     holdfast::manager::now_ms()
 }
 
+fn bench_key() -> std::sync::Arc<rustls::sign::CertifiedKey> {
+    let ca = holdfast::net::pki::Ca::generate().expect("CA");
+    let (cert, key) = ca.issue("bench", holdfast::net::pki::Role::Manager, Duration::from_secs(3600)).expect("leaf");
+    holdfast::net::tls::certified_key(&cert, &key, &ca.cert_pem).expect("key")
+}
+
 async fn committed(nodes: usize, tasks: usize) {
     let dir = tempfile::tempdir().unwrap();
     let (domain, applied) = DomainState::new();
     let events = domain.events();
-    let cfg = holdfast_raft::Config::new("bench", dir.path().join("m"), "127.0.0.1:1", "127.0.0.1:2");
+    // A one-member cluster never dials a peer; its TLS client is never used.
+    let tls = holdfast::net::tls::client_config(&[], holdfast::net::tls::CertResolver::new(bench_key())).expect("tls");
+    let cfg = holdfast_raft::Config::new("bench", dir.path().join("m"), "127.0.0.1:1", "127.0.0.1:2", tls);
     let db = holdfast_raft::ReplicatedDb::open(cfg, domain).await.expect("open");
     db.bootstrap().await.expect("bootstrap");
     let settings = ManagerSettings { heartbeat_ttl: Duration::from_secs(3600), ..Default::default() };

@@ -39,7 +39,7 @@ pub enum Command {
     /// Manager + worker in one process, single-node cluster: first runs, demos, CI.
     Dev(DevArgs),
     /// A cluster node: manager, worker, or both.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// The reference echo task: POST / answers with the same body.
     Echo(EchoArgs),
     /// Local images.
@@ -137,6 +137,23 @@ pub enum TokenCommand {
         /// Token id.
         id: String,
     },
+    /// Print the join token of a role (from the first manager's data dir,
+    /// `--data-dir`), or with `--rotate` make a new one through the API (older ones of
+    /// the role stop working; nodes already joined keep theirs).
+    Join {
+        /// `worker` or `manager`.
+        #[arg(long, value_parser = parse_role)]
+        role: crate::net::pki::Role,
+        /// Make a new token instead of printing the current one.
+        #[arg(long)]
+        rotate: bool,
+        /// With `--rotate`: the token expires after this long (e.g. `1h`).
+        #[arg(long, value_parser = humantime::parse_duration, requires = "rotate")]
+        ttl: Option<std::time::Duration>,
+        /// With `--rotate`: the token admits at most this many nodes.
+        #[arg(long, requires = "rotate")]
+        uses: Option<u64>,
+    },
 }
 
 /// `holdfast cluster ...`
@@ -170,6 +187,22 @@ pub enum SnapshotCommand {
         #[arg(long)]
         node_id: String,
     },
+}
+
+fn parse_role(s: &str) -> Result<crate::net::pki::Role, String> {
+    crate::net::pki::Role::parse(s).ok_or_else(|| format!("role {s:?} must be worker or manager"))
+}
+
+/// Life and grace of cluster certificates (`agent` and `dev`).
+#[derive(Args, Debug, Clone)]
+pub struct CertArgs {
+    /// Life of the cluster-port certificates this manager signs (a manager setting:
+    /// the signer decides); nodes renew at two thirds of it, over the running connection.
+    #[arg(long, env = "HOLDFAST_CERT_LIFETIME", value_parser = humantime::parse_duration, default_value = "30d")]
+    pub cert_lifetime: std::time::Duration,
+    /// How long after expiry a node that was cut off may still renew by itself.
+    #[arg(long, env = "HOLDFAST_CERT_GRACE", value_parser = humantime::parse_duration, default_value = "90d")]
+    pub cert_grace: std::time::Duration,
 }
 
 /// `holdfast image ...`
@@ -270,6 +303,9 @@ pub struct DevArgs {
     /// Config file, logs and metrics.
     #[command(flatten)]
     pub service: ServiceArgs,
+    /// Certificate life and grace.
+    #[command(flatten)]
+    pub certs: CertArgs,
 }
 
 /// `holdfast agent` flags (the public contract, DESIGN.md §8).
@@ -322,10 +358,18 @@ pub struct AgentArgs {
     /// Silence after which a manager marks a worker `disconnected` (managers).
     #[arg(long, env = "HOLDFAST_HEARTBEAT_TTL", value_parser = humantime::parse_duration, default_value = "5s")]
     pub heartbeat_ttl: std::time::Duration,
-    /// Cluster join token file. Read and checked at startup; cluster authentication
-    /// with it arrives with mutual TLS and is not enforced yet.
+    /// File holding a join token (`HFTKN-1-...`), for a node that has no cluster
+    /// certificate yet; written by the first manager as `join-worker.token` and
+    /// `join-manager.token` in its data dir.
     #[arg(long, env = "HOLDFAST_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// A join token given inline (prefer `--token-file`: command lines are visible;
+    /// `--token-file` wins when both are given).
+    #[arg(long, env = "HOLDFAST_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Certificate life and grace.
+    #[command(flatten)]
+    pub certs: CertArgs,
     /// Forward domain events to an `http://` URL (POST JSON batches) or a file path
     /// (append JSON lines) while this manager leads (managers); spooled under the data dir while
     /// the sink is down.
@@ -428,6 +472,11 @@ impl DevArgs {
                 labels: BTreeMap::new(),
                 resources_override: None,
             }),
+            trust: crate::config::TrustSettings {
+                token: None,
+                cert_lifetime: self.certs.cert_lifetime,
+                cert_grace: self.certs.cert_grace,
+            },
         }
     }
 }
@@ -447,8 +496,16 @@ impl AgentArgs {
                 self.heartbeat_ttl, self.lease
             ));
         }
-        if let Some(tf) = &self.token_file {
-            std::fs::read_to_string(tf).map_err(|e| format!("--token-file {}: {e}", tf.display()))?;
+        let token = match (&self.token_file, &self.token) {
+            (Some(tf), _) => {
+                let text = std::fs::read_to_string(tf).map_err(|e| format!("--token-file {}: {e}", tf.display()))?;
+                Some(text.trim().to_string())
+            }
+            (None, Some(t)) => Some(t.trim().to_string()),
+            (None, None) => None,
+        };
+        if let Some(t) = &token {
+            crate::net::pki::JoinToken::parse(t).map_err(|e| e.to_string())?;
         }
         let adv_host = self.advertise.as_deref().map(host_of);
         let advertise_cluster = match &self.advertise {
@@ -506,6 +563,11 @@ impl AgentArgs {
         } else {
             None
         };
-        Ok(Config { node_id: self.node_id.clone(), data_dir: self.data_dir.clone(), manager, worker })
+        let trust = crate::config::TrustSettings {
+            token,
+            cert_lifetime: self.certs.cert_lifetime,
+            cert_grace: self.certs.cert_grace,
+        };
+        Ok(Config { node_id: self.node_id.clone(), data_dir: self.data_dir.clone(), manager, worker, trust })
     }
 }

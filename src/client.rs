@@ -12,6 +12,8 @@ pub struct Api {
     base: String,
     http: reqwest::Client,
     token: String,
+    /// The local data dir (`--data-dir`), where join token files live.
+    data_dir: std::path::PathBuf,
 }
 
 impl Api {
@@ -55,7 +57,12 @@ impl Api {
                 .with_context(|| format!("{} is not a PEM certificate", ca.display()))?;
             builder = builder.tls_built_in_root_certs(false).add_root_certificate(cert);
         }
-        Ok(Api { base: base.trim_end_matches('/').to_string(), http: builder.build()?, token })
+        Ok(Api {
+            base: base.trim_end_matches('/').to_string(),
+            http: builder.build()?,
+            token,
+            data_dir: auth.data_dir.clone(),
+        })
     }
 
     fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
@@ -108,6 +115,39 @@ impl Api {
         }
     }
 
+    /// `holdfast token join --role R --rotate`: makes a new join token through the API
+    /// (older ones of the role stop working) and updates `join-<role>.token` in the
+    /// data dir when that file exists.
+    async fn rotate_join_token(
+        &self,
+        role: crate::net::pki::Role,
+        ttl: Option<Duration>,
+        uses: Option<u64>,
+    ) -> anyhow::Result<()> {
+        let body = serde_json::json!({
+            "role": role, "ttl_ms": ttl.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)), "uses": uses,
+        });
+        let resp = self
+            .req(reqwest::Method::POST, "/v1/cluster/join-tokens")
+            .json(&body)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the holdfast API at {}", self.base))?;
+        let status = resp.status();
+        let v: serde_json::Value = resp.json().await.context("unreadable API answer")?;
+        if !status.is_success() {
+            bail!("{status}: {v}");
+        }
+        let token = v["token"].as_str().context("no token in the answer")?.to_string();
+        let path = self.data_dir.join(format!("join-{role}.token"));
+        if path.exists() {
+            crate::net::identity::write_private(&path, &format!("{token}\n"))?;
+            eprintln!("wrote {}", path.display());
+        }
+        println!("{token}");
+        Ok(())
+    }
+
     /// Runs a `holdfast token ...` command.
     pub async fn token(&self, cmd: TokenCommand) -> anyhow::Result<()> {
         use reqwest::Method;
@@ -121,6 +161,7 @@ impl Api {
             }
             TokenCommand::List => self.get("/v1/tokens").await,
             TokenCommand::Revoke { id } => self.call(self.req(Method::DELETE, &format!("/v1/tokens/{id}"))).await,
+            TokenCommand::Join { role, ttl, uses, .. } => self.rotate_join_token(role, ttl, uses).await,
         }
     }
 
@@ -176,8 +217,9 @@ pub fn snapshot_restore(file: &std::path::Path, data_dir: &std::path::Path, node
     let out = std::fs::File::create(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
     let header = crate::backup::read_verified(input, std::io::BufWriter::new(out));
     let restored = header.map_err(anyhow::Error::from).and_then(|h| {
-        let cfg = holdfast_raft::Config::new(node_id, data_dir.join("manager"), "", "");
-        holdfast_raft::restore_snapshot(&scratch, &cfg).map(|r| (h, r)).map_err(anyhow::Error::from)
+        holdfast_raft::restore_snapshot(&scratch, &data_dir.join("manager"), node_id)
+            .map(|r| (h, r))
+            .map_err(anyhow::Error::from)
     });
     let _ = std::fs::remove_file(&scratch);
     let (header, restored) = restored.with_context(|| format!("cannot restore {}", file.display()))?;
@@ -192,5 +234,19 @@ pub fn snapshot_restore(file: &std::path::Path, data_dir: &std::path::Path, node
         data_dir.join("manager").display(),
         data_dir.display()
     );
+    Ok(())
+}
+
+/// `holdfast token join --role R`: prints the role's join token from the data dir of
+/// the first manager (no API call, no API token needed).
+pub fn print_join_token(data_dir: &std::path::Path, role: crate::net::pki::Role) -> anyhow::Result<()> {
+    let path = data_dir.join(format!("join-{role}.token"));
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading {} (run this on the first manager, or pass --data-dir; --rotate makes a new token)",
+            path.display()
+        )
+    })?;
+    println!("{}", text.trim());
     Ok(())
 }

@@ -14,6 +14,41 @@ pub struct Config {
     pub manager: Option<ManagerRole>,
     /// Run the data plane.
     pub worker: Option<WorkerRole>,
+    /// Join token and certificate lifetimes of the cluster port (mutual TLS).
+    pub trust: TrustSettings,
+}
+
+/// Cluster-port trust settings (README "A cluster").
+#[derive(Clone)]
+pub struct TrustSettings {
+    /// Join token (`--token`, `--token-file`, `HOLDFAST_TOKEN`) for a node without a
+    /// certificate.
+    pub token: Option<String>,
+    /// Life of the leaf certificates a manager signs (`--cert-lifetime`).
+    pub cert_lifetime: std::time::Duration,
+    /// How long after expiry a cut-off node may still renew by itself (`--cert-grace`).
+    pub cert_grace: std::time::Duration,
+}
+
+impl Default for TrustSettings {
+    fn default() -> Self {
+        TrustSettings {
+            token: None,
+            cert_lifetime: crate::net::pki::DEFAULT_LEAF_LIFETIME,
+            cert_grace: crate::net::pki::DEFAULT_GRACE,
+        }
+    }
+}
+
+impl std::fmt::Debug for TrustSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token is a secret: never in a log line.
+        f.debug_struct("TrustSettings")
+            .field("token", &self.token.as_ref().map(|_| "<hidden>"))
+            .field("cert_lifetime", &self.cert_lifetime)
+            .field("cert_grace", &self.cert_grace)
+            .finish()
+    }
 }
 
 /// Default `--min-free-mb`: room for SQLite to finish what it started.

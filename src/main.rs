@@ -1,7 +1,9 @@
 //! Thin entry point: parse flags → build a config → run until SIGTERM/SIGINT.
 
 use anyhow::Context;
-use holdfast::cli::{Cli, ClusterCommand, Command, ImageCommand, LogFormat, SnapshotCommand, EXIT_CONFIG};
+use holdfast::cli::{
+    Cli, ClusterCommand, Command, ImageCommand, LogFormat, SnapshotCommand, TokenCommand, EXIT_CONFIG,
+};
 
 fn main() -> std::process::ExitCode {
     // Configuration errors (flags, config file, values) exit with EXIT_CONFIG, which
@@ -58,6 +60,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             // The admin token exists once this single-node cluster has elected itself.
             let token_file = args.data_dir.join(holdfast::manager::api::auth::ADMIN_TOKEN_FILE);
             let api = args.api.clone();
+            let (cluster, data_dir) = (args.cluster.clone(), args.data_dir.clone());
             tokio::spawn(async move {
                 let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
                 while std::time::Instant::now() < deadline {
@@ -67,7 +70,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                             "holdfast dev: API on http://{api} (admin token in {file})\n\
                              Run the echo task:\n  curl -s -H 'Authorization: Bearer {token}' -X POST http://{api}/v1/tasks -d '{{\"image\":\"holdfast/echo:latest\",\"ports\":[{{\"container\":7777}}]}}'\n\
                              Then find its endpoint with: curl -s -H 'Authorization: Bearer {token}' http://{api}/v1/tasks\n\
-                             UI: http://{api}/#token={token}",
+                             UI: http://{api}/#token={token}\n\
+                             Cluster port {cluster}: mutual TLS; join tokens in {data}",
+                            cluster = cluster,
+                            data = data_dir.display(),
                             file = token_file.display()
                         );
                         return;
@@ -117,6 +123,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 holdfast::client::snapshot_restore(&file, &auth.data_dir, &node_id).map(|_| 0)
             }
         },
+        Command::Token { cmd: TokenCommand::Join { role, rotate: false, .. }, auth, .. } => {
+            holdfast::client::print_join_token(&auth.data_dir, role).map(|_| 0)
+        }
         Command::Token { cmd, api_url, auth } => {
             holdfast::client::Api::new(&api_url, &auth)?.token(cmd).await.map(|_| 0)
         }

@@ -9,6 +9,9 @@ use tokio::sync::broadcast;
 
 use crate::config::Config;
 use crate::manager::{self, Manager, ManagerSettings};
+use crate::net::door::Revocations;
+use crate::net::identity::{spawn_renewal, IdentitySettings, NodeTls};
+use crate::net::pki::Role;
 use crate::worker::agent::{self, WorkerConfig};
 use crate::worker::runtime::docker::DockerRuntime;
 use crate::worker::runtime::guarded::GuardedRuntime;
@@ -32,7 +35,13 @@ pub enum NodeError {
     /// Nothing to run.
     #[error("nothing to run: pass --manager, --worker, or both")]
     NoRole,
+    /// The node has no usable cluster certificate and could not get one.
+    #[error(transparent)]
+    Identity(#[from] crate::net::identity::IdentityError),
 }
+
+/// Requests in flight on the cluster port at most (long-polls included); more get 503.
+const CLUSTER_IN_FLIGHT: usize = 4_096;
 
 /// Runs the node until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
@@ -61,6 +70,26 @@ pub async fn run_service(
         return Err(NodeError::NoRole);
     }
     crate::manager::api::auth::private_dir(&config.data_dir)?;
+    tokio::pin!(shutdown);
+    // The node's certificate first: every cluster-port byte is mutual TLS.
+    let identity = IdentitySettings {
+        node: config.node_id.clone(),
+        role: if config.manager.is_some() { Role::Manager } else { Role::Worker },
+        data_dir: config.data_dir.clone(),
+        bootstrap: config.manager.as_ref().is_some_and(|m| m.bootstrap),
+        token: config.trust.token.clone(),
+        seeds: match (&config.manager, &config.worker) {
+            (Some(m), _) if !m.join.is_empty() => m.join.clone(),
+            (_, Some(w)) => w.managers.clone(),
+            _ => Vec::new(),
+        },
+        lifetime: config.trust.cert_lifetime,
+        grace: config.trust.cert_grace,
+    };
+    let (tls, bootstrapped) = tokio::select! {
+        r = NodeTls::establish(&identity) => r?,
+        _ = &mut shutdown => return Ok(()),
+    };
     let (stop_tx, _) = broadcast::channel::<()>(1);
     // One registry of breakers and bulkheads per process, shown by health and metrics.
     let resilience = crate::resilience::Registry::new();
@@ -77,6 +106,7 @@ pub async fn run_service(
             config.data_dir.join("manager"),
             &m.advertise_cluster,
             &m.advertise_api,
+            tls.client_config(),
         );
         rc.op_timeout = Duration::from_secs(5);
         rc.version = crate::cli::LONG_VERSION.to_string();
@@ -94,19 +124,54 @@ pub async fn run_service(
         let mgr = Manager::new(rdb.clone(), applied, settings, resilience.clone(), events);
         let cluster_listener = crate::net::bind(&m.cluster, "cluster traffic").await?;
         let api_listener = crate::net::bind(&m.api, "the API").await?;
-        let cluster_router = rdb.cluster_router().merge(manager::gateway::router(mgr.clone()));
-        tasks.push(crate::net::serve(cluster_listener, cluster_router, stop_tx.subscribe()));
+        let revocations = Revocations::default();
+        let trust = manager::trust::Trust::new(config.trust.cert_lifetime, revocations.clone(), tls.local_ca());
+        // One door in front of every cluster route: Raft, gateway and trust alike.
+        let cluster_router = rdb
+            .cluster_router()
+            .merge(manager::gateway::router(mgr.clone()))
+            .merge(manager::trust::cluster_router(mgr.clone(), trust.clone()))
+            .layer(axum::middleware::from_fn_with_state(
+                Arc::new(tokio::sync::Semaphore::new(CLUSTER_IN_FLIGHT)),
+                crate::net::door::bounded,
+            ))
+            .layer(axum::middleware::from_fn_with_state(revocations.clone(), crate::net::door::check));
+        tasks.push(crate::net::tls::serve(
+            cluster_listener,
+            tls.server_config(),
+            cluster_router,
+            Default::default(),
+            stop_tx.subscribe(),
+        ));
+        // Background loops end on the shutdown broadcast; their end is not the node's.
+        drop(manager::trust::refresh_revocations(mgr.clone(), revocations.clone(), stop_tx.subscribe()));
+        if let Some(boot) = bootstrapped.clone() {
+            drop(manager::trust::seed(mgr.clone(), boot, stop_tx.subscribe()));
+        }
+        // Managers hold the CA: they renew their own certificate locally.
+        let (rm, rt, rtls, lifetime) = (mgr.clone(), trust.clone(), tls.clone(), config.trust.cert_lifetime);
+        let renew = move || {
+            let (m, t, tls) = (rm.clone(), rt.clone(), rtls.clone());
+            async move {
+                let ca = manager::trust::ca(&m, &t).await.ok_or("no CA in replicated state yet")?;
+                tls.renew_with(&ca, lifetime).map_err(|e| e.to_string())
+            }
+        };
+        drop(spawn_renewal(tls.clone(), config.data_dir.clone(), renew, stop_tx.subscribe()));
         // The token check runs inside the limits, so its lookups are bounded too; the
         // stream router gets its own (no route is reached without its role's token).
-        let routes = manager::api::auth::layer(manager::api::router(mgr.clone()), mgr.clone());
+        let api_routes =
+            manager::api::router(mgr.clone()).merge(manager::trust::api_router(mgr.clone(), trust.clone()));
+        let routes = manager::api::auth::layer(api_routes, mgr.clone());
         let streams = manager::api::events::router(mgr.clone(), Default::default(), stop_tx.clone());
         let api = manager::api::limits::apply(routes, Default::default())
             // Merged after the limits: a stream must not be cut by the request timeout;
             // it has its own cap on open streams.
             .merge(manager::api::auth::layer(streams, mgr.clone()));
         // Off loopback the API speaks only HTTPS (ARCHITECTURE.md, "Access").
-        let tls = manager::api::tls::source_for(&m.api, &m.advertise_api, m.api_tls_files.clone(), &config.data_dir);
-        tasks.push(match tls {
+        let api_tls =
+            manager::api::tls::source_for(&m.api, &m.advertise_api, m.api_tls_files.clone(), &config.data_dir);
+        tasks.push(match api_tls {
             Some(source) => {
                 let tls_config =
                     manager::api::tls::server_config(&source).map_err(|e| std::io::Error::other(e.to_string()))?;
@@ -171,6 +236,7 @@ pub async fn run_service(
         wc.labels = wr.labels.clone();
         wc.resources_override = wr.resources_override.clone();
         watched.worker = Some(wc.vitals.clone());
+        wc.tls = Some(tls.clone());
         let rx = stop_tx.subscribe();
         tasks.push(tokio::spawn(async move {
             agent::run(wc, runtime, rx).await.map_err(|e| std::io::Error::other(e.to_string()))
@@ -187,7 +253,7 @@ pub async fn run_service(
     // Either shutdown is asked for, or a role stops on its own (an error).
     let mut tasks = futures::future::select_all(tasks);
     let early = tokio::select! {
-        _ = shutdown => None,
+        _ = &mut shutdown => None,
         (res, _, rest) = &mut tasks => Some((res, rest)),
     };
     crate::service::stopping();

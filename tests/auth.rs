@@ -259,23 +259,23 @@ async fn a_duplicate_id_through_the_forwarding_path_is_a_rejection_and_the_clust
     let dir = tempfile::tempdir().unwrap();
     let mut dbs = Vec::new();
     let mut stops = Vec::new();
+    let (client_tls, server_tls) = manager_tls();
     for i in 1..=3 {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let (domain, _) = DomainState::new();
-        let mut cfg =
-            holdfast_raft::Config::new(&format!("m{i}"), dir.path().join(format!("m{i}")), &addr, "127.0.0.1:9");
+        let mut cfg = holdfast_raft::Config::new(
+            &format!("m{i}"),
+            dir.path().join(format!("m{i}")),
+            &addr,
+            "127.0.0.1:9",
+            client_tls.clone(),
+        );
         cfg.op_timeout = Duration::from_secs(5);
         let db = holdfast_raft::ReplicatedDb::open(cfg, domain).await.unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (tx, rx) = tokio::sync::broadcast::channel::<()>(1);
         let router = db.cluster_router();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.await;
-                })
-                .await;
-        });
+        drop(holdfast::net::tls::serve(listener, server_tls.clone(), router, Default::default(), rx));
         stops.push(tx);
         dbs.push((db, addr));
     }

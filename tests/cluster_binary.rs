@@ -82,8 +82,10 @@ async fn three_managers_survive_leader_kill_and_restart() {
     for m in &mut ms {
         m.client = client.clone();
     }
-    ms[1].start(dir.path(), &["--join", &seed]);
-    ms[2].start(dir.path(), &["--join", &seed]);
+    // The cluster port is mutual TLS: new managers join with the first one's token.
+    let token = join_token(&ms[0].data, "manager");
+    ms[1].start(dir.path(), &["--join", &seed, "--token", &token]);
+    ms[2].start(dir.path(), &["--join", &seed, "--token", &token]);
 
     eventually(Duration::from_secs(30), "three voters", || async {
         let v = cluster_view(&ms[0]).await?;

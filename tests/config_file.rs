@@ -15,7 +15,7 @@ use holdfast::config_file::{parse_from, ParseExit};
 fn agent(args: &[&str]) -> Result<AgentArgs, ParseExit> {
     let argv: Vec<OsString> = ["holdfast", "agent"].iter().chain(args).map(OsString::from).collect();
     match parse_from(argv)?.command {
-        Command::Agent(a) => Ok(a),
+        Command::Agent(a) => Ok(*a),
         other => panic!("parsed as {other:?}"),
     }
 }

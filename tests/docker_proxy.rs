@@ -144,6 +144,7 @@ impl Cluster {
         let config = Config {
             node_id: "m1".into(),
             data_dir: dir.path().join("m1"),
+            trust: Default::default(),
             manager: Some(ManagerRole {
                 lease: Duration::from_secs(20),
                 heartbeat_ttl: Duration::from_secs(2),
@@ -189,6 +190,8 @@ impl Cluster {
         let registry = Registry::new();
         let runtime: Arc<dyn Runtime> = Arc::new(GuardedRuntime::new(Arc::new(docker), &registry, guard));
         let mut wc = WorkerConfig::new(name, self.dir.path().join(name), vec![self.cluster.clone()]);
+        // Mutual TLS on the cluster port: the worker joins with the first manager's token.
+        wc.token = Some(join_token(&self.dir.path().join("m1"), "worker"));
         wc.labels = [("zone".to_string(), zone.to_string())].into();
         wc.sync_wait = Duration::from_millis(500);
         wc.stop_grace = Duration::from_secs(1);

@@ -27,6 +27,7 @@ fn start_manager(dir: &std::path::Path, api: &str, cluster: &str) -> ManagerProc
     let config = Config {
         node_id: "m1".into(),
         data_dir: dir.join("m1"),
+        trust: Default::default(),
         manager: Some(ManagerRole {
             lease: Duration::from_secs(3),
             heartbeat_ttl: Duration::from_secs(1),
@@ -77,6 +78,8 @@ async fn offline_modes_hold_when_the_manager_is_gone() {
     let fake = Arc::new(FakeRuntime::new());
     let runtime: Arc<dyn Runtime> = fake.clone();
     let mut wc = WorkerConfig::new("edge-1", dir.path().join("w"), vec![cluster.clone()]);
+    // Mutual TLS on the cluster port: the worker joins with the first manager's token.
+    wc.token = Some(join_token(&dir.path().join("m1"), "worker"));
     wc.sync_wait = Duration::from_millis(300);
     wc.lease_margin = Duration::from_millis(500);
     wc.resources_override = Some(NodeResources {

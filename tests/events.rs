@@ -59,6 +59,7 @@ impl Cluster {
         let config = Config {
             node_id: "m1".into(),
             data_dir: self.data_dir.clone(),
+            trust: Default::default(),
             manager: Some(ManagerRole {
                 lease: Duration::from_secs(10),
                 heartbeat_ttl: Duration::from_secs(2),
@@ -100,6 +101,8 @@ impl Cluster {
     async fn add_worker(&mut self, name: &str) {
         let runtime: Arc<dyn Runtime> = Arc::new(FakeRuntime::new());
         let mut wc = WorkerConfig::new(name, self.dir.path().join(name), vec![self.cluster.clone()]);
+        // Mutual TLS on the cluster port: the worker joins with the first manager's token.
+        wc.token = Some(join_token(&self.data_dir, "worker"));
         wc.resources_override = Some(NodeResources {
             cpus: 64,
             cpu_millis: 64_000,

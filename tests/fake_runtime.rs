@@ -33,6 +33,7 @@ async fn two_hundred_tasks_reach_running_on_the_fake_runtime() {
     let config = Config {
         node_id: node.clone(),
         data_dir: dir.path().join("data"),
+        trust: Default::default(),
         manager: Some(ManagerRole::bootstrap(&api, &cluster)),
         worker: Some(WorkerRole {
             managers: vec![cluster.clone()],
@@ -146,7 +147,10 @@ impl FakeManager {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let app = Router::new().route("/cluster/v1/sync", post(sync)).with_state(self);
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        // Served as a real manager serves: mutual TLS with a manager certificate.
+        let (stop, rx) = broadcast::channel(1);
+        std::mem::forget(stop);
+        holdfast::net::tls::serve(listener, fake_manager_tls(test_ca()), app, Default::default(), rx);
         addr
     }
 }
@@ -161,6 +165,12 @@ fn assignment(placement: &str, spec: Value) -> Assignment {
     }
 }
 
+/// One throwaway cluster CA for the fake manager and its workers.
+fn test_ca() -> &'static holdfast::net::pki::Ca {
+    static CA: std::sync::OnceLock<holdfast::net::pki::Ca> = std::sync::OnceLock::new();
+    CA.get_or_init(|| holdfast::net::pki::Ca::generate().expect("CA"))
+}
+
 /// A worker on the fake runtime syncing with `manager`; returns its shutdown sender.
 fn start_worker(
     node: &str,
@@ -169,6 +179,7 @@ fn start_worker(
     fake: &Arc<FakeRuntime>,
     tune: impl FnOnce(&mut WorkerConfig),
 ) -> broadcast::Sender<()> {
+    write_identity(test_ca(), &dir.join(node), node, holdfast::net::pki::Role::Worker);
     let mut cfg = WorkerConfig::new(node, dir.join(node), vec![manager.to_string()]);
     cfg.sync_wait = Duration::from_millis(100);
     cfg.stop_grace = Duration::from_millis(100);

@@ -112,8 +112,10 @@ async fn snapshot_force_new_cluster_and_restore_keep_state_and_containers() {
     let data = |n: &str| -> PathBuf { r.join(n) };
     let seed = ms[0].cluster.clone();
     ms[0].start(r, &data("m1"), &["--bootstrap"]);
-    ms[1].start(r, &data("m2"), &["--join", &seed]);
-    ms[2].start(r, &data("m3"), &["--join", &seed]);
+    // The cluster port is mutual TLS: managers and the worker join with tokens.
+    let mtoken = join_token(&data("m1"), "manager");
+    ms[1].start(r, &data("m2"), &["--join", &seed, "--token", &mtoken]);
+    ms[2].start(r, &data("m3"), &["--join", &seed, "--token", &mtoken]);
     let token = admin_token(&data("m1")).await;
     let c = &client_with_token(&token);
     eventually(Duration::from_secs(30), "three voters", || async {
@@ -126,7 +128,18 @@ async fn snapshot_force_new_cluster_and_restore_keep_state_and_containers() {
     let _cleanup = NodeContainers(worker.clone());
     let joins = ms.iter().map(|m| m.cluster.clone()).collect::<Vec<_>>().join(",");
     let _w = Proc::spawn(
-        &["agent", "--worker", "--node-id", &worker, "--data-dir", data(&worker).to_str().unwrap(), "--join", &joins],
+        &[
+            "agent",
+            "--worker",
+            "--node-id",
+            &worker,
+            "--data-dir",
+            data(&worker).to_str().unwrap(),
+            "--join",
+            &joins,
+            "--token",
+            &join_token(&data("m1"), "worker"),
+        ],
         &r.join("worker.log"),
         &[],
     );

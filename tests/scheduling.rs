@@ -69,6 +69,7 @@ impl Cluster {
         let config = Config {
             node_id: "m1".into(),
             data_dir: dir.path().join("m1"),
+            trust: Default::default(),
             manager: Some(ManagerRole {
                 strategy,
                 lease: Duration::from_secs(10),
@@ -97,6 +98,8 @@ impl Cluster {
         let fake = Arc::new(FakeRuntime::new());
         let runtime: Arc<dyn Runtime> = fake.clone();
         let mut wc = WorkerConfig::new(name, self.dir.path().join(name), vec![self.cluster.clone()]);
+        // Mutual TLS on the cluster port: the worker joins with the first manager's token.
+        wc.token = Some(join_token(&self.dir.path().join("m1"), "worker"));
         wc.resources_override = Some(res);
         wc.labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>();
         wc.sync_wait = Duration::from_millis(500);

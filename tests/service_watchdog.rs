@@ -5,6 +5,8 @@
 //! In its own test binary because it points this process's `NOTIFY_SOCKET` at a
 //! socket it owns (the `sd-notify` crate reads the variable, as under systemd).
 
+mod common;
+
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
@@ -34,7 +36,13 @@ async fn watchdog_pings_stop_when_the_raft_core_stops() {
     std::env::set_var("NOTIFY_SOCKET", &sock_path);
 
     let (domain, _applied) = holdfast::manager::state::DomainState::new();
-    let config = holdfast_raft::Config::new("wd", dir.path().join("manager"), "127.0.0.1:1", "127.0.0.1:2");
+    let config = holdfast_raft::Config::new(
+        "wd",
+        dir.path().join("manager"),
+        "127.0.0.1:1",
+        "127.0.0.1:2",
+        common::manager_tls().0,
+    );
     let db = holdfast_raft::ReplicatedDb::open(config, domain).await.unwrap();
     db.bootstrap().await.unwrap();
 

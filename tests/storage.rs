@@ -177,6 +177,7 @@ async fn a_fatal_storage_error_ends_the_process_and_the_live_probe_fails() {
     let text = proc.log_text();
     assert!(text.contains("fatal storage error"), "{text}");
     assert!(text.contains(".db") && text.contains("full"), "names the file and the cause: {text}");
+    eprintln!("{}", text.lines().rfind(|l| l.contains("fatal storage error")).unwrap_or_default());
 
     // Space returns; systemd would restart it: everything acknowledged is there.
     std::fs::remove_file(&ballast).unwrap();

@@ -13,7 +13,7 @@
 //! checkpointed with fsync before the log behind a snapshot is purged.
 //!
 //! Transport: Raft RPCs, write forwarding, read-index and join requests travel as JSON
-//! over HTTP on the cluster port; [`ReplicatedDb::cluster_router`] returns the axum
+//! over HTTPS (mutual TLS, configuration handed in by the application) on the cluster port; [`ReplicatedDb::cluster_router`] returns the axum
 //! routes (all under `/raft/`) and the `network` module holds the only client.
 
 #![warn(missing_docs)]
@@ -91,7 +91,8 @@ pub fn node_id_for(name: &str) -> NodeId {
 /// the command is consumed either way. `Err` means the database itself failed and is
 /// treated as a fatal storage error.
 pub trait Apply: Send + Sync + 'static {
-    /// Creates the application's tables when absent; called on a fresh state database.
+    /// Creates the application's tables (and adds columns) when absent; called on a
+    /// fresh state database and again on every open, so it must be idempotent.
     fn init_schema(&self, conn: &rusqlite::Connection) -> rusqlite::Result<()>;
     /// Applies one committed command; `index` is its Raft log index, unique and growing
     /// across the cluster (usable as a fence).
@@ -130,11 +131,21 @@ pub struct Config {
     /// instead of failing inside SQLite (fatal), and writes resume by themselves when
     /// space returns. `0` turns the check off.
     pub min_free_bytes: u64,
+    /// TLS for every call to a peer (client certificate and server verification). The
+    /// crate is handed it and checks no roles itself; there is no plain-HTTP mode.
+    pub tls: Arc<rustls::ClientConfig>,
 }
 
 impl Config {
-    /// Defaults tuned for a LAN: 100 ms heartbeat, 300–600 ms election timeout.
-    pub fn new(node_name: &str, data_dir: PathBuf, cluster_addr: &str, api_addr: &str) -> Self {
+    /// Defaults tuned for a LAN: 100 ms heartbeat, 300–600 ms election timeout; peers
+    /// are dialed over `tls`.
+    pub fn new(
+        node_name: &str,
+        data_dir: PathBuf,
+        cluster_addr: &str,
+        api_addr: &str,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Self {
         Config {
             node_name: node_name.to_string(),
             data_dir,
@@ -148,6 +159,7 @@ impl Config {
             version: String::new(),
             force_new_cluster: false,
             min_free_bytes: 64 << 20,
+            tls,
         }
     }
 }

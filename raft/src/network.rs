@@ -1,7 +1,8 @@
 //! The only HTTP client of the crate: Raft RPCs and forwarded requests to peers.
 //!
-//! Everything that dials another member goes through [`ClusterClient`], so mutual TLS
-//! (an `https` scheme and a client certificate) can be added here and nowhere else.
+//! Everything that dials another member goes through [`ClusterClient`]: HTTPS only,
+//! with the rustls configuration the application hands in (client certificate, server
+//! verification). Connections are pooled and reused, so a Raft RPC costs no handshake.
 
 use std::time::Duration;
 
@@ -52,8 +53,9 @@ pub(crate) struct ClusterClient {
 }
 
 impl ClusterClient {
-    pub(crate) fn new(connect_timeout: Duration) -> Result<Self, DbError> {
+    pub(crate) fn new(connect_timeout: Duration, tls: std::sync::Arc<rustls::ClientConfig>) -> Result<Self, DbError> {
         let http = reqwest::Client::builder()
+            .use_preconfigured_tls((*tls).clone())
             // Cluster traffic goes straight to peers; an HTTP_PROXY meant for the
             // outside world must not capture it.
             .no_proxy()
@@ -65,7 +67,7 @@ impl ClusterClient {
         Ok(ClusterClient { http })
     }
 
-    /// POSTs `body` as JSON to `http://{addr}/raft{path}` and decodes the JSON answer,
+    /// POSTs `body` as JSON to `https://{addr}/raft{path}` and decodes the JSON answer,
     /// giving up after `timeout`.
     pub(crate) async fn post<Req, Resp>(
         &self,
@@ -78,7 +80,7 @@ impl ClusterClient {
         Req: Serialize + ?Sized,
         Resp: DeserializeOwned,
     {
-        let url = format!("http://{addr}{PREFIX}{path}");
+        let url = format!("https://{addr}{PREFIX}{path}");
         let send = self.http.post(&url).timeout(timeout).json(body).send();
         // reqwest's own timeout covers the body too; the outer one also bounds DNS.
         let resp = match tokio::time::timeout(timeout, send).await {

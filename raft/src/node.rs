@@ -46,6 +46,9 @@ pub(crate) struct Inner {
     last_leader: Arc<Mutex<Option<Member>>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     stopped: AtomicBool,
+    /// Snapshot being received: its id and the end of the bytes received so far. A chunk
+    /// may only start at or before that end, so a huge offset never allocates.
+    pub(crate) receiving: Mutex<Option<(String, u64)>>,
 }
 
 /// Opens (or creates) both databases, refusing any inconsistent or foreign content
@@ -160,7 +163,7 @@ impl Inner {
             .await
             .map_err(|e| DbError::Storage(format!("opening the stores panicked: {e}")))??;
 
-        let client = ClusterClient::new(config.rpc_timeout)?;
+        let client = ClusterClient::new(config.rpc_timeout, config.tls.clone())?;
         let network = NetworkFactory {
             id,
             client: client.clone(),
@@ -194,6 +197,7 @@ impl Inner {
             last_leader,
             tasks: Mutex::new(vec![status_task]),
             stopped: AtomicBool::new(false),
+            receiving: Mutex::new(None),
         }))
     }
 

@@ -220,13 +220,13 @@ pub(crate) fn force_if_asked(config: &Config) -> Result<Option<Forced>, DbError>
     force_new_cluster(config).map(Some)
 }
 
-/// Builds a new manager data directory in `config.data_dir` from `copy`, a consistent
-/// copy of another member's `state.db`. The directory must be absent or empty. The new
-/// store holds everything applied in the copy; its log starts after it (the copy is
-/// also kept as the current Raft snapshot, so members that join later receive it), and
-/// the first open forces a one-member cluster with `config`'s addresses.
-pub fn restore_snapshot(copy: &Path, config: &Config) -> Result<Restored, DbError> {
-    let dir = &config.data_dir;
+/// Builds a new manager data directory `dir` for member `node_name` from `copy`, a
+/// consistent copy of another member's `state.db`. The directory must be absent or
+/// empty. The new store holds everything applied in the copy; its log starts after it
+/// (the copy is also kept as the current Raft snapshot, so members that join later
+/// receive it), and the first open forces a one-member cluster with the addresses that
+/// open is given.
+pub fn restore_snapshot(copy: &Path, dir: &Path, node_name: &str) -> Result<Restored, DbError> {
     if dir.exists() {
         let mut entries = fs::read_dir(dir).map_err(|e| storage(dir, "cannot list", e))?;
         if entries.next().is_some() {
@@ -254,7 +254,7 @@ pub fn restore_snapshot(copy: &Path, config: &Config) -> Result<Restored, DbErro
     {
         let conn = Connection::open(&tmp).map_err(|e| storage(&tmp, "cannot open", e))?;
         // The copy names the member it was taken from; the new store is ours.
-        datadir::write_identity(&conn, Role::State, &config.node_name).map_err(|e| storage(&tmp, "identity", e))?;
+        datadir::write_identity(&conn, Role::State, node_name).map_err(|e| storage(&tmp, "identity", e))?;
         conn.close().map_err(|(_, e)| storage(&tmp, "cannot close", e))?;
     }
     fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| storage(&tmp, "cannot sync", e))?;
@@ -262,10 +262,10 @@ pub fn restore_snapshot(copy: &Path, config: &Config) -> Result<Restored, DbErro
 
     // An empty log whose purge point is the copy's last applied entry: openraft sees
     // a log that "continues" the state, and sends the snapshot to members behind it.
-    let log = crate::log_store::LogStore::open(dir, &config.node_name)?;
+    let log = crate::log_store::LogStore::open(dir, node_name)?;
     drop(log);
     let log_path = dir.join(datadir::LOG_FILE);
-    let conn = datadir::open_existing(&log_path, Role::Log, &config.node_name)?;
+    let conn = datadir::open_existing(&log_path, Role::Log, node_name)?;
     let purged = serde_json::to_string(&Some(applied)).map_err(|e| storage(&log_path, "cannot encode", e))?;
     conn.execute("INSERT OR REPLACE INTO raft_meta (key, value) VALUES ('last_purged', ?1)", [&purged])
         .and_then(|_| conn.execute("INSERT OR REPLACE INTO raft_meta (key, value) VALUES ('committed', ?1)", [&purged]))

@@ -22,17 +22,22 @@ use crate::wire::{JoinRequest, ReadIndexRequest, RemoveRequest, SnapshotChunk, W
 
 type St = State<Arc<Inner>>;
 
+/// Body limit of the small control calls (vote, read-index, membership).
+const SMALL_BODY: usize = 64 * 1024;
+
 pub(crate) fn router(inner: Arc<Inner>) -> Router {
+    // Entries, snapshot chunks and forwarded commands may be large; the rest never is.
+    let small = DefaultBodyLimit::max(SMALL_BODY);
     let routes = Router::new()
         .route("/append", post(append))
-        .route("/vote", post(vote))
         .route("/snapshot", post(snapshot))
         .route("/write", post(write))
-        .route("/read-index", post(read_index))
-        .route("/join", post(join))
-        .route("/remove", post(remove))
-        .route("/status", get(status))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .route("/vote", post(vote).layer(small))
+        .route("/read-index", post(read_index).layer(small))
+        .route("/join", post(join).layer(small))
+        .route("/remove", post(remove).layer(small))
+        .route("/status", get(status))
         .with_state(inner);
     Router::new().nest(PREFIX, routes)
 }
@@ -69,9 +74,37 @@ async fn vote(State(inner): St, Json(req): Json<VoteRequest<u64>>) -> Response {
 }
 
 async fn snapshot(State(inner): St, Json(chunk): Json<SnapshotChunk>) -> Response {
+    if let Err(why) = accept_chunk(&inner, &chunk) {
+        tracing::warn!(offset = chunk.offset, "refused a snapshot chunk: {why}");
+        let body = serde_json::json!({"error": {"code": "bad_chunk", "message": why, "field": "offset"}});
+        return (StatusCode::BAD_REQUEST, Json(body)).into_response();
+    }
     // The last chunk installs the snapshot, which copies the whole database.
     let limit = inner.config.rpc_timeout.max(inner.config.op_timeout);
     raft_rpc(&inner, limit, inner.raft.install_snapshot(chunk.into())).await
+}
+
+/// Accepts a chunk that starts a snapshot (offset 0) or continues the one being
+/// received at or before the end of what arrived; anything else would make the
+/// in-memory snapshot buffer grow to the offset.
+fn accept_chunk(inner: &Inner, chunk: &SnapshotChunk) -> Result<(), String> {
+    let mut receiving = inner.receiving.lock().unwrap_or_else(|e| e.into_inner());
+    let id = chunk.meta.snapshot_id.clone();
+    let len = chunk.data.len() as u64;
+    match receiving.as_mut() {
+        _ if chunk.offset == 0 => {
+            *receiving = Some((id, len));
+            Ok(())
+        }
+        Some((current, end)) if *current == id && chunk.offset <= *end => {
+            *end = (*end).max(chunk.offset.saturating_add(len));
+            Ok(())
+        }
+        Some((current, end)) if *current == id => {
+            Err(format!("chunk offset {} is past the {end} bytes received of snapshot {id}", chunk.offset))
+        }
+        _ => Err(format!("chunk at offset {} of snapshot {id}, which was never started", chunk.offset)),
+    }
 }
 
 /// Answers a forwarded request; the handlers bound themselves by the caller's budget.

@@ -73,6 +73,10 @@ impl StateMachine {
             })?;
         }
         let conn = datadir::open_existing(&path, Role::State, node_name)?;
+        // A store written by an older release gets the tables and columns added since
+        // (the application's schema step is idempotent), before anything is applied.
+        app.init_schema(&conn)
+            .map_err(|e| DbError::Storage(format!("state.db: cannot bring the schema up to date: {e}")))?;
         // The log is the durable record: a state commit lost to a power cut is applied
         // again from the log on restart, because last-applied travels in the same
         // transaction. So commits here need not wait for fsync (WAL + NORMAL stays

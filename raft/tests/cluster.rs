@@ -26,7 +26,7 @@ struct Kv;
 
 impl Apply for Kv {
     fn init_schema(&self, conn: &rusqlite::Connection) -> rusqlite::Result<()> {
-        conn.execute_batch("CREATE TABLE kv (k TEXT PRIMARY KEY, v TEXT NOT NULL)")
+        conn.execute_batch("CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v TEXT NOT NULL)")
     }
 
     fn apply(&self, tx: &rusqlite::Transaction<'_>, _index: u64, command: &[u8]) -> rusqlite::Result<Vec<u8>> {
@@ -81,10 +81,82 @@ impl Member {
     }
 }
 
+// ---- mutual TLS with a throwaway CA ----------------------------------------------------
+
+/// One CA and one leaf (for 127.0.0.1) per test process: every member presents it as
+/// server and as client, and trusts only that CA.
+struct TestTls {
+    client: Arc<rustls::ClientConfig>,
+    server: Arc<rustls::ServerConfig>,
+}
+
+fn test_tls() -> &'static TestTls {
+    static TLS: std::sync::OnceLock<TestTls> = std::sync::OnceLock::new();
+    TLS.get_or_init(|| {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let ca_key = rcgen::KeyPair::generate().expect("CA key");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).expect("CA");
+        let key = rcgen::KeyPair::generate().expect("leaf key");
+        let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .expect("leaf params")
+            .signed_by(&key, &ca, &ca_key)
+            .expect("leaf");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.der().clone()).expect("root");
+        let roots = Arc::new(roots);
+        let chain: Vec<CertificateDer<'static>> = vec![leaf.der().clone(), ca.der().clone()];
+        let key_der = || PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let client = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots.clone())
+            .with_client_auth_cert(chain.clone(), key_der())
+            .expect("client config");
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+            .build()
+            .expect("client verifier");
+        let server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key_der())
+            .expect("server config");
+        TestTls { client: Arc::new(client), server: Arc::new(server) }
+    })
+}
+
+/// Serves `router` over mutual TLS until `stopped`; then every open connection is cut.
+async fn serve_tls(listener: TcpListener, router: axum::Router, mut stopped: oneshot::Receiver<()>) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(test_tls().server.clone());
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = &mut stopped => break,
+            r = listener.accept() => match r { Ok(v) => v, Err(_) => continue },
+        };
+        let (acceptor, router) = (acceptor.clone(), router.clone());
+        conns.spawn(async move {
+            let Ok(tls) = acceptor.accept(stream).await else { return };
+            let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                use tower::ServiceExt;
+                router.clone().oneshot(req.map(axum::body::Body::new))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .await;
+        });
+    }
+    // Dropping the set aborts every connection, as a dead process would.
+    drop(conns);
+}
+
 /// Timers for tests: the defaults, with shorter operation timeouts so failures
 /// surface quickly.
 fn test_config(name: &str, dir: &Path, addr: &str) -> Config {
-    let mut c = Config::new(name, dir.to_path_buf(), addr, &format!("api-of-{name}"));
+    let mut c = Config::new(name, dir.to_path_buf(), addr, &format!("api-of-{name}"), test_tls().client.clone());
     c.rpc_timeout = Duration::from_secs(1);
     c.op_timeout = Duration::from_secs(4);
     c
@@ -98,13 +170,7 @@ async fn start_member(name: &str, dir: &Path, addr: Option<&str>, tweak: &dyn Fn
     let db = ReplicatedDb::open(config, Arc::new(Kv)).await.expect("open member");
     let router = db.cluster_router();
     let (stop, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        let _ = axum::serve(listener, router)
-            .with_graceful_shutdown(async {
-                let _ = stopped.await;
-            })
-            .await;
-    });
+    let server = tokio::spawn(serve_tls(listener, router, stopped));
     Member { name: name.to_string(), dir: dir.to_path_buf(), addr, db, stop: Some(stop), server }
 }
 
@@ -682,17 +748,16 @@ async fn backup_restores_into_a_new_one_member_cluster() {
     let target = c.root.join("restored");
     std::fs::create_dir_all(&target).expect("mkdir");
     std::fs::write(target.join("stray"), b"x").expect("stray file");
-    let cfg = test_config("r1", &target, "127.0.0.1:1");
-    let e = holdfast_raft::restore_snapshot(&copy, &cfg).expect_err("non-empty dir refused");
+    let e = holdfast_raft::restore_snapshot(&copy, &target, "r1").expect_err("non-empty dir refused");
     assert_data_dir(&e, "not empty");
     std::fs::remove_file(target.join("stray")).expect("rm");
     let not_db = c.root.join("garbage.db");
     std::fs::write(&not_db, b"definitely not sqlite").expect("write");
-    let e = holdfast_raft::restore_snapshot(&not_db, &cfg).expect_err("garbage refused");
+    let e = holdfast_raft::restore_snapshot(&not_db, &target, "r1").expect_err("garbage refused");
     assert!(matches!(e, DbError::DataDir { .. }), "{e}");
     assert_eq!(std::fs::read_dir(&target).expect("ls").count(), 0, "a refused restore writes nothing");
 
-    let restored = holdfast_raft::restore_snapshot(&copy, &cfg).expect("restore");
+    let restored = holdfast_raft::restore_snapshot(&copy, &target, "r1").expect("restore");
     assert_eq!(restored.last_applied, applied);
     assert_eq!(restored.old_members.len(), 3);
     let r = start_member("r1", &target, None, &no_tweak).await;

@@ -13,7 +13,7 @@ struct NoApp;
 
 impl Apply for NoApp {
     fn init_schema(&self, conn: &rusqlite::Connection) -> rusqlite::Result<()> {
-        conn.execute_batch("CREATE TABLE t (x INTEGER)")
+        conn.execute_batch("CREATE TABLE IF NOT EXISTS t (x INTEGER)")
     }
 
     fn apply(&self, _tx: &rusqlite::Transaction<'_>, _index: u64, command: &[u8]) -> rusqlite::Result<Vec<u8>> {

@@ -10,7 +10,9 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
+
+use crate::net::tls::Peer;
 
 use axum::http::StatusCode as Status;
 use holdfast_raft::ReplicatedDb;
@@ -96,7 +98,20 @@ fn not_leader(m: &Manager) -> Response {
     (StatusCode::MISDIRECTED_REQUEST, Json(NotLeader { leader_cluster_addr: leader })).into_response()
 }
 
-async fn sync(State(m): State<Arc<Manager>>, Json(req): Json<SyncRequest>) -> Result<Response, ApiError> {
+async fn sync(
+    State(m): State<Arc<Manager>>,
+    Extension(peer): Extension<Peer>,
+    Json(req): Json<SyncRequest>,
+) -> Result<Response, ApiError> {
+    if !peer.speaks_for(&req.node) {
+        tracing::warn!(peer = peer.name(), node = %req.node, "refused a sync for another node");
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "wrong_node",
+            format!("the certificate names {}; it cannot sync as {}", peer.name(), req.node),
+        )
+        .field("node"));
+    }
     let started = Instant::now();
     let result = sync_inner(&m, req).await;
     let outcome = if result.is_ok() { "ok" } else { "error" };
@@ -191,7 +206,18 @@ async fn sync_inner(m: &Arc<Manager>, req: SyncRequest) -> Result<Response, ApiE
     }
 }
 
-async fn log_reply(State(m): State<Arc<Manager>>, Json(reply): Json<LogReply>) -> StatusCode {
-    m.logs.answer(reply.id, reply.result);
-    StatusCode::NO_CONTENT
+async fn log_reply(
+    State(m): State<Arc<Manager>>,
+    Extension(peer): Extension<Peer>,
+    Json(reply): Json<LogReply>,
+) -> Result<StatusCode, ApiError> {
+    if !m.logs.answer(reply.id, peer.name(), reply.result) {
+        tracing::warn!(peer = peer.name(), id = reply.id, "refused a log reply for a request not sent to that node");
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "not_your_request",
+            format!("log request {} was not sent to node {}", reply.id, peer.name()),
+        ));
+    }
+    Ok(StatusCode::NO_CONTENT)
 }

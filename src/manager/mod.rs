@@ -16,6 +16,7 @@ pub mod leader;
 pub mod scheduler;
 pub mod sink;
 pub mod state;
+pub mod trust;
 
 /// Settings of the control plane: timers and the placement strategy.
 #[derive(Clone, Debug)]
@@ -62,12 +63,16 @@ pub struct Liveness {
     pub resources: NodeResources,
 }
 
+/// Where a worker's log answer goes.
+type LogWaiter = oneshot::Sender<Result<String, String>>;
+
 /// Log requests relayed to workers through their long-poll.
 #[derive(Default)]
 pub struct LogRelay {
     next_id: AtomicU64,
     queued: Mutex<HashMap<String, Vec<LogRequest>>>,
-    waiters: Mutex<HashMap<u64, oneshot::Sender<Result<String, String>>>>,
+    /// Request id → the node asked and the caller waiting.
+    waiters: Mutex<HashMap<u64, (String, LogWaiter)>>,
 }
 
 impl LogRelay {
@@ -80,7 +85,7 @@ impl LogRelay {
     ) -> (u64, oneshot::Receiver<Result<String, String>>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let (tx, rx) = oneshot::channel();
-        lock(&self.waiters).insert(id, tx);
+        lock(&self.waiters).insert(id, (node.to_string(), tx));
         lock(&self.queued).entry(node.to_string()).or_default().push(LogRequest {
             id,
             placement_id: placement_id.to_string(),
@@ -99,10 +104,18 @@ impl LogRelay {
         lock(&self.queued).get(node).is_some_and(|v| !v.is_empty())
     }
 
-    /// Delivers a worker's answer.
-    pub fn answer(&self, id: u64, result: Result<String, String>) {
-        if let Some(tx) = lock(&self.waiters).remove(&id) {
-            let _ = tx.send(result);
+    /// Delivers the answer of worker `from`; false (and nothing delivered) when the
+    /// request was not for that node: a node answers only for itself.
+    pub fn answer(&self, id: u64, from: &str, result: Result<String, String>) -> bool {
+        let mut waiters = lock(&self.waiters);
+        match waiters.get(&id) {
+            Some((node, _)) if node == from => {
+                if let Some((_, tx)) = waiters.remove(&id) {
+                    let _ = tx.send(result);
+                }
+                true
+            }
+            _ => false,
         }
     }
 

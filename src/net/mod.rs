@@ -1,5 +1,13 @@
-//! Cluster transport helpers: binding and serving HTTP with graceful shutdown. Raft's
-//! own client lives in `holdfast-raft`; mutual TLS will be added here and there.
+//! Cluster transport: binding and serving with graceful shutdown, and the trust layer
+//! of the cluster port: PKI (`pki`), rustls configurations and the TLS accept loop
+//! (`tls`), a node's identity files, joining and renewal (`identity`), and the door
+//! that checks roles and identities (`door`). Raft's own client lives in
+//! `holdfast-raft`, handed its rustls configuration from here.
+
+pub mod door;
+pub mod identity;
+pub mod pki;
+pub mod tls;
 
 use std::net::SocketAddr;
 

@@ -25,6 +25,8 @@ use crate::guard::Deadline;
 use crate::lock;
 use crate::model::sync::{LogReply, NodeResources, NotLeader, SyncRequest, SyncResponse};
 use crate::model::{Desired, Observed};
+use crate::net::identity::{spawn_renewal, IdentityError, IdentitySettings, NodeTls};
+use crate::net::pki::Role;
 
 /// Settings of a worker.
 #[derive(Clone, Debug)]
@@ -60,6 +62,14 @@ pub struct WorkerConfig {
     pub probe_concurrency: usize,
     /// Vital signs for the watchdog, status line and `/metrics` (see `service.rs`).
     pub vitals: Arc<crate::service::WorkerVitals>,
+    /// The node's cluster identity (mutual TLS), when the process already has one
+    /// (a manager+worker process shares its manager's).
+    pub tls: Option<Arc<NodeTls>>,
+    /// Join token used to get an identity when `tls` is none and `<data_dir>/tls` holds
+    /// no certificate yet.
+    pub token: Option<String>,
+    /// How long after expiry this worker's certificate may still renew.
+    pub cert_grace: Duration,
 }
 
 impl WorkerConfig {
@@ -79,6 +89,9 @@ impl WorkerConfig {
             stop_concurrency: 8,
             probe_concurrency: 32,
             vitals: Default::default(),
+            tls: None,
+            token: None,
+            cert_grace: crate::net::pki::DEFAULT_GRACE,
         }
     }
 }
@@ -95,13 +108,17 @@ pub enum WorkerError {
     /// No manager address to sync with.
     #[error("a worker needs at least one manager cluster address (--join)")]
     NoManagers,
+    /// No cluster certificate and no way to get one.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
 }
 
 struct Worker {
     cfg: WorkerConfig,
     ledger: Arc<Ledger>,
     runtime: Arc<dyn Runtime>,
-    http: reqwest::Client,
+    /// Mutual-TLS identity; its HTTP client is used for every manager call.
+    tls: Arc<NodeTls>,
     /// Health probes: no connection reuse, so every probe tests a fresh connect.
     probe_http: reqwest::Client,
     wake_reconcile: Notify,
@@ -151,7 +168,8 @@ struct Prober {
 }
 
 fn now_ms() -> u64 {
-    crate::manager::now_ms()
+    // Not manager::now_ms: the worker imports nothing from the manager.
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// What is free here now, net of what other placements hold but a measurement cannot
@@ -189,6 +207,34 @@ pub async fn run(
     if cfg.managers.is_empty() {
         return Err(WorkerError::NoManagers);
     }
+    let tls = match &cfg.tls {
+        Some(t) => t.clone(),
+        None => {
+            let settings = IdentitySettings {
+                node: cfg.node.clone(),
+                role: Role::Worker,
+                data_dir: cfg.data_dir.clone(),
+                bootstrap: false,
+                token: cfg.token.clone(),
+                seeds: cfg.managers.clone(),
+                lifetime: crate::net::pki::DEFAULT_LEAF_LIFETIME,
+                grace: cfg.cert_grace,
+            };
+            tokio::select! {
+                r = NodeTls::establish(&settings) => r?.0,
+                _ = shutdown.recv() => return Ok(()),
+            }
+        }
+    };
+    // A worker certificate is renewed through a manager; a manager's by its manager.
+    let renewal = (tls.role() == Role::Worker).then(|| {
+        let (t, managers) = (tls.clone(), cfg.managers.clone());
+        let renew = move || {
+            let (t, managers) = (t.clone(), managers.clone());
+            async move { t.renew_remote(&managers).await }
+        };
+        spawn_renewal(tls.clone(), cfg.data_dir.clone(), renew, shutdown.resubscribe())
+    });
     let ledger = Arc::new(Ledger::open(&cfg.data_dir, &cfg.node)?);
     let lease = ledger.meta_u64("lease_until_ms")?;
     let lease_ms = ledger.meta_u64("lease_ms")?;
@@ -196,11 +242,7 @@ pub async fn run(
     // A pool of 0 would never run anything; treat it as 1.
     let pool = |n: usize| Arc::new(Semaphore::new(n.max(1)));
     let w = Arc::new(Worker {
-        http: reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(3))
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build()
-            .unwrap_or_default(),
+        tls,
         probe_http: reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap_or_default(),
         creates: pool(cfg.create_concurrency),
         stops: pool(cfg.stop_concurrency),
@@ -227,6 +269,9 @@ pub async fn run(
     let fences = tokio::spawn(fence_loop(w.clone(), shutdown.resubscribe()));
     let _ = shutdown.recv().await;
     let _ = tokio::join!(sync, rec, fences);
+    if let Some(r) = renewal {
+        let _ = r.await;
+    }
     for (_, p) in lock(&w.probers).drain() {
         p.handle.abort();
     }
@@ -254,11 +299,12 @@ async fn sync_loop(w: Arc<Worker>, mut shutdown: broadcast::Receiver<()>) {
             have_version,
         };
         let addr = managers[target % managers.len()].clone();
-        let url = format!("http://{addr}/cluster/v1/sync");
+        let url = format!("https://{addr}/cluster/v1/sync");
         let sent_at_ms = now_ms();
         let sent_at = std::time::Instant::now();
         let timeout = w.cfg.sync_wait + Duration::from_secs(10);
-        let call = w.http.post(&url).json(&req).timeout(timeout).send();
+        // The client of the current certificate (a new pool after each renewal).
+        let call = w.tls.http().post(&url).json(&req).timeout(timeout).send();
         let result = tokio::select! {
             _ = shutdown.recv() => return,
             // New local reports interrupt the long-poll so they reach the manager now.
@@ -357,8 +403,9 @@ async fn answer_logs(w: &Worker, addr: &str, id: u64, placement_id: &str, tail: 
         None => Err(format!("placement {placement_id} has no container on node {}", w.cfg.node)),
         Some(cid) => w.runtime.logs(&cid, tail).await.map_err(|e| e.to_string()),
     };
-    let url = format!("http://{addr}/cluster/v1/logs");
-    if let Err(e) = w.http.post(url).json(&LogReply { id, result }).timeout(Duration::from_secs(10)).send().await {
+    let url = format!("https://{addr}/cluster/v1/logs");
+    if let Err(e) = w.tls.http().post(url).json(&LogReply { id, result }).timeout(Duration::from_secs(10)).send().await
+    {
         tracing::warn!(error = %e, "could not deliver logs");
     }
 }

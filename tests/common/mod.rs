@@ -171,3 +171,51 @@ pub async fn all_tasks(client: &reqwest::Client, api: &str) -> Option<Vec<serde_
         }
     }
 }
+/// The join token of `role` (`worker` | `manager`) that the first manager wrote in
+/// its data dir, polled until it appears (the manager writes it as it starts).
+pub fn join_token(data_dir: &Path, role: &str) -> String {
+    let path = data_dir.join(format!("join-{role}.token"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(t) = std::fs::read_to_string(&path) {
+            if !t.trim().is_empty() {
+                return t.trim().to_string();
+            }
+        }
+        assert!(Instant::now() < deadline, "no join token at {} after 20 s", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Writes a CA-signed identity for `node` in `<dir>/tls`, as a token join would
+/// (tests that talk to a fake manager instead of a real one).
+pub fn write_identity(ca: &holdfast::net::pki::Ca, dir: &Path, node: &str, role: holdfast::net::pki::Role) {
+    let (cert, key) = ca.issue(node, role, Duration::from_secs(3600)).expect("issue");
+    let tls = dir.join("tls");
+    holdfast::net::identity::write_private(&tls.join("ca.pem"), &ca.cert_pem).expect("ca.pem");
+    holdfast::net::identity::write_private(&tls.join("node.pem"), &cert).expect("node.pem");
+    holdfast::net::identity::write_private(&tls.join("node.key"), &key).expect("node.key");
+}
+
+/// Server TLS for a fake manager: a manager certificate of `ca`, asking clients for one.
+pub fn fake_manager_tls(ca: &holdfast::net::pki::Ca) -> std::sync::Arc<rustls::ServerConfig> {
+    use holdfast::net::tls;
+    let (cert, key) =
+        ca.issue("fake-manager", holdfast::net::pki::Role::Manager, Duration::from_secs(3600)).expect("issue");
+    let resolver = tls::CertResolver::new(tls::certified_key(&cert, &key, &ca.cert_pem).expect("key"));
+    let ca_der = ca.cert_der().expect("CA der");
+    tls::server_config(&[ca_der], resolver, Duration::from_secs(60)).expect("server config")
+}
+
+/// Client and server TLS for in-process managers that serve their cluster router by
+/// hand: one throwaway CA, one manager certificate shared by all of them.
+pub fn manager_tls() -> (std::sync::Arc<rustls::ClientConfig>, std::sync::Arc<rustls::ServerConfig>) {
+    use holdfast::net::{pki, tls};
+    let ca = pki::Ca::generate().expect("CA");
+    let (cert, key) = ca.issue("test-manager", pki::Role::Manager, Duration::from_secs(3600)).expect("issue");
+    let resolver = tls::CertResolver::new(tls::certified_key(&cert, &key, &ca.cert_pem).expect("key"));
+    let ca_der = ca.cert_der().expect("CA der");
+    let client = tls::client_config(std::slice::from_ref(&ca_der), resolver.clone()).expect("client config");
+    let server = tls::server_config(&[ca_der], resolver, Duration::from_secs(60)).expect("server config");
+    (client, server)
+}

@@ -305,10 +305,20 @@ impl Cluster {
                 m.ip.clone(),
             ];
             args.extend(join);
-            cluster.run_node(&image, m, &["-p", &format!("127.0.0.1::{API_PORT}")], &args).await;
+            // Mutual TLS on the cluster port, as users run it: the others join with the
+            // first manager's token (an env twin, kept off the command line).
+            let token = if i == 0 { String::new() } else { cluster.join_token(&ms[0], "manager").await };
+            let env = format!("HOLDFAST_TOKEN={token}");
+            let mut extra = vec!["-p".to_string(), format!("127.0.0.1::{API_PORT}")];
+            if i > 0 {
+                extra.extend(["-e".to_string(), env]);
+            }
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+            cluster.run_node(&image, m, &extra, &args).await;
             cluster.refresh_api(i).await;
         }
         cluster.login().await;
+        let worker_token = format!("HOLDFAST_TOKEN={}", cluster.join_token(&ms[0], "worker").await);
         let joins = ms.iter().map(|m| format!("{}:{CLUSTER_PORT}", m.ip)).collect::<Vec<_>>().join(",");
         for w in &ws {
             let args = [
@@ -324,11 +334,30 @@ impl Cluster {
                 "127.0.0.1",
             ]
             .map(String::from);
-            cluster.run_node(&image, w, &["-v", "/var/run/docker.sock:/var/run/docker.sock"], &args).await;
+            let extra = ["-v", "/var/run/docker.sock:/var/run/docker.sock", "-e", &worker_token];
+            cluster.run_node(&image, w, &extra, &args).await;
         }
         cluster.wait_voters(managers, Duration::from_secs(60)).await;
         cluster.wait_workers_ready(Duration::from_secs(60)).await;
         cluster
+    }
+
+    /// The join token of `role` that manager `m` wrote in its data dir, copied out of
+    /// its container (polled until the file exists).
+    async fn join_token(&self, m: &Node, role: &str) -> String {
+        let host = tempfile::tempdir().expect("tempdir");
+        let dest = host.path().join("token");
+        let src = format!("{}:/data/join-{role}.token", m.container);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if docker(&["cp", &src, dest.to_str().expect("utf-8 path")]).await.is_ok() {
+                if let Ok(t) = std::fs::read_to_string(&dest) {
+                    return t.trim().to_string();
+                }
+            }
+            assert!(std::time::Instant::now() < deadline, "no {role} join token in {} after 30 s", m.container);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     async fn run_node(&self, image: &str, n: &Node, extra: &[&str], args: &[String]) {

@@ -589,6 +589,10 @@ async fn cluster(State(m): State<Arc<Manager>>) -> Json<serde_json::Value> {
 async fn remove_member(State(m): State<Arc<Manager>>, who: Who, Path(id): Path<String>) -> Result<Response, ApiError> {
     check_id(&id)?;
     m.db.remove_member(&id).await?;
+    // A removed manager's certificates are refused from now on (ARCHITECTURE.md "Trust").
+    let revoke =
+        super::state::trust::TrustCommand::RevokeNode { node: id.clone(), reason: "removed".into(), now_ms: now_ms() };
+    write(&m, &Command::Trust(revoke)).await?;
     write_audited(&m, who, "DELETE /v1/cluster/members/{id}", &id, None).await?;
     Ok((StatusCode::OK, Json(serde_json::json!({ "removed": id }))).into_response())
 }

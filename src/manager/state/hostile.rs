@@ -26,9 +26,10 @@ fn variant(c: &Command) -> &'static str {
         Command::SetEligibility { .. } => "SetEligibility",
         Command::CreateToken { .. } => "CreateToken",
         Command::RevokeToken { .. } => "RevokeToken",
+        Command::Trust(_) => "Trust",
     }
 }
-const VARIANTS: usize = 12;
+const VARIANTS: usize = 13;
 
 struct Db {
     conn: Connection,
@@ -283,6 +284,38 @@ fn every_command_with_hostile_content_is_a_rejection_never_an_error() {
         ("digest that is not hex", token("k3", "reader", "zz"), Rejected("invalid")),
         ("revoke of an unknown token", Command::RevokeToken { id: "nope".into(), now_ms: 3 }, Rejected("not_found")),
         ("revoke of the last admin token", Command::RevokeToken { id: "k1".into(), now_ms: 3 }, Rejected("conflict")),
+        (
+            "CA that is not PEM",
+            Command::Trust(trust::TrustCommand::SetCa { cert_pem: huge.clone(), key_pem: "k".into() }),
+            Rejected("bad_ca"),
+        ),
+        (
+            "join token with a non-hex hash",
+            Command::Trust(trust::TrustCommand::AddJoinToken {
+                hash: "zz".into(),
+                role: "worker".into(),
+                expires_at_ms: None,
+                uses: None,
+                replace: false,
+                now_ms: 3,
+            }),
+            Rejected("bad_token"),
+        ),
+        (
+            "join by an invalid node name",
+            Command::Trust(trust::TrustCommand::UseJoinToken {
+                hash: hash.clone(),
+                role: "worker".into(),
+                node: "../x".into(),
+                now_ms: 3,
+            }),
+            Rejected("invalid"),
+        ),
+        (
+            "revocation with 10 kB of reason",
+            Command::Trust(trust::TrustCommand::RevokeNode { node: "n1".into(), reason: huge.clone(), now_ms: 3 }),
+            Rejected("invalid"),
+        ),
     ];
 
     let covered: std::collections::BTreeSet<&str> = table.iter().map(|(_, c, _)| variant(c)).collect();
@@ -336,4 +369,32 @@ fn node_with(name: &str, address: &str, cpu_millis: u64) -> Command {
         disk_mb: 1_024,
         now_ms: 1,
     }
+}
+
+/// A store from before tokens and `on_behalf_of` gets them on open, so the first
+/// audited write after an upgrade applies instead of stopping Raft.
+#[test]
+fn an_older_store_is_brought_up_to_date_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let conn = Connection::open(dir.path().join("state.db")).unwrap();
+    conn.execute_batch(
+        "CREATE TABLE audit (id INTEGER PRIMARY KEY, log_index INTEGER NOT NULL, at_ms INTEGER NOT NULL,
+           who TEXT NOT NULL, action TEXT NOT NULL, subject TEXT NOT NULL, result TEXT NOT NULL);",
+    )
+    .unwrap();
+    let (state, _) = DomainState::new();
+    state.init_schema(&conn).unwrap();
+    state.init_schema(&conn).unwrap(); // idempotent: it runs on every open
+    let mut db = Db { conn, state, index: 0, _dir: dir };
+    let cmd = Command::Audited {
+        who: "admin (k1)".into(),
+        on_behalf_of: Some("alice".into()),
+        action: "POST /v1/tokens".into(),
+        subject: "k2".into(),
+        at_ms: 1,
+        inner: Some(Box::new(token("k2", "reader", &"b".repeat(64)))),
+    };
+    assert!(db.apply(&cmd).is_ok());
+    let who: String = db.conn.query_row("SELECT on_behalf_of FROM audit", [], |r| r.get(0)).unwrap();
+    assert_eq!(who, "alice");
 }

@@ -16,6 +16,7 @@ pub mod tokens;
 
 #[cfg(test)]
 mod hostile;
+pub mod trust;
 
 /// Every replicated write.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -151,6 +152,8 @@ pub enum Command {
         /// Leader wall clock.
         now_ms: u64,
     },
+    /// Join tokens, the cluster CA and revocations (`state::trust`).
+    Trust(trust::TrustCommand),
 }
 
 /// Whether `s` follows the id rules shared by task, node, placement and token ids:
@@ -309,11 +312,10 @@ fn events_for(index: u64, cmd: &Command, out: &serde_json::Value) -> Vec<DomainE
             ids.iter().map(|id| ev(*now_ms, "placement.stop", id, serde_json::json!({ "reason": reason }))).collect()
         }
         // Its inner command emits its own events.
-        Command::Audited { .. } => Vec::new(),
-        Command::CreateToken { id, name, role, now_ms, .. } => {
-            vec![ev(*now_ms, "token.created", id, serde_json::json!({ "name": name, "role": role }))]
-        }
-        Command::RevokeToken { id, now_ms } => vec![ev(*now_ms, "token.revoked", id, serde_json::Value::Null)],
+        Command::Audited { .. } | Command::Trust(_) => Vec::new(),
+        // Not domain events, and readers (who may follow the stream) may not list
+        // tokens; the audit log records them for admins.
+        Command::CreateToken { .. } | Command::RevokeToken { .. } => Vec::new(),
     }
 }
 
@@ -446,7 +448,18 @@ impl DomainState {
 impl holdfast_raft::Apply for DomainState {
     fn init_schema(&self, conn: &rusqlite::Connection) -> rusqlite::Result<()> {
         conn.execute_batch(SCHEMA)?;
-        conn.execute_batch(tokens::SCHEMA)
+        conn.execute_batch(tokens::SCHEMA)?;
+        conn.execute_batch(trust::SCHEMA)?;
+        // Added after the first release: a store from before gets the column on open.
+        let has: bool = conn.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('audit') WHERE name = 'on_behalf_of'",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has {
+            conn.execute_batch("ALTER TABLE audit ADD COLUMN on_behalf_of TEXT")?;
+        }
+        Ok(())
     }
 
     fn apply(&self, tx: &Transaction<'_>, index: u64, command: &[u8]) -> rusqlite::Result<Vec<u8>> {
@@ -579,6 +592,17 @@ fn check_command(cmd: &Command) -> Option<Rejection> {
             text("created_by", created_by).or_else(|| num("now_ms", *now_ms))
         }
         Command::RevokeToken { id: tid, now_ms } => id("token id", tid).or_else(|| num("now_ms", *now_ms)),
+        // Hashes, roles and PEM are checked by `trust::apply` itself; names and clocks here.
+        Command::Trust(trust::TrustCommand::SetCa { .. }) => None,
+        Command::Trust(trust::TrustCommand::AddJoinToken { now_ms, expires_at_ms, .. }) => {
+            num("now_ms", *now_ms).or_else(|| expires_at_ms.and_then(|e| num("expires_at_ms", e)))
+        }
+        Command::Trust(trust::TrustCommand::UseJoinToken { node, now_ms, .. }) => {
+            id("node name", node).or_else(|| num("now_ms", *now_ms))
+        }
+        Command::Trust(trust::TrustCommand::RevokeNode { node, reason, now_ms }) => {
+            id("node name", node).or_else(|| text("reason", reason)).or_else(|| num("now_ms", *now_ms))
+        }
     }
 }
 
@@ -768,6 +792,7 @@ fn apply_command(tx: &Transaction<'_>, index: u64, cmd: Command) -> rusqlite::Re
             tokens::create(tx, &id, &name, &role, &secret_sha256, &created_by, expires_ms, now_ms)
         }
         Command::RevokeToken { id, now_ms } => tokens::revoke(tx, &id, now_ms),
+        Command::Trust(t) => trust::apply(tx, t),
         Command::StopPlacements { ids, reason, now_ms } => {
             for id in &ids {
                 let n = tx.execute(

@@ -1,0 +1,189 @@
+//! Replicated trust state (ARCHITECTURE.md "Trust"): the cluster CA (managers only;
+//! never served to workers), join tokens stored as SHA-256 hashes with an optional TTL
+//! and use count, and node revocations. Commands here are variants of
+//! [`TrustCommand`], carried by `Command::Trust`; like every command they are rejected,
+//! never failed, on bad content.
+
+use std::collections::HashMap;
+
+use rusqlite::{params, OptionalExtension, Transaction};
+use serde::{Deserialize, Serialize};
+
+use super::{reject, Outcome};
+
+/// Trust changes, replicated through Raft.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum TrustCommand {
+    /// Records the cluster CA (first manager, once). A second, different CA is refused.
+    SetCa {
+        /// CA certificate, PEM.
+        cert_pem: String,
+        /// CA private key, PEM.
+        key_pem: String,
+    },
+    /// Adds a join token (by hash). With `replace`, every other token of that role stops
+    /// working (rotation); nodes already joined are not affected.
+    AddJoinToken {
+        /// Hex SHA-256 of the secret.
+        hash: String,
+        /// `manager` or `worker`.
+        role: String,
+        /// Expiry, ms since the epoch; none = never.
+        expires_at_ms: Option<u64>,
+        /// Joins left; none = unlimited.
+        uses: Option<u64>,
+        /// Revoke the role's other tokens.
+        replace: bool,
+        /// Leader wall clock.
+        now_ms: u64,
+    },
+    /// Spends one use of a join token for `node`; rejected when unknown, revoked,
+    /// expired, used up, or of another role.
+    UseJoinToken {
+        /// Hex SHA-256 of the presented secret.
+        hash: String,
+        /// Role asked for.
+        role: String,
+        /// Joining node.
+        node: String,
+        /// Wall clock of the manager that checks.
+        now_ms: u64,
+    },
+    /// Refuses every certificate issued to `node` until now.
+    RevokeNode {
+        /// Node name.
+        node: String,
+        /// Why (shown in logs).
+        reason: String,
+        /// Wall clock.
+        now_ms: u64,
+    },
+}
+
+/// Tables of the trust state; part of the schema.
+pub const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS trust_ca (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    cert_pem TEXT NOT NULL,
+    key_pem TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS join_tokens (
+    hash TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    expires_at_ms INTEGER,
+    uses_left INTEGER,
+    revoked INTEGER NOT NULL DEFAULT 0,
+    created_ms INTEGER NOT NULL,
+    used INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS revocations (
+    node TEXT PRIMARY KEY,
+    at_ms INTEGER NOT NULL,
+    reason TEXT NOT NULL
+);
+"#;
+
+fn valid_hash(h: &str) -> bool {
+    h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn valid_role(r: &str) -> bool {
+    r == "manager" || r == "worker"
+}
+
+/// Applies one trust command.
+pub fn apply(tx: &Transaction<'_>, cmd: TrustCommand) -> rusqlite::Result<Outcome> {
+    match cmd {
+        TrustCommand::SetCa { cert_pem, key_pem } => {
+            if !cert_pem.contains("BEGIN CERTIFICATE") || !key_pem.contains("PRIVATE KEY") {
+                return reject("bad_ca", "the CA must be a PEM certificate and a PEM private key");
+            }
+            let existing: Option<String> =
+                tx.query_row("SELECT cert_pem FROM trust_ca WHERE id = 1", [], |r| r.get(0)).optional()?;
+            match existing {
+                Some(c) if c == cert_pem => Ok(Ok(serde_json::json!({"ca": "unchanged"}))),
+                Some(_) => reject("conflict", "the cluster already has another CA"),
+                None => {
+                    tx.execute(
+                        "INSERT INTO trust_ca (id, cert_pem, key_pem) VALUES (1, ?1, ?2)",
+                        params![cert_pem, key_pem],
+                    )?;
+                    Ok(Ok(serde_json::json!({"ca": "set"})))
+                }
+            }
+        }
+        TrustCommand::AddJoinToken { hash, role, expires_at_ms, uses, replace, now_ms } => {
+            if !valid_hash(&hash) || !valid_role(&role) {
+                return reject("bad_token", "a join token needs a 64-hex hash and role manager or worker");
+            }
+            if uses == Some(0) || uses.is_some_and(|u| u > i64::MAX as u64) {
+                return reject("bad_token", "uses must be at least 1");
+            }
+            if replace {
+                tx.execute("UPDATE join_tokens SET revoked = 1 WHERE role = ?1 AND hash != ?2", params![role, hash])?;
+            }
+            let exp = expires_at_ms.map(|e| e.min(i64::MAX as u64) as i64);
+            tx.execute(
+                "INSERT OR IGNORE INTO join_tokens (hash, role, expires_at_ms, uses_left, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![hash, role, exp, uses.map(|u| u as i64), now_ms.min(i64::MAX as u64) as i64],
+            )?;
+            Ok(Ok(serde_json::json!({"role": role})))
+        }
+        TrustCommand::UseJoinToken { hash, role, node, now_ms } => {
+            let row: Option<(String, Option<i64>, Option<i64>, i64)> = tx
+                .query_row(
+                    "SELECT role, expires_at_ms, uses_left, revoked FROM join_tokens WHERE hash = ?1",
+                    [&hash],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                )
+                .optional()?;
+            let Some((token_role, expires, uses_left, revoked)) = row else {
+                return reject("token_unknown", "this join token is not known to the cluster");
+            };
+            if revoked != 0 {
+                return reject("token_revoked", "this join token was rotated or revoked");
+            }
+            if expires.is_some_and(|e| (now_ms as i64) >= e) {
+                return reject("token_expired", "this join token has expired");
+            }
+            if uses_left.is_some_and(|u| u <= 0) {
+                return reject("token_used_up", "this join token has no uses left");
+            }
+            if token_role != role {
+                return reject(
+                    "token_role",
+                    format!("this is a {token_role} join token; node {node} asked to join as {role}"),
+                );
+            }
+            tx.execute(
+                "UPDATE join_tokens SET used = used + 1, uses_left = CASE WHEN uses_left IS NULL THEN NULL ELSE uses_left - 1 END WHERE hash = ?1",
+                [&hash],
+            )?;
+            Ok(Ok(serde_json::json!({"node": node, "role": role})))
+        }
+        TrustCommand::RevokeNode { node, reason, now_ms } => {
+            if node.is_empty() || node.len() > 253 {
+                return reject("bad_node", "node name must be 1..253 characters");
+            }
+            tx.execute(
+                "INSERT INTO revocations (node, at_ms, reason) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(node) DO UPDATE SET at_ms = excluded.at_ms, reason = excluded.reason",
+                params![node, now_ms.min(i64::MAX as u64) as i64, reason],
+            )?;
+            Ok(Ok(serde_json::json!({"revoked": node, "at_ms": now_ms})))
+        }
+    }
+}
+
+/// The cluster CA `(cert_pem, key_pem)`, if recorded.
+pub fn ca(conn: &rusqlite::Connection) -> rusqlite::Result<Option<(String, String)>> {
+    conn.query_row("SELECT cert_pem, key_pem FROM trust_ca WHERE id = 1", [], |r| Ok((r.get(0)?, r.get(1)?))).optional()
+}
+
+/// Every revocation: node → time (ms).
+pub fn revocations(conn: &rusqlite::Connection) -> rusqlite::Result<HashMap<String, u64>> {
+    let mut stmt = conn.prepare("SELECT node, at_ms FROM revocations")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.max(0) as u64)))?;
+    rows.collect()
+}

@@ -1,0 +1,166 @@
+//! The door of the cluster port: one layer, in front of both the Raft routes and the
+//! worker gateway, that decides from the peer's proven identity what it may call
+//! (ARCHITECTURE.md "Trust"). Handlers that act for a node (sync, log replies) then
+//! check with [`Peer::speaks_for`] that the body names the certificate's node.
+//!
+//! - no client certificate: only `POST /cluster/v1/join` (which wants a join token);
+//! - a revoked node (certificate issued at or before its revocation): nothing;
+//! - a certificate that expired within the grace window: only `/cluster/v1/renew`;
+//! - `/raft/*` (Raft RPCs, forwarded writes and reads, membership): managers only;
+//! - the rest of `/cluster/v1/`: any node of the cluster, as itself.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use super::pki::Role;
+use super::tls::Peer;
+
+/// Path of the token join (the only call open to a peer without a certificate).
+pub const JOIN_PATH: &str = "/cluster/v1/join";
+/// Path of certificate renewal (the only call open to an expired certificate).
+pub const RENEW_PATH: &str = "/cluster/v1/renew";
+
+/// Revoked nodes: node name → revocation time (ms). Certificates issued to the node at
+/// or before that time are refused. Fed from replicated state by the manager.
+#[derive(Clone, Debug, Default)]
+pub struct Revocations {
+    inner: Arc<RwLock<HashMap<String, u64>>>,
+}
+
+impl Revocations {
+    /// Replaces the whole set (a refresh from state).
+    pub fn replace(&self, all: HashMap<String, u64>) {
+        *self.inner.write().unwrap_or_else(|e| e.into_inner()) = all;
+    }
+
+    /// Adds one revocation at once (before the next refresh).
+    pub fn insert(&self, node: &str, at_ms: u64) {
+        self.inner.write().unwrap_or_else(|e| e.into_inner()).insert(node.to_string(), at_ms);
+    }
+
+    /// When `node` was revoked, if it was and a certificate issued at `issued_ms` is
+    /// covered by it.
+    pub fn revoked(&self, node: &str, issued_ms: u64) -> Option<u64> {
+        let at = *self.inner.read().unwrap_or_else(|e| e.into_inner()).get(node)?;
+        (issued_ms <= at).then_some(at)
+    }
+}
+
+impl Peer {
+    /// Whether this peer may act as `node` (its certificate names it).
+    pub fn speaks_for(&self, node: &str) -> bool {
+        matches!(self, Peer::Node { info, expired: false } if info.node == node)
+    }
+
+    /// The certificate's node name, for logs.
+    pub fn name(&self) -> &str {
+        match self {
+            Peer::Anonymous => "<no certificate>",
+            Peer::Node { info, .. } => &info.node,
+        }
+    }
+}
+
+fn refuse(status: StatusCode, code: &str, message: String) -> Response {
+    (status, Json(serde_json::json!({"error": {"code": code, "message": message, "field": null}}))).into_response()
+}
+
+/// The layer: `axum::middleware::from_fn_with_state(revocations, net::door::check)`.
+pub async fn check(State(revocations): State<Revocations>, req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_string();
+    let remote = super::tls::remote_of(&req).map(|a| a.to_string()).unwrap_or_default();
+    let peer = req.extensions().get::<Peer>().cloned().unwrap_or(Peer::Anonymous);
+    let verdict = match &peer {
+        Peer::Anonymous if path == JOIN_PATH => None,
+        Peer::Anonymous => Some((
+            StatusCode::UNAUTHORIZED,
+            "certificate_required",
+            format!("{path} needs a client certificate of this cluster's CA; join with a token first"),
+        )),
+        Peer::Node { info, expired } => {
+            if let Some(at) = revocations.revoked(&info.node, info.issued_ms) {
+                Some((
+                    StatusCode::FORBIDDEN,
+                    "revoked",
+                    format!(
+                        "node {} was revoked or removed at {at} ms; its certificates are refused. \
+                         Re-admit it with a fresh join token (holdfast token join --role {})",
+                        info.node, info.role
+                    ),
+                ))
+            } else if *expired && path != RENEW_PATH {
+                Some((
+                    StatusCode::UNAUTHORIZED,
+                    "certificate_expired",
+                    format!("the certificate of {} expired at {} ms; renew it first", info.node, info.not_after_ms),
+                ))
+            } else if path.starts_with("/raft/") && info.role != Role::Manager {
+                Some((
+                    StatusCode::FORBIDDEN,
+                    "manager_only",
+                    format!("{path} is for managers; {} holds a {} certificate", info.node, info.role),
+                ))
+            } else {
+                None
+            }
+        }
+    };
+    match verdict {
+        None => json_errors(next.run(req).await).await,
+        Some((status, code, message)) => {
+            tracing::warn!(%remote, peer = peer.name(), %path, code, "cluster port: refused: {message}");
+            refuse(status, code, message)
+        }
+    }
+}
+
+/// Bounds requests in flight on the cluster port: past the limit, a JSON 503 at once.
+pub async fn bounded(State(slots): State<Arc<tokio::sync::Semaphore>>, req: Request, next: Next) -> Response {
+    match slots.try_acquire_owned() {
+        Ok(_slot) => next.run(req).await,
+        Err(_) => {
+            let mut r =
+                refuse(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "cluster port is at capacity; retry".into());
+            r.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+            r
+        }
+    }
+}
+
+/// Gives every error answer of the cluster port the JSON error shape (extractor
+/// rejections such as a malformed body are plain text otherwise).
+async fn json_errors(resp: Response) -> Response {
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    let status = resp.status();
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 4_096).await.map(|b| String::from_utf8_lossy(&b).into_owned());
+    let code = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+        s if s.is_client_error() => "bad_request",
+        _ => "internal",
+    };
+    let mut out = refuse(status, code, text.unwrap_or_default());
+    // Keep `Connection: close` and the like.
+    for (k, v) in parts.headers.iter() {
+        if k != axum::http::header::CONTENT_TYPE && k != axum::http::header::CONTENT_LENGTH {
+            out.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    out
+}

@@ -1,0 +1,493 @@
+//! The cluster port's door, on real processes over real TLS: token joins and each
+//! refusal, plain HTTP and missing or foreign certificates, roles and node identity,
+//! revocation and removal, leaf rotation under writes, and a worker that comes back
+//! after its certificate expired while it was cut off.
+
+mod common;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use holdfast::net::pki::{self, Ca, CertInfo, Role};
+use holdfast::net::tls;
+use serde_json::{json, Value};
+
+struct Node {
+    name: String,
+    api: String,
+    cluster: String,
+    data: std::path::PathBuf,
+    proc: Option<Proc>,
+}
+
+impl Node {
+    fn new(dir: &Path, name: &str) -> Node {
+        Node {
+            name: name.into(),
+            api: format!("127.0.0.1:{}", free_port()),
+            cluster: format!("127.0.0.1:{}", free_port()),
+            data: dir.join(name),
+            proc: None,
+        }
+    }
+
+    fn manager(&mut self, dir: &Path, extra: &[&str]) {
+        let mut args = vec!["agent", "--manager", "--node-id", &self.name, "--data-dir"];
+        let data = self.data.to_str().unwrap().to_string();
+        args.push(&data);
+        args.extend(["--api", &self.api, "--cluster", &self.cluster]);
+        args.extend_from_slice(extra);
+        self.proc = Some(Proc::spawn(&args, &dir.join(format!("{}.log", self.name)), &[]));
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.api)
+    }
+
+    fn log(&self) -> String {
+        self.proc.as_ref().map(|p| p.log_text()).unwrap_or_default()
+    }
+}
+
+/// Spawns `holdfast agent --worker` joined to `cluster`.
+fn worker(dir: &Path, name: &str, cluster: &str, extra: &[&str]) -> Proc {
+    let data = dir.join(name);
+    let mut args =
+        vec!["agent", "--worker", "--node-id", name, "--data-dir", data.to_str().unwrap(), "--join", cluster];
+    args.extend_from_slice(extra);
+    Proc::spawn(&args, &dir.join(format!("{name}.log")), &[])
+}
+
+/// Waits for a process to exit on its own; its exit status.
+async fn exits(p: &mut Proc, within: Duration) -> std::process::ExitStatus {
+    eventually(within, "the process to exit", || {
+        let s = p.child.try_wait().ok().flatten();
+        async move { s }
+    })
+    .await
+}
+
+/// An HTTP client over mutual TLS holding the certificate in `<data>/tls`.
+fn client_of(data: &Path) -> reqwest::Client {
+    let dir = data.join("tls");
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).expect("identity file");
+    let (ca, cert, key) = (read("ca.pem"), read("node.pem"), read("node.key"));
+    let resolver = tls::CertResolver::new(tls::certified_key(&cert, &key, &ca).expect("key"));
+    let cfg = tls::client_config(&[pki::cert_der_from_pem(&ca).unwrap()], resolver).expect("client config");
+    tls::http_client(cfg, Duration::from_secs(3))
+}
+
+/// A TLS client without a certificate that trusts anything: only the door decides.
+fn anonymous() -> reqwest::Client {
+    reqwest::Client::builder().danger_accept_invalid_certs(true).timeout(Duration::from_secs(5)).build().unwrap()
+}
+
+async fn node_status(m: &Node, name: &str) -> Option<String> {
+    let v = get_json(&api_client(&m.data).await, &m.url(&format!("/v1/nodes/{name}"))).await?;
+    v["status"].as_str().map(String::from)
+}
+
+async fn post_json(c: &reqwest::Client, url: &str, body: Value) -> Result<(u16, Value), String> {
+    let r = c.post(url).json(&body).send().await.map_err(|e| holdfast::net::identity::chain(&e))?;
+    let status = r.status().as_u16();
+    Ok((status, r.json().await.unwrap_or(Value::Null)))
+}
+
+const ROUTES: [&str; 11] = [
+    "/raft/append",
+    "/raft/vote",
+    "/raft/snapshot",
+    "/raft/write",
+    "/raft/read-index",
+    "/raft/join",
+    "/raft/remove",
+    "/raft/status",
+    "/cluster/v1/sync",
+    "/cluster/v1/logs",
+    "/cluster/v1/renew",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_admit_and_the_door_refuses_each_bad_caller() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut m1 = Node::new(d, "m1");
+    m1.manager(d, &["--bootstrap"]);
+    let worker_token = join_token(&m1.data, "worker");
+    let manager_token = join_token(&m1.data, "manager");
+    assert!(worker_token.starts_with("HFTKN-1-") && worker_token != manager_token);
+    let ca_pem = std::fs::read_to_string(m1.data.join("tls/ca.pem")).unwrap();
+    let digest = pki::digest(&pki::cert_der_from_pem(&ca_pem).unwrap());
+    assert!(worker_token.contains(&digest), "the token pins the CA");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for f in ["join-worker.token", "join-manager.token", "tls/node.key", "tls/ca.key"] {
+            let mode = std::fs::metadata(m1.data.join(f)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{f}");
+        }
+    }
+
+    // The right token admits; the worker's certificate names it as a worker.
+    let token_file = m1.data.join("join-worker.token");
+    let _w1 = worker(d, "w1", &m1.cluster, &["--token-file", token_file.to_str().unwrap()]);
+    eventually(Duration::from_secs(30), "w1 ready", || async {
+        (node_status(&m1, "w1").await? == "ready").then_some(())
+    })
+    .await;
+    let w1_cert = std::fs::read_to_string(d.join("w1/tls/node.pem")).unwrap();
+    let info = CertInfo::from_der(&pki::cert_der_from_pem(&w1_cert).unwrap()).unwrap();
+    assert_eq!((info.node.as_str(), info.role), ("w1", Role::Worker));
+    assert!(!d.join("w1/tls/ca.key").exists(), "the CA key never reaches a worker");
+
+    // A second manager joins with the manager token.
+    let mut m2 = Node::new(d, "m2");
+    m2.manager(d, &["--join", &m1.cluster, "--token", &manager_token]);
+    eventually(Duration::from_secs(30), "two voters", || async {
+        let v = get_json(&api_client(&m1.data).await, &m1.url("/v1/cluster")).await?;
+        (v["members"].as_array()?.iter().filter(|m| m["voter"] == true).count() == 2).then_some(())
+    })
+    .await;
+
+    // Refusals, each with the reason on the joining side.
+    let secret_guess = format!("HFTKN-1-{digest}-0123456789abcdef0123456789abcdef");
+    let mut bad = worker(d, "w-guess", &m1.cluster, &["--token", &secret_guess]);
+    assert!(!exits(&mut bad, Duration::from_secs(30)).await.success());
+    assert!(bad.log_text().contains("token_unknown"), "{}", bad.log_text());
+
+    let other_ca = Ca::generate().unwrap();
+    let foreign = format!("HFTKN-1-{}-0123456789abcdef0123456789abcdef", other_ca.digest().unwrap());
+    let mut bad = worker(d, "w-foreign", &m1.cluster, &["--token", &foreign]);
+    assert!(!exits(&mut bad, Duration::from_secs(30)).await.success());
+    assert!(bad.log_text().contains("not the CA"), "{}", bad.log_text());
+    assert!(!m1.log().contains("w-foreign"), "the secret was never sent to the manager");
+
+    let wrong_role = worker(d, "w-role", &m1.cluster, &["--token", &manager_token]);
+    let mut wrong_role = wrong_role;
+    assert!(!exits(&mut wrong_role, Duration::from_secs(30)).await.success());
+    assert!(wrong_role.log_text().contains("token_role"), "{}", wrong_role.log_text());
+
+    // Rotation: a one-use token admits once; the old one stops working.
+    let (s, v) =
+        post_json(&api_client(&m1.data).await, &m1.url("/v1/cluster/join-tokens"), json!({"role":"worker","uses":1}))
+            .await
+            .unwrap();
+    assert_eq!(s, 201, "{v}");
+    let one_use = v["token"].as_str().unwrap().to_string();
+    let _w2 = worker(d, "w2", &m1.cluster, &["--token", &one_use]);
+    eventually(Duration::from_secs(30), "w2 ready", || async {
+        (node_status(&m1, "w2").await? == "ready").then_some(())
+    })
+    .await;
+    let mut used_up = worker(d, "w3", &m1.cluster, &["--token", &one_use]);
+    assert!(!exits(&mut used_up, Duration::from_secs(30)).await.success());
+    assert!(used_up.log_text().contains("token_used_up"), "{}", used_up.log_text());
+    let mut rotated = worker(d, "w4", &m1.cluster, &["--token", &worker_token]);
+    assert!(!exits(&mut rotated, Duration::from_secs(30)).await.success());
+    assert!(rotated.log_text().contains("token_revoked"), "{}", rotated.log_text());
+    let (s, v) =
+        post_json(&api_client(&m1.data).await, &m1.url("/v1/cluster/join-tokens"), json!({"role":"worker","ttl_ms":1}))
+            .await
+            .unwrap();
+    assert_eq!(s, 201, "{v}");
+    let expired = v["token"].as_str().unwrap().to_string();
+    let mut late = worker(d, "w5", &m1.cluster, &["--token", &expired]);
+    assert!(!exits(&mut late, Duration::from_secs(30)).await.success());
+    assert!(late.log_text().contains("token_expired"), "{}", late.log_text());
+    // Nodes already joined are not affected by rotation.
+    assert_eq!(node_status(&m1, "w1").await.as_deref(), Some("ready"));
+
+    // Plain HTTP never reaches a route; TLS without a certificate reaches none but join.
+    for route in ROUTES {
+        let plain = http().post(format!("http://{}{route}", m1.cluster)).body("{}").send().await;
+        assert!(plain.is_err(), "plain HTTP got an answer on {route}: {plain:?}");
+        let (s, v) = post_json(&anonymous(), &format!("https://{}{route}", m1.cluster), json!({})).await.unwrap();
+        assert_eq!((s, v["error"]["code"].as_str()), (401, Some("certificate_required")), "{route}: {v}");
+    }
+    // A certificate of another CA fails the handshake.
+    let (cert, key) = other_ca.issue("w1", Role::Manager, Duration::from_secs(60)).unwrap();
+    let fake = d.join("fake");
+    holdfast::net::identity::write_private(&fake.join("tls/ca.pem"), &ca_pem).unwrap();
+    holdfast::net::identity::write_private(&fake.join("tls/node.pem"), &cert).unwrap();
+    holdfast::net::identity::write_private(&fake.join("tls/node.key"), &key).unwrap();
+    let r = post_json(&client_of(&fake), &format!("https://{}/raft/status", m1.cluster), json!({})).await;
+    assert!(r.is_err(), "a foreign certificate got an answer: {r:?}");
+
+    // A worker certificate: no Raft, and no speaking for another node.
+    let w1c = client_of(&d.join("w1"));
+    for route in ["/raft/append", "/raft/vote", "/raft/write", "/raft/join"] {
+        let (s, v) = post_json(&w1c, &format!("https://{}{route}", m1.cluster), json!({})).await.unwrap();
+        assert_eq!((s, v["error"]["code"].as_str()), (403, Some("manager_only")), "{route}: {v}");
+    }
+    let sync_as = |node: &str| {
+        json!({"node": node, "address": "127.0.0.1", "labels": {}, "resources": {"cpus":1,"cpu_millis":1000,"load1":0.0,"memory_total_mb":64,"memory_free_mb":64,"disk_total_mb":64,"disk_free_mb":64,"engine_ok":true},
+               "wait_ms": 0, "reports": [], "have_version": 0})
+    };
+    let (s, v) = post_json(&w1c, &format!("https://{}/cluster/v1/sync", m1.cluster), sync_as("w2")).await.unwrap();
+    assert_eq!((s, v["error"]["code"].as_str()), (403, Some("wrong_node")), "{v}");
+
+    // Revocation: w2 is refused at once, w1 is not.
+    let (s, v) = post_json(&api_client(&m1.data).await, &m1.url("/v1/nodes/w2/revoke"), json!({})).await.unwrap();
+    assert_eq!(s, 200, "{v}");
+    let w2c = client_of(&d.join("w2"));
+    let (s, v) = post_json(&w2c, &format!("https://{}/cluster/v1/sync", m1.cluster), sync_as("w2")).await.unwrap();
+    assert_eq!((s, v["error"]["code"].as_str()), (403, Some("revoked")), "{v}");
+    eventually(Duration::from_secs(10), "the revocation on m2 too", || {
+        let (w2c, url) = (w2c.clone(), format!("https://{}/cluster/v1/renew", m2.cluster));
+        async move {
+            let (s, _) = post_json(&w2c, &url, json!({"csr_pem":""})).await.ok()?;
+            (s == 403).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(node_status(&m1, "w1").await.as_deref(), Some("ready"));
+
+    // The listener's limits, as a manager: a snapshot chunk far past the bytes received
+    // is refused before it can allocate; an oversized vote is refused; both as JSON.
+    let m1c = client_of(&m1.data);
+    let chunk = json!({
+        "vote": {"leader_id": {"term": 1, "node_id": 1}, "committed": false},
+        "meta": {"last_log_id": null, "last_membership": {"log_id": null, "membership": {"configs": [], "nodes": {}}},
+                 "snapshot_id": "evil"},
+        "offset": 1u64 << 40, "data": "AAAA", "done": false,
+    });
+    let (s, v) = post_json(&m1c, &format!("https://{}/raft/snapshot", m1.cluster), chunk).await.unwrap();
+    assert_eq!((s, v["error"]["code"].as_str()), (400, Some("bad_chunk")), "{v}");
+    let big = json!({"padding": "x".repeat(200_000)});
+    let (s, v) = post_json(&m1c, &format!("https://{}/raft/vote", m1.cluster), big).await.unwrap();
+    assert_eq!((s, v["error"]["code"].as_str()), (413, Some("too_large")), "{v}");
+
+    // A removed manager is refused on its next call.
+    let resp = api_client(&m1.data).await.delete(m1.url("/v1/cluster/members/m2")).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200, "{:?}", resp.text().await);
+    let m2c = client_of(&m2.data);
+    eventually(Duration::from_secs(2), "m2 refused at m1's door", || {
+        let (m2c, url) = (m2c.clone(), format!("https://{}/raft/vote", m1.cluster));
+        async move {
+            let (s, v) = post_json(&m2c, &url, json!({})).await.ok()?;
+            (s == 403 && v["error"]["code"] == "revoked").then_some(())
+        }
+    })
+    .await;
+    // The cluster kept serving throughout.
+    let (s, v) = post_json(&api_client(&m1.data).await, &m1.url("/v1/tasks"), json!({"image":"holdfast/echo:latest"}))
+        .await
+        .unwrap();
+    assert_eq!(s, 201, "{v}");
+    assert!(m1.log().contains("refused"), "the manager logs its refusals");
+    assert!(!m1.log().contains(worker_token.rsplit('-').next().unwrap()), "a secret reached a log");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaf_rotation_under_steady_writes_loses_nothing_and_fails_no_rpc() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Three-second leaves: every node renews every two seconds.
+    let life = ["--cert-lifetime", "3s"];
+    let mut m1 = Node::new(d, "m1");
+    m1.manager(d, &[&["--bootstrap"][..], &life[..]].concat());
+    let token = join_token(&m1.data, "manager");
+    let mut m2 = Node::new(d, "m2");
+    m2.manager(d, &[&["--join", &m1.cluster, "--token", &token][..], &life[..]].concat());
+    let wt = join_token(&m1.data, "worker");
+    let w1 = worker(d, "w1", &format!("{},{}", m1.cluster, m2.cluster), &["--token", &wt]);
+    eventually(Duration::from_secs(30), "two voters and w1 ready", || async {
+        let v = get_json(&api_client(&m1.data).await, &m1.url("/v1/cluster")).await?;
+        let voters = v["members"].as_array()?.iter().filter(|m| m["voter"] == true).count();
+        (voters == 2 && node_status(&m1, "w1").await? == "ready").then_some(())
+    })
+    .await;
+
+    // What the logs held before the writes start (joining may log a retry or two).
+    let base = (m1.log().len(), m2.log().len(), w1.log_text().len());
+    // Steady writes on both managers (followers forward over the cluster port) across
+    // several rotations of every certificate.
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let mut writers = Vec::new();
+    let admin = api_client(&m1.data).await;
+    for (i, api) in [m1.api.clone(), m2.api.clone()].into_iter().enumerate() {
+        let (stop, ok, admin) = (stop.clone(), ok.clone(), admin.clone());
+        writers.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let body = json!({"image":"holdfast/echo:latest","name":format!("r{i}-{n}"),"constraints":{"labels":{"zone":"nowhere"}}});
+                let r = post_json(&admin, &format!("http://{api}/v1/tasks"), body).await;
+                match r {
+                    Ok((201, v)) => {
+                        ids.push(v["id"].as_str().unwrap().to_string());
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    other => panic!("write {i}-{n} failed during rotation: {other:?}"),
+                }
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            ids
+        }));
+    }
+    let renewals = |log: &str| log.matches("cluster certificate renewed").count();
+    eventually(Duration::from_secs(40), "three renewals on every node", || {
+        let (a, b, c) = (renewals(&m1.log()), renewals(&m2.log()), renewals(&w1.log_text()));
+        async move { (a >= 3 && b >= 3 && c >= 3).then_some(()) }
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let mut acked = Vec::new();
+    for w in writers {
+        acked.extend(w.await.expect("writer"));
+    }
+    assert!(acked.len() > 20, "only {} writes", acked.len());
+    let v = get_json(&api_client(&m1.data).await, &m2.url("/v1/tasks")).await.expect("tasks");
+    let have: std::collections::HashSet<&str> =
+        v["tasks"].as_array().unwrap().iter().filter_map(|t| t["id"].as_str()).collect();
+    for id in &acked {
+        assert!(have.contains(id.as_str()), "acknowledged write {id} lost");
+    }
+    // No RPC failed: no refused handshake or door refusal, no failed sync.
+    let logs = [
+        ("m1", m1.log()[base.0..].to_string()),
+        ("m2", m2.log()[base.1..].to_string()),
+        ("w1", w1.log_text()[base.2..].to_string()),
+    ];
+    for (name, log) in logs {
+        for bad in ["handshake refused", "refused:", "sync failed", "certificate_expired"] {
+            assert!(!log.contains(bad), "{name} logged {bad:?} during rotation:\n{log}");
+        }
+    }
+    assert_eq!(node_status(&m1, "w1").await.as_deref(), Some("ready"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_cut_off_past_its_certificate_keeps_its_keep_task_and_renews_on_return() {
+    require_docker();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut m1 = Node::new(d, "m1");
+    let start = |m1: &mut Node| m1.manager(d, &["--bootstrap", "--cert-lifetime", "3s"]);
+    start(&mut m1);
+    let wt = join_token(&m1.data, "worker");
+    let name = format!("wcut-{}", std::process::id());
+    let _cleanup = NodeContainers(name.clone());
+    let w = worker(d, &name, &m1.cluster, &["--token", &wt]);
+    eventually(Duration::from_secs(60), "worker ready", || async {
+        (node_status(&m1, &name).await? == "ready").then_some(())
+    })
+    .await;
+    let spec = json!({"image":"holdfast/echo:latest","ports":[{"container":7777}],"offline":{"mode":"keep","lost_after_ms":600000}});
+    let (s, v) = post_json(&api_client(&m1.data).await, &m1.url("/v1/tasks"), spec).await.unwrap();
+    assert_eq!(s, 201, "{v}");
+    let running = || async {
+        let ids = containers_with_label("holdfast.node", &name);
+        let out = std::process::Command::new("docker")
+            .args(["ps", "-q", "--no-trunc", "--filter", &format!("label=holdfast.node={name}")])
+            .output()
+            .ok()?;
+        let up: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect();
+        (ids.len() == 1 && up.len() == 1).then(|| up[0].clone())
+    };
+    let container = eventually(Duration::from_secs(90), "the keep task running", running).await;
+
+    // Cut off: the only manager is gone until the worker's certificate has expired.
+    m1.proc.as_mut().unwrap().kill();
+    let cert_path = d.join(&name).join("tls/node.pem");
+    eventually(Duration::from_secs(30), "the worker certificate to expire", || {
+        let pem = std::fs::read_to_string(&cert_path).unwrap_or_default();
+        let after = pki::cert_der_from_pem(&pem).ok().and_then(|c| CertInfo::from_der(&c).ok()).map(|i| i.not_after_ms);
+        async move { after.filter(|a| pki::now_ms() > *a + 1_000).map(|_| ()) }
+    })
+    .await;
+    assert_eq!(running().await.as_deref(), Some(container.as_str()), "the keep task ran on while cut off");
+
+    // Back: the worker renews by itself and is ready again, same container.
+    start(&mut m1);
+    // Synced again (the leader's liveness is in memory: fresh after the restart) with a
+    // fresh certificate it got by itself.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = get_json(&api_client(&m1.data).await, &m1.url(&format!("/v1/nodes/{name}"))).await.unwrap_or_default();
+        let seen = v["last_seen_ms_ago"].as_u64().is_some_and(|ms| ms < 1_500);
+        let pem = std::fs::read_to_string(&cert_path).unwrap_or_default();
+        let fresh = pki::cert_der_from_pem(&pem)
+            .ok()
+            .and_then(|c| CertInfo::from_der(&c).ok())
+            .is_some_and(|i| i.not_after_ms > pki::now_ms());
+        if seen && fresh && v["status"] == "ready" {
+            break;
+        }
+        let tail = |t: String| t.chars().rev().take(3_000).collect::<String>().chars().rev().collect::<String>();
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker did not come back within 60 s: {v}\n--- worker\n{}\n--- m1\n{}",
+            tail(w.log_text()),
+            tail(m1.log())
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(w.log_text().contains("cluster certificate renewed"), "{}", w.log_text());
+    assert_eq!(running().await.as_deref(), Some(container.as_str()), "the same container");
+}
+
+#[tokio::test]
+async fn past_the_grace_window_a_node_says_which_token_and_command_to_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::generate().unwrap();
+    // Already expired, and no grace at all.
+    let (cert, key) = ca.issue("w9", Role::Worker, Duration::ZERO).unwrap();
+    let tlsdir = dir.path().join("tls");
+    holdfast::net::identity::write_private(&tlsdir.join("ca.pem"), &ca.cert_pem).unwrap();
+    holdfast::net::identity::write_private(&tlsdir.join("node.pem"), &cert).unwrap();
+    holdfast::net::identity::write_private(&tlsdir.join("node.key"), &key).unwrap();
+    let settings = holdfast::net::identity::IdentitySettings {
+        node: "w9".into(),
+        role: Role::Worker,
+        data_dir: dir.path().to_path_buf(),
+        bootstrap: false,
+        token: None,
+        seeds: vec!["127.0.0.1:1".into()],
+        lifetime: Duration::from_secs(60),
+        grace: Duration::ZERO,
+    };
+    let err = holdfast::net::identity::NodeTls::establish(&settings).await.expect_err("past the grace window");
+    let text = err.to_string();
+    assert!(text.contains("holdfast token join --role worker") && text.contains("--token-file"), "{text}");
+}
+
+#[tokio::test]
+async fn a_node_dials_only_servers_proving_a_manager_certificate_of_its_ca() {
+    // The client every node uses (sync, redirects, Raft) against three servers of the
+    // same CA: one with a manager certificate, one with a worker certificate (a worker
+    // posing as a manager in a 421 hint), and one of another CA.
+    let ca = Ca::generate().unwrap();
+    let other = Ca::generate().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write_identity(&ca, &dir.path().join("me"), "me", Role::Worker);
+    let client = client_of(&dir.path().join("me"));
+    let serve_as = |issuer: &Ca, role: Role| {
+        let (cert, key) = issuer.issue("srv", role, Duration::from_secs(60)).unwrap();
+        let resolver = tls::CertResolver::new(tls::certified_key(&cert, &key, &issuer.cert_pem).unwrap());
+        let cfg = tls::server_config(&[ca.cert_der().unwrap()], resolver, Duration::ZERO).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        let router = axum::Router::new().route("/cluster/v1/sync", axum::routing::post(|| async { "hello" }));
+        let (stop, rx) = tokio::sync::broadcast::channel(1);
+        std::mem::forget(stop);
+        tls::serve(listener, cfg, router, Default::default(), rx);
+        format!("https://{addr}/cluster/v1/sync")
+    };
+    let good = serve_as(&ca, Role::Manager);
+    let posing = serve_as(&ca, Role::Worker);
+    let foreign = serve_as(&other, Role::Manager);
+    let answer = client.post(&good).send().await.expect("a manager of the CA answers");
+    assert_eq!(answer.text().await.unwrap(), "hello");
+    for url in [posing, foreign] {
+        let r = client.post(&url).send().await;
+        assert!(r.is_err(), "{url} was trusted: {r:?}");
+    }
+}
