@@ -36,9 +36,9 @@ struct TestCluster {
     api: String,
     /// Carries the admin token the bootstrapping manager wrote.
     client: reqwest::Client,
+    /// The worker join token the bootstrapping manager wrote.
+    join_token: String,
     cluster: String,
-    /// The join token workers present on the mutual-TLS cluster port.
-    worker_token: String,
     _manager: Proc,
     workers: Vec<Worker>,
     _cleanup: Vec<NodeContainers>,
@@ -80,12 +80,12 @@ impl TestCluster {
         );
         let suffix = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
         let client = api_client(&manager_data).await;
-        let worker_token = join_token(&manager_data, "worker");
+        let join_token = join_token(&manager_data, "worker");
         let mut tc = TestCluster {
             api,
             client,
+            join_token,
             cluster,
-            worker_token,
             _manager: manager,
             workers: Vec::new(),
             _cleanup: Vec::new(),
@@ -103,7 +103,9 @@ impl TestCluster {
     fn spawn_worker(&self, w: &mut Worker) {
         let args = ["agent", "--worker", "--node-id", &w.name, "--data-dir", w.data.to_str().unwrap(), "--join"];
         let mut args = args.to_vec();
-        args.extend([self.cluster.as_str(), "--token", self.worker_token.as_str()]);
+        // Workers join the cluster's mutual TLS with the worker join token (a restarted
+        // worker keeps the identity it made the first time).
+        args.extend([self.cluster.as_str(), "--token", self.join_token.as_str()]);
         w.proc = Some(Proc::spawn(&args, &w.log, &[]));
     }
 
