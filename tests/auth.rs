@@ -207,8 +207,10 @@ async fn a_revoked_token_is_refused_by_a_follower_within_a_second() {
     let m1 = start(dir.path(), "m1", &["--bootstrap"]);
     let admin = api_client(&m1.data).await;
     let seed = m1.cluster.clone();
-    let m2 = start(dir.path(), "m2", &["--join", &seed]);
-    let m3 = start(dir.path(), "m3", &["--join", &seed]);
+    // The cluster port is mutual TLS: followers join with the manager join token.
+    let token = join_token(&m1.data, "manager");
+    let m2 = start(dir.path(), "m2", &["--join", &seed, "--token", &token]);
+    let m3 = start(dir.path(), "m3", &["--join", &seed, "--token", &token]);
     eventually(Duration::from_secs(30), "three voters", || async {
         let v = get_json(&admin, &format!("{}/v1/cluster", m1.api)).await?;
         (v["members"].as_array()?.iter().filter(|m| m["voter"] == true).count() == 3).then_some(())

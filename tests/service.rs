@@ -213,6 +213,10 @@ fn worker_alone_serves_metrics_notifies_and_logs_for_journald() {
         format!("{}:{}", m.dev(), m.ino())
     };
     let data = dir.path().join("data");
+    // A worker that joined once (its certificate is in `<data>/tls`) and whose managers
+    // are now all gone: it starts from its own identity, no token needed.
+    let ca = holdfast::net::pki::Ca::generate().unwrap();
+    common::write_identity(&ca, &data, "lonely", holdfast::net::pki::Role::Worker);
     let _node = Node::spawn_with(
         &[
             "agent",
