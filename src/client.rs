@@ -223,6 +223,7 @@ pub fn snapshot_restore(file: &std::path::Path, data_dir: &std::path::Path, node
     });
     let _ = std::fs::remove_file(&scratch);
     let (header, restored) = restored.with_context(|| format!("cannot restore {}", file.display()))?;
+    seed_identity(data_dir, node_id).context("the state is restored, but the manager's certificate is not")?;
     println!(
         "restored {} (taken by {} at index {}, from members {:?}) into {}.\n\
          Start it with: holdfast agent --manager --node-id {node_id} --data-dir {} --api ... --cluster ...\n\
@@ -248,5 +249,30 @@ pub fn print_join_token(data_dir: &std::path::Path, role: crate::net::pki::Role)
         )
     })?;
     println!("{}", text.trim());
+    Ok(())
+}
+
+/// Gives a restored manager the identity a first manager has: the cluster CA from the
+/// restored state (`trust_ca`) and a manager certificate it signs, in `<data_dir>/tls`.
+/// Workers and managers that trust that CA then accept the restored manager unchanged.
+fn seed_identity(data_dir: &std::path::Path, node_id: &str) -> anyhow::Result<()> {
+    use crate::net::{identity::write_private, pki};
+    let state = data_dir.join("manager").join("state.db");
+    let conn = rusqlite::Connection::open_with_flags(&state, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let ca: Option<(String, String)> = rusqlite::OptionalExtension::optional(conn.query_row(
+        "SELECT cert_pem, key_pem FROM trust_ca WHERE id = 1",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    ))?;
+    let Some((cert_pem, key_pem)) = ca else {
+        bail!("the snapshot holds no cluster CA (taken before the cluster had one?)");
+    };
+    let ca = pki::Ca { cert_pem, key_pem };
+    let (cert, key) = ca.issue(node_id, pki::Role::Manager, pki::DEFAULT_LEAF_LIFETIME)?;
+    let tls = data_dir.join("tls");
+    write_private(&tls.join("ca.key"), &ca.key_pem)?;
+    write_private(&tls.join("ca.pem"), &ca.cert_pem)?;
+    write_private(&tls.join("node.key"), &key)?;
+    write_private(&tls.join("node.pem"), &cert)?;
     Ok(())
 }

@@ -70,12 +70,20 @@ async fn task_ids(c: &reqwest::Client, m: &Manager) -> Option<Vec<String>> {
 }
 
 async fn lone_leader(c: &reqwest::Client, m: &Manager) {
-    eventually(Duration::from_secs(30), "a one-member cluster led by this manager", || async {
-        let v = get_json(c, &m.url("/v1/cluster")).await?;
-        let members = v["members"].as_array()?;
-        (v["leader"]["id"] == json!(m.name) && members.len() == 1).then_some(())
-    })
-    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut last = None;
+    while std::time::Instant::now() < deadline {
+        last = get_json(c, &m.url("/v1/cluster")).await;
+        if let Some(v) = &last {
+            let members = v["members"].as_array().map_or(0, |a| a.len());
+            if v["leader"]["id"] == json!(m.name) && members == 1 {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = m.proc.as_ref().map(|p| p.log_text()).unwrap_or_default();
+    panic!("no one-member cluster led by {} within 30 s; last /v1/cluster: {last:?}\nlog:\n{log}", m.name);
 }
 
 /// The running containers of a task, straight from the engine.
