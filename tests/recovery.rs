@@ -111,6 +111,12 @@ fn holdfast(args: &[&str]) -> std::process::Output {
     Command::new(holdfast_bin()).args(args).output().expect("run holdfast")
 }
 
+/// `holdfast cluster snapshot restore FILE --data-dir DIR --node-id m1`.
+fn restore(file: &Path, data_dir: &Path) -> std::process::Output {
+    let (file, dir) = (file.to_str().expect("utf-8"), data_dir.to_str().expect("utf-8"));
+    holdfast(&["cluster", "snapshot", "restore", file, "--data-dir", dir, "--node-id", "m1"])
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_force_new_cluster_and_restore_keep_state_and_containers() {
     require_docker();
@@ -205,40 +211,13 @@ async fn snapshot_force_new_cluster_and_restore_keep_state_and_containers() {
     truncated.truncate(truncated.len() - 100);
     let bad = r.join("truncated.snapshot");
     std::fs::write(&bad, &truncated).expect("write");
-    let out = holdfast(&[
-        "cluster",
-        "snapshot",
-        "restore",
-        bad.to_str().unwrap(),
-        "--data-dir",
-        fresh.to_str().unwrap(),
-        "--node-id",
-        "m1",
-    ]);
+    let out = restore(&bad, &fresh);
     assert!(!out.status.success(), "a truncated snapshot must be refused");
     assert!(String::from_utf8_lossy(&out.stderr).contains("truncated"), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!fresh.join("manager").exists(), "a refused restore writes nothing");
-    let out = holdfast(&[
-        "cluster",
-        "snapshot",
-        "restore",
-        snap.to_str().unwrap(),
-        "--data-dir",
-        fresh.to_str().unwrap(),
-        "--node-id",
-        "m1",
-    ]);
+    let out = restore(&snap, &fresh);
     assert!(out.status.success(), "restore failed: {}", String::from_utf8_lossy(&out.stderr));
-    let again = holdfast(&[
-        "cluster",
-        "snapshot",
-        "restore",
-        snap.to_str().unwrap(),
-        "--data-dir",
-        fresh.to_str().unwrap(),
-        "--node-id",
-        "m1",
-    ]);
+    let again = restore(&snap, &fresh);
     assert!(!again.status.success(), "restoring over an existing manager is refused");
 
     ms[0].start(r, &fresh, &[]);
