@@ -44,6 +44,7 @@ pub mod store {
     pub use crate::types::{Payload, TypeConfig};
 }
 
+pub use network::cluster_http_builder;
 pub use recover::{force_new_cluster, restore_snapshot, Forced, Restored};
 
 /// Raft node id. Derived from the human node name by [`node_id_for`].

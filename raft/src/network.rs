@@ -47,6 +47,22 @@ impl CallError {
 }
 
 /// Pooled HTTP client for cluster traffic; cheap to clone.
+/// The one way cluster traffic builds its HTTP client (Raft here, worker sync and
+/// token joins in the application): the given mutual-TLS configuration, no proxy (an
+/// `HTTP_PROXY` meant for the outside world must not capture peer traffic), a bounded
+/// connect and pooled connections, so no RPC pays a handshake.
+pub fn cluster_http_builder(
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    connect_timeout: Duration,
+) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .use_preconfigured_tls((*tls).clone())
+        .no_proxy()
+        .connect_timeout(connect_timeout)
+        .pool_idle_timeout(Duration::from_secs(30))
+        .tcp_nodelay(true)
+}
+
 #[derive(Clone, Debug)]
 pub(crate) struct ClusterClient {
     http: reqwest::Client,
@@ -54,14 +70,7 @@ pub(crate) struct ClusterClient {
 
 impl ClusterClient {
     pub(crate) fn new(connect_timeout: Duration, tls: std::sync::Arc<rustls::ClientConfig>) -> Result<Self, DbError> {
-        let http = reqwest::Client::builder()
-            .use_preconfigured_tls((*tls).clone())
-            // Cluster traffic goes straight to peers; an HTTP_PROXY meant for the
-            // outside world must not capture it.
-            .no_proxy()
-            .connect_timeout(connect_timeout)
-            .pool_idle_timeout(Duration::from_secs(30))
-            .tcp_nodelay(true)
+        let http = cluster_http_builder(tls, connect_timeout)
             .build()
             .map_err(|e| DbError::Storage(format!("cannot build the cluster HTTP client: {e}")))?;
         Ok(ClusterClient { http })

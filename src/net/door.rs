@@ -164,3 +164,66 @@ async fn json_errors(resp: Response) -> Response {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::pki::CertInfo;
+    use tower::ServiceExt;
+
+    fn node(name: &str, role: Role, issued_ms: u64, expired: bool) -> Peer {
+        Peer::Node {
+            info: CertInfo {
+                node: name.into(),
+                role,
+                issued_ms,
+                not_before_ms: issued_ms,
+                not_after_ms: issued_ms + 1_000,
+            },
+            expired,
+        }
+    }
+
+    async fn status(revocations: &Revocations, peer: Option<Peer>, path: &str) -> u16 {
+        let router = axum::Router::new()
+            .fallback(|| async { "reached" })
+            .layer(axum::middleware::from_fn_with_state(revocations.clone(), check));
+        let mut req = Request::builder().method("POST").uri(path).body(axum::body::Body::empty()).unwrap();
+        if let Some(p) = peer {
+            req.extensions_mut().insert(p);
+        }
+        router.oneshot(req).await.unwrap().status().as_u16()
+    }
+
+    /// What the handshake lets through (no certificate, one expired within the grace
+    /// window) reaches exactly one route each; roles and revocation hold everywhere.
+    #[tokio::test]
+    async fn the_door_lets_each_kind_of_peer_reach_only_its_routes() {
+        let rev = Revocations::default();
+        rev.insert("gone", 500);
+        let manager = || Some(node("m1", Role::Manager, 1_000, false));
+        let worker = || Some(node("w1", Role::Worker, 1_000, false));
+        let expired = || Some(node("w1", Role::Worker, 1_000, true));
+        let revoked = || Some(node("gone", Role::Manager, 400, false));
+        let readmitted = || Some(node("gone", Role::Worker, 600, false));
+        let cases: Vec<(&str, Option<Peer>, &str, u16)> = vec![
+            ("anonymous joins", None, JOIN_PATH, 200),
+            ("anonymous renews", None, RENEW_PATH, 401),
+            ("anonymous syncs", None, "/cluster/v1/sync", 401),
+            ("anonymous appends", None, "/raft/append", 401),
+            ("expired renews", expired(), RENEW_PATH, 200),
+            ("expired syncs", expired(), "/cluster/v1/sync", 401),
+            ("expired appends", expired(), "/raft/append", 401),
+            ("worker syncs", worker(), "/cluster/v1/sync", 200),
+            ("worker appends", worker(), "/raft/append", 403),
+            ("worker votes", worker(), "/raft/vote", 403),
+            ("manager appends", manager(), "/raft/append", 200),
+            ("revoked manager appends", revoked(), "/raft/append", 403),
+            ("revoked manager renews", revoked(), RENEW_PATH, 403),
+            ("certificate issued after the revocation", readmitted(), "/cluster/v1/sync", 200),
+        ];
+        for (what, peer, path, want) in cases {
+            assert_eq!(status(&rev, peer, path).await, want, "{what}: {path}");
+        }
+    }
+}

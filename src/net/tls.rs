@@ -344,6 +344,10 @@ pub fn server_config(
     resolver: Arc<CertResolver>,
     grace: Duration,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    // Not a switch: a client without a certificate completes the handshake only so it
+    // can present a join token; `net::door` lets such a connection reach the join route
+    // and nothing else (tested in `net::door` and `tests/cluster_trust.rs`). Every
+    // certificate that is presented is verified against the cluster CA.
     let inner = WebPkiClientVerifier::builder_with_provider(roots_of(ca_ders)?, provider())
         .allow_unauthenticated()
         .build()
@@ -360,14 +364,12 @@ pub fn server_config(
 
 /// A reqwest client over `tls`: no proxy, bounded connect, pooled connections.
 pub fn http_client(tls: Arc<rustls::ClientConfig>, connect_timeout: Duration) -> reqwest::Client {
-    reqwest::Client::builder()
-        .use_preconfigured_tls((*tls).clone())
-        .no_proxy()
-        .connect_timeout(connect_timeout)
-        .pool_idle_timeout(Duration::from_secs(30))
-        .tcp_nodelay(true)
-        .build()
-        .unwrap_or_default()
+    holdfast_raft::cluster_http_builder(tls, connect_timeout).build().unwrap_or_else(|e| {
+        // Fails closed: a default client has no client certificate and does not trust
+        // the cluster CA, so every cluster call it makes is refused at the handshake.
+        tracing::error!(error = %e, "cannot build the cluster HTTP client; cluster calls will fail");
+        reqwest::Client::default()
+    })
 }
 
 /// Who is on the other end of a cluster-port connection, as proven in its handshake;
@@ -491,4 +493,85 @@ fn peer_of(certs: Option<&[CertificateDer<'static>]>) -> Peer {
 /// The address a request came from, for logs.
 pub fn remote_of(req: &axum::extract::Request) -> Option<SocketAddr> {
     req.extensions().get::<axum::extract::ConnectInfo<SocketAddr>>().map(|c| c.0)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The custom verifiers replace rustls' defaults (`dangerous()`): each still checks
+    //! the whole chain against the cluster CA; these cases pin what each accepts.
+    use super::*;
+    use crate::net::pki::{Ca, Role};
+
+    fn der(pem: &str) -> CertificateDer<'static> {
+        pki::cert_der_from_pem(pem).unwrap()
+    }
+
+    fn leaf(ca: &Ca, node: &str, role: Role, life: Duration) -> CertificateDer<'static> {
+        der(&ca.issue(node, role, life).unwrap().0)
+    }
+
+    fn later(secs: u64) -> UnixTime {
+        UnixTime::since_unix_epoch(Duration::from_millis(pki::now_ms()) + Duration::from_secs(secs))
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn the_cluster_client_trusts_only_manager_leaves_chained_to_its_ca() {
+        let (ca, other) = (Ca::generate().unwrap(), Ca::generate().unwrap());
+        let v = ManagerVerifier::new(&[ca.cert_der().unwrap()]).unwrap();
+        let check = |leaf: &CertificateDer<'_>, chain: &[CertificateDer<'_>]| {
+            // The name a caller dials is ignored: the role is the identity.
+            v.verify_server_cert(leaf, chain, &ServerName::try_from("10.9.9.9").unwrap(), &[], UnixTime::now())
+        };
+        let ca_der = ca.cert_der().unwrap();
+        assert!(check(&leaf(&ca, "m1", Role::Manager, HOUR), std::slice::from_ref(&ca_der)).is_ok());
+        assert!(check(&leaf(&ca, "w1", Role::Worker, HOUR), std::slice::from_ref(&ca_der)).is_err(), "a worker poses");
+        assert!(check(&leaf(&other, "m1", Role::Manager, HOUR), &[]).is_err(), "another CA");
+        // The CA certificate is public: carrying it in the chain proves nothing.
+        let forged = leaf(&other, "m1", Role::Manager, HOUR);
+        assert!(check(&forged, &[ca_der, other.cert_der().unwrap()]).is_err(), "a leaf the CA never signed");
+    }
+
+    #[test]
+    fn a_pinned_join_trusts_only_a_manager_leaf_signed_by_the_pinned_ca() {
+        let (ca, other) = (Ca::generate().unwrap(), Ca::generate().unwrap());
+        let mismatch = Arc::new(Mismatch::default());
+        let v = PinnedVerifier { digest: ca.digest().unwrap(), mismatch: mismatch.clone() };
+        let check = |leaf: &CertificateDer<'_>, chain: &[CertificateDer<'_>]| {
+            v.verify_server_cert(leaf, chain, &manager_name(), &[], UnixTime::now())
+        };
+        let (ca_der, other_der) = (ca.cert_der().unwrap(), other.cert_der().unwrap());
+        assert!(check(&leaf(&ca, "m1", Role::Manager, HOUR), std::slice::from_ref(&ca_der)).is_ok());
+        assert!(check(&leaf(&ca, "w1", Role::Worker, HOUR), std::slice::from_ref(&ca_der)).is_err());
+        // An impostor that presents the (public) pinned CA but signs with its own key.
+        let forged = leaf(&other, "m1", Role::Manager, HOUR);
+        assert!(check(&forged, &[ca_der, other_der.clone()]).is_err(), "the pinned CA must have signed the leaf");
+        assert!(mismatch.take().is_none(), "the CA matched; the signature did not");
+        // Another cluster altogether: refused, and the reason is kept for the log.
+        assert!(check(&forged, &[other_der]).is_err());
+        assert!(mismatch.take().is_some_and(|why| why.contains("not the CA")));
+    }
+
+    #[test]
+    fn an_expired_client_certificate_passes_the_handshake_only_within_grace_and_only_from_the_ca() {
+        let (ca, other) = (Ca::generate().unwrap(), Ca::generate().unwrap());
+        let inner =
+            WebPkiClientVerifier::builder_with_provider(roots_of(&[ca.cert_der().unwrap()]).unwrap(), provider())
+                .allow_unauthenticated()
+                .build()
+                .unwrap();
+        let v = GraceVerifier { inner, grace: Duration::from_secs(60) };
+        let short = Duration::from_secs(10);
+        let mine = leaf(&ca, "w1", Role::Worker, short);
+        let foreign = leaf(&other, "w1", Role::Worker, short);
+        assert!(v.verify_client_cert(&mine, &[], UnixTime::now()).is_ok());
+        assert!(v.verify_client_cert(&mine, &[], later(30)).is_ok(), "expired 20 s ago, grace 60 s");
+        assert!(v.verify_client_cert(&mine, &[], later(120)).is_err(), "past the grace window");
+        assert!(v.verify_client_cert(&foreign, &[], UnixTime::now()).is_err(), "another CA");
+        assert!(v.verify_client_cert(&foreign, &[], later(30)).is_err(), "another CA, expired within grace");
+        // No certificate gets through the handshake (joining needs none); the door then
+        // lets such a connection reach only the join route (`net::door` tests).
+        assert!(!v.client_auth_mandatory());
+    }
 }
