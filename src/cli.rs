@@ -106,11 +106,11 @@ pub struct ApiAuth {
     /// API bearer token.
     #[arg(long, env = "HOLDFAST_API_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
-    /// Data directory holding `admin.token` (and `ca.pem` for an https URL).
+    /// Data directory holding `admin.token` (and `tls/ca.pem` for an https URL).
     #[arg(long, env = "HOLDFAST_DATA_DIR", default_value = "./holdfast-data", global = true)]
     pub data_dir: PathBuf,
-    /// CA certificate (PEM) that signed the API's certificate, for an https URL;
-    /// defaults to `<data-dir>/ca.pem`, else the manager's own `<data-dir>/api-cert.pem`.
+    /// CA certificate(s) (PEM) that signed the API's certificate, for an https URL;
+    /// defaults to the cluster CA in `<data-dir>/tls/ca.pem`, else `<data-dir>/ca.pem`.
     #[arg(long, env = "HOLDFAST_CA_FILE", global = true)]
     pub ca_file: Option<PathBuf>,
 }
@@ -393,8 +393,8 @@ pub struct AgentArgs {
     #[arg(long, env = "HOLDFAST_MIN_FREE_MB", default_value_t = crate::config::DEFAULT_MIN_FREE_MB)]
     pub min_free_mb: u64,
     /// PEM certificate (chain) the API serves over HTTPS (managers; with --api-key).
-    /// Off loopback the API is always HTTPS; without this it uses a certificate of
-    /// its own, kept in the data dir as `api-cert.pem`.
+    /// Off loopback the API is always HTTPS; without this it serves a certificate the
+    /// manager issues itself from the cluster CA (and renews in place).
     #[arg(long, env = "HOLDFAST_API_CERT", requires = "api_key")]
     pub api_cert: Option<PathBuf>,
     /// PEM private key of --api-cert.

@@ -122,6 +122,7 @@ pub async fn run_service(
             ..Default::default()
         };
         let mgr = Manager::new(rdb.clone(), applied, settings, resilience.clone(), events);
+        let _ = mgr.cluster_tls.set(tls.clone());
         let cluster_listener = crate::net::bind(&m.cluster, "cluster traffic").await?;
         let api_listener = crate::net::bind(&m.api, "the API").await?;
         let revocations = Revocations::default();
@@ -169,12 +170,22 @@ pub async fn run_service(
             // it has its own cap on open streams.
             .merge(manager::api::auth::layer(streams, mgr.clone()));
         // Off loopback the API speaks only HTTPS (ARCHITECTURE.md, "Access").
-        let api_tls =
-            manager::api::tls::source_for(&m.api, &m.advertise_api, m.api_tls_files.clone(), &config.data_dir);
+        let api_tls = manager::api::tls::source_for(&m.api, &m.advertise_api, m.api_tls_files.clone());
         tasks.push(match api_tls {
             Some(source) => {
-                let tls_config =
+                let (tls_config, issued) =
                     manager::api::tls::server_config(&source).map_err(|e| std::io::Error::other(e.to_string()))?;
+                if let (Some(cert), manager::api::tls::CertSource::ClusterCa { names }) = (issued, &source) {
+                    drop(manager::api::tls::keep_issued(
+                        mgr.clone(),
+                        trust.clone(),
+                        cert,
+                        config.node_id.clone(),
+                        names.clone(),
+                        config.trust.cert_lifetime,
+                        stop_tx.subscribe(),
+                    ));
+                }
                 tracing::info!(api = %m.api, ?source, "the API serves HTTPS");
                 manager::api::tls::serve(api_listener, api, tls_config, stop_tx.subscribe())
             }

@@ -491,3 +491,111 @@ async fn a_node_dials_only_servers_proving_a_manager_certificate_of_its_ca() {
         assert!(r.is_err(), "{url} was trusted: {r:?}");
     }
 }
+
+/// An API client trusting only the CA file in `data/tls/ca.pem` (what the CLI does),
+/// with the admin token of `admin_data`; it reports the server's leaf.
+async fn https_client(data: &Path, admin_data: &Path) -> reqwest::Client {
+    let bearer = format!("Bearer {}", admin_token(admin_data).await);
+    let path = data.join("tls/ca.pem");
+    let pem = eventually(Duration::from_secs(30), "tls/ca.pem", || {
+        let path = path.clone();
+        async move { std::fs::read(&path).ok() }
+    })
+    .await;
+    let mut b = reqwest::Client::builder().tls_built_in_root_certs(false).tls_info(true);
+    for c in reqwest::Certificate::from_pem_bundle(&pem).unwrap() {
+        b = b.add_root_certificate(c);
+    }
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(reqwest::header::AUTHORIZATION, bearer.parse().unwrap());
+    b.default_headers(headers).timeout(Duration::from_secs(5)).build().unwrap()
+}
+
+/// The API leaf a fresh connection is served, and the JSON of `url`.
+async fn https_get(c: &reqwest::Client, url: String) -> Option<(Vec<u8>, Value)> {
+    let r = c.get(&url).send().await.ok()?;
+    let leaf = r.extensions().get::<reqwest::tls::TlsInfo>()?.peer_certificate()?.to_vec();
+    r.status().is_success().then_some(())?;
+    Some((leaf, r.json().await.ok()?))
+}
+
+/// Runs the CLI and returns (success, stdout + stderr).
+fn cli(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(holdfast_bin()).args(args).output().expect("run holdfast");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// Off loopback the API serves a certificate the manager issued from the cluster CA,
+/// naming loopback too, and renews it in place; the CLI trusts the CA in the data dir
+/// (or --ca-file) and says which flag to use when it has none; a follower shows the
+/// leader's live fields, read over the cluster port with its manager certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_https_api_uses_the_cluster_ca_and_a_follower_shows_live_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (p1, p2) = (free_port(), free_port());
+    let mut m1 = Node::new(d, "m1");
+    m1.api = format!("0.0.0.0:{p1}");
+    m1.manager(d, &["--bootstrap", "--cert-lifetime", "6s"]);
+    let url1 = |path: &str| format!("https://127.0.0.1:{p1}{path}");
+    let c1 = https_client(&m1.data, &m1.data).await;
+    let (leaf, _) = eventually(Duration::from_secs(30), "m1's HTTPS API", || https_get(&c1, url1("/v1/cluster"))).await;
+    let info = CertInfo::from_der(&leaf).unwrap();
+    assert_eq!((info.node.as_str(), info.role), ("m1", Role::Manager));
+    assert!(!m1.data.join("api-cert.pem").exists(), "no self-signed stand-in");
+    let plain = http().get(format!("http://127.0.0.1:{p1}/v1/cluster")).send().await;
+    assert!(plain.is_err() || !plain.unwrap().status().is_success(), "plain HTTP is not served off loopback");
+
+    // Renewed in place at two thirds of its life: a later connection gets a new leaf.
+    eventually(Duration::from_secs(20), "a renewed API certificate", || {
+        let (c, leaf, url) = (https_client(&m1.data, &m1.data), leaf.clone(), url1("/v1/cluster"));
+        async move {
+            let (now, _) = https_get(&c.await, url).await?;
+            (now != leaf).then_some(())
+        }
+    })
+    .await;
+
+    // A second manager (HTTPS too) and a worker.
+    let mut m2 = Node::new(d, "m2");
+    m2.api = format!("0.0.0.0:{p2}");
+    let manager_token = join_token(&m1.data, "manager");
+    m2.manager(d, &["--join", &m1.cluster, "--token", &manager_token]);
+    let worker_token = join_token(&m1.data, "worker");
+    let _w1 = worker(d, "w1", &m1.cluster, &["--token", &worker_token]);
+    let _containers = NodeContainers("w1".into());
+    let url2 = |path: &str| format!("https://127.0.0.1:{p2}{path}");
+    let c2 = https_client(&m2.data, &m1.data).await;
+    let nodes = eventually(Duration::from_secs(45), "w1 live as seen by the follower m2", || async {
+        let (_, cluster) = https_get(&c2, url2("/v1/cluster")).await?;
+        // Only a follower's answer counts.
+        (cluster["id"] == "m2" && cluster["leader"]["id"] == "m1").then_some(())?;
+        let (_, v) = https_get(&c2, url2("/v1/nodes")).await?;
+        let w1 = v["nodes"].as_array()?.iter().find(|n| n["id"] == "w1")?.clone();
+        (w1["last_seen_ms_ago"].is_u64() && w1["free"].is_object()).then_some(v)
+    })
+    .await;
+    assert!(nodes["nodes"].as_array().unwrap().iter().any(|n| n["id"] == "w1"));
+    let (_, one) = https_get(&c2, url2("/v1/nodes/w1")).await.expect("GET /v1/nodes/w1 on the follower");
+    assert!(one["last_seen_ms_ago"].is_u64(), "{one}");
+
+    // The CLI trusts <data-dir>/tls/ca.pem by default, or --ca-file.
+    let data1 = m1.data.to_str().unwrap();
+    let (ok, out) = cli(&["node", "--api-url", &url2(""), "--data-dir", data1]);
+    assert!(ok && out.contains("w1"), "{out}");
+    let empty = d.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let token = admin_token(&m1.data).await;
+    let (ok, out) = cli(&["node", "--api-url", &url2(""), "--data-dir", empty.to_str().unwrap(), "--token", &token]);
+    assert!(!ok && out.contains("--ca-file"), "{out}");
+    let ca_file = m1.data.join("tls/ca.pem");
+    let with_flag = ["node", "--api-url", &url2(""), "--data-dir", empty.to_str().unwrap(), "--token", &token];
+    let (ok, out) = cli(&[&with_flag[..], &["--ca-file", ca_file.to_str().unwrap()]].concat());
+    assert!(ok && out.contains("w1"), "{out}");
+    // A CA of another cluster does not verify the server.
+    let foreign = d.join("foreign.pem");
+    std::fs::write(&foreign, Ca::generate().unwrap().cert_pem).unwrap();
+    let (ok, out) = cli(&[&with_flag[..], &["--ca-file", foreign.to_str().unwrap()]].concat());
+    assert!(!ok, "{out}");
+}

@@ -10,16 +10,16 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, Semaphore};
 
 use super::api::{write, ApiError};
 use super::state::trust::{self as st, TrustCommand};
 use super::state::Command;
 use super::{now_ms, Manager};
-use crate::net::door::{Revocations, JOIN_PATH, RENEW_PATH};
+use crate::net::door::{Revocations, JOIN_PATH, LIVENESS_PATH, RENEW_PATH};
 use crate::net::identity::{Bootstrapped, Issued, JoinRequest, RenewRequest};
 use crate::net::pki::{self, Ca, JoinToken, Role};
 use crate::net::tls::Peer;
@@ -47,9 +47,61 @@ impl Trust {
 
 type St = State<(Arc<Manager>, Arc<Trust>)>;
 
-/// `/cluster/v1/join` and `/cluster/v1/renew`, for the cluster port (behind the door).
+/// `/cluster/v1/join`, `/cluster/v1/renew` and the leader's liveness, for the cluster
+/// port (behind the door, which keeps the liveness route to managers).
 pub fn cluster_router(m: Arc<Manager>, t: Arc<Trust>) -> Router {
-    Router::new().route(JOIN_PATH, post(join)).route(RENEW_PATH, post(renew)).with_state((m, t))
+    Router::new()
+        .route(JOIN_PATH, post(join))
+        .route(RENEW_PATH, post(renew))
+        .route(LIVENESS_PATH, get(leader_liveness))
+        .with_state((m, t))
+}
+
+/// One worker's liveness as the leader saw it, for a follower.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LiveNode {
+    /// Milliseconds since its last sync arrived at the leader.
+    pub last_seen_ms_ago: u64,
+    /// What it measured then.
+    pub resources: crate::model::sync::NodeResources,
+}
+
+/// Answer of `GET /cluster/v1/leader/liveness`: node name → liveness.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct LeaderLiveness {
+    /// Every worker the leader has heard from.
+    pub nodes: std::collections::HashMap<String, LiveNode>,
+}
+
+impl LeaderLiveness {
+    /// The follower's copy, with `last_seen` placed on its own clock.
+    pub fn into_liveness(self) -> std::collections::HashMap<String, super::Liveness> {
+        let now = std::time::Instant::now();
+        self.nodes
+            .into_iter()
+            .map(|(name, l)| {
+                let ago = Duration::from_millis(l.last_seen_ms_ago);
+                let last_seen = now.checked_sub(ago).unwrap_or(now);
+                (name, super::Liveness { last_seen, resources: l.resources })
+            })
+            .collect()
+    }
+}
+
+/// The leader's in-memory liveness; `421` from a manager that does not lead (its
+/// memory has no liveness worth reading).
+async fn leader_liveness(State((m, _)): St) -> Result<Response, ApiError> {
+    if m.db.status().role != holdfast_raft::Role::Leader {
+        return Err(ApiError::new(StatusCode::MISDIRECTED_REQUEST, "not_leader", "this manager does not lead"));
+    }
+    let nodes = super::lock(&m.liveness)
+        .iter()
+        .map(|(name, l)| {
+            let ago = l.last_seen.elapsed().as_millis().min(u64::MAX as u128) as u64;
+            (name.clone(), LiveNode { last_seen_ms_ago: ago, resources: l.resources.clone() })
+        })
+        .collect();
+    Ok(Json(LeaderLiveness { nodes }).into_response())
 }
 
 /// `POST /v1/cluster/join-tokens` and `POST /v1/nodes/{id}/revoke`, for the API port.
