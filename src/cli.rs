@@ -159,11 +159,35 @@ pub enum TokenCommand {
 /// `holdfast cluster ...`
 #[derive(Subcommand, Debug)]
 pub enum ClusterCommand {
+    /// The cluster CA: where a rotation stands, or rotate it.
+    Ca {
+        /// Status when absent.
+        #[command(subcommand)]
+        cmd: Option<CaCommand>,
+    },
     /// Back up or restore the whole replicated state.
     Snapshot {
         /// Save or restore.
         #[command(subcommand)]
         cmd: SnapshotCommand,
+    },
+}
+
+/// `holdfast cluster ca ...`
+#[derive(Subcommand, Debug)]
+pub enum CaCommand {
+    /// Start a CA rotation: a new CA signs from now on, both are trusted until
+    /// `--finish`, every node renews onto the new one by itself, and new join tokens
+    /// (pinned to the new CA) replace the old ones, which are refused from now on. The
+    /// new tokens are printed and written to `join-<role>.token` in `--data-dir` when
+    /// those files exist.
+    Rotate {
+        /// Retire the old CA (refused while a node still holds a certificate of it).
+        #[arg(long)]
+        finish: bool,
+        /// With `--finish`: retire it even so (such nodes then need a new join token).
+        #[arg(long, requires = "finish")]
+        force: bool,
     },
 }
 

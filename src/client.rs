@@ -133,6 +133,40 @@ impl Api {
         Ok(())
     }
 
+    /// Runs a `holdfast cluster ca ...` command: status, rotate, or finish a rotation.
+    /// A rotation's new join tokens are written to `join-<role>.token` in the data dir
+    /// when those files exist (the first manager's data dir).
+    pub async fn ca(&self, cmd: Option<crate::cli::CaCommand>) -> anyhow::Result<()> {
+        use reqwest::Method;
+        let (finish, force) = match cmd {
+            None => return self.get("/v1/cluster/ca").await,
+            Some(crate::cli::CaCommand::Rotate { finish, force }) => (finish, force),
+        };
+        if finish {
+            let body = serde_json::json!({ "force": force });
+            return self.call(self.req(Method::POST, "/v1/cluster/ca/finish").json(&body)).await;
+        }
+        let resp = self
+            .req(Method::POST, "/v1/cluster/ca/rotate")
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the holdfast API at {}", self.base))?;
+        let status = resp.status();
+        let v: serde_json::Value = resp.json().await.context("unreadable API answer")?;
+        if !status.is_success() {
+            bail!("{status}: {v}");
+        }
+        for role in ["worker", "manager"] {
+            let path = self.data_dir.join(format!("join-{role}.token"));
+            if let (Some(token), true) = (v["join_tokens"][role].as_str(), path.exists()) {
+                crate::net::identity::write_private(&path, &format!("{token}\n"))?;
+                eprintln!("wrote {}", path.display());
+            }
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        Ok(())
+    }
+
     /// Runs a `holdfast token ...` command.
     pub async fn token(&self, cmd: TokenCommand) -> anyhow::Result<()> {
         use reqwest::Method;

@@ -151,14 +151,10 @@ pub async fn run_service(
         }
         // Managers hold the CA: they renew their own certificate locally.
         let (rm, rt, rtls, lifetime) = (mgr.clone(), trust.clone(), tls.clone(), config.trust.cert_lifetime);
-        let renew = move || {
-            let (m, t, tls) = (rm.clone(), rt.clone(), rtls.clone());
-            async move {
-                let ca = manager::trust::ca(&m, &t).await.ok_or("no CA in replicated state yet")?;
-                tls.renew_with(&ca, lifetime).map_err(|e| e.to_string())
-            }
-        };
+        let renew = move || manager::trust::renew_self(rm.clone(), rt.clone(), rtls.clone(), lifetime);
         drop(spawn_renewal(tls.clone(), config.data_dir.clone(), renew, stop_tx.subscribe()));
+        // The trusted CAs follow replicated state (a CA rotation).
+        drop(manager::trust::watch_cas(mgr.clone(), trust.clone(), tls.clone(), stop_tx.subscribe()));
         // The token check runs inside the limits, so its lookups are bounded too; the
         // stream router gets its own (no route is reached without its role's token).
         let api_routes =

@@ -177,8 +177,7 @@ impl Ca {
     /// (ARCHITECTURE.md "Trust", CA rotation).
     pub fn cross_sign(&self, next: &Ca) -> Result<String, PkiError> {
         let next_key = KeyPair::from_pem(&next.key_pem).map_err(|e| parse_err("CA key", e))?;
-        let params =
-            CertificateParams::from_ca_cert_pem(&next.cert_pem).map_err(|e| parse_err("CA certificate", e))?;
+        let params = CertificateParams::from_ca_cert_pem(&next.cert_pem).map_err(|e| parse_err("CA certificate", e))?;
         let (issuer, key) = self.issuer()?;
         Ok(params.signed_by(&next_key, &issuer, &key)?.pem())
     }
@@ -264,7 +263,9 @@ pub fn issue_server_cert(
 
 /// Every certificate of a PEM text (a bundle), in DER.
 pub fn cert_ders_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, PkiError> {
-    CertificateDer::pem_slice_iter(pem.as_bytes()).collect::<Result<Vec<_>, _>>().map_err(|e| parse_err("certificates", e))
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| parse_err("certificates", e))
 }
 
 /// Whether the certificate `leaf` (DER) was issued by `ca` (DER): its issuer is the

@@ -669,7 +669,9 @@ mod tests {
         assert!(v.verify_client_cert(&new_leaf, &[], at).is_ok());
         assert!(pki::issued_by(&new_leaf, &new.cert_der().unwrap()));
         assert!(!pki::issued_by(&old_leaf, &new.cert_der().unwrap()));
-        assert!(new.key_matches() && !Ca { cert_pem: new.cert_pem.clone(), key_pem: old.key_pem.clone() }.key_matches());
+        assert!(
+            new.key_matches() && !Ca { cert_pem: new.cert_pem.clone(), key_pem: old.key_pem.clone() }.key_matches()
+        );
     }
 
     fn leaf_of(ca: &Ca, node: &str) -> CertificateDer<'static> {

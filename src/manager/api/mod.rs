@@ -558,8 +558,11 @@ async fn node_eligibility(
 }
 
 async fn cluster(State(m): State<Arc<Manager>>) -> Json<serde_json::Value> {
+    // The CA rotation's state (`null` while this manager cannot read it).
+    let ca = super::trust::ca_status(&m).await.ok();
     let s = m.db.status();
     Json(serde_json::json!({
+        "ca": ca,
         "id": s.name,
         "role": s.role,
         "leader": s.leader.as_ref().map(|l| serde_json::json!({

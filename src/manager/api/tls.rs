@@ -210,7 +210,11 @@ pub fn keep_issued(
                     let current = cert.get();
                     let due = current.as_ref().is_none_or(|c| c.ca_digest != digest || now >= c.renew_at_ms);
                     if due {
-                        match issue(&ca, &node, &names, lifetime) {
+                        // During a CA rotation the chain carries the cross certificate,
+                        // so a client that trusts only the old CA still verifies it.
+                        let chain = crate::manager::trust::cas(&m, &trust).await.map(|c| c.chain_pem());
+                        let chain = chain.unwrap_or_else(|| ca.cert_pem.clone());
+                        match issue(&ca, &chain, &node, &names, lifetime) {
                             Ok(issued) => {
                                 tracing::info!(?names, ca = %digest, "API certificate issued from the cluster CA");
                                 cert.set(issued);
@@ -237,11 +241,11 @@ pub fn keep_issued(
     })
 }
 
-fn issue(ca: &pki::Ca, node: &str, names: &[String], lifetime: Duration) -> Result<Issued, TlsError> {
+fn issue(ca: &pki::Ca, chain: &str, node: &str, names: &[String], lifetime: Duration) -> Result<Issued, TlsError> {
     let (cert_pem, key_pem) = pki::issue_server_cert(ca, node, names, lifetime).map_err(|e| TlsError(e.to_string()))?;
     let info = pki::CertInfo::from_der(&pki::cert_der_from_pem(&cert_pem).map_err(|e| TlsError(e.to_string()))?)
         .map_err(|e| TlsError(e.to_string()))?;
-    let key = crate::net::tls::certified_key(&cert_pem, &key_pem, &ca.cert_pem).map_err(|e| TlsError(e.to_string()))?;
+    let key = crate::net::tls::certified_key(&cert_pem, &key_pem, chain).map_err(|e| TlsError(e.to_string()))?;
     Ok(Issued { key, renew_at_ms: info.renew_at_ms(), ca_digest: ca.digest().map_err(|e| TlsError(e.to_string()))? })
 }
 
@@ -324,7 +328,9 @@ mod tests {
     #[test]
     fn an_issued_api_certificate_chains_to_the_cluster_ca_and_names_the_api_address() {
         let ca = pki::Ca::generate().unwrap();
-        let issued = issue(&ca, "m1", &names_for("10.1.2.3:7700", "10.1.2.3:7700"), Duration::from_secs(60)).unwrap();
+        let issued =
+            issue(&ca, &ca.cert_pem, "m1", &names_for("10.1.2.3:7700", "10.1.2.3:7700"), Duration::from_secs(60))
+                .unwrap();
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ca.cert_der().unwrap()).unwrap();
         let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
