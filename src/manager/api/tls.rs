@@ -192,7 +192,6 @@ pub fn keep_issued(
     mut shutdown: broadcast::Receiver<()>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut applied = m.applied.clone();
         let mut waited = false;
         loop {
             let now = pki::now_ms();
@@ -231,11 +230,10 @@ pub fn keep_issued(
                     }
                 }
             }
+            // A CA rotation shows within a second (a cheap local read).
             tokio::select! {
                 _ = shutdown.recv() => return,
-                _ = tokio::time::sleep(wait) => {}
-                // A CA rotation is a command: look again when one applies.
-                _ = applied.changed() => {}
+                _ = tokio::time::sleep(wait.min(Duration::from_secs(1))) => {}
             }
         }
     })
