@@ -622,7 +622,8 @@ fn leaf_from(data: &Path, ca_pem: &str) -> bool {
 /// `holdfast cluster ca rotate` with a manager and a worker online: the worker renews
 /// onto the new CA by itself and its `keep` task runs on in the same container, old
 /// join tokens are refused and a new worker joins with one pinned to the new CA, the
-/// old CA is retired only when every node is on the new one, and a certificate of the
+/// old CA is retired only when every node is on the new one (a worker that was offline
+/// holds it up until it is back and has renewed by itself), and a certificate of the
 /// old CA is refused from then on (it was accepted during the overlap).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ca_rotation_moves_every_node_to_the_new_ca_and_then_refuses_the_old_one() {
@@ -651,6 +652,14 @@ async fn a_ca_rotation_moves_every_node_to_the_new_ca_and_then_refuses_the_old_o
         (up.len() == 1).then(|| up[0].clone())
     };
     let container = eventually(Duration::from_secs(90), "the keep task running", running).await;
+    // A second worker that is offline during the rotation: it holds up the finish.
+    let mut off = worker(d, "w-off", &m1.cluster, &["--token", &old_token]);
+    let _off_containers = NodeContainers("w-off".into());
+    eventually(Duration::from_secs(60), "w-off ready", || async {
+        (node_status(&m1, "w-off").await? == "ready").then_some(())
+    })
+    .await;
+    off.kill();
     let old_ca = std::fs::read_to_string(m1.data.join("tls/ca.pem")).unwrap();
     // The worker's identity of the old CA, kept aside to knock with later.
     let old_id = d.join("old-id");
@@ -711,10 +720,21 @@ async fn a_ca_rotation_moves_every_node_to_the_new_ca_and_then_refuses_the_old_o
     .await;
     assert!(leaf_from(&d.join("w2"), &new_ca));
 
+    // Not finished while a node still holds a certificate of the old CA; that node
+    // catches up by itself when it is back.
+    let (st, v) = post_json(&api_client(&m1.data).await, &m1.url("/v1/cluster/ca/finish"), json!({})).await.unwrap();
+    assert_eq!((st, v["error"]["code"].as_str()), (409, Some("rotation_incomplete")), "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("w-off"), "{v}");
+    let _off = worker(d, "w-off", &m1.cluster, &[]);
+    eventually(Duration::from_secs(60), "w-off back on the new CA", || async {
+        leaf_from(&d.join("w-off"), &new_ca).then_some(())
+    })
+    .await;
+
     // Finished once every node is on the new CA.
     let ca_status = || async {
         let v = get_json(&api_client(&m1.data).await, &m1.url("/v1/cluster/ca")).await?;
-        (v["nodes_on_new"] == v["nodes_total"] && v["nodes_total"].as_u64()? >= 3).then_some(v)
+        (v["nodes_on_new"] == v["nodes_total"] && v["nodes_total"].as_u64()? >= 4).then_some(v)
     };
     eventually(Duration::from_secs(30), "every node recorded on the new CA", ca_status).await;
     let (ok, out) = cli(&["cluster", "--api-url", &m1.url(""), "--data-dir", data1, "ca", "rotate", "--finish"]);
