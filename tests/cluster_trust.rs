@@ -670,6 +670,7 @@ async fn a_ca_rotation_moves_every_node_to_the_new_ca_and_then_refuses_the_old_o
 
     // Rotate through the CLI: new join tokens come back and replace the files.
     let data1 = m1.data.to_str().unwrap();
+    let rotated_at = std::time::Instant::now();
     let (ok, out) = cli(&["cluster", "--api-url", &m1.url(""), "--data-dir", data1, "ca", "rotate"]);
     assert!(ok, "{out}");
     let json_start = out.find('{').expect("JSON answer");
@@ -705,6 +706,7 @@ async fn a_ca_rotation_moves_every_node_to_the_new_ca_and_then_refuses_the_old_o
         (leaf_from(&d.join(&name), &new_ca) && leaf_from(&m1.data, &new_ca)).then_some(())
     })
     .await;
+    println!("FIGURES ca-rotation: online worker and manager on the new CA {:?} after rotate", rotated_at.elapsed());
     assert_eq!(running().await.as_deref(), Some(container.as_str()), "the keep task ran on");
 
     // Old join tokens are refused; a new worker joins with the new one.
