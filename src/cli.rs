@@ -106,11 +106,11 @@ pub struct ApiAuth {
     /// API bearer token.
     #[arg(long, env = "HOLDFAST_API_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
-    /// Data directory holding `admin.token` (and `ca.pem` for an https URL).
+    /// Data directory holding `admin.token` (and `tls/ca.pem` for an https URL).
     #[arg(long, env = "HOLDFAST_DATA_DIR", default_value = "./holdfast-data", global = true)]
     pub data_dir: PathBuf,
-    /// CA certificate (PEM) that signed the API's certificate, for an https URL;
-    /// defaults to `<data-dir>/ca.pem`, else the manager's own `<data-dir>/api-cert.pem`.
+    /// CA certificate(s) (PEM) that signed the API's certificate, for an https URL;
+    /// defaults to the cluster CA in `<data-dir>/tls/ca.pem`, else `<data-dir>/ca.pem`.
     #[arg(long, env = "HOLDFAST_CA_FILE", global = true)]
     pub ca_file: Option<PathBuf>,
 }
@@ -159,11 +159,35 @@ pub enum TokenCommand {
 /// `holdfast cluster ...`
 #[derive(Subcommand, Debug)]
 pub enum ClusterCommand {
+    /// The cluster CA: where a rotation stands, or rotate it.
+    Ca {
+        /// Status when absent.
+        #[command(subcommand)]
+        cmd: Option<CaCommand>,
+    },
     /// Back up or restore the whole replicated state.
     Snapshot {
         /// Save or restore.
         #[command(subcommand)]
         cmd: SnapshotCommand,
+    },
+}
+
+/// `holdfast cluster ca ...`
+#[derive(Subcommand, Debug)]
+pub enum CaCommand {
+    /// Start a CA rotation: a new CA signs from now on, both are trusted until
+    /// `--finish`, every node renews onto the new one by itself, and new join tokens
+    /// (pinned to the new CA) replace the old ones, which are refused from now on. The
+    /// new tokens are printed and written to `join-<role>.token` in `--data-dir` when
+    /// those files exist.
+    Rotate {
+        /// Retire the old CA (refused while a node still holds a certificate of it).
+        #[arg(long)]
+        finish: bool,
+        /// With `--finish`: retire it even so (such nodes then need a new join token).
+        #[arg(long, requires = "finish")]
+        force: bool,
     },
 }
 
@@ -393,8 +417,8 @@ pub struct AgentArgs {
     #[arg(long, env = "HOLDFAST_MIN_FREE_MB", default_value_t = crate::config::DEFAULT_MIN_FREE_MB)]
     pub min_free_mb: u64,
     /// PEM certificate (chain) the API serves over HTTPS (managers; with --api-key).
-    /// Off loopback the API is always HTTPS; without this it uses a certificate of
-    /// its own, kept in the data dir as `api-cert.pem`.
+    /// Off loopback the API is always HTTPS; without this it serves a certificate the
+    /// manager issues itself from the cluster CA (and renews in place).
     #[arg(long, env = "HOLDFAST_API_CERT", requires = "api_key")]
     pub api_cert: Option<PathBuf>,
     /// PEM private key of --api-cert.

@@ -18,7 +18,7 @@ pub struct Api {
 
 impl Api {
     /// Finds the token (`--token`, `HOLDFAST_API_TOKEN`, `<data-dir>/admin.token`) and,
-    /// for an https URL, the CA to trust (`--ca-file`, else `<data-dir>/ca.pem`).
+    /// for an https URL, the CA(s) to trust (see [`ca_file_for`]).
     pub fn new(base: &str, auth: &ApiAuth) -> anyhow::Result<Api> {
         let token = match auth.token.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
             Some(t) => t.to_string(),
@@ -37,25 +37,10 @@ impl Api {
         let mut builder =
             reqwest::Client::builder().timeout(Duration::from_secs(30)).connect_timeout(Duration::from_secs(5));
         if base.starts_with("https://") {
-            // The cluster CA, else the certificate a manager made for itself (same dir).
-            let ca = auth.ca_file.clone().unwrap_or_else(|| {
-                let ca = auth.data_dir.join("ca.pem");
-                let own = auth.data_dir.join(crate::manager::api::tls::SELF_SIGNED_CERT);
-                if !ca.exists() && own.exists() {
-                    own
-                } else {
-                    ca
-                }
-            });
-            let pem = std::fs::read(&ca).with_context(|| {
-                format!(
-                    "an https API needs the CA that signed its certificate: pass --ca-file (tried {})",
-                    ca.display()
-                )
-            })?;
-            let cert = reqwest::Certificate::from_pem(&pem)
-                .with_context(|| format!("{} is not a PEM certificate", ca.display()))?;
-            builder = builder.tls_built_in_root_certs(false).add_root_certificate(cert);
+            for cert in trusted_cas(auth)? {
+                builder = builder.add_root_certificate(cert);
+            }
+            builder = builder.tls_built_in_root_certs(false);
         }
         Ok(Api {
             base: base.trim_end_matches('/').to_string(),
@@ -148,6 +133,40 @@ impl Api {
         Ok(())
     }
 
+    /// Runs a `holdfast cluster ca ...` command: status, rotate, or finish a rotation.
+    /// A rotation's new join tokens are written to `join-<role>.token` in the data dir
+    /// when those files exist (the first manager's data dir).
+    pub async fn ca(&self, cmd: Option<crate::cli::CaCommand>) -> anyhow::Result<()> {
+        use reqwest::Method;
+        let (finish, force) = match cmd {
+            None => return self.get("/v1/cluster/ca").await,
+            Some(crate::cli::CaCommand::Rotate { finish, force }) => (finish, force),
+        };
+        if finish {
+            let body = serde_json::json!({ "force": force });
+            return self.call(self.req(Method::POST, "/v1/cluster/ca/finish").json(&body)).await;
+        }
+        let resp = self
+            .req(Method::POST, "/v1/cluster/ca/rotate")
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the holdfast API at {}", self.base))?;
+        let status = resp.status();
+        let v: serde_json::Value = resp.json().await.context("unreadable API answer")?;
+        if !status.is_success() {
+            bail!("{status}: {v}");
+        }
+        for role in ["worker", "manager"] {
+            let path = self.data_dir.join(format!("join-{role}.token"));
+            if let (Some(token), true) = (v["join_tokens"][role].as_str(), path.exists()) {
+                crate::net::identity::write_private(&path, &format!("{token}\n"))?;
+                eprintln!("wrote {}", path.display());
+            }
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        Ok(())
+    }
+
     /// Runs a `holdfast token ...` command.
     pub async fn token(&self, cmd: TokenCommand) -> anyhow::Result<()> {
         use reqwest::Method;
@@ -206,6 +225,36 @@ impl Api {
         );
         Ok(())
     }
+}
+
+/// The CA file an https client trusts: `--ca-file`, else the cluster CA a node keeps
+/// in `<data-dir>/tls/ca.pem`, else `<data-dir>/ca.pem` (a copy an operator put there).
+/// `None` when none of them exists.
+pub fn ca_file_for(auth: &ApiAuth) -> Option<std::path::PathBuf> {
+    if let Some(f) = &auth.ca_file {
+        return Some(f.clone());
+    }
+    [auth.data_dir.join("tls").join("ca.pem"), auth.data_dir.join("ca.pem")].into_iter().find(|p| p.exists())
+}
+
+/// Every certificate of the CA file (during a CA rotation a node's `ca.pem` holds both
+/// the new and the old CA), with an error naming `--ca-file` when there is none.
+fn trusted_cas(auth: &ApiAuth) -> anyhow::Result<Vec<reqwest::Certificate>> {
+    let Some(path) = ca_file_for(auth) else {
+        bail!(
+            "an https API URL needs the cluster CA to verify the server: pass --ca-file FILE (or \
+             HOLDFAST_CA_FILE), or point --data-dir at a node's data directory (tried {} and {})",
+            auth.data_dir.join("tls").join("ca.pem").display(),
+            auth.data_dir.join("ca.pem").display()
+        );
+    };
+    let pem = std::fs::read(&path).with_context(|| format!("reading the CA file {} (--ca-file)", path.display()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        .with_context(|| format!("{} (--ca-file) is not a PEM certificate", path.display()))?;
+    if certs.is_empty() {
+        bail!("{} (--ca-file) holds no PEM certificate", path.display());
+    }
+    Ok(certs)
 }
 
 /// `holdfast cluster snapshot restore FILE --data-dir DIR --node-id ID`: checks the

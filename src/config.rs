@@ -83,7 +83,7 @@ pub struct ManagerRole {
     /// Writes are refused (507) while the data dir's disk has less free space (MiB).
     pub min_free_mb: u64,
     /// API certificate and key (`--api-cert`, `--api-key`); without them an API bound
-    /// off loopback serves a certificate the node makes itself.
+    /// off loopback serves a certificate it issues from the cluster CA.
     pub api_tls_files: Option<(PathBuf, PathBuf)>,
 }
 

@@ -124,6 +124,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Cluster { cmd: None, api_url, auth } => {
             holdfast::client::Api::new(&api_url, &auth)?.get("/v1/cluster").await.map(|_| 0)
         }
+        Command::Cluster { cmd: Some(ClusterCommand::Ca { cmd }), api_url, auth } => {
+            holdfast::client::Api::new(&api_url, &auth)?.ca(cmd).await.map(|_| 0)
+        }
         Command::Cluster { cmd: Some(ClusterCommand::Snapshot { cmd }), api_url, auth } => match cmd {
             SnapshotCommand::Save { file } => {
                 holdfast::client::Api::new(&api_url, &auth)?.snapshot_save(&file).await.map(|_| 0)

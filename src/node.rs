@@ -122,6 +122,7 @@ pub async fn run_service(
             ..Default::default()
         };
         let mgr = Manager::new(rdb.clone(), applied, settings, resilience.clone(), events);
+        let _ = mgr.cluster_tls.set(tls.clone());
         let cluster_listener = crate::net::bind(&m.cluster, "cluster traffic").await?;
         let api_listener = crate::net::bind(&m.api, "the API").await?;
         let revocations = Revocations::default();
@@ -150,14 +151,10 @@ pub async fn run_service(
         }
         // Managers hold the CA: they renew their own certificate locally.
         let (rm, rt, rtls, lifetime) = (mgr.clone(), trust.clone(), tls.clone(), config.trust.cert_lifetime);
-        let renew = move || {
-            let (m, t, tls) = (rm.clone(), rt.clone(), rtls.clone());
-            async move {
-                let ca = manager::trust::ca(&m, &t).await.ok_or("no CA in replicated state yet")?;
-                tls.renew_with(&ca, lifetime).map_err(|e| e.to_string())
-            }
-        };
+        let renew = move || manager::trust::renew_self(rm.clone(), rt.clone(), rtls.clone(), lifetime);
         drop(spawn_renewal(tls.clone(), config.data_dir.clone(), renew, stop_tx.subscribe()));
+        // The trusted CAs follow replicated state (a CA rotation).
+        drop(manager::trust::watch_cas(mgr.clone(), trust.clone(), tls.clone(), stop_tx.subscribe()));
         // The token check runs inside the limits, so its lookups are bounded too; the
         // stream router gets its own (no route is reached without its role's token).
         let api_routes =
@@ -169,12 +166,22 @@ pub async fn run_service(
             // it has its own cap on open streams.
             .merge(manager::api::auth::layer(streams, mgr.clone()));
         // Off loopback the API speaks only HTTPS (ARCHITECTURE.md, "Access").
-        let api_tls =
-            manager::api::tls::source_for(&m.api, &m.advertise_api, m.api_tls_files.clone(), &config.data_dir);
+        let api_tls = manager::api::tls::source_for(&m.api, &m.advertise_api, m.api_tls_files.clone());
         tasks.push(match api_tls {
             Some(source) => {
-                let tls_config =
+                let (tls_config, issued) =
                     manager::api::tls::server_config(&source).map_err(|e| std::io::Error::other(e.to_string()))?;
+                if let (Some(cert), manager::api::tls::CertSource::ClusterCa { names }) = (issued, &source) {
+                    drop(manager::api::tls::keep_issued(
+                        mgr.clone(),
+                        trust.clone(),
+                        cert,
+                        config.node_id.clone(),
+                        names.clone(),
+                        config.trust.cert_lifetime,
+                        stop_tx.subscribe(),
+                    ));
+                }
                 tracing::info!(api = %m.api, ?source, "the API serves HTTPS");
                 manager::api::tls::serve(api_listener, api, tls_config, stop_tx.subscribe())
             }

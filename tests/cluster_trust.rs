@@ -491,3 +491,273 @@ async fn a_node_dials_only_servers_proving_a_manager_certificate_of_its_ca() {
         assert!(r.is_err(), "{url} was trusted: {r:?}");
     }
 }
+
+/// An API client trusting only the CA file in `data/tls/ca.pem` (what the CLI does),
+/// with the admin token of `admin_data`; it reports the server's leaf.
+async fn https_client(data: &Path, admin_data: &Path) -> reqwest::Client {
+    let bearer = format!("Bearer {}", admin_token(admin_data).await);
+    let path = data.join("tls/ca.pem");
+    let pem = eventually(Duration::from_secs(30), "tls/ca.pem", || {
+        let path = path.clone();
+        async move { std::fs::read(&path).ok() }
+    })
+    .await;
+    let mut b = reqwest::Client::builder().tls_built_in_root_certs(false).tls_info(true);
+    for c in reqwest::Certificate::from_pem_bundle(&pem).unwrap() {
+        b = b.add_root_certificate(c);
+    }
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(reqwest::header::AUTHORIZATION, bearer.parse().unwrap());
+    b.default_headers(headers).timeout(Duration::from_secs(5)).build().unwrap()
+}
+
+/// The API leaf a fresh connection is served, and the JSON of `url`.
+async fn https_get(c: &reqwest::Client, url: String) -> Option<(Vec<u8>, Value)> {
+    let r = c.get(&url).send().await.ok()?;
+    let leaf = r.extensions().get::<reqwest::tls::TlsInfo>()?.peer_certificate()?.to_vec();
+    r.status().is_success().then_some(())?;
+    Some((leaf, r.json().await.ok()?))
+}
+
+/// Runs the CLI and returns (success, stdout + stderr).
+fn cli(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(holdfast_bin()).args(args).output().expect("run holdfast");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// Off loopback the API serves a certificate the manager issued from the cluster CA,
+/// naming loopback too, and renews it in place; the CLI trusts the CA in the data dir
+/// (or --ca-file) and says which flag to use when it has none; a follower shows the
+/// leader's live fields, read over the cluster port with its manager certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_https_api_uses_the_cluster_ca_and_a_follower_shows_live_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (p1, p2) = (free_port(), free_port());
+    let mut m1 = Node::new(d, "m1");
+    m1.api = format!("0.0.0.0:{p1}");
+    m1.manager(d, &["--bootstrap", "--cert-lifetime", "6s"]);
+    let url1 = |path: &str| format!("https://127.0.0.1:{p1}{path}");
+    let c1 = https_client(&m1.data, &m1.data).await;
+    let (leaf, _) = eventually(Duration::from_secs(30), "m1's HTTPS API", || https_get(&c1, url1("/v1/cluster"))).await;
+    let info = CertInfo::from_der(&leaf).unwrap();
+    assert_eq!((info.node.as_str(), info.role), ("m1", Role::Manager));
+    assert!(!m1.data.join("api-cert.pem").exists(), "no self-signed stand-in");
+    let plain = http().get(format!("http://127.0.0.1:{p1}/v1/cluster")).send().await;
+    assert!(plain.is_err() || !plain.unwrap().status().is_success(), "plain HTTP is not served off loopback");
+
+    // Renewed in place at two thirds of its life: a later connection gets a new leaf.
+    eventually(Duration::from_secs(20), "a renewed API certificate", || {
+        let (c, leaf, url) = (https_client(&m1.data, &m1.data), leaf.clone(), url1("/v1/cluster"));
+        async move {
+            let (now, _) = https_get(&c.await, url).await?;
+            (now != leaf).then_some(())
+        }
+    })
+    .await;
+
+    // A second manager (HTTPS too) and a worker.
+    let mut m2 = Node::new(d, "m2");
+    m2.api = format!("0.0.0.0:{p2}");
+    let manager_token = join_token(&m1.data, "manager");
+    m2.manager(d, &["--join", &m1.cluster, "--token", &manager_token]);
+    let worker_token = join_token(&m1.data, "worker");
+    let _w1 = worker(d, "w1", &m1.cluster, &["--token", &worker_token]);
+    let _containers = NodeContainers("w1".into());
+    let url2 = |path: &str| format!("https://127.0.0.1:{p2}{path}");
+    let c2 = https_client(&m2.data, &m1.data).await;
+    let nodes = eventually(Duration::from_secs(45), "w1 live as seen by the follower m2", || async {
+        let (_, cluster) = https_get(&c2, url2("/v1/cluster")).await?;
+        // Only a follower's answer counts.
+        (cluster["id"] == "m2" && cluster["leader"]["id"] == "m1").then_some(())?;
+        let (_, v) = https_get(&c2, url2("/v1/nodes")).await?;
+        let w1 = v["nodes"].as_array()?.iter().find(|n| n["id"] == "w1")?.clone();
+        (w1["last_seen_ms_ago"].is_u64() && w1["free"].is_object()).then_some(v)
+    })
+    .await;
+    assert!(nodes["nodes"].as_array().unwrap().iter().any(|n| n["id"] == "w1"));
+    let (_, one) = https_get(&c2, url2("/v1/nodes/w1")).await.expect("GET /v1/nodes/w1 on the follower");
+    assert!(one["last_seen_ms_ago"].is_u64(), "{one}");
+
+    // The CLI trusts <data-dir>/tls/ca.pem by default, or --ca-file.
+    let data1 = m1.data.to_str().unwrap();
+    let (ok, out) = cli(&["node", "--api-url", &url2(""), "--data-dir", data1]);
+    assert!(ok && out.contains("w1"), "{out}");
+    let empty = d.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let token = admin_token(&m1.data).await;
+    let (ok, out) = cli(&["node", "--api-url", &url2(""), "--data-dir", empty.to_str().unwrap(), "--token", &token]);
+    assert!(!ok && out.contains("--ca-file"), "{out}");
+    let ca_file = m1.data.join("tls/ca.pem");
+    let with_flag = ["node", "--api-url", &url2(""), "--data-dir", empty.to_str().unwrap(), "--token", &token];
+    let (ok, out) = cli(&[&with_flag[..], &["--ca-file", ca_file.to_str().unwrap()]].concat());
+    assert!(ok && out.contains("w1"), "{out}");
+    // A CA of another cluster does not verify the server.
+    let foreign = d.join("foreign.pem");
+    std::fs::write(&foreign, Ca::generate().unwrap().cert_pem).unwrap();
+    let (ok, out) = cli(&[&with_flag[..], &["--ca-file", foreign.to_str().unwrap()]].concat());
+    assert!(!ok, "{out}");
+}
+
+/// An HTTP client presenting the identity in `<data>/tls` and trusting `roots`.
+fn client_with_roots(data: &Path, roots: &[&str]) -> reqwest::Client {
+    let dir = data.join("tls");
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).expect("identity file");
+    let (cert, key) = (read("node.pem"), read("node.key"));
+    let chain = read("ca.pem");
+    let resolver = tls::CertResolver::new(tls::certified_key(&cert, &key, &chain).expect("key"));
+    let ders: Vec<_> = roots.iter().map(|p| pki::cert_der_from_pem(p).unwrap()).collect();
+    tls::http_client(tls::client_config(&ders, resolver).expect("client config"), Duration::from_secs(3))
+}
+
+fn leaf_from(data: &Path, ca_pem: &str) -> bool {
+    let leaf = std::fs::read_to_string(data.join("tls/node.pem")).unwrap_or_default();
+    match (pki::cert_der_from_pem(&leaf), pki::cert_der_from_pem(ca_pem)) {
+        (Ok(l), Ok(c)) => pki::issued_by(&l, &c),
+        _ => false,
+    }
+}
+
+/// `holdfast cluster ca rotate` with a manager and a worker online: the worker renews
+/// onto the new CA by itself and its `keep` task runs on in the same container, old
+/// join tokens are refused and a new worker joins with one pinned to the new CA, the
+/// old CA is retired only when every node is on the new one (a worker that was offline
+/// holds it up until it is back and has renewed by itself), and a certificate of the
+/// old CA is refused from then on (it was accepted during the overlap).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_rotation_moves_every_node_to_the_new_ca_and_then_refuses_the_old_one() {
+    require_docker();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut m1 = Node::new(d, "m1");
+    m1.manager(d, &["--bootstrap", "--cert-lifetime", "60s"]);
+    let old_token = join_token(&m1.data, "worker");
+    let name = format!("wrot-{}", std::process::id());
+    let _cleanup = NodeContainers(name.clone());
+    let w = worker(d, &name, &m1.cluster, &["--token", &old_token]);
+    eventually(Duration::from_secs(60), "worker ready", || async {
+        (node_status(&m1, &name).await? == "ready").then_some(())
+    })
+    .await;
+    let spec = json!({"image":"holdfast/echo:latest","ports":[{"container":7777}],"offline":{"mode":"keep","lost_after_ms":600000}});
+    let (s, v) = post_json(&api_client(&m1.data).await, &m1.url("/v1/tasks"), spec).await.unwrap();
+    assert_eq!(s, 201, "{v}");
+    let running = || async {
+        let out = std::process::Command::new("docker")
+            .args(["ps", "-q", "--no-trunc", "--filter", &format!("label=holdfast.node={name}")])
+            .output()
+            .ok()?;
+        let up: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect();
+        (up.len() == 1).then(|| up[0].clone())
+    };
+    let container = eventually(Duration::from_secs(90), "the keep task running", running).await;
+    // A second worker that is offline during the rotation: it holds up the finish.
+    let mut off = worker(d, "w-off", &m1.cluster, &["--token", &old_token]);
+    let _off_containers = NodeContainers("w-off".into());
+    eventually(Duration::from_secs(60), "w-off ready", || async {
+        (node_status(&m1, "w-off").await? == "ready").then_some(())
+    })
+    .await;
+    off.kill();
+    let old_ca = std::fs::read_to_string(m1.data.join("tls/ca.pem")).unwrap();
+    // The worker's identity of the old CA, kept aside to knock with later.
+    let old_id = d.join("old-id");
+    std::fs::create_dir_all(old_id.join("tls")).unwrap();
+    for f in ["node.pem", "node.key", "ca.pem"] {
+        std::fs::copy(d.join(&name).join("tls").join(f), old_id.join("tls").join(f)).unwrap();
+    }
+
+    // Rotate through the CLI: new join tokens come back and replace the files.
+    let data1 = m1.data.to_str().unwrap();
+    let rotated_at = std::time::Instant::now();
+    let (ok, out) = cli(&["cluster", "--api-url", &m1.url(""), "--data-dir", data1, "ca", "rotate"]);
+    assert!(ok, "{out}");
+    let json_start = out.find('{').expect("JSON answer");
+    let answer: Value = serde_json::Deserializer::from_str(&out[json_start..])
+        .into_iter::<Value>()
+        .next()
+        .and_then(Result::ok)
+        .unwrap_or_else(|| panic!("no JSON in {out}"));
+    let new_token = answer["join_tokens"]["worker"].as_str().expect("new worker token").to_string();
+    assert_eq!(join_token(&m1.data, "worker"), new_token, "join-worker.token rewritten");
+    let status = get_json(&api_client(&m1.data).await, &m1.url("/v1/cluster")).await.unwrap();
+    assert_eq!(status["ca"]["rotating"], true, "{status}");
+    let new_digest = status["ca"]["current"].as_str().unwrap().to_string();
+    assert!(new_token.contains(&new_digest), "the new token pins the new CA");
+    assert_ne!(Some(new_digest.as_str()), Some(pki::digest(&pki::cert_der_from_pem(&old_ca).unwrap()).as_str()));
+
+    // Both CAs are trusted during the overlap: the old certificate still gets in.
+    let new_ca = eventually(Duration::from_secs(10), "m1 trusting the new CA", || async {
+        let text = std::fs::read_to_string(m1.data.join("tls/ca.pem")).ok()?;
+        let first = holdfast::net::identity::split_pems(&text).first()?.clone();
+        (pki::digest(&pki::cert_der_from_pem(&first).ok()?) == new_digest).then_some(first)
+    })
+    .await;
+    let both = [old_ca.as_str(), new_ca.as_str()];
+    let knock = |c: reqwest::Client| {
+        let url = format!("https://{}/cluster/v1/ca", m1.cluster);
+        async move { c.get(url).send().await.map(|r| r.status().as_u16()).map_err(|e| holdfast::net::identity::chain(&e)) }
+    };
+    assert_eq!(knock(client_with_roots(&old_id, &both)).await, Ok(200), "old certificate during the overlap");
+
+    // The worker and the manager renew onto the new CA by themselves.
+    eventually(Duration::from_secs(60), "the worker and m1 on the new CA", || async {
+        (leaf_from(&d.join(&name), &new_ca) && leaf_from(&m1.data, &new_ca)).then_some(())
+    })
+    .await;
+    println!("FIGURES ca-rotation: online worker and manager on the new CA {:?} after rotate", rotated_at.elapsed());
+    assert_eq!(running().await.as_deref(), Some(container.as_str()), "the keep task ran on");
+
+    // Old join tokens are refused; a new worker joins with the new one.
+    let mut stale = worker(d, "w-old-token", &m1.cluster, &["--token", &old_token]);
+    assert!(!exits(&mut stale, Duration::from_secs(30)).await.success());
+    // The old CA is still trusted during the overlap, so the pin holds; the token does not.
+    assert!(stale.log_text().contains("token_revoked"), "{}", stale.log_text());
+    let _w2 = worker(d, "w2", &m1.cluster, &["--token", &new_token]);
+    let _w2_containers = NodeContainers("w2".into());
+    eventually(Duration::from_secs(60), "w2 ready", || async {
+        (node_status(&m1, "w2").await? == "ready").then_some(())
+    })
+    .await;
+    assert!(leaf_from(&d.join("w2"), &new_ca));
+
+    // Not finished while a node still holds a certificate of the old CA; that node
+    // catches up by itself when it is back.
+    let (st, v) = post_json(&api_client(&m1.data).await, &m1.url("/v1/cluster/ca/finish"), json!({})).await.unwrap();
+    assert_eq!((st, v["error"]["code"].as_str()), (409, Some("rotation_incomplete")), "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("w-off"), "{v}");
+    let _off = worker(d, "w-off", &m1.cluster, &[]);
+    eventually(Duration::from_secs(60), "w-off back on the new CA", || async {
+        leaf_from(&d.join("w-off"), &new_ca).then_some(())
+    })
+    .await;
+
+    // Finished once every node is on the new CA.
+    let ca_status = || async {
+        let v = get_json(&api_client(&m1.data).await, &m1.url("/v1/cluster/ca")).await?;
+        (v["nodes_on_new"] == v["nodes_total"] && v["nodes_total"].as_u64()? >= 4).then_some(v)
+    };
+    eventually(Duration::from_secs(30), "every node recorded on the new CA", ca_status).await;
+    let (ok, out) = cli(&["cluster", "--api-url", &m1.url(""), "--data-dir", data1, "ca", "rotate", "--finish"]);
+    assert!(ok, "{out}");
+    let status = get_json(&api_client(&m1.data).await, &m1.url("/v1/cluster")).await.unwrap();
+    assert_eq!(status["ca"]["rotating"], false, "{status}");
+    assert!(status["ca"]["previous"].is_null(), "{status}");
+
+    // The old CA is retired: its certificate is refused at the handshake.
+    eventually(Duration::from_secs(10), "the old certificate refused", || {
+        let c = client_with_roots(&old_id, &both);
+        let k = knock(c);
+        async move { k.await.is_err().then_some(()) }
+    })
+    .await;
+    // The worker still syncs (with its new certificate) and its task runs on.
+    eventually(Duration::from_secs(30), "the worker syncing after the old CA is retired", || async {
+        let v = get_json(&api_client(&m1.data).await, &m1.url(&format!("/v1/nodes/{name}"))).await?;
+        (v["status"] == "ready" && v["last_seen_ms_ago"].as_u64()? < 1_500).then_some(())
+    })
+    .await;
+    assert_eq!(running().await.as_deref(), Some(container.as_str()), "the same container throughout");
+    assert!(w.log_text().contains("cluster certificate renewed"), "{}", w.log_text());
+}

@@ -156,6 +156,9 @@ pub struct Manager {
     pub events: tokio::sync::broadcast::Sender<state::DomainEvent>,
     /// Tokens the API's auth layer checked recently (see `api::auth`).
     pub tokens: api::auth::TokenCache,
+    /// This node's cluster identity, set once at startup: a follower reads the
+    /// leader's liveness over the cluster port with it (mutual TLS).
+    pub cluster_tls: std::sync::OnceLock<Arc<crate::net::identity::NodeTls>>,
 }
 
 impl Manager {
@@ -180,6 +183,7 @@ impl Manager {
             resilience,
             events,
             tokens: Default::default(),
+            cluster_tls: std::sync::OnceLock::new(),
         })
     }
 }

@@ -26,6 +26,17 @@ pub const JOIN_PATH: &str = "/cluster/v1/join";
 /// Path of certificate renewal (the only call open to an expired certificate).
 pub const RENEW_PATH: &str = "/cluster/v1/renew";
 
+/// Path a follower manager reads the leader's in-memory liveness from (managers only).
+pub const LIVENESS_PATH: &str = "/cluster/v1/leader/liveness";
+/// Path of the cluster's trusted CAs (any node of the cluster): how a node learns of a
+/// CA rotation.
+pub const CA_PATH: &str = "/cluster/v1/ca";
+
+/// Whether only manager certificates may call `path`.
+pub fn managers_only(path: &str) -> bool {
+    path.starts_with("/raft/") || path.starts_with("/cluster/v1/leader/")
+}
+
 /// Revoked nodes: node name → revocation time (ms). Certificates issued to the node at
 /// or before that time are refused. Fed from replicated state by the manager.
 #[derive(Clone, Debug, Default)]
@@ -100,7 +111,7 @@ pub async fn check(State(revocations): State<Revocations>, req: Request, next: N
                     "certificate_expired",
                     format!("the certificate of {} expired at {} ms; renew it first", info.node, info.not_after_ms),
                 ))
-            } else if path.starts_with("/raft/") && info.role != Role::Manager {
+            } else if managers_only(&path) && info.role != Role::Manager {
                 Some((
                     StatusCode::FORBIDDEN,
                     "manager_only",
@@ -217,6 +228,11 @@ mod tests {
             ("worker syncs", worker(), "/cluster/v1/sync", 200),
             ("worker appends", worker(), "/raft/append", 403),
             ("worker votes", worker(), "/raft/vote", 403),
+            ("worker reads the leader's liveness", worker(), LIVENESS_PATH, 403),
+            ("anonymous reads the leader's liveness", None, LIVENESS_PATH, 401),
+            ("manager reads the leader's liveness", manager(), LIVENESS_PATH, 200),
+            ("worker reads the trusted CAs", worker(), CA_PATH, 200),
+            ("anonymous reads the trusted CAs", None, CA_PATH, 401),
             ("manager appends", manager(), "/raft/append", 200),
             ("revoked manager appends", revoked(), "/raft/append", 403),
             ("revoked manager renews", revoked(), RENEW_PATH, 403),

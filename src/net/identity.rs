@@ -2,11 +2,14 @@
 //! them (a new CA on `--bootstrap`, a CA-pinned token join otherwise), and renewal
 //! (ARCHITECTURE.md "Trust").
 //!
-//! Files in `<dir>` (`<data-dir>/tls`): `ca.pem`, `node.pem`, `node.key` (0600) and, on
+//! Files in `<dir>` (`<data-dir>/tls`): `ca.pem` (the trusted CAs: the current one
+//! first, and during a CA rotation the previous one after it), `ca-cross.pem` (during a
+//! rotation only: the new CA signed by the old), `node.pem`, `node.key` (0600) and, on
 //! the first manager, `ca.key` (0600). The first manager also writes
 //! `join-manager.token` and `join-worker.token` (0600) in the data dir.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -14,7 +17,7 @@ use rustls::pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 
 use super::pki::{self, Ca, CertInfo, JoinToken, PkiError, Role};
-use super::tls::{self, CertResolver, TlsError};
+use super::tls::{self, CertResolver, TlsError, TrustAnchors};
 
 /// Why a node could not get or keep its identity.
 #[derive(Debug, thiserror::Error)]
@@ -129,8 +132,94 @@ pub struct RenewRequest {
 pub struct Issued {
     /// The new certificate, PEM.
     pub cert_pem: String,
-    /// The cluster CA, PEM.
+    /// The cluster CA that signed it, PEM (what a join token pins).
     pub ca_pem: String,
+    /// Every CA the cluster trusts now (during a CA rotation: both).
+    #[serde(default)]
+    pub cas: Option<CaSet>,
+}
+
+/// The CAs a cluster trusts: the current (signing) one and, during a CA rotation, the
+/// previous one and the current one cross-signed by it. Also the answer of
+/// `GET /cluster/v1/ca`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaSet {
+    /// The CA that signs, PEM.
+    pub current: String,
+    /// The CA being retired, PEM, while a rotation overlaps.
+    #[serde(default)]
+    pub previous: Option<String>,
+    /// `current` signed by `previous`, PEM, while a rotation overlaps: nodes that trust
+    /// only the previous CA verify new leaves through it.
+    #[serde(default)]
+    pub cross: Option<String>,
+}
+
+impl CaSet {
+    /// Just one CA.
+    pub fn single(current: &str) -> CaSet {
+        CaSet { current: current.to_string(), previous: None, cross: None }
+    }
+
+    /// The roots to trust: current, then previous.
+    pub fn roots(&self) -> Result<Vec<CertificateDer<'static>>, PkiError> {
+        let mut out = vec![pki::cert_der_from_pem(&self.current)?];
+        if let Some(p) = &self.previous {
+            out.push(pki::cert_der_from_pem(p)?);
+        }
+        Ok(out)
+    }
+
+    /// What follows a leaf in the chain a node presents: the cross certificate, the
+    /// current CA (a joining node pins it), the previous one.
+    pub fn chain_pem(&self) -> String {
+        let mut out = String::new();
+        for p in [self.cross.as_deref(), Some(self.current.as_str()), self.previous.as_deref()].into_iter().flatten() {
+            out.push_str(p.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+
+    /// `ca.pem`'s text: current, then previous.
+    pub fn bundle(&self) -> String {
+        let mut out = format!("{}\n", self.current.trim_end());
+        if let Some(p) = &self.previous {
+            out.push_str(p.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+
+    /// Reads `<dir>/ca.pem` (and `ca-cross.pem` when present).
+    fn load(dir: &Path) -> Result<CaSet, IdentityError> {
+        let pems = split_pems(&read(&dir.join("ca.pem"))?);
+        let current = pems.first().cloned().ok_or_else(|| {
+            IdentityError::Pki(PkiError::Parse { what: "ca.pem", why: "no certificate in it".into() })
+        })?;
+        let cross = std::fs::read_to_string(dir.join("ca-cross.pem")).ok().filter(|t| t.contains("BEGIN"));
+        Ok(CaSet { current, previous: pems.get(1).cloned(), cross })
+    }
+
+    /// Writes `<dir>/ca.pem` and `ca-cross.pem` (removed when there is none).
+    fn save(&self, dir: &Path) -> Result<(), IdentityError> {
+        match &self.cross {
+            Some(c) => write_private(&dir.join("ca-cross.pem"), c)?,
+            None => {
+                let _ = std::fs::remove_file(dir.join("ca-cross.pem"));
+            }
+        }
+        write_private(&dir.join("ca.pem"), &self.bundle())
+    }
+}
+
+/// The PEM certificates of a bundle, each as its own text.
+pub fn split_pems(text: &str) -> Vec<String> {
+    const END: &str = "-----END CERTIFICATE-----";
+    text.split_inclusive(END)
+        .filter(|p| p.contains("-----BEGIN CERTIFICATE-----"))
+        .map(|p| format!("{}\n", p.trim()))
+        .collect()
 }
 
 /// The node's TLS identity, shared by its server, its Raft client and its worker.
@@ -138,9 +227,14 @@ pub struct NodeTls {
     node: String,
     role: Role,
     dir: PathBuf,
-    ca_pem: String,
+    cas: RwLock<CaSet>,
+    anchors: Arc<TrustAnchors>,
+    /// The current leaf and key (PEM), to re-chain it when the CAs change.
+    leaf: RwLock<(String, String)>,
     resolver: Arc<CertResolver>,
     info: RwLock<CertInfo>,
+    renew_wanted: AtomicBool,
+    wake: tokio::sync::Notify,
     client: Arc<rustls::ClientConfig>,
     server: Arc<rustls::ServerConfig>,
     http: RwLock<reqwest::Client>,
@@ -179,7 +273,7 @@ impl NodeTls {
             let issued = token_join(s, &token).await?;
             write_private(&dir.join("node.key"), &issued.1)?;
             write_private(&dir.join("node.pem"), &issued.0.cert_pem)?;
-            write_private(&dir.join("ca.pem"), &issued.0.ca_pem)?;
+            issued.0.cas.clone().unwrap_or_else(|| CaSet::single(&issued.0.ca_pem)).save(&dir)?;
             tracing::info!(node = %s.node, role = %s.role, ca = %token.ca_digest, "joined the cluster with a token; certificate in {}", dir.display());
             return Ok((Self::from_files(&dir, s)?, None));
         }
@@ -214,34 +308,38 @@ impl NodeTls {
     }
 
     fn from_files(dir: &Path, s: &IdentitySettings) -> Result<Arc<NodeTls>, IdentityError> {
-        let ca_pem = read(&dir.join("ca.pem"))?;
+        let cas = CaSet::load(dir)?;
         let cert = read(&dir.join("node.pem"))?;
         let key = read(&dir.join("node.key"))?;
-        Self::build(dir, &s.node, s.role, ca_pem, &cert, &key, s.grace)
+        Self::build(dir, &s.node, s.role, cas, cert, key, s.grace)
     }
 
     fn build(
         dir: &Path,
         node: &str,
         role: Role,
-        ca_pem: String,
-        cert: &str,
-        key: &str,
+        cas: CaSet,
+        cert: String,
+        key: String,
         grace: Duration,
     ) -> Result<Arc<NodeTls>, IdentityError> {
-        let ca_der: CertificateDer<'static> = pki::cert_der_from_pem(&ca_pem)?;
-        let info = CertInfo::from_der(&pki::cert_der_from_pem(cert)?)?;
-        let resolver = CertResolver::new(tls::certified_key(cert, key, &ca_pem)?);
-        let client = tls::client_config(std::slice::from_ref(&ca_der), resolver.clone())?;
-        let server = tls::server_config(std::slice::from_ref(&ca_der), resolver.clone(), grace)?;
+        let info = CertInfo::from_der(&pki::cert_der_from_pem(&cert)?)?;
+        let resolver = CertResolver::new(tls::certified_key(&cert, &key, &cas.chain_pem())?);
+        let anchors = TrustAnchors::new(&cas.roots()?)?;
+        let client = tls::client_config_with(anchors.clone(), resolver.clone())?;
+        let server = tls::server_config_with(anchors.clone(), resolver.clone(), grace)?;
         let http = tls::http_client(client.clone(), Duration::from_secs(3));
         Ok(Arc::new(NodeTls {
             node: node.to_string(),
             role,
             dir: dir.to_path_buf(),
-            ca_pem,
+            cas: RwLock::new(cas),
+            anchors,
+            leaf: RwLock::new((cert, key)),
             resolver,
             info: RwLock::new(info),
+            renew_wanted: AtomicBool::new(false),
+            wake: tokio::sync::Notify::new(),
             client,
             server,
             http: RwLock::new(http),
@@ -259,9 +357,53 @@ impl NodeTls {
         self.role
     }
 
-    /// The cluster CA, PEM.
-    pub fn ca_pem(&self) -> &str {
-        &self.ca_pem
+    /// The cluster's current CA, PEM.
+    pub fn ca_pem(&self) -> String {
+        self.cas().current
+    }
+
+    /// The CAs this node trusts now.
+    pub fn cas(&self) -> CaSet {
+        self.cas.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Trusts `cas` from the next handshake on (a CA rotation starting or finishing):
+    /// files, verifiers and the chain sent after this node's leaf. `false` when
+    /// nothing changed.
+    pub fn set_cas(&self, cas: CaSet) -> Result<bool, IdentityError> {
+        if self.cas() == cas {
+            return Ok(false);
+        }
+        self.anchors.set(&cas.roots()?)?;
+        let (cert, key) = self.leaf.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let chained = tls::certified_key(&cert, &key, &cas.chain_pem())?;
+        cas.save(&self.dir)?;
+        self.resolver.swap(chained);
+        *self.cas.write().unwrap_or_else(|e| e.into_inner()) = cas;
+        if !self.leaf_from_current() {
+            self.request_renewal();
+        }
+        tracing::info!(node = %self.node, rotating = self.cas().previous.is_some(), "trusted cluster CAs updated");
+        Ok(true)
+    }
+
+    /// Whether this node's certificate was issued by the current CA.
+    pub fn leaf_from_current(&self) -> bool {
+        let (cert, _) = self.leaf.read().unwrap_or_else(|e| e.into_inner()).clone();
+        match (pki::cert_der_from_pem(&cert), pki::cert_der_from_pem(&self.cas().current)) {
+            (Ok(l), Ok(c)) => pki::issued_by(&l, &c),
+            _ => false,
+        }
+    }
+
+    /// Asks the renewal loop to renew now (the CA changed).
+    pub fn request_renewal(&self) {
+        self.renew_wanted.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
+    fn renewal_wanted(&self) -> bool {
+        self.renew_wanted.load(Ordering::SeqCst)
     }
 
     /// The current certificate's details.
@@ -288,7 +430,9 @@ impl NodeTls {
     /// The CA key from `<data-dir>/tls/ca.key`, if this is the first manager.
     pub fn local_ca(&self) -> Option<Ca> {
         let key_pem = std::fs::read_to_string(self.dir.join("ca.key")).ok()?;
-        Some(Ca { cert_pem: self.ca_pem.clone(), key_pem })
+        // After a CA rotation `ca.pem` names the new CA, whose key is in replicated
+        // state only: a pair that does not belong together is no CA.
+        Some(Ca { cert_pem: self.ca_pem(), key_pem }).filter(Ca::key_matches)
     }
 
     /// Installs a new certificate for `key_pem`: written to disk, then swapped in for
@@ -301,11 +445,15 @@ impl NodeTls {
                 why: format!("it names {} ({}), not {} ({})", info.node, info.role, self.node, self.role),
             }));
         }
-        let key = tls::certified_key(cert_pem, key_pem, &self.ca_pem)?;
+        let key = tls::certified_key(cert_pem, key_pem, &self.cas().chain_pem())?;
         write_private(&self.dir.join("node.key"), key_pem)?;
         write_private(&self.dir.join("node.pem"), cert_pem)?;
         self.resolver.swap(key);
+        *self.leaf.write().unwrap_or_else(|e| e.into_inner()) = (cert_pem.to_string(), key_pem.to_string());
         *self.info.write().unwrap_or_else(|e| e.into_inner()) = info;
+        if self.leaf_from_current() {
+            self.renew_wanted.store(false, Ordering::SeqCst);
+        }
         *self.http.write().unwrap_or_else(|e| e.into_inner()) =
             tls::http_client(self.client.clone(), Duration::from_secs(3));
         Ok(())
@@ -329,7 +477,13 @@ impl NodeTls {
                 http.post(&url).json(&RenewRequest { csr_pem: csr.clone() }).timeout(Duration::from_secs(10)).send();
             match call.await {
                 Ok(r) if r.status().is_success() => match r.json::<Issued>().await {
-                    Ok(issued) => return self.install(&issued.cert_pem, &key).map_err(|e| e.to_string()),
+                    Ok(issued) => {
+                        // Trust the CAs first: the new leaf may come from a new CA.
+                        if let Some(cas) = issued.cas {
+                            self.set_cas(cas).map_err(|e| e.to_string())?;
+                        }
+                        return self.install(&issued.cert_pem, &key).map_err(|e| e.to_string());
+                    }
                     Err(e) => last = format!("{addr}: bad answer: {e}"),
                 },
                 Ok(r) => {
@@ -463,7 +617,7 @@ where
                     advised_at = now;
                 }
                 retry
-            } else if now < info.renew_at_ms() {
+            } else if now < info.renew_at_ms() && !tls.renewal_wanted() {
                 Duration::from_millis((info.renew_at_ms() - now).min(60_000))
             } else {
                 match renew().await {
@@ -471,7 +625,12 @@ where
                         let n = tls.info();
                         tracing::info!(node = %tls.node(), not_after_ms = n.not_after_ms, "cluster certificate renewed");
                         failures = 0;
-                        continue;
+                        if !tls.renewal_wanted() {
+                            continue;
+                        }
+                        // Renewed, but not from the current CA yet (the signer had not
+                        // seen the rotation): try again at the retry pace.
+                        retry
                     }
                     Err(e) => {
                         failures += 1;
@@ -485,6 +644,46 @@ where
             tokio::select! {
                 _ = shutdown.recv() => return,
                 _ = tokio::time::sleep(wait) => {}
+                _ = tls.wake.notified() => {}
+            }
+        }
+    })
+}
+
+/// A worker's view of the cluster's CAs: asks a manager (`GET /cluster/v1/ca`) every
+/// `every`, trusts what it answers, and renews at once when its own certificate is not
+/// from the current CA (a CA rotation started). Ends on `shutdown`.
+pub fn watch_cas(
+    tls: Arc<NodeTls>,
+    managers: Vec<String>,
+    every: Duration,
+    mut shutdown: tokio::sync::broadcast::Receiver<()>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut i = 0usize;
+        loop {
+            if let Some(addr) = managers.get(i % managers.len().max(1)) {
+                let url = format!("https://{addr}{}", super::door::CA_PATH);
+                let got = tls.http().get(&url).timeout(Duration::from_secs(5)).send().await;
+                match got {
+                    Ok(r) if r.status().is_success() => match r.json::<CaSet>().await {
+                        Ok(cas) => {
+                            if let Err(e) = tls.set_cas(cas) {
+                                tracing::warn!(error = %e, "cannot trust the cluster's new CAs");
+                            }
+                            if !tls.leaf_from_current() {
+                                tls.request_renewal();
+                            }
+                        }
+                        Err(e) => tracing::debug!(%addr, error = %e, "unreadable CA answer"),
+                    },
+                    // Unreachable or refused: the sync loop reports that; try another.
+                    _ => i += 1,
+                }
+            }
+            tokio::select! {
+                _ = shutdown.recv() => return,
+                _ = tokio::time::sleep(every) => {}
             }
         }
     })

@@ -124,12 +124,14 @@ impl std::fmt::Debug for Ca {
 }
 
 impl Ca {
-    /// A new CA (ECDSA P-256), valid for 10 years.
+    /// A new CA (ECDSA P-256), valid for 10 years. Its name carries its creation time,
+    /// so the CAs of a rotation never share a subject.
     pub fn generate() -> Result<Ca, PkiError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, "holdfast cluster CA");
+        let tag = hex::encode(rand::random::<[u8; 4]>());
+        dn.push(DnType::CommonName, format!("holdfast cluster CA {} {tag}", now_ms()));
         dn.push(DnType::OrganizationName, "holdfast");
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -168,6 +170,29 @@ impl Ca {
         let params = leaf_params(node, role, &[], lifetime)?;
         let (issuer, ca_key) = self.issuer()?;
         Ok((params.signed_by(&key, &issuer, &ca_key)?.pem(), key.serialize_pem()))
+    }
+
+    /// A certificate for `next`'s key and name signed by this CA: during a CA rotation
+    /// nodes that trust only this CA still verify leaves of `next` through it
+    /// (ARCHITECTURE.md "Trust", CA rotation).
+    pub fn cross_sign(&self, next: &Ca) -> Result<String, PkiError> {
+        let next_key = KeyPair::from_pem(&next.key_pem).map_err(|e| parse_err("CA key", e))?;
+        let params = CertificateParams::from_ca_cert_pem(&next.cert_pem).map_err(|e| parse_err("CA certificate", e))?;
+        let (issuer, key) = self.issuer()?;
+        Ok(params.signed_by(&next_key, &issuer, &key)?.pem())
+    }
+
+    /// Whether the key is the certificate's (a CA file and a key file that belong
+    /// together).
+    pub fn key_matches(&self) -> bool {
+        use x509_parser::prelude::FromDer;
+        let (Ok(key), Ok(der)) = (KeyPair::from_pem(&self.key_pem), self.cert_der()) else {
+            return false;
+        };
+        let Ok((_, cert)) = x509_parser::certificate::X509Certificate::from_der(&der) else {
+            return false;
+        };
+        cert.public_key().subject_public_key.data.as_ref() == key.public_key_raw()
     }
 
     fn issuer(&self) -> Result<(rcgen::Certificate, KeyPair), PkiError> {
@@ -234,6 +259,24 @@ pub fn issue_server_cert(
     let params = leaf_params(node, Role::Manager, sans, lifetime)?;
     let (issuer, ca_key) = ca.issuer()?;
     Ok((params.signed_by(&key, &issuer, &ca_key)?.pem(), key.serialize_pem()))
+}
+
+/// Every certificate of a PEM text (a bundle), in DER.
+pub fn cert_ders_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, PkiError> {
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| parse_err("certificates", e))
+}
+
+/// Whether the certificate `leaf` (DER) was issued by `ca` (DER): its issuer is the
+/// CA's subject (CA subjects are unique per cluster and rotation, see [`Ca::generate`]).
+pub fn issued_by(leaf: &[u8], ca: &[u8]) -> bool {
+    use x509_parser::prelude::FromDer;
+    let parse = |d| x509_parser::certificate::X509Certificate::from_der(d).ok().map(|(_, c)| c);
+    match (parse(leaf), parse(ca)) {
+        (Some(l), Some(c)) => l.issuer().as_raw() == c.subject().as_raw(),
+        _ => false,
+    }
 }
 
 /// A fresh key pair and a signing request for it: `(key_pem, csr_pem)`. The request

@@ -47,16 +47,74 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Builds a rustls certified key from a leaf PEM, its key PEM and the CA PEM (sent as
-/// the second certificate of the chain, so a joining node can pin it).
+/// Builds a rustls certified key from a leaf PEM, its key PEM and the CA PEM, which
+/// may be a bundle (sent after the leaf, so a joining node can pin the CA; during a CA
+/// rotation it also holds the cross-signed new CA and the old one).
 pub fn certified_key(cert_pem: &str, key_pem: &str, ca_pem: &str) -> Result<Arc<CertifiedKey>, TlsError> {
     use rustls::pki_types::pem::PemObject;
-    let leaf = pki::cert_der_from_pem(cert_pem)?;
-    let ca = pki::cert_der_from_pem(ca_pem)?;
+    let mut chain = vec![pki::cert_der_from_pem(cert_pem)?];
+    chain.extend(pki::cert_ders_from_pem(ca_pem)?);
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
         .map_err(|e| pki::PkiError::Parse { what: "node key", why: e.to_string() })?;
     let signer = rustls::crypto::ring::sign::any_supported_type(&key)?;
-    Ok(Arc::new(CertifiedKey::new(vec![leaf, ca], signer)))
+    Ok(Arc::new(CertifiedKey::new(chain, signer)))
+}
+
+/// The CAs a node trusts, shared by its client and server verifiers and replaced in
+/// place during a CA rotation (both CAs while it overlaps, the new one after).
+pub struct TrustAnchors {
+    current: RwLock<Anchors>,
+}
+
+struct Anchors {
+    ders: Vec<CertificateDer<'static>>,
+    server: Arc<rustls::client::WebPkiServerVerifier>,
+    client: Arc<dyn ClientCertVerifier>,
+}
+
+impl std::fmt::Debug for TrustAnchors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TrustAnchors({} CAs)", self.ders().len())
+    }
+}
+
+impl TrustAnchors {
+    /// Anchors for the CA(s) `ca_ders`.
+    pub fn new(ca_ders: &[CertificateDer<'static>]) -> Result<Arc<TrustAnchors>, TlsError> {
+        Ok(Arc::new(TrustAnchors { current: RwLock::new(Self::build(ca_ders)?) }))
+    }
+
+    fn build(ca_ders: &[CertificateDer<'static>]) -> Result<Anchors, TlsError> {
+        let roots = roots_of(ca_ders)?;
+        let server = rustls::client::WebPkiServerVerifier::builder_with_provider(roots.clone(), provider())
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        let client = WebPkiClientVerifier::builder_with_provider(roots, provider())
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        Ok(Anchors { ders: ca_ders.to_vec(), server, client })
+    }
+
+    /// Trusts exactly `ca_ders` from the next handshake on.
+    pub fn set(&self, ca_ders: &[CertificateDer<'static>]) -> Result<(), TlsError> {
+        let built = Self::build(ca_ders)?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = built;
+        Ok(())
+    }
+
+    /// The CAs trusted now.
+    pub fn ders(&self) -> Vec<CertificateDer<'static>> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).ders.clone()
+    }
+
+    fn server(&self) -> Arc<rustls::client::WebPkiServerVerifier> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).server.clone()
+    }
+
+    fn client(&self) -> Arc<dyn ClientCertVerifier> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).client.clone()
+    }
 }
 
 /// The node's current certificate, swapped in place on renewal: new handshakes use
@@ -113,15 +171,12 @@ fn manager_name() -> ServerName<'static> {
 /// Accepts a server only with a manager certificate of the trusted CA(s).
 #[derive(Debug)]
 struct ManagerVerifier {
-    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    anchors: Arc<TrustAnchors>,
 }
 
 impl ManagerVerifier {
     fn new(ca_ders: &[CertificateDer<'static>]) -> Result<Self, TlsError> {
-        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(roots_of(ca_ders)?, provider())
-            .build()
-            .map_err(|e| TlsError::Verifier(e.to_string()))?;
-        Ok(ManagerVerifier { inner })
+        Ok(ManagerVerifier { anchors: TrustAnchors::new(ca_ders)? })
     }
 }
 
@@ -136,7 +191,7 @@ impl ServerCertVerifier for ManagerVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         // The role is the identity: every manager certificate carries MANAGER_NAME,
         // workers' do not, so a worker can never pose as a manager.
-        self.inner.verify_server_cert(end_entity, intermediates, &manager_name(), ocsp, now)
+        self.anchors.server().verify_server_cert(end_entity, intermediates, &manager_name(), ocsp, now)
     }
 
     fn verify_tls12_signature(
@@ -145,7 +200,7 @@ impl ServerCertVerifier for ManagerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        self.anchors.server().verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -154,11 +209,11 @@ impl ServerCertVerifier for ManagerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        self.anchors.server().verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.anchors.server().supported_verify_schemes()
     }
 }
 
@@ -238,7 +293,7 @@ impl ServerCertVerifier for PinnedVerifier {
 /// `grace` ago passes the handshake too, verified as of its last valid second.
 #[derive(Debug)]
 struct GraceVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
+    anchors: Arc<TrustAnchors>,
     grace: Duration,
 }
 
@@ -252,7 +307,8 @@ impl ClientCertVerifier for GraceVerifier {
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
+        // The trusted CAs change during a rotation; hints are optional in TLS 1.3.
+        &[]
     }
 
     fn verify_client_cert(
@@ -261,7 +317,8 @@ impl ClientCertVerifier for GraceVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        match self.inner.verify_client_cert(end_entity, intermediates, now) {
+        let inner = self.anchors.client();
+        match inner.verify_client_cert(end_entity, intermediates, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::Expired | CertificateError::ExpiredContext { .. },
             )) => {
@@ -272,7 +329,7 @@ impl ClientCertVerifier for GraceVerifier {
                 }
                 let last_valid =
                     UnixTime::since_unix_epoch(Duration::from_millis(info.not_after_ms.saturating_sub(1000)));
-                self.inner.verify_client_cert(end_entity, intermediates, last_valid)
+                inner.verify_client_cert(end_entity, intermediates, last_valid)
             }
             other => other,
         }
@@ -284,7 +341,7 @@ impl ClientCertVerifier for GraceVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        self.anchors.client().verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -293,11 +350,11 @@ impl ClientCertVerifier for GraceVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        self.anchors.client().verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.anchors.client().supported_verify_schemes()
     }
 }
 
@@ -307,10 +364,18 @@ pub fn client_config(
     ca_ders: &[CertificateDer<'static>],
     resolver: Arc<CertResolver>,
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    client_config_with(TrustAnchors::new(ca_ders)?, resolver)
+}
+
+/// Like [`client_config`], trusting whatever `anchors` trusts at each handshake.
+pub fn client_config_with(
+    anchors: Arc<TrustAnchors>,
+    resolver: Arc<CertResolver>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let cfg = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(ManagerVerifier::new(ca_ders)?))
+        .with_custom_certificate_verifier(Arc::new(ManagerVerifier { anchors }))
         .with_client_cert_resolver(resolver);
     Ok(Arc::new(no_resumption(cfg)))
 }
@@ -344,17 +409,22 @@ pub fn server_config(
     resolver: Arc<CertResolver>,
     grace: Duration,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    server_config_with(TrustAnchors::new(ca_ders)?, resolver, grace)
+}
+
+/// Like [`server_config`], trusting whatever `anchors` trusts at each handshake.
+pub fn server_config_with(
+    anchors: Arc<TrustAnchors>,
+    resolver: Arc<CertResolver>,
+    grace: Duration,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     // Not a switch: a client without a certificate completes the handshake only so it
     // can present a join token; `net::door` lets such a connection reach the join route
     // and nothing else (tested in `net::door` and `tests/cluster_trust.rs`). Every
     // certificate that is presented is verified against the cluster CA.
-    let inner = WebPkiClientVerifier::builder_with_provider(roots_of(ca_ders)?, provider())
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| TlsError::Verifier(e.to_string()))?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(Arc::new(GraceVerifier { inner, grace }))
+        .with_client_cert_verifier(Arc::new(GraceVerifier { anchors, grace }))
         .with_cert_resolver(resolver);
     // No resumption: every connection proves its peer's current certificate.
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
@@ -556,12 +626,8 @@ mod tests {
     #[test]
     fn an_expired_client_certificate_passes_the_handshake_only_within_grace_and_only_from_the_ca() {
         let (ca, other) = (Ca::generate().unwrap(), Ca::generate().unwrap());
-        let inner =
-            WebPkiClientVerifier::builder_with_provider(roots_of(&[ca.cert_der().unwrap()]).unwrap(), provider())
-                .allow_unauthenticated()
-                .build()
-                .unwrap();
-        let v = GraceVerifier { inner, grace: Duration::from_secs(60) };
+        let anchors = TrustAnchors::new(&[ca.cert_der().unwrap()]).unwrap();
+        let v = GraceVerifier { anchors, grace: Duration::from_secs(60) };
         let short = Duration::from_secs(10);
         let mine = leaf(&ca, "w1", Role::Worker, short);
         let foreign = leaf(&other, "w1", Role::Worker, short);
@@ -573,5 +639,42 @@ mod tests {
         // No certificate gets through the handshake (joining needs none); the door then
         // lets such a connection reach only the join route (`net::door` tests).
         assert!(!v.client_auth_mandatory());
+    }
+
+    /// A CA rotation: a node that still trusts only the old CA verifies a manager leaf
+    /// of the new one through the cross-signed certificate in its chain; anchors swap
+    /// in place; once the old CA is retired, its leaves are refused.
+    #[test]
+    fn during_a_ca_rotation_both_cas_verify_and_after_it_only_the_new_one() {
+        let (old, new) = (Ca::generate().unwrap(), Ca::generate().unwrap());
+        let cross = old.cross_sign(&new).unwrap();
+        let chain_pem = format!("{cross}{}{}", new.cert_pem, old.cert_pem);
+        let (cert, key) = new.issue("m1", Role::Manager, HOUR).unwrap();
+        let served = certified_key(&cert, &key, &chain_pem).unwrap();
+        let (leaf, rest) = served.cert.split_first().unwrap();
+        assert_eq!(rest.len(), 3, "cross, new CA, old CA");
+        let at = UnixTime::now();
+        let name = ServerName::try_from("10.9.9.9").unwrap();
+        let old_only = ManagerVerifier::new(&[old.cert_der().unwrap()]).unwrap();
+        assert!(old_only.verify_server_cert(leaf, rest, &name, &[], at).is_ok(), "through the cross certificate");
+        assert!(old_only.verify_server_cert(leaf, &[], &name, &[], at).is_err(), "not without it");
+        let both = TrustAnchors::new(&[new.cert_der().unwrap(), old.cert_der().unwrap()]).unwrap();
+        let v = GraceVerifier { anchors: both.clone(), grace: Duration::ZERO };
+        let old_leaf = leaf_of(&old, "w1");
+        let new_leaf = leaf_of(&new, "w1");
+        assert!(v.verify_client_cert(&old_leaf, &[], at).is_ok());
+        assert!(v.verify_client_cert(&new_leaf, &[], at).is_ok());
+        both.set(&[new.cert_der().unwrap()]).unwrap();
+        assert!(v.verify_client_cert(&old_leaf, &[], at).is_err(), "the old CA is retired");
+        assert!(v.verify_client_cert(&new_leaf, &[], at).is_ok());
+        assert!(pki::issued_by(&new_leaf, &new.cert_der().unwrap()));
+        assert!(!pki::issued_by(&old_leaf, &new.cert_der().unwrap()));
+        assert!(
+            new.key_matches() && !Ca { cert_pem: new.cert_pem.clone(), key_pem: old.key_pem.clone() }.key_matches()
+        );
+    }
+
+    fn leaf_of(ca: &Ca, node: &str) -> CertificateDer<'static> {
+        leaf(ca, node, Role::Worker, HOUR)
     }
 }

@@ -235,6 +235,13 @@ pub async fn run(
         };
         spawn_renewal(tls.clone(), cfg.data_dir.clone(), renew, shutdown.resubscribe())
     });
+    // A CA rotation reaches a worker through this (ARCHITECTURE.md "Trust").
+    let ca_watch = (tls.role() == Role::Worker).then(|| {
+        let info = tls.info();
+        let life = info.not_after_ms.saturating_sub(info.issued_ms.max(info.not_before_ms));
+        let every = Duration::from_millis(life / 20).clamp(Duration::from_secs(1), Duration::from_secs(30));
+        crate::net::identity::watch_cas(tls.clone(), cfg.managers.clone(), every, shutdown.resubscribe())
+    });
     let ledger = Arc::new(Ledger::open(&cfg.data_dir, &cfg.node)?);
     let lease = ledger.meta_u64("lease_until_ms")?;
     let lease_ms = ledger.meta_u64("lease_ms")?;
@@ -271,6 +278,9 @@ pub async fn run(
     let _ = tokio::join!(sync, rec, fences);
     if let Some(r) = renewal {
         let _ = r.await;
+    }
+    if let Some(c) = ca_watch {
+        let _ = c.await;
     }
     for (_, p) in lock(&w.probers).drain() {
         p.handle.abort();

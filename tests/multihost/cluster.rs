@@ -404,14 +404,16 @@ impl Cluster {
         got
     }
 
-    /// Builds the API client: every manager's certificate as a root, `m1`'s admin token.
+    /// Builds the API client as a user would: the cluster CA from `m1`'s data dir
+    /// (`tls/ca.pem`) as the only root, `m1`'s admin token. Every manager's API
+    /// certificate is issued from that CA and names 127.0.0.1 (the published port).
     async fn login(&self) {
         let token = Self::copy_out(&self.managers[0].container, "/data/admin.token").await;
         let token = String::from_utf8_lossy(&token).trim().to_string();
         let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(10)).tls_built_in_root_certs(false);
-        for m in &self.managers {
-            let pem = Self::copy_out(&m.container, "/data/api-cert.pem").await;
-            builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("PEM certificate"));
+        let pem = Self::copy_out(&self.managers[0].container, "/data/tls/ca.pem").await;
+        for ca in reqwest::Certificate::from_pem_bundle(&pem).expect("PEM certificates") {
+            builder = builder.add_root_certificate(ca);
         }
         let mut headers = reqwest::header::HeaderMap::new();
         headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {token}").parse().expect("header"));

@@ -357,6 +357,9 @@ mod tests {
             ("POST", "/v1/nodes/n1/eligibility", Some(Operator)),
             ("DELETE", "/v1/cluster/members/m2", Some(Admin)),
             ("GET", "/v1/cluster/snapshot", Some(Admin)),
+            ("GET", "/v1/cluster/ca", Some(Reader)),
+            ("POST", "/v1/cluster/ca/rotate", Some(Admin)),
+            ("POST", "/v1/cluster/ca/finish", Some(Admin)),
             ("PUT", "/v1/tasks/t1", Some(Admin)),
             ("POST", "/v1/anything-new", Some(Admin)),
         ];

@@ -407,36 +407,37 @@ fn node_json(n: &query::NodeRow, l: Option<&super::Liveness>) -> serde_json::Val
 }
 
 /// Liveness (last seen, measured free resources, engine state) lives in the leader's
-/// memory only, so a follower answers node reads by asking the leader; if it cannot, it
-/// answers from its own state with those fields `null`. The caller's bearer token
-/// goes along (the leader checks it again); an HTTPS leader is not asked (no client
-/// certificate store here yet), so such a follower answers from its own state.
-async fn from_leader(m: &Manager, path: &str, headers: &HeaderMap) -> Option<Response> {
-    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+/// memory only, so a follower asks the leader for it over the cluster port with its
+/// own manager certificate (mutual TLS; `GET /cluster/v1/leader/liveness`, managers
+/// only) and answers from its own state with it. Without an answer in time the live
+/// fields are `null`. The leader answers from its own memory.
+async fn liveness(m: &Manager) -> std::collections::HashMap<String, super::Liveness> {
     let s = m.db.status();
     if s.role == holdfast_raft::Role::Leader {
-        return None;
+        return super::lock(&m.liveness).clone();
     }
-    let leader = s.leader?;
-    let client = CLIENT.get_or_init(|| {
-        reqwest::Client::builder().timeout(Duration::from_secs(3)).no_proxy().build().unwrap_or_default()
-    });
-    let mut req = client.get(format!("http://{}{path}", leader.api_addr));
-    if let Some(auth) = headers.get(header::AUTHORIZATION) {
-        req = req.header(header::AUTHORIZATION, auth.clone());
-    }
-    let resp = req.send().await.ok()?;
-    let status = StatusCode::from_u16(resp.status().as_u16()).ok()?;
-    let body = resp.bytes().await.ok()?;
-    Some((status, [(header::CONTENT_TYPE, "application/json")], body).into_response())
+    let (Some(leader), Some(tls)) = (s.leader, m.cluster_tls.get()) else {
+        return Default::default();
+    };
+    let url = format!("https://{}{}", leader.cluster_addr, crate::net::door::LIVENESS_PATH);
+    let resp = tls.http().get(&url).timeout(Duration::from_secs(2)).send().await;
+    let body = match resp {
+        Ok(r) if r.status().is_success() => r.json::<super::trust::LeaderLiveness>().await.ok(),
+        Ok(r) => {
+            tracing::debug!(status = %r.status(), %url, "leader liveness refused");
+            None
+        }
+        Err(e) => {
+            tracing::debug!(error = %crate::net::identity::chain(&e), %url, "leader liveness unreachable");
+            None
+        }
+    };
+    body.map(|b| b.into_liveness()).unwrap_or_default()
 }
 
-async fn list_nodes(State(m): State<Arc<Manager>>, headers: HeaderMap) -> Result<Response, ApiError> {
-    if let Some(r) = from_leader(&m, "/v1/nodes", &headers).await {
-        return Ok(r);
-    }
+async fn list_nodes(State(m): State<Arc<Manager>>) -> Result<Response, ApiError> {
     let rows = m.db.read(query::nodes).await?;
-    let live = super::lock(&m.liveness).clone();
+    let live = liveness(&m).await;
     let nodes: Vec<serde_json::Value> = rows.iter().map(|n| node_json(n, live.get(&n.name))).collect();
     Ok(Json(serde_json::json!({ "nodes": nodes })).into_response())
 }
@@ -445,19 +446,12 @@ fn no_node(id: &str) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no node named {id}")).field("id")
 }
 
-async fn get_node(
-    State(m): State<Arc<Manager>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
+async fn get_node(State(m): State<Arc<Manager>>, Path(id): Path<String>) -> Result<Response, ApiError> {
     check_id(&id)?;
-    if let Some(r) = from_leader(&m, &format!("/v1/nodes/{id}"), &headers).await {
-        return Ok(r);
-    }
     let key = id.clone();
     let (rows, events) = m.db.read(move |c| Ok((query::nodes(c)?, query::node_events(c, &key)?))).await?;
     let n = rows.iter().find(|n| n.name == id).ok_or_else(|| no_node(&id))?;
-    let live = super::lock(&m.liveness).get(&id).cloned();
+    let live = liveness(&m).await.remove(&id);
     let mut body = node_json(n, live.as_ref());
     // Disconnected intervals, from the committed status changes.
     let mut intervals = Vec::new();
@@ -564,8 +558,11 @@ async fn node_eligibility(
 }
 
 async fn cluster(State(m): State<Arc<Manager>>) -> Json<serde_json::Value> {
+    // The CA rotation's state (`null` while this manager cannot read it).
+    let ca = super::trust::ca_status(&m).await.ok();
     let s = m.db.status();
     Json(serde_json::json!({
+        "ca": ca,
         "id": s.name,
         "role": s.role,
         "leader": s.leader.as_ref().map(|l| serde_json::json!({

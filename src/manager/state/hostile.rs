@@ -312,6 +312,31 @@ fn every_command_with_hostile_content_is_a_rejection_never_an_error() {
             Rejected("invalid"),
         ),
         (
+            "CA rotation with a certificate that is not PEM",
+            Command::Trust(trust::TrustCommand::RotateCa {
+                cert_pem: huge.clone(),
+                key_pem: "k".into(),
+                cross_pem: "c".into(),
+                now_ms: 3,
+            }),
+            Rejected("bad_ca"),
+        ),
+        (
+            "finishing a CA rotation that never started",
+            Command::Trust(trust::TrustCommand::FinishCaRotation { now_ms: 3 }),
+            Rejected("not_found"),
+        ),
+        (
+            "CA holder with a digest that is not hex",
+            Command::Trust(trust::TrustCommand::CaHeld { node: "n1".into(), ca_digest: "zz".into(), now_ms: 3 }),
+            Rejected("bad_ca"),
+        ),
+        (
+            "CA holder with an invalid node name",
+            Command::Trust(trust::TrustCommand::CaHeld { node: "../x".into(), ca_digest: "ab".repeat(32), now_ms: 3 }),
+            Rejected("invalid"),
+        ),
+        (
             "revocation with 10 kB of reason",
             Command::Trust(trust::TrustCommand::RevokeNode { node: "n1".into(), reason: huge.clone(), now_ms: 3 }),
             Rejected("invalid"),

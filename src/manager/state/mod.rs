@@ -600,6 +600,11 @@ fn check_command(cmd: &Command) -> Option<Rejection> {
         Command::Trust(trust::TrustCommand::UseJoinToken { node, now_ms, .. }) => {
             id("node name", node).or_else(|| num("now_ms", *now_ms))
         }
+        Command::Trust(trust::TrustCommand::RotateCa { now_ms, .. }) => num("now_ms", *now_ms),
+        Command::Trust(trust::TrustCommand::FinishCaRotation { now_ms }) => num("now_ms", *now_ms),
+        Command::Trust(trust::TrustCommand::CaHeld { node, now_ms, .. }) => {
+            id("node name", node).or_else(|| num("now_ms", *now_ms))
+        }
         Command::Trust(trust::TrustCommand::RevokeNode { node, reason, now_ms }) => {
             id("node name", node).or_else(|| text("reason", reason)).or_else(|| num("now_ms", *now_ms))
         }

@@ -50,6 +50,34 @@ pub enum TrustCommand {
         /// Wall clock of the manager that checks.
         now_ms: u64,
     },
+    /// Starts a CA rotation: `cert_pem`/`key_pem` become the signing CA, the current
+    /// one stays trusted as the previous CA until [`TrustCommand::FinishCaRotation`];
+    /// `cross_pem` is the new CA signed by the old. Rejected without a CA or while a
+    /// rotation is under way.
+    RotateCa {
+        /// New CA certificate, PEM.
+        cert_pem: String,
+        /// New CA private key, PEM.
+        key_pem: String,
+        /// The new CA cross-signed by the current one, PEM.
+        cross_pem: String,
+        /// Leader wall clock.
+        now_ms: u64,
+    },
+    /// Ends a CA rotation: the previous CA is no longer trusted anywhere.
+    FinishCaRotation {
+        /// Wall clock.
+        now_ms: u64,
+    },
+    /// Records that `node` now holds a certificate of the CA with `ca_digest`.
+    CaHeld {
+        /// Node name.
+        node: String,
+        /// Hex SHA-256 of the CA certificate.
+        ca_digest: String,
+        /// Wall clock.
+        now_ms: u64,
+    },
     /// Refuses every certificate issued to `node` until now.
     RevokeNode {
         /// Node name.
@@ -76,6 +104,17 @@ CREATE TABLE IF NOT EXISTS join_tokens (
     revoked INTEGER NOT NULL DEFAULT 0,
     created_ms INTEGER NOT NULL,
     used INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS trust_ca_previous (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    cert_pem TEXT NOT NULL,
+    cross_pem TEXT NOT NULL,
+    started_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS trust_ca_holders (
+    node TEXT PRIMARY KEY,
+    ca_digest TEXT NOT NULL,
+    at_ms INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS revocations (
     node TEXT PRIMARY KEY,
@@ -162,6 +201,47 @@ pub fn apply(tx: &Transaction<'_>, cmd: TrustCommand) -> rusqlite::Result<Outcom
             )?;
             Ok(Ok(serde_json::json!({"node": node, "role": role})))
         }
+        TrustCommand::RotateCa { cert_pem, key_pem, cross_pem, now_ms } => {
+            let pem = |p: &str| p.contains("BEGIN CERTIFICATE") && p.len() < 16_384;
+            if !pem(&cert_pem) || !pem(&cross_pem) || !key_pem.contains("PRIVATE KEY") || key_pem.len() > 16_384 {
+                return reject("bad_ca", "a new CA needs PEM certificates and a PEM private key");
+            }
+            let Some(old) =
+                tx.query_row("SELECT cert_pem FROM trust_ca WHERE id = 1", [], |r| r.get::<_, String>(0)).optional()?
+            else {
+                return reject("no_ca", "the cluster has no CA to rotate");
+            };
+            if old == cert_pem {
+                return reject("conflict", "that is already the cluster's CA");
+            }
+            let rotating: i64 = tx.query_row("SELECT COUNT(*) FROM trust_ca_previous", [], |r| r.get(0))?;
+            if rotating > 0 {
+                return reject("conflict", "a CA rotation is already under way; finish it first");
+            }
+            tx.execute(
+                "INSERT INTO trust_ca_previous (id, cert_pem, cross_pem, started_ms) VALUES (1, ?1, ?2, ?3)",
+                params![old, cross_pem, now_ms.min(i64::MAX as u64) as i64],
+            )?;
+            tx.execute("UPDATE trust_ca SET cert_pem = ?1, key_pem = ?2 WHERE id = 1", params![cert_pem, key_pem])?;
+            Ok(Ok(serde_json::json!({"ca": "rotating"})))
+        }
+        TrustCommand::FinishCaRotation { .. } => {
+            if tx.execute("DELETE FROM trust_ca_previous", [])? == 0 {
+                return reject("not_found", "no CA rotation is under way");
+            }
+            Ok(Ok(serde_json::json!({"ca": "rotated"})))
+        }
+        TrustCommand::CaHeld { node, ca_digest, now_ms } => {
+            if !valid_hash(&ca_digest) {
+                return reject("bad_ca", "a CA digest is 64 hex digits");
+            }
+            tx.execute(
+                "INSERT INTO trust_ca_holders (node, ca_digest, at_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(node) DO UPDATE SET ca_digest = excluded.ca_digest, at_ms = excluded.at_ms",
+                params![node, ca_digest.to_ascii_lowercase(), now_ms.min(i64::MAX as u64) as i64],
+            )?;
+            Ok(Ok(serde_json::json!({"node": node})))
+        }
         TrustCommand::RevokeNode { node, reason, now_ms } => {
             if node.is_empty() || node.len() > 253 {
                 return reject("bad_node", "node name must be 1..253 characters");
@@ -179,6 +259,20 @@ pub fn apply(tx: &Transaction<'_>, cmd: TrustCommand) -> rusqlite::Result<Outcom
 /// The cluster CA `(cert_pem, key_pem)`, if recorded.
 pub fn ca(conn: &rusqlite::Connection) -> rusqlite::Result<Option<(String, String)>> {
     conn.query_row("SELECT cert_pem, key_pem FROM trust_ca WHERE id = 1", [], |r| Ok((r.get(0)?, r.get(1)?))).optional()
+}
+
+/// The previous CA and the cross certificate `(cert_pem, cross_pem)` while a CA
+/// rotation is under way.
+pub fn previous_ca(conn: &rusqlite::Connection) -> rusqlite::Result<Option<(String, String)>> {
+    conn.query_row("SELECT cert_pem, cross_pem FROM trust_ca_previous WHERE id = 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()
+}
+
+/// Which CA each node's certificate comes from: node → CA digest.
+pub fn ca_holders(conn: &rusqlite::Connection) -> rusqlite::Result<HashMap<String, String>> {
+    let mut stmt = conn.prepare("SELECT node, ca_digest FROM trust_ca_holders")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    rows.collect()
 }
 
 /// Every revocation: node → time (ms).
