@@ -392,6 +392,14 @@ pub struct AgentArgs {
     /// so a full disk is a clear error that heals itself, not a storage failure (0: off).
     #[arg(long, env = "HOLDFAST_MIN_FREE_MB", default_value_t = crate::config::DEFAULT_MIN_FREE_MB)]
     pub min_free_mb: u64,
+    /// An image in the managers' catalogue that no task has used for this long is
+    /// removed (managers; README "Images without a registry").
+    #[arg(long, env = "HOLDFAST_IMAGE_RETAIN", value_parser = humantime::parse_duration, default_value = "24h")]
+    pub image_retain: std::time::Duration,
+    /// Cap on the bytes per second a worker spends fetching images from the managers,
+    /// e.g. `2M` for a thin link (workers; suffixes K, M, G are powers of 1024).
+    #[arg(long, env = "HOLDFAST_IMAGE_BANDWIDTH", value_parser = parse_bandwidth)]
+    pub image_bandwidth: Option<u64>,
     /// PEM certificate (chain) the API serves over HTTPS (managers; with --api-key).
     /// Off loopback the API is always HTTPS; without this it uses a certificate of
     /// its own, kept in the data dir as `api-cert.pem`.
@@ -448,6 +456,21 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// Bytes per second: a whole number with an optional K, M or G suffix (powers of 1024).
+pub fn parse_bandwidth(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M') => (&t[..t.len() - 1], 1 << 20),
+        Some('G') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    match num.trim().parse::<u64>().ok().and_then(|n| n.checked_mul(mult)) {
+        Some(n) if n >= 1024 => Ok(n),
+        _ => Err(format!("{s:?}: give bytes per second, at least 1K, e.g. 512K or 2M")),
+    }
+}
+
 fn parse_sink(s: &str) -> Result<SinkTarget, String> {
     SinkTarget::parse(s)
 }
@@ -484,6 +507,7 @@ impl DevArgs {
                 advertise_host: dialable(host_of(&self.api)).to_string(),
                 labels: BTreeMap::new(),
                 resources_override: None,
+                image_bandwidth: None,
             }),
             trust: crate::config::TrustSettings {
                 token: None,
@@ -541,6 +565,7 @@ impl AgentArgs {
             event_sink: self.event_sink.clone().map(SinkConfig::new),
             force_new_cluster: self.force_new_cluster,
             min_free_mb: self.min_free_mb,
+            image_retain: self.image_retain,
             api_tls_files: self.api_cert.clone().zip(self.api_key.clone()),
         });
         if self.force_new_cluster && (!self.manager || self.bootstrap) {
@@ -572,6 +597,7 @@ impl AgentArgs {
                 advertise_host: adv_host.unwrap_or("127.0.0.1").to_string(),
                 labels: self.labels.iter().cloned().collect(),
                 resources_override: None,
+                image_bandwidth: self.image_bandwidth,
             })
         } else {
             None
