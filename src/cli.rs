@@ -42,11 +42,17 @@ pub enum Command {
     Agent(Box<AgentArgs>),
     /// The reference echo task: POST / answers with the same body.
     Echo(EchoArgs),
-    /// Local images.
+    /// Images: the built-in echo image, and the managers' catalogue (push, list, rm).
     Image {
         /// Which image.
         #[command(subcommand)]
         which: ImageCommand,
+        /// API base URL.
+        #[arg(long, env = "HOLDFAST_API_URL", default_value = "http://127.0.0.1:7700", global = true)]
+        api_url: String,
+        /// How to authenticate.
+        #[command(flatten)]
+        auth: ApiAuth,
     },
     /// Tasks (client of the HTTP API).
     Task {
@@ -210,6 +216,26 @@ pub struct CertArgs {
 pub enum ImageCommand {
     /// Build `holdfast/echo:<version>` and `:latest` FROM scratch from this binary.
     Echo,
+    /// Push a `docker save` archive to the managers (README "Images without a
+    /// registry"); workers then fetch it from them.
+    Push {
+        /// The archive (`docker save -o FILE NAME:TAG`), or `-` for stdin.
+        #[arg(required_unless_present = "from_docker", conflicts_with = "from_docker")]
+        file: Option<PathBuf>,
+        /// Stream the image `NAME:TAG` from the local Docker engine instead.
+        #[arg(long, env = "HOLDFAST_FROM_DOCKER")]
+        from_docker: Option<String>,
+    },
+    /// List the managers' image catalogue.
+    List,
+    /// Remove an image from the catalogue (admin); refused while a task uses it.
+    Rm {
+        /// Image reference, `NAME:TAG`.
+        reference: String,
+        /// Remove even when a task uses it.
+        #[arg(long, env = "HOLDFAST_FORCE")]
+        force: bool,
+    },
 }
 
 /// `holdfast task ...`

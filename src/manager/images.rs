@@ -356,14 +356,17 @@ fn read_archive(
 }
 
 fn tar_error(e: std::io::Error) -> IngestError {
-    match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => read_error(e),
-        std::io::ErrorKind::InvalidData | std::io::ErrorKind::Other if !e.to_string().contains("upload") => {
-            // The tar crate reports bad headers as `Other`; a body error from the
-            // connection arrives as `Other` too but names itself.
-            IngestError::NotATar(e.to_string())
-        }
-        _ => read_error(e),
+    let text = e.to_string();
+    // The tar crate names a short read "failed to read entire block"; a body error
+    // from the connection names itself ("upload ...").
+    let short = e.kind() == std::io::ErrorKind::UnexpectedEof
+        || text.contains("entire block")
+        || text.contains("unexpected EOF")
+        || text.contains("upload");
+    if short {
+        read_error(e)
+    } else {
+        IngestError::NotATar(text)
     }
 }
 

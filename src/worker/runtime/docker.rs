@@ -253,7 +253,7 @@ impl DockerRuntime {
 
     /// `docker save` of one image, as the engine streams it (`holdfast image push
     /// --from-docker`); the caller bounds the whole transfer.
-    pub fn export_image(&self, image: &str) -> impl futures::Stream<Item = Result<bytes::Bytes, RuntimeError>> + '_ {
+    pub fn export_image(&self, image: &str) -> impl futures::Stream<Item = Result<bytes::Bytes, RuntimeError>> + 'static {
         self.docker.export_image(image).map_err(|e| match status_of(&e) {
             Some(404) => RuntimeError::ImageUnavailable { image: String::new(), reason: message_of(&e) },
             _ => RuntimeError::Unavailable(format!("docker save: {}", message_of(&e))),
