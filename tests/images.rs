@@ -47,6 +47,8 @@ fn build(dir: &Path, tag: &str, from: &str, files: &[(&str, &[u8])]) {
     let mut dockerfile = format!("FROM {from}\n");
     for (name, data) in files {
         std::fs::write(ctx.join(name), data).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(ctx.join(name), std::fs::Permissions::from_mode(0o755)).unwrap();
         dockerfile.push_str(&format!("COPY {name} /{name}\n"));
     }
     if from == "scratch" {
