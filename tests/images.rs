@@ -217,3 +217,178 @@ async fn a_pushed_image_runs_on_a_worker_whose_engine_lacks_it() {
     }
     drop(dev);
 }
+
+/// A second, separate Docker engine (own data root, exec root, pid file and socket;
+/// no bridge, no iptables) standing in for a remote worker that has never seen the
+/// image. Stopped and wiped when dropped.
+struct SecondEngine {
+    dir: PathBuf,
+    socket: PathBuf,
+    child: std::process::Child,
+}
+
+impl SecondEngine {
+    async fn start() -> SecondEngine {
+        let dir = std::env::temp_dir().join(format!("holdfast-images-dockerd-{}", unique()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // An empty config file: the host's daemon.json names its own data root.
+        std::fs::write(dir.join("daemon.json"), "{}").unwrap();
+        let socket = dir.join("docker.sock");
+        let log = std::fs::File::create(dir.join("dockerd.log")).unwrap();
+        let child = Command::new("dockerd")
+            .args(["--config-file", dir.join("daemon.json").to_str().unwrap()])
+            .args(["--data-root", dir.join("root").to_str().unwrap()])
+            .args(["--exec-root", dir.join("exec").to_str().unwrap()])
+            .args(["--pidfile", dir.join("dockerd.pid").to_str().unwrap()])
+            .args(["-H", &format!("unix://{}", socket.display())])
+            .args(["--bridge=none", "--iptables=false", "--ip-masq=false", "--storage-driver=vfs"])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("a second dockerd must start here (root, dockerd on PATH)");
+        let engine = SecondEngine { dir, socket, child };
+        let sock = engine.socket.clone();
+        eventually(Duration::from_secs(60), "the second dockerd answering", || {
+            let sock = sock.clone();
+            async move {
+                let out = Command::new("docker").env("DOCKER_HOST", format!("unix://{}", sock.display())).arg("version").output().ok()?;
+                out.status.success().then_some(())
+            }
+        })
+        .await;
+        engine
+    }
+
+    fn docker(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new("docker")
+            .env("DOCKER_HOST", format!("unix://{}", self.socket.display()))
+            .args(args)
+            .output()
+            .expect("docker CLI");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+}
+
+impl Drop for SecondEngine {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What a fake manager saw: the `Range` header of every blob request.
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, Option<String>)>>>;
+
+/// Serves blobs of `store` like a manager's cluster port; when `cut` is set, every
+/// blob over 64 KiB is cut off halfway (the connection drops mid-body).
+async fn fake_manager(
+    store: PathBuf,
+    cut: bool,
+    seen: Seen,
+    tls: std::sync::Arc<rustls::ServerConfig>,
+    stop: tokio::sync::broadcast::Receiver<()>,
+) -> String {
+    use axum::extract::{Path as UrlPath, State};
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::response::IntoResponse;
+    async fn blob(
+        State((store, cut, seen)): State<(PathBuf, bool, Seen)>,
+        UrlPath(digest): UrlPath<String>,
+        headers: HeaderMap,
+    ) -> axum::response::Response {
+        let range = headers.get("range").and_then(|v| v.to_str().ok()).map(str::to_string);
+        seen.lock().unwrap().push((digest.clone(), range.clone()));
+        let Ok(data) = std::fs::read(store.join("sha256").join(&digest[7..])) else {
+            return StatusCode::NOT_FOUND.into_response();
+        };
+        let from: usize = range
+            .as_deref()
+            .and_then(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok())
+            .unwrap_or(0);
+        let rest = bytes::Bytes::from(data[from..].to_vec());
+        let status = if from > 0 { StatusCode::PARTIAL_CONTENT } else { StatusCode::OK };
+        let len = rest.len();
+        if cut && len > 64 << 10 {
+            let half = rest.slice(..len / 2);
+            let chunks: Vec<Result<bytes::Bytes, std::io::Error>> =
+                vec![Ok(half), Err(std::io::Error::other("cable cut"))];
+            let body = axum::body::Body::from_stream(futures::stream::iter(chunks));
+            return (status, [("content-length", len.to_string())], body).into_response();
+        }
+        (status, rest).into_response()
+    }
+    let router = axum::Router::new()
+        .route("/cluster/v1/blobs/{digest}", axum::routing::get(blob))
+        .with_state((store, cut, seen));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    drop(holdfast::net::tls::serve(listener, tls, router, Default::default(), stop));
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_fetch_resumes_from_another_manager_and_skips_layers_the_remote_engine_has() {
+    require_docker();
+    let engine = SecondEngine::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let id = unique();
+    let v1 = format!("holdfast-images-test/remote:{id}-v1");
+    let v2 = format!("holdfast-images-test/remote:{id}-v2");
+    let _tags = Tags(vec![v1.clone(), v2.clone()]);
+    let noise = |n: usize, seed: u8| (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect::<Vec<u8>>();
+    build(dir.path(), &v1, "scratch", &[("a", &noise(3 << 20, 1)), ("b", &noise(1 << 20, 2))]);
+    build(dir.path(), &v2, &v1, &[("c", &noise(512 << 10, 3))]);
+    // The managers' side: the archives ingested into a blob store, as a push does.
+    let store_dir = dir.path().join("blobs");
+    let store = holdfast::manager::images::BlobStore::new(store_dir.clone(), 0);
+    let read = |tag: &str| std::fs::File::open(save(dir.path(), tag)).unwrap();
+    let e1 = holdfast::manager::images::ingest(&store, read(&v1)).unwrap().remove(0);
+    let e2 = holdfast::manager::images::ingest(&store, read(&v2)).unwrap().remove(0);
+    assert_eq!((e1.layers.len(), e2.layers.len()), (2, 3));
+
+    let (client_tls, server_tls) = manager_tls();
+    let (stop, _) = tokio::sync::broadcast::channel(1);
+    let (seen_a, seen_b): (Seen, Seen) = Default::default();
+    let a = fake_manager(store_dir.clone(), true, seen_a.clone(), server_tls.clone(), stop.subscribe()).await;
+    let b = fake_manager(store_dir.clone(), false, seen_b.clone(), server_tls, stop.subscribe()).await;
+    let fetcher = holdfast::worker::images::Fetcher {
+        http: holdfast::net::tls::http_client(client_tls, Duration::from_secs(5)),
+        managers: vec![a, b],
+        dir: dir.path().join("worker-images"),
+        bandwidth: None,
+    };
+    let config = holdfast::worker::runtime::docker::DockerConfig { socket: Some(engine.socket.clone()), ..Default::default() };
+    let runtime = holdfast::worker::runtime::docker::DockerRuntime::connect_with(config).await.unwrap();
+    let progress: holdfast::worker::images::Progress = std::sync::Arc::new(|_, _| {});
+
+    // v1: manager A cuts every big blob halfway; the rest comes from B by byte range.
+    let f1 = fetcher.fetch(&runtime, &e1, progress.clone()).await.expect("v1 fetched");
+    assert_eq!((f1.skipped_layers, f1.fetched_layers), (0, 2), "{f1:?}");
+    let resumed: Vec<_> = seen_b.lock().unwrap().iter().filter_map(|(_, r)| r.clone()).collect();
+    assert!(
+        resumed.iter().any(|r| r.starts_with("bytes=") && r != "bytes=0-"),
+        "B was asked only for the rest of a cut blob: {resumed:?} (A saw {:?})",
+        seen_a.lock().unwrap()
+    );
+    let total1 = e1.layers.iter().map(|l| l.size).sum::<u64>() + e1.config_size;
+    assert_eq!(f1.bytes, total1, "every byte moved once");
+    let (ok, id1) = engine.docker(&["image", "inspect", "--format", "{{.Id}}", &v1]);
+    assert!(ok && id1 == e1.config_digest, "v1 loaded into the second engine: {id1}");
+
+    // v2: only its top layer and config move.
+    let f2 = fetcher.fetch(&runtime, &e2, progress).await.expect("v2 fetched");
+    assert_eq!((f2.skipped_layers, f2.fetched_layers), (2, 1), "{f2:?}");
+    assert_eq!(f2.bytes, e2.layers[2].size + e2.config_size, "one-layer update moves one layer");
+    let (ok, id2) = engine.docker(&["image", "inspect", "--format", "{{.Id}}", &v2]);
+    assert!(ok && id2 == e2.config_digest, "v2 loaded: {id2}");
+    let _ = stop.send(());
+}
