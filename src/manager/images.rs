@@ -468,6 +468,21 @@ fn entries_of(store: &BlobStore, files: &HashMap<String, ArchiveFile>, links: &H
     Ok((out, used))
 }
 
+/// Records the image ids a worker reported in its sync (kept in memory, like
+/// heartbeats; the scheduler reads them).
+pub fn note_held(m: &Manager, node: &str, ids: &[String]) {
+    let mut held = super::lock(&m.held_images);
+    let same = held.get(node).is_some_and(|h| h.len() == ids.len() && ids.iter().all(|i| h.contains(i)));
+    if !same {
+        held.insert(node.to_string(), Arc::new(ids.iter().cloned().collect()));
+    }
+}
+
+/// The image ids every worker last reported.
+pub fn held_snapshot(m: &Manager) -> HashMap<String, Arc<std::collections::HashSet<String>>> {
+    super::lock(&m.held_images).clone()
+}
+
 /// Cluster-port routes: the catalogue entry for a reference and the blobs, for
 /// workers and other managers (behind `net::door`: any node of the cluster).
 pub fn cluster_router(manager: Arc<Manager>) -> Router {

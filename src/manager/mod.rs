@@ -165,6 +165,8 @@ pub struct Manager {
     pub tokens: api::auth::TokenCache,
     /// Image blobs on this manager's disk (outside the Raft log).
     pub blobs: images::BlobStore,
+    /// Image ids each worker's engine holds, from its syncs (leader memory only).
+    pub held_images: Mutex<HashMap<String, Arc<std::collections::HashSet<String>>>>,
 }
 
 impl Manager {
@@ -183,6 +185,7 @@ impl Manager {
             log_signal: watch::channel(0).0,
             reports: gateway::ReportBatcher::spawn(db.clone()),
             blobs: images::BlobStore::new(settings.blob_dir.clone(), settings.blob_min_free_bytes),
+            held_images: Mutex::new(HashMap::new()),
             db,
             settings,
             started: Instant::now(),
