@@ -392,3 +392,81 @@ async fn a_cut_fetch_resumes_from_another_manager_and_skips_layers_the_remote_en
     assert!(ok && id2 == e2.config_digest, "v2 loaded: {id2}");
     let _ = stop.send(());
 }
+
+/// A minimal `docker save` archive (one layer, a config, a manifest) for `tag`.
+fn synthetic_archive(tag: &str, payload: &[u8]) -> (Vec<u8>, String) {
+    use sha2::Digest;
+    let tar_of = |files: &[(&str, &[u8])]| {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, data) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, name, *data).unwrap();
+        }
+        b.into_inner().unwrap()
+    };
+    let layer = tar_of(&[("payload", payload)]);
+    let diff_id = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&layer)));
+    let config = serde_json::to_vec(&json!({"architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]}}))
+    .unwrap();
+    let cfg = format!("{}.json", hex::encode(sha2::Sha256::digest(&config)));
+    let manifest = serde_json::to_vec(&json!([{"Config": cfg, "RepoTags": [tag], "Layers": ["l1/layer.tar"]}])).unwrap();
+    (tar_of(&[("l1/layer.tar", &layer), (&cfg, &config), ("manifest.json", &manifest)]), diff_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_manager_of_three_ends_up_with_the_blobs_of_a_push() {
+    let dir = tempfile::tempdir().unwrap();
+    let names = ["m1", "m2", "m3"];
+    let apis: Vec<String> = names.iter().map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let clusters: Vec<String> = names.iter().map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let data: Vec<PathBuf> = names.iter().map(|n| dir.path().join(n)).collect();
+    let start = |i: usize, extra: &[&str]| {
+        let mut args = vec!["agent", "--manager", "--node-id", names[i], "--data-dir", data[i].to_str().unwrap()];
+        args.extend_from_slice(&["--api", &apis[i], "--cluster", &clusters[i]]);
+        args.extend_from_slice(extra);
+        Proc::spawn(&args, &dir.path().join(format!("{}.log", names[i])), &[])
+    };
+    let _m1 = start(0, &["--bootstrap"]);
+    let client = api_client(&data[0]).await;
+    let token = join_token(&data[0], "manager");
+    let _m2 = start(1, &["--join", &clusters[0], "--token", &token]);
+    let _m3 = start(2, &["--join", &clusters[0], "--token", &token]);
+    eventually(Duration::from_secs(60), "three voters", || async {
+        let v = get_json(&client, &format!("http://{}/v1/cluster", apis[0])).await?;
+        let voters = v["members"].as_array()?.iter().filter(|m| m["voter"] == true).count();
+        (voters == 3).then_some(())
+    })
+    .await;
+
+    // Pushed to a follower: it stores the blobs, the catalogue entry goes through the leader.
+    let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let (archive, layer) = synthetic_archive("tiny:1", &payload);
+    let follower = eventually(Duration::from_secs(30), "a follower", || async {
+        for api in &apis {
+            let v = get_json(&client, &format!("http://{api}/v1/cluster")).await?;
+            if v["role"] == "Follower" || v["role"] == "follower" {
+                return Some(api.clone());
+            }
+        }
+        None
+    })
+    .await;
+    let (status, body) = post_raw(&client, &format!("http://{follower}/v1/images"), archive).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["images"][0]["reference"], "tiny:1");
+
+    // Every manager ends up holding every blob, verified, in its own data dir.
+    for (i, api) in apis.iter().enumerate() {
+        let url = format!("http://{api}/v1/images");
+        eventually(Duration::from_secs(60), &format!("{} holds the blobs", names[i]), || async {
+            let v = get_json(&client, &url).await?;
+            (v["images"][0]["blobs_here"] == true).then_some(())
+        })
+        .await;
+        assert!(data[i].join("blobs/sha256").join(&layer[7..]).is_file(), "{} has the layer file", names[i]);
+    }
+}
