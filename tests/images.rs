@@ -146,7 +146,10 @@ async fn a_pushed_image_runs_on_a_worker_whose_engine_lacks_it() {
 
     // Bad uploads: clear errors, nothing in the catalogue.
     let (status, body) = post_raw(&client, &url("/v1/images"), b"not a tar at all".repeat(64)).await;
-    assert!(status == 400 && ["not_a_tar", "not_docker_save"].contains(&body["error"]["code"].as_str().unwrap_or("")), "{status} {body}");
+    assert!(
+        status == 400 && ["not_a_tar", "not_docker_save"].contains(&body["error"]["code"].as_str().unwrap_or("")),
+        "{status} {body}"
+    );
     let mut plain = tar::Builder::new(Vec::new());
     let mut h = tar::Header::new_gnu();
     h.set_size(5);
@@ -251,7 +254,11 @@ impl SecondEngine {
         eventually(Duration::from_secs(60), "the second dockerd answering", || {
             let sock = sock.clone();
             async move {
-                let out = Command::new("docker").env("DOCKER_HOST", format!("unix://{}", sock.display())).arg("version").output().ok()?;
+                let out = Command::new("docker")
+                    .env("DOCKER_HOST", format!("unix://{}", sock.display()))
+                    .arg("version")
+                    .output()
+                    .ok()?;
                 out.status.success().then_some(())
             }
         })
@@ -310,10 +317,8 @@ async fn fake_manager(
         let Ok(data) = std::fs::read(store.join("sha256").join(&digest[7..])) else {
             return StatusCode::NOT_FOUND.into_response();
         };
-        let from: usize = range
-            .as_deref()
-            .and_then(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok())
-            .unwrap_or(0);
+        let from: usize =
+            range.as_deref().and_then(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok()).unwrap_or(0);
         let rest = bytes::Bytes::from(data[from..].to_vec());
         let status = if from > 0 { StatusCode::PARTIAL_CONTENT } else { StatusCode::OK };
         let len = rest.len();
@@ -366,7 +371,8 @@ async fn a_cut_fetch_resumes_from_another_manager_and_skips_layers_the_remote_en
         dir: dir.path().join("worker-images"),
         bandwidth: None,
     };
-    let config = holdfast::worker::runtime::docker::DockerConfig { socket: Some(engine.socket.clone()), ..Default::default() };
+    let config =
+        holdfast::worker::runtime::docker::DockerConfig { socket: Some(engine.socket.clone()), ..Default::default() };
     let runtime = holdfast::worker::runtime::docker::DockerRuntime::connect_with(config).await.unwrap();
     let progress: holdfast::worker::images::Progress = std::sync::Arc::new(|_, _| {});
 
@@ -413,7 +419,8 @@ fn synthetic_archive(tag: &str, payload: &[u8]) -> (Vec<u8>, String) {
         "rootfs": {"type": "layers", "diff_ids": [diff_id]}}))
     .unwrap();
     let cfg = format!("{}.json", hex::encode(sha2::Sha256::digest(&config)));
-    let manifest = serde_json::to_vec(&json!([{"Config": cfg, "RepoTags": [tag], "Layers": ["l1/layer.tar"]}])).unwrap();
+    let manifest =
+        serde_json::to_vec(&json!([{"Config": cfg, "RepoTags": [tag], "Layers": ["l1/layer.tar"]}])).unwrap();
     (tar_of(&[("l1/layer.tar", &layer), (&cfg, &config), ("manifest.json", &manifest)]), diff_id)
 }
 

@@ -34,7 +34,8 @@ impl Api {
                         reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(tokio::io::stdin()))
                     }
                     (Some(p), None) => {
-                        let f = tokio::fs::File::open(&p).await.with_context(|| format!("cannot open {}", p.display()))?;
+                        let f =
+                            tokio::fs::File::open(&p).await.with_context(|| format!("cannot open {}", p.display()))?;
                         let len = f.metadata().await?.len();
                         let stream = tokio_util::io::ReaderStream::with_capacity(f, 256 << 10);
                         return self

@@ -122,7 +122,11 @@ impl BlobStore {
 
     /// Bytes free on the store's file system above the reserve.
     pub fn free_above_reserve(&self) -> u64 {
-        let probe = if self.dir.exists() { self.dir.clone() } else { self.dir.parent().unwrap_or(Path::new("/")).to_path_buf() };
+        let probe = if self.dir.exists() {
+            self.dir.clone()
+        } else {
+            self.dir.parent().unwrap_or(Path::new("/")).to_path_buf()
+        };
         match rustix::fs::statvfs(&probe) {
             Ok(s) => s.f_bavail.saturating_mul(s.f_frsize).saturating_sub(self.min_free_bytes),
             Err(_) => 0,
@@ -131,7 +135,11 @@ impl BlobStore {
 
     /// Copies `r` into a temporary file while hashing, checking the reserve as it goes.
     /// Returns the temp path, hex digest and size.
-    fn write_hashed(&self, r: &mut impl Read, keep: bool) -> Result<(PathBuf, String, u64, Option<Vec<u8>>), IngestError> {
+    fn write_hashed(
+        &self,
+        r: &mut impl Read,
+        keep: bool,
+    ) -> Result<(PathBuf, String, u64, Option<Vec<u8>>), IngestError> {
         let path = self.tmp().map_err(|e| IngestError::Io(e.to_string()))?;
         let mut file = std::fs::File::create(&path).map_err(|e| IngestError::Io(e.to_string()))?;
         let mut hash = Sha256::new();
@@ -257,7 +265,8 @@ struct RootFs {
 /// Joins an archive path (or a link target relative to `base`) into a clean,
 /// relative path without `.` or `..`.
 fn clean(base: &str, p: &str) -> String {
-    let mut parts: Vec<&str> = if p.starts_with('/') { Vec::new() } else { base.split('/').filter(|s| !s.is_empty()).collect() };
+    let mut parts: Vec<&str> =
+        if p.starts_with('/') { Vec::new() } else { base.split('/').filter(|s| !s.is_empty()).collect() };
     for s in p.split('/') {
         match s {
             "" | "." => {}
@@ -274,8 +283,10 @@ fn clean(base: &str, p: &str) -> String {
 fn named_hex(path: &str) -> Option<&str> {
     let name = path.rsplit('/').next()?;
     let name = name.strip_suffix(".json").unwrap_or(name);
-    (name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) && (path.starts_with("blobs/sha256/") || path.ends_with(".json")))
-        .then_some(name)
+    (name.len() == 64
+        && name.bytes().all(|b| b.is_ascii_hexdigit())
+        && (path.starts_with("blobs/sha256/") || path.ends_with(".json")))
+    .then_some(name)
 }
 
 /// Reads a `docker save` archive (optionally gzipped) from `input` as it arrives,
@@ -371,7 +382,11 @@ fn tar_error(e: std::io::Error) -> IngestError {
 }
 
 /// Resolves links (at most a few hops) to the file they name.
-fn resolve<'a>(files: &'a HashMap<String, ArchiveFile>, links: &HashMap<String, String>, path: &str) -> Option<(&'a str, &'a ArchiveFile)> {
+fn resolve<'a>(
+    files: &'a HashMap<String, ArchiveFile>,
+    links: &HashMap<String, String>,
+    path: &str,
+) -> Option<(&'a str, &'a ArchiveFile)> {
     let mut p = clean("", path);
     for _ in 0..8 {
         if let Some((k, f)) = files.get_key_value(&p) {
@@ -384,11 +399,14 @@ fn resolve<'a>(files: &'a HashMap<String, ArchiveFile>, links: &HashMap<String, 
 
 type Entries = (Vec<CatalogueEntry>, BTreeSet<String>);
 
-fn entries_of(store: &BlobStore, files: &HashMap<String, ArchiveFile>, links: &HashMap<String, String>) -> Result<Entries, IngestError> {
-    let manifest = files
-        .get("manifest.json")
-        .and_then(|f| f.json.as_ref())
-        .ok_or_else(|| IngestError::NotDockerSave("it has no manifest.json (make it with `docker save NAME:TAG`)".into()))?;
+fn entries_of(
+    store: &BlobStore,
+    files: &HashMap<String, ArchiveFile>,
+    links: &HashMap<String, String>,
+) -> Result<Entries, IngestError> {
+    let manifest = files.get("manifest.json").and_then(|f| f.json.as_ref()).ok_or_else(|| {
+        IngestError::NotDockerSave("it has no manifest.json (make it with `docker save NAME:TAG`)".into())
+    })?;
     let items: Vec<ManifestItem> = serde_json::from_slice(manifest)
         .map_err(|e| IngestError::NotDockerSave(format!("manifest.json is not a docker save manifest: {e}")))?;
     if items.is_empty() {
@@ -407,10 +425,16 @@ fn entries_of(store: &BlobStore, files: &HashMap<String, ArchiveFile>, links: &H
             .ok_or_else(|| IngestError::NotDockerSave(format!("config {} is missing from the archive", item.config)))?;
         if let Some(h) = named_hex(&item.config) {
             if h != cfg.hex {
-                return Err(IngestError::DigestMismatch(format!("config {} hashes to sha256:{}", item.config, cfg.hex)));
+                return Err(IngestError::DigestMismatch(format!(
+                    "config {} hashes to sha256:{}",
+                    item.config, cfg.hex
+                )));
             }
         }
-        let json = cfg.json.as_ref().ok_or_else(|| IngestError::NotDockerSave(format!("config {} is not JSON", item.config)))?;
+        let json = cfg
+            .json
+            .as_ref()
+            .ok_or_else(|| IngestError::NotDockerSave(format!("config {} is not JSON", item.config)))?;
         let config: ImageConfig = serde_json::from_slice(json)
             .map_err(|e| IngestError::NotDockerSave(format!("config {} is not an image config: {e}", item.config)))?;
         if config.rootfs.diff_ids.len() != item.layers.len() {
@@ -436,7 +460,10 @@ fn entries_of(store: &BlobStore, files: &HashMap<String, ArchiveFile>, links: &H
                     }
                     if let Some(h) = named_hex(layer_path) {
                         if h != f.hex {
-                            return Err(IngestError::DigestMismatch(format!("layer {layer_path} hashes to sha256:{}", f.hex)));
+                            return Err(IngestError::DigestMismatch(format!(
+                                "layer {layer_path} hashes to sha256:{}",
+                                f.hex
+                            )));
                         }
                     }
                     used.insert(p.to_string());
@@ -506,7 +533,9 @@ async fn entry(State(m): State<Arc<Manager>>, Query(q): Query<EntryQuery>) -> Re
     let row = m.db.read_local(move |c| catalogue::get(c, &key)).await?;
     match row {
         Some(r) => Ok(Json(r.entry).into_response()),
-        None => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no image {reference} in the catalogue"))),
+        None => {
+            Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no image {reference} in the catalogue")))
+        }
     }
 }
 
@@ -515,20 +544,32 @@ fn range_start(headers: &HeaderMap) -> Option<u64> {
     headers.get(header::RANGE)?.to_str().ok()?.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok()
 }
 
-async fn blob(State(m): State<Arc<Manager>>, UrlPath(digest): UrlPath<String>, headers: HeaderMap) -> Result<Response, ApiError> {
+async fn blob(
+    State(m): State<Arc<Manager>>,
+    UrlPath(digest): UrlPath<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let path = m.blobs.path(&digest).ok_or_else(|| {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid", "a blob is named sha256:<64 hex>").field("digest")
     })?;
     let mut file = match tokio::fs::File::open(&path).await {
         Ok(f) => f,
         Err(_) => {
-            return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("blob {digest} is not on this manager (yet)")))
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("blob {digest} is not on this manager (yet)"),
+            ))
         }
     };
     let len = file.metadata().await.map_err(|e| ApiError::internal(e.to_string()))?.len();
     let start = range_start(&headers).unwrap_or(0);
     if start > len {
-        return Err(ApiError::new(StatusCode::RANGE_NOT_SATISFIABLE, "bad_range", format!("blob {digest} has {len} bytes")));
+        return Err(ApiError::new(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            "bad_range",
+            format!("blob {digest} has {len} bytes"),
+        ));
     }
     use tokio::io::AsyncSeekExt;
     file.seek(std::io::SeekFrom::Start(start)).await.map_err(|e| ApiError::internal(e.to_string()))?;
@@ -561,7 +602,11 @@ pub struct ImageLoop {
 
 impl Default for ImageLoop {
     fn default() -> Self {
-        ImageLoop { every: Duration::from_secs(2), retain: Duration::from_secs(24 * 3600), copy_timeout: Duration::from_secs(600) }
+        ImageLoop {
+            every: Duration::from_secs(2),
+            retain: Duration::from_secs(24 * 3600),
+            copy_timeout: Duration::from_secs(600),
+        }
     }
 }
 
@@ -607,9 +652,8 @@ pub async fn run_loop(m: Arc<Manager>, tls: Arc<NodeTls>, settings: ImageLoop, m
 async fn retire_unused(m: &Manager, retain: Duration) {
     let now = super::now_ms();
     let since = now.saturating_sub(retain.as_millis() as u64);
-    let rows = m
-        .db
-        .read_local(move |c| {
+    let rows =
+        m.db.read_local(move |c| {
             let mut out = Vec::new();
             for r in catalogue::list(c)? {
                 let used = catalogue::users(c, &r.entry.reference)?;
@@ -734,7 +778,8 @@ mod tests {
     /// A minimal docker save archive: one layer, one config, a manifest.
     fn archive(layer: &[u8], claimed_diff_id: Option<String>) -> Vec<u8> {
         let diff_id = claimed_diff_id.unwrap_or_else(|| format!("sha256:{}", sha(layer)));
-        let config = serde_json::to_vec(&serde_json::json!({"rootfs": {"type": "layers", "diff_ids": [diff_id]}})).unwrap();
+        let config =
+            serde_json::to_vec(&serde_json::json!({"rootfs": {"type": "layers", "diff_ids": [diff_id]}})).unwrap();
         let cfg_name = format!("{}.json", sha(&config));
         let manifest = serde_json::to_vec(&serde_json::json!([
             {"Config": cfg_name, "RepoTags": ["app:1"], "Layers": ["abc/layer.tar"]}
@@ -755,10 +800,16 @@ mod tests {
         let good = archive(&layer, None);
         type Check = fn(&IngestError) -> bool;
         let cases: Vec<(&str, Vec<u8>, Check)> = vec![
-            ("not a tar", b"this is not an archive at all, just some text".repeat(20), |e| matches!(e, IngestError::NotATar(_) | IngestError::NotDockerSave(_))),
+            ("not a tar", b"this is not an archive at all, just some text".repeat(20), |e| {
+                matches!(e, IngestError::NotATar(_) | IngestError::NotDockerSave(_))
+            }),
             ("a tar without manifest", tar_of(&[("a.txt", b"x")]), |e| matches!(e, IngestError::NotDockerSave(_))),
-            ("layer digest mismatch", archive(&layer, Some(format!("sha256:{}", "0".repeat(64)))), |e| matches!(e, IngestError::DigestMismatch(_))),
-            ("truncated", good[..good.len() / 2].to_vec(), |e| matches!(e, IngestError::Truncated(_) | IngestError::NotDockerSave(_))),
+            ("layer digest mismatch", archive(&layer, Some(format!("sha256:{}", "0".repeat(64)))), |e| {
+                matches!(e, IngestError::DigestMismatch(_))
+            }),
+            ("truncated", good[..good.len() / 2].to_vec(), |e| {
+                matches!(e, IngestError::Truncated(_) | IngestError::NotDockerSave(_))
+            }),
         ];
         for (what, bytes, ok) in cases {
             let (_d, s) = store();

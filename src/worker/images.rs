@@ -97,12 +97,16 @@ impl Fetcher {
     }
 
     /// Fetches the catalogued image `entry` and loads it into the engine.
-    pub async fn fetch(&self, runtime: &dyn Runtime, entry: &CatalogueEntry, progress: Progress) -> Result<Fetched, String> {
+    pub async fn fetch(
+        &self,
+        runtime: &dyn Runtime,
+        entry: &CatalogueEntry,
+        progress: Progress,
+    ) -> Result<Fetched, String> {
         let chains = runtime.image_chains().await.map_err(|e| format!("cannot list the engine's layers: {e}"))?;
         let digests: Vec<&str> = entry.layers.iter().map(|l| l.digest.as_str()).collect();
         let skip = skippable(&chains, &digests);
-        let mut wanted: Vec<(String, u64)> =
-            entry.layers[skip..].iter().map(|l| (l.digest.clone(), l.size)).collect();
+        let mut wanted: Vec<(String, u64)> = entry.layers[skip..].iter().map(|l| (l.digest.clone(), l.size)).collect();
         wanted.push((entry.config_digest.clone(), entry.config_size));
         wanted.dedup_by(|a, b| a.0 == b.0);
         let total: u64 = wanted.iter().map(|w| w.1).sum();
@@ -252,11 +256,7 @@ impl Fetcher {
 /// shared with any local image's chain (a layer is reused only with the same layers
 /// below it, as `docker load` checks by chain id).
 pub fn skippable(chains: &[Vec<String>], wanted: &[&str]) -> usize {
-    chains
-        .iter()
-        .map(|c| c.iter().zip(wanted).take_while(|(a, b)| a.as_str() == **b).count())
-        .max()
-        .unwrap_or(0)
+    chains.iter().map(|c| c.iter().zip(wanted).take_while(|(a, b)| a.as_str() == **b).count()).max().unwrap_or(0)
 }
 
 /// Keeps a fetch under its byte rate by sleeping after chunks that run ahead.

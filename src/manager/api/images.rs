@@ -53,7 +53,9 @@ async fn push(State(m): State<Arc<Manager>>, who: Who, headers: HeaderMap, body:
         ApiError::unavailable(format!("{MAX_UPLOADS} image pushes are already in progress; retry shortly"), None)
     })?;
     let free = m.blobs.free_above_reserve();
-    if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()) {
+    if let Some(len) =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())
+    {
         if len > free {
             return Err(ingest_error(IngestError::NoSpace { need: len, free }));
         }
@@ -122,7 +124,9 @@ async fn get_one(State(m): State<Arc<Manager>>, Path(raw): Path<String>) -> Resu
     let key = reference.clone();
     match m.db.read(move |c| catalogue::get(c, &key)).await? {
         Some(r) => Ok(Json(image_json(&m, &r))),
-        None => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no image {reference} in the catalogue"))),
+        None => {
+            Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no image {reference} in the catalogue")))
+        }
     }
 }
 

@@ -146,7 +146,12 @@ pub async fn plan_round(m: &Manager) -> Result<Round, ApiError> {
     // The catalogue's images by reference, for the scheduler's disk check.
     let images: std::collections::HashMap<String, scheduler::ImageNeed> = images
         .into_iter()
-        .map(|r| (r.entry.reference.clone(), scheduler::ImageNeed { id: r.entry.config_digest, size_mb: r.size.div_ceil(1 << 20) }))
+        .map(|r| {
+            (
+                r.entry.reference.clone(),
+                scheduler::ImageNeed { id: r.entry.config_digest, size_mb: r.size.div_ceil(1 << 20) },
+            )
+        })
         .collect();
     let need = |image: &str| images.get(&crate::model::sync::normalize_image_ref(image)).cloned();
     let held = super::images::held_snapshot(m);

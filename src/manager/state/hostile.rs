@@ -332,7 +332,11 @@ fn every_command_with_hostile_content_is_a_rejection_never_an_error() {
             Rejected("invalid"),
         ),
         ("image with a bad digest", image("app:1", "sha256:zz", 1), Rejected("invalid")),
-        ("image with a size beyond i64", image("app:1", &format!("sha256:{}", "b".repeat(64)), u64::MAX), Rejected("invalid")),
+        (
+            "image with a size beyond i64",
+            image("app:1", &format!("sha256:{}", "b".repeat(64)), u64::MAX),
+            Rejected("invalid"),
+        ),
         ("image reference with a space", image("app 1", &format!("sha256:{}", "b".repeat(64)), 1), Rejected("invalid")),
         (
             "image with no layers",

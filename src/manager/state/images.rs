@@ -56,7 +56,8 @@ pub const MAX_REF: usize = 255;
 
 /// Whether `d` is `sha256:` followed by 64 lowercase hex digits.
 pub fn valid_digest(d: &str) -> bool {
-    d.strip_prefix("sha256:").is_some_and(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+    d.strip_prefix("sha256:")
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
 }
 
 /// Whether `r` can be an image reference: 1–255 printable ASCII characters without
@@ -218,7 +219,10 @@ pub fn referenced_blobs(c: &Connection) -> rusqlite::Result<std::collections::BT
 }
 
 /// Domain events of an applied catalogue command: `(at_ms, kind, subject, detail)`.
-pub(super) fn events_for(cmd: &ImageCommand, out: &serde_json::Value) -> Vec<(u64, &'static str, String, serde_json::Value)> {
+pub(super) fn events_for(
+    cmd: &ImageCommand,
+    out: &serde_json::Value,
+) -> Vec<(u64, &'static str, String, serde_json::Value)> {
     match cmd {
         ImageCommand::Put { entry, now_ms } => vec![(
             *now_ms,

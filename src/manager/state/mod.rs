@@ -316,7 +316,10 @@ fn events_for(index: u64, cmd: &Command, out: &serde_json::Value) -> Vec<DomainE
         }
         // Its inner command emits its own events.
         Command::Audited { .. } | Command::Trust(_) => Vec::new(),
-        Command::Image(c) => images::events_for(c, out).into_iter().map(|(at, kind, subject, detail)| ev(at, kind, &subject, detail)).collect(),
+        Command::Image(c) => images::events_for(c, out)
+            .into_iter()
+            .map(|(at, kind, subject, detail)| ev(at, kind, &subject, detail))
+            .collect(),
         // Not domain events, and readers (who may follow the stream) may not list
         // tokens; the audit log records them for admins.
         Command::CreateToken { .. } | Command::RevokeToken { .. } => Vec::new(),

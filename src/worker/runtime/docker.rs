@@ -253,7 +253,10 @@ impl DockerRuntime {
 
     /// `docker save` of one image, as the engine streams it (`holdfast image push
     /// --from-docker`); the caller bounds the whole transfer.
-    pub fn export_image(&self, image: &str) -> impl futures::Stream<Item = Result<bytes::Bytes, RuntimeError>> + 'static {
+    pub fn export_image(
+        &self,
+        image: &str,
+    ) -> impl futures::Stream<Item = Result<bytes::Bytes, RuntimeError>> + 'static {
         self.docker.export_image(image).map_err(|e| match status_of(&e) {
             Some(404) => RuntimeError::ImageUnavailable { image: String::new(), reason: message_of(&e) },
             _ => RuntimeError::Unavailable(format!("docker save: {}", message_of(&e))),
@@ -263,7 +266,9 @@ impl DockerRuntime {
     /// Removes an image by reference (tests and benchmarks clean up with it).
     pub async fn remove_image(&self, image: &str) -> Result<(), RuntimeError> {
         let options = bollard::image::RemoveImageOptions { force: true, noprune: false };
-        match bounded("image remove", self.config.timeouts.remove, self.docker.remove_image(image, Some(options), None)).await? {
+        match bounded("image remove", self.config.timeouts.remove, self.docker.remove_image(image, Some(options), None))
+            .await?
+        {
             Ok(_) => Ok(()),
             Err(e) if status_of(&e) == Some(404) => Ok(()),
             Err(e) => Err(classify("image remove", e, Refusal::Engine)),
