@@ -133,13 +133,9 @@ impl BlobStore {
         }
     }
 
-    /// Copies `r` into a temporary file while hashing, checking the reserve as it goes.
-    /// Returns the temp path, hex digest and size.
-    fn write_hashed(
-        &self,
-        r: &mut impl Read,
-        keep: bool,
-    ) -> Result<(PathBuf, String, u64, Option<Vec<u8>>), IngestError> {
+    /// Copies `r` into a temporary file while hashing, checking the reserve as it goes;
+    /// with `keep`, the first [`MAX_JSON`] bytes are kept in memory too.
+    fn write_hashed(&self, r: &mut impl Read, keep: bool) -> Result<ArchiveFile, IngestError> {
         let path = self.tmp().map_err(|e| IngestError::Io(e.to_string()))?;
         let mut file = std::fs::File::create(&path).map_err(|e| IngestError::Io(e.to_string()))?;
         let mut hash = Sha256::new();
@@ -174,7 +170,7 @@ impl BlobStore {
             let _ = std::fs::remove_file(&path);
             return Err(e);
         }
-        Ok((path, hex_of(hash), total, kept))
+        Ok(ArchiveFile { tmp: path, hex: hex_of(hash), size: total, json: kept })
     }
 
     /// Moves a verified temp file into place (or drops it if the blob is there already).
@@ -340,12 +336,12 @@ fn read_archive(
         match entry.header().entry_type() {
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 let keep = path.ends_with(".json") && entry.size() <= MAX_JSON;
-                let (tmp, hex, size, json) = store.write_hashed(&mut entry, keep)?;
-                if size != entry.size() {
-                    let _ = std::fs::remove_file(&tmp);
-                    return Err(IngestError::Truncated(format!("{path}: {size} of {} bytes", entry.size())));
+                let file = store.write_hashed(&mut entry, keep)?;
+                if file.size != entry.size() {
+                    let _ = std::fs::remove_file(&file.tmp);
+                    return Err(IngestError::Truncated(format!("{path}: {} of {} bytes", file.size, entry.size())));
                 }
-                if let Some(old) = files.insert(path, ArchiveFile { tmp, hex, size, json }) {
+                if let Some(old) = files.insert(path, file) {
                     let _ = std::fs::remove_file(old.tmp);
                 }
             }
