@@ -223,7 +223,9 @@ async fn a_pushed_image_runs_on_a_worker_whose_engine_lacks_it() {
 
 /// A second, separate Docker engine (own data root, exec root, pid file and socket;
 /// no bridge, no iptables) standing in for a remote worker that has never seen the
-/// image. Stopped and wiped when dropped.
+/// image. Stopped and wiped when dropped. It runs in its own network namespace: a
+/// dockerd started with `--bridge=none` deletes any `docker0` it sees, which would
+/// cut the host engine's default bridge.
 struct SecondEngine {
     dir: PathBuf,
     socket: PathBuf,
@@ -238,7 +240,8 @@ impl SecondEngine {
         std::fs::write(dir.join("daemon.json"), "{}").unwrap();
         let socket = dir.join("docker.sock");
         let log = std::fs::File::create(dir.join("dockerd.log")).unwrap();
-        let child = Command::new("dockerd")
+        let child = Command::new("unshare")
+            .args(["--net", "dockerd"])
             .args(["--config-file", dir.join("daemon.json").to_str().unwrap()])
             .args(["--data-root", dir.join("root").to_str().unwrap()])
             .args(["--exec-root", dir.join("exec").to_str().unwrap()])
@@ -248,7 +251,7 @@ impl SecondEngine {
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
-            .expect("a second dockerd must start here (root, dockerd on PATH)");
+            .expect("a second dockerd must start here (root; unshare and dockerd on PATH)");
         let engine = SecondEngine { dir, socket, child };
         let sock = engine.socket.clone();
         eventually(Duration::from_secs(60), "the second dockerd answering", || {
