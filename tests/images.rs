@@ -185,8 +185,11 @@ async fn a_pushed_image_runs_on_a_worker_whose_engine_lacks_it() {
     let history = t.to_string();
     assert!(history.contains("pulling") && history.contains("from the managers"), "placement shows the fetch: {t}");
     let endpoint = t["placements"][0]["endpoints"][0].as_str().unwrap().to_string();
-    let echoed = http().post(format!("http://{endpoint}/")).body("from the catalogue").send().await.unwrap();
-    assert_eq!(echoed.text().await.unwrap(), "from the catalogue");
+    eventually(Duration::from_secs(30), "the fetched app answering", || async {
+        let r = http().post(format!("http://{endpoint}/")).body("from the catalogue").send().await.ok()?;
+        (r.text().await.ok()? == "from the catalogue").then_some(())
+    })
+    .await;
     assert!(!docker(&["image", "inspect", "--format", "{{.Id}}", &v1]).is_empty());
 
     // In use: removal is refused unless forced.
@@ -196,6 +199,13 @@ async fn a_pushed_image_runs_on_a_worker_whose_engine_lacks_it() {
     // v2 differs by its top layer: the worker fetches only that (and the config).
     let (ok, out) = cli(&data, &api, &["push", v2_tar.to_str().unwrap()]);
     assert!(ok, "push failed: {out}");
+    let log = dev.log_text();
+    let verified: Vec<&str> = log.lines().filter(|l| l.contains("image push verified")).collect();
+    assert!(
+        verified.last().is_some_and(|l| l.contains("layers_not_sent=1")),
+        "the CLI left out the binary's layer, which the manager holds (the tiny marker layer \
+         is sent without asking): {verified:?}"
+    );
     let spec2 = json!({"image": v2, "command": ["echo", "--listen", "0.0.0.0:7777"], "ports": [{"container": 7777}]});
     let resp = client.post(url("/v1/tasks")).json(&spec2).send().await.unwrap();
     let task2: Value = resp.json().await.unwrap();

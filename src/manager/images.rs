@@ -410,6 +410,7 @@ fn entries_of(
     }
     let mut out = Vec::new();
     let mut used = BTreeSet::new();
+    let mut not_sent = 0usize;
     for item in items {
         let tags = item.repo_tags.unwrap_or_default();
         if tags.is_empty() {
@@ -466,7 +467,10 @@ fn entries_of(
                     layers.push(LayerRef { digest: diff_id.clone(), size: f.size });
                 }
                 None => match store.size(diff_id) {
-                    Some(size) => layers.push(LayerRef { digest: diff_id.clone(), size }),
+                    Some(size) => {
+                        not_sent += 1;
+                        layers.push(LayerRef { digest: diff_id.clone(), size })
+                    }
                     None => {
                         return Err(IngestError::NotDockerSave(format!(
                             "layer {layer_path} is missing from the archive and not stored on this manager"
@@ -488,6 +492,8 @@ fn entries_of(
             out.push(entry);
         }
     }
+    let refs: Vec<&str> = out.iter().map(|e| e.reference.as_str()).collect();
+    tracing::info!(images = ?refs, layers_not_sent = not_sent, "image push verified");
     Ok((out, used))
 }
 

@@ -104,7 +104,28 @@ fn image_json(m: &Manager, r: &catalogue::ImageRow) -> serde_json::Value {
     })
 }
 
-async fn list(State(m): State<Arc<Manager>>) -> Result<Json<serde_json::Value>, ApiError> {
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    /// Comma-separated blob digests: the answer says which this manager holds (the CLI
+    /// leaves those layers out of a push).
+    have: Option<String>,
+}
+
+async fn list(
+    State(m): State<Arc<Manager>>,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid", e.body_text()).field("have"))?;
+    if let Some(have) = q.have {
+        let asked: Vec<&str> = have.split(',').filter(|d| !d.is_empty()).take(catalogue::MAX_LAYERS).collect();
+        if let Some(bad) = asked.iter().find(|d| !catalogue::valid_digest(d)) {
+            return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid", format!("{bad:?} is not a sha256 digest"))
+                .field("have"));
+        }
+        let held: Vec<&str> = asked.into_iter().filter(|d| m.blobs.has(d)).collect();
+        return Ok(Json(serde_json::json!({ "have": held })));
+    }
     let rows = m.db.read(catalogue::list).await?;
     let images: Vec<serde_json::Value> = rows.iter().map(|r| image_json(&m, r)).collect();
     Ok(Json(serde_json::json!({ "images": images })))
