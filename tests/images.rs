@@ -490,3 +490,54 @@ async fn every_manager_of_three_ends_up_with_the_blobs_of_a_push() {
         assert!(data[i].join("blobs/sha256").join(&layer[7..]).is_file(), "{} has the layer file", names[i]);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unused_image_is_retired_and_a_reader_cannot_push() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, cluster) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let data = dir.path().join("m1");
+    let _m = Proc::spawn(
+        &["agent", "--manager", "--bootstrap", "--node-id", "m1", "--data-dir", data.to_str().unwrap()]
+            .into_iter()
+            .chain(["--api", &api, "--cluster", &cluster, "--image-retain", "1s"])
+            .collect::<Vec<_>>(),
+        &dir.path().join("m1.log"),
+        &[],
+    );
+    let client = api_client(&data).await;
+    let url = |p: &str| format!("http://{api}{p}");
+
+    // A reader may list but not push.
+    let made: Value = client
+        .post(url("/v1/tokens"))
+        .json(&json!({"name": "viewer", "role": "reader"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let reader = client_with_token(made["token"].as_str().unwrap());
+    let (unused, _) = synthetic_archive("unused:1", b"nobody runs me");
+    let (status, body) = post_raw(&reader, &url("/v1/images"), unused.clone()).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(get_json(&reader, &url("/v1/images")).await.is_some());
+
+    // Two images; a task that should run names one of them (no worker: it stays pending).
+    let (kept, _) = synthetic_archive("kept:1", b"a task wants me");
+    for archive in [unused, kept] {
+        let (status, body) = post_raw(&client, &url("/v1/images"), archive).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let resp = client.post(url("/v1/tasks")).json(&json!({"image": "kept:1"})).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+
+    let left = eventually(Duration::from_secs(30), "the unused image retired", || async {
+        let v = get_json(&client, &url("/v1/images")).await?;
+        let refs: Vec<String> =
+            v["images"].as_array()?.iter().filter_map(|i| i["reference"].as_str().map(String::from)).collect();
+        (!refs.contains(&"unused:1".to_string())).then_some(refs)
+    })
+    .await;
+    assert_eq!(left, vec!["kept:1".to_string()], "the image a task wants is kept");
+}
