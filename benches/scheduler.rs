@@ -33,6 +33,7 @@ fn node(i: usize) -> NodeView {
         reserved_disk_mb: 0,
         measured_free_memory_mb: Some(30_000),
         measured_free_disk_mb: Some(150_000),
+        images: Default::default(),
     }
 }
 
@@ -45,6 +46,7 @@ fn pure(nodes: usize, tasks: usize) -> f64 {
             constraints: Constraints::default(),
             replaces: None,
             avoid: Vec::new(),
+            image: None,
         })
         .collect();
     let mut samples = Vec::new();

@@ -42,11 +42,17 @@ pub enum Command {
     Agent(Box<AgentArgs>),
     /// The reference echo task: POST / answers with the same body.
     Echo(EchoArgs),
-    /// Local images.
+    /// Images: the built-in echo image, and the managers' catalogue (push, list, rm).
     Image {
         /// Which image.
         #[command(subcommand)]
         which: ImageCommand,
+        /// API base URL.
+        #[arg(long, env = "HOLDFAST_API_URL", default_value = "http://127.0.0.1:7700", global = true)]
+        api_url: String,
+        /// How to authenticate.
+        #[command(flatten)]
+        auth: ApiAuth,
     },
     /// Tasks (client of the HTTP API).
     Task {
@@ -234,6 +240,26 @@ pub struct CertArgs {
 pub enum ImageCommand {
     /// Build `holdfast/echo:<version>` and `:latest` FROM scratch from this binary.
     Echo,
+    /// Push a `docker save` archive to the managers (README "Images without a
+    /// registry"); workers then fetch it from them.
+    Push {
+        /// The archive (`docker save -o FILE NAME:TAG`), or `-` for stdin.
+        #[arg(required_unless_present = "from_docker", conflicts_with = "from_docker")]
+        file: Option<PathBuf>,
+        /// Stream the image `NAME:TAG` from the local Docker engine instead.
+        #[arg(long, env = "HOLDFAST_FROM_DOCKER")]
+        from_docker: Option<String>,
+    },
+    /// List the managers' image catalogue.
+    List,
+    /// Remove an image from the catalogue (admin); refused while a task uses it.
+    Rm {
+        /// Image reference, `NAME:TAG`.
+        reference: String,
+        /// Remove even when a task uses it.
+        #[arg(long, env = "HOLDFAST_FORCE")]
+        force: bool,
+    },
 }
 
 /// `holdfast task ...`
@@ -416,6 +442,14 @@ pub struct AgentArgs {
     /// so a full disk is a clear error that heals itself, not a storage failure (0: off).
     #[arg(long, env = "HOLDFAST_MIN_FREE_MB", default_value_t = crate::config::DEFAULT_MIN_FREE_MB)]
     pub min_free_mb: u64,
+    /// An image in the managers' catalogue that no task has used for this long is
+    /// removed (managers; README "Images without a registry").
+    #[arg(long, env = "HOLDFAST_IMAGE_RETAIN", value_parser = humantime::parse_duration, default_value = "24h")]
+    pub image_retain: std::time::Duration,
+    /// Cap on the bytes per second a worker spends fetching images from the managers,
+    /// e.g. `2M` for a thin link (workers; suffixes K, M, G are powers of 1024).
+    #[arg(long, env = "HOLDFAST_IMAGE_BANDWIDTH", value_parser = parse_bandwidth)]
+    pub image_bandwidth: Option<u64>,
     /// PEM certificate (chain) the API serves over HTTPS (managers; with --api-key).
     /// Off loopback the API is always HTTPS; without this it serves a certificate the
     /// manager issues itself from the cluster CA (and renews in place).
@@ -472,6 +506,21 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// Bytes per second: a whole number with an optional K, M or G suffix (powers of 1024).
+pub fn parse_bandwidth(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M') => (&t[..t.len() - 1], 1 << 20),
+        Some('G') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    match num.trim().parse::<u64>().ok().and_then(|n| n.checked_mul(mult)) {
+        Some(n) if n >= 1024 => Ok(n),
+        _ => Err(format!("{s:?}: give bytes per second, at least 1K, e.g. 512K or 2M")),
+    }
+}
+
 fn parse_sink(s: &str) -> Result<SinkTarget, String> {
     SinkTarget::parse(s)
 }
@@ -508,6 +557,7 @@ impl DevArgs {
                 advertise_host: dialable(host_of(&self.api)).to_string(),
                 labels: BTreeMap::new(),
                 resources_override: None,
+                image_bandwidth: None,
             }),
             trust: crate::config::TrustSettings {
                 token: None,
@@ -565,6 +615,7 @@ impl AgentArgs {
             event_sink: self.event_sink.clone().map(SinkConfig::new),
             force_new_cluster: self.force_new_cluster,
             min_free_mb: self.min_free_mb,
+            image_retain: self.image_retain,
             api_tls_files: self.api_cert.clone().zip(self.api_key.clone()),
         });
         if self.force_new_cluster && (!self.manager || self.bootstrap) {
@@ -596,6 +647,7 @@ impl AgentArgs {
                 advertise_host: adv_host.unwrap_or("127.0.0.1").to_string(),
                 labels: self.labels.iter().cloned().collect(),
                 resources_override: None,
+                image_bandwidth: self.image_bandwidth,
             })
         } else {
             None

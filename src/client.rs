@@ -7,6 +7,8 @@ use anyhow::{bail, Context};
 
 use crate::cli::{ApiAuth, TaskCommand, TokenCommand};
 
+mod images;
+
 /// An authenticated API client: base URL, HTTP client and bearer token.
 pub struct Api {
     base: String,

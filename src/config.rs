@@ -82,6 +82,8 @@ pub struct ManagerRole {
     pub force_new_cluster: bool,
     /// Writes are refused (507) while the data dir's disk has less free space (MiB).
     pub min_free_mb: u64,
+    /// An unused catalogued image is removed after this long (`--image-retain`).
+    pub image_retain: std::time::Duration,
     /// API certificate and key (`--api-cert`, `--api-key`); without them an API bound
     /// off loopback serves a certificate it issues from the cluster CA.
     pub api_tls_files: Option<(PathBuf, PathBuf)>,
@@ -104,6 +106,7 @@ impl ManagerRole {
             event_sink: None,
             force_new_cluster: false,
             min_free_mb: DEFAULT_MIN_FREE_MB,
+            image_retain: std::time::Duration::from_secs(24 * 3600),
             api_tls_files: None,
         }
     }
@@ -120,4 +123,6 @@ pub struct WorkerRole {
     pub labels: BTreeMap<String, String>,
     /// Fixed resources to report instead of measuring (simulated nodes in tests).
     pub resources_override: Option<crate::model::sync::NodeResources>,
+    /// Cap on image fetch bytes per second (`--image-bandwidth`); none = no cap.
+    pub image_bandwidth: Option<u64>,
 }

@@ -110,11 +110,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             let code = holdfast::echo::run(config, holdfast::shutdown_signal()).await?;
             Ok(u8::try_from(code).unwrap_or(1))
         }
-        Command::Image { which: ImageCommand::Echo } => {
+        Command::Image { which: ImageCommand::Echo, .. } => {
             let docker = holdfast::worker::runtime::docker::DockerRuntime::connect().await?;
             let tags = docker.build_echo_image().await.context("building the echo image")?;
             println!("built {}", tags.join(", "));
             Ok(0)
+        }
+        Command::Image { which, api_url, auth } => {
+            holdfast::client::Api::new(&api_url, &auth)?.image(which).await.map(|_| 0)
         }
         Command::Guard(_) => anyhow::bail!("the guard runs before the async runtime starts"),
         Command::Task { cmd, api_url, auth } => holdfast::client::Api::new(&api_url, &auth)?.task(cmd).await.map(|_| 0),

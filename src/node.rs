@@ -119,6 +119,8 @@ pub async fn run_service(
             heartbeat_ttl: m.heartbeat_ttl,
             max_long_poll: (m.heartbeat_ttl / 2).min(std::time::Duration::from_millis(2_500)),
             scratch_dir: config.data_dir.join("scratch"),
+            blob_dir: config.data_dir.join("blobs"),
+            blob_min_free_bytes: m.min_free_mb.saturating_mul(1 << 20),
             ..Default::default()
         };
         let mgr = Manager::new(rdb.clone(), applied, settings, resilience.clone(), events);
@@ -132,6 +134,7 @@ pub async fn run_service(
             .cluster_router()
             .merge(manager::gateway::router(mgr.clone()))
             .merge(manager::trust::cluster_router(mgr.clone(), trust.clone()))
+            .merge(manager::images::cluster_router(mgr.clone()))
             .layer(axum::middleware::from_fn_with_state(
                 Arc::new(tokio::sync::Semaphore::new(CLUSTER_IN_FLIGHT)),
                 crate::net::door::bounded,
@@ -164,7 +167,10 @@ pub async fn run_service(
         let api = manager::api::limits::apply(routes, Default::default())
             // Merged after the limits: a stream must not be cut by the request timeout;
             // it has its own cap on open streams.
-            .merge(manager::api::auth::layer(streams, mgr.clone()));
+            .merge(manager::api::auth::layer(streams, mgr.clone()))
+            // Image pushes are long and large: outside the request timeout and body
+            // limit, with their own bounds (`api::images`).
+            .merge(manager::api::auth::layer(manager::api::images::upload_router(mgr.clone()), mgr.clone()));
         // Off loopback the API speaks only HTTPS (ARCHITECTURE.md, "Access").
         let api_tls = manager::api::tls::source_for(&m.api, &m.advertise_api, m.api_tls_files.clone());
         tasks.push(match api_tls {
@@ -219,6 +225,8 @@ pub async fn run_service(
                 }
             });
         }
+        let image_loop = manager::images::ImageLoop { retain: m.image_retain, ..Default::default() };
+        drop(tokio::spawn(manager::images::run_loop(mgr.clone(), tls.clone(), image_loop, stop_tx.subscribe())));
         let planner = tokio::spawn(manager::leader::run_planner(mgr.clone(), stop_tx.subscribe()));
         let liveness = tokio::spawn(manager::leader::run_liveness(mgr.clone(), stop_tx.subscribe()));
         tasks.push(tokio::spawn(async move {
@@ -242,6 +250,7 @@ pub async fn run_service(
         wc.advertise_host = wr.advertise_host.clone();
         wc.labels = wr.labels.clone();
         wc.resources_override = wr.resources_override.clone();
+        wc.image_bandwidth = wr.image_bandwidth;
         watched.worker = Some(wc.vitals.clone());
         wc.tls = Some(tls.clone());
         let rx = stop_tx.subscribe();

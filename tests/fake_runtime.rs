@@ -40,6 +40,7 @@ async fn two_hundred_tasks_reach_running_on_the_fake_runtime() {
             advertise_host: "127.0.0.1".into(),
             labels: BTreeMap::new(),
             resources_override: None,
+            image_bandwidth: None,
         }),
     };
     let fake = Arc::new(FakeRuntime::new());

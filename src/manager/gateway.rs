@@ -126,6 +126,7 @@ async fn sync_inner(m: &Arc<Manager>, req: SyncRequest) -> Result<Response, ApiE
     }
     lock(&m.liveness)
         .insert(req.node.clone(), Liveness { last_seen: Instant::now(), resources: req.resources.clone() });
+    super::images::note_held(&m, &req.node, &req.images);
 
     let name = req.node.clone();
     let reg = m.db.read_local(move |c| query::node_registration(c, &name)).await?;

@@ -12,6 +12,7 @@ use crate::model::sync::{LogRequest, NodeResources};
 
 pub mod api;
 pub mod gateway;
+pub mod images;
 pub mod leader;
 pub mod scheduler;
 pub mod sink;
@@ -37,6 +38,10 @@ pub struct ManagerSettings {
     /// Where snapshot copies are made before they are streamed (same file system as
     /// the data when set by `node`; the system temp dir by default).
     pub scratch_dir: std::path::PathBuf,
+    /// Where image blobs are stored (`<data-dir>/blobs` when set by `node`).
+    pub blob_dir: std::path::PathBuf,
+    /// Free bytes the blob store leaves on its file system (`--min-free-mb`).
+    pub blob_min_free_bytes: u64,
 }
 
 impl Default for ManagerSettings {
@@ -49,6 +54,8 @@ impl Default for ManagerSettings {
             down_after: Duration::from_secs(60),
             strategy: scheduler::Strategy::Binpack,
             scratch_dir: std::env::temp_dir(),
+            blob_dir: std::env::temp_dir().join("holdfast-blobs"),
+            blob_min_free_bytes: 64 << 20,
         }
     }
 }
@@ -159,6 +166,10 @@ pub struct Manager {
     /// This node's cluster identity, set once at startup: a follower reads the
     /// leader's liveness over the cluster port with it (mutual TLS).
     pub cluster_tls: std::sync::OnceLock<Arc<crate::net::identity::NodeTls>>,
+    /// Image blobs on this manager's disk (outside the Raft log).
+    pub blobs: images::BlobStore,
+    /// Image ids each worker's engine holds, from its syncs (leader memory only).
+    pub held_images: Mutex<HashMap<String, Arc<std::collections::HashSet<String>>>>,
 }
 
 impl Manager {
@@ -176,6 +187,8 @@ impl Manager {
             logs: LogRelay::default(),
             log_signal: watch::channel(0).0,
             reports: gateway::ReportBatcher::spawn(db.clone()),
+            blobs: images::BlobStore::new(settings.blob_dir.clone(), settings.blob_min_free_bytes),
+            held_images: Mutex::new(HashMap::new()),
             db,
             settings,
             started: Instant::now(),

@@ -81,6 +81,10 @@ pub struct SyncRequest {
     pub have_version: u64,
     /// How long the manager may hold the request waiting for a change.
     pub wait_ms: u64,
+    /// Ids (config digests, `sha256:<hex>`) of the images the worker's engine holds,
+    /// so the scheduler can count an image's size on nodes that lack it.
+    #[serde(default)]
+    pub images: Vec<String>,
 }
 
 /// One placement the worker should hold.
@@ -139,4 +143,52 @@ pub struct SyncResponse {
 pub struct NotLeader {
     /// Cluster address of the leader, when known.
     pub leader_cluster_addr: Option<String>,
+}
+
+/// One layer of a catalogued image: the SHA-256 of its uncompressed tar (Docker's
+/// `diff_id`), which names its blob on the managers, and its size.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerRef {
+    /// `sha256:<hex>` of the layer tar.
+    pub digest: String,
+    /// Bytes.
+    pub size: u64,
+}
+
+/// An image in the managers' catalogue (ARCHITECTURE.md "Images without a registry").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogueEntry {
+    /// Normalized reference, `name:tag` (see [`normalize_image_ref`]).
+    pub reference: String,
+    /// `sha256:<hex>` of the image config: the image id Docker shows.
+    pub config_digest: String,
+    /// Bytes of the config.
+    pub config_size: u64,
+    /// Layers, bottom first.
+    pub layers: Vec<LayerRef>,
+}
+
+impl CatalogueEntry {
+    /// Total bytes of config and layers.
+    pub fn size(&self) -> u64 {
+        self.layers.iter().fold(self.config_size, |acc, l| acc.saturating_add(l.size))
+    }
+}
+
+/// An image reference as the catalogue keys it: a tag is added (`:latest`) when the
+/// reference has none, and Docker Hub's implicit prefixes are dropped, so `app`,
+/// `app:latest` and `docker.io/library/app:latest` are one key.
+pub fn normalize_image_ref(reference: &str) -> String {
+    let r = reference.trim();
+    let r = r.strip_prefix("docker.io/").unwrap_or(r);
+    let r = r.strip_prefix("library/").unwrap_or(r);
+    if r.contains('@') {
+        return r.to_string();
+    }
+    let last = r.rsplit('/').next().unwrap_or(r);
+    if last.contains(':') {
+        r.to_string()
+    } else {
+        format!("{r}:latest")
+    }
 }

@@ -70,6 +70,8 @@ pub struct WorkerConfig {
     pub token: Option<String>,
     /// How long after expiry this worker's certificate may still renew.
     pub cert_grace: Duration,
+    /// Cap on image fetch bytes per second (`--image-bandwidth`).
+    pub image_bandwidth: Option<u64>,
 }
 
 impl WorkerConfig {
@@ -92,6 +94,7 @@ impl WorkerConfig {
             tls: None,
             token: None,
             cert_grace: crate::net::pki::DEFAULT_GRACE,
+            image_bandwidth: None,
         }
     }
 }
@@ -150,6 +153,8 @@ struct Worker {
     /// When the last reconcile round ran (ms since the epoch; 0 = none yet in this
     /// process): a long gap means the worker was not running (dead or stopped).
     last_round_ms: AtomicU64,
+    /// Image ids the engine holds, sent in every sync (`worker::images`).
+    held_images: super::images::HeldImages,
 }
 
 /// A gap between reconcile rounds (normally ≤ 500 ms) longer than this means the
@@ -269,6 +274,7 @@ pub async fn run(
         lease_was_valid: AtomicBool::new(lease > now_ms()),
         renewed: Notify::new(),
         last_round_ms: AtomicU64::new(0),
+        held_images: Default::default(),
     });
     tracing::info!(node = %w.cfg.node, managers = ?w.cfg.managers, "worker starting");
     let sync = tokio::spawn(sync_loop(w.clone(), shutdown.resubscribe()));
@@ -296,6 +302,7 @@ async fn sync_loop(w: Arc<Worker>, mut shutdown: broadcast::Receiver<()>) {
     let mut failures = 0u32;
     loop {
         let resources = current_resources(&w, None).await;
+        super::images::refresh_held(&w.held_images, w.runtime.as_ref(), Duration::from_secs(30), false).await;
         let reports = w.ledger.outbox(1_000).unwrap_or_default();
         w.cfg.vitals.sync_turn(reports.len());
         let req = SyncRequest {
@@ -307,6 +314,7 @@ async fn sync_loop(w: Arc<Worker>, mut shutdown: broadcast::Receiver<()>) {
             wait_ms: if reports.is_empty() { w.cfg.sync_wait.as_millis() as u64 } else { 0 },
             reports,
             have_version,
+            images: super::images::held_ids(&w.held_images),
         };
         let addr = managers[target % managers.len()].clone();
         let url = format!("https://{addr}/cluster/v1/sync");
@@ -842,6 +850,77 @@ async fn admission(w: &Worker, h: &Held) -> Result<Result<(), String>, RuntimeEr
     Ok(super::resources::admit(&w.cfg.node, &h.spec.resources, image_bytes, &free))
 }
 
+/// Fetches the placement's image from the managers when the engine lacks it and the
+/// catalogue has it (`worker::images`), reporting `pulling` with bytes done and total.
+/// `None` when the placement failed (reason recorded) or must wait for the engine.
+async fn fetch_image(w: &Worker, h: &Held) -> Option<Held> {
+    let image = &h.spec.image;
+    if image.starts_with(crate::worker::runtime::docker::ECHO_REPOSITORY) {
+        return Some(h.clone());
+    }
+    match w.runtime.image_size(image).await {
+        Ok(Some(_)) => return Some(h.clone()),
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(placement = %h.id, error = %e, "cannot inspect the image; will retry");
+            return None;
+        }
+    }
+    let fetcher = super::images::Fetcher {
+        http: w.tls.http(),
+        managers: w.cfg.managers.clone(),
+        dir: w.cfg.data_dir.join("images"),
+        bandwidth: w.cfg.image_bandwidth,
+    };
+    let entry = match fetcher.lookup(image).await {
+        Ok(Some(e)) => e,
+        Ok(None) => return Some(h.clone()),
+        Err(e) => {
+            tracing::warn!(placement = %h.id, %image, error = %e, "cannot ask the managers' catalogue; pulling instead");
+            return Some(h.clone());
+        }
+    };
+    let pulling = Held { observed: Observed::Pulling, ..h.clone() };
+    let say = |done: u64, total: u64| {
+        let mut ch = base_change(&pulling, Observed::Pulling);
+        ch.reason = Some(format!("fetching {image} from the managers: {done} of {total} bytes"));
+        record(w, &pulling, ch);
+    };
+    say(0, entry.size());
+    let (tx, mut rx) = tokio::sync::watch::channel((0u64, entry.size()));
+    let progress: super::images::Progress = Arc::new(move |d, t| {
+        tx.send_replace((d, t));
+    });
+    let fetch = fetcher.fetch(w.runtime.as_ref(), &entry, progress);
+    tokio::pin!(fetch);
+    let result = loop {
+        tokio::select! {
+            r = &mut fetch => break r,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                if rx.has_changed().unwrap_or(false) {
+                    let (d, t) = *rx.borrow_and_update();
+                    say(d, t);
+                }
+            }
+        }
+    };
+    match result {
+        Ok(f) => {
+            tracing::info!(placement = %h.id, %image, bytes = f.bytes, skipped_layers = f.skipped_layers,
+                fetched_layers = f.fetched_layers, "image fetched from the managers");
+            super::images::refresh_held(&w.held_images, w.runtime.as_ref(), Duration::ZERO, true).await;
+            Some(pulling)
+        }
+        Err(e) => {
+            tracing::warn!(placement = %h.id, %image, error = %e, "image fetch failed");
+            let mut ch = base_change(&pulling, Observed::Failed);
+            ch.reason = Some(format!("image {image}: fetch from the managers failed: {e}"));
+            record(w, &pulling, ch);
+            None
+        }
+    }
+}
+
 async fn create(w: &Worker, h: &Held) {
     let started = Instant::now();
     match admission(w, h).await {
@@ -859,7 +938,8 @@ async fn create(w: &Worker, h: &Held) {
             return;
         }
     }
-    if h.observed == Observed::Pending {
+    let Some(h) = &fetch_image(w, h).await else { return };
+    if matches!(h.observed, Observed::Pending | Observed::Pulling) {
         record(w, h, base_change(h, Observed::Starting));
     }
     let h = &Held { observed: Observed::Starting, ..h.clone() };

@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod fence;
 pub mod health;
+pub mod images;
 pub mod ledger;
 pub mod reconcile;
 pub mod resources;

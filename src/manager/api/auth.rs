@@ -97,6 +97,7 @@ pub fn needed_role(method: &Method, path: &str) -> Option<Role> {
     let operator = matches!(
         (method, segs.as_slice()),
         (&Method::POST, ["", "v1", "tasks"])
+            | (&Method::POST, ["", "v1", "images"])
             | (&Method::DELETE, ["", "v1", "tasks", _])
             | (&Method::POST, ["", "v1", "nodes", _, "drain" | "eligibility"])
     );

@@ -22,6 +22,7 @@ use crate::model::TaskSpec;
 pub mod auth;
 mod error;
 pub mod events;
+pub mod images;
 pub mod limits;
 pub mod metrics;
 mod snapshot;
@@ -52,6 +53,7 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .route("/metrics", get(metrics::endpoint))
+        .merge(images::router())
         .merge(ui::router())
         .fallback(not_found)
         .layer(axum::middleware::from_fn(metrics::track))

@@ -134,11 +134,27 @@ pub async fn plan_round(m: &Manager) -> Result<Round, ApiError> {
     if !only_new {
         *lock(&m.planner_memo) = PlannerMemo { nodes_fingerprint: print, last_full: Some(Instant::now()) };
     }
-    let (pending, candidates) =
+    let (pending, candidates, images) =
         m.db.read_local(move |c| {
-            Ok((query::pending_tasks(c, PLAN_BATCH, only_new)?, query::replace_candidates(c, PLAN_BATCH)?))
+            Ok((
+                query::pending_tasks(c, PLAN_BATCH, only_new)?,
+                query::replace_candidates(c, PLAN_BATCH)?,
+                super::state::images::list(c)?,
+            ))
         })
         .await?;
+    // The catalogue's images by reference, for the scheduler's disk check.
+    let images: std::collections::HashMap<String, scheduler::ImageNeed> = images
+        .into_iter()
+        .map(|r| {
+            (
+                r.entry.reference.clone(),
+                scheduler::ImageNeed { id: r.entry.config_digest, size_mb: r.size.div_ceil(1 << 20) },
+            )
+        })
+        .collect();
+    let need = |image: &str| images.get(&crate::model::sync::normalize_image_ref(image)).cloned();
+    let held = super::images::held_snapshot(m);
     let now = now_ms();
     let mut work: Vec<Pending> = pending
         .iter()
@@ -148,6 +164,7 @@ pub async fn plan_round(m: &Manager) -> Result<Round, ApiError> {
             constraints: t.spec.constraints.clone(),
             replaces: None,
             avoid: Vec::new(),
+            image: need(&t.spec.image),
         })
         .collect();
     let mut reasons: Vec<(String, Option<String>)> = pending.iter().map(|t| (t.id.clone(), t.reason.clone())).collect();
@@ -161,6 +178,7 @@ pub async fn plan_round(m: &Manager) -> Result<Round, ApiError> {
                 constraints: c.spec.constraints.clone(),
                 replaces: Some(c.placement_id.clone()),
                 avoid,
+                image: need(&c.spec.image),
             });
             reasons.push((c.task_id.clone(), c.reason.clone()));
         }
@@ -206,6 +224,7 @@ pub async fn plan_round(m: &Manager) -> Result<Round, ApiError> {
                     reserved_disk_mb: n.reserved_disk_mb,
                     measured_free_memory_mb: l.map(|l| l.resources.memory_free_mb),
                     measured_free_disk_mb: l.map(|l| l.resources.disk_free_mb),
+                    images: held.get(&n.name).cloned().unwrap_or_default(),
                     name: n.name,
                 }
             })

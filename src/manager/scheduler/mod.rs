@@ -34,6 +34,18 @@ pub struct NodeView {
     pub measured_free_memory_mb: Option<u64>,
     /// Free disk measured by the worker, when reported.
     pub measured_free_disk_mb: Option<u64>,
+    /// Ids of the images the node's engine holds, as it last reported them; an image
+    /// not among them counts against the node's disk when a task needs it.
+    pub images: std::sync::Arc<std::collections::HashSet<String>>,
+}
+
+/// A catalogued image a task needs (README "Images without a registry").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageNeed {
+    /// Image id (config digest).
+    pub id: String,
+    /// Its size, MiB (rounded up).
+    pub size_mb: u64,
 }
 
 impl NodeView {
@@ -83,6 +95,16 @@ pub struct Pending {
     pub replaces: Option<String>,
     /// Nodes to use only when no other node fits (where the task failed before).
     pub avoid: Vec<String>,
+    /// The task's image when the managers' catalogue holds it; a node that lacks it
+    /// must also have room for it.
+    pub image: Option<ImageNeed>,
+}
+
+/// Disk a placement needs on `node`: the task's own, plus its image when the node
+/// does not hold it.
+fn disk_need(node: &NodeView, want: &Pending) -> u64 {
+    let image = want.image.as_ref().filter(|i| !node.images.contains(&i.id)).map_or(0, |i| i.size_mb);
+    want.resources.disk_mb.saturating_add(image)
 }
 
 /// The scheduler's output.
@@ -117,7 +139,7 @@ fn check(node: &NodeView, want: &Pending) -> Result<(), Miss> {
     if r.memory_mb > node.free_memory() {
         return Err(Miss::Memory);
     }
-    if r.disk_mb > node.free_disk() {
+    if disk_need(node, want) > node.free_disk() {
         return Err(Miss::Disk);
     }
     Ok(())
@@ -158,7 +180,15 @@ fn explain(nodes: &Nodes<'_>, want: &Pending, misses: &BTreeMap<Miss, usize>) ->
                 Miss::Memory => {
                     format!("memory {} MB > largest free {} MB", r.memory_mb, largest(NodeView::free_memory))
                 }
-                Miss::Disk => format!("disk {} MB > largest free {} MB", r.disk_mb, largest(NodeView::free_disk)),
+                Miss::Disk => match &want.image {
+                    Some(i) => format!(
+                        "disk {} MB + image {} MB > largest free {} MB",
+                        r.disk_mb,
+                        i.size_mb,
+                        largest(NodeView::free_disk)
+                    ),
+                    None => format!("disk {} MB > largest free {} MB", r.disk_mb, largest(NodeView::free_disk)),
+                },
             };
             if misses.len() == 1 && *count == nodes.len() {
                 what
@@ -248,14 +278,21 @@ pub fn plan(view: &ClusterView, work: &[Pending]) -> Plan {
         match best {
             Some((i, _, _)) => {
                 let n = nodes.get_mut(i);
+                let disk = disk_need(n, want);
                 n.reserved_cpu_millis += want.resources.cpu_millis;
                 n.reserved_memory_mb += want.resources.memory_mb;
-                n.reserved_disk_mb += want.resources.disk_mb;
+                n.reserved_disk_mb += disk;
                 if let Some(m) = n.measured_free_memory_mb.as_mut() {
                     *m = m.saturating_sub(want.resources.memory_mb);
                 }
                 if let Some(d) = n.measured_free_disk_mb.as_mut() {
-                    *d = d.saturating_sub(want.resources.disk_mb);
+                    *d = d.saturating_sub(disk);
+                }
+                if let Some(img) = &want.image {
+                    // Counted once: the next task with this image finds it here.
+                    if !n.images.contains(&img.id) {
+                        std::sync::Arc::make_mut(&mut n.images).insert(img.id.clone());
+                    }
                 }
                 out.placements.push(PlannedPlacement {
                     task_id: want.task_id.clone(),
@@ -287,6 +324,7 @@ mod tests {
             reserved_disk_mb: 0,
             measured_free_memory_mb: None,
             measured_free_disk_mb: None,
+            images: Default::default(),
         }
     }
 
@@ -297,6 +335,7 @@ mod tests {
             constraints: Constraints::default(),
             replaces: None,
             avoid: Vec::new(),
+            image: None,
         }
     }
 
@@ -384,5 +423,29 @@ mod tests {
             plan(&ClusterView { nodes: vec![n], ..Default::default() }, &[task("t1", 10, 100), task("t2", 10, 100)]);
         assert_eq!(placed(&p), vec![("t1", "a")]);
         assert_eq!(p.unplaced[0].0, "t2");
+    }
+
+    #[test]
+    fn a_catalogued_image_counts_against_the_disk_of_nodes_that_lack_it() {
+        let mut has = node("has", 4_000, 8_000);
+        has.disk_mb = 300;
+        has.images = std::sync::Arc::new(["sha256:app".to_string()].into_iter().collect());
+        let mut lacks = node("lacks", 8_000, 16_000);
+        lacks.disk_mb = 300;
+        let view = ClusterView { nodes: vec![lacks.clone(), has], strategy: Strategy::Spread };
+        let mut t = task("t1", 100, 100);
+        t.resources.disk_mb = 100;
+        t.image = Some(ImageNeed { id: "sha256:app".into(), size_mb: 250 });
+        // Spread would prefer the emptier node, but only the node holding the image has room.
+        let p = plan(&view, &[t.clone()]);
+        assert_eq!(p.placements[0].node, "has", "{p:?}");
+        // With no node holding it, the reason names the image.
+        let view = ClusterView { nodes: vec![lacks], strategy: Strategy::Spread };
+        let p = plan(&view, &[t.clone(), t]);
+        assert!(p.unplaced[0].1.contains("image 250 MB"), "{p:?}");
+        // Without the image the task fits.
+        let mut small = task("t2", 100, 100);
+        small.resources.disk_mb = 100;
+        assert_eq!(plan(&view, &[small]).placements.len(), 1);
     }
 }

@@ -27,9 +27,10 @@ fn variant(c: &Command) -> &'static str {
         Command::CreateToken { .. } => "CreateToken",
         Command::RevokeToken { .. } => "RevokeToken",
         Command::Trust(_) => "Trust",
+        Command::Image(_) => "Image",
     }
 }
-const VARIANTS: usize = 13;
+const VARIANTS: usize = 14;
 
 struct Db {
     conn: Connection,
@@ -108,6 +109,18 @@ fn reports(node: &str, r: Vec<StatusReport>) -> Command {
     Command::ReportStatus { batches: vec![NodeReports { node: node.into(), reports: r }], now_ms: 2 }
 }
 
+fn image(reference: &str, layer: &str, size: u64) -> Command {
+    Command::Image(images::ImageCommand::Put {
+        entry: crate::model::sync::CatalogueEntry {
+            reference: reference.into(),
+            config_digest: format!("sha256:{}", "c".repeat(64)),
+            config_size: 1,
+            layers: vec![crate::model::sync::LayerRef { digest: layer.into(), size }],
+        },
+        now_ms: 3,
+    })
+}
+
 fn token(id: &str, role: &str, hash: &str) -> Command {
     Command::CreateToken {
         id: id.into(),
@@ -145,6 +158,8 @@ fn every_command_with_hostile_content_is_a_rejection_never_an_error() {
     let fence: u64 = pid.split('.').nth(1).unwrap().parse().unwrap();
     let hash = "a".repeat(64);
     assert!(db.apply(&token("k1", "admin", &hash)).is_ok());
+    // An image that task t1 (image "a") uses.
+    assert!(db.apply(&image("a:latest", &format!("sha256:{}", "d".repeat(64)), 10)).is_ok());
 
     let bad_spec = |v| Command::SubmitTask { id: "t9".into(), spec: spec(v), idempotency_key: None, now_ms: 1 };
     let huge = "x".repeat(10_000);
@@ -340,6 +355,46 @@ fn every_command_with_hostile_content_is_a_rejection_never_an_error() {
             "revocation with 10 kB of reason",
             Command::Trust(trust::TrustCommand::RevokeNode { node: "n1".into(), reason: huge.clone(), now_ms: 3 }),
             Rejected("invalid"),
+        ),
+        ("image with a bad digest", image("app:1", "sha256:zz", 1), Rejected("invalid")),
+        (
+            "image with a size beyond i64",
+            image("app:1", &format!("sha256:{}", "b".repeat(64)), u64::MAX),
+            Rejected("invalid"),
+        ),
+        ("image reference with a space", image("app 1", &format!("sha256:{}", "b".repeat(64)), 1), Rejected("invalid")),
+        (
+            "image with no layers",
+            Command::Image(images::ImageCommand::Put {
+                entry: crate::model::sync::CatalogueEntry {
+                    reference: "app:1".into(),
+                    config_digest: format!("sha256:{}", "c".repeat(64)),
+                    config_size: 1,
+                    layers: Vec::new(),
+                },
+                now_ms: 3,
+            }),
+            Rejected("invalid"),
+        ),
+        (
+            "removal of an unknown image",
+            Command::Image(images::ImageCommand::Remove {
+                reference: "ghost:1".into(),
+                force: false,
+                unused_since_ms: None,
+                now_ms: 3,
+            }),
+            Rejected("not_found"),
+        ),
+        (
+            "removal of an image a task uses",
+            Command::Image(images::ImageCommand::Remove {
+                reference: "a:latest".into(),
+                force: false,
+                unused_since_ms: None,
+                now_ms: 3,
+            }),
+            Rejected("conflict"),
         ),
     ];
 

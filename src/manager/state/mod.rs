@@ -11,6 +11,7 @@ use tokio::sync::{broadcast, watch};
 use crate::model::sync::StatusReport;
 use crate::model::{transition, Desired, Observed, TaskSpec};
 
+pub mod images;
 pub mod query;
 pub mod tokens;
 
@@ -154,6 +155,8 @@ pub enum Command {
     },
     /// Join tokens, the cluster CA and revocations (`state::trust`).
     Trust(trust::TrustCommand),
+    /// The image catalogue (`state::images`).
+    Image(images::ImageCommand),
 }
 
 /// Whether `s` follows the id rules shared by task, node, placement and token ids:
@@ -313,6 +316,10 @@ fn events_for(index: u64, cmd: &Command, out: &serde_json::Value) -> Vec<DomainE
         }
         // Its inner command emits its own events.
         Command::Audited { .. } | Command::Trust(_) => Vec::new(),
+        Command::Image(c) => images::events_for(c, out)
+            .into_iter()
+            .map(|(at, kind, subject, detail)| ev(at, kind, &subject, detail))
+            .collect(),
         // Not domain events, and readers (who may follow the stream) may not list
         // tokens; the audit log records them for admins.
         Command::CreateToken { .. } | Command::RevokeToken { .. } => Vec::new(),
@@ -450,6 +457,7 @@ impl holdfast_raft::Apply for DomainState {
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(tokens::SCHEMA)?;
         conn.execute_batch(trust::SCHEMA)?;
+        conn.execute_batch(images::SCHEMA)?;
         // Added after the first release: a store from before gets the column on open.
         let has: bool = conn.query_row(
             "SELECT COUNT(*) > 0 FROM pragma_table_info('audit') WHERE name = 'on_behalf_of'",
@@ -608,6 +616,8 @@ fn check_command(cmd: &Command) -> Option<Rejection> {
         Command::Trust(trust::TrustCommand::RevokeNode { node, reason, now_ms }) => {
             id("node name", node).or_else(|| text("reason", reason)).or_else(|| num("now_ms", *now_ms))
         }
+        // References, digests and sizes are checked by `images::apply` itself.
+        Command::Image(_) => None,
     }
 }
 
@@ -798,6 +808,7 @@ fn apply_command(tx: &Transaction<'_>, index: u64, cmd: Command) -> rusqlite::Re
         }
         Command::RevokeToken { id, now_ms } => tokens::revoke(tx, &id, now_ms),
         Command::Trust(t) => trust::apply(tx, t),
+        Command::Image(c) => images::apply(tx, c),
         Command::StopPlacements { ids, reason, now_ms } => {
             for id in &ids {
                 let n = tx.execute(

@@ -251,6 +251,30 @@ impl DockerRuntime {
         })
     }
 
+    /// `docker save` of one image, as the engine streams it (`holdfast image push
+    /// --from-docker`); the caller bounds the whole transfer.
+    pub fn export_image(
+        &self,
+        image: &str,
+    ) -> impl futures::Stream<Item = Result<bytes::Bytes, RuntimeError>> + 'static {
+        self.docker.export_image(image).map_err(|e| match status_of(&e) {
+            Some(404) => RuntimeError::ImageUnavailable { image: String::new(), reason: message_of(&e) },
+            _ => RuntimeError::Unavailable(format!("docker save: {}", message_of(&e))),
+        })
+    }
+
+    /// Removes an image by reference (tests and benchmarks clean up with it).
+    pub async fn remove_image(&self, image: &str) -> Result<(), RuntimeError> {
+        let options = bollard::image::RemoveImageOptions { force: true, noprune: false };
+        match bounded("image remove", self.config.timeouts.remove, self.docker.remove_image(image, Some(options), None))
+            .await?
+        {
+            Ok(_) => Ok(()),
+            Err(e) if status_of(&e) == Some(404) => Ok(()),
+            Err(e) => Err(classify("image remove", e, Refusal::Engine)),
+        }
+    }
+
     /// Number of echo image builds this runtime has completed.
     pub fn echo_builds(&self) -> u64 {
         self.echo_builds.load(Ordering::Relaxed)
@@ -598,6 +622,46 @@ impl Runtime for DockerRuntime {
             return Ok(());
         }
         self.pull(image, &reference).await
+    }
+
+    async fn image_ids(&self) -> Result<Vec<String>, RuntimeError> {
+        let options = bollard::image::ListImagesOptions::<String> { all: false, ..Default::default() };
+        let images = bounded("image list", self.config.timeouts.inspect, self.docker.list_images(Some(options)))
+            .await?
+            .map_err(|e| classify("image list", e, Refusal::Engine))?;
+        Ok(images.into_iter().map(|i| i.id).collect())
+    }
+
+    async fn image_chains(&self) -> Result<Vec<Vec<String>>, RuntimeError> {
+        let ids = self.image_ids().await?;
+        let limit = self.config.timeouts.inspect;
+        let chains = futures::stream::iter(ids)
+            .map(|id| async move {
+                match bounded("image inspect", limit, self.docker.inspect_image(&id)).await {
+                    Ok(Ok(i)) => i.root_fs.and_then(|r| r.layers).unwrap_or_default(),
+                    _ => Vec::new(),
+                }
+            })
+            .buffer_unordered(LIST_INSPECT_CONCURRENCY)
+            .collect::<Vec<_>>()
+            .await;
+        Ok(chains.into_iter().filter(|c| !c.is_empty()).collect())
+    }
+
+    async fn load_image(&self, archive: super::LoadStream) -> Result<(), RuntimeError> {
+        let options = bollard::image::ImportImageOptions { quiet: true };
+        let load = self.docker.import_image_stream(options, archive, None).try_for_each(|info| async move {
+            match info.error {
+                Some(e) => Err(DockerError::DockerStreamError { error: e }),
+                None => Ok(()),
+            }
+        });
+        bounded("load", self.config.timeouts.pull, load).await?.map_err(|e| match e {
+            DockerError::DockerResponseServerError { .. } | DockerError::DockerStreamError { .. } => {
+                RuntimeError::Rejected(format!("docker load: {}", message_of(&e)))
+            }
+            other => RuntimeError::Unavailable(format!("docker load: {other}")),
+        })
     }
 
     async fn image_size(&self, image: &str) -> Result<Option<u64>, RuntimeError> {

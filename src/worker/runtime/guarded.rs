@@ -137,6 +137,18 @@ impl Runtime for GuardedRuntime {
         guarded(&self.inspect, "docker.image_size", self.inner.image_size(image)).await
     }
 
+    async fn image_ids(&self) -> Result<Vec<String>, RuntimeError> {
+        guarded(&self.inspect, "docker.image_ids", self.inner.image_ids()).await
+    }
+
+    async fn image_chains(&self) -> Result<Vec<Vec<String>>, RuntimeError> {
+        guarded(&self.inspect, "docker.image_chains", self.inner.image_chains()).await
+    }
+
+    async fn load_image(&self, archive: super::LoadStream) -> Result<(), RuntimeError> {
+        guarded(&self.pull, "docker.load_image", self.inner.load_image(archive)).await
+    }
+
     async fn create_and_start(&self, spec: &ContainerSpec) -> Result<ContainerInfo, RuntimeError> {
         guarded(&self.lifecycle, "docker.create_and_start", self.inner.create_and_start(spec)).await
     }

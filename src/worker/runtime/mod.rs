@@ -129,6 +129,9 @@ pub enum RuntimeError {
     NotFound(String),
 }
 
+/// A `docker load` archive as it is assembled (see `worker::images`).
+pub type LoadStream = std::pin::Pin<Box<dyn futures::Stream<Item = bytes::Bytes> + Send>>;
+
 /// The operations the worker needs from a container engine. Every call is bounded by
 /// a timeout inside the implementation.
 #[async_trait::async_trait]
@@ -162,4 +165,18 @@ pub trait Runtime: Send + Sync + 'static {
     /// Writes a guarded container's deadline into it through the engine, so its guard
     /// stops the task then unless the deadline moves again.
     async fn set_deadline(&self, id: &str, deadline: crate::guard::Deadline) -> Result<(), RuntimeError>;
+    /// Ids (`sha256:` config digests) of the images the engine holds.
+    async fn image_ids(&self) -> Result<Vec<String>, RuntimeError> {
+        Ok(Vec::new())
+    }
+    /// The layer chains (`RootFS.Layers`, bottom first) of the images the engine
+    /// holds: a layer whose whole chain below it is here need not be fetched again.
+    async fn image_chains(&self) -> Result<Vec<Vec<String>>, RuntimeError> {
+        Ok(Vec::new())
+    }
+    /// Loads a `docker save`-format archive, read as it streams.
+    async fn load_image(&self, archive: LoadStream) -> Result<(), RuntimeError> {
+        drop(archive);
+        Err(RuntimeError::Rejected("this engine cannot load images".into()))
+    }
 }
