@@ -12,7 +12,9 @@ use crate::model::sync::StatusReport;
 use crate::model::{transition, Desired, Observed, TaskSpec};
 
 pub mod query;
+pub mod retention;
 pub mod tokens;
+pub mod upgrade;
 
 #[cfg(test)]
 mod hostile;
@@ -154,6 +156,10 @@ pub enum Command {
     },
     /// Join tokens, the cluster CA and revocations (`state::trust`).
     Trust(trust::TrustCommand),
+    /// The cluster feature level and gated commands (`state::upgrade`).
+    Upgrade(upgrade::UpgradeCommand),
+    /// Garbage collection and node removal (`state::retention`).
+    Retention(retention::RetentionCommand),
 }
 
 /// Whether `s` follows the id rules shared by task, node, placement and token ids:
@@ -313,6 +319,7 @@ fn events_for(index: u64, cmd: &Command, out: &serde_json::Value) -> Vec<DomainE
         }
         // Its inner command emits its own events.
         Command::Audited { .. } | Command::Trust(_) => Vec::new(),
+        Command::Upgrade(_) | Command::Retention(_) => Vec::new(),
         // Not domain events, and readers (who may follow the stream) may not list
         // tokens; the audit log records them for admins.
         Command::CreateToken { .. } | Command::RevokeToken { .. } => Vec::new(),
@@ -450,6 +457,8 @@ impl holdfast_raft::Apply for DomainState {
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(tokens::SCHEMA)?;
         conn.execute_batch(trust::SCHEMA)?;
+        conn.execute_batch(upgrade::SCHEMA)?;
+        conn.execute_batch(retention::SCHEMA)?;
         // Added after the first release: a store from before gets the column on open.
         let has: bool = conn.query_row(
             "SELECT COUNT(*) > 0 FROM pragma_table_info('audit') WHERE name = 'on_behalf_of'",
@@ -603,6 +612,8 @@ fn check_command(cmd: &Command) -> Option<Rejection> {
         Command::Trust(trust::TrustCommand::RevokeNode { node, reason, now_ms }) => {
             id("node name", node).or_else(|| text("reason", reason)).or_else(|| num("now_ms", *now_ms))
         }
+        Command::Upgrade(u) => upgrade::check(u),
+        Command::Retention(r) => retention::check(r),
     }
 }
 
@@ -793,6 +804,8 @@ fn apply_command(tx: &Transaction<'_>, index: u64, cmd: Command) -> rusqlite::Re
         }
         Command::RevokeToken { id, now_ms } => tokens::revoke(tx, &id, now_ms),
         Command::Trust(t) => trust::apply(tx, t),
+        Command::Upgrade(u) => upgrade::apply(tx, index, u, upgrade::build_level()),
+        Command::Retention(r) => retention::apply(tx, r),
         Command::StopPlacements { ids, reason, now_ms } => {
             for id in &ids {
                 let n = tx.execute(
