@@ -37,6 +37,8 @@ pub struct ManagerSettings {
     /// Where snapshot copies are made before they are streamed (same file system as
     /// the data when set by `node`; the system temp dir by default).
     pub scratch_dir: std::path::PathBuf,
+    /// What the leader garbage-collects (`leader::housekeeping`).
+    pub retention: crate::config::Retention,
 }
 
 impl Default for ManagerSettings {
@@ -49,6 +51,7 @@ impl Default for ManagerSettings {
             down_after: Duration::from_secs(60),
             strategy: scheduler::Strategy::Binpack,
             scratch_dir: std::env::temp_dir(),
+            retention: Default::default(),
         }
     }
 }
