@@ -361,3 +361,259 @@ pub fn table_rows(conn: &rusqlite::Connection) -> rusqlite::Result<Vec<(&'static
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use holdfast_raft::Apply;
+    use rusqlite::Connection;
+
+    use super::super::{upgrade, Command, DomainState, NodeReports, PlannedPlacement};
+    use super::*;
+    use crate::model::sync::StatusReport;
+    use crate::model::Observed;
+
+    struct Db {
+        conn: Connection,
+        state: std::sync::Arc<DomainState>,
+        index: u64,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Db {
+        fn new() -> Db {
+            let dir = tempfile::tempdir().unwrap();
+            let conn = Connection::open(dir.path().join("state.db")).unwrap();
+            let (state, _) = DomainState::new();
+            state.init_schema(&conn).unwrap();
+            Db { conn, state, index: 0, _dir: dir }
+        }
+
+        fn apply(&mut self, cmd: &Command) -> rusqlite::Result<Outcome> {
+            self.index += 1;
+            let tx = self.conn.transaction().unwrap();
+            let out = self.state.apply(&tx, self.index, &serde_json::to_vec(cmd).unwrap())?;
+            tx.commit().unwrap();
+            Ok(serde_json::from_slice(&out).unwrap())
+        }
+
+        fn ok(&mut self, cmd: &Command) -> serde_json::Value {
+            self.apply(cmd).unwrap().unwrap_or_else(|r| panic!("{cmd:?}: {r}"))
+        }
+
+        fn count(&self, sql: &str) -> i64 {
+            self.conn.query_row(sql, [], |r| r.get(0)).unwrap()
+        }
+
+        /// A node, and a task on it that ran and exited (`code`) at `at`.
+        fn finished_task(&mut self, id: &str, at: u64, seq: u64, events: usize) -> String {
+            let spec = Box::new(serde_json::from_value(serde_json::json!({"image": "a"})).unwrap());
+            self.ok(&Command::SubmitTask { id: id.into(), spec, idempotency_key: Some(format!("k-{id}")), now_ms: at });
+            let out = self.ok(&Command::ApplyPlan {
+                placements: vec![PlannedPlacement { task_id: id.into(), node: "n1".into(), replaces: None }],
+                unplaced: Vec::new(),
+                now_ms: at,
+            });
+            let pid = out["placed"][0].as_str().unwrap().to_string();
+            let fence: u64 = pid.split('.').nth(1).unwrap().parse().unwrap();
+            let report = |seq: u64, observed: Observed, story: Option<String>| StatusReport {
+                seq,
+                placement_id: pid.clone(),
+                task_id: id.into(),
+                fence,
+                observed,
+                exit_code: (observed == Observed::Exited).then_some(0),
+                reason: None,
+                restarts: 0,
+                endpoints: Vec::new(),
+                container_id: None,
+                at_ms: at,
+                refused: false,
+                story,
+            };
+            let mut reports = vec![report(seq, Observed::Running, None)];
+            for i in 0..events {
+                reports.push(report(seq + 1 + i as u64, Observed::Running, Some(format!("tick {i}"))));
+            }
+            reports.push(report(seq + 1 + events as u64, Observed::Exited, None));
+            self.ok(&Command::ReportStatus {
+                batches: vec![NodeReports { node: "n1".into(), reports }],
+                now_ms: at,
+            });
+            pid
+        }
+    }
+
+    fn seeded() -> Db {
+        let mut db = Db::new();
+        db.ok(&Command::Upgrade(upgrade::UpgradeCommand::SetLevel { level: 1, voters: vec![], now_ms: 1 }));
+        db.ok(&Command::RegisterNode {
+            name: "n1".into(),
+            address: "a".into(),
+            labels: BTreeMap::new(),
+            cpu_millis: 100_000,
+            memory_mb: 100_000,
+            disk_mb: 100_000,
+            now_ms: 1,
+        });
+        db
+    }
+
+    fn policy(retain_ms: u64) -> Policy {
+        Policy { retain_ms, node_gc_ms: 0, history_cap: 5, audit_retain_ms: 1_000_000, audit_max_rows: 1_000 }
+    }
+
+    fn round(db: &mut Db, p: &Policy, now: u64) -> serde_json::Value {
+        let c = candidates(&db.conn, p, now).unwrap();
+        db.ok(&Command::Retention(RetentionCommand::Collect {
+            tasks: c.tasks,
+            nodes: c.nodes,
+            placement_histories: c.placement_histories,
+            node_histories: c.node_histories,
+            policy: p.clone(),
+            now_ms: now,
+        }))
+    }
+
+    #[test]
+    fn finished_tasks_leave_after_the_window_measured_by_the_commands_clock() {
+        let mut db = seeded();
+        db.finished_task("old", 1_000, 1, 0);
+        db.finished_task("new", 5_000, 10, 0);
+        let p = policy(2_000);
+        // At 6 000 only `old` (last change 1 000) is past 2 s.
+        let c = candidates(&db.conn, &p, 6_000).unwrap();
+        assert_eq!(c.tasks, vec!["old".to_string()]);
+        // The same command re-checked later is decided by its own clock: a collect
+        // naming `new` at 6 000 keeps it.
+        let out = db.ok(&Command::Retention(RetentionCommand::Collect {
+            tasks: vec!["old".into(), "new".into()],
+            nodes: vec![],
+            placement_histories: vec![],
+            node_histories: vec![],
+            policy: p.clone(),
+            now_ms: 6_000,
+        }));
+        assert_eq!(out["removed_tasks"], 1, "{out}");
+        assert_eq!(out["kept_tasks"], 1, "{out}");
+        assert_eq!(db.count("SELECT COUNT(*) FROM tasks"), 1);
+        assert_eq!(db.count("SELECT COUNT(*) FROM placements WHERE task_id = 'old'"), 0);
+        assert_eq!(db.count("SELECT COUNT(*) FROM placement_events WHERE placement_id LIKE 'old.%'"), 0);
+        // The idempotency key of `new` still answers.
+        assert_eq!(db.count("SELECT COUNT(*) FROM tasks WHERE idem_key = 'k-new'"), 1);
+        round(&mut db, &p, 8_000);
+        assert_eq!(db.count("SELECT COUNT(*) FROM tasks"), 0);
+    }
+
+    #[test]
+    fn a_running_task_is_never_collected() {
+        let mut db = seeded();
+        let spec = Box::new(serde_json::from_value(serde_json::json!({"image": "a"})).unwrap());
+        db.ok(&Command::SubmitTask { id: "live".into(), spec, idempotency_key: None, now_ms: 1 });
+        let out = db.ok(&Command::Retention(RetentionCommand::Collect {
+            tasks: vec!["live".into()],
+            nodes: vec![],
+            placement_histories: vec![],
+            node_histories: vec![],
+            policy: policy(0),
+            now_ms: 1_000_000,
+        }));
+        assert_eq!(out["removed_tasks"], 0, "{out}");
+        assert!(candidates(&db.conn, &policy(0), 1_000_000).unwrap().tasks.is_empty());
+    }
+
+    #[test]
+    fn histories_keep_their_newest_entries_and_count_the_dropped() {
+        let mut db = seeded();
+        let pid = db.finished_task("t", 1_000, 1, 20);
+        let p = policy(u64::MAX / 4);
+        let before = db.count(&format!("SELECT COUNT(*) FROM placement_events WHERE placement_id = '{pid}'"));
+        assert!(before > 5, "{before}");
+        let newest: i64 = db.count(&format!("SELECT MAX(id) FROM placement_events WHERE placement_id = '{pid}'"));
+        round(&mut db, &p, 2_000);
+        assert_eq!(db.count(&format!("SELECT COUNT(*) FROM placement_events WHERE placement_id = '{pid}'")), 5);
+        assert_eq!(db.count(&format!("SELECT MAX(id) FROM placement_events WHERE placement_id = '{pid}'")), newest);
+        assert_eq!(dropped(&db.conn, "placement", &pid).unwrap(), before as u64 - 5);
+    }
+
+    #[test]
+    fn the_audit_is_kept_by_age_and_size() {
+        let mut db = seeded();
+        for at in 0..30u64 {
+            db.ok(&Command::Audited {
+                who: "w".into(),
+                on_behalf_of: None,
+                action: "a".into(),
+                subject: "s".into(),
+                at_ms: at * 100,
+                inner: None,
+            });
+        }
+        let p = Policy { audit_retain_ms: 1_000, audit_max_rows: 10, ..policy(u64::MAX / 4) };
+        // At 3 000 rows before 2 000 are too old (20 of them); 10 remain, the cap holds.
+        round(&mut db, &p, 3_000);
+        assert_eq!(db.count("SELECT COUNT(*) FROM audit"), 10);
+        assert_eq!(db.count("SELECT MIN(at_ms) FROM audit"), 2_000);
+        let p = Policy { audit_max_rows: 4, ..p };
+        round(&mut db, &p, 3_000);
+        assert_eq!(db.count("SELECT COUNT(*) FROM audit"), 4);
+        assert_eq!(db.count("SELECT MIN(at_ms) FROM audit"), 2_600, "the newest are kept");
+    }
+
+    #[test]
+    fn long_down_nodes_go_and_removal_revokes_and_refuses_live_nodes() {
+        let mut db = seeded();
+        db.ok(&Command::SetNodeStatus { name: "n1".into(), status: "down".into(), now_ms: 1_000 });
+        let p = Policy { node_gc_ms: 5_000, ..policy(u64::MAX / 4) };
+        assert!(candidates(&db.conn, &p, 4_000).unwrap().nodes.is_empty());
+        let out = round(&mut db, &p, 7_000);
+        assert_eq!(out["removed_nodes"][0], "n1", "{out}");
+        assert_eq!(db.count("SELECT COUNT(*) FROM nodes"), 0);
+
+        // A node with a live placement: refused unless forced; revoked when removed.
+        let mut db = seeded();
+        let spec = Box::new(serde_json::from_value(serde_json::json!({"image": "a"})).unwrap());
+        db.ok(&Command::SubmitTask { id: "t".into(), spec, idempotency_key: None, now_ms: 1 });
+        db.ok(&Command::ApplyPlan {
+            placements: vec![PlannedPlacement { task_id: "t".into(), node: "n1".into(), replaces: None }],
+            unplaced: Vec::new(),
+            now_ms: 2,
+        });
+        let remove = |force| Command::Retention(RetentionCommand::RemoveNode { name: "n1".into(), force, now_ms: 9 });
+        let refused = db.apply(&remove(false)).unwrap().unwrap_err();
+        assert_eq!(refused.code, "conflict");
+        assert!(refused.message.contains("force=true"), "{refused}");
+        db.ok(&remove(true));
+        assert_eq!(db.count("SELECT COUNT(*) FROM nodes"), 0);
+        assert_eq!(db.count("SELECT at_ms FROM revocations WHERE node = 'n1'"), 9);
+    }
+
+    #[test]
+    fn retention_waits_for_feature_level_1() {
+        let mut db = Db::new();
+        let out = db.apply(&Command::Retention(RetentionCommand::RemoveNode { name: "n1".into(), force: false, now_ms: 9 }));
+        assert_eq!(out.unwrap().unwrap_err().code, "feature_level");
+    }
+
+    #[test]
+    fn a_gated_command_above_this_build_stops_apply_and_says_upgrade_me() {
+        let mut db = seeded();
+        db.ok(&Command::Upgrade(upgrade::UpgradeCommand::SetLevel { level: upgrade::PROBE_LEVEL, voters: vec![], now_ms: 2 }));
+        let body = serde_json::to_value(upgrade::Gated::Probe { note: "x".into() }).unwrap();
+        let cmd = upgrade::UpgradeCommand::Gated { level: upgrade::PROBE_LEVEL, body };
+        // A build that supports the level applies it...
+        let tx = db.conn.transaction().unwrap();
+        let out = upgrade::apply(&tx, 7, cmd.clone(), upgrade::PROBE_LEVEL).unwrap();
+        assert!(out.is_ok(), "{out:?}");
+        drop(tx);
+        // ...one that does not stops with a message naming the level, never skips it.
+        let tx = db.conn.transaction().unwrap();
+        let err = upgrade::apply(&tx, 7, cmd, upgrade::FEATURE_LEVEL).unwrap_err().to_string();
+        assert!(err.contains(upgrade::UPGRADE_ME) && err.contains("level 2") && err.contains("entry 7"), "{err}");
+        // A body this level does not define is hostile content, not an upgrade.
+        let bad = upgrade::UpgradeCommand::Gated { level: upgrade::PROBE_LEVEL, body: serde_json::json!({"Nope": {}}) };
+        let out = upgrade::apply(&tx, 8, bad, upgrade::PROBE_LEVEL).unwrap();
+        assert_eq!(out.unwrap_err().code, "bad_command");
+    }
+}
