@@ -161,7 +161,13 @@ impl Auth {
         } else {
             match db.read(move |c| tokens::get(c, &key)).await {
                 Ok(found) => found,
+                // Cut off, or stopped (e.g. waiting for an upgrade): this member's own
+                // state still says who may read its health.
                 Err(holdfast_raft::DbError::NoLeader { .. } | holdfast_raft::DbError::Timeout { .. }) => {
+                    let key = id.to_string();
+                    return Ok(db.read_local(move |c| tokens::get(c, &key)).await?);
+                }
+                Err(holdfast_raft::DbError::Storage(_)) if db.status().role == holdfast_raft::Role::Shutdown => {
                     let key = id.to_string();
                     return Ok(db.read_local(move |c| tokens::get(c, &key)).await?);
                 }
