@@ -85,7 +85,8 @@ async fn churn_of_short_batch_tasks_levels_off() {
     })
     .await;
 
-    let spec = json!({"image": "holdfast/echo:latest", "kind": "batch", "resources": {"cpu_millis": 1, "memory_mb": 4}});
+    let spec =
+        json!({"image": "holdfast/echo:latest", "kind": "batch", "resources": {"cpu_millis": 1, "memory_mb": 4}});
     let started = Instant::now();
     let mut sizes = Vec::new();
     for wave in 0..WAVES {
@@ -136,8 +137,13 @@ async fn churn_of_short_batch_tasks_levels_off() {
     assert!(audit["entries"].as_array().unwrap().len() <= 300, "audit kept beyond its cap");
 
     // A decommissioned host: refused while it runs something, then forced out and revoked.
-    let svc = client.post(format!("{base}/v1/tasks")).json(&json!({"image": "holdfast/echo:latest",
-        "resources": {"cpu_millis": 1, "memory_mb": 4}})).send().await.unwrap();
+    let svc = client
+        .post(format!("{base}/v1/tasks"))
+        .json(&json!({"image": "holdfast/echo:latest",
+        "resources": {"cpu_millis": 1, "memory_mb": 4}}))
+        .send()
+        .await
+        .unwrap();
     let svc: Value = svc.json().await.unwrap();
     let id = svc["id"].as_str().unwrap().to_string();
     eventually(Duration::from_secs(30), "service running", || async {

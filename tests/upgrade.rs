@@ -65,7 +65,9 @@ fn member_levels(v: &Value) -> Vec<(String, u64)> {
     let mut out: Vec<(String, u64)> = v["members"]
         .as_array()
         .map(|a| {
-            a.iter().map(|m| (m["id"].as_str().unwrap_or("").to_string(), m["feature_level"].as_u64().unwrap_or(0))).collect()
+            a.iter()
+                .map(|m| (m["id"].as_str().unwrap_or("").to_string(), m["feature_level"].as_u64().unwrap_or(0)))
+                .collect()
         })
         .unwrap_or_default();
     out.sort();
@@ -155,10 +157,7 @@ async fn the_level_waits_for_every_voter_and_an_old_member_stops_instead_of_dive
     assert!(why.contains("UPGRADE ME") && why.contains("feature level 2"), "{why}");
     let log = ms[2].proc.as_ref().unwrap().log_text();
     assert!(log.contains("UPGRADE ME") && log.contains("supports up to 1"), "no clear log line:\n{log}");
-    assert!(
-        ms[2].proc.as_mut().unwrap().child.try_wait().expect("wait").is_none(),
-        "m3 stays up to say what it needs"
-    );
+    assert!(ms[2].proc.as_mut().unwrap().child.try_wait().expect("wait").is_none(), "m3 stays up to say what it needs");
     // The others carry on.
     let resp = c.post(ms[0].url("/v1/tasks")).json(&serde_json::json!({"image": "x"})).send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 201);

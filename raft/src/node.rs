@@ -638,7 +638,8 @@ impl Inner {
         }
         let deadline = Instant::now() + self.config.op_timeout;
         let (leader_id, leader) = self.leader_for_op(deadline, None).await?;
-        let req = JoinRequest { id: self.id, member: self.me.clone(), forwarded: false, timeout_ms: remote_budget(deadline) };
+        let req =
+            JoinRequest { id: self.id, member: self.me.clone(), forwarded: false, timeout_ms: remote_budget(deadline) };
         let res = if leader_id == self.id {
             self.serve_join(req).await
         } else {

@@ -102,7 +102,8 @@ pub async fn probe(State(m): State<Arc<Manager>>, who: Who) -> Result<Response, 
             ),
         ));
     }
-    let body = serde_json::to_value(Gated::Probe { note: "probe".into() }).map_err(|e| ApiError::internal(e.to_string()))?;
+    let body =
+        serde_json::to_value(Gated::Probe { note: "probe".into() }).map_err(|e| ApiError::internal(e.to_string()))?;
     let cmd = Command::Upgrade(UpgradeCommand::Gated { level: upgrade::PROBE_LEVEL, body });
     let out = write_audited(&m, who, "POST /v1/cluster/probe", "cluster", Some(cmd)).await?;
     Ok((StatusCode::CREATED, Json(out)).into_response())

@@ -457,7 +457,11 @@ async fn get_node(
         return Ok(r);
     }
     let key = id.clone();
-    let (rows, events) = m.db.read(move |c| Ok((query::nodes(c)?, query::node_events(c, &key)?))).await?;
+    let (rows, events, dropped) =
+        m.db.read(move |c| {
+            Ok((query::nodes(c)?, query::node_events(c, &key)?, super::state::retention::dropped(c, "node", &key)?))
+        })
+        .await?;
     let n = rows.iter().find(|n| n.name == id).ok_or_else(|| no_node(&id))?;
     let live = super::lock(&m.liveness).get(&id).cloned();
     let mut body = node_json(n, live.as_ref());
@@ -480,6 +484,7 @@ async fn get_node(
     }
     body["disconnected"] = serde_json::json!(intervals);
     body["events"] = serde_json::json!(events);
+    body["events_dropped"] = serde_json::json!(dropped);
     Ok(Json(body).into_response())
 }
 

@@ -338,7 +338,8 @@ fn every_command_with_hostile_content_is_a_rejection_never_an_error() {
         })
     };
     let gated = |level: u32, body: serde_json::Value| Command::Upgrade(upgrade::UpgradeCommand::Gated { level, body });
-    let set_level = |level: u32| Command::Upgrade(upgrade::UpgradeCommand::SetLevel { level, voters: vec![], now_ms: 3 });
+    let set_level =
+        |level: u32| Command::Upgrade(upgrade::UpgradeCommand::SetLevel { level, voters: vec![], now_ms: 3 });
     table.extend([
         ("feature level 0", set_level(0), Rejected("invalid")),
         ("feature level beyond any", set_level(u32::MAX), Rejected("invalid")),
@@ -350,7 +351,11 @@ fn every_command_with_hostile_content_is_a_rejection_never_an_error() {
             Rejected("feature_level"),
         ),
         ("collect with an invalid task id", collect(vec!["a b".into()], policy.clone(), 3), Rejected("invalid")),
-        ("collect of too many tasks", collect(vec!["t".into(); retention::BATCH + 1], policy.clone(), 3), Rejected("invalid")),
+        (
+            "collect of too many tasks",
+            collect(vec!["t".into(); retention::BATCH + 1], policy.clone(), 3),
+            Rejected("invalid"),
+        ),
         ("collect with a clock beyond i64", collect(vec![], policy.clone(), u64::MAX), Rejected("invalid")),
         (
             "collect with history cap 0",
@@ -359,7 +364,11 @@ fn every_command_with_hostile_content_is_a_rejection_never_an_error() {
         ),
         (
             "removal of an unknown node",
-            Command::Retention(retention::RetentionCommand::RemoveNode { name: "ghost".into(), force: false, now_ms: 3 }),
+            Command::Retention(retention::RetentionCommand::RemoveNode {
+                name: "ghost".into(),
+                force: false,
+                now_ms: 3,
+            }),
             Rejected("not_found"),
         ),
         (

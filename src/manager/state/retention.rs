@@ -437,10 +437,7 @@ mod tests {
                 reports.push(report(seq + 1 + i as u64, Observed::Running, Some(format!("tick {i}"))));
             }
             reports.push(report(seq + 1 + events as u64, Observed::Exited, None));
-            self.ok(&Command::ReportStatus {
-                batches: vec![NodeReports { node: "n1".into(), reports }],
-                now_ms: at,
-            });
+            self.ok(&Command::ReportStatus { batches: vec![NodeReports { node: "n1".into(), reports }], now_ms: at });
             pid
         }
     }
@@ -592,14 +589,19 @@ mod tests {
     #[test]
     fn retention_waits_for_feature_level_1() {
         let mut db = Db::new();
-        let out = db.apply(&Command::Retention(RetentionCommand::RemoveNode { name: "n1".into(), force: false, now_ms: 9 }));
+        let out =
+            db.apply(&Command::Retention(RetentionCommand::RemoveNode { name: "n1".into(), force: false, now_ms: 9 }));
         assert_eq!(out.unwrap().unwrap_err().code, "feature_level");
     }
 
     #[test]
     fn a_gated_command_above_this_build_stops_apply_and_says_upgrade_me() {
         let mut db = seeded();
-        db.ok(&Command::Upgrade(upgrade::UpgradeCommand::SetLevel { level: upgrade::PROBE_LEVEL, voters: vec![], now_ms: 2 }));
+        db.ok(&Command::Upgrade(upgrade::UpgradeCommand::SetLevel {
+            level: upgrade::PROBE_LEVEL,
+            voters: vec![],
+            now_ms: 2,
+        }));
         let body = serde_json::to_value(upgrade::Gated::Probe { note: "x".into() }).unwrap();
         let cmd = upgrade::UpgradeCommand::Gated { level: upgrade::PROBE_LEVEL, body };
         // A build that supports the level applies it...

@@ -101,9 +101,8 @@ pub fn build_level() -> u32 {
 
 /// The cluster's feature level (0 for a store from before levels).
 pub fn cluster_level(conn: &rusqlite::Connection) -> rusqlite::Result<u32> {
-    let v: Option<i64> = conn
-        .query_row("SELECT value FROM cluster_meta WHERE key = 'feature_level'", [], |r| r.get(0))
-        .optional()?;
+    let v: Option<i64> =
+        conn.query_row("SELECT value FROM cluster_meta WHERE key = 'feature_level'", [], |r| r.get(0)).optional()?;
     Ok(v.unwrap_or(0).clamp(0, MAX_LEVEL as i64) as u32)
 }
 
@@ -140,9 +139,9 @@ pub fn check(cmd: &UpgradeCommand) -> Option<Rejection> {
             }
             (*now_ms > i64::MAX as u64).then(|| invalid(format!("now_ms {now_ms} is out of range"))).flatten()
         }
-        UpgradeCommand::Gated { level, .. } => {
-            (*level < 2 || *level > MAX_LEVEL).then(|| invalid(format!("gated level {level} is out of range"))).flatten()
-        }
+        UpgradeCommand::Gated { level, .. } => (*level < 2 || *level > MAX_LEVEL)
+            .then(|| invalid(format!("gated level {level} is out of range")))
+            .flatten(),
     }
 }
 
@@ -186,10 +185,7 @@ pub fn apply(tx: &Transaction<'_>, index: u64, cmd: UpgradeCommand, supported: u
                 Err(e) => return reject("bad_command", format!("gated command at level {level}: {e}")),
             };
             if gated.level() != level {
-                return reject(
-                    "invalid",
-                    format!("this kind needs feature level {}, not {level}", gated.level()),
-                );
+                return reject("invalid", format!("this kind needs feature level {}, not {level}", gated.level()));
             }
             match gated {
                 Gated::Probe { note } => {
