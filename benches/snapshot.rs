@@ -119,7 +119,16 @@ async fn main() {
         let file = root.path().join(format!("s{i}.snapshot"));
         restores.push(run(
             &bin,
-            &["cluster", "snapshot", "restore", file.to_str().unwrap(), "--data-dir", dir.to_str().unwrap(), "--node-id", "r1"],
+            &[
+                "cluster",
+                "snapshot",
+                "restore",
+                file.to_str().unwrap(),
+                "--data-dir",
+                dir.to_str().unwrap(),
+                "--node-id",
+                "r1",
+            ],
         ));
     }
     // Baselines on the same state.db.

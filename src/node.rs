@@ -332,10 +332,8 @@ async fn watch_fatal(
                 let _ = stop.recv().await;
                 return Ok(());
             }
-            {
-                tracing::error!(dir = %dir.display(), %cause, "fatal storage error; exiting");
-                return Err(std::io::Error::other(format!("fatal storage error in {}: {cause}", dir.display())));
-            }
+            tracing::error!(dir = %dir.display(), %cause, "fatal storage error; exiting");
+            return Err(std::io::Error::other(format!("fatal storage error in {}: {cause}", dir.display())));
         }
         tokio::select! {
             changed = status.changed() => {

@@ -89,7 +89,7 @@ pub fn test_hook_routes() -> axum::Router<Arc<Manager>> {
 /// (`HOLDFAST_TEST_NEXT_LEVEL=1`): writes a command of the next level's kind, gated,
 /// refused with `feature_level` (409) until the cluster is at that level.
 pub async fn probe(State(m): State<Arc<Manager>>, who: Who) -> Result<Response, ApiError> {
-    let level = m.db.read_local(|c| upgrade::cluster_level(c)).await?;
+    let level = m.db.read_local(upgrade::cluster_level).await?;
     if level < upgrade::PROBE_LEVEL {
         // Refused before anything is written; `apply` would refuse it the same way.
         return Err(ApiError::new(

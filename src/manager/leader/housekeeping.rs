@@ -54,7 +54,7 @@ async fn raise_level(m: &Manager) -> Result<(), ApiError> {
     let s = m.db.status();
     let voters: Vec<(String, u32)> =
         s.members.iter().filter(|mm| mm.voter).map(|mm| (mm.member.name.clone(), mm.member.feature_level)).collect();
-    let current = m.db.read_local(|c| upgrade::cluster_level(c)).await?;
+    let current = m.db.read_local(upgrade::cluster_level).await?;
     let Some(level) = upgrade::next_level(current, &voters) else {
         return Ok(());
     };
@@ -83,7 +83,7 @@ pub fn policy(m: &Manager) -> Policy {
 
 /// One collect round; `true` when a batch was full (more may be due).
 async fn collect(m: &Manager) -> Result<bool, ApiError> {
-    let level = m.db.read_local(|c| upgrade::cluster_level(c)).await?;
+    let level = m.db.read_local(upgrade::cluster_level).await?;
     if level < retention::LEVEL {
         // An older manager is still a voter: it could not decode the command.
         return Ok(false);

@@ -232,7 +232,8 @@ pub struct DomainEvent {
     /// Wall clock of the command (leader's), ms since the epoch.
     pub at_ms: u64,
     /// `task.submitted`, `task.stopped`, `placement.created`, `placement.observed`,
-    /// `node.registered`, `node.status`, `node.drain`, `node.eligibility`, `placement.stop`.
+    /// `node.registered`, `node.status`, `node.drain`, `node.eligibility`, `placement.stop`,
+    /// `node.removed`.
     pub kind: String,
     /// Id of the task, placement or node concerned.
     pub subject: String,
@@ -319,6 +320,9 @@ fn events_for(index: u64, cmd: &Command, out: &serde_json::Value) -> Vec<DomainE
         }
         // Its inner command emits its own events.
         Command::Audited { .. } | Command::Trust(_) => Vec::new(),
+        Command::Retention(retention::RetentionCommand::RemoveNode { name, force, now_ms }) => {
+            vec![ev(*now_ms, "node.removed", name, serde_json::json!({ "force": force }))]
+        }
         Command::Upgrade(_) | Command::Retention(_) => Vec::new(),
         // Not domain events, and readers (who may follow the stream) may not list
         // tokens; the audit log records them for admins.
