@@ -110,6 +110,7 @@ async fn each_role_against_each_route() {
         ("POST", "/v1/tokens".into(), Some(json!({"name": "x", "role": "reader"})), 2),
         ("DELETE", "/v1/tokens/0000000000000000".into(), None, 2),
         ("DELETE", "/v1/cluster/members/nobody".into(), None, 2),
+        ("DELETE", "/v1/nodes/nobody".into(), None, 2),
     ];
     let rank = |role: &str| ["reader", "operator", "admin"].iter().position(|r| *r == role).unwrap();
     for (method, path, body, lowest) in &routes {

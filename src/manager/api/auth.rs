@@ -362,6 +362,8 @@ mod tests {
             ("POST", "/v1/nodes/n1/drain", Some(Operator)),
             ("POST", "/v1/nodes/n1/eligibility", Some(Operator)),
             ("DELETE", "/v1/cluster/members/m2", Some(Admin)),
+            ("DELETE", "/v1/nodes/n1", Some(Admin)),
+            ("POST", "/v1/cluster/probe", Some(Admin)),
             ("GET", "/v1/cluster/snapshot", Some(Admin)),
             ("PUT", "/v1/tasks/t1", Some(Admin)),
             ("POST", "/v1/anything-new", Some(Admin)),
