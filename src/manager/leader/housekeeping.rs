@@ -95,14 +95,16 @@ async fn collect(m: &Manager) -> Result<bool, ApiError> {
     if c.is_empty() {
         return Ok(false);
     }
-    let full = [c.tasks.len(), c.nodes.len(), c.placement_histories.len(), c.node_histories.len()]
-        .iter()
-        .any(|n| *n >= retention::BATCH);
+    let full =
+        [c.tasks.len(), c.nodes.len(), c.placement_histories.len(), c.node_histories.len(), c.placement_lists.len()]
+            .iter()
+            .any(|n| *n >= retention::BATCH);
     let cmd = Command::Retention(RetentionCommand::Collect {
         tasks: c.tasks,
         nodes: c.nodes,
         placement_histories: c.placement_histories,
         node_histories: c.node_histories,
+        placement_lists: c.placement_lists,
         policy,
         now_ms: now,
     });

@@ -333,6 +333,7 @@ fn every_command_with_hostile_content_is_a_rejection_never_an_error() {
             nodes: Vec::new(),
             placement_histories: Vec::new(),
             node_histories: Vec::new(),
+            placement_lists: Vec::new(),
             policy,
             now_ms,
         })

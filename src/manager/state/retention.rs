@@ -21,6 +21,10 @@ pub const BATCH: usize = 500;
 /// Newest history entries kept per placement and per node.
 pub const HISTORY_CAP: u32 = 100;
 
+/// Newest placements kept per task; older ones that have ended (a task rescheduled
+/// again and again) leave with their history.
+pub const PLACEMENTS_CAP: i64 = 20;
+
 /// The retention settings a collect round used (travel with the command, so `apply`
 /// re-checks with the leader's numbers).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,6 +54,9 @@ pub enum RetentionCommand {
         placement_histories: Vec<String>,
         /// Nodes whose history is over the cap.
         node_histories: Vec<String>,
+        /// Tasks with more than [`PLACEMENTS_CAP`] placements.
+        #[serde(default)]
+        placement_lists: Vec<String>,
         /// The settings.
         policy: Policy,
         /// Leader wall clock; the only clock `apply` uses.
@@ -96,10 +103,22 @@ pub fn check(cmd: &RetentionCommand) -> Option<Rejection> {
     let invalid = |m: String| Some(Rejection { code: "invalid".into(), message: m });
     let max = i64::MAX as u64;
     match cmd {
-        RetentionCommand::Collect { tasks, nodes, placement_histories, node_histories, policy, now_ms } => {
-            for (what, list) in
-                [("tasks", tasks), ("nodes", nodes), ("placements", placement_histories), ("nodes", node_histories)]
-            {
+        RetentionCommand::Collect {
+            tasks,
+            nodes,
+            placement_histories,
+            node_histories,
+            placement_lists,
+            policy,
+            now_ms,
+        } => {
+            for (what, list) in [
+                ("tasks", tasks),
+                ("nodes", nodes),
+                ("placements", placement_histories),
+                ("nodes", node_histories),
+                ("tasks", placement_lists),
+            ] {
                 if list.len() > BATCH {
                     return invalid(format!("more than {BATCH} {what} in one collect"));
                 }
@@ -135,8 +154,21 @@ pub fn apply(tx: &Transaction<'_>, cmd: RetentionCommand) -> rusqlite::Result<Ou
         return Ok(Err(r));
     }
     match cmd {
-        RetentionCommand::Collect { tasks, nodes, placement_histories, node_histories, policy, now_ms } => {
-            collect(tx, &tasks, &nodes, &placement_histories, &node_histories, &policy, now_ms)
+        RetentionCommand::Collect {
+            tasks,
+            nodes,
+            placement_histories,
+            node_histories,
+            placement_lists,
+            policy,
+            now_ms,
+        } => {
+            let trimmed = trim_placements(tx, &placement_lists)?;
+            let mut out = collect(tx, &tasks, &nodes, &placement_histories, &node_histories, &policy, now_ms)?;
+            if let Ok(v) = &mut out {
+                v["removed_placements"] = trimmed.into();
+            }
+            Ok(out)
         }
         RetentionCommand::RemoveNode { name, force, now_ms } => remove_node(tx, &name, force, now_ms),
     }
@@ -239,6 +271,27 @@ fn collect(
     })))
 }
 
+/// Removes the ended placements of each task beyond its newest [`PLACEMENTS_CAP`]
+/// (by fence); the current placement and any that may still run are kept.
+fn trim_placements(tx: &Transaction<'_>, tasks: &[String]) -> rusqlite::Result<u64> {
+    let mut removed = 0u64;
+    for task in tasks {
+        let old = "SELECT id FROM placements WHERE task_id = ?1 AND observed IN ('stopped','exited','failed')
+                     AND id NOT IN (SELECT id FROM placements WHERE task_id = ?1 ORDER BY fence DESC, id DESC LIMIT ?2)";
+        tx.execute(
+            &format!("DELETE FROM placement_events WHERE placement_id IN ({old})"),
+            params![task, PLACEMENTS_CAP],
+        )?;
+        tx.execute(
+            &format!("DELETE FROM history_dropped WHERE kind = 'placement' AND subject IN ({old})"),
+            params![task, PLACEMENTS_CAP],
+        )?;
+        removed +=
+            tx.execute(&format!("DELETE FROM placements WHERE id IN ({old})"), params![task, PLACEMENTS_CAP])? as u64;
+    }
+    Ok(removed)
+}
+
 fn delete_node(tx: &Transaction<'_>, name: &str) -> rusqlite::Result<()> {
     tx.execute("DELETE FROM node_events WHERE node = ?1", [name])?;
     tx.execute("DELETE FROM history_dropped WHERE kind = 'node' AND subject = ?1", [name])?;
@@ -287,6 +340,8 @@ pub struct Candidates {
     pub placement_histories: Vec<String>,
     /// Nodes whose history is over the cap.
     pub node_histories: Vec<String>,
+    /// Tasks with more than [`PLACEMENTS_CAP`] placements.
+    pub placement_lists: Vec<String>,
     /// Audit rows past their age or beyond the size cap.
     pub audit_due: bool,
 }
@@ -298,6 +353,7 @@ impl Candidates {
             && self.nodes.is_empty()
             && self.placement_histories.is_empty()
             && self.node_histories.is_empty()
+            && self.placement_lists.is_empty()
             && !self.audit_due
     }
 }
@@ -335,11 +391,16 @@ pub fn candidates(conn: &rusqlite::Connection, policy: &Policy, now_ms: u64) -> 
     )?;
     let node_histories =
         strings("SELECT node FROM node_events GROUP BY node HAVING COUNT(*) > ?1 LIMIT ?2", &[&cap, &batch])?;
+    let placement_lists = strings(
+        "SELECT task_id FROM placements WHERE observed IN ('stopped','exited','failed')
+         GROUP BY task_id HAVING COUNT(*) > ?1 LIMIT ?2",
+        &[&PLACEMENTS_CAP, &batch],
+    )?;
     let audit_cutoff = now_ms.saturating_sub(policy.audit_retain_ms) as i64;
     let (oldest, rows): (Option<i64>, i64) =
         conn.query_row("SELECT MIN(at_ms), COUNT(*) FROM audit", [], |r| Ok((r.get(0)?, r.get(1)?)))?;
     let audit_due = oldest.is_some_and(|o| o < audit_cutoff) || rows as u64 > policy.audit_max_rows;
-    Ok(Candidates { tasks, nodes, placement_histories, node_histories, audit_due })
+    Ok(Candidates { tasks, nodes, placement_histories, node_histories, placement_lists, audit_due })
 }
 
 /// Dropped-history count of a placement or node (`kind` = `placement` | `node`).
@@ -468,6 +529,7 @@ mod tests {
             nodes: c.nodes,
             placement_histories: c.placement_histories,
             node_histories: c.node_histories,
+            placement_lists: c.placement_lists,
             policy: p.clone(),
             now_ms: now,
         }))
@@ -489,6 +551,7 @@ mod tests {
             nodes: vec![],
             placement_histories: vec![],
             node_histories: vec![],
+            placement_lists: vec![],
             policy: p.clone(),
             now_ms: 6_000,
         }));
@@ -513,6 +576,7 @@ mod tests {
             nodes: vec![],
             placement_histories: vec![],
             node_histories: vec![],
+            placement_lists: vec![],
             policy: policy(0),
             now_ms: 1_000_000,
         }));
@@ -584,6 +648,40 @@ mod tests {
         db.ok(&remove(true));
         assert_eq!(db.count("SELECT COUNT(*) FROM nodes"), 0);
         assert_eq!(db.count("SELECT at_ms FROM revocations WHERE node = 'n1'"), 9);
+    }
+
+    #[test]
+    fn a_task_keeps_its_newest_placements_and_every_one_that_may_run() {
+        let mut db = seeded();
+        let spec = Box::new(serde_json::from_value(serde_json::json!({"image": "a"})).unwrap());
+        db.ok(&Command::SubmitTask { id: "t".into(), spec, idempotency_key: None, now_ms: 1 });
+        // 30 ended placements (a crash-looping service rescheduled again and again)
+        // and a running current one, written as the plan and reports would leave them.
+        for fence in 1..=31i64 {
+            let observed = if fence == 31 { "running" } else { "failed" };
+            db.conn
+                .execute(
+                    "INSERT INTO placements (id, task_id, node, fence, desired, observed, cpu_millis, memory_mb,
+                       disk_mb, created_ms, updated_ms) VALUES (?1, 't', 'n1', ?2, 'run', ?3, 1, 4, 0, 1, 1)",
+                    params![format!("t.{fence}.0"), fence, observed],
+                )
+                .unwrap();
+            db.conn
+                .execute(
+                    "INSERT INTO placement_events (placement_id, at_ms, observed) VALUES (?1, 1, 'x')",
+                    [format!("t.{fence}.0")],
+                )
+                .unwrap();
+        }
+        let p = policy(u64::MAX / 4);
+        assert_eq!(candidates(&db.conn, &p, 2).unwrap().placement_lists, vec!["t".to_string()]);
+        let out = round(&mut db, &p, 2);
+        assert_eq!(out["removed_placements"], 11, "{out}");
+        assert_eq!(db.count("SELECT COUNT(*) FROM placements"), PLACEMENTS_CAP);
+        assert_eq!(db.count("SELECT MIN(fence) FROM placements"), 31 - PLACEMENTS_CAP + 1, "the newest are kept");
+        assert_eq!(db.count("SELECT COUNT(*) FROM placements WHERE observed = 'running'"), 1);
+        assert_eq!(db.count("SELECT COUNT(*) FROM placement_events"), PLACEMENTS_CAP);
+        assert!(candidates(&db.conn, &p, 2).unwrap().placement_lists.is_empty());
     }
 
     #[test]
