@@ -235,6 +235,36 @@ pub struct CertArgs {
     pub cert_grace: std::time::Duration,
 }
 
+/// Retention of finished work and history (`agent` and `dev`; managers).
+#[derive(Args, Debug, Clone)]
+pub struct RetentionArgs {
+    /// Finished tasks (stopped, completed, failed) are removed this long after their
+    /// last change, with their placements and history; idempotency keys live as long.
+    #[arg(long, env = "HOLDFAST_RETAIN", value_parser = humantime::parse_duration, default_value = "24h")]
+    pub retain: std::time::Duration,
+    /// Nodes `down` for longer than this are removed (`0s`: never).
+    #[arg(long, env = "HOLDFAST_NODE_GC", value_parser = humantime::parse_duration, default_value = "7d")]
+    pub node_gc: std::time::Duration,
+    /// Audit entries older than this are removed.
+    #[arg(long, env = "HOLDFAST_AUDIT_RETAIN", value_parser = humantime::parse_duration, default_value = "90d")]
+    pub audit_retain: std::time::Duration,
+    /// At most this many audit entries are kept (the newest).
+    #[arg(long, env = "HOLDFAST_AUDIT_MAX_ROWS", default_value_t = 1_000_000)]
+    pub audit_max_rows: u64,
+}
+
+impl RetentionArgs {
+    /// The settings.
+    pub fn retention(&self) -> crate::config::Retention {
+        crate::config::Retention {
+            retain: self.retain,
+            node_gc: self.node_gc,
+            audit_retain: self.audit_retain,
+            audit_max_rows: self.audit_max_rows,
+        }
+    }
+}
+
 /// `holdfast image ...`
 #[derive(Subcommand, Debug)]
 pub enum ImageCommand {
@@ -369,6 +399,9 @@ pub struct DevArgs {
     /// Certificate life and grace.
     #[command(flatten)]
     pub certs: CertArgs,
+    /// Retention of finished work and history.
+    #[command(flatten)]
+    pub retention: RetentionArgs,
 }
 
 /// `holdfast agent` flags (the public contract, DESIGN.md §8).
@@ -433,6 +466,9 @@ pub struct AgentArgs {
     /// Certificate life and grace.
     #[command(flatten)]
     pub certs: CertArgs,
+    /// Retention of finished work and history.
+    #[command(flatten)]
+    pub retention: RetentionArgs,
     /// Forward domain events to an `http://` URL (POST JSON batches) or a file path
     /// (append JSON lines) while this manager leads (managers); spooled under the data dir while
     /// the sink is down.
@@ -550,6 +586,7 @@ impl DevArgs {
             data_dir: self.data_dir.clone(),
             manager: Some(ManagerRole {
                 event_sink: self.event_sink.clone().map(SinkConfig::new),
+                retention: self.retention.retention(),
                 ..ManagerRole::bootstrap(&self.api, &self.cluster)
             }),
             worker: Some(WorkerRole {
@@ -617,6 +654,7 @@ impl AgentArgs {
             min_free_mb: self.min_free_mb,
             image_retain: self.image_retain,
             api_tls_files: self.api_cert.clone().zip(self.api_key.clone()),
+            retention: self.retention.retention(),
         });
         if self.force_new_cluster && (!self.manager || self.bootstrap) {
             return Err("--force-new-cluster restarts an existing manager from its data: it needs --manager \

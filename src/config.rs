@@ -87,6 +87,33 @@ pub struct ManagerRole {
     /// API certificate and key (`--api-cert`, `--api-key`); without them an API bound
     /// off loopback serves a certificate it issues from the cluster CA.
     pub api_tls_files: Option<(PathBuf, PathBuf)>,
+    /// What the leader garbage-collects, and when (`--retain`, `--node-gc`, ...).
+    pub retention: Retention,
+}
+
+/// Retention of finished work and history (README "Retention").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// Finished tasks (stopped, completed, failed) are removed this long after their
+    /// last change, with their placements and history.
+    pub retain: std::time::Duration,
+    /// Nodes `down` for longer than this are removed (zero: never).
+    pub node_gc: std::time::Duration,
+    /// Audit rows older than this are removed.
+    pub audit_retain: std::time::Duration,
+    /// At most this many audit rows are kept (the newest).
+    pub audit_max_rows: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            retain: std::time::Duration::from_secs(24 * 3_600),
+            node_gc: std::time::Duration::from_secs(7 * 24 * 3_600),
+            audit_retain: std::time::Duration::from_secs(90 * 24 * 3_600),
+            audit_max_rows: 1_000_000,
+        }
+    }
 }
 
 impl ManagerRole {
@@ -108,6 +135,7 @@ impl ManagerRole {
             min_free_mb: DEFAULT_MIN_FREE_MB,
             image_retain: std::time::Duration::from_secs(24 * 3600),
             api_tls_files: None,
+            retention: Retention::default(),
         }
     }
 }

@@ -110,6 +110,7 @@ pub async fn run_service(
         );
         rc.op_timeout = Duration::from_secs(5);
         rc.version = crate::cli::LONG_VERSION.to_string();
+        rc.feature_level = manager::state::upgrade::build_level();
         rc.force_new_cluster = m.force_new_cluster;
         rc.min_free_bytes = m.min_free_mb.saturating_mul(1 << 20);
         let rdb = holdfast_raft::ReplicatedDb::open(rc, domain).await?;
@@ -121,6 +122,7 @@ pub async fn run_service(
             scratch_dir: config.data_dir.join("scratch"),
             blob_dir: config.data_dir.join("blobs"),
             blob_min_free_bytes: m.min_free_mb.saturating_mul(1 << 20),
+            retention: m.retention.clone(),
             ..Default::default()
         };
         let mgr = Manager::new(rdb.clone(), applied, settings, resilience.clone(), events);
@@ -229,8 +231,10 @@ pub async fn run_service(
         drop(tokio::spawn(manager::images::run_loop(mgr.clone(), tls.clone(), image_loop, stop_tx.subscribe())));
         let planner = tokio::spawn(manager::leader::run_planner(mgr.clone(), stop_tx.subscribe()));
         let liveness = tokio::spawn(manager::leader::run_liveness(mgr.clone(), stop_tx.subscribe()));
+        let housekeeping = tokio::spawn(manager::leader::housekeeping::run(mgr.clone(), stop_tx.subscribe()));
+        drop(tokio::spawn(refresh_member_record(rdb.clone(), stop_tx.subscribe())));
         tasks.push(tokio::spawn(async move {
-            let _ = tokio::join!(planner, liveness);
+            let _ = tokio::join!(planner, liveness, housekeeping);
             Ok(())
         }));
         tracing::info!(node = %config.node_id, api = %m.api, cluster = %m.cluster, "manager serving");
@@ -302,6 +306,25 @@ pub async fn run_service(
     result
 }
 
+/// Keeps this member's record in the Raft membership (addresses, version, feature
+/// level) current after a restart with a new build or new addresses; gives up on
+/// shutdown. Retries while the member is still joining or no leader is known.
+async fn refresh_member_record(db: holdfast_raft::ReplicatedDb, mut stop: broadcast::Receiver<()>) {
+    let mut wait = Duration::from_millis(200);
+    loop {
+        match db.refresh_record().await {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(e) => tracing::debug!(error = %e, "member record refresh failed; retrying"),
+        }
+        tokio::select! {
+            _ = stop.recv() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        wait = (wait * 2).min(Duration::from_secs(5));
+    }
+}
+
 /// Ends with an error naming the file and the cause when Raft stops on its own (a
 /// fatal storage error), so the process exits non-zero and systemd restarts it.
 /// Ends quietly when the node is asked to stop.
@@ -312,13 +335,21 @@ async fn watch_fatal(
 ) -> Result<(), std::io::Error> {
     let mut status = db.watch_status();
     loop {
-        {
+        let stopped = {
             let s = status.borrow_and_update();
-            if s.role == holdfast_raft::Role::Shutdown {
-                let cause = s.fatal.clone().unwrap_or_else(|| "Raft stopped unexpectedly".into());
-                tracing::error!(dir = %dir.display(), %cause, "fatal storage error; exiting");
-                return Err(std::io::Error::other(format!("fatal storage error in {}: {cause}", dir.display())));
+            (s.role == holdfast_raft::Role::Shutdown)
+                .then(|| s.fatal.clone().unwrap_or_else(|| "Raft stopped unexpectedly".into()))
+        };
+        if let Some(cause) = stopped {
+            if cause.contains(manager::state::upgrade::UPGRADE_ME) {
+                // A restart of this build cannot get past the entry: stay up, say so in
+                // health and logs, and wait for the operator's new binary.
+                tracing::error!(dir = %dir.display(), %cause, "this manager stopped applying: upgrade it");
+                let _ = stop.recv().await;
+                return Ok(());
             }
+            tracing::error!(dir = %dir.display(), %cause, "fatal storage error; exiting");
+            return Err(std::io::Error::other(format!("fatal storage error in {}: {cause}", dir.display())));
         }
         tokio::select! {
             changed = status.changed() => {

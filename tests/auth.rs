@@ -113,6 +113,7 @@ async fn each_role_against_each_route() {
         ("DELETE", "/v1/cluster/members/nobody".into(), None, 2),
         // No rotation under way: 409 for an admin, 403 below.
         ("POST", "/v1/cluster/ca/finish".into(), Some(json!({})), 2),
+        ("DELETE", "/v1/nodes/nobody".into(), None, 2),
     ];
     let rank = |role: &str| ["reader", "operator", "admin"].iter().position(|r| *r == role).unwrap();
     for (method, path, body, lowest) in &routes {

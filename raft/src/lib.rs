@@ -64,6 +64,15 @@ pub struct Member {
     /// before the field existed).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub version: String,
+    /// The highest feature level the application's build supports (opaque here; `0` in
+    /// records written by builds that did not report one). The application decides
+    /// what a level means; the crate only carries it, like `version`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub feature_level: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl std::fmt::Display for Member {
@@ -124,6 +133,9 @@ pub struct Config {
     pub op_timeout: Duration,
     /// Opaque version string advertised in this member's [`Member`] record.
     pub version: String,
+    /// Feature level advertised in this member's [`Member`] record (see
+    /// [`Member::feature_level`]).
+    pub feature_level: u32,
     /// Before starting, make this member the only voter of a new one-member cluster
     /// that keeps all its state (quorum-loss recovery; see [`force_new_cluster`]).
     pub force_new_cluster: bool,
@@ -158,6 +170,7 @@ impl Config {
             rpc_timeout: Duration::from_secs(2),
             op_timeout: Duration::from_secs(5),
             version: String::new(),
+            feature_level: 0,
             force_new_cluster: false,
             min_free_bytes: 64 << 20,
             tls,
@@ -337,6 +350,15 @@ impl ReplicatedDb {
     /// [`restore_snapshot`] takes.
     pub async fn backup_to(&self, dest: &std::path::Path) -> Result<u64, DbError> {
         self.inner.backup_to(dest).await
+    }
+
+    /// Brings this member's record in the membership (addresses, version, feature
+    /// level) up to date with its configuration, e.g. after a restart with a new build:
+    /// the leader replaces the node record; the voter set stays as it is. `Ok(true)`
+    /// once the record matches (already, or after the update), `Ok(false)` while this
+    /// member is not a voter yet (it is still joining). Bounded by `op_timeout`.
+    pub async fn refresh_record(&self) -> Result<bool, DbError> {
+        self.inner.refresh_record().await
     }
 
     /// Removes a member (by node name) from the membership; forwarded to the leader.

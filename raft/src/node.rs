@@ -145,6 +145,7 @@ impl Inner {
             cluster_addr: config.cluster_addr.clone(),
             api_addr: config.api_addr.clone(),
             version: config.version.clone(),
+            feature_level: config.feature_level,
         };
         let raft_config = raft_config(&config)?;
         let forcing = config.clone();
@@ -619,6 +620,34 @@ impl Inner {
             .map_err(|_| WireError::Timeout { leader: Some(self.me.clone()) })?
             .map_err(write_error)?;
         Ok(())
+    }
+
+    pub(crate) async fn refresh_record(&self) -> Result<bool, DbError> {
+        self.check_running()?;
+        let (voter, known) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            let membership = m.membership_config.membership();
+            (membership.voter_ids().any(|v| v == self.id), membership.get_node(&self.id).cloned())
+        };
+        if !voter {
+            return Ok(false);
+        }
+        if known.as_ref() == Some(&self.me) {
+            return Ok(true);
+        }
+        let deadline = Instant::now() + self.config.op_timeout;
+        let (leader_id, leader) = self.leader_for_op(deadline, None).await?;
+        let req =
+            JoinRequest { id: self.id, member: self.me.clone(), forwarded: false, timeout_ms: remote_budget(deadline) };
+        let res = if leader_id == self.id {
+            self.serve_join(req).await
+        } else {
+            let fwd = JoinRequest { forwarded: true, ..req };
+            self.forward(&leader.cluster_addr, "/join", &fwd, deadline).await
+        };
+        res.map_err(|e| self.map_wire(e, &leader.cluster_addr))?;
+        Ok(true)
     }
 
     pub(crate) async fn remove_member(&self, name: &str) -> Result<(), DbError> {

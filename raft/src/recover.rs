@@ -156,6 +156,7 @@ pub fn force_new_cluster(config: &Config) -> Result<Forced, DbError> {
         cluster_addr: config.cluster_addr.clone(),
         api_addr: config.api_addr.clone(),
         version: config.version.clone(),
+        feature_level: config.feature_level,
     };
     let membership = Membership::new(vec![BTreeSet::from([id])], BTreeMap::from([(id, me)]));
     let log_id = LogId::new(CommittedLeaderId::new(term, id), last.index + 1);

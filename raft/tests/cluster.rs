@@ -369,6 +369,49 @@ async fn leader_failover_keeps_acknowledged_writes() {
     c.shutdown().await;
 }
 
+/// A bootstrapped member never re-joins, so before `refresh_record` its record kept the
+/// version and feature level of its first start forever; a follower's the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_member_refreshes_its_version_and_level_in_the_membership() {
+    let old = |c: &mut Config| {
+        c.version = "1.0".into();
+        c.feature_level = 1;
+    };
+    let new = |c: &mut Config| {
+        c.version = "2.0".into();
+        c.feature_level = 2;
+    };
+    let mut c = Cluster::start(3, &old).await;
+    let record = |db: &ReplicatedDb, name: &str| {
+        db.status()
+            .members
+            .iter()
+            .find(|m| m.member.name == name)
+            .map(|m| (m.member.version.clone(), m.member.feature_level))
+    };
+    for i in [0, 1] {
+        let leader = c.leader().await;
+        assert_eq!(record(&c.m(leader).db, &format!("m{i}")), Some(("1.0".to_string(), 1)));
+        let (name, dir, addr) = c.kill(i).await;
+        let m = start_member(&name, &dir, Some(&addr), &new).await;
+        c.members[i] = Some(m);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !c.m(i).db.refresh_record().await.unwrap_or(false) {
+            assert!(Instant::now() < deadline, "{name} never refreshed its record");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let leader = c.leader().await;
+        wait_until(Duration::from_secs(5), "the new record everywhere", || {
+            c.alive().all(|(_, m)| record(&m.db, &name) == Some(("2.0".to_string(), 2)))
+        })
+        .await;
+        // Unchanged records are left alone, and the voter set is the same.
+        assert!(c.m(i).db.refresh_record().await.expect("refresh"));
+        assert_eq!(c.m(leader).db.status().members.iter().filter(|m| m.voter).count(), 3);
+    }
+    c.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_member_catches_up_from_its_dir() {
     let mut c = Cluster::start(3, &no_tweak).await;

@@ -42,6 +42,8 @@ pub struct ManagerSettings {
     pub blob_dir: std::path::PathBuf,
     /// Free bytes the blob store leaves on its file system (`--min-free-mb`).
     pub blob_min_free_bytes: u64,
+    /// What the leader garbage-collects (`leader::housekeeping`).
+    pub retention: crate::config::Retention,
 }
 
 impl Default for ManagerSettings {
@@ -56,6 +58,7 @@ impl Default for ManagerSettings {
             scratch_dir: std::env::temp_dir(),
             blob_dir: std::env::temp_dir().join("holdfast-blobs"),
             blob_min_free_bytes: 64 << 20,
+            retention: Default::default(),
         }
     }
 }

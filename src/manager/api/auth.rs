@@ -162,7 +162,13 @@ impl Auth {
         } else {
             match db.read(move |c| tokens::get(c, &key)).await {
                 Ok(found) => found,
+                // Cut off, or stopped (e.g. waiting for an upgrade): this member's own
+                // state still says who may read its health.
                 Err(holdfast_raft::DbError::NoLeader { .. } | holdfast_raft::DbError::Timeout { .. }) => {
+                    let key = id.to_string();
+                    return Ok(db.read_local(move |c| tokens::get(c, &key)).await?);
+                }
+                Err(holdfast_raft::DbError::Storage(_)) if db.status().role == holdfast_raft::Role::Shutdown => {
                     let key = id.to_string();
                     return Ok(db.read_local(move |c| tokens::get(c, &key)).await?);
                 }
@@ -357,6 +363,8 @@ mod tests {
             ("POST", "/v1/nodes/n1/drain", Some(Operator)),
             ("POST", "/v1/nodes/n1/eligibility", Some(Operator)),
             ("DELETE", "/v1/cluster/members/m2", Some(Admin)),
+            ("DELETE", "/v1/nodes/n1", Some(Admin)),
+            ("POST", "/v1/cluster/probe", Some(Admin)),
             ("GET", "/v1/cluster/snapshot", Some(Admin)),
             ("GET", "/v1/cluster/ca", Some(Reader)),
             ("POST", "/v1/cluster/ca/rotate", Some(Admin)),

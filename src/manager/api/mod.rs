@@ -20,6 +20,7 @@ use crate::model::spec::{SpecError, MAX_SPEC_BYTES};
 use crate::model::TaskSpec;
 
 pub mod auth;
+pub mod day2;
 mod error;
 pub mod events;
 pub mod images;
@@ -40,7 +41,7 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/tasks/{id}", get(get_task).delete(stop_task))
         .route("/v1/tasks/{id}/logs", get(task_logs))
         .route("/v1/nodes", get(list_nodes))
-        .route("/v1/nodes/{id}", get(get_node))
+        .route("/v1/nodes/{id}", get(get_node).delete(day2::remove_node))
         .route("/v1/nodes/{id}/drain", post(drain_node))
         .route("/v1/nodes/{id}/eligibility", post(node_eligibility))
         .route("/v1/cluster", get(cluster))
@@ -54,6 +55,7 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/health/ready", get(ready))
         .route("/metrics", get(metrics::endpoint))
         .merge(images::router())
+        .merge(day2::test_hook_routes())
         .merge(ui::router())
         .fallback(not_found)
         .layer(axum::middleware::from_fn(metrics::track))
@@ -70,7 +72,7 @@ fn outcome(bytes: Vec<u8>) -> Result<serde_json::Value, ApiError> {
         serde_json::from_slice(&bytes).map_err(|e| ApiError::internal(format!("unreadable apply response: {e}")))?;
     out.map_err(|r| {
         let status = match r.code.as_str() {
-            "conflict" => StatusCode::CONFLICT,
+            "conflict" | "feature_level" => StatusCode::CONFLICT,
             "not_found" => StatusCode::NOT_FOUND,
             _ => StatusCode::UNPROCESSABLE_ENTITY,
         };
@@ -451,7 +453,11 @@ fn no_node(id: &str) -> ApiError {
 async fn get_node(State(m): State<Arc<Manager>>, Path(id): Path<String>) -> Result<Response, ApiError> {
     check_id(&id)?;
     let key = id.clone();
-    let (rows, events) = m.db.read(move |c| Ok((query::nodes(c)?, query::node_events(c, &key)?))).await?;
+    let (rows, events, dropped) =
+        m.db.read(move |c| {
+            Ok((query::nodes(c)?, query::node_events(c, &key)?, super::state::retention::dropped(c, "node", &key)?))
+        })
+        .await?;
     let n = rows.iter().find(|n| n.name == id).ok_or_else(|| no_node(&id))?;
     let live = liveness(&m).await.remove(&id);
     let mut body = node_json(n, live.as_ref());
@@ -474,6 +480,7 @@ async fn get_node(State(m): State<Arc<Manager>>, Path(id): Path<String>) -> Resu
     }
     body["disconnected"] = serde_json::json!(intervals);
     body["events"] = serde_json::json!(events);
+    body["events_dropped"] = serde_json::json!(dropped);
     Ok(Json(body).into_response())
 }
 
@@ -575,11 +582,13 @@ async fn cluster(State(m): State<Arc<Manager>>) -> Json<serde_json::Value> {
         "last_applied": s.last_applied,
         "last_log_index": s.last_log_index,
         "snapshot_index": s.snapshot_index,
+        "feature_level": day2::level_json(&m).await,
         "members": s.members.iter().map(|mm| serde_json::json!({
             "id": mm.member.name,
             "api": mm.member.api_addr,
             "cluster": mm.member.cluster_addr,
             "version": (!mm.member.version.is_empty()).then_some(&mm.member.version),
+            "feature_level": mm.member.feature_level,
             "voter": mm.voter,
             "role": if mm.voter { "voter" } else { "learner" },
             "last_applied": mm.matched,
@@ -636,7 +645,8 @@ async fn health(State(m): State<Arc<Manager>>) -> Response {
             }));
         }
     }
-    let overall = if !leader_known || !quorum_ok {
+    let upgrade_required = day2::upgrade_required(&s);
+    let overall = if !leader_known || !quorum_ok || upgrade_required.is_some() {
         "critical"
     } else if data_degraded || deps.degraded() {
         "degraded"
@@ -646,6 +656,7 @@ async fn health(State(m): State<Arc<Manager>>) -> Response {
     let code = if overall == "critical" { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
     let body = serde_json::json!({
         "status": overall,
+        "upgrade_required": upgrade_required,
         "control_plane": {
             "role": s.role,
             "leader": s.leader.map(|l| l.name),
@@ -685,6 +696,9 @@ async fn audit_log(
 /// to exit, and a supervisor must not take it for alive meanwhile.
 async fn live(State(m): State<Arc<Manager>>) -> Result<&'static str, ApiError> {
     let s = m.db.status();
+    if let Some(why) = day2::upgrade_required(&s) {
+        return Err(ApiError::unavailable(why, None));
+    }
     if s.role == holdfast_raft::Role::Shutdown {
         return Err(ApiError::unavailable("Raft has stopped on this manager; the process is exiting".into(), None));
     }

@@ -8,6 +8,8 @@
 //!   transitions (ready → disconnected → down), after a grace period when this manager
 //!   has just become leader.
 
+pub mod housekeeping;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

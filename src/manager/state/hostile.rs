@@ -28,9 +28,11 @@ fn variant(c: &Command) -> &'static str {
         Command::RevokeToken { .. } => "RevokeToken",
         Command::Trust(_) => "Trust",
         Command::Image(_) => "Image",
+        Command::Upgrade(_) => "Upgrade",
+        Command::Retention(_) => "Retention",
     }
 }
-const VARIANTS: usize = 14;
+const VARIANTS: usize = 16;
 
 struct Db {
     conn: Connection,
@@ -164,7 +166,7 @@ fn every_command_with_hostile_content_is_a_rejection_never_an_error() {
     let bad_spec = |v| Command::SubmitTask { id: "t9".into(), spec: spec(v), idempotency_key: None, now_ms: 1 };
     let huge = "x".repeat(10_000);
     use Expect::*;
-    let table: Vec<(&str, Command, Expect)> = vec![
+    let mut table: Vec<(&str, Command, Expect)> = vec![
         ("duplicate task id", submit("t1"), Rejected("conflict")),
         ("task id with a slash", submit("../t"), Rejected("invalid")),
         ("empty task id", submit(""), Rejected("invalid")),
@@ -397,6 +399,67 @@ fn every_command_with_hostile_content_is_a_rejection_never_an_error() {
             Rejected("conflict"),
         ),
     ];
+
+    let policy = retention::Policy {
+        retain_ms: 1,
+        node_gc_ms: 1,
+        history_cap: 10,
+        audit_retain_ms: u64::MAX / 4,
+        audit_max_rows: 1_000_000,
+    };
+    let collect = |tasks: Vec<String>, policy: retention::Policy, now_ms: u64| {
+        Command::Retention(retention::RetentionCommand::Collect {
+            tasks,
+            nodes: Vec::new(),
+            placement_histories: Vec::new(),
+            node_histories: Vec::new(),
+            placement_lists: Vec::new(),
+            policy,
+            now_ms,
+        })
+    };
+    let gated = |level: u32, body: serde_json::Value| Command::Upgrade(upgrade::UpgradeCommand::Gated { level, body });
+    let set_level =
+        |level: u32| Command::Upgrade(upgrade::UpgradeCommand::SetLevel { level, voters: vec![], now_ms: 3 });
+    table.extend([
+        ("feature level 0", set_level(0), Rejected("invalid")),
+        ("feature level beyond any", set_level(u32::MAX), Rejected("invalid")),
+        ("feature level not above the current", set_level(1), Rejected("conflict")),
+        ("gated command at level 1", gated(1, json!({"Probe": {"note": "x"}})), Rejected("invalid")),
+        (
+            "gated command above the cluster's level",
+            gated(upgrade::PROBE_LEVEL, json!({"Probe": {"note": "x"}})),
+            Rejected("feature_level"),
+        ),
+        ("collect with an invalid task id", collect(vec!["a b".into()], policy.clone(), 3), Rejected("invalid")),
+        (
+            "collect of too many tasks",
+            collect(vec!["t".into(); retention::BATCH + 1], policy.clone(), 3),
+            Rejected("invalid"),
+        ),
+        ("collect with a clock beyond i64", collect(vec![], policy.clone(), u64::MAX), Rejected("invalid")),
+        (
+            "collect with history cap 0",
+            collect(vec![], retention::Policy { history_cap: 0, ..policy.clone() }, 3),
+            Rejected("invalid"),
+        ),
+        (
+            "removal of an unknown node",
+            Command::Retention(retention::RetentionCommand::RemoveNode {
+                name: "ghost".into(),
+                force: false,
+                now_ms: 3,
+            }),
+            Rejected("not_found"),
+        ),
+        (
+            "removal of a node with a live placement",
+            Command::Retention(retention::RetentionCommand::RemoveNode { name: "n1".into(), force: false, now_ms: 3 }),
+            Rejected("conflict"),
+        ),
+    ]);
+    // The cluster is at level 1 (as a new cluster's leader makes it).
+    assert!(db.apply(&set_level(upgrade::FEATURE_LEVEL)).is_ok());
 
     let covered: std::collections::BTreeSet<&str> = table.iter().map(|(_, c, _)| variant(c)).collect();
     assert_eq!(covered.len(), VARIANTS, "every Command variant has a hostile case; covered {covered:?}");

@@ -13,7 +13,9 @@ use crate::model::{transition, Desired, Observed, TaskSpec};
 
 pub mod images;
 pub mod query;
+pub mod retention;
 pub mod tokens;
+pub mod upgrade;
 
 #[cfg(test)]
 mod hostile;
@@ -157,6 +159,10 @@ pub enum Command {
     Trust(trust::TrustCommand),
     /// The image catalogue (`state::images`).
     Image(images::ImageCommand),
+    /// The cluster feature level and gated commands (`state::upgrade`).
+    Upgrade(upgrade::UpgradeCommand),
+    /// Garbage collection and node removal (`state::retention`).
+    Retention(retention::RetentionCommand),
 }
 
 /// Whether `s` follows the id rules shared by task, node, placement and token ids:
@@ -229,7 +235,8 @@ pub struct DomainEvent {
     /// Wall clock of the command (leader's), ms since the epoch.
     pub at_ms: u64,
     /// `task.submitted`, `task.stopped`, `placement.created`, `placement.observed`,
-    /// `node.registered`, `node.status`, `node.drain`, `node.eligibility`, `placement.stop`.
+    /// `node.registered`, `node.status`, `node.drain`, `node.eligibility`, `placement.stop`,
+    /// `node.removed`.
     pub kind: String,
     /// Id of the task, placement or node concerned.
     pub subject: String,
@@ -320,6 +327,10 @@ fn events_for(index: u64, cmd: &Command, out: &serde_json::Value) -> Vec<DomainE
             .into_iter()
             .map(|(at, kind, subject, detail)| ev(at, kind, &subject, detail))
             .collect(),
+        Command::Retention(retention::RetentionCommand::RemoveNode { name, force, now_ms }) => {
+            vec![ev(*now_ms, "node.removed", name, serde_json::json!({ "force": force }))]
+        }
+        Command::Upgrade(_) | Command::Retention(_) => Vec::new(),
         // Not domain events, and readers (who may follow the stream) may not list
         // tokens; the audit log records them for admins.
         Command::CreateToken { .. } | Command::RevokeToken { .. } => Vec::new(),
@@ -458,6 +469,8 @@ impl holdfast_raft::Apply for DomainState {
         conn.execute_batch(tokens::SCHEMA)?;
         conn.execute_batch(trust::SCHEMA)?;
         conn.execute_batch(images::SCHEMA)?;
+        conn.execute_batch(upgrade::SCHEMA)?;
+        conn.execute_batch(retention::SCHEMA)?;
         // Added after the first release: a store from before gets the column on open.
         let has: bool = conn.query_row(
             "SELECT COUNT(*) > 0 FROM pragma_table_info('audit') WHERE name = 'on_behalf_of'",
@@ -618,6 +631,8 @@ fn check_command(cmd: &Command) -> Option<Rejection> {
         }
         // References, digests and sizes are checked by `images::apply` itself.
         Command::Image(_) => None,
+        Command::Upgrade(u) => upgrade::check(u),
+        Command::Retention(r) => retention::check(r),
     }
 }
 
@@ -809,6 +824,8 @@ fn apply_command(tx: &Transaction<'_>, index: u64, cmd: Command) -> rusqlite::Re
         Command::RevokeToken { id, now_ms } => tokens::revoke(tx, &id, now_ms),
         Command::Trust(t) => trust::apply(tx, t),
         Command::Image(c) => images::apply(tx, c),
+        Command::Upgrade(u) => upgrade::apply(tx, index, u, upgrade::build_level()),
+        Command::Retention(r) => retention::apply(tx, r),
         Command::StopPlacements { ids, reason, now_ms } => {
             for id in &ids {
                 let n = tx.execute(

@@ -45,6 +45,13 @@ pub struct PlacementView {
     /// History (only on single-task reads).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<EventView>,
+    /// Older history entries dropped by retention (only the newest are kept).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub events_dropped: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One entry of a placement's history.
@@ -131,6 +138,7 @@ fn placement_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, PlacementVi
             created_ms: r.get::<_, i64>(10)? as u64,
             updated_ms: r.get::<_, i64>(11)? as u64,
             events: Vec::new(),
+            events_dropped: 0,
         },
     ))
 }
@@ -285,6 +293,7 @@ pub fn get_task(conn: &Connection, id: &str) -> rusqlite::Result<Option<TaskView
                 Ok(EventView { at_ms: r.get::<_, i64>(0)? as u64, what: r.get(1)?, detail: r.get(2)? })
             })?
             .collect::<Result<_, _>>()?;
+        p.events_dropped = super::retention::dropped(conn, "placement", &p.id)?;
     }
     finish(&mut task, reason);
     Ok(Some(task))
