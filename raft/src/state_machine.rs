@@ -147,9 +147,8 @@ impl Shared {
 
 fn read_sm_meta(conn: &Connection) -> Result<(Option<LogId>, StoredMembership), StorageError> {
     let get = |key: &str| -> Result<Option<String>, StorageError> {
-        // Cached statements: these run around every applied batch.
-        conn.prepare_cached("SELECT value FROM _raft_sm WHERE key = ?1")
-            .and_then(|mut st| st.query_row([key], |r| r.get(0)).optional())
+        conn.query_row("SELECT value FROM _raft_sm WHERE key = ?1", [key], |r| r.get(0))
+            .optional()
             .map_err(|e| StorageIOError::read_state_machine(&e).into())
     };
     let applied = match get(KEY_APPLIED)? {
@@ -164,9 +163,9 @@ fn read_sm_meta(conn: &Connection) -> Result<(Option<LogId>, StoredMembership), 
 }
 
 fn write_sm_meta(conn: &Connection, applied: &Option<LogId>, membership: &StoredMembership) -> rusqlite::Result<()> {
-    let mut st = conn.prepare_cached("INSERT OR REPLACE INTO _raft_sm (key, value) VALUES (?1, ?2)")?;
-    st.execute([KEY_APPLIED, &to_json(applied)?])?;
-    st.execute([KEY_MEMBERSHIP, &to_json(membership)?])?;
+    let sql = "INSERT OR REPLACE INTO _raft_sm (key, value) VALUES (?1, ?2)";
+    conn.execute(sql, [KEY_APPLIED, &to_json(applied)?])?;
+    conn.execute(sql, [KEY_MEMBERSHIP, &to_json(membership)?])?;
     Ok(())
 }
 
