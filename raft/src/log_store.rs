@@ -404,7 +404,8 @@ mod tests {
         let mut store = LogStore::open(dir.path(), "unit").unwrap();
         let committed = Some(openraft::testing::log_id(1, 7, 3));
         {
-            let busy = store.db.lock().unwrap();
+            let db = store.db.clone();
+            let busy = db.lock().unwrap();
             let saved = tokio::time::timeout(Duration::from_secs(2), store.save_committed(committed)).await;
             drop(busy);
             assert!(saved.is_ok(), "save_committed waited for the database");
