@@ -356,8 +356,21 @@ fn etcd_certs(dir: &Path, members: usize) {
         openssl(&["req", "-new", "-key", &key, "-subj", &format!("/CN=e{i}"), "-out", &csr], dir);
         openssl(
             &[
-                "x509", "-req", "-in", &csr, "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
-                "-extfile", "ext.cnf", "-out", &pem,
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                "ext.cnf",
+                "-out",
+                &pem,
             ],
             dir,
         );
@@ -480,7 +493,13 @@ async fn writes(systems: &[Cluster], etcd: Option<&str>, secs: f64, rounds: usiz
     println!("   medians over rounds; ratio = median of per-round holdfast/etcd (and holdfast/compare)");
     let mut head = format!("{:>7} |", "clients");
     for s in systems {
-        head += &format!(" {:>9} {:>7} {:>7} {:>4} |", format!("{}/s", &s.label[..s.label.len().min(7)]), "p50", "p99", "err");
+        head += &format!(
+            " {:>9} {:>7} {:>7} {:>4} |",
+            format!("{}/s", &s.label[..s.label.len().min(7)]),
+            "p50",
+            "p99",
+            "err"
+        );
     }
     head += &format!(" {:>7} {:>7} {:>7} | {:>8}", "etcd/s", "p50", "p99", "vs etcd");
     if systems.len() > 1 {
