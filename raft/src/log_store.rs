@@ -398,6 +398,8 @@ mod tests {
     /// openraft awaits `save_committed` inside its core loop before each apply: it must
     /// not wait for the disk (an fsync there sat in series with every commit). Holding
     /// the database lock stands for a disk busy with a group commit.
+    // Holding the lock across the await is the point: it stands for a busy disk.
+    #[allow(clippy::await_holding_lock)]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn save_committed_never_waits_on_the_disk_and_lands_with_the_next_commit() {
         let dir = tempfile::tempdir().unwrap();
