@@ -1,10 +1,22 @@
 //! Benchmark (not a test): three `holdfast agent --manager` processes on loopback with
-//! fsync on. Measures committed submissions/s and latency at 1, 16 and 256 concurrent
-//! clients, p99 at a fixed 1,000 req/s offered load, and failover time over repeated
-//! leader SIGKILLs. Baseline in the same run: a three-member etcd (`etcd` from Debian's
-//! `etcd-server`) doing the same number of puts through its JSON gateway.
+//! fsync on and mutual TLS between them (on by default). Measures committed
+//! submissions/s and latency at 1, 16 and 256 concurrent clients, p99 at a fixed
+//! 1,000 req/s offered load, and failover time over repeated leader SIGKILLs as a client
+//! that knows all three API addresses sees it.
 //!
-//! Run: `cargo bench --bench cluster_submit` (env `BENCH_SECS`, `BENCH_KILLS` shorten it).
+//! Baseline in the same run: a three-member etcd (`etcd` from Debian's `etcd-server`)
+//! with **peer TLS on** (the bench makes its CA and certificates with `openssl` in a
+//! temporary directory), doing the same number of puts through its JSON gateway. Rows
+//! alternate holdfast and etcd for `BENCH_ROUNDS` rounds; the tables quote the median of
+//! the rounds and the median of the per-round ratios, so a noisy neighbour hits both.
+//!
+//! `BENCH_COMPARE=/path/to/holdfast` adds a second build (for example the last build
+//! before cluster TLS) as a third column group, run in the same rounds; its ratio to the
+//! build under test is printed too. `BENCH_BIN` replaces the build under test.
+//!
+//! Run: `cargo bench --bench cluster_submit` (env `BENCH_SECS`, `BENCH_ROUNDS`,
+//! `BENCH_KILLS`, `BENCH_COMPARE`, `BENCH_BIN`, `BENCH_ONLY=writes|failover`,
+//! `BENCH_CLIENTS=1,16,256`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -32,6 +44,18 @@ struct Member {
     proc: Option<Killer>,
 }
 
+/// One three-manager holdfast cluster of one build.
+struct Cluster {
+    label: String,
+    bin: PathBuf,
+    dir: PathBuf,
+    ms: Vec<Member>,
+    /// The admin API token.
+    token: String,
+    /// Whether this build joins with a join token (cluster mTLS); older builds do not.
+    tls: bool,
+}
+
 fn spawn(bin: &Path, m: &mut Member, extra: &[&str], log: &Path) {
     let out = std::fs::File::create(log).expect("log");
     let mut cmd = Command::new(bin);
@@ -57,6 +81,19 @@ fn millis(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Figures {
     rate: f64,
@@ -65,17 +102,25 @@ struct Figures {
     errors: usize,
 }
 
-/// `clients` loops each sending requests made by `make` back to back for `secs`.
-async fn closed_loop<F>(clients: usize, secs: u64, make: F) -> Figures
-where
-    F: Fn(&reqwest::Client, usize) -> reqwest::RequestBuilder + Send + Sync + 'static,
-{
-    let http = authed(reqwest::Client::builder())
+/// An HTTP client sending `token` (if any) as a bearer token on every request.
+fn client(token: Option<&str>, timeout: Duration) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(t) = token {
+        headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {t}").parse().unwrap());
+    }
+    reqwest::Client::builder()
+        .default_headers(headers)
         .pool_max_idle_per_host(512)
-        .timeout(Duration::from_secs(10))
+        .tcp_nodelay(true)
+        .timeout(timeout)
         .build()
-        .unwrap();
-    let make = Arc::new(make);
+        .unwrap()
+}
+
+type Make = Arc<dyn Fn(&reqwest::Client, usize) -> reqwest::RequestBuilder + Send + Sync>;
+
+/// `clients` loops each sending requests made by `make` back to back for `secs`.
+async fn closed_loop(http: &reqwest::Client, clients: usize, secs: f64, make: Make) -> Figures {
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let mut handles = Vec::new();
@@ -87,7 +132,7 @@ where
             let mut n = 0usize;
             while !stop.load(Ordering::Relaxed) {
                 let t = Instant::now();
-                match make(&http, c * 1_000_000 + n).send().await {
+                match make(&http, c * 10_000_000 + n).send().await {
                     Ok(r) if r.status().is_success() => lat.push(t.elapsed()),
                     _ => errors += 1,
                 }
@@ -96,7 +141,7 @@ where
             (lat, errors)
         }));
     }
-    tokio::time::sleep(Duration::from_secs(secs)).await;
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
     stop.store(true, Ordering::Relaxed);
     let mut all = Vec::new();
     let mut errors = 0;
@@ -111,16 +156,7 @@ where
 }
 
 /// Open loop: `rate` requests/s for `secs`, latency measured from the scheduled send.
-async fn open_loop<F>(rate: u64, secs: u64, make: F) -> Figures
-where
-    F: Fn(&reqwest::Client, usize) -> reqwest::RequestBuilder + Send + Sync + 'static,
-{
-    let http = authed(reqwest::Client::builder())
-        .pool_max_idle_per_host(512)
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
-    let make = Arc::new(make);
+async fn open_loop(http: &reqwest::Client, rate: u64, secs: u64, make: Make) -> Figures {
     let total = (rate * secs) as usize;
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
     let start = tokio::time::Instant::now();
@@ -148,27 +184,8 @@ where
     Figures { rate: lat.len() as f64 / secs as f64, p50: pct(&lat, 0.5), p99: pct(&lat, 0.99), errors }
 }
 
-/// The admin API token of the bootstrap manager, once it has written it.
-static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-
-/// Adds the admin token to every request of a client (etcd ignores the header).
-fn authed(b: reqwest::ClientBuilder) -> reqwest::ClientBuilder {
-    let mut headers = reqwest::header::HeaderMap::new();
-    if let Some(t) = TOKEN.get() {
-        headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {t}").parse().unwrap());
-    }
-    b.default_headers(headers)
-}
-
-async fn get_json(url: &str) -> Option<serde_json::Value> {
-    let r = authed(reqwest::Client::builder())
-        .build()
-        .unwrap()
-        .get(url)
-        .timeout(Duration::from_secs(2))
-        .send()
-        .await
-        .ok()?;
+async fn get_json(http: &reqwest::Client, url: &str) -> Option<serde_json::Value> {
+    let r = http.get(url).timeout(Duration::from_secs(2)).send().await.ok()?;
     r.json().await.ok()
 }
 
@@ -183,21 +200,120 @@ async fn wait_for<T, Fut: std::future::Future<Output = Option<T>>>(within: Durat
     }
 }
 
-async fn leader_api(ms: &[Member]) -> (usize, String) {
-    wait_for(Duration::from_secs(30), || async {
-        for m in ms.iter().filter(|m| m.proc.is_some()) {
-            if let Some(v) = get_json(&format!("http://{}/v1/cluster", m.api)).await {
-                if let Some(l) = v["leader"]["id"].as_str() {
-                    let i = ms.iter().position(|m| m.name == l)?;
-                    if ms[i].proc.is_some() {
-                        return Some((i, ms[i].api.clone()));
+impl Cluster {
+    /// Starts three managers of `bin` under `dir`: the first bootstraps, the others join
+    /// it (with its join token when the build writes one).
+    async fn start(label: &str, bin: PathBuf, dir: PathBuf) -> Cluster {
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut ms: Vec<Member> = (1..=3)
+            .map(|i| Member {
+                name: format!("m{i}"),
+                api: format!("127.0.0.1:{}", free_port()),
+                cluster: format!("127.0.0.1:{}", free_port()),
+                data: dir.join(format!("m{i}")),
+                proc: None,
+            })
+            .collect();
+        let seed = ms[0].cluster.clone();
+        spawn(&bin, &mut ms[0], &["--bootstrap"], &dir.join("m1.log"));
+        let admin = ms[0].data.join("admin.token");
+        let token = wait_for(Duration::from_secs(60), || async { std::fs::read_to_string(&admin).ok() }).await;
+        let token = token.trim().to_string();
+        // A build with cluster mTLS writes its join token before the admin token (which
+        // needs an elected leader); a plain build never writes one.
+        let join_token = ms[0].data.join("join-manager.token");
+        let tls = join_token.exists();
+        let token_arg = join_token.to_str().expect("utf-8 path").to_string();
+        for (i, m) in ms.iter_mut().enumerate().skip(1) {
+            let extra: Vec<&str> =
+                if tls { vec!["--join", &seed, "--token-file", &token_arg] } else { vec!["--join", &seed] };
+            spawn(&bin, m, &extra, &dir.join(format!("m{}.log", i + 1)));
+        }
+        let http = client(Some(&token), Duration::from_secs(2));
+        let api0 = ms[0].api.clone();
+        wait_for(Duration::from_secs(60), || async {
+            let v = get_json(&http, &format!("http://{api0}/v1/cluster")).await?;
+            (v["members"].as_array()?.iter().filter(|m| m["voter"] == true).count() == 3).then_some(())
+        })
+        .await;
+        Cluster { label: label.to_string(), bin, dir, ms, token, tls }
+    }
+
+    fn http(&self, timeout: Duration) -> reqwest::Client {
+        client(Some(&self.token), timeout)
+    }
+
+    /// The index and API address of the current leader, as the members report it.
+    async fn leader(&self) -> (usize, String) {
+        let http = self.http(Duration::from_secs(2));
+        wait_for(Duration::from_secs(30), || async {
+            for m in self.ms.iter().filter(|m| m.proc.is_some()) {
+                if let Some(v) = get_json(&http, &format!("http://{}/v1/cluster", m.api)).await {
+                    if let Some(l) = v["leader"]["id"].as_str() {
+                        let i = self.ms.iter().position(|m| m.name == l)?;
+                        if self.ms[i].proc.is_some() {
+                            return Some((i, self.ms[i].api.clone()));
+                        }
                     }
                 }
             }
+            None
+        })
+        .await
+    }
+
+    /// Closed-loop submissions to the leader.
+    async fn submit(&self, clients: usize, secs: f64) -> Figures {
+        let (_, leader) = self.leader().await;
+        let url = format!("http://{leader}/v1/tasks");
+        let make: Make = Arc::new(move |http: &reqwest::Client, n| {
+            http.post(&url).body(format!(r#"{{"image":"holdfast/echo:latest","name":"b{n}"}}"#))
+        });
+        closed_loop(&self.http(Duration::from_secs(10)), clients, secs, make).await
+    }
+
+    /// Leader SIGKILL → the first write acknowledged by any member, as a client that
+    /// knows the three API addresses and tries them in turn sees it; `kills` times.
+    async fn failover(&mut self, kills: usize) -> Vec<Duration> {
+        // A short per-request timeout: a client that waited on a dead member for long
+        // would measure its own patience, not the cluster.
+        let http = self.http(Duration::from_millis(1500));
+        let addrs: Vec<String> = self.ms.iter().map(|m| m.api.clone()).collect();
+        let mut times = Vec::new();
+        for k in 0..kills {
+            let (li, _) = self.leader().await;
+            self.ms[li].proc = None; // SIGKILL
+            let t = Instant::now();
+            let mut next = (li + 1) % addrs.len();
+            loop {
+                let r = http
+                    .post(format!("http://{}/v1/tasks", addrs[next]))
+                    .body(format!(r#"{{"image":"x","name":"f{k}"}}"#))
+                    .send()
+                    .await;
+                if r.is_ok_and(|r| r.status().as_u16() == 201) {
+                    break;
+                }
+                next = (next + 1) % addrs.len();
+                assert!(t.elapsed() < Duration::from_secs(30), "no write accepted 30 s after a leader kill");
+            }
+            times.push(t.elapsed());
+            let log = self.dir.join(format!("{}-{k}.log", self.ms[li].name));
+            let seed = self.ms[(li + 1) % 3].cluster.clone();
+            let bin = self.bin.clone();
+            spawn(&bin, &mut self.ms[li], &["--join", &seed], &log);
+            // Let it rejoin and catch up before the next kill so a quorum survives it.
+            let api = self.ms[li].api.clone();
+            let http2 = self.http(Duration::from_secs(2));
+            wait_for(Duration::from_secs(30), || async {
+                let v = get_json(&http2, &format!("http://{api}/v1/cluster")).await?;
+                v["leader"]["id"].as_str().map(|_| ())
+            })
+            .await;
         }
-        None
-    })
-    .await
+        times.sort();
+        times
+    }
 }
 
 fn etcd_available() -> bool {
@@ -209,10 +325,66 @@ fn etcd_available() -> bool {
         .is_ok_and(|s| s.success())
 }
 
+fn openssl(args: &[&str], dir: &Path) {
+    let ok = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "openssl {} failed", args.join(" "));
+}
+
+/// A CA and one peer certificate per etcd member (ECDSA P-256, SAN 127.0.0.1), made with
+/// the `openssl` command line in `dir`.
+fn etcd_certs(dir: &Path, members: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    openssl(&["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ca.key"], dir);
+    openssl(
+        &["req", "-x509", "-new", "-key", "ca.key", "-subj", "/CN=bench-etcd-ca", "-days", "2", "-out", "ca.pem"],
+        dir,
+    );
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\nkeyUsage=digitalSignature,keyEncipherment\n",
+    )
+    .unwrap();
+    for i in 0..members {
+        let (key, csr, pem) = (format!("e{i}.key"), format!("e{i}.csr"), format!("e{i}.pem"));
+        openssl(&["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", &key], dir);
+        openssl(&["req", "-new", "-key", &key, "-subj", &format!("/CN=e{i}"), "-out", &csr], dir);
+        openssl(
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                "ext.cnf",
+                "-out",
+                &pem,
+            ],
+            dir,
+        );
+    }
+}
+
+/// Three etcd members with mutual TLS between peers; clients speak plain HTTP on
+/// loopback, as holdfast's API does here.
 fn start_etcd(dir: &Path) -> (Vec<Killer>, Vec<String>) {
+    let certs = dir.join("etcd-pki");
+    etcd_certs(&certs, 3);
     let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
     let initial: Vec<String> =
-        ports.iter().enumerate().map(|(i, (_, peer))| format!("e{i}=http://127.0.0.1:{peer}")).collect();
+        ports.iter().enumerate().map(|(i, (_, peer))| format!("e{i}=https://127.0.0.1:{peer}")).collect();
     let mut procs = Vec::new();
     let mut clients = Vec::new();
     for (i, (client, peer)) in ports.iter().enumerate() {
@@ -223,10 +395,17 @@ fn start_etcd(dir: &Path) -> (Vec<Killer>, Vec<String>) {
             .arg(dir.join(format!("etcd{i}")))
             .args(["--listen-client-urls", &format!("http://127.0.0.1:{client}")])
             .args(["--advertise-client-urls", &format!("http://127.0.0.1:{client}")])
-            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
-            .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args(["--listen-peer-urls", &format!("https://127.0.0.1:{peer}")])
+            .args(["--initial-advertise-peer-urls", &format!("https://127.0.0.1:{peer}")])
             .args(["--initial-cluster", &initial.join(",")])
             .args(["--initial-cluster-state", "new"])
+            .arg("--peer-client-cert-auth")
+            .arg("--peer-trusted-ca-file")
+            .arg(certs.join("ca.pem"))
+            .arg("--peer-cert-file")
+            .arg(certs.join(format!("e{i}.pem")))
+            .arg("--peer-key-file")
+            .arg(certs.join(format!("e{i}.key")))
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
             .spawn()
@@ -237,176 +416,171 @@ fn start_etcd(dir: &Path) -> (Vec<Killer>, Vec<String>) {
     (procs, clients)
 }
 
+async fn etcd_put(url: &str, clients: usize, secs: f64) -> Figures {
+    let url = format!("http://{url}/v3/kv/put");
+    let make: Make = Arc::new(move |http: &reqwest::Client, n| {
+        // etcd's JSON gateway wants bytes as base64.
+        let body = format!(r#"{{"key":"{}","value":"dGFzaw=="}}"#, b64(&format!("k{n}")));
+        http.post(&url).body(body)
+    });
+    closed_loop(&client(None, Duration::from_secs(10)), clients, secs, make).await
+}
+
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(run());
 }
 
 async fn run() {
-    let secs: u64 = std::env::var("BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
-    let kills: usize = std::env::var("BENCH_KILLS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_holdfast"));
+    let secs: f64 = env("BENCH_SECS", 4.0);
+    let rounds: usize = env("BENCH_ROUNDS", 3).max(1);
+    let kills: usize = env("BENCH_KILLS", 20);
+    let only: String = env("BENCH_ONLY", String::new());
+    let bin = std::env::var_os("BENCH_BIN").map(PathBuf::from).unwrap_or(PathBuf::from(env!("CARGO_BIN_EXE_holdfast")));
     let dir = tempfile::tempdir().unwrap();
-    let mut ms: Vec<Member> = (1..=3)
-        .map(|i| Member {
-            name: format!("m{i}"),
-            api: format!("127.0.0.1:{}", free_port()),
-            cluster: format!("127.0.0.1:{}", free_port()),
-            data: dir.path().join(format!("m{i}")),
-            proc: None,
-        })
-        .collect();
-    let seed = ms[0].cluster.clone();
-    let token_file = ms[0].data.join("join-manager.token");
-    let token_arg = token_file.to_str().expect("utf-8 path").to_string();
-    for (i, m) in ms.iter_mut().enumerate() {
-        let log = dir.path().join(format!("m{}.log", i + 1));
-        // Mutual TLS on the cluster port: the others join with the first one's token.
-        let extra: Vec<&str> =
-            if i == 0 { vec!["--bootstrap"] } else { vec!["--join", &seed, "--token-file", &token_arg] };
-        if i == 1 {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while !token_file.exists() {
-                assert!(Instant::now() < deadline, "the first manager wrote no join token");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        spawn(&bin, m, &extra, &log);
+    let mut systems = vec![Cluster::start("holdfast", bin, dir.path().join("a")).await];
+    if let Some(other) = std::env::var_os("BENCH_COMPARE") {
+        systems.push(Cluster::start("compare", PathBuf::from(other), dir.path().join("b")).await);
     }
-    let token_file = ms[0].data.join("admin.token");
-    let token = wait_for(Duration::from_secs(60), || async { std::fs::read_to_string(&token_file).ok() }).await;
-    let _ = TOKEN.set(token.trim().to_string());
-    let api0 = ms[0].api.clone();
-    wait_for(Duration::from_secs(60), || async {
-        let v = get_json(&format!("http://{api0}/v1/cluster")).await?;
-        (v["members"].as_array()?.iter().filter(|m| m["voter"] == true).count() == 3).then_some(())
-    })
-    .await;
-    let (_, leader) = leader_api(&ms).await;
-
+    for s in &systems {
+        println!("{}: {} (cluster mTLS {})", s.label, s.bin.display(), if s.tls { "on" } else { "off" });
+    }
     let etcd = if etcd_available() {
         let (procs, clients) = start_etcd(dir.path());
         let c0 = clients[0].clone();
-        wait_for(Duration::from_secs(30), || async { get_json(&format!("http://{c0}/health")).await }).await;
+        let http = client(None, Duration::from_secs(2));
+        wait_for(Duration::from_secs(30), || async { get_json(&http, &format!("http://{c0}/health")).await }).await;
+        println!("etcd: three members, peer mutual TLS on");
         Some((procs, clients))
     } else {
         println!("etcd not installed (apt-get install etcd-server): no baseline this run");
         None
     };
 
-    println!("\n== submissions, closed loop, {secs}s per row (3 managers, fsync on) ==");
-    println!(
-        "{:>8} | {:>10} {:>8} {:>8} {:>6} | {:>10} {:>8} {:>8} | {:>7}",
-        "clients", "holdfast/s", "p50 ms", "p99 ms", "errors", "etcd/s", "p50 ms", "p99 ms", "ratio"
-    );
-    for clients in [1usize, 16, 256] {
-        let url = format!("http://{leader}/v1/tasks");
-        let h = closed_loop(clients, secs, move |http, n| {
-            http.post(&url).body(format!(r#"{{"image":"holdfast/echo:latest","name":"b{n}"}}"#))
-        })
-        .await;
-        let e = match &etcd {
-            Some((_, clients_urls)) => {
-                let url = format!("http://{}/v3/kv/put", clients_urls[0]);
-                Some(
-                    closed_loop(clients, secs, move |http, n| {
-                        // base64 of a short key/value; etcd's JSON gateway wants bytes as base64.
-                        let body = format!(r#"{{"key":"{}","value":"dGFzaw=="}}"#, b64(&format!("k{n}")));
-                        http.post(&url).body(body)
-                    })
-                    .await,
-                )
+    if only.is_empty() || only == "writes" {
+        writes(&systems, etcd.as_ref().map(|(_, c)| c[0].as_str()), secs, rounds).await;
+    }
+    drop(etcd);
+
+    if only.is_empty() || only == "failover" {
+        println!("\n== failover: leader SIGKILL -> next acknowledged write, {kills} kills, load {} ==", load());
+        for s in systems.iter_mut() {
+            let times = s.failover(kills).await;
+            println!(
+                "{:>8}: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms over {} kills",
+                s.label,
+                millis(pct(&times, 0.5)),
+                millis(pct(&times, 0.99)),
+                millis(*times.last().unwrap_or(&Duration::ZERO)),
+                times.len()
+            );
+        }
+    }
+}
+
+async fn writes(systems: &[Cluster], etcd: Option<&str>, secs: f64, rounds: usize) {
+    println!("\n== submissions, closed loop, {secs}s per row x {rounds} rounds (3 members each, fsync on) ==");
+    println!("   medians over rounds; ratio = median of per-round holdfast/etcd (and holdfast/compare)");
+    let mut head = format!("{:>7} |", "clients");
+    for s in systems {
+        head += &format!(
+            " {:>9} {:>7} {:>7} {:>4} |",
+            format!("{}/s", &s.label[..s.label.len().min(7)]),
+            "p50",
+            "p99",
+            "err"
+        );
+    }
+    head += &format!(" {:>7} {:>7} {:>7} | {:>8}", "etcd/s", "p50", "p99", "vs etcd");
+    if systems.len() > 1 {
+        head += &format!(" {:>8}", "vs cmp");
+    }
+    println!("{head}");
+    let rows: Vec<usize> = std::env::var("BENCH_CLIENTS")
+        .ok()
+        .map(|s| s.split(',').filter_map(|c| c.trim().parse().ok()).collect())
+        .filter(|v: &Vec<usize>| !v.is_empty())
+        .unwrap_or(vec![1, 16, 256]);
+    for clients in rows {
+        let mut per: Vec<Vec<Figures>> = vec![Vec::new(); systems.len()];
+        let mut e: Vec<Figures> = Vec::new();
+        for _ in 0..rounds {
+            for (i, s) in systems.iter().enumerate() {
+                per[i].push(s.submit(clients, secs).await);
             }
-            None => None,
+            if let Some(url) = etcd {
+                e.push(etcd_put(url, clients, secs).await);
+            }
+        }
+        let med = |f: &[Figures]| {
+            (
+                median(f.iter().map(|x| x.rate).collect()),
+                median(f.iter().map(|x| millis(x.p50)).collect()),
+                median(f.iter().map(|x| millis(x.p99)).collect()),
+                f.iter().map(|x| x.errors).sum::<usize>(),
+            )
         };
-        let (er, ep50, ep99, ratio) = match e {
-            Some(e) => (
-                format!("{:.0}", e.rate),
-                format!("{:.2}", millis(e.p50)),
-                format!("{:.2}", millis(e.p99)),
-                format!("{:.2}", h.rate / e.rate),
-            ),
-            None => ("-".into(), "-".into(), "-".into(), "-".into()),
-        };
+        let mut line = format!("{clients:>7} |");
+        for f in &per {
+            let (r, p50, p99, err) = med(f);
+            line += &format!(" {r:>9.0} {p50:>7.2} {p99:>7.2} {err:>4} |");
+        }
+        if e.is_empty() {
+            line += &format!(" {:>7} {:>7} {:>7} | {:>8}", "-", "-", "-", "-");
+        } else {
+            let (r, p50, p99, _) = med(&e);
+            let ratio = median(per[0].iter().zip(&e).map(|(h, e)| h.rate / e.rate).collect());
+            line += &format!(" {r:>7.0} {p50:>7.2} {p99:>7.2} | {ratio:>8.2}");
+        }
+        if systems.len() > 1 {
+            let ratio = median(per[0].iter().zip(&per[1]).map(|(a, b)| a.rate / b.rate).collect());
+            line += &format!(" {ratio:>8.2}");
+        }
+        println!("{line}   (load {})", load());
+    }
+
+    println!("\n== open loop at 1000 req/s offered, {}s ==", secs.ceil() as u64);
+    for s in systems {
+        let (_, leader) = s.leader().await;
+        let url = format!("http://{leader}/v1/tasks");
+        let make: Make = Arc::new(move |http: &reqwest::Client, n| {
+            http.post(&url).body(format!(r#"{{"image":"holdfast/echo:latest","name":"o{n}"}}"#))
+        });
+        let h = open_loop(&s.http(Duration::from_secs(10)), 1000, secs.ceil() as u64, make).await;
         println!(
-            "{clients:>8} | {:>10.0} {:>8.2} {:>8.2} {:>6} | {er:>10} {ep50:>8} {ep99:>8} | {ratio:>7}",
+            "{:>8}: {:.0} ok/s, p50 {:.2} ms, p99 {:.2} ms, errors {}",
+            s.label,
             h.rate,
             millis(h.p50),
             millis(h.p99),
             h.errors
         );
     }
-
-    println!("\n== open loop at 1000 req/s offered, {secs}s ==");
-    let url = format!("http://{leader}/v1/tasks");
-    let h = open_loop(1000, secs, move |http, n| {
-        http.post(&url).body(format!(r#"{{"image":"holdfast/echo:latest","name":"o{n}"}}"#))
-    })
-    .await;
-    println!(
-        "holdfast: {:.0} ok/s, p50 {:.2} ms, p99 {:.2} ms, errors {}",
-        h.rate,
-        millis(h.p50),
-        millis(h.p99),
-        h.errors
-    );
-    if let Some((_, c)) = &etcd {
-        let url = format!("http://{}/v3/kv/put", c[0]);
-        let e = open_loop(1000, secs, move |http, n| {
+    if let Some(c) = etcd {
+        let url = format!("http://{c}/v3/kv/put");
+        let make: Make = Arc::new(move |http: &reqwest::Client, n| {
             http.post(&url).body(format!(r#"{{"key":"{}","value":"dGFzaw=="}}"#, b64(&format!("o{n}"))))
-        })
-        .await;
+        });
+        let e = open_loop(&client(None, Duration::from_secs(10)), 1000, secs.ceil() as u64, make).await;
         println!(
-            "etcd:     {:.0} ok/s, p50 {:.2} ms, p99 {:.2} ms, errors {}",
+            "{:>8}: {:.0} ok/s, p50 {:.2} ms, p99 {:.2} ms, errors {}",
+            "etcd",
             e.rate,
             millis(e.p50),
             millis(e.p99),
             e.errors
         );
     }
-    drop(etcd);
-
-    println!("\n== failover: leader SIGKILL -> next acknowledged write, {kills} kills ==");
-    let http = authed(reqwest::Client::builder()).timeout(Duration::from_secs(2)).build().unwrap();
-    let mut times = Vec::new();
-    for k in 0..kills {
-        let (li, _) = leader_api(&ms).await;
-        ms[li].proc = None; // SIGKILL
-        let t = Instant::now();
-        let survivors: Vec<String> = ms.iter().filter(|m| m.proc.is_some()).map(|m| m.api.clone()).collect();
-        'outer: loop {
-            for api in &survivors {
-                let r = http
-                    .post(format!("http://{api}/v1/tasks"))
-                    .body(format!(r#"{{"image":"x","name":"f{k}"}}"#))
-                    .send()
-                    .await;
-                if r.is_ok_and(|r| r.status().as_u16() == 201) {
-                    break 'outer;
-                }
-            }
-            assert!(t.elapsed() < Duration::from_secs(30), "no write accepted 30 s after a leader kill");
-        }
-        times.push(t.elapsed());
-        let log = dir.path().join(format!("{}-{k}.log", ms[li].name));
-        let seed = ms[(li + 1) % 3].cluster.clone();
-        spawn(&bin, &mut ms[li], &["--join", &seed], &log);
-        // Let it rejoin before the next kill so a quorum survives it.
-        let api = ms[li].api.clone();
-        wait_for(Duration::from_secs(30), || async {
-            let v = get_json(&format!("http://{api}/v1/cluster")).await?;
-            v["leader"]["id"].as_str().map(|_| ())
-        })
-        .await;
-    }
-    times.sort();
-    println!(
-        "failover over {} kills: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
-        times.len(),
-        millis(pct(&times, 0.5)),
-        millis(pct(&times, 0.99)),
-        millis(*times.last().unwrap_or(&Duration::ZERO))
-    );
 }
 
 /// Minimal standard base64 for the etcd gateway's byte fields (written here to keep

@@ -122,7 +122,8 @@ pub struct Config {
     pub api_addr: String,
     /// Leader heartbeat interval.
     pub heartbeat: Duration,
-    /// Lower bound of the randomized election timeout (upper bound is twice this).
+    /// Lower bound of the randomized election timeout (upper bound is 1.5 times this;
+    /// openraft's leader lease is that upper bound).
     pub election_timeout: Duration,
     /// Build a snapshot (and purge the log behind it) every this many applied entries.
     pub snapshot_every: u64,
@@ -150,7 +151,7 @@ pub struct Config {
 }
 
 impl Config {
-    /// Defaults tuned for a LAN: 100 ms heartbeat, 300–600 ms election timeout; peers
+    /// Defaults tuned for a LAN: 100 ms heartbeat, 300–450 ms election timeout; peers
     /// are dialed over `tls`.
     pub fn new(
         node_name: &str,

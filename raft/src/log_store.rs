@@ -11,6 +11,13 @@
 //! RaftCore keeps accepting client writes while the disk syncs, and a burst costs one
 //! fsync instead of one per entry. Until written, entries are served to readers from an
 //! in-memory overlay; truncate and purge first wait for the writer to drain.
+//!
+//! The **committed pointer** costs no fsync of its own: openraft awaits
+//! `save_committed` inside its core loop before every apply, so a synced write there put
+//! a second fsync in series with every commit. It is kept in memory and rides in the
+//! writer's next group-commit transaction (ARCHITECTURE.md, "Decisions"). What is on disk
+//! is then an older committed id, never a newer one, and never past the entries written
+//! before it, which is all openraft needs of it on restart.
 
 // openraft's storage traits fix the error type to its (large) StorageError, and the
 // helpers here produce exactly that type.
@@ -63,14 +70,27 @@ pub struct LogStore {
     db: Arc<Mutex<Connection>>,
     /// Appended but not yet committed entries, by index, for readers.
     pending: Arc<Mutex<BTreeMap<i64, Entry>>>,
+    /// The committed log id openraft gave last, persisted by the writer's next commit.
+    committed: Arc<Mutex<Option<LogId>>>,
     writer: mpsc::Sender<Job>,
 }
 
 /// Most entries committed in one transaction (bounds the time one fsync batch takes).
 const GROUP_MAX: usize = 4_096;
 
-fn writer_loop(db: Arc<Mutex<Connection>>, pending: Arc<Mutex<BTreeMap<i64, Entry>>>, rx: mpsc::Receiver<Job>) {
+fn writer_loop(
+    db: Arc<Mutex<Connection>>,
+    pending: Arc<Mutex<BTreeMap<i64, Entry>>>,
+    committed: Arc<Mutex<Option<LogId>>>,
+    rx: mpsc::Receiver<Job>,
+) {
+    // Last committed id written; only a newer one is written again.
+    let mut saved: Option<LogId> = None;
     while let Ok(first) = rx.recv() {
+        // Read before draining the queue: every entry this id covers was handed to the
+        // writer before openraft could call it committed, so it is in this transaction
+        // or an earlier one.
+        let commit_ptr = *committed.lock().expect("committed mutex poisoned");
         let mut jobs = vec![first];
         let mut rows = 0usize;
         // Everything queued while the last fsync ran goes into this one.
@@ -100,9 +120,16 @@ fn writer_loop(db: Arc<Mutex<Connection>>, pending: Arc<Mutex<BTreeMap<i64, Entr
                         }
                     }
                 }
+                // A batch cut at GROUP_MAX may leave covered entries queued: skip then.
+                if rows < GROUP_MAX && commit_ptr.is_some() && commit_ptr > saved {
+                    write_meta(&tx, KEY_COMMITTED, &commit_ptr)?;
+                }
                 tx.commit()
             })()
         };
+        if result.is_ok() && rows < GROUP_MAX && commit_ptr > saved {
+            saved = commit_ptr;
+        }
         {
             let mut p = pending.lock().expect("pending-entries mutex poisoned");
             for job in &jobs {
@@ -140,13 +167,14 @@ impl LogStore {
         let conn = datadir::open_existing(&path, Role::Log, node_name)?;
         let db = Arc::new(Mutex::new(conn));
         let pending = Arc::new(Mutex::new(BTreeMap::new()));
+        let committed = Arc::new(Mutex::new(None));
         let (writer, rx) = mpsc::channel();
-        let (wdb, wpending) = (db.clone(), pending.clone());
+        let (wdb, wpending, wcommitted) = (db.clone(), pending.clone(), committed.clone());
         std::thread::Builder::new()
             .name("raft-log-writer".into())
-            .spawn(move || writer_loop(wdb, wpending, rx))
+            .spawn(move || writer_loop(wdb, wpending, wcommitted, rx))
             .map_err(|e| DbError::Storage(format!("cannot start the log writer thread: {e}")))?;
-        Ok(LogStore { db, pending, writer })
+        Ok(LogStore { db, pending, committed, writer })
     }
 
     /// Waits until every append queued so far is committed.
@@ -296,12 +324,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        self.call(move |conn| write_meta(conn, KEY_COMMITTED, &committed).map_err(|e| StorageIOError::write(&e).into()))
-            .await
+        // No I/O here: the writer persists it with the next group commit (module docs).
+        let mut c = self.committed.lock().expect("committed mutex poisoned");
+        if committed > *c {
+            *c = committed;
+        }
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        self.call(|conn| Ok(read_meta::<Option<LogId>>(conn, KEY_COMMITTED)?.flatten())).await
+        let in_memory = *self.committed.lock().expect("committed mutex poisoned");
+        let on_disk = self.call(|conn| Ok(read_meta::<Option<LogId>>(conn, KEY_COMMITTED)?.flatten())).await?;
+        Ok(in_memory.max(on_disk))
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
@@ -353,5 +387,39 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             Ok(())
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// openraft awaits `save_committed` inside its core loop before each apply: it must
+    /// not wait for the disk (an fsync there sat in series with every commit). Holding
+    /// the database lock stands for a disk busy with a group commit.
+    // Holding the lock across the await is the point: it stands for a busy disk.
+    #[allow(clippy::await_holding_lock)]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn save_committed_never_waits_on_the_disk_and_lands_with_the_next_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = LogStore::open(dir.path(), "unit").unwrap();
+        let committed = Some(openraft::testing::log_id(1, 7, 3));
+        {
+            let db = store.db.clone();
+            let busy = db.lock().unwrap();
+            let saved = tokio::time::timeout(Duration::from_secs(2), store.save_committed(committed)).await;
+            drop(busy);
+            assert!(saved.is_ok(), "save_committed waited for the database");
+        }
+        assert_eq!(store.read_committed().await.unwrap(), committed, "the latest committed id is read back");
+        // An older id never replaces a newer one.
+        store.save_committed(Some(openraft::testing::log_id(1, 7, 2))).await.unwrap();
+        assert_eq!(store.read_committed().await.unwrap(), committed);
+        // The writer's next transaction persists it.
+        store.drain_writer().await.unwrap();
+        drop(store);
+        let mut reopened = LogStore::open(dir.path(), "unit").unwrap();
+        assert_eq!(reopened.read_committed().await.unwrap(), committed, "persisted by the next group commit");
     }
 }
