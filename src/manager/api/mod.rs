@@ -23,6 +23,7 @@ pub mod auth;
 mod error;
 pub mod events;
 pub mod limits;
+mod lists;
 pub mod metrics;
 mod snapshot;
 pub mod tls;
@@ -38,14 +39,14 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/tasks", post(submit_task).get(list_tasks))
         .route("/v1/tasks/{id}", get(get_task).delete(stop_task))
         .route("/v1/tasks/{id}/logs", get(task_logs))
-        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes", get(lists::list_nodes))
         .route("/v1/nodes/{id}", get(get_node))
         .route("/v1/nodes/{id}/drain", post(drain_node))
         .route("/v1/nodes/{id}/eligibility", post(node_eligibility))
         .route("/v1/cluster", get(cluster))
         .route("/v1/cluster/members/{id}", delete(remove_member))
         .route("/v1/cluster/snapshot", get(snapshot::cluster_snapshot))
-        .route("/v1/audit", get(audit_log))
+        .route("/v1/audit", get(lists::audit_log))
         .route("/v1/tokens", post(tokens::create).get(tokens::list))
         .route("/v1/tokens/{id}", delete(tokens::revoke))
         .route("/v1/health", get(health))
@@ -431,16 +432,6 @@ async fn from_leader(m: &Manager, path: &str, headers: &HeaderMap) -> Option<Res
     Some((status, [(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
-async fn list_nodes(State(m): State<Arc<Manager>>, headers: HeaderMap) -> Result<Response, ApiError> {
-    if let Some(r) = from_leader(&m, "/v1/nodes", &headers).await {
-        return Ok(r);
-    }
-    let rows = m.db.read(query::nodes).await?;
-    let live = super::lock(&m.liveness).clone();
-    let nodes: Vec<serde_json::Value> = rows.iter().map(|n| node_json(n, live.get(&n.name))).collect();
-    Ok(Json(serde_json::json!({ "nodes": nodes })).into_response())
-}
-
 fn no_node(id: &str) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no node named {id}")).field("id")
 }
@@ -666,20 +657,6 @@ async fn health(State(m): State<Arc<Manager>>) -> Response {
         },
     });
     (code, Json(body)).into_response()
-}
-
-#[derive(Deserialize)]
-struct AuditQuery {
-    limit: Option<usize>,
-}
-
-async fn audit_log(
-    State(m): State<Arc<Manager>>,
-    Query(q): Query<AuditQuery>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
-    let entries = m.db.read(move |c| query::audit(c, limit)).await?;
-    Ok(Json(serde_json::json!({ "entries": entries })))
 }
 
 /// Fails from the moment Raft is gone (a fatal storage error): the process is about

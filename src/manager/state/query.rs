@@ -209,8 +209,29 @@ pub struct TaskPage {
 /// request scanning every task. A page is complete only when `next` is null.
 const MAX_SCAN: usize = 2_000;
 
+/// Placements of every task in `ids` (a JSON array of ids), by task: one query for the
+/// whole page instead of one per task (`placements_task` index; `json_each` keeps the
+/// statement cached whatever the page size).
+fn placements_of(conn: &Connection, ids: &[&str]) -> rusqlite::Result<std::collections::HashMap<String, Vec<PlacementView>>> {
+    let mut out: std::collections::HashMap<String, Vec<PlacementView>> = std::collections::HashMap::new();
+    if ids.is_empty() {
+        return Ok(out);
+    }
+    let list = serde_json::to_string(ids).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {PLACEMENT_COLS} FROM {PLACEMENT_FROM} WHERE p.task_id IN (SELECT value FROM json_each(?1))"
+    ))?;
+    for row in stmt.query_map([list], placement_row)? {
+        let (task, p) = row?;
+        out.entry(task).or_default().push(p);
+    }
+    Ok(out)
+}
+
 /// One page of tasks, newest first, with placements (no history). Reads task rows
-/// from the cursor on in index order, so the cost follows the page, not the table.
+/// from the cursor on in index order (`tasks_created`, or `tasks_name` with a name
+/// filter), so the cost follows the page, not the table; the placements of a batch of
+/// rows come from one query.
 pub fn list_tasks(conn: &Connection, f: &TaskFilter) -> rusqlite::Result<TaskPage> {
     let limit = f.limit.max(1);
     let mut sql = format!("SELECT {TASK_COLS}, created_index FROM tasks t WHERE created_index < ?1");
@@ -222,8 +243,6 @@ pub fn list_tasks(conn: &Connection, f: &TaskFilter) -> rusqlite::Result<TaskPag
     }
     sql.push_str(" ORDER BY created_index DESC LIMIT ?4");
     let mut stmt = conn.prepare_cached(&sql)?;
-    let mut placements =
-        conn.prepare_cached(&format!("SELECT {PLACEMENT_COLS} FROM {PLACEMENT_FROM} WHERE p.task_id = ?1"))?;
     let mut cursor = f.after.map_or(i64::MAX, |a| i64::try_from(a).unwrap_or(i64::MAX));
     let mut tasks = Vec::new();
     let mut scanned = 0usize;
@@ -243,16 +262,17 @@ pub fn list_tasks(conn: &Connection, f: &TaskFilter) -> rusqlite::Result<TaskPag
             )?
             .collect::<Result<_, _>>()?;
         let exhausted = rows.len() < batch;
+        // Only the rows this page can still take need their placements.
+        let wanted = if f.state.is_some() { rows.len() } else { rows.len().min(limit - tasks.len()) };
+        let ids: Vec<&str> = rows.iter().take(wanted).map(|((t, _), _)| t.id.as_str()).collect();
+        let mut placements = placements_of(conn, &ids)?;
         for ((mut task, reason), index) in rows {
             if tasks.len() == limit {
                 // A further matching row may exist: the page ends at the last one taken.
                 return Ok(TaskPage { next: Some(cursor as u64), tasks });
             }
             scanned += 1;
-            task.placements = placements
-                .query_map([&task.id], placement_row)?
-                .map(|r| r.map(|(_, p)| p))
-                .collect::<Result<_, _>>()?;
+            task.placements = placements.remove(&task.id).unwrap_or_default();
             finish(&mut task, reason);
             cursor = index;
             if f.state.as_deref().is_none_or(|s| s == task.state) {
@@ -367,15 +387,23 @@ pub struct NodeRow {
 
 /// Every registered node with reservations.
 pub fn nodes(conn: &Connection) -> rusqlite::Result<Vec<NodeRow>> {
-    let mut stmt = conn.prepare(
+    Ok(nodes_page(conn, None, usize::MAX)?.0)
+}
+
+/// At most `limit` nodes named after `after`, by name, and the cursor of the next
+/// page (the last name) when more may follow.
+pub fn nodes_page(conn: &Connection, after: Option<&str>, limit: usize) -> rusqlite::Result<(Vec<NodeRow>, Option<String>)> {
+    let mut stmt = conn.prepare_cached(
         "SELECT n.name, n.address, n.labels, n.status, n.cpu_millis, n.memory_mb, n.disk_mb, n.registered_ms,
            COALESCE(SUM(p.cpu_millis),0), COALESCE(SUM(p.memory_mb),0), COALESCE(SUM(p.disk_mb),0), COUNT(p.id),
            n.status_since_ms, n.draining, n.drain_deadline_ms, n.eligible
          FROM nodes n LEFT JOIN placements p
            ON p.node = n.name AND p.desired = 'run' AND p.observed NOT IN ('failed','stopped','exited')
-         GROUP BY n.name ORDER BY n.name",
+         WHERE n.name > ?1
+         GROUP BY n.name ORDER BY n.name LIMIT ?2",
     )?;
-    let rows = stmt.query_map([], |r| {
+    let fetch = i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX);
+    let rows = stmt.query_map(params![after.unwrap_or(""), fetch], |r| {
         let labels: String = r.get(2)?;
         Ok(NodeRow {
             name: r.get(0)?,
@@ -396,7 +424,14 @@ pub fn nodes(conn: &Connection) -> rusqlite::Result<Vec<NodeRow>> {
             eligible: r.get(15)?,
         })
     })?;
-    rows.collect()
+    let mut rows: Vec<NodeRow> = rows.collect::<Result<_, _>>()?;
+    let next = if rows.len() > limit {
+        rows.truncate(limit);
+        rows.last().map(|n| n.name.clone())
+    } else {
+        None
+    };
+    Ok((rows, next))
 }
 
 /// The full desired set of one node: every placement it must run, or still stop.
@@ -580,21 +615,35 @@ pub struct AuditEntry {
     pub on_behalf_of: Option<String>,
 }
 
-/// The newest `limit` audit entries, newest first.
-pub fn audit(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<AuditEntry>> {
-    let mut stmt = conn.prepare(
-        "SELECT log_index, at_ms, who, action, subject, result, on_behalf_of FROM audit ORDER BY id DESC LIMIT ?1",
+/// At most `limit` audit entries older than the cursor `after`, newest first, and the
+/// cursor of the next page when more may follow (the row id of the last entry).
+pub fn audit(conn: &Connection, after: Option<u64>, limit: usize) -> rusqlite::Result<(Vec<AuditEntry>, Option<u64>)> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT log_index, at_ms, who, action, subject, result, on_behalf_of, id FROM audit
+         WHERE id < ?1 ORDER BY id DESC LIMIT ?2",
     )?;
-    let rows = stmt.query_map([limit as i64], |r| {
-        Ok(AuditEntry {
-            index: r.get::<_, i64>(0)? as u64,
-            at_ms: r.get::<_, i64>(1)? as u64,
-            who: r.get(2)?,
-            action: r.get(3)?,
-            subject: r.get(4)?,
-            result: r.get(5)?,
-            on_behalf_of: r.get(6)?,
-        })
+    let cursor = after.map_or(i64::MAX, |a| i64::try_from(a).unwrap_or(i64::MAX));
+    let fetch = i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX);
+    let rows = stmt.query_map(params![cursor, fetch], |r| {
+        Ok((
+            AuditEntry {
+                index: r.get::<_, i64>(0)? as u64,
+                at_ms: r.get::<_, i64>(1)? as u64,
+                who: r.get(2)?,
+                action: r.get(3)?,
+                subject: r.get(4)?,
+                result: r.get(5)?,
+                on_behalf_of: r.get(6)?,
+            },
+            r.get::<_, i64>(7)? as u64,
+        ))
     })?;
-    rows.collect()
+    let mut rows: Vec<(AuditEntry, u64)> = rows.collect::<Result<_, _>>()?;
+    let next = if rows.len() > limit {
+        rows.truncate(limit);
+        rows.last().map(|(_, id)| *id)
+    } else {
+        None
+    };
+    Ok((rows.into_iter().map(|(e, _)| e).collect(), next))
 }
