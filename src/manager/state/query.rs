@@ -647,3 +647,142 @@ pub fn audit(conn: &Connection, after: Option<u64>, limit: usize) -> rusqlite::R
     };
     Ok((rows.into_iter().map(|(e, _)| e).collect(), next))
 }
+
+#[cfg(test)]
+mod tests {
+    use holdfast_raft::Apply;
+
+    use super::*;
+    use crate::manager::state::{Command, DomainState, PlannedPlacement};
+
+    /// A state database filled through the real `apply`.
+    fn state(cmds: &[Command]) -> Connection {
+        let (domain, _applied) = DomainState::new();
+        let mut conn = Connection::open_in_memory().expect("open");
+        domain.init_schema(&conn).expect("schema");
+        let tx = conn.transaction().expect("tx");
+        for (i, c) in cmds.iter().enumerate() {
+            domain.apply(&tx, i as u64 + 1, &serde_json::to_vec(c).expect("json")).expect("apply");
+        }
+        tx.commit().expect("commit");
+        conn
+    }
+
+    fn node(name: &str) -> Command {
+        Command::RegisterNode {
+            name: name.into(),
+            address: "10.0.0.1".into(),
+            labels: BTreeMap::new(),
+            cpu_millis: 4_000,
+            memory_mb: 4_096,
+            disk_mb: 10_000,
+            now_ms: 1,
+        }
+    }
+
+    fn submit(id: &str) -> Command {
+        Command::SubmitTask {
+            id: id.into(),
+            spec: Box::new(serde_json::from_str(r#"{"image":"holdfast/echo:latest"}"#).expect("spec")),
+            idempotency_key: None,
+            now_ms: 2,
+        }
+    }
+
+    fn audited(subject: &str) -> Command {
+        Command::Audited {
+            who: "admin (t1)".into(),
+            on_behalf_of: None,
+            action: "POST /v1/tasks".into(),
+            subject: subject.into(),
+            at_ms: 3,
+            inner: None,
+        }
+    }
+
+    #[test]
+    fn node_pages_walk_every_node_once_by_name() {
+        let conn = state(&["n3", "n1", "n5", "n2", "n4"].map(node));
+        let (first, next) = nodes_page(&conn, None, 2).expect("page");
+        assert_eq!(first.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["n1", "n2"]);
+        assert_eq!(next.as_deref(), Some("n2"));
+        let (second, next) = nodes_page(&conn, next.as_deref(), 2).expect("page");
+        assert_eq!(second.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["n3", "n4"]);
+        let (last, next) = nodes_page(&conn, next.as_deref(), 2).expect("page");
+        assert_eq!(last.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["n5"]);
+        assert_eq!(next, None);
+        // An exact fit ends with no cursor; the unpaged list still has everything.
+        assert_eq!(nodes_page(&conn, None, 5).expect("page").1, None);
+        assert_eq!(nodes(&conn).expect("all").len(), 5);
+    }
+
+    #[test]
+    fn audit_pages_walk_newest_first_without_gap_or_repeat() {
+        let cmds: Vec<Command> = (0..7).map(|i| audited(&format!("t{i}"))).collect();
+        let conn = state(&cmds);
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let (page, next) = audit(&conn, after, 3).expect("page");
+            assert!(page.len() <= 3);
+            seen.extend(page.into_iter().map(|e| e.subject));
+            match next {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+        assert_eq!(seen, ["t6", "t5", "t4", "t3", "t2", "t1", "t0"]);
+    }
+
+    #[test]
+    fn a_task_page_reads_placements_in_one_batch_and_filters_by_node() {
+        let mut cmds = vec![node("a"), node("b")];
+        for i in 0..6 {
+            cmds.push(submit(&format!("t{i}")));
+        }
+        cmds.push(Command::ApplyPlan {
+            placements: (0..4)
+                .map(|i| PlannedPlacement {
+                    task_id: format!("t{i}"),
+                    node: if i % 2 == 0 { "a" } else { "b" }.into(),
+                    replaces: None,
+                })
+                .collect(),
+            unplaced: Vec::new(),
+            now_ms: 4,
+        });
+        let conn = state(&cmds);
+        let page = list_tasks(&conn, &TaskFilter { limit: 4, ..Default::default() }).expect("page");
+        let got: Vec<(&str, usize, &str)> =
+            page.tasks.iter().map(|t| (t.id.as_str(), t.placements.len(), t.state)).collect();
+        assert_eq!(got, [("t5", 0, "pending"), ("t4", 0, "pending"), ("t3", 1, "starting"), ("t2", 1, "starting")]);
+        assert!(page.tasks[2].placements[0].current && page.tasks[2].placements[0].node == "b");
+        let rest = list_tasks(&conn, &TaskFilter { limit: 4, after: page.next, ..Default::default() }).expect("page");
+        assert_eq!(rest.tasks.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), ["t1", "t0"]);
+        assert_eq!(rest.next, None);
+        let on_a =
+            list_tasks(&conn, &TaskFilter { limit: 10, node: Some("a".into()), ..Default::default() }).expect("page");
+        assert_eq!(on_a.tasks.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), ["t2", "t0"]);
+    }
+
+    #[test]
+    fn list_queries_use_their_indexes() {
+        let conn = state(&[]);
+        let plan = |sql: &str| -> String {
+            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).expect("plan");
+            let rows: Vec<String> =
+                stmt.query_map([], |r| r.get::<_, String>(3)).expect("rows").collect::<Result<_, _>>().expect("rows");
+            rows.join("; ")
+        };
+        let page = plan(&format!("SELECT {TASK_COLS} FROM tasks t WHERE created_index < 10 ORDER BY created_index DESC LIMIT 5"));
+        assert!(page.contains("tasks_created") && !page.contains("TEMP B-TREE"), "{page}");
+        let named = plan(&format!(
+            "SELECT {TASK_COLS} FROM tasks t WHERE created_index < 10 AND name = 'x' ORDER BY created_index DESC LIMIT 5"
+        ));
+        assert!(named.contains("tasks_name") && !named.contains("TEMP B-TREE"), "{named}");
+        let batch = plan(&format!(
+            "SELECT {PLACEMENT_COLS} FROM {PLACEMENT_FROM} WHERE p.task_id IN (SELECT value FROM json_each('[\"a\"]'))"
+        ));
+        assert!(batch.contains("placements_task") && !batch.contains("SCAN p"), "{batch}");
+    }
+}
