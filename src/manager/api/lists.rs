@@ -77,7 +77,7 @@ impl PageQuery {
 }
 
 /// Percent-encodes a query value (unreserved characters stay).
-pub(crate) fn encode(v: &str) -> String {
+pub fn encode(v: &str) -> String {
     v.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),

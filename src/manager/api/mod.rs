@@ -30,6 +30,7 @@ pub mod tls;
 pub mod tokens;
 pub mod ui;
 pub use error::ApiError;
+pub use lists::encode as encode_query;
 
 /// Routes of the public API and the probes.
 pub fn router(manager: Arc<Manager>) -> Router {
