@@ -136,7 +136,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut cmd, "holdfast", &mut std::io::stdout());
+            // Into memory first: clap_complete panics on a failed write (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "holdfast", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout(), &script)?;
             Ok(0)
         }
         Command::Man => {
