@@ -191,3 +191,39 @@ async fn the_event_stream_resumes_after_last_event_id_or_says_it_is_too_old() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["field"], "Last-Event-ID", "{body}");
 }
+
+#[tokio::test]
+async fn every_operation_of_the_openapi_document_is_served() {
+    let m = manager().await;
+    let doc = get_json(&m.client, &format!("{}/v1/openapi.json", m.api)).await.expect("document");
+    assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.")), "{doc}");
+    let paths = doc["paths"].as_object().expect("paths");
+    assert!(paths.len() >= 20, "{} paths", paths.len());
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let mut checked = 0;
+    for (path, item) in paths {
+        for method in item.as_object().unwrap().keys() {
+            // A harmless id: nothing by that name exists.
+            let url = format!("{}{}", m.api, path.replace("{id}", "zz-openapi-probe"));
+            let req = match method.as_str() {
+                "get" => client.get(&url),
+                "post" => client.post(&url).body("{}"),
+                "delete" => client.delete(&url),
+                other => panic!("unexpected method {other}"),
+            };
+            let resp = req.bearer_auth(&m.token).send().await.unwrap();
+            let status = resp.status().as_u16();
+            assert_ne!(status, 405, "{method} {path}: method not allowed");
+            if status == 404 {
+                let body: Value = resp.json().await.unwrap_or(Value::Null);
+                let msg = body["error"]["message"].as_str().unwrap_or_default();
+                assert!(!msg.contains("no such route"), "{method} {path} is documented but not routed: {body}");
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 24, "{checked} operations checked");
+    // And a route that is not in the document is the fallback's 404.
+    let r = m.client.get(format!("{}/v1/no-such-thing", m.api)).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+}

@@ -24,6 +24,7 @@ mod error;
 pub mod events;
 pub mod limits;
 mod lists;
+pub mod openapi;
 pub mod metrics;
 mod snapshot;
 pub mod tls;
@@ -50,6 +51,7 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/audit", get(lists::audit_log))
         .route("/v1/tokens", post(tokens::create).get(tokens::list))
         .route("/v1/tokens/{id}", delete(tokens::revoke))
+        .route("/v1/openapi.json", get(openapi::serve))
         .route("/v1/health", get(health))
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))

@@ -11,7 +11,7 @@ use crate::model::{Desired, Observed, TaskSpec};
 use super::parse_desired;
 
 /// One placement as shown by the API.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct PlacementView {
     /// Placement id.
     pub id: String,
@@ -19,9 +19,11 @@ pub struct PlacementView {
     pub node: String,
     /// Fence (Raft index that created it).
     pub fence: u64,
-    /// Manager's intent.
+    /// Manager's intent: `run` or `stop`.
+    #[schema(value_type = String)]
     pub desired: Desired,
-    /// Worker's last report.
+    /// Worker's last report (`pending`, `pulling`, `starting`, `running`, ...).
+    #[schema(value_type = String)]
     pub observed: Observed,
     /// Last exit code.
     pub exit_code: Option<i64>,
@@ -48,7 +50,7 @@ pub struct PlacementView {
 }
 
 /// One entry of a placement's history.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct EventView {
     /// When, ms since the epoch.
     pub at_ms: u64,
@@ -59,7 +61,7 @@ pub struct EventView {
 }
 
 /// One task as shown by the API.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct TaskView {
     /// Task id.
     pub id: String,
@@ -67,8 +69,10 @@ pub struct TaskView {
     pub name: String,
     /// Derived state: pending, starting, running, restarting, completed, failed, stopping,
     /// stopped, or unknown (its node is silent; see the placement's `node_status`).
+    #[schema(value_type = String)]
     pub state: &'static str,
-    /// Manager's intent.
+    /// Manager's intent: `run` or `stop`.
+    #[schema(value_type = String)]
     pub desired: Desired,
     /// Why it is pending or failed, when known.
     pub reason: Option<String>,
@@ -78,7 +82,8 @@ pub struct TaskView {
     pub restarts: u32,
     /// Endpoints of the current placement.
     pub endpoints: Vec<String>,
-    /// The submitted spec.
+    /// The submitted spec (README, "Task spec"); env values redacted for readers.
+    #[schema(value_type = Object)]
     pub spec: TaskSpec,
     /// Creation time, ms since the epoch.
     pub created_ms: u64,
@@ -597,7 +602,7 @@ pub fn node_events(conn: &Connection, node: &str) -> rusqlite::Result<Vec<EventV
 }
 
 /// One audited API call.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct AuditEntry {
     /// Raft index of the entry that recorded it.
     pub index: u64,
