@@ -434,9 +434,8 @@ pub fn spec_body(text: &str, toml: bool) -> anyhow::Result<String> {
             return Ok(v.to_string());
         }
     }
-    let v: toml::Value = toml::from_str(text).map_err(|e| {
-        anyhow::anyhow!("the spec is neither JSON nor TOML: {}", e.message())
-    })?;
+    let v: toml::Value =
+        toml::from_str(text).map_err(|e| anyhow::anyhow!("the spec is neither JSON nor TOML: {}", e.message()))?;
     Ok(serde_json::to_string(&v)?)
 }
 

@@ -25,7 +25,8 @@ impl Dev {
         let api = format!("127.0.0.1:{}", free_port());
         let cluster = format!("127.0.0.1:{}", free_port());
         let data = dir.join("data");
-        let args = ["dev", "--api", &api, "--cluster", &cluster, "--node-id", "cli-dev", "--data-dir", data.to_str().unwrap()];
+        let args =
+            ["dev", "--api", &api, "--cluster", &cluster, "--node-id", "cli-dev", "--data-dir", data.to_str().unwrap()];
         let proc = Proc::spawn(&args, &dir.join("dev.log"), &[]);
         let url = format!("http://{api}/v1/nodes");
         let token_file = data.join("admin.token");
@@ -89,14 +90,19 @@ async fn the_cli_speaks_tables_json_and_exit_codes_against_holdfast_dev() {
 
     // A TOML spec that can never be placed (no node has the label): pending, no container.
     let spec = dir.path().join("web.toml");
-    std::fs::write(&spec, "name = \"cli-web\"\nimage = \"holdfast/echo:latest\"\n[constraints.labels]\nzone = \"nowhere\"\n")
-        .unwrap();
+    std::fs::write(
+        &spec,
+        "name = \"cli-web\"\nimage = \"holdfast/echo:latest\"\n[constraints.labels]\nzone = \"nowhere\"\n",
+    )
+    .unwrap();
     let id = ok(dev.cli(&["task", "submit", spec.to_str().unwrap()])).trim().to_string();
     assert!(id.starts_with('t'), "{id}");
     let listed = eventually(Duration::from_secs(10), "the task listed as pending", || {
         let out = stdout(&dev.cli(&["task", "list"]));
         let id = id.clone();
-        async move { out.lines().any(|l| l.starts_with(&id) && l.contains("cli-web") && l.contains("pending")).then_some(out) }
+        async move {
+            out.lines().any(|l| l.starts_with(&id) && l.contains("cli-web") && l.contains("pending")).then_some(out)
+        }
     })
     .await;
     assert!(listed.starts_with("ID "), "{listed}");

@@ -69,7 +69,11 @@ impl Default for EventStreamConfig {
     /// 64 streams (a UI tab or a tail each; far below the API's 512 in flight), a
     /// keep-alive every 15 s, and the newest 4,096 events kept (about 1 MiB).
     fn default() -> Self {
-        EventStreamConfig { max_streams: DEFAULT_STREAMS, keep_alive: Duration::from_secs(15), history: DEFAULT_HISTORY }
+        EventStreamConfig {
+            max_streams: DEFAULT_STREAMS,
+            keep_alive: Duration::from_secs(15),
+            history: DEFAULT_HISTORY,
+        }
     }
 }
 
@@ -473,7 +477,8 @@ mod tests {
     #[tokio::test]
     async fn a_stream_resumes_after_its_last_event_id_with_that_entry_again() {
         let r = ring(16, 2);
-        for (i, kind) in [(3, "task.submitted"), (4, "placement.created"), (4, "placement.created"), (5, "task.stopped")]
+        for (i, kind) in
+            [(3, "task.submitted"), (4, "placement.created"), (4, "placement.created"), (5, "task.stopped")]
         {
             r.push(event(i, kind));
         }
@@ -530,7 +535,8 @@ mod tests {
         let _ = stop_tx.send(());
         let body = Sse::new(events(o)).into_response().into_body();
         // The ring lives on: only the stop signal can end the body.
-        let got = tokio::time::timeout(Duration::from_secs(5), axum::body::to_bytes(body, 1 << 20)).await.expect("ended");
+        let got =
+            tokio::time::timeout(Duration::from_secs(5), axum::body::to_bytes(body, 1 << 20)).await.expect("ended");
         assert!(got.is_ok());
         drop(r);
     }

@@ -175,13 +175,19 @@ fn build() -> OpenApi {
             );
         }
         for q in o.query {
-            b = b.parameter(ParameterBuilder::new().name(*q).parameter_in(ParameterIn::Query).schema(Some(
-                if matches!(*q, "limit" | "tail") { u64::schema() } else { String::schema() },
-            )));
+            b = b.parameter(
+                ParameterBuilder::new()
+                    .name(*q)
+                    .parameter_in(ParameterIn::Query)
+                    .schema(Some(if matches!(*q, "limit" | "tail") { u64::schema() } else { String::schema() })),
+            );
         }
         if o.method == "POST" && o.path == "/v1/tasks" {
             let spec = RefOr::T(Schema::Object(
-                ObjectBuilder::new().schema_type(Type::Object).description(Some("TaskSpec (README, \"Task spec\")")).build(),
+                ObjectBuilder::new()
+                    .schema_type(Type::Object)
+                    .description(Some("TaskSpec (README, \"Task spec\")"))
+                    .build(),
             ));
             b = b.request_body(Some(
                 RequestBodyBuilder::new()
@@ -254,9 +260,9 @@ mod tests {
                 .map_or(rest.len(), |(i, _)| i);
             for m in ["get", "post", "delete", "put", "patch"] {
                 let call = format!("{m}(");
-                let hit = rest[..end].match_indices(&call).any(|(i, _)| {
-                    i == 0 || !rest[..i].ends_with(|c: char| c.is_alphanumeric() || c == '_')
-                });
+                let hit = rest[..end]
+                    .match_indices(&call)
+                    .any(|(i, _)| i == 0 || !rest[..i].ends_with(|c: char| c.is_alphanumeric() || c == '_'));
                 if hit {
                     out.insert((m.to_uppercase(), path.to_string()));
                 }
@@ -295,7 +301,10 @@ mod tests {
         assert!(schemas["TaskView"]["properties"]["placements"].is_object());
         assert!(schemas["AuditEntry"]["properties"]["on_behalf_of"].is_object());
         let list = &v["paths"]["/v1/tasks"]["get"];
-        assert_eq!(list["responses"]["200"]["content"]["application/json"]["schema"]["$ref"], "#/components/schemas/TaskPage");
-        assert_eq!(v["paths"]["/v1/tasks"]["post"]["responses"]["201"]["description"].as_str().is_some(), true);
+        assert_eq!(
+            list["responses"]["200"]["content"]["application/json"]["schema"]["$ref"],
+            "#/components/schemas/TaskPage"
+        );
+        assert!(v["paths"]["/v1/tasks"]["post"]["responses"]["201"]["description"].is_string());
     }
 }

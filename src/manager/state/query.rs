@@ -217,7 +217,10 @@ const MAX_SCAN: usize = 2_000;
 /// Placements of every task in `ids` (a JSON array of ids), by task: one query for the
 /// whole page instead of one per task (`placements_task` index; `json_each` keeps the
 /// statement cached whatever the page size).
-fn placements_of(conn: &Connection, ids: &[&str]) -> rusqlite::Result<std::collections::HashMap<String, Vec<PlacementView>>> {
+fn placements_of(
+    conn: &Connection,
+    ids: &[&str],
+) -> rusqlite::Result<std::collections::HashMap<String, Vec<PlacementView>>> {
     let mut out: std::collections::HashMap<String, Vec<PlacementView>> = std::collections::HashMap::new();
     if ids.is_empty() {
         return Ok(out);
@@ -397,7 +400,11 @@ pub fn nodes(conn: &Connection) -> rusqlite::Result<Vec<NodeRow>> {
 
 /// At most `limit` nodes named after `after`, by name, and the cursor of the next
 /// page (the last name) when more may follow.
-pub fn nodes_page(conn: &Connection, after: Option<&str>, limit: usize) -> rusqlite::Result<(Vec<NodeRow>, Option<String>)> {
+pub fn nodes_page(
+    conn: &Connection,
+    after: Option<&str>,
+    limit: usize,
+) -> rusqlite::Result<(Vec<NodeRow>, Option<String>)> {
     let mut stmt = conn.prepare_cached(
         "SELECT n.name, n.address, n.labels, n.status, n.cpu_millis, n.memory_mb, n.disk_mb, n.registered_ms,
            COALESCE(SUM(p.cpu_millis),0), COALESCE(SUM(p.memory_mb),0), COALESCE(SUM(p.disk_mb),0), COUNT(p.id),
@@ -779,7 +786,9 @@ mod tests {
                 stmt.query_map([], |r| r.get::<_, String>(3)).expect("rows").collect::<Result<_, _>>().expect("rows");
             rows.join("; ")
         };
-        let page = plan(&format!("SELECT {TASK_COLS} FROM tasks t WHERE created_index < 10 ORDER BY created_index DESC LIMIT 5"));
+        let page = plan(&format!(
+            "SELECT {TASK_COLS} FROM tasks t WHERE created_index < 10 ORDER BY created_index DESC LIMIT 5"
+        ));
         assert!(page.contains("tasks_created") && !page.contains("TEMP B-TREE"), "{page}");
         let named = plan(&format!(
             "SELECT {TASK_COLS} FROM tasks t WHERE created_index < 10 AND name = 'x' ORDER BY created_index DESC LIMIT 5"
