@@ -71,7 +71,6 @@ fn load(path: &std::path::Path, tasks: usize) -> rusqlite::Connection {
         }
     }
     apply(&Command::ApplyPlan { placements: planned, unplaced: Vec::new(), now_ms: 3 });
-    drop(apply);
     tx.commit().expect("commit");
     conn
 }
