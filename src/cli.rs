@@ -8,6 +8,39 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::{Config, ManagerRole, WorkerRole};
 
+/// Exit code of a client command that failed (`task`, `node`, `cluster`, `token`).
+pub const EXIT_ERROR: u8 = 1;
+/// Exit code of a client command given wrong flags or arguments.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code when the API answered 404: no such task, node, token or route.
+pub const EXIT_NOT_FOUND: u8 = 3;
+/// Exit code when the API refused for now (503: no leader, quorum lost, overloaded):
+/// the same command may succeed if retried.
+pub const EXIT_RETRYABLE: u8 = 4;
+
+/// The exit code of a failed parse: usage errors of the client commands exit with
+/// [`EXIT_USAGE`]; those of `agent` and `dev` keep [`EXIT_CONFIG`] (the units name it).
+pub fn parse_error_code(args: &[std::ffi::OsString], code: u8) -> u8 {
+    if code != EXIT_CONFIG {
+        return code;
+    }
+    let sub = args.iter().skip(1).find(|a| !a.to_string_lossy().starts_with('-'));
+    match sub.map(|s| s.to_string_lossy().into_owned()).as_deref() {
+        Some("agent" | "dev") | None => EXIT_CONFIG,
+        Some(_) => EXIT_USAGE,
+    }
+}
+
+/// How client commands print what the API answered.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Output {
+    /// Aligned columns for people.
+    #[default]
+    Table,
+    /// The API's JSON, for scripts.
+    Json,
+}
+
 /// Exit code for a configuration error (a bad flag, file, key or value): `EX_CONFIG`
 /// from sysexits. The units' `RestartPreventExitStatus=` names it so a typo does not
 /// restart in a loop.
@@ -59,6 +92,9 @@ pub enum Command {
         /// Task command.
         #[command(subcommand)]
         cmd: TaskCommand,
+        /// `table` (default) or `json`.
+        #[arg(short = 'o', long, env = "HOLDFAST_OUTPUT", value_enum, default_value = "table", global = true)]
+        output: Output,
         /// API base URL.
         #[arg(long, env = "HOLDFAST_API_URL", default_value = "http://127.0.0.1:7700", global = true)]
         api_url: String,
@@ -66,10 +102,16 @@ pub enum Command {
         #[command(flatten)]
         auth: ApiAuth,
     },
-    /// Nodes (client of the HTTP API).
+    /// Nodes (client of the HTTP API); the list when no command is given.
     Node {
+        /// Node command.
+        #[command(subcommand)]
+        cmd: Option<NodeCommand>,
+        /// `table` (default) or `json`.
+        #[arg(short = 'o', long, env = "HOLDFAST_OUTPUT", value_enum, default_value = "table", global = true)]
+        output: Output,
         /// API base URL.
-        #[arg(long, env = "HOLDFAST_API_URL", default_value = "http://127.0.0.1:7700")]
+        #[arg(long, env = "HOLDFAST_API_URL", default_value = "http://127.0.0.1:7700", global = true)]
         api_url: String,
         /// How to authenticate.
         #[command(flatten)]
@@ -84,6 +126,9 @@ pub enum Command {
         /// What to do; cluster status when absent.
         #[command(subcommand)]
         cmd: Option<ClusterCommand>,
+        /// `table` (default) or `json`.
+        #[arg(short = 'o', long, env = "HOLDFAST_OUTPUT", value_enum, default_value = "table", global = true)]
+        output: Output,
         /// API base URL.
         #[arg(long, env = "HOLDFAST_API_URL", default_value = "http://127.0.0.1:7700", global = true)]
         api_url: String,
@@ -96,12 +141,61 @@ pub enum Command {
         /// Token command.
         #[command(subcommand)]
         cmd: TokenCommand,
+        /// `table` (default) or `json`.
+        #[arg(short = 'o', long, env = "HOLDFAST_OUTPUT", value_enum, default_value = "table", global = true)]
+        output: Output,
         /// API base URL.
         #[arg(long, env = "HOLDFAST_API_URL", default_value = "http://127.0.0.1:7700", global = true)]
         api_url: String,
         /// How to authenticate.
         #[command(flatten)]
         auth: ApiAuth,
+    },
+    /// Print a shell completion script (`holdfast completions bash > /etc/bash_completion.d/holdfast`).
+    Completions {
+        /// `bash`, `zsh`, `fish`, `elvish` or `powershell`.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff; `holdfast man | man -l -`).
+    Man,
+}
+
+/// `holdfast node ...`
+#[derive(Subcommand, Debug)]
+pub enum NodeCommand {
+    /// List nodes (every page).
+    List,
+    /// Show one node with its history.
+    Get {
+        /// Node name.
+        id: String,
+    },
+    /// Drain a node: its placements move elsewhere; `--off` ends the drain.
+    Drain {
+        /// Node name.
+        id: String,
+        /// End the drain instead.
+        #[arg(long)]
+        off: bool,
+        /// Stop whatever is left after this long (e.g. `10m`).
+        #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "off")]
+        deadline: Option<std::time::Duration>,
+    },
+    /// Whether a node takes new placements (`--off` to stop, `--on` to resume).
+    Eligibility {
+        /// Node name.
+        id: String,
+        /// Take no new placements.
+        #[arg(long, conflicts_with = "on", required_unless_present = "on")]
+        off: bool,
+        /// Take new placements again.
+        #[arg(long)]
+        on: bool,
+    },
+    /// Remove a decommissioned node from the cluster (admin).
+    Remove {
+        /// Node name.
+        id: String,
     },
 }
 
@@ -171,6 +265,8 @@ pub enum ClusterCommand {
         #[command(subcommand)]
         cmd: Option<CaCommand>,
     },
+    /// The managers: name, addresses, role, version, how far each has applied.
+    Members,
     /// Back up or restore the whole replicated state.
     Snapshot {
         /// Save or restore.
@@ -295,16 +391,30 @@ pub enum ImageCommand {
 /// `holdfast task ...`
 #[derive(Subcommand, Debug)]
 pub enum TaskCommand {
-    /// Submit a TaskSpec from a JSON file (`-` for stdin).
+    /// Submit a TaskSpec from a JSON or TOML file (`-` for stdin; TOML when the file
+    /// ends in `.toml` or is not JSON).
     Submit {
-        /// Path of the JSON spec.
+        /// Path of the spec.
         file: PathBuf,
         /// Idempotency key making retries safe.
         #[arg(long)]
         idempotency_key: Option<String>,
     },
-    /// List tasks.
-    List,
+    /// List tasks, newest first (every page unless `--limit`).
+    List {
+        /// Only tasks in this state (`running`, `pending`, `failed`, ...).
+        #[arg(long)]
+        state: Option<String>,
+        /// Only tasks with a placement on this node.
+        #[arg(long)]
+        node: Option<String>,
+        /// Only tasks with this name.
+        #[arg(long)]
+        name: Option<String>,
+        /// At most this many tasks.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
     /// Show one task.
     Get {
         /// Task id.

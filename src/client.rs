@@ -1,11 +1,48 @@
 //! The CLI's HTTP client for `holdfast task|node|cluster|token`: authenticates with a
-//! bearer token and prints the API's JSON.
+//! bearer token and prints the API's answer as a table (the default) or its JSON
+//! (`-o json`). A refusal leaves as an [`ApiFailure`], whose status picks the exit code
+//! ([`ApiFailure::exit_code`], README "CLI").
 
+use std::fmt::Write as _;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use serde_json::Value;
 
-use crate::cli::{ApiAuth, TaskCommand, TokenCommand};
+use crate::cli::{ApiAuth, NodeCommand, Output, TaskCommand, TokenCommand};
+
+/// The API answered with an error status.
+#[derive(Debug, thiserror::Error)]
+#[error("{status}: {message}")]
+pub struct ApiFailure {
+    /// HTTP status.
+    pub status: u16,
+    /// The error's message (or the body when it is not the error shape).
+    pub message: String,
+}
+
+impl ApiFailure {
+    /// 3 for 404, 4 for 503 (retry later), 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self.status {
+            404 => crate::cli::EXIT_NOT_FOUND,
+            503 => crate::cli::EXIT_RETRYABLE,
+            _ => crate::cli::EXIT_ERROR,
+        }
+    }
+}
+
+/// The exit code of a client command's error: an API refusal by its status, an
+/// unreachable API as retryable, anything else 1.
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    if let Some(f) = e.downcast_ref::<ApiFailure>() {
+        return f.exit_code();
+    }
+    if e.chain().any(|c| c.downcast_ref::<reqwest::Error>().is_some_and(|r| r.is_connect() || r.is_timeout())) {
+        return crate::cli::EXIT_RETRYABLE;
+    }
+    crate::cli::EXIT_ERROR
+}
 
 mod images;
 
@@ -56,49 +93,144 @@ impl Api {
         self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token)
     }
 
-    async fn call(&self, req: reqwest::RequestBuilder) -> anyhow::Result<()> {
+    /// Sends `req`; the JSON body of a success (text as a JSON string), or an
+    /// [`ApiFailure`].
+    async fn fetch(&self, req: reqwest::RequestBuilder) -> anyhow::Result<Value> {
         let resp = req.send().await.with_context(|| format!("cannot reach the holdfast API at {}", self.base))?;
         let status = resp.status();
         let text = resp.text().await.unwrap_or_default();
-        let pretty = serde_json::from_str::<serde_json::Value>(&text)
-            .ok()
-            .and_then(|v| serde_json::to_string_pretty(&v).ok())
-            .unwrap_or(text);
+        let json = serde_json::from_str::<Value>(&text).ok();
         if status.is_success() {
-            println!("{pretty}");
-            Ok(())
-        } else {
-            bail!("{status}: {pretty}")
+            return Ok(json.unwrap_or(Value::String(text)));
         }
+        let message = json
+            .as_ref()
+            .and_then(|v| {
+                let e = &v["error"];
+                let msg = e["message"].as_str()?;
+                Some(match e["field"].as_str().filter(|f| !f.is_empty()) {
+                    Some(f) => format!("{msg} (field {f})"),
+                    None => msg.to_string(),
+                })
+            })
+            .unwrap_or(text);
+        Err(ApiFailure { status: status.as_u16(), message }.into())
     }
 
-    /// GETs one API path and prints it.
+    async fn call(&self, req: reqwest::RequestBuilder) -> anyhow::Result<()> {
+        print_json(&self.fetch(req).await?);
+        Ok(())
+    }
+
+    /// GETs one API path and prints its JSON.
     pub async fn get(&self, path: &str) -> anyhow::Result<()> {
         self.call(self.req(reqwest::Method::GET, path)).await
     }
 
+    /// Every item of a paged list (`key` of each page), following `next` until the end
+    /// or `limit` items.
+    async fn all_pages(&self, first: &str, key: &str, limit: Option<usize>) -> anyhow::Result<Vec<Value>> {
+        let mut items = Vec::new();
+        let mut path = first.to_string();
+        loop {
+            let page = self.fetch(self.req(reqwest::Method::GET, &path)).await?;
+            items.extend(page[key].as_array().cloned().unwrap_or_default());
+            if limit.is_some_and(|l| items.len() >= l) {
+                items.truncate(limit.unwrap_or(usize::MAX));
+                return Ok(items);
+            }
+            match page["next"].as_str() {
+                Some(n) => {
+                    let sep = if first.contains('?') { '&' } else { '?' };
+                    path = format!("{first}{sep}after={}", crate::manager::api::encode_query(n));
+                }
+                None => return Ok(items),
+            }
+        }
+    }
+
+    /// Runs a `holdfast node ...` command (the list when `cmd` is `None`).
+    pub async fn node(&self, cmd: Option<NodeCommand>, output: Output) -> anyhow::Result<()> {
+        use reqwest::Method;
+        let v = match cmd.unwrap_or(NodeCommand::List) {
+            NodeCommand::List => {
+                let nodes = self.all_pages("/v1/nodes", "nodes", None).await?;
+                return emit(output, &Value::Array(nodes.clone()), || node_table(&nodes));
+            }
+            NodeCommand::Get { id } => self.fetch(self.req(Method::GET, &format!("/v1/nodes/{id}"))).await?,
+            NodeCommand::Drain { id, off, deadline } => {
+                let mut body = serde_json::json!({ "enable": !off });
+                if let Some(d) = deadline {
+                    body["deadline_ms"] = serde_json::json!(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                }
+                self.fetch(self.req(Method::POST, &format!("/v1/nodes/{id}/drain")).json(&body)).await?
+            }
+            NodeCommand::Eligibility { id, off, .. } => {
+                let body = serde_json::json!({ "eligible": !off });
+                self.fetch(self.req(Method::POST, &format!("/v1/nodes/{id}/eligibility")).json(&body)).await?
+            }
+            NodeCommand::Remove { id } => self.fetch(self.req(Method::DELETE, &format!("/v1/nodes/{id}"))).await?,
+        };
+        emit(output, &v, || fields_table(&v))
+    }
+
+    /// `holdfast cluster` (status) and `holdfast cluster members`.
+    pub async fn cluster(&self, members: bool, output: Output) -> anyhow::Result<()> {
+        let v = self.fetch(self.req(reqwest::Method::GET, "/v1/cluster")).await?;
+        if members {
+            let m = v["members"].clone();
+            return emit(output, &m, || members_table(&v));
+        }
+        emit(output, &v, || cluster_table(&v))
+    }
+
     /// Runs a `holdfast task ...` command.
-    pub async fn task(&self, cmd: TaskCommand) -> anyhow::Result<()> {
+    pub async fn task(&self, cmd: TaskCommand, output: Output) -> anyhow::Result<()> {
         use reqwest::Method;
         match cmd {
             TaskCommand::Submit { file, idempotency_key } => {
-                let body = if file.as_os_str() == "-" {
+                let text = if file.as_os_str() == "-" {
                     let mut s = String::new();
                     std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
                     s
                 } else {
                     std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?
                 };
+                let toml = file.extension().is_some_and(|e| e == "toml");
+                let body = spec_body(&text, toml)?;
                 let mut req = self.req(Method::POST, "/v1/tasks").header("content-type", "application/json").body(body);
                 if let Some(k) = idempotency_key {
                     req = req.header("Idempotency-Key", k);
                 }
-                self.call(req).await
+                let v = self.fetch(req).await?;
+                emit(output, &v, || format!("{}\n", v["id"].as_str().unwrap_or_default()))
             }
-            TaskCommand::List => self.get("/v1/tasks").await,
-            TaskCommand::Get { id } => self.get(&format!("/v1/tasks/{id}")).await,
-            TaskCommand::Stop { id } => self.call(self.req(Method::DELETE, &format!("/v1/tasks/{id}"))).await,
-            TaskCommand::Logs { id } => self.get(&format!("/v1/tasks/{id}/logs")).await,
+            TaskCommand::List { state, node, name, limit } => {
+                let mut q = vec![format!("limit={}", limit.unwrap_or(500).clamp(1, 500))];
+                for (k, v) in [("state", state), ("node", node), ("name", name)] {
+                    if let Some(v) = v {
+                        q.push(format!("{k}={}", crate::manager::api::encode_query(&v)));
+                    }
+                }
+                let tasks = self.all_pages(&format!("/v1/tasks?{}", q.join("&")), "tasks", limit).await?;
+                emit(output, &Value::Array(tasks.clone()), || task_table(&tasks))
+            }
+            TaskCommand::Get { id } => {
+                let v = self.fetch(self.req(Method::GET, &format!("/v1/tasks/{id}"))).await?;
+                emit(output, &v, || task_detail(&v))
+            }
+            TaskCommand::Stop { id } => {
+                let v = self.fetch(self.req(Method::DELETE, &format!("/v1/tasks/{id}"))).await?;
+                emit(output, &v, || format!("{id} stopping\n"))
+            }
+            TaskCommand::Logs { id } => {
+                let v = self.fetch(self.req(Method::GET, &format!("/v1/tasks/{id}/logs"))).await?;
+                match v {
+                    Value::String(text) => print!("{text}"),
+                    other => print_json(&other),
+                }
+                Ok(())
+            }
         }
     }
 
@@ -170,7 +302,7 @@ impl Api {
     }
 
     /// Runs a `holdfast token ...` command.
-    pub async fn token(&self, cmd: TokenCommand) -> anyhow::Result<()> {
+    pub async fn token(&self, cmd: TokenCommand, output: Output) -> anyhow::Result<()> {
         use reqwest::Method;
         match cmd {
             TokenCommand::Create { role, name, ttl } => {
@@ -180,7 +312,10 @@ impl Api {
                 }
                 self.call(self.req(Method::POST, "/v1/tokens").json(&body)).await
             }
-            TokenCommand::List => self.get("/v1/tokens").await,
+            TokenCommand::List => {
+                let v = self.fetch(self.req(Method::GET, "/v1/tokens")).await?;
+                emit(output, &v, || token_table(&v))
+            }
             TokenCommand::Revoke { id } => self.call(self.req(Method::DELETE, &format!("/v1/tokens/{id}"))).await,
             TokenCommand::Join { role, ttl, uses, .. } => self.rotate_join_token(role, ttl, uses).await,
         }
@@ -326,4 +461,299 @@ fn seed_identity(data_dir: &std::path::Path, node_id: &str) -> anyhow::Result<()
     write_private(&tls.join("node.key"), &key)?;
     write_private(&tls.join("node.pem"), &cert)?;
     Ok(())
+}
+
+/// Prints `v` as indented JSON.
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string()));
+}
+
+/// Prints `v` as JSON or the table `table` renders.
+fn emit(output: Output, v: &Value, table: impl FnOnce() -> String) -> anyhow::Result<()> {
+    match output {
+        Output::Json => print_json(v),
+        Output::Table => print!("{}", table()),
+    }
+    Ok(())
+}
+
+/// The JSON body of a spec file: JSON as it is; TOML (when `toml`, or when the text
+/// is not JSON) converted to JSON. The API checks the spec itself.
+pub fn spec_body(text: &str, toml: bool) -> anyhow::Result<String> {
+    if !toml {
+        if let Ok(v) = serde_json::from_str::<Value>(text) {
+            return Ok(v.to_string());
+        }
+    }
+    let v: toml::Value =
+        toml::from_str(text).map_err(|e| anyhow::anyhow!("the spec is neither JSON nor TOML: {}", e.message()))?;
+    Ok(serde_json::to_string(&v)?)
+}
+
+/// Left-aligned columns separated by two spaces; the last column is not padded.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let last = cells.len().saturating_sub(1);
+        let mut l = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i == last {
+                l.push_str(c);
+            } else {
+                let _ = write!(l, "{c:<w$}  ", w = widths[i]);
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(header.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+/// Text of a JSON scalar; `-` for null or absent.
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) if s.is_empty() => "-".into(),
+        Value::String(s) => s.clone(),
+        Value::Array(a) if a.is_empty() => "-".into(),
+        Value::Array(a) => a.iter().map(cell).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    }
+}
+
+/// `holdfast task list`.
+pub fn task_table(tasks: &[Value]) -> String {
+    let rows: Vec<Vec<String>> = tasks
+        .iter()
+        .map(|t| {
+            let current = t["placements"].as_array().and_then(|p| p.iter().find(|p| p["current"] == true));
+            vec![
+                cell(&t["id"]),
+                cell(&t["name"]),
+                cell(&t["state"]),
+                current.map_or("-".into(), |p| cell(&p["node"])),
+                cell(&t["spec"]["image"]),
+                cell(&t["restarts"]),
+                cell(&t["endpoints"]),
+            ]
+        })
+        .collect();
+    table(&["ID", "NAME", "STATE", "NODE", "IMAGE", "RESTARTS", "ENDPOINTS"], &rows)
+}
+
+/// `holdfast task get`.
+pub fn task_detail(t: &Value) -> String {
+    let mut out = table(
+        &["FIELD", "VALUE"],
+        &[
+            vec!["id".into(), cell(&t["id"])],
+            vec!["name".into(), cell(&t["name"])],
+            vec!["state".into(), cell(&t["state"])],
+            vec!["desired".into(), cell(&t["desired"])],
+            vec!["image".into(), cell(&t["spec"]["image"])],
+            vec!["reason".into(), cell(&t["reason"])],
+            vec!["exit code".into(), cell(&t["exit_code"])],
+            vec!["restarts".into(), cell(&t["restarts"])],
+            vec!["endpoints".into(), cell(&t["endpoints"])],
+        ],
+    );
+    let placements = t["placements"].as_array().cloned().unwrap_or_default();
+    if !placements.is_empty() {
+        out.push('\n');
+        let rows: Vec<Vec<String>> = placements
+            .iter()
+            .map(|p| {
+                vec![
+                    cell(&p["id"]),
+                    cell(&p["node"]),
+                    cell(&p["fence"]),
+                    cell(&p["desired"]),
+                    cell(&p["observed"]),
+                    if p["current"] == true { "yes".into() } else { "-".into() },
+                ]
+            })
+            .collect();
+        out.push_str(&table(&["PLACEMENT", "NODE", "FENCE", "DESIRED", "OBSERVED", "CURRENT"], &rows));
+    }
+    out
+}
+
+/// `holdfast node list`.
+pub fn node_table(nodes: &[Value]) -> String {
+    let rows: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|n| {
+            let flags = match (n["draining"] == true, n["eligible"] == false) {
+                (true, _) => "draining",
+                (false, true) => "ineligible",
+                _ => "-",
+            };
+            vec![
+                cell(&n["id"]),
+                cell(&n["status"]),
+                flags.into(),
+                cell(&n["address"]),
+                format!("{}/{}", cell(&n["reserved"]["cpu_millis"]), cell(&n["capacity"]["cpu_millis"])),
+                format!("{}/{}", cell(&n["reserved"]["memory_mb"]), cell(&n["capacity"]["memory_mb"])),
+                cell(&n["placements"]),
+            ]
+        })
+        .collect();
+    table(&["NAME", "STATUS", "SCHEDULING", "ADDRESS", "CPU (m)", "MEMORY (MiB)", "PLACEMENTS"], &rows)
+}
+
+/// A JSON object as FIELD/VALUE rows (nested values as compact JSON).
+pub fn fields_table(v: &Value) -> String {
+    let rows: Vec<Vec<String>> = match v.as_object() {
+        Some(o) => o
+            .iter()
+            .filter(|(_, v)| !matches!(v, Value::Array(a) if a.len() > 8))
+            .map(|(k, v)| vec![k.clone(), if v.is_object() { v.to_string() } else { cell(v) }])
+            .collect(),
+        None => vec![vec!["value".into(), cell(v)]],
+    };
+    table(&["FIELD", "VALUE"], &rows)
+}
+
+/// `holdfast cluster`.
+pub fn cluster_table(v: &Value) -> String {
+    let rows = vec![
+        vec!["this manager".into(), cell(&v["id"])],
+        vec!["role".into(), cell(&v["role"])],
+        vec!["leader".into(), cell(&v["leader"]["id"])],
+        vec!["term".into(), cell(&v["term"])],
+        vec!["commit index".into(), cell(&v["commit_index"])],
+        vec!["last applied".into(), cell(&v["last_applied"])],
+        vec!["members".into(), v["members"].as_array().map_or(0, Vec::len).to_string()],
+    ];
+    let mut out = table(&["FIELD", "VALUE"], &rows);
+    out.push('\n');
+    out.push_str(&members_table(v));
+    out
+}
+
+/// `holdfast cluster members`.
+pub fn members_table(v: &Value) -> String {
+    let leader = v["leader"]["id"].as_str().unwrap_or_default();
+    let rows: Vec<Vec<String>> = v["members"]
+        .as_array()
+        .map(|m| {
+            m.iter()
+                .map(|m| {
+                    vec![
+                        cell(&m["id"]),
+                        if m["id"] == leader { "leader".into() } else { cell(&m["role"]) },
+                        cell(&m["api"]),
+                        cell(&m["cluster"]),
+                        cell(&m["version"]),
+                        cell(&m["last_applied"]),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    table(&["NAME", "ROLE", "API", "CLUSTER", "VERSION", "APPLIED"], &rows)
+}
+
+/// `holdfast token list`.
+pub fn token_table(v: &Value) -> String {
+    let rows: Vec<Vec<String>> = v["tokens"]
+        .as_array()
+        .map(|t| {
+            t.iter()
+                .map(|t| {
+                    vec![
+                        cell(&t["id"]),
+                        cell(&t["name"]),
+                        cell(&t["role"]),
+                        cell(&t["created_by"]),
+                        cell(&t["expires_ms"]),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    table(&["ID", "NAME", "ROLE", "CREATED BY", "EXPIRES (ms)"], &rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn task_list_renders_a_fixed_table() {
+        let tasks = vec![
+            json!({"id": "t1", "name": "web", "state": "running", "spec": {"image": "holdfast/echo:latest"},
+                   "restarts": 2, "endpoints": ["10.0.0.1:32768"],
+                   "placements": [{"node": "old", "current": false}, {"node": "edge-1", "current": true}]}),
+            json!({"id": "t22", "name": "batch-job", "state": "pending", "spec": {"image": "busybox"},
+                   "restarts": 0, "endpoints": [], "placements": []}),
+        ];
+        assert_eq!(
+            task_table(&tasks),
+            "\
+ID   NAME       STATE    NODE    IMAGE                 RESTARTS  ENDPOINTS
+t1   web        running  edge-1  holdfast/echo:latest  2         10.0.0.1:32768
+t22  batch-job  pending  -       busybox               0         -
+"
+        );
+        assert_eq!(task_table(&[]), "ID  NAME  STATE  NODE  IMAGE  RESTARTS  ENDPOINTS\n");
+    }
+
+    #[test]
+    fn node_list_and_members_render_fixed_tables() {
+        let nodes = vec![json!({"id": "edge-1", "status": "ready", "draining": true, "eligible": true,
+            "address": "10.0.0.1", "capacity": {"cpu_millis": 4000, "memory_mb": 8192},
+            "reserved": {"cpu_millis": 100, "memory_mb": 64}, "placements": 1})];
+        assert_eq!(
+            node_table(&nodes),
+            "\
+NAME    STATUS  SCHEDULING  ADDRESS   CPU (m)   MEMORY (MiB)  PLACEMENTS
+edge-1  ready   draining    10.0.0.1  100/4000  64/8192       1
+"
+        );
+        let cluster = json!({"id": "m1", "role": "Leader", "leader": {"id": "m1"}, "term": 3, "commit_index": 40,
+            "last_applied": 40, "members": [
+                {"id": "m1", "role": "voter", "api": "127.0.0.1:7700", "cluster": "127.0.0.1:7701", "version": "0.1.0", "last_applied": 40},
+                {"id": "m2", "role": "learner", "api": "127.0.0.1:7710", "cluster": "127.0.0.1:7711", "version": null, "last_applied": 38}]});
+        assert_eq!(
+            members_table(&cluster),
+            "\
+NAME  ROLE     API             CLUSTER         VERSION  APPLIED
+m1    leader   127.0.0.1:7700  127.0.0.1:7701  0.1.0    40
+m2    learner  127.0.0.1:7710  127.0.0.1:7711  -        38
+"
+        );
+        assert!(cluster_table(&cluster).starts_with("FIELD         VALUE\nthis manager  m1\nrole          Leader\n"));
+    }
+
+    #[test]
+    fn specs_come_from_json_or_toml() {
+        assert_eq!(spec_body(r#"{"image":"busybox"}"#, false).unwrap(), r#"{"image":"busybox"}"#);
+        let toml = "name = \"web\"\nimage = \"busybox\"\n[resources]\nmemory_mb = 64\n";
+        let v: Value = serde_json::from_str(&spec_body(toml, true).unwrap()).unwrap();
+        assert_eq!(v, json!({"name": "web", "image": "busybox", "resources": {"memory_mb": 64}}));
+        // Not JSON: read as TOML, and an error says both were tried.
+        assert_eq!(spec_body("image = \"x\"", false).unwrap(), r#"{"image":"x"}"#);
+        assert!(spec_body("{ nope", false).unwrap_err().to_string().contains("neither JSON nor TOML"));
+    }
+
+    #[test]
+    fn api_failures_pick_the_exit_code() {
+        let code = |status| exit_code(&anyhow::Error::from(ApiFailure { status, message: String::new() }));
+        assert_eq!((code(404), code(503), code(400), code(409)), (3, 4, 1, 1));
+        assert_eq!(exit_code(&anyhow::anyhow!("other")), 1);
+    }
 }

@@ -8,11 +8,13 @@ use holdfast::cli::{
 fn main() -> std::process::ExitCode {
     // Configuration errors (flags, config file, values) exit with EXIT_CONFIG, which
     // the units' RestartPreventExitStatus= names.
-    let cli = match holdfast::config_file::parse_from(std::env::args_os().collect()) {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = match holdfast::config_file::parse_from(args.clone()) {
         Ok(cli) => cli,
         Err(e) => {
             e.print();
-            return std::process::ExitCode::from(e.code());
+            // Usage errors of the client commands exit 2; agent and dev keep EXIT_CONFIG.
+            return std::process::ExitCode::from(holdfast::cli::parse_error_code(&args, e.code()));
         }
     };
     // The guard is PID 1 of a container: it must run before any thread exists (no
@@ -53,11 +55,14 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(EXIT_CONFIG);
         }
     }
+    let client = !matches!(cli.command, Command::Dev(_) | Command::Agent(_) | Command::Echo(_) | Command::Image { .. });
     match runtime.block_on(dispatch(cli)) {
         Ok(code) => std::process::ExitCode::from(code),
         Err(e) => {
             eprintln!("holdfast: {e:#}");
-            std::process::ExitCode::FAILURE
+            // Client commands: 3 not found, 4 retryable, 1 otherwise (README "CLI").
+            let code = if client { holdfast::client::exit_code(&e) } else { 1 };
+            std::process::ExitCode::from(code)
         }
     }
 }
@@ -120,17 +125,35 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             holdfast::client::Api::new(&api_url, &auth)?.image(which).await.map(|_| 0)
         }
         Command::Guard(_) => anyhow::bail!("the guard runs before the async runtime starts"),
-        Command::Task { cmd, api_url, auth } => holdfast::client::Api::new(&api_url, &auth)?.task(cmd).await.map(|_| 0),
-        Command::Node { api_url, auth } => {
-            holdfast::client::Api::new(&api_url, &auth)?.get("/v1/nodes").await.map(|_| 0)
+        Command::Task { cmd, output, api_url, auth } => {
+            holdfast::client::Api::new(&api_url, &auth)?.task(cmd, output).await.map(|_| 0)
         }
-        Command::Cluster { cmd: None, api_url, auth } => {
-            holdfast::client::Api::new(&api_url, &auth)?.get("/v1/cluster").await.map(|_| 0)
+        Command::Node { cmd, output, api_url, auth } => {
+            holdfast::client::Api::new(&api_url, &auth)?.node(cmd, output).await.map(|_| 0)
         }
-        Command::Cluster { cmd: Some(ClusterCommand::Ca { cmd }), api_url, auth } => {
+        Command::Cluster { cmd: Some(ClusterCommand::Ca { cmd }), api_url, auth, .. } => {
             holdfast::client::Api::new(&api_url, &auth)?.ca(cmd).await.map(|_| 0)
         }
-        Command::Cluster { cmd: Some(ClusterCommand::Snapshot { cmd }), api_url, auth } => match cmd {
+        Command::Cluster { cmd: None, output, api_url, auth } => {
+            holdfast::client::Api::new(&api_url, &auth)?.cluster(false, output).await.map(|_| 0)
+        }
+        Command::Cluster { cmd: Some(ClusterCommand::Members), output, api_url, auth } => {
+            holdfast::client::Api::new(&api_url, &auth)?.cluster(true, output).await.map(|_| 0)
+        }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            // Into memory first: clap_complete panics on a failed write (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "holdfast", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout(), &script)?;
+            Ok(0)
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
+            Ok(0)
+        }
+        Command::Cluster { cmd: Some(ClusterCommand::Snapshot { cmd }), api_url, auth, .. } => match cmd {
             SnapshotCommand::Save { file } => {
                 holdfast::client::Api::new(&api_url, &auth)?.snapshot_save(&file).await.map(|_| 0)
             }
@@ -141,8 +164,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Token { cmd: TokenCommand::Join { role, rotate: false, .. }, auth, .. } => {
             holdfast::client::print_join_token(&auth.data_dir, role).map(|_| 0)
         }
-        Command::Token { cmd, api_url, auth } => {
-            holdfast::client::Api::new(&api_url, &auth)?.token(cmd).await.map(|_| 0)
+        Command::Token { cmd, output, api_url, auth } => {
+            holdfast::client::Api::new(&api_url, &auth)?.token(cmd, output).await.map(|_| 0)
         }
     }
 }

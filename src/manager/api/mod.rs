@@ -25,12 +25,15 @@ mod error;
 pub mod events;
 pub mod images;
 pub mod limits;
+mod lists;
 pub mod metrics;
+pub mod openapi;
 mod snapshot;
 pub mod tls;
 pub mod tokens;
 pub mod ui;
 pub use error::ApiError;
+pub use lists::encode as encode_query;
 
 /// Routes of the public API and the probes.
 pub fn router(manager: Arc<Manager>) -> Router {
@@ -40,16 +43,17 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/tasks", post(submit_task).get(list_tasks))
         .route("/v1/tasks/{id}", get(get_task).delete(stop_task))
         .route("/v1/tasks/{id}/logs", get(task_logs))
-        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes", get(lists::list_nodes))
         .route("/v1/nodes/{id}", get(get_node).delete(day2::remove_node))
         .route("/v1/nodes/{id}/drain", post(drain_node))
         .route("/v1/nodes/{id}/eligibility", post(node_eligibility))
         .route("/v1/cluster", get(cluster))
         .route("/v1/cluster/members/{id}", delete(remove_member))
         .route("/v1/cluster/snapshot", get(snapshot::cluster_snapshot))
-        .route("/v1/audit", get(audit_log))
+        .route("/v1/audit", get(lists::audit_log))
         .route("/v1/tokens", post(tokens::create).get(tokens::list))
         .route("/v1/tokens/{id}", delete(tokens::revoke))
+        .route("/v1/openapi.json", get(openapi::serve))
         .route("/v1/health", get(health))
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
@@ -439,13 +443,6 @@ async fn liveness(m: &Manager) -> std::collections::HashMap<String, super::Liven
     body.map(|b| b.into_liveness()).unwrap_or_default()
 }
 
-async fn list_nodes(State(m): State<Arc<Manager>>) -> Result<Response, ApiError> {
-    let rows = m.db.read(query::nodes).await?;
-    let live = liveness(&m).await;
-    let nodes: Vec<serde_json::Value> = rows.iter().map(|n| node_json(n, live.get(&n.name))).collect();
-    Ok(Json(serde_json::json!({ "nodes": nodes })).into_response())
-}
-
 fn no_node(id: &str) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no node named {id}")).field("id")
 }
@@ -676,20 +673,6 @@ async fn health(State(m): State<Arc<Manager>>) -> Response {
         },
     });
     (code, Json(body)).into_response()
-}
-
-#[derive(Deserialize)]
-struct AuditQuery {
-    limit: Option<usize>,
-}
-
-async fn audit_log(
-    State(m): State<Arc<Manager>>,
-    Query(q): Query<AuditQuery>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
-    let entries = m.db.read(move |c| query::audit(c, limit)).await?;
-    Ok(Json(serde_json::json!({ "entries": entries })))
 }
 
 /// Fails from the moment Raft is gone (a fatal storage error): the process is about

@@ -388,6 +388,10 @@ CREATE INDEX IF NOT EXISTS placements_task ON placements(task_id);
 CREATE INDEX IF NOT EXISTS placements_node ON placements(node);
 CREATE INDEX IF NOT EXISTS placements_observed ON placements(observed);
 CREATE INDEX IF NOT EXISTS tasks_unplanned ON tasks(created_index) WHERE pending_reason IS NULL AND desired = 'run';
+-- List pages (query::list_tasks): newest first from a cursor, by name, by node.
+CREATE INDEX IF NOT EXISTS tasks_created ON tasks(created_index);
+CREATE INDEX IF NOT EXISTS tasks_name ON tasks(name, created_index);
+CREATE INDEX IF NOT EXISTS placements_node_task ON placements(node, task_id);
 CREATE TABLE IF NOT EXISTS nodes (
     name TEXT PRIMARY KEY,
     address TEXT NOT NULL,

@@ -11,7 +11,7 @@ use crate::model::{Desired, Observed, TaskSpec};
 use super::parse_desired;
 
 /// One placement as shown by the API.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct PlacementView {
     /// Placement id.
     pub id: String,
@@ -19,9 +19,11 @@ pub struct PlacementView {
     pub node: String,
     /// Fence (Raft index that created it).
     pub fence: u64,
-    /// Manager's intent.
+    /// Manager's intent: `run` or `stop`.
+    #[schema(value_type = String)]
     pub desired: Desired,
-    /// Worker's last report.
+    /// Worker's last report (`pending`, `pulling`, `starting`, `running`, ...).
+    #[schema(value_type = String)]
     pub observed: Observed,
     /// Last exit code.
     pub exit_code: Option<i64>,
@@ -55,7 +57,7 @@ fn is_zero(n: &u64) -> bool {
 }
 
 /// One entry of a placement's history.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct EventView {
     /// When, ms since the epoch.
     pub at_ms: u64,
@@ -66,7 +68,7 @@ pub struct EventView {
 }
 
 /// One task as shown by the API.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct TaskView {
     /// Task id.
     pub id: String,
@@ -74,8 +76,10 @@ pub struct TaskView {
     pub name: String,
     /// Derived state: pending, starting, running, restarting, completed, failed, stopping,
     /// stopped, or unknown (its node is silent; see the placement's `node_status`).
+    #[schema(value_type = String)]
     pub state: &'static str,
-    /// Manager's intent.
+    /// Manager's intent: `run` or `stop`.
+    #[schema(value_type = String)]
     pub desired: Desired,
     /// Why it is pending or failed, when known.
     pub reason: Option<String>,
@@ -85,7 +89,8 @@ pub struct TaskView {
     pub restarts: u32,
     /// Endpoints of the current placement.
     pub endpoints: Vec<String>,
-    /// The submitted spec.
+    /// The submitted spec (README, "Task spec"); env values redacted for readers.
+    #[schema(value_type = Object)]
     pub spec: TaskSpec,
     /// Creation time, ms since the epoch.
     pub created_ms: u64,
@@ -217,8 +222,32 @@ pub struct TaskPage {
 /// request scanning every task. A page is complete only when `next` is null.
 const MAX_SCAN: usize = 2_000;
 
+/// Placements of every task in `ids` (a JSON array of ids), by task: one query for the
+/// whole page instead of one per task (`placements_task` index; `json_each` keeps the
+/// statement cached whatever the page size).
+fn placements_of(
+    conn: &Connection,
+    ids: &[&str],
+) -> rusqlite::Result<std::collections::HashMap<String, Vec<PlacementView>>> {
+    let mut out: std::collections::HashMap<String, Vec<PlacementView>> = std::collections::HashMap::new();
+    if ids.is_empty() {
+        return Ok(out);
+    }
+    let list = serde_json::to_string(ids).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {PLACEMENT_COLS} FROM {PLACEMENT_FROM} WHERE p.task_id IN (SELECT value FROM json_each(?1))"
+    ))?;
+    for row in stmt.query_map([list], placement_row)? {
+        let (task, p) = row?;
+        out.entry(task).or_default().push(p);
+    }
+    Ok(out)
+}
+
 /// One page of tasks, newest first, with placements (no history). Reads task rows
-/// from the cursor on in index order, so the cost follows the page, not the table.
+/// from the cursor on in index order (`tasks_created`, or `tasks_name` with a name
+/// filter), so the cost follows the page, not the table; the placements of a batch of
+/// rows come from one query.
 pub fn list_tasks(conn: &Connection, f: &TaskFilter) -> rusqlite::Result<TaskPage> {
     let limit = f.limit.max(1);
     let mut sql = format!("SELECT {TASK_COLS}, created_index FROM tasks t WHERE created_index < ?1");
@@ -230,8 +259,6 @@ pub fn list_tasks(conn: &Connection, f: &TaskFilter) -> rusqlite::Result<TaskPag
     }
     sql.push_str(" ORDER BY created_index DESC LIMIT ?4");
     let mut stmt = conn.prepare_cached(&sql)?;
-    let mut placements =
-        conn.prepare_cached(&format!("SELECT {PLACEMENT_COLS} FROM {PLACEMENT_FROM} WHERE p.task_id = ?1"))?;
     let mut cursor = f.after.map_or(i64::MAX, |a| i64::try_from(a).unwrap_or(i64::MAX));
     let mut tasks = Vec::new();
     let mut scanned = 0usize;
@@ -251,16 +278,17 @@ pub fn list_tasks(conn: &Connection, f: &TaskFilter) -> rusqlite::Result<TaskPag
             )?
             .collect::<Result<_, _>>()?;
         let exhausted = rows.len() < batch;
+        // Only the rows this page can still take need their placements.
+        let wanted = if f.state.is_some() { rows.len() } else { rows.len().min(limit - tasks.len()) };
+        let ids: Vec<&str> = rows.iter().take(wanted).map(|((t, _), _)| t.id.as_str()).collect();
+        let mut placements = placements_of(conn, &ids)?;
         for ((mut task, reason), index) in rows {
             if tasks.len() == limit {
                 // A further matching row may exist: the page ends at the last one taken.
                 return Ok(TaskPage { next: Some(cursor as u64), tasks });
             }
             scanned += 1;
-            task.placements = placements
-                .query_map([&task.id], placement_row)?
-                .map(|r| r.map(|(_, p)| p))
-                .collect::<Result<_, _>>()?;
+            task.placements = placements.remove(&task.id).unwrap_or_default();
             finish(&mut task, reason);
             cursor = index;
             if f.state.as_deref().is_none_or(|s| s == task.state) {
@@ -376,15 +404,27 @@ pub struct NodeRow {
 
 /// Every registered node with reservations.
 pub fn nodes(conn: &Connection) -> rusqlite::Result<Vec<NodeRow>> {
-    let mut stmt = conn.prepare(
+    Ok(nodes_page(conn, None, usize::MAX)?.0)
+}
+
+/// At most `limit` nodes named after `after`, by name, and the cursor of the next
+/// page (the last name) when more may follow.
+pub fn nodes_page(
+    conn: &Connection,
+    after: Option<&str>,
+    limit: usize,
+) -> rusqlite::Result<(Vec<NodeRow>, Option<String>)> {
+    let mut stmt = conn.prepare_cached(
         "SELECT n.name, n.address, n.labels, n.status, n.cpu_millis, n.memory_mb, n.disk_mb, n.registered_ms,
            COALESCE(SUM(p.cpu_millis),0), COALESCE(SUM(p.memory_mb),0), COALESCE(SUM(p.disk_mb),0), COUNT(p.id),
            n.status_since_ms, n.draining, n.drain_deadline_ms, n.eligible
          FROM nodes n LEFT JOIN placements p
            ON p.node = n.name AND p.desired = 'run' AND p.observed NOT IN ('failed','stopped','exited')
-         GROUP BY n.name ORDER BY n.name",
+         WHERE n.name > ?1
+         GROUP BY n.name ORDER BY n.name LIMIT ?2",
     )?;
-    let rows = stmt.query_map([], |r| {
+    let fetch = i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX);
+    let rows = stmt.query_map(params![after.unwrap_or(""), fetch], |r| {
         let labels: String = r.get(2)?;
         Ok(NodeRow {
             name: r.get(0)?,
@@ -405,7 +445,14 @@ pub fn nodes(conn: &Connection) -> rusqlite::Result<Vec<NodeRow>> {
             eligible: r.get(15)?,
         })
     })?;
-    rows.collect()
+    let mut rows: Vec<NodeRow> = rows.collect::<Result<_, _>>()?;
+    let next = if rows.len() > limit {
+        rows.truncate(limit);
+        rows.last().map(|n| n.name.clone())
+    } else {
+        None
+    };
+    Ok((rows, next))
 }
 
 /// The full desired set of one node: every placement it must run, or still stop.
@@ -571,7 +618,7 @@ pub fn node_events(conn: &Connection, node: &str) -> rusqlite::Result<Vec<EventV
 }
 
 /// One audited API call.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct AuditEntry {
     /// Raft index of the entry that recorded it.
     pub index: u64,
@@ -589,21 +636,176 @@ pub struct AuditEntry {
     pub on_behalf_of: Option<String>,
 }
 
-/// The newest `limit` audit entries, newest first.
-pub fn audit(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<AuditEntry>> {
-    let mut stmt = conn.prepare(
-        "SELECT log_index, at_ms, who, action, subject, result, on_behalf_of FROM audit ORDER BY id DESC LIMIT ?1",
+/// At most `limit` audit entries older than the cursor `after`, newest first, and the
+/// cursor of the next page when more may follow (the row id of the last entry).
+pub fn audit(conn: &Connection, after: Option<u64>, limit: usize) -> rusqlite::Result<(Vec<AuditEntry>, Option<u64>)> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT log_index, at_ms, who, action, subject, result, on_behalf_of, id FROM audit
+         WHERE id < ?1 ORDER BY id DESC LIMIT ?2",
     )?;
-    let rows = stmt.query_map([limit as i64], |r| {
-        Ok(AuditEntry {
-            index: r.get::<_, i64>(0)? as u64,
-            at_ms: r.get::<_, i64>(1)? as u64,
-            who: r.get(2)?,
-            action: r.get(3)?,
-            subject: r.get(4)?,
-            result: r.get(5)?,
-            on_behalf_of: r.get(6)?,
-        })
+    let cursor = after.map_or(i64::MAX, |a| i64::try_from(a).unwrap_or(i64::MAX));
+    let fetch = i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX);
+    let rows = stmt.query_map(params![cursor, fetch], |r| {
+        Ok((
+            AuditEntry {
+                index: r.get::<_, i64>(0)? as u64,
+                at_ms: r.get::<_, i64>(1)? as u64,
+                who: r.get(2)?,
+                action: r.get(3)?,
+                subject: r.get(4)?,
+                result: r.get(5)?,
+                on_behalf_of: r.get(6)?,
+            },
+            r.get::<_, i64>(7)? as u64,
+        ))
     })?;
-    rows.collect()
+    let mut rows: Vec<(AuditEntry, u64)> = rows.collect::<Result<_, _>>()?;
+    let next = if rows.len() > limit {
+        rows.truncate(limit);
+        rows.last().map(|(_, id)| *id)
+    } else {
+        None
+    };
+    Ok((rows.into_iter().map(|(e, _)| e).collect(), next))
+}
+
+#[cfg(test)]
+mod tests {
+    use holdfast_raft::Apply;
+
+    use super::*;
+    use crate::manager::state::{Command, DomainState, PlannedPlacement};
+
+    /// A state database filled through the real `apply`.
+    fn state(cmds: &[Command]) -> Connection {
+        let (domain, _applied) = DomainState::new();
+        let mut conn = Connection::open_in_memory().expect("open");
+        domain.init_schema(&conn).expect("schema");
+        let tx = conn.transaction().expect("tx");
+        for (i, c) in cmds.iter().enumerate() {
+            domain.apply(&tx, i as u64 + 1, &serde_json::to_vec(c).expect("json")).expect("apply");
+        }
+        tx.commit().expect("commit");
+        conn
+    }
+
+    fn node(name: &str) -> Command {
+        Command::RegisterNode {
+            name: name.into(),
+            address: "10.0.0.1".into(),
+            labels: BTreeMap::new(),
+            cpu_millis: 4_000,
+            memory_mb: 4_096,
+            disk_mb: 10_000,
+            now_ms: 1,
+        }
+    }
+
+    fn submit(id: &str) -> Command {
+        Command::SubmitTask {
+            id: id.into(),
+            spec: Box::new(serde_json::from_str(r#"{"image":"holdfast/echo:latest"}"#).expect("spec")),
+            idempotency_key: None,
+            now_ms: 2,
+        }
+    }
+
+    fn audited(subject: &str) -> Command {
+        Command::Audited {
+            who: "admin (t1)".into(),
+            on_behalf_of: None,
+            action: "POST /v1/tasks".into(),
+            subject: subject.into(),
+            at_ms: 3,
+            inner: None,
+        }
+    }
+
+    #[test]
+    fn node_pages_walk_every_node_once_by_name() {
+        let conn = state(&["n3", "n1", "n5", "n2", "n4"].map(node));
+        let (first, next) = nodes_page(&conn, None, 2).expect("page");
+        assert_eq!(first.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["n1", "n2"]);
+        assert_eq!(next.as_deref(), Some("n2"));
+        let (second, next) = nodes_page(&conn, next.as_deref(), 2).expect("page");
+        assert_eq!(second.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["n3", "n4"]);
+        let (last, next) = nodes_page(&conn, next.as_deref(), 2).expect("page");
+        assert_eq!(last.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["n5"]);
+        assert_eq!(next, None);
+        // An exact fit ends with no cursor; the unpaged list still has everything.
+        assert_eq!(nodes_page(&conn, None, 5).expect("page").1, None);
+        assert_eq!(nodes(&conn).expect("all").len(), 5);
+    }
+
+    #[test]
+    fn audit_pages_walk_newest_first_without_gap_or_repeat() {
+        let cmds: Vec<Command> = (0..7).map(|i| audited(&format!("t{i}"))).collect();
+        let conn = state(&cmds);
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let (page, next) = audit(&conn, after, 3).expect("page");
+            assert!(page.len() <= 3);
+            seen.extend(page.into_iter().map(|e| e.subject));
+            match next {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+        assert_eq!(seen, ["t6", "t5", "t4", "t3", "t2", "t1", "t0"]);
+    }
+
+    #[test]
+    fn a_task_page_reads_placements_in_one_batch_and_filters_by_node() {
+        let mut cmds = vec![node("a"), node("b")];
+        for i in 0..6 {
+            cmds.push(submit(&format!("t{i}")));
+        }
+        cmds.push(Command::ApplyPlan {
+            placements: (0..4)
+                .map(|i| PlannedPlacement {
+                    task_id: format!("t{i}"),
+                    node: if i % 2 == 0 { "a" } else { "b" }.into(),
+                    replaces: None,
+                })
+                .collect(),
+            unplaced: Vec::new(),
+            now_ms: 4,
+        });
+        let conn = state(&cmds);
+        let page = list_tasks(&conn, &TaskFilter { limit: 4, ..Default::default() }).expect("page");
+        let got: Vec<(&str, usize, &str)> =
+            page.tasks.iter().map(|t| (t.id.as_str(), t.placements.len(), t.state)).collect();
+        assert_eq!(got, [("t5", 0, "pending"), ("t4", 0, "pending"), ("t3", 1, "starting"), ("t2", 1, "starting")]);
+        assert!(page.tasks[2].placements[0].current && page.tasks[2].placements[0].node == "b");
+        let rest = list_tasks(&conn, &TaskFilter { limit: 4, after: page.next, ..Default::default() }).expect("page");
+        assert_eq!(rest.tasks.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), ["t1", "t0"]);
+        assert_eq!(rest.next, None);
+        let on_a =
+            list_tasks(&conn, &TaskFilter { limit: 10, node: Some("a".into()), ..Default::default() }).expect("page");
+        assert_eq!(on_a.tasks.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), ["t2", "t0"]);
+    }
+
+    #[test]
+    fn list_queries_use_their_indexes() {
+        let conn = state(&[]);
+        let plan = |sql: &str| -> String {
+            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).expect("plan");
+            let rows: Vec<String> =
+                stmt.query_map([], |r| r.get::<_, String>(3)).expect("rows").collect::<Result<_, _>>().expect("rows");
+            rows.join("; ")
+        };
+        let page = plan(&format!(
+            "SELECT {TASK_COLS} FROM tasks t WHERE created_index < 10 ORDER BY created_index DESC LIMIT 5"
+        ));
+        assert!(page.contains("tasks_created") && !page.contains("TEMP B-TREE"), "{page}");
+        let named = plan(&format!(
+            "SELECT {TASK_COLS} FROM tasks t WHERE created_index < 10 AND name = 'x' ORDER BY created_index DESC LIMIT 5"
+        ));
+        assert!(named.contains("tasks_name") && !named.contains("TEMP B-TREE"), "{named}");
+        let batch = plan(&format!(
+            "SELECT {PLACEMENT_COLS} FROM {PLACEMENT_FROM} WHERE p.task_id IN (SELECT value FROM json_each('[\"a\"]'))"
+        ));
+        assert!(batch.contains("placements_task") && !batch.contains("SCAN p"), "{batch}");
+    }
 }
