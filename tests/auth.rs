@@ -214,7 +214,7 @@ async fn a_revoked_token_is_refused_by_a_follower_within_a_second() {
 /// every manager.) In-process members on real SQLite files and real HTTP transport.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_id_through_the_forwarding_path_is_a_rejection_and_the_cluster_serves() {
-    use holdfast::manager::state::{Command, DomainState, Outcome};
+    use holdfast::manager::state::{Command, DomainState, Outcome, RejectCode};
     let dir = tempfile::tempdir().unwrap();
     let mut dbs = Vec::new();
     let mut stops = Vec::new();
@@ -261,7 +261,7 @@ async fn a_duplicate_id_through_the_forwarding_path_is_a_rejection_and_the_clust
     let follower = (leader + 1) % 3;
     assert!(write(leader, cmd("dup")).await.is_ok());
     let out = write(follower, cmd("dup")).await;
-    assert!(matches!(&out, Err(r) if r.code == "conflict"), "{out:?}");
+    assert!(matches!(&out, Err(r) if r.code == RejectCode::Conflict), "{out:?}");
     let out = write(follower, cmd("next")).await;
     assert!(out.is_ok(), "{out:?}");
     for (db, _) in &dbs {

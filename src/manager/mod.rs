@@ -17,6 +17,7 @@ pub mod scheduler;
 pub mod sink;
 pub mod state;
 pub mod trust;
+pub mod write;
 
 /// Settings of the control plane: timers and the placement strategy.
 #[derive(Clone, Debug)]
