@@ -353,7 +353,10 @@ async fn a_worker_cut_off_past_its_certificate_keeps_its_keep_task_and_renews_on
         let up: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect();
         (ids.len() == 1 && up.len() == 1).then(|| up[0].clone())
     };
-    let container = eventually(Duration::from_secs(90), "the keep task running", running).await;
+    let container = eventually(Duration::from_secs(90), "the keep task running", || async {
+        running().await.ok_or_else(|| format!("\n--- worker\n{}\n--- m1\n{}", w.log_text(), m1.log()))
+    })
+    .await;
 
     // Cut off: the only manager is gone until the worker's certificate has expired.
     m1.proc.as_mut().unwrap().kill();

@@ -73,11 +73,16 @@ impl std::fmt::Display for Member {
 }
 
 /// Maps a node name to its stable Raft id (64-bit FNV-1a of the UTF-8 name).
-///
-/// Written by hand because it is six lines and must never change between versions.
 pub fn node_id_for(name: &str) -> NodeId {
+    fnv1a(name.as_bytes())
+}
+
+/// 64-bit FNV-1a: the one stable hash of the workspace (Raft ids, the scheduler's scan
+/// offsets). Written by hand because it is six lines and must never change between
+/// versions, which `std`'s hasher does not promise.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in name.as_bytes() {
+    for b in bytes {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }

@@ -23,6 +23,7 @@ use super::reconcile::{reconcile, Action, Facts, Unhealthy};
 use super::runtime::{labels, ContainerInfo, ContainerSpec, ContainerState, GuardSpec, PortMap, Runtime, RuntimeError};
 use crate::guard::Deadline;
 use crate::lock;
+use crate::model::now_ms;
 use crate::model::sync::{LogReply, NodeResources, NotLeader, SyncRequest, SyncResponse};
 use crate::model::{Desired, Observed};
 use crate::net::identity::{spawn_renewal, IdentityError, IdentitySettings, NodeTls};
@@ -165,11 +166,6 @@ struct Prober {
     key: (String, u32),
     /// Cancels it.
     handle: AbortHandle,
-}
-
-fn now_ms() -> u64 {
-    // Not manager::now_ms: the worker imports nothing from the manager.
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// What is free here now, net of what other placements hold but a measurement cannot

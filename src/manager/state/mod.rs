@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
 use crate::model::sync::StatusReport;
-use crate::model::{transition, Desired, Observed, TaskSpec};
+use crate::model::{transition, Observed, TaskSpec};
 
 pub mod outcome;
 pub mod query;
@@ -1059,13 +1059,4 @@ fn event(tx: &Transaction<'_>, placement: &str, at_ms: u64, what: &str, detail: 
         params![placement, at_ms as i64, what, detail],
     )?;
     Ok(())
-}
-
-/// The desired state as `Desired`, from its stored text.
-pub fn parse_desired(s: &str) -> Desired {
-    if s == "stop" {
-        Desired::Stop
-    } else {
-        Desired::Run
-    }
 }

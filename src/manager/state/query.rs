@@ -8,8 +8,6 @@ use serde::Serialize;
 use crate::model::sync::Assignment;
 use crate::model::{Desired, Observed, TaskSpec};
 
-use super::parse_desired;
-
 /// One placement as shown by the API.
 #[derive(Clone, Debug, Serialize)]
 pub struct PlacementView {
@@ -119,7 +117,7 @@ fn placement_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, PlacementVi
             id: r.get(0)?,
             node: r.get(1)?,
             fence: r.get::<_, i64>(2)? as u64,
-            desired: parse_desired(&desired),
+            desired: Desired::from_stored(&desired),
             observed: Observed::parse(&observed).unwrap_or(Observed::Pending),
             exit_code: r.get(5)?,
             reason: r.get(6)?,
@@ -143,7 +141,7 @@ fn build_task(r: &rusqlite::Row<'_>) -> rusqlite::Result<(TaskView, Option<Strin
             id: r.get(0)?,
             name: r.get(1)?,
             state: "pending",
-            desired: parse_desired(&desired),
+            desired: Desired::from_stored(&desired),
             reason: None,
             exit_code: None,
             restarts: 0,
@@ -414,7 +412,13 @@ pub fn assignments_for(conn: &Connection, node: &str) -> rusqlite::Result<Vec<As
     for row in rows {
         let (placement_id, task_id, fence, desired, spec) = row?;
         if let Ok(spec) = serde_json::from_str(&spec) {
-            out.push(Assignment { placement_id, task_id, fence: fence as u64, desired: parse_desired(&desired), spec });
+            out.push(Assignment {
+                placement_id,
+                task_id,
+                fence: fence as u64,
+                desired: Desired::from_stored(&desired),
+                spec,
+            });
         }
     }
     Ok(out)

@@ -73,7 +73,7 @@ impl FakeRuntime {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, FakeContainer>> {
-        self.containers.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock(&self.containers)
     }
 
     fn check_available(&self) -> Result<(), RuntimeError> {
@@ -105,11 +105,11 @@ impl FakeRuntime {
 
     /// Makes `image` behave as `behaviour` from now on (a slow pull, a missing image).
     pub fn set_image(&self, image: &str, behaviour: FakeImage) {
-        self.images.lock().unwrap_or_else(|e| e.into_inner()).insert(image.to_string(), behaviour);
+        crate::lock(&self.images).insert(image.to_string(), behaviour);
     }
 
     fn image(&self, image: &str) -> Option<FakeImage> {
-        self.images.lock().unwrap_or_else(|e| e.into_inner()).get(image).copied()
+        crate::lock(&self.images).get(image).copied()
     }
 
     fn missing(image: &str) -> RuntimeError {
