@@ -2,7 +2,7 @@
 //!
 //! `POST /` answers with the request body, `GET /health` answers `ok`. The knobs let
 //! tests and demos make the task exit, crash on an input, start slowly or turn unhealthy,
-//! so every row of the failure table in DESIGN.md §7 can be produced on demand.
+//! so each failure the README's "echo" section lists can be produced on demand.
 
 use std::future::Future;
 use std::net::SocketAddr;

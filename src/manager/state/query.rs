@@ -464,11 +464,6 @@ pub fn node_registration(conn: &Connection, name: &str) -> rusqlite::Result<Opti
     .optional()
 }
 
-/// Node owning a placement and its container id, for log relays.
-pub fn placement_location(conn: &Connection, placement_id: &str) -> rusqlite::Result<Option<String>> {
-    conn.query_row("SELECT node FROM placements WHERE id = ?1", [placement_id], |r| r.get(0)).optional()
-}
-
 /// A task whose current placement may need a replacement.
 #[derive(Clone, Debug)]
 pub struct ReplaceCandidate {
