@@ -230,8 +230,13 @@ pub async fn run_service(
             let joining = rdb.clone();
             // Joining needs our own endpoints up first, so it runs beside them.
             tokio::spawn(async move {
-                let mut wait = Duration::from_millis(200);
-                loop {
+                let backoff = crate::resilience::retry::RetryPolicy {
+                    base: Duration::from_millis(200),
+                    cap: Duration::from_secs(5),
+                    max_attempts: None,
+                    deadline: None,
+                };
+                for failures in 0u32.. {
                     match joining.join(&seeds).await {
                         Ok(()) => {
                             tracing::info!(?seeds, "joined the manager cluster");
@@ -239,8 +244,8 @@ pub async fn run_service(
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "join failed; retrying");
+                            let wait = backoff.delay(failures, &mut rand::thread_rng());
                             tokio::time::sleep(wait).await;
-                            wait = (wait * 2).min(Duration::from_secs(5));
                         }
                     }
                 }

@@ -322,8 +322,13 @@ impl Ledger {
         let rows = stmt.query_map([limit as i64], |r| r.get::<_, String>(0))?;
         let mut out = Vec::new();
         for row in rows {
-            if let Ok(r) = serde_json::from_str(&row?) {
-                out.push(r);
+            match serde_json::from_str(&row?) {
+                Ok(r) => out.push(r),
+                // Skipped (a later ack deletes it), never silently.
+                Err(error) => {
+                    tracing::error!(%error, "unreadable report in the outbox; skipped");
+                    metrics::counter!("holdfast_worker_outbox_unreadable_total").increment(1);
+                }
             }
         }
         Ok(out)

@@ -411,14 +411,19 @@ pub fn assignments_for(conn: &Connection, node: &str) -> rusqlite::Result<Vec<As
     let mut out = Vec::new();
     for row in rows {
         let (placement_id, task_id, fence, desired, spec) = row?;
-        if let Ok(spec) = serde_json::from_str(&spec) {
-            out.push(Assignment {
+        match serde_json::from_str(&spec) {
+            Ok(spec) => out.push(Assignment {
                 placement_id,
                 task_id,
                 fence: fence as u64,
                 desired: Desired::from_stored(&desired),
                 spec,
-            });
+            }),
+            // Not sent, so the worker never acts on a spec nobody can read; said loudly.
+            Err(error) => {
+                tracing::error!(%placement_id, %task_id, %error, "stored spec unreadable; placement not sent");
+                metrics::counter!("holdfast_unreadable_specs_total").increment(1);
+            }
         }
     }
     Ok(out)
