@@ -85,7 +85,7 @@ pub fn event_json(e: &DomainEvent) -> serde_json::Value {
     serde_json::json!({
         "index": e.index,
         "at_ms": e.at_ms,
-        "kind": e.kind,
+        "kind": e.kind.as_str(),
         "subject": e.subject,
         "detail": e.detail,
     })
@@ -143,7 +143,7 @@ fn events(open: Open) -> impl Stream<Item = Result<Event, Infallible>> {
                 r = open.events.recv() => r,
             };
             match next {
-                Ok(e) if e.kind.starts_with(&open.prefix) => return Some((Ok(sse_event(&e)), open)),
+                Ok(e) if e.kind.as_str().starts_with(&open.prefix) => return Some((Ok(sse_event(&e)), open)),
                 Ok(_) => continue,
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
                     tracing::warn!(missed, "event stream subscriber lagged; told it and carrying on");
@@ -157,21 +157,16 @@ fn events(open: Open) -> impl Stream<Item = Result<Event, Infallible>> {
 }
 
 fn sse_event(e: &DomainEvent) -> Event {
-    Event::default().event(&e.kind).id(e.index.to_string()).data(event_json(e).to_string())
+    Event::default().event(e.kind.as_str()).id(e.index.to_string()).data(event_json(e).to_string())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::manager::state::EventKind;
 
-    fn event(index: u64, kind: &str) -> DomainEvent {
-        DomainEvent {
-            index,
-            at_ms: 1,
-            kind: kind.into(),
-            subject: format!("s{index}"),
-            detail: serde_json::Value::Null,
-        }
+    fn event(index: u64, kind: EventKind) -> DomainEvent {
+        DomainEvent { index, at_ms: 1, kind, subject: format!("s{index}"), detail: serde_json::Value::Null }
     }
 
     fn open(events: broadcast::Receiver<DomainEvent>, stop: broadcast::Receiver<()>, prefix: &str) -> Open {
@@ -201,7 +196,7 @@ mod tests {
         let (tx, rx) = broadcast::channel(4);
         let (_stop_tx, stop) = broadcast::channel(1);
         for i in 1..=10 {
-            let _ = tx.send(event(i, if i % 2 == 0 { "task.submitted" } else { "node.status" }));
+            let _ = tx.send(event(i, if i % 2 == 0 { EventKind::TaskSubmitted } else { EventKind::NodeStatus }));
         }
         drop(tx);
         let got = frames(open(rx, stop, "task.")).await;
@@ -216,7 +211,7 @@ mod tests {
     async fn a_stream_ends_when_the_process_stops() {
         let (tx, rx) = broadcast::channel(4);
         let (stop_tx, stop) = broadcast::channel(1);
-        let _ = tx.send(event(1, "task.submitted"));
+        let _ = tx.send(event(1, EventKind::TaskSubmitted));
         let _ = stop_tx.send(());
         // The sender lives on: only the stop signal can end the body.
         let got = tokio::time::timeout(Duration::from_secs(5), frames(open(rx, stop, ""))).await.expect("ended");

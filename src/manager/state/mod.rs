@@ -234,6 +234,55 @@ pub struct DomainState {
     events: broadcast::Sender<DomainEvent>,
 }
 
+/// What a [`DomainEvent`] is about; its text is the SSE event name and the JSON `kind`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum EventKind {
+    /// A task was created.
+    #[serde(rename = "task.submitted")]
+    TaskSubmitted,
+    /// A task was told to stop.
+    #[serde(rename = "task.stopped")]
+    TaskStopped,
+    /// A placement was made.
+    #[serde(rename = "placement.created")]
+    PlacementCreated,
+    /// A worker reported a placement's state.
+    #[serde(rename = "placement.observed")]
+    PlacementObserved,
+    /// A placement was told to stop (drain deadline).
+    #[serde(rename = "placement.stop")]
+    PlacementStop,
+    /// A node registered or changed its labels or capacity.
+    #[serde(rename = "node.registered")]
+    NodeRegistered,
+    /// A node's liveness changed.
+    #[serde(rename = "node.status")]
+    NodeStatus,
+    /// A node's draining started or ended.
+    #[serde(rename = "node.drain")]
+    NodeDrain,
+    /// A node's eligibility changed.
+    #[serde(rename = "node.eligibility")]
+    NodeEligibility,
+}
+
+impl EventKind {
+    /// Its text, e.g. `task.submitted`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::TaskSubmitted => "task.submitted",
+            EventKind::TaskStopped => "task.stopped",
+            EventKind::PlacementCreated => "placement.created",
+            EventKind::PlacementObserved => "placement.observed",
+            EventKind::PlacementStop => "placement.stop",
+            EventKind::NodeRegistered => "node.registered",
+            EventKind::NodeStatus => "node.status",
+            EventKind::NodeDrain => "node.drain",
+            EventKind::NodeEligibility => "node.eligibility",
+        }
+    }
+}
+
 /// Something that happened to the domain state, emitted by `apply` on every manager
 /// after a command took effect (at least once: a retried report may repeat).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -242,9 +291,8 @@ pub struct DomainEvent {
     pub index: u64,
     /// Wall clock of the command (leader's), ms since the epoch.
     pub at_ms: u64,
-    /// `task.submitted`, `task.stopped`, `placement.created`, `placement.observed`,
-    /// `node.registered`, `node.status`, `node.drain`, `node.eligibility`, `placement.stop`.
-    pub kind: String,
+    /// What happened.
+    pub kind: EventKind,
     /// Id of the task, placement or node concerned.
     pub subject: String,
     /// Details, by kind.
@@ -255,10 +303,10 @@ pub struct DomainEvent {
 pub const EVENT_BUFFER: usize = 4_096;
 
 fn events_for(index: u64, cmd: &Command, out: &Answer) -> Vec<DomainEvent> {
-    let ev = |at_ms: u64, kind: &str, subject: &str, detail: serde_json::Value| DomainEvent {
+    let ev = |at_ms: u64, kind: EventKind, subject: &str, detail: serde_json::Value| DomainEvent {
         index,
         at_ms,
-        kind: kind.to_string(),
+        kind,
         subject: subject.to_string(),
         detail,
     };
@@ -266,15 +314,15 @@ fn events_for(index: u64, cmd: &Command, out: &Answer) -> Vec<DomainEvent> {
         (Command::SubmitTask { spec, now_ms, .. }, Answer::Submitted(TaskSubmitted { id, created: true })) => {
             vec![ev(
                 *now_ms,
-                "task.submitted",
+                EventKind::TaskSubmitted,
                 id,
                 serde_json::json!({ "name": spec.display_name(), "image": spec.image }),
             )]
         }
         (Command::SubmitTask { .. }, _) => Vec::new(),
-        (Command::StopTask { id, now_ms }, _) => vec![ev(*now_ms, "task.stopped", id, serde_json::Value::Null)],
+        (Command::StopTask { id, now_ms }, _) => vec![ev(*now_ms, EventKind::TaskStopped, id, serde_json::Value::Null)],
         (Command::RegisterNode { name, address, now_ms, .. }, _) => {
-            vec![ev(*now_ms, "node.registered", name, serde_json::json!({ "address": address }))]
+            vec![ev(*now_ms, EventKind::NodeRegistered, name, serde_json::json!({ "address": address }))]
         }
         (Command::ApplyPlan { placements, now_ms, .. }, Answer::Planned(plan)) => plan
             .placed
@@ -284,7 +332,7 @@ fn events_for(index: u64, cmd: &Command, out: &Answer) -> Vec<DomainEvent> {
                 placements.get(i).map(|p| {
                     ev(
                         *now_ms,
-                        "placement.created",
+                        EventKind::PlacementCreated,
                         pid,
                         serde_json::json!({
                             "task_id": p.task_id, "node": p.node, "fence": index, "replaces": p.replaces,
@@ -300,7 +348,7 @@ fn events_for(index: u64, cmd: &Command, out: &Answer) -> Vec<DomainEvent> {
                 b.reports.iter().map(move |r| {
                     ev(
                         *now_ms,
-                        "placement.observed",
+                        EventKind::PlacementObserved,
                         &r.placement_id,
                         serde_json::json!({
                             "task_id": r.task_id, "node": b.node, "observed": r.observed, "exit_code": r.exit_code,
@@ -311,17 +359,23 @@ fn events_for(index: u64, cmd: &Command, out: &Answer) -> Vec<DomainEvent> {
             })
             .collect(),
         (Command::SetNodeStatus { name, status, now_ms }, _) => {
-            vec![ev(*now_ms, "node.status", name, serde_json::json!({ "status": status }))]
+            vec![ev(*now_ms, EventKind::NodeStatus, name, serde_json::json!({ "status": status }))]
         }
         (Command::DrainNode { name, enable, deadline_ms, now_ms }, _) => {
-            vec![ev(*now_ms, "node.drain", name, serde_json::json!({ "enable": enable, "deadline_ms": deadline_ms }))]
+            vec![ev(
+                *now_ms,
+                EventKind::NodeDrain,
+                name,
+                serde_json::json!({ "enable": enable, "deadline_ms": deadline_ms }),
+            )]
         }
         (Command::SetEligibility { name, eligible, now_ms }, _) => {
-            vec![ev(*now_ms, "node.eligibility", name, serde_json::json!({ "eligible": eligible }))]
+            vec![ev(*now_ms, EventKind::NodeEligibility, name, serde_json::json!({ "eligible": eligible }))]
         }
-        (Command::StopPlacements { ids, reason, now_ms }, _) => {
-            ids.iter().map(|id| ev(*now_ms, "placement.stop", id, serde_json::json!({ "reason": reason }))).collect()
-        }
+        (Command::StopPlacements { ids, reason, now_ms }, _) => ids
+            .iter()
+            .map(|id| ev(*now_ms, EventKind::PlacementStop, id, serde_json::json!({ "reason": reason })))
+            .collect(),
         // Its inner command emits its own events.
         (Command::Audited { .. } | Command::Trust(_), _) => Vec::new(),
         // Not domain events, and readers (who may follow the stream) may not list

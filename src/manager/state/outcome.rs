@@ -336,4 +336,32 @@ mod tests {
             assert_eq!(serde_json::to_string(&code).unwrap(), format!("\"{}\"", code.as_str()));
         }
     }
+
+    /// Event kinds and node statuses keep the text the event stream, sinks and the
+    /// `nodes.status` column have always had.
+    #[test]
+    fn event_kinds_and_node_statuses_keep_their_text() {
+        use super::super::{EventKind, NodeStatus};
+        let kinds = [
+            (EventKind::TaskSubmitted, "task.submitted"),
+            (EventKind::TaskStopped, "task.stopped"),
+            (EventKind::PlacementCreated, "placement.created"),
+            (EventKind::PlacementObserved, "placement.observed"),
+            (EventKind::PlacementStop, "placement.stop"),
+            (EventKind::NodeRegistered, "node.registered"),
+            (EventKind::NodeStatus, "node.status"),
+            (EventKind::NodeDrain, "node.drain"),
+            (EventKind::NodeEligibility, "node.eligibility"),
+        ];
+        for (kind, text) in kinds {
+            assert_eq!(kind.as_str(), text);
+            assert_eq!(serde_json::to_string(&kind).unwrap(), format!("\"{text}\""));
+        }
+        for (status, text) in
+            [(NodeStatus::Ready, "ready"), (NodeStatus::Disconnected, "disconnected"), (NodeStatus::Down, "down")]
+        {
+            assert_eq!((status.as_str(), NodeStatus::parse(text)), (text, Some(status)));
+            assert_eq!(serde_json::to_string(&status).unwrap(), format!("\"{text}\""));
+        }
+    }
 }
