@@ -364,3 +364,15 @@ impl ReplicatedDb {
         self.inner.shutdown().await
     }
 }
+
+#[cfg(test)]
+mod fnv_tests {
+    /// Raft ids are stored: the hash must never change (FNV-1a reference vectors).
+    #[test]
+    fn fnv1a_matches_the_reference_vectors() {
+        assert_eq!(super::fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(super::fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(super::fnv1a(b"foobar"), 0x8594_4171_f739_67e8);
+        assert_eq!(super::node_id_for("foobar"), 0x8594_4171_f739_67e8);
+    }
+}
