@@ -2,7 +2,7 @@
 //!
 //! `POST /` answers with the request body, `GET /health` answers `ok`. The knobs let
 //! tests and demos make the task exit, crash on an input, start slowly or turn unhealthy,
-//! so every row of the failure table in DESIGN.md §7 can be produced on demand.
+//! so each failure the README's "echo" section lists can be produced on demand.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -183,8 +183,11 @@ async fn echo(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -> 
     ([(header::CONTENT_TYPE, content_type)], body)
 }
 
-/// `GET /health`: `ok`, or 500 once `fail_health_after` has passed.
+/// `GET /health`: `ok`, or 500 once `fail_health_after` has passed. Each answer is a
+/// log line, so a test can tell that probes really reach the task.
 async fn health(State(shared): State<Shared>) -> (StatusCode, &'static str) {
+    let failing = shared.config.fail_health_after.is_some_and(|after| shared.started.elapsed() >= after);
+    tracing::info!(failing, "health probe answered");
     match shared.config.fail_health_after {
         Some(after) if shared.started.elapsed() >= after => (StatusCode::INTERNAL_SERVER_ERROR, "unhealthy"),
         _ => (StatusCode::OK, "ok"),

@@ -38,6 +38,40 @@ pub enum NodeError {
     /// The node has no usable cluster certificate and could not get one.
     #[error(transparent)]
     Identity(#[from] crate::net::identity::IdentityError),
+    /// Raft stopped on its own: the replicated database's storage failed.
+    #[error(transparent)]
+    FatalStorage(#[from] FatalStorage),
+}
+
+/// Raft stopped on its own because its storage failed (ARCHITECTURE.md: only SQLite/IO
+/// failures stop `apply`); the process must end non-zero, naming the file and cause.
+#[derive(Debug, thiserror::Error)]
+#[error("fatal storage error in {}: {cause}", dir.display())]
+pub struct FatalStorage {
+    /// The manager's data directory.
+    pub dir: std::path::PathBuf,
+    /// What Raft reported.
+    pub cause: String,
+}
+
+/// A role task's error as the node's: the kind it had (worker, fatal storage) is kept
+/// through the `io::Error` the serving tasks share, never read back from its text.
+fn node_error(e: std::io::Error) -> NodeError {
+    let kept = e.get_ref().is_some_and(|inner| inner.is::<FatalStorage>() || inner.is::<agent::WorkerError>());
+    if !kept {
+        return NodeError::Io(e);
+    }
+    let kind = e.kind();
+    match e.into_inner() {
+        Some(inner) => match inner.downcast::<FatalStorage>() {
+            Ok(f) => NodeError::FatalStorage(*f),
+            Err(inner) => match inner.downcast::<agent::WorkerError>() {
+                Ok(w) => NodeError::Worker(*w),
+                Err(other) => NodeError::Io(std::io::Error::other(other)),
+            },
+        },
+        None => NodeError::Io(kind.into()),
+    }
 }
 
 /// Requests in flight on the cluster port at most (long-polls included); more get 503.
@@ -211,8 +245,13 @@ pub async fn run_service(
             let joining = rdb.clone();
             // Joining needs our own endpoints up first, so it runs beside them.
             tokio::spawn(async move {
-                let mut wait = Duration::from_millis(200);
-                loop {
+                let backoff = crate::resilience::retry::RetryPolicy {
+                    base: Duration::from_millis(200),
+                    cap: Duration::from_secs(5),
+                    max_attempts: None,
+                    deadline: None,
+                };
+                for failures in 0u32.. {
                     match joining.join(&seeds).await {
                         Ok(()) => {
                             tracing::info!(?seeds, "joined the manager cluster");
@@ -220,8 +259,8 @@ pub async fn run_service(
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "join failed; retrying");
+                            let wait = backoff.delay(failures, &mut rand::thread_rng());
                             tokio::time::sleep(wait).await;
-                            wait = (wait * 2).min(Duration::from_secs(5));
                         }
                     }
                 }
@@ -258,9 +297,7 @@ pub async fn run_service(
         watched.worker = Some(wc.vitals.clone());
         wc.tls = Some(tls.clone());
         let rx = stop_tx.subscribe();
-        tasks.push(tokio::spawn(async move {
-            agent::run(wc, runtime, rx).await.map_err(|e| std::io::Error::other(e.to_string()))
-        }));
+        tasks.push(tokio::spawn(async move { agent::run(wc, runtime, rx).await.map_err(std::io::Error::other) }));
     }
 
     if let Some(addr) = &options.metrics {
@@ -284,14 +321,14 @@ pub async fn run_service(
     let _ = stop_tx.send(());
     let result = match early {
         Some((res, rest)) => {
-            let fatal = matches!(&res, Ok(Err(e)) if e.to_string().starts_with("fatal storage error"));
+            let fatal = matches!(&res, Ok(Err(e)) if e.get_ref().is_some_and(|i| i.is::<FatalStorage>()));
             // After a fatal storage error the process must end within seconds.
             let grace = if fatal { Duration::from_secs(3) } else { Duration::from_secs(15) };
             let _ = tokio::time::timeout(grace, futures::future::join_all(rest)).await;
             match res {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(NodeError::Io(e)),
-                Err(e) => Err(NodeError::Io(std::io::Error::other(e.to_string()))),
+                Ok(Err(e)) => Err(node_error(e)),
+                Err(e) => Err(NodeError::Io(std::io::Error::other(e))),
             }
         }
         None => {
@@ -349,7 +386,7 @@ async fn watch_fatal(
                 return Ok(());
             }
             tracing::error!(dir = %dir.display(), %cause, "fatal storage error; exiting");
-            return Err(std::io::Error::other(format!("fatal storage error in {}: {cause}", dir.display())));
+            return Err(std::io::Error::other(FatalStorage { dir, cause }));
         }
         tokio::select! {
             changed = status.changed() => {

@@ -187,7 +187,7 @@ impl WorkerVitals {
 
     /// Lease time left (zero when expired or never held).
     pub fn lease_remaining(&self) -> Duration {
-        Duration::from_millis(self.lease_until_ms.load(Ordering::Relaxed).saturating_sub(crate::manager::now_ms()))
+        Duration::from_millis(self.lease_until_ms.load(Ordering::Relaxed).saturating_sub(crate::model::now_ms()))
     }
 
     /// `lease valid 24 s, engine ok, 3 running` and the like.

@@ -5,40 +5,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, Value};
-
-struct Member {
-    /// Killed when the member is dropped.
-    _proc: Proc,
-    api: String,
-    cluster: String,
-    data: PathBuf,
-}
-
-fn start(dir: &Path, name: &str, extra: &[&str]) -> Member {
-    let api = format!("127.0.0.1:{}", free_port());
-    let cluster = format!("127.0.0.1:{}", free_port());
-    let data = dir.join(name);
-    let mut args = vec![
-        "agent",
-        "--manager",
-        "--node-id",
-        name,
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--api",
-        &api,
-        "--cluster",
-        &cluster,
-    ];
-    args.extend_from_slice(extra);
-    let proc = Proc::spawn(&args, &dir.join(format!("{name}.log")), &[]);
-    Member { _proc: proc, api: format!("http://{api}"), cluster, data }
-}
 
 async fn make_token(
     admin: &reqwest::Client,
@@ -70,10 +41,8 @@ async fn call(client: &reqwest::Client, method: &str, url: &str, body: Option<Va
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_role_against_each_route() {
-    let dir = tempfile::tempdir().unwrap();
-    let m = start(dir.path(), "m1", &["--bootstrap"]);
-    let admin = api_client(&m.data).await;
-    let api = m.api.clone();
+    let c = Cluster::builder().start().await;
+    let (m, admin, api) = (&c.managers[0], c.client.clone(), c.url(""));
     // Private files: the data dir 0700; the token and the databases 0600.
     {
         use std::os::unix::fs::PermissionsExt;
@@ -166,10 +135,8 @@ async fn each_role_against_each_route() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readers_see_env_keys_not_values_and_the_audit_names_the_token() {
-    let dir = tempfile::tempdir().unwrap();
-    let m = start(dir.path(), "m1", &["--bootstrap"]);
-    let admin = api_client(&m.data).await;
-    let api = m.api.clone();
+    let c = Cluster::builder().start().await;
+    let (admin, api) = (c.client.clone(), c.url(""));
     let (op_id, op) = make_token(&admin, &api, "deployer", "operator", None).await;
     let (_, rd) = make_token(&admin, &api, "viewer", "reader", None).await;
     let (op, rd) = (client_with_token(&op), client_with_token(&rd));
@@ -208,23 +175,13 @@ async fn readers_see_env_keys_not_values_and_the_audit_names_the_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_token_is_refused_by_a_follower_within_a_second() {
-    let dir = tempfile::tempdir().unwrap();
-    let m1 = start(dir.path(), "m1", &["--bootstrap"]);
-    let admin = api_client(&m1.data).await;
-    let seed = m1.cluster.clone();
-    // The cluster port is mutual TLS: followers join with the manager join token.
-    let token = join_token(&m1.data, "manager");
-    let m2 = start(dir.path(), "m2", &["--join", &seed, "--token", &token]);
-    let m3 = start(dir.path(), "m3", &["--join", &seed, "--token", &token]);
-    eventually(Duration::from_secs(30), "three voters", || async {
-        let v = get_json(&admin, &format!("{}/v1/cluster", m1.api)).await?;
-        (v["members"].as_array()?.iter().filter(|m| m["voter"] == true).count() == 3).then_some(())
-    })
-    .await;
-    let ms = [&m1, &m2, &m3];
-    let leader = get_json(&admin, &format!("{}/v1/cluster", m1.api)).await.unwrap()["leader"]["id"].clone();
+    // The followers join the cluster port (mutual TLS) with the manager join token.
+    let c = Cluster::builder().managers(3).start().await;
+    let admin = c.client.clone();
+    let ms = &c.managers;
+    let leader = get_json(&admin, &c.url("/v1/cluster")).await.unwrap()["leader"]["id"].clone();
     let li = ["m1", "m2", "m3"].iter().position(|n| json!(n) == leader).unwrap();
-    let (leader_api, follower_api) = (ms[li].api.clone(), ms[(li + 1) % 3].api.clone());
+    let (leader_api, follower_api) = (ms[li].url(""), ms[(li + 1) % 3].url(""));
 
     // A token made on the leader works on a follower at once (it confirms with the leader).
     let (id, secret) = make_token(&admin, &leader_api, "temp", "operator", None).await;
@@ -253,7 +210,7 @@ async fn a_revoked_token_is_refused_by_a_follower_within_a_second() {
     // The cluster still serves writes through the follower.
     let r = admin.post(format!("{follower_api}/v1/tasks")).json(&json!({"image": "a"})).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 201);
-    drop((m1, m2, m3));
+    drop(c);
 }
 
 /// A duplicate task id sent through a follower (forwarded to the leader) is a
@@ -262,7 +219,7 @@ async fn a_revoked_token_is_refused_by_a_follower_within_a_second() {
 /// every manager.) In-process members on real SQLite files and real HTTP transport.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_id_through_the_forwarding_path_is_a_rejection_and_the_cluster_serves() {
-    use holdfast::manager::state::{Command, DomainState, Outcome};
+    use holdfast::manager::state::{Command, DomainState, Outcome, RejectCode};
     let dir = tempfile::tempdir().unwrap();
     let mut dbs = Vec::new();
     let mut stops = Vec::new();
@@ -309,7 +266,7 @@ async fn a_duplicate_id_through_the_forwarding_path_is_a_rejection_and_the_clust
     let follower = (leader + 1) % 3;
     assert!(write(leader, cmd("dup")).await.is_ok());
     let out = write(follower, cmd("dup")).await;
-    assert!(matches!(&out, Err(r) if r.code == "conflict"), "{out:?}");
+    assert!(matches!(&out, Err(r) if r.code == RejectCode::Conflict), "{out:?}");
     let out = write(follower, cmd("next")).await;
     assert!(out.is_ok(), "{out:?}");
     for (db, _) in &dbs {

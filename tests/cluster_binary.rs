@@ -4,51 +4,18 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
 
-struct Member {
-    name: String,
-    api: String,
-    cluster: String,
-    data: PathBuf,
-    proc: Option<Proc>,
-    /// Carries the cluster's admin token (from the bootstrap member's data dir).
-    client: reqwest::Client,
+async fn cluster_view(c: &reqwest::Client, m: &Node) -> Option<Value> {
+    get_json(c, &m.url("/v1/cluster")).await
 }
 
-impl Member {
-    fn start(&mut self, dir: &std::path::Path, extra: &[&str]) {
-        let mut args = vec![
-            "agent",
-            "--manager",
-            "--node-id",
-            &self.name,
-            "--data-dir",
-            self.data.to_str().unwrap(),
-            "--api",
-            &self.api,
-            "--cluster",
-            &self.cluster,
-        ];
-        args.extend_from_slice(extra);
-        self.proc = Some(Proc::spawn(&args, &dir.join(format!("{}.log", self.name)), &[]));
-    }
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.api)
-    }
-}
-
-async fn cluster_view(m: &Member) -> Option<Value> {
-    get_json(&m.client, &m.url("/v1/cluster")).await
-}
-
-async fn submit(m: &Member, n: usize) -> Result<String, String> {
+async fn submit(c: &reqwest::Client, m: &Node, n: usize) -> Result<String, String> {
     let body = format!(r#"{{"image":"holdfast/echo:latest","name":"t{n}"}}"#);
-    let resp = m.client.post(m.url("/v1/tasks")).body(body).send().await.map_err(|e| e.to_string())?;
+    let resp = c.post(m.url("/v1/tasks")).body(body).send().await.map_err(|e| e.to_string())?;
     let status = resp.status();
     let v: Value = resp.json().await.map_err(|e| e.to_string())?;
     if status.as_u16() == 201 {
@@ -58,62 +25,40 @@ async fn submit(m: &Member, n: usize) -> Result<String, String> {
     }
 }
 
-async fn task_ids(m: &Member) -> Option<Vec<String>> {
-    let v = get_json(&m.client, &m.url("/v1/tasks")).await?;
+async fn task_ids(c: &reqwest::Client, m: &Node) -> Option<Vec<String>> {
+    let v = get_json(c, &m.url("/v1/tasks")).await?;
     Some(v["tasks"].as_array()?.iter().filter_map(|t| t["id"].as_str().map(String::from)).collect())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_managers_survive_leader_kill_and_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut ms: Vec<Member> = (1..=3)
-        .map(|i| Member {
-            name: format!("m{i}"),
-            api: format!("127.0.0.1:{}", free_port()),
-            cluster: format!("127.0.0.1:{}", free_port()),
-            data: dir.path().join(format!("m{i}")),
-            proc: None,
-            client: http(),
-        })
-        .collect();
-    let seed = ms[0].cluster.clone();
-    ms[0].start(dir.path(), &["--bootstrap"]);
-    let client = api_client(&ms[0].data).await;
-    for m in &mut ms {
-        m.client = client.clone();
-    }
-    // The cluster port is mutual TLS: new managers join with the first one's token.
-    let token = join_token(&ms[0].data, "manager");
-    ms[1].start(dir.path(), &["--join", &seed, "--token", &token]);
-    ms[2].start(dir.path(), &["--join", &seed, "--token", &token]);
-
-    eventually(Duration::from_secs(30), "three voters", || async {
-        let v = cluster_view(&ms[0]).await?;
-        let voters = v["members"].as_array()?.iter().filter(|m| m["voter"] == true).count();
-        (voters == 3).then_some(())
-    })
-    .await;
+    // m1 bootstraps; m2 and m3 join the cluster port (mutual TLS) with its token.
+    let mut cluster = Cluster::builder().managers(3).start().await;
+    let seed = cluster.managers[0].cluster.clone();
+    let client = cluster.client.clone();
+    let c = &client;
+    let ms = &mut cluster.managers;
 
     // Writes on every member, followers forwarding to the leader.
     let mut acked = Vec::new();
     for i in 0..30 {
-        let id = submit(&ms[i % 3], i).await.unwrap_or_else(|e| panic!("submit {i}: {e}"));
+        let id = submit(c, &ms[i % 3], i).await.unwrap_or_else(|e| panic!("submit {i}: {e}"));
         acked.push(id);
     }
     // Node reads on any member answer (followers ask the leader for liveness).
-    for m in &ms {
-        let v = get_json(&m.client, &m.url("/v1/nodes")).await.expect("nodes on every member");
+    for m in ms.iter() {
+        let v = get_json(c, &m.url("/v1/nodes")).await.expect("nodes on every member");
         assert!(v["nodes"].is_array(), "{v}");
     }
     // Linearizable reads on a follower see every acknowledged write.
-    let on_m3 = task_ids(&ms[2]).await.expect("read on m3");
+    let on_m3 = task_ids(c, &ms[2]).await.expect("read on m3");
     for id in &acked {
         assert!(on_m3.contains(id), "m3 misses {id}");
     }
 
-    let leader = cluster_view(&ms[0]).await.unwrap()["leader"]["id"].as_str().unwrap().to_string();
+    let leader = cluster_view(c, &ms[0]).await.unwrap()["leader"]["id"].as_str().unwrap().to_string();
     let li = ms.iter().position(|m| m.name == leader).unwrap();
-    ms[li].proc.as_mut().unwrap().kill();
+    ms[li].kill();
     let killed_at = Instant::now();
 
     let other = (li + 1) % 3;
@@ -121,7 +66,7 @@ async fn three_managers_survive_leader_kill_and_restart() {
         let m = &ms[other];
         let old = leader.clone();
         async move {
-            let v = cluster_view(m).await?;
+            let v = cluster_view(c, m).await?;
             let l = v["leader"]["id"].as_str()?.to_string();
             (l != old).then_some(l)
         }
@@ -130,25 +75,24 @@ async fn three_managers_survive_leader_kill_and_restart() {
     // The next acknowledged write after the kill.
     let id = eventually(Duration::from_secs(15), "a write after failover", || {
         let m = &ms[other];
-        async move { submit(m, 100).await.ok() }
+        async move { submit(c, m, 100).await.ok() }
     })
     .await;
     acked.push(id);
     eprintln!("failover: {leader} killed, {new_leader} leads, next write acknowledged after {:?}", killed_at.elapsed());
 
     let ni = ms.iter().position(|m| m.name == new_leader).unwrap();
-    let present = task_ids(&ms[ni]).await.expect("read on new leader");
+    let present = task_ids(c, &ms[ni]).await.expect("read on new leader");
     for id in &acked {
         assert!(present.contains(id), "acknowledged task {id} lost after leader kill");
     }
 
     // The killed member comes back from its data dir; repeating --join is harmless.
-    let dirp = dir.path().to_path_buf();
-    ms[li].start(&dirp, &["--join", &seed]);
+    ms[li].manager(&["--join", &seed]);
     let expect = acked.len();
     eventually(Duration::from_secs(30), "restarted member catches up", || {
         let m = &ms[li];
-        async move { task_ids(m).await.filter(|ids| ids.len() == expect) }
+        async move { task_ids(c, m).await.filter(|ids| ids.len() == expect) }
     })
     .await;
 
@@ -156,12 +100,11 @@ async fn three_managers_survive_leader_kill_and_restart() {
     let survivor = (li + 1) % 3;
     for (i, m) in ms.iter_mut().enumerate() {
         if i != survivor {
-            m.proc.as_mut().unwrap().kill();
+            m.kill();
         }
     }
     let started = Instant::now();
-    let resp = ms[survivor]
-        .client
+    let resp = c
         .post(ms[survivor].url("/v1/tasks"))
         .body(r#"{"image":"x"}"#)
         .timeout(Duration::from_secs(20))
@@ -182,32 +125,16 @@ async fn foreign_data_dir_is_refused_and_left_untouched() {
     let data = dir.path().join("m1");
     std::fs::create_dir_all(data.join("manager")).unwrap();
     std::fs::write(data.join("manager/state.db"), b"this is not a database").unwrap();
-    let api = format!("127.0.0.1:{}", free_port());
-    let cluster = format!("127.0.0.1:{}", free_port());
-    let mut p = Proc::spawn(
-        &[
-            "agent",
-            "--manager",
-            "--node-id",
-            "m1",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--api",
-            &api,
-            "--cluster",
-            &cluster,
-            "--bootstrap",
-        ],
-        &dir.path().join("m1.log"),
-        &[],
-    );
+    let mut m = Node::new(dir.path(), "m1");
+    m.bootstrap(&[]);
+    let p = m.proc();
     let status = eventually(Duration::from_secs(20), "refusal", || {
         let s = p.child.try_wait().ok().flatten();
         async move { s }
     })
     .await;
     assert!(!status.success());
-    let log = p.log_text();
+    let log = m.log();
     assert!(log.contains("data directory"), "{log}");
     assert_eq!(std::fs::read(data.join("manager/state.db")).unwrap(), b"this is not a database");
 }

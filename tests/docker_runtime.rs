@@ -3,12 +3,14 @@
 //! These tests need Docker and fail loudly without it (with or without `CI=true`): a
 //! runtime test that silently passes without an engine cannot fail, so it proves nothing.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::eventually;
 use holdfast::worker::runtime::docker::{is_static_elf, DockerConfig, DockerRuntime};
 use holdfast::worker::runtime::{labels, ContainerInfo, ContainerSpec, ContainerState, PortMap, Runtime, RuntimeError};
 
@@ -82,22 +84,6 @@ fn echo_spec(name: &str, command: &[&str]) -> ContainerSpec {
     }
 }
 
-/// Calls `probe` until it returns `Some`, at most until [`DEADLINE`].
-async fn poll<T, F, Fut>(what: &str, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        if let Some(value) = probe().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 async fn state_of(runtime: &DockerRuntime, id: &str) -> Option<ContainerState> {
     runtime.inspect(id).await.expect("inspect").map(|info| info.state)
 }
@@ -131,7 +117,7 @@ async fn echo_container_round_trip() {
     let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().expect("client");
     let url = format!("http://127.0.0.1:{host_port}/");
     let body = format!("hello from {name}");
-    let echoed = poll("the echo answer", || {
+    let echoed = eventually(DEADLINE, "the echo answer", || {
         let request = http.post(&url).body(body.clone());
         async move {
             let response = request.send().await.ok()?;
@@ -178,7 +164,7 @@ async fn exit_code_is_reported_and_start_restarts_the_same_container() {
     let exited = |id: String| {
         let runtime = &runtime;
         async move {
-            poll("exit code 3", || {
+            eventually(DEADLINE, "exit code 3", || {
                 let id = id.clone();
                 async move {
                     let state = state_of(runtime, &id).await?;

@@ -270,10 +270,29 @@ async fn passing_health_check_keeps_the_task_running() {
         json!({"http": {"path": "/health", "port": 7777}, "interval_ms": 200, "timeout_ms": 150, "failures": 1});
     let id = dev.submit(spec).await;
     dev.wait_state(&id, "running", Duration::from_secs(60)).await;
-    // With failures = 1, a single failed probe would stop it; ten intervals without a
-    // restart show probes reach the container and pass. This waits on purpose: the
-    // claim is that nothing happens for a while.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The echo task logs every probe it answers: wait until ten have reached it. With
+    // failures = 1 a single failed probe would have restarted it, so ten answered
+    // probes and no restart show probes run, reach the container and pass; with no
+    // probe at all this times out.
+    let logs_url = dev.url(&format!("/v1/tasks/{id}/logs"));
+    eventually(Duration::from_secs(30), "ten health probes answered by the task", || async {
+        let text = dev
+            .client
+            .get(&logs_url)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .text()
+            .await
+            .map_err(|e| e.to_string())?;
+        let answered = text.lines().filter(|l| l.contains("health probe answered")).count();
+        if answered >= 10 {
+            Ok(())
+        } else {
+            Err(format!("{answered} probes answered so far; logs:\n{text}"))
+        }
+    })
+    .await;
     let t = dev.task(&id).await.unwrap();
     assert_eq!((t["state"].as_str(), t["restarts"].as_u64()), (Some("running"), Some(0)), "{t}");
 }

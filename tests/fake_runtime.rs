@@ -19,7 +19,7 @@ use holdfast::config::{Config, ManagerRole, WorkerRole};
 use holdfast::model::sync::{Assignment, NodeResources, StatusReport, SyncRequest, SyncResponse};
 use holdfast::model::{Desired, Observed, TaskSpec};
 use holdfast::worker::agent::{self, WorkerConfig};
-use holdfast::worker::runtime::fake::FakeRuntime;
+use holdfast::worker::runtime::fake::{FakeImage, FakeRuntime};
 use holdfast::worker::runtime::Runtime;
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
@@ -246,7 +246,7 @@ async fn a_slow_pull_does_not_hold_up_a_stop() {
     let manager = Arc::new(FakeManager::default());
     let addr = manager.clone().serve().await;
     let fake = Arc::new(FakeRuntime::new());
-    fake.set_slow_pull(Duration::from_secs(30));
+    fake.set_image("example/slow:1", FakeImage::SlowPull(Duration::from_secs(30)));
     let _stop = start_worker("w2", dir.path(), &addr, &fake, |c| c.create_concurrency = 1);
     let quick = assignment("quick", json!({"image": "holdfast/echo:latest"}));
     manager.assign(vec![quick.clone()]);

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{holdfast_bin, require_docker};
+use common::{eventually, eventually_blocking, holdfast_bin, require_docker};
 use holdfast::guard::{boottime_ms, Deadline, FENCED_EXIT};
 use holdfast::worker::runtime::docker::{DockerConfig, DockerRuntime};
 use holdfast::worker::runtime::{labels, ContainerSpec, ContainerState, GuardSpec, Runtime, RuntimeError};
@@ -44,15 +44,14 @@ fn guard(file: &Path, extra: &[&str], argv: &[&str]) -> std::process::Child {
 
 /// Polls the guard's log (next to `file`) until it contains `text`.
 fn wait_log(file: &Path, text: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    eventually_blocking(Duration::from_secs(10), &format!("{text:?} in the guard's log"), || {
         let log = std::fs::read_to_string(file.with_extension("log")).unwrap_or_default();
         if log.contains(text) {
-            return;
+            Ok(())
+        } else {
+            Err(log)
         }
-        assert!(Instant::now() < deadline, "no {text:?} in the guard's log: {log}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    })
 }
 
 /// Waits for `child` (started with the deadline `file`) with a deadline; returns its
@@ -309,15 +308,15 @@ async fn guarded_containers_run_any_entrypoint_shape_and_fence_on_their_deadline
     let logs_have = |id: String, text: &'static str| {
         let rt = &rt;
         async move {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
+            eventually(Duration::from_secs(10), &format!("{text:?} in the logs"), || async {
                 let logs = rt.logs(&id, 100).await.unwrap_or_default();
                 if logs.contains(text) {
-                    return logs;
+                    Ok(logs)
+                } else {
+                    Err(logs)
                 }
-                assert!(Instant::now() < deadline, "no {text:?} in the logs: {logs}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            })
+            .await
         }
     };
     logs_have(info.id.clone(), "echo listening").await;

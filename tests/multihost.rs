@@ -11,11 +11,10 @@ mod cluster;
 mod common;
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cluster::{inspect, task_containers, Cluster, EchoProbe, Node, Sampler};
-use common::http;
+use common::{eventually, http};
 use serde_json::{json, Value};
 
 /// How long every manager stays down in the outage scenario (the issue asks for two
@@ -65,29 +64,9 @@ fn count(p: &Value, what: &str) -> usize {
     events(p).iter().filter(|w| *w == what).count()
 }
 
-/// Polls `f` until it returns `Ok`; after `within`, panics with `what` and the last
-/// reason `f` gave for not being done (a timeout without a reason helps nobody).
-async fn until<T, F, Fut>(within: Duration, what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        let last = match f().await {
-            Ok(v) => return v,
-            Err(why) => why,
-        };
-        if Instant::now() > deadline {
-            panic!("timed out after {within:?} waiting for {what}; last: {last}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// Waits until the echo endpoint answers a POST with its body.
 async fn echo_answers(endpoint: &str) {
-    until(Duration::from_secs(20), "the echo endpoint to answer", || async {
+    eventually(Duration::from_secs(20), "the echo endpoint to answer", || async {
         let r = http().post(format!("http://{endpoint}/")).body("hello").send().await.map_err(|e| e.to_string())?;
         let text = r.text().await.map_err(|e| e.to_string())?;
         (text == "hello").then_some(()).ok_or(format!("answered {text:?}"))
@@ -130,7 +109,7 @@ async fn managers_gone_work_goes_on() {
         "the batch task must still run when the outage begins, or the scenario proves nothing"
     );
 
-    let exited = until(MANAGER_OUTAGE, "the batch container to exit during the outage", || async {
+    let exited = eventually(MANAGER_OUTAGE, "the batch container to exit during the outage", || async {
         let st = inspect(&batch_cid).await.ok_or("batch container gone")?;
         (st.status == "exited").then_some(st.clone()).ok_or(format!("{st:?}"))
     })
@@ -148,7 +127,7 @@ async fn managers_gone_work_goes_on() {
 
     c.all_managers(|m| c.start_node(m)).await;
     let back = Instant::now();
-    let (s, b) = until(CONVERGE, "statuses to converge after the managers return", || async {
+    let (s, b) = eventually(CONVERGE, "statuses to converge after the managers return", || async {
         let s = c.task(&svc).await.ok_or("no manager answers")?;
         let b = c.task(&batch).await.ok_or("no manager answers")?;
         let ready = c.workers_ready().await;
@@ -243,7 +222,7 @@ async fn partition_and_heal(
     tokio::time::sleep(Duration::from_millis(500)).await;
     c.disconnect(&cut).await;
     let cut_at = Instant::now();
-    until(Duration::from_secs(30), "the cut-off node to be marked disconnected", || async {
+    eventually(Duration::from_secs(30), "the cut-off node to be marked disconnected", || async {
         let st = c.node_status(&cut.id).await.ok_or("no manager answers")?;
         (st == "disconnected").then_some(()).ok_or(st)
     })
@@ -276,7 +255,7 @@ async fn partition_and_heal(
     c.connect(&cut).await;
     let healed = Instant::now();
     let new_fence = new["fence"].as_u64().unwrap();
-    until(CONVERGE, "exactly one copy after the reconnect", || async {
+    eventually(CONVERGE, "exactly one copy after the reconnect", || async {
         let running = running_containers(&id).await;
         if running != vec![new_cid.clone()] {
             return Err(format!("running {running:?}, want only {new_cid}"));
@@ -402,7 +381,7 @@ async fn paused_worker_exclusive_task_is_fenced_by_its_guard() {
     let sampler = Sampler::start(&id).await;
     c.pause(&paused).await;
     let paused_at = Instant::now();
-    let fenced_after = until(Duration::from_secs(60), "the guard to stop the old copy", || async {
+    let fenced_after = eventually(Duration::from_secs(60), "the guard to stop the old copy", || async {
         let st = inspect(&old_cid).await.ok_or_else(|| "old container gone".to_string())?;
         (st.status == "exited").then(|| (paused_at.elapsed(), st.exit_code)).ok_or(st.status)
     })
@@ -418,7 +397,7 @@ async fn paused_worker_exclusive_task_is_fenced_by_its_guard() {
     let samples = sampler.finish().await;
     c.unpause(&paused).await;
     let story = "fenced: lease expired while the worker was not running";
-    until(CONVERGE, "the fence in the history and the old container removed", || async {
+    eventually(CONVERGE, "the fence in the history and the old container removed", || async {
         let t = c.task(&id).await.ok_or("no manager answers")?;
         let oldp = by_fence(&t, old_fence);
         let told = oldp["events"].as_array().is_some_and(|es| es.iter().any(|e| e["detail"] == story));
@@ -479,7 +458,7 @@ async fn worker_restart_and_buffered_statuses_during_outage() {
         c.restart(c.worker(h)).await;
     }
     let restart_took = restart_started.elapsed();
-    until(BUFFERED_OUTAGE, "the batch container to exit 0 during the outage", || async {
+    eventually(BUFFERED_OUTAGE, "the batch container to exit 0 during the outage", || async {
         let st = inspect(&batch_cid).await.ok_or("batch container gone")?;
         (st.status == "exited" && st.exit_code == 0).then_some(()).ok_or(format!("{st:?}"))
     })
@@ -500,7 +479,7 @@ async fn worker_restart_and_buffered_statuses_during_outage() {
     c.all_managers(|m| c.unpause(m)).await;
     let back = Instant::now();
 
-    let views = until(CONVERGE, "statuses to converge after the outage", || async {
+    let views = eventually(CONVERGE, "statuses to converge after the outage", || async {
         let mut views = Vec::new();
         for t in &tasks {
             views.push(c.task(t).await.ok_or("no manager answers")?);

@@ -2,7 +2,11 @@
 //! real TCP: only 2xx or JSON 503s come back, handlers in flight never exceed the
 //! limit, bodies over the limit get a JSON 413, slow requests a JSON 503 `timeout`.
 
+mod common;
+
 use std::net::SocketAddr;
+
+use common::eventually;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -107,12 +111,9 @@ async fn expect_error(resp: reqwest::Response, status: u16, code: &str) {
     assert!(body["error"].get("field").is_some(), "{body}");
 }
 
-async fn wait_until(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
-    let until = Instant::now() + deadline;
-    while !cond() {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+/// Waits (polling, never sleeping a fixed time) until `cond` holds.
+async fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    eventually(within, what, || std::future::ready(cond().then_some(()))).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

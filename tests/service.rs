@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, holdfast_bin, http};
+use common::{eventually_blocking, free_port, holdfast_bin, http, poll_blocking};
 
 /// A child killed when dropped; stdout and stderr go to separate files.
 struct Node {
@@ -40,14 +40,7 @@ impl Node {
 
     fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                return Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        poll_blocking(within, || self.child.try_wait().ok().flatten()).ok()
     }
 }
 
@@ -262,14 +255,10 @@ fn worker_alone_serves_metrics_notifies_and_logs_for_journald() {
     assert_eq!(get_now(&format!("http://{metrics_addr}/health/ready")), Some(200));
 
     // Journald lines: a syslog priority first, no timestamp (the journal adds one).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let log = loop {
+    let log = eventually_blocking(Duration::from_secs(30), "a warning line (<4>) in the log", || {
         let log = std::fs::read_to_string(&stderr_path).unwrap();
-        if log.lines().any(|l| l.starts_with("<4>")) || Instant::now() > deadline {
-            break log;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+        log.lines().any(|l| l.starts_with("<4>")).then_some(log)
+    });
     assert!(log.lines().any(|l| l.starts_with("<6>") && l.contains("worker starting")), "{log}");
     assert!(log.lines().any(|l| l.starts_with("<4>") && l.contains("sync failed")), "{log}");
     for line in log.lines() {

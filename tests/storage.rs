@@ -66,24 +66,12 @@ fn free_bytes(p: &Path) -> u64 {
     String::from_utf8_lossy(&out.stdout).lines().nth(1).and_then(|l| l.trim().parse().ok()).unwrap()
 }
 
-fn start(data: &Path, log: &Path, extra: &[&str]) -> (Proc, String) {
-    let api = format!("127.0.0.1:{}", free_port());
-    let cluster = format!("127.0.0.1:{}", free_port());
-    let mut args = vec![
-        "agent",
-        "--manager",
-        "--node-id",
-        "m1",
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--api",
-        &api,
-        "--cluster",
-        &cluster,
-        "--bootstrap",
-    ];
-    args.extend_from_slice(extra);
-    (Proc::spawn(&args, log, &[]), format!("http://{api}"))
+/// The bootstrap manager `m1` with its data dir on the small disk and its log off it.
+fn start(disk: &SmallDisk, extra: &[&str]) -> (Node, String) {
+    let mut m = Node::new(disk._dir.path(), "m1").with_data(disk.mnt.join("data"));
+    m.bootstrap(extra);
+    let api = m.url("");
+    (m, api)
 }
 
 async fn submit(client: &reqwest::Client, api: &str, name: &str) -> (u16, Value) {
@@ -106,7 +94,7 @@ async fn task_names(client: &reqwest::Client, api: &str) -> Option<Vec<String>> 
 async fn a_full_disk_is_a_clear_507_nothing_is_lost_and_writes_resume_with_space() {
     let disk = SmallDisk::mount(96);
     let data = disk.mnt.join("data");
-    let (mut proc, api) = start(&data, &disk._dir.path().join("m1.log"), &[]);
+    let (mut m, api) = start(&disk, &[]);
     let client = api_client(&data).await;
     let (s, b) = submit(&client, &api, "before").await;
     assert_eq!(s, 201, "{b}");
@@ -120,13 +108,14 @@ async fn a_full_disk_is_a_clear_507_nothing_is_lost_and_writes_resume_with_space
     assert!(msg.contains(data.to_str().unwrap()) && msg.contains("reserve"), "{msg}");
     // Reads still answer, with exactly what was acknowledged.
     assert_eq!(task_names(&client, &api).await.unwrap(), vec!["before"]);
-    assert!(proc.child.try_wait().unwrap().is_none(), "a full disk must not kill the manager");
+    assert!(m.proc().child.try_wait().unwrap().is_none(), "a full disk must not kill the manager");
 
     // Space returns: writes resume by themselves, no restart.
     std::fs::remove_file(&ballast).unwrap();
     let (s, b) = submit(&client, &api, "after").await;
     assert_eq!(s, 201, "{b}");
     assert_eq!(task_names(&client, &api).await.unwrap(), vec!["after", "before"]);
+    let proc = m.proc();
     assert!(proc.terminate(Duration::from_secs(15)).is_some_and(|s| s.success()), "{}", proc.log_text());
 }
 
@@ -134,9 +123,8 @@ async fn a_full_disk_is_a_clear_507_nothing_is_lost_and_writes_resume_with_space
 async fn a_fatal_storage_error_ends_the_process_and_the_live_probe_fails() {
     let disk = SmallDisk::mount(48);
     let data = disk.mnt.join("data");
-    let log = disk._dir.path().join("m1.log");
     // Reserve off: the write reaches SQLite on a disk with no space left at all.
-    let (mut proc, api) = start(&data, &log, &["--min-free-mb", "0"]);
+    let (mut m, api) = start(&disk, &["--min-free-mb", "0"]);
     let client = api_client(&data).await;
     let (s, b) = submit(&client, &api, "before").await;
     assert_eq!(s, 201, "{b}");
@@ -169,19 +157,19 @@ async fn a_fatal_storage_error_ends_the_process_and_the_live_probe_fails() {
     })
     .await;
     let status = eventually(Duration::from_secs(15), "the process exits", || {
-        let s = proc.child.try_wait().ok().flatten();
+        let s = m.proc().child.try_wait().ok().flatten();
         async move { s }
     })
     .await;
     assert!(!status.success(), "exit status {status}");
-    let text = proc.log_text();
+    let text = m.log();
     assert!(text.contains("fatal storage error"), "{text}");
     assert!(text.contains(".db") && text.contains("full"), "names the file and the cause: {text}");
     eprintln!("{}", text.lines().rfind(|l| l.contains("fatal storage error")).unwrap_or_default());
 
     // Space returns; systemd would restart it: everything acknowledged is there.
     std::fs::remove_file(&ballast).unwrap();
-    let (mut proc, api) = start(&data, &log, &["--min-free-mb", "0"]);
+    m.bootstrap(&["--min-free-mb", "0"]);
     let names = eventually(Duration::from_secs(30), "restarted manager answers", || {
         let (client, api) = (client.clone(), api.clone());
         async move { task_names(&client, &api).await }
@@ -190,5 +178,5 @@ async fn a_fatal_storage_error_ends_the_process_and_the_live_probe_fails() {
     assert!(names.contains(&"before".to_string()), "{names:?}");
     let (s, b) = submit(&client, &api, "after-restart").await;
     assert_eq!(s, 201, "{b}");
-    proc.kill();
+    m.kill();
 }

@@ -82,11 +82,16 @@ impl std::fmt::Display for Member {
 }
 
 /// Maps a node name to its stable Raft id (64-bit FNV-1a of the UTF-8 name).
-///
-/// Written by hand because it is six lines and must never change between versions.
 pub fn node_id_for(name: &str) -> NodeId {
+    fnv1a(name.as_bytes())
+}
+
+/// 64-bit FNV-1a: the one stable hash of the workspace (Raft ids, the scheduler's scan
+/// offsets). Written by hand because it is six lines and must never change between
+/// versions, which `std`'s hasher does not promise.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in name.as_bytes() {
+    for b in bytes {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
@@ -380,5 +385,17 @@ impl ReplicatedDb {
     /// Stops Raft and closes the databases.
     pub async fn shutdown(&self) {
         self.inner.shutdown().await
+    }
+}
+
+#[cfg(test)]
+mod fnv_tests {
+    /// Raft ids are stored: the hash must never change (FNV-1a reference vectors).
+    #[test]
+    fn fnv1a_matches_the_reference_vectors() {
+        assert_eq!(super::fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(super::fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(super::fnv1a(b"foobar"), 0x8594_4171_f739_67e8);
+        assert_eq!(super::node_id_for("foobar"), 0x8594_4171_f739_67e8);
     }
 }

@@ -18,8 +18,9 @@ use axum::http::StatusCode as Status;
 use holdfast_raft::ReplicatedDb;
 use tokio::sync::{mpsc, oneshot};
 
-use super::api::{write, write_db, ApiError};
-use super::state::{node_status, query, Command, NodeReports};
+use super::api::ApiError;
+use super::state::{query, Command, NodeReports, NodeStatus, ReportsApplied};
+use super::write::{replicate, replicate_only};
 use super::{lock, now_ms, Liveness, Manager};
 use crate::model::sync::{Assignment, LogReply, NotLeader, StatusReport, SyncRequest, SyncResponse};
 
@@ -52,10 +53,10 @@ impl ReportBatcher {
                 }
                 let cmd =
                     Command::ReportStatus { batches: jobs.iter().map(|(r, _)| r.clone()).collect(), now_ms: now_ms() };
-                let result = write_db(&db, &cmd).await;
+                let result = replicate::<ReportsApplied>(&db, &cmd).await.map_err(ApiError::from);
                 for (reports, reply) in jobs {
                     let answer = match &result {
-                        Ok(v) => v["acked"][&reports.node].as_u64().ok_or_else(|| {
+                        Ok(v) => v.acked.get(&reports.node).copied().ok_or_else(|| {
                             ApiError::new(
                                 Status::NOT_FOUND,
                                 "not_found",
@@ -130,13 +131,10 @@ async fn sync_inner(m: &Arc<Manager>, req: SyncRequest) -> Result<Response, ApiE
 
     let name = req.node.clone();
     let reg = m.db.read_local(move |c| query::node_registration(c, &name)).await?;
-    if reg.as_ref().is_some_and(|g| g.status != node_status::READY) {
+    if reg.as_ref().is_some_and(|g| g.status != NodeStatus::Ready.as_str()) {
         // Heard from again: back to ready (committed; the heartbeat itself is not).
-        write(
-            &m,
-            &Command::SetNodeStatus { name: req.node.clone(), status: node_status::READY.into(), now_ms: now_ms() },
-        )
-        .await?;
+        let status = NodeStatus::Ready.as_str().into();
+        replicate_only(&m.db, &Command::SetNodeStatus { name: req.node.clone(), status, now_ms: now_ms() }).await?;
     }
     let r = &req.resources;
     let changed = match &reg {
@@ -150,8 +148,8 @@ async fn sync_inner(m: &Arc<Manager>, req: SyncRequest) -> Result<Response, ApiE
         }
     };
     if changed {
-        write(
-            &m,
+        replicate_only(
+            &m.db,
             &Command::RegisterNode {
                 name: req.node.clone(),
                 address: req.address.clone(),

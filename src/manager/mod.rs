@@ -18,6 +18,7 @@ pub mod scheduler;
 pub mod sink;
 pub mod state;
 pub mod trust;
+pub mod write;
 
 /// Settings of the control plane: timers and the placement strategy.
 #[derive(Clone, Debug)]
@@ -204,7 +205,4 @@ impl Manager {
     }
 }
 
-/// Milliseconds since the Unix epoch (wall clock, for records shown to people).
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
+pub use crate::model::now_ms;

@@ -355,7 +355,7 @@ async fn join(State((m, t)): St, body_in: Result<Json<JoinRequest>, JsonRejectio
     let cmd =
         TrustCommand::UseJoinToken { hash, role: req.role.as_str().into(), node: req.node.clone(), now_ms: now_ms() };
     if let Err(e) = write(&m, &Command::Trust(cmd)).await {
-        return Err(if e.code.starts_with("token_") { refuse(&e.code, e.message) } else { e });
+        return Err(if e.status == StatusCode::FORBIDDEN { refuse(&e.code, e.message) } else { e });
     }
     let ca = ca(&m, &t).await.ok_or_else(|| ApiError::unavailable("this manager has no CA yet".into(), None))?;
     let cert_pem = ca

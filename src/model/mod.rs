@@ -7,3 +7,9 @@ pub mod sync;
 
 pub use spec::{Kind, OfflineMode, TaskSpec};
 pub use state::{transition, Desired, Observed};
+
+/// Milliseconds since the Unix epoch (wall clock, for records shown to people and for
+/// leases): the one clock managers and workers share.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}

@@ -266,6 +266,7 @@ pub struct TaskSpec {
     #[serde(default)]
     pub name: Option<String>,
     /// Image reference.
+    #[serde(default)]
     pub image: String,
     /// Replaces the image's CMD when non-empty.
     #[serde(default)]
@@ -306,18 +307,12 @@ impl TaskSpec {
     /// Parses JSON, naming the field on a type error or an unknown field.
     pub fn from_json(body: &[u8]) -> Result<TaskSpec, SpecError> {
         let de = &mut serde_json::Deserializer::from_slice(body);
+        // `image`, the one required field, defaults to empty so `validate` names it:
+        // every other error's path names its field, and no message is parsed.
         let spec: TaskSpec = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
-            let inner = e.into_inner();
-            let msg = inner.to_string();
-            // The path already ends in an unknown field's name; a missing field is
-            // only named in the message.
-            let field = match (path.as_str(), msg.strip_prefix("missing field `")) {
-                (".", Some(rest)) => rest.split('`').next().unwrap_or_default().to_string(),
-                (".", None) => String::new(),
-                (p, _) => p.to_string(),
-            };
-            SpecError::new(field, msg)
+            let field = if path == "." { String::new() } else { path };
+            SpecError::new(field, e.into_inner().to_string())
         })?;
         spec.validate()?;
         Ok(spec)

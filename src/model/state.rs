@@ -13,6 +13,26 @@ pub enum Desired {
     Stop,
 }
 
+impl Desired {
+    /// Lower-case name as used in the API and the databases.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Desired::Run => "run",
+            Desired::Stop => "stop",
+        }
+    }
+
+    /// The one parser of its stored text: `stop` is [`Desired::Stop`], anything else
+    /// [`Desired::Run`] (the databases only ever hold the two names).
+    pub fn from_stored(s: &str) -> Desired {
+        if s == Desired::Stop.as_str() {
+            Desired::Stop
+        } else {
+            Desired::Run
+        }
+    }
+}
+
 /// What a worker reports about one placement. Written only by workers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -306,7 +306,7 @@ impl Breaker {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A poisoned lock only means a hook-free critical section panicked, which none
         // of ours can; the state inside is still whole.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.inner)
     }
 
     fn admit<E>(&self) -> Result<Permit<'_>, BreakerError<E>> {

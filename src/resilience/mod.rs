@@ -61,7 +61,7 @@ impl Registry {
 
     fn lock(&self) -> MutexGuard<'_, Entries> {
         // Critical sections here only insert into maps and cannot panic halfway.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.inner)
     }
 
     /// The breaker called `name`, created with `config` on first use (later calls get

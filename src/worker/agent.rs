@@ -23,10 +23,12 @@ use super::reconcile::{reconcile, Action, Facts, Unhealthy};
 use super::runtime::{labels, ContainerInfo, ContainerSpec, ContainerState, GuardSpec, PortMap, Runtime, RuntimeError};
 use crate::guard::Deadline;
 use crate::lock;
+use crate::model::now_ms;
 use crate::model::sync::{LogReply, NodeResources, NotLeader, SyncRequest, SyncResponse};
 use crate::model::{Desired, Observed};
 use crate::net::identity::{spawn_renewal, IdentityError, IdentitySettings, NodeTls};
 use crate::net::pki::Role;
+use crate::resilience::retry::RetryPolicy;
 
 /// Settings of a worker.
 #[derive(Clone, Debug)]
@@ -172,11 +174,6 @@ struct Prober {
     handle: AbortHandle,
 }
 
-fn now_ms() -> u64 {
-    // Not manager::now_ms: the worker imports nothing from the manager.
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
 /// What is free here now, net of what other placements hold but a measurement cannot
 /// show yet (see [`super::resources::committed`]); `except` leaves one placement out
 /// (the one being admitted).
@@ -295,6 +292,10 @@ pub async fn run(
     Ok(())
 }
 
+/// Backoff between failed syncs: windows of 200 ms doubling to 2 s, full jitter.
+const SYNC_RETRY: RetryPolicy =
+    RetryPolicy { base: Duration::from_millis(200), cap: Duration::from_secs(2), max_attempts: None, deadline: None };
+
 async fn sync_loop(w: Arc<Worker>, mut shutdown: broadcast::Receiver<()>) {
     let mut have_version = 0u64;
     let mut target = 0usize;
@@ -369,9 +370,14 @@ async fn sync_loop(w: Arc<Worker>, mut shutdown: broadcast::Receiver<()>) {
                 let until = sent_at_ms + resp.lease_ms.saturating_sub(w.cfg.lease_margin.as_millis() as u64);
                 w.lease_ms.store(resp.lease_ms, Ordering::Relaxed);
                 w.lease_until_ms.store(until, Ordering::Relaxed);
-                let _ = w.ledger.set_meta_u64("lease_ms", resp.lease_ms);
                 w.cfg.vitals.synced(sent_at.elapsed(), until);
-                let _ = w.ledger.set_meta_u64("lease_until_ms", until);
+                for (key, value) in [("lease_ms", resp.lease_ms), ("lease_until_ms", until)] {
+                    // The lease in memory still holds; only a restart would miss it.
+                    if let Err(error) = w.ledger.set_meta_u64(key, value) {
+                        tracing::warn!(key, %error, "cannot record the lease in the ledger");
+                        metrics::counter!("holdfast_worker_ledger_write_failures_total").increment(1);
+                    }
+                }
                 w.renewed.notify_one();
                 match w.ledger.accept(&resp.assignments) {
                     Ok(refused) if !refused.is_empty() => {
@@ -404,11 +410,10 @@ async fn sync_loop(w: Arc<Worker>, mut shutdown: broadcast::Receiver<()>) {
                 }
                 // Exponential backoff with full jitter, capped at 2 s: quick to find a
                 // new leader, no storm against a dead one.
-                let cap = (100u64 << failures.min(5)).min(2_000);
-                let wait = rand::thread_rng().gen_range(50..=cap.max(50));
+                let wait = SYNC_RETRY.delay(failures - 1, &mut rand::thread_rng()).max(Duration::from_millis(50));
                 tokio::select! {
                     _ = shutdown.recv() => return,
-                    _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+                    _ = tokio::time::sleep(wait) => {}
                 }
             }
         }

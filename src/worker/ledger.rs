@@ -158,7 +158,7 @@ impl Ledger {
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock(&self.conn)
     }
 
     /// Reads a numeric meta value.
@@ -196,7 +196,7 @@ impl Ledger {
                 refused.push(a.placement_id.clone());
                 continue;
             }
-            let desired = if a.desired == Desired::Stop { "stop" } else { "run" };
+            let desired = a.desired.as_str();
             if exists {
                 tx.execute("UPDATE placements SET desired = ?2 WHERE id = ?1", params![a.placement_id, desired])?;
             } else {
@@ -248,7 +248,7 @@ impl Ledger {
                 id,
                 task_id: r.get(1)?,
                 fence: r.get::<_, i64>(2)? as u64,
-                desired: if desired == "stop" { Desired::Stop } else { Desired::Run },
+                desired: Desired::from_stored(&desired),
                 spec,
                 observed: Observed::parse(&observed).unwrap_or(Observed::Pending),
                 exit_code: r.get(6)?,
@@ -322,8 +322,13 @@ impl Ledger {
         let rows = stmt.query_map([limit as i64], |r| r.get::<_, String>(0))?;
         let mut out = Vec::new();
         for row in rows {
-            if let Ok(r) = serde_json::from_str(&row?) {
-                out.push(r);
+            match serde_json::from_str(&row?) {
+                Ok(r) => out.push(r),
+                // Skipped (a later ack deletes it), never silently.
+                Err(error) => {
+                    tracing::error!(%error, "unreadable report in the outbox; skipped");
+                    metrics::counter!("holdfast_worker_outbox_unreadable_total").increment(1);
+                }
             }
         }
         Ok(out)

@@ -47,14 +47,7 @@ impl Proc {
     /// SIGTERM and wait up to `within` for a clean exit; returns the exit status.
     pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                return Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        poll_blocking(within, || self.child.try_wait().ok().flatten()).ok()
     }
 
     /// The process log so far (for failure messages).
@@ -69,21 +62,79 @@ impl Drop for Proc {
     }
 }
 
-/// Polls `f` until it returns `Some`, or panics with `what` after `within`.
-pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut f: F) -> T
+/// What a poll of [`eventually`] returns: a value when done, else why not yet (if it
+/// can say). `Option` says nothing; `Result<_, String>` names the last reason.
+pub trait Polled {
+    /// The value waited for.
+    type Out;
+    /// `Ok` when done; otherwise the reason (if any) for the failure message.
+    fn done(self) -> Result<Self::Out, Option<String>>;
+}
+
+impl<T> Polled for Option<T> {
+    type Out = T;
+    fn done(self) -> Result<T, Option<String>> {
+        self.ok_or(None)
+    }
+}
+
+impl<T> Polled for Result<T, String> {
+    type Out = T;
+    fn done(self) -> Result<T, Option<String>> {
+        self.map_err(Some)
+    }
+}
+
+/// How often [`eventually`] polls.
+const POLL_EVERY: Duration = Duration::from_millis(50);
+
+fn timed_out(within: Duration, what: &str, last: Option<String>) -> ! {
+    match last {
+        Some(last) => panic!("timed out after {within:?} waiting for {what}; last: {last}"),
+        None => panic!("timed out after {within:?} waiting for {what}"),
+    }
+}
+
+/// The one way tests wait: polls `f` until it is done (`Some`/`Ok`), or panics with
+/// `what` (and the last reason `f` gave) after `within`. Never a sleep to wait.
+pub async fn eventually<P, F, Fut>(within: Duration, what: &str, mut f: F) -> P::Out
 where
+    P: Polled,
     F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
+    Fut: Future<Output = P>,
 {
     let deadline = Instant::now() + within;
     loop {
-        if let Some(v) = f().await {
-            return v;
-        }
+        let last = match f().await.done() {
+            Ok(v) => return v,
+            Err(last) => last,
+        };
         if Instant::now() > deadline {
-            panic!("timed out after {within:?} waiting for {what}");
+            timed_out(within, what, last);
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+}
+
+/// [`eventually`] for code outside a runtime (drop guards, plain `#[test]`s): polls
+/// `f` on this thread.
+pub fn eventually_blocking<P: Polled>(within: Duration, what: &str, f: impl FnMut() -> P) -> P::Out {
+    poll_blocking(within, f).unwrap_or_else(|last| timed_out(within, what, last))
+}
+
+/// Polls `f` on this thread until it is done or `within` passes; on timeout, the last
+/// reason it gave. For the callers that handle a timeout themselves.
+pub fn poll_blocking<P: Polled>(within: Duration, mut f: impl FnMut() -> P) -> Result<P::Out, Option<String>> {
+    let deadline = Instant::now() + within;
+    loop {
+        let last = match f().done() {
+            Ok(v) => return Ok(v),
+            Err(last) => last,
+        };
+        if Instant::now() > deadline {
+            return Err(last);
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -175,16 +226,9 @@ pub async fn all_tasks(client: &reqwest::Client, api: &str) -> Option<Vec<serde_
 /// its data dir, polled until it appears (the manager writes it as it starts).
 pub fn join_token(data_dir: &Path, role: &str) -> String {
     let path = data_dir.join(format!("join-{role}.token"));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(t) = std::fs::read_to_string(&path) {
-            if !t.trim().is_empty() {
-                return t.trim().to_string();
-            }
-        }
-        assert!(Instant::now() < deadline, "no join token at {} after 20 s", path.display());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    eventually_blocking(Duration::from_secs(20), &format!("a join token at {}", path.display()), || {
+        std::fs::read_to_string(&path).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
+    })
 }
 
 /// Writes a CA-signed identity for `node` in `<dir>/tls`, as a token join would
@@ -218,4 +262,216 @@ pub fn manager_tls() -> (std::sync::Arc<rustls::ClientConfig>, std::sync::Arc<ru
     let client = tls::client_config(std::slice::from_ref(&ca_der), resolver.clone()).expect("client config");
     let server = tls::server_config(&[ca_der], resolver, Duration::from_secs(60)).expect("server config");
     (client, server)
+}
+
+/// One `holdfast agent` of a test cluster on loopback, run as users run it: its name,
+/// ports and data dir, and while it runs its process (SIGKILLed when dropped). The
+/// first manager bootstraps (writing `admin.token` and the join tokens in its data
+/// dir); other managers and workers join the cluster port, mutual TLS, with a token.
+pub struct Node {
+    /// `--node-id`.
+    pub name: String,
+    /// The API address, `host:port`.
+    pub api: String,
+    /// The cluster port address, `host:port`.
+    pub cluster: String,
+    /// `--data-dir`.
+    pub data: PathBuf,
+    /// Where its log file (`<name>.log`) goes.
+    pub root: PathBuf,
+    /// The process, while it runs.
+    pub proc: Option<Proc>,
+}
+
+impl Node {
+    /// A node named `name` with fresh loopback ports and its data in `root/name`.
+    pub fn new(root: &Path, name: &str) -> Node {
+        Node {
+            name: name.into(),
+            api: format!("127.0.0.1:{}", free_port()),
+            cluster: format!("127.0.0.1:{}", free_port()),
+            data: root.join(name),
+            root: root.to_path_buf(),
+            proc: None,
+        }
+    }
+
+    /// The same node with its data dir at `data` instead.
+    pub fn with_data(mut self, data: PathBuf) -> Node {
+        self.data = data;
+        self
+    }
+
+    /// Starts `holdfast agent --manager` with its ports and data dir, plus `extra`.
+    pub fn manager(&mut self, extra: &[&str]) {
+        self.agent("--manager", &["--api", &self.api.clone(), "--cluster", &self.cluster.clone()], extra);
+    }
+
+    /// Starts the first manager of a new cluster (`--bootstrap`), plus `extra`.
+    pub fn bootstrap(&mut self, extra: &[&str]) {
+        self.manager(&[&["--bootstrap"][..], extra].concat());
+    }
+
+    /// Starts a manager that joins `seed`'s cluster with its manager join token.
+    pub fn join_manager(&mut self, seed: &Node, extra: &[&str]) {
+        let token = join_token(&seed.data, "manager");
+        self.manager(&[&["--join", &seed.cluster, "--token", &token][..], extra].concat());
+    }
+
+    /// Starts `holdfast agent --worker` joining `join` (one or more cluster addresses,
+    /// comma-separated) with the worker join token found in `token_dir`, plus `extra`.
+    pub fn worker(&mut self, join: &str, token_dir: &Path, extra: &[&str]) {
+        let token = join_token(token_dir, "worker");
+        self.agent("--worker", &["--join", join, "--token", &token], extra);
+    }
+
+    fn agent(&mut self, role: &str, own: &[&str], extra: &[&str]) {
+        let data = self.data.to_str().expect("utf-8 data dir").to_string();
+        let mut args = vec!["agent", role, "--node-id", &self.name, "--data-dir", &data];
+        args.extend_from_slice(own);
+        args.extend_from_slice(extra);
+        self.proc = Some(Proc::spawn(&args, &self.root.join(format!("{}.log", self.name)), &[]));
+    }
+
+    /// `http://<api><path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.api)
+    }
+
+    /// Its log so far, for failure messages.
+    pub fn log(&self) -> String {
+        self.proc.as_ref().map(|p| p.log_text()).unwrap_or_default()
+    }
+
+    /// The running process (panics if it is not running).
+    pub fn proc(&mut self) -> &mut Proc {
+        self.proc.as_mut().unwrap_or_else(|| panic!("{} is not running", self.name))
+    }
+
+    /// SIGKILL, if it runs.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    /// SIGTERM, waiting up to 30 s for a clean exit (the drain waits up to 15 s for
+    /// the roles and 5 s for Raft); panics with the log if it does not stop.
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            if p.terminate(Duration::from_secs(30)).is_none() {
+                panic!("{} did not stop on SIGTERM:\n{}", self.name, p.log_text());
+            }
+        }
+    }
+
+    /// Waits (20 s) until `/health/ready` answers 2xx.
+    pub async fn ready(&self) {
+        let url = self.url("/health/ready");
+        eventually(Duration::from_secs(20), &format!("{} ready", self.name), || async {
+            http().get(&url).send().await.ok().filter(|r| r.status().is_success())
+        })
+        .await;
+    }
+}
+
+/// Managers and workers on loopback, formed as users form a cluster: `m1` bootstraps,
+/// `m2..` join with the manager token, workers `w1..` join every manager with the
+/// worker token. Build with [`Cluster::builder`].
+pub struct Cluster {
+    /// The managers, `m1` first (the bootstrap member).
+    pub managers: Vec<Node>,
+    /// The workers (Docker runtime: the binary has no other).
+    pub workers: Vec<Node>,
+    /// A client carrying the admin token `m1` wrote.
+    pub client: reqwest::Client,
+    /// The temporary root of every data dir and log; removed last.
+    pub root: tempfile::TempDir,
+}
+
+/// How to form a [`Cluster`].
+#[derive(Default)]
+pub struct ClusterBuilder {
+    managers: usize,
+    workers: Vec<String>,
+    manager_args: Vec<String>,
+    worker_args: Vec<String>,
+}
+
+impl Cluster {
+    /// One manager, no worker, no extra flags.
+    pub fn builder() -> ClusterBuilder {
+        ClusterBuilder { managers: 1, ..ClusterBuilder::default() }
+    }
+
+    /// `http://<m1 api><path>`.
+    pub fn url(&self, path: &str) -> String {
+        self.managers[0].url(path)
+    }
+
+    /// Every manager's cluster address, comma-separated (a worker's `--join`).
+    pub fn seeds(&self) -> String {
+        self.managers.iter().map(|m| m.cluster.as_str()).collect::<Vec<_>>().join(",")
+    }
+
+    /// The data dir of the bootstrap manager (admin and join tokens).
+    pub fn first_data(&self) -> &Path {
+        &self.managers[0].data
+    }
+}
+
+impl ClusterBuilder {
+    /// `n` managers (at least one).
+    pub fn managers(mut self, n: usize) -> Self {
+        self.managers = n.max(1);
+        self
+    }
+
+    /// Workers with these node ids (unique per test when they run Docker containers).
+    pub fn workers(mut self, names: &[&str]) -> Self {
+        self.workers = names.iter().map(|n| n.to_string()).collect();
+        self
+    }
+
+    /// Extra flags for every manager.
+    pub fn manager_args(mut self, args: &[&str]) -> Self {
+        self.manager_args = args.iter().map(|a| a.to_string()).collect();
+        self
+    }
+
+    /// Extra flags for every worker.
+    pub fn worker_args(mut self, args: &[&str]) -> Self {
+        self.worker_args = args.iter().map(|a| a.to_string()).collect();
+        self
+    }
+
+    /// Starts the managers, waits for `m1`'s admin token and for every manager to be
+    /// a voter, then starts the workers.
+    pub async fn start(self) -> Cluster {
+        let root = tempfile::tempdir().expect("tempdir");
+        let margs: Vec<&str> = self.manager_args.iter().map(String::as_str).collect();
+        let mut managers: Vec<Node> = (1..=self.managers).map(|i| Node::new(root.path(), &format!("m{i}"))).collect();
+        managers[0].bootstrap(&margs);
+        let client = api_client(&managers[0].data).await;
+        let (first, rest) = managers.split_at_mut(1);
+        for m in rest {
+            m.join_manager(&first[0], &margs);
+        }
+        let mut cluster = Cluster { managers, workers: Vec::new(), client, root };
+        let want = self.managers;
+        let url = cluster.url("/v1/cluster");
+        eventually(Duration::from_secs(30), &format!("{want} voters"), || async {
+            let v = get_json(&cluster.client, &url).await?;
+            (v["members"].as_array()?.iter().filter(|m| m["voter"] == true).count() == want).then_some(())
+        })
+        .await;
+        let wargs: Vec<&str> = self.worker_args.iter().map(String::as_str).collect();
+        let seeds = cluster.seeds();
+        for name in &self.workers {
+            let mut w = Node::new(cluster.root.path(), name);
+            w.worker(&seeds, &cluster.managers[0].data, &wargs);
+            cluster.workers.push(w);
+        }
+        cluster
+    }
 }

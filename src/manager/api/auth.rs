@@ -304,8 +304,13 @@ pub async fn ensure_admin_token(
     if path.exists() {
         return;
     }
-    let mut wait = Duration::from_millis(50);
-    loop {
+    let backoff = crate::resilience::retry::RetryPolicy {
+        base: Duration::from_millis(50),
+        cap: Duration::from_secs(2),
+        max_attempts: None,
+        deadline: None,
+    };
+    for failures in 0u32.. {
         if manager.db.status().role == holdfast_raft::Role::Leader {
             let (id, secret, bearer) = new_token();
             let cmd = Command::CreateToken {
@@ -328,11 +333,11 @@ pub async fn ensure_admin_token(
                 Err(e) => tracing::warn!(error = %e, "cannot create the admin token yet; retrying"),
             }
         }
+        let wait = backoff.delay(failures, &mut rand::thread_rng());
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = stop.recv() => return,
         }
-        wait = (wait * 2).min(Duration::from_secs(2));
     }
 }
 

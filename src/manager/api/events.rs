@@ -249,7 +249,7 @@ pub fn event_json(e: &DomainEvent) -> serde_json::Value {
     serde_json::json!({
         "index": e.index,
         "at_ms": e.at_ms,
-        "kind": e.kind,
+        "kind": e.kind.as_str(),
         "subject": e.subject,
         "detail": e.detail,
     })
@@ -368,7 +368,9 @@ fn events(open: Open) -> impl Stream<Item = Result<Event, Infallible>> {
                     for (seq, item) in items {
                         open.seq = seq + 1;
                         match item {
-                            Item::Event(e) if e.kind.starts_with(&open.prefix) => open.pending.push_back(sse_event(&e)),
+                            Item::Event(e) if e.kind.as_str().starts_with(&open.prefix) => {
+                                open.pending.push_back(sse_event(&e))
+                            }
                             Item::Event(_) => {}
                             Item::Lagged(missed) => {
                                 let data = serde_json::json!({ "missed": missed }).to_string();
@@ -395,7 +397,7 @@ fn events(open: Open) -> impl Stream<Item = Result<Event, Infallible>> {
 }
 
 fn sse_event(e: &DomainEvent) -> Event {
-    Event::default().event(&e.kind).id(e.index.to_string()).data(event_json(e).to_string())
+    Event::default().event(e.kind.as_str()).id(e.index.to_string()).data(event_json(e).to_string())
 }
 
 #[cfg(test)]
@@ -403,15 +405,11 @@ mod tests {
     use futures::{FutureExt, StreamExt};
 
     use super::*;
+    use crate::manager::state::EventKind;
 
     fn event(index: u64, kind: &str) -> DomainEvent {
-        DomainEvent {
-            index,
-            at_ms: 1,
-            kind: kind.into(),
-            subject: format!("s{index}"),
-            detail: serde_json::Value::Null,
-        }
+        let kind: EventKind = serde_json::from_value(serde_json::json!(kind)).expect("an event kind");
+        DomainEvent { index, at_ms: 1, kind, subject: format!("s{index}"), detail: serde_json::Value::Null }
     }
 
     fn ring(capacity: usize, covered_after: u64) -> Arc<EventRing> {

@@ -14,7 +14,8 @@ use axum::{Json, Router};
 use holdfast_raft::DbError;
 use serde::{Deserialize, Serialize};
 
-use super::state::{query, Command, Outcome};
+use super::state::{query, Command, RejectCode, Rejection, TaskSubmitted};
+use super::write::{self, WriteError};
 use super::{now_ms, Manager};
 use crate::model::spec::{SpecError, MAX_SPEC_BYTES};
 use crate::model::TaskSpec;
@@ -71,17 +72,34 @@ async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route; see GET /v1/tasks, /v1/nodes, /v1/cluster")
 }
 
-fn outcome(bytes: Vec<u8>) -> Result<serde_json::Value, ApiError> {
-    let out: Outcome =
-        serde_json::from_slice(&bytes).map_err(|e| ApiError::internal(format!("unreadable apply response: {e}")))?;
-    out.map_err(|r| {
-        let status = match r.code.as_str() {
-            "conflict" | "feature_level" => StatusCode::CONFLICT,
-            "not_found" => StatusCode::NOT_FOUND,
-            _ => StatusCode::UNPROCESSABLE_ENTITY,
-        };
-        ApiError::new(status, &r.code, r.message)
-    })
+/// The one map from a rejection's code to its HTTP status.
+fn rejected(r: Rejection) -> ApiError {
+    let status = match r.code {
+        RejectCode::Conflict | RejectCode::FeatureLevel => StatusCode::CONFLICT,
+        RejectCode::NotFound => StatusCode::NOT_FOUND,
+        RejectCode::TokenUnknown
+        | RejectCode::TokenRevoked
+        | RejectCode::TokenExpired
+        | RejectCode::TokenUsedUp
+        | RejectCode::TokenRole => StatusCode::FORBIDDEN,
+        RejectCode::Invalid
+        | RejectCode::BadCommand
+        | RejectCode::BadCa
+        | RejectCode::BadToken
+        | RejectCode::BadNode
+        | RejectCode::NoCa => StatusCode::UNPROCESSABLE_ENTITY,
+    };
+    ApiError::new(status, r.code.as_str(), r.message)
+}
+
+impl From<WriteError> for ApiError {
+    fn from(e: WriteError) -> Self {
+        match e {
+            WriteError::Rejected(r) => rejected(r),
+            WriteError::Db(e) => e.into(),
+            WriteError::Encode(_) | WriteError::Answer(_) => ApiError::internal(e.to_string()),
+        }
+    }
 }
 
 /// Who made a mutating call: the authenticated token (name and id) is the actor; the
@@ -136,6 +154,17 @@ pub async fn write_audited(
     subject: &str,
     cmd: Option<Command>,
 ) -> Result<serde_json::Value, ApiError> {
+    write_audited_as(manager, who, action, subject, cmd).await
+}
+
+/// [`write_audited`], decoding the answer as the type the command answers with.
+pub async fn write_audited_as<A: serde::de::DeserializeOwned>(
+    manager: &Manager,
+    who: Who,
+    action: &str,
+    subject: &str,
+    cmd: Option<Command>,
+) -> Result<A, ApiError> {
     let wrapped = Command::Audited {
         who: who.actor,
         on_behalf_of: who.on_behalf_of,
@@ -144,18 +173,12 @@ pub async fn write_audited(
         at_ms: now_ms(),
         inner: cmd.map(Box::new),
     };
-    write(manager, &wrapped).await
+    Ok(write::replicate(&manager.db, &wrapped).await?)
 }
 
-/// Replicates one command and decodes the state machine's answer.
+/// Replicates one command and decodes the state machine's answer as loose JSON.
 pub async fn write(manager: &Manager, cmd: &Command) -> Result<serde_json::Value, ApiError> {
-    write_db(&manager.db, cmd).await
-}
-
-/// [`write`] for callers that hold only the database (the report batcher).
-pub async fn write_db(db: &holdfast_raft::ReplicatedDb, cmd: &Command) -> Result<serde_json::Value, ApiError> {
-    let bytes = serde_json::to_vec(cmd).map_err(|e| ApiError::internal(e.to_string()))?;
-    outcome(db.write(bytes).await?)
+    Ok(write::replicate(&manager.db, cmd).await?)
 }
 
 #[derive(Serialize)]
@@ -199,9 +222,7 @@ async fn submit_task(
     // a `conflict` rejection in `apply`, never a stopped state machine.
     let id = format!("t{}", uuid::Uuid::new_v4().simple());
     let cmd = Command::SubmitTask { id: id.clone(), spec: Box::new(spec), idempotency_key: key, now_ms: now_ms() };
-    let out = write_audited(&m, who, "POST /v1/tasks", &id, Some(cmd)).await?;
-    let id = out["id"].as_str().unwrap_or_default().to_string();
-    let created = out["created"].as_bool().unwrap_or(true);
+    let TaskSubmitted { id, created } = write_audited_as(&m, who, "POST /v1/tasks", &id, Some(cmd)).await?;
     let location = format!("/v1/tasks/{id}");
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     let mut resp = (status, Json(Submitted { id, created, location: location.clone() })).into_response();
@@ -628,7 +649,7 @@ async fn health(State(m): State<Arc<Manager>>) -> Response {
                 let r = &l.resources;
                 r.disk_total_mb > 0 && (r.disk_free_mb * 10 < r.disk_total_mb || r.disk_free_mb < 1_024)
             });
-            let silent = n.status != super::state::node_status::READY;
+            let silent = n.status != super::state::NodeStatus::Ready.as_str();
             let unknown = if silent { n.placements } else { 0 };
             data_degraded |= engine_ok == Some(false) || disk_pressure || unknown > 0;
             node_views.push(serde_json::json!({

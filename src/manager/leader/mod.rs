@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast;
 
-use super::api::ApiError;
 use super::scheduler::{self, ClusterView, NodeView, Pending};
 use super::state::query::{self, ReplaceCandidate};
-use super::state::{node_status, Command};
+use super::state::{Command, NodeStatus, PlanApplied};
+use super::write::{replicate, replicate_only, WriteError};
 use super::{lock, now_ms, Manager};
 
 /// Most tasks considered in one planning round.
@@ -84,7 +84,7 @@ fn replacement_due(c: &ReplaceCandidate, now: u64, m: &Manager) -> Option<Vec<St
     if c.node_draining {
         return Some(vec![c.node.clone()]);
     }
-    if c.node_status != node_status::READY {
+    if c.node_status != NodeStatus::Ready.as_str() {
         // Lost: silent for longer than the task tolerates. An exclusive task is only
         // replaced once the old worker's lease has surely run out, so two never overlap.
         let mut lost_after = c.spec.lost_after_ms();
@@ -119,12 +119,12 @@ pub struct Round {
 }
 
 /// One planning round; returns how many placements were committed.
-pub async fn plan_once(m: &Manager) -> Result<usize, ApiError> {
+pub async fn plan_once(m: &Manager) -> Result<usize, WriteError> {
     plan_round(m).await.map(|r| r.placed)
 }
 
 /// One planning round, with what the applier refused.
-pub async fn plan_round(m: &Manager) -> Result<Round, ApiError> {
+pub async fn plan_round(m: &Manager) -> Result<Round, WriteError> {
     let live = lock(&m.liveness).clone();
     let is_fresh = |name: &str| live.get(name).is_some_and(|l| l.last_seen.elapsed() < m.settings.heartbeat_ttl);
     let nodes = m.db.read_local(query::nodes).await?;
@@ -194,7 +194,7 @@ pub async fn plan_round(m: &Manager) -> Result<Round, ApiError> {
             reason: "drain deadline passed with no room elsewhere".into(),
             now_ms: now,
         };
-        super::api::write(m, &cmd).await?;
+        replicate_only(&m.db, &cmd).await?;
     }
     if work.is_empty() {
         return Ok(Round::default());
@@ -207,7 +207,7 @@ pub async fn plan_round(m: &Manager) -> Result<Round, ApiError> {
                 let fresh = l.is_some_and(|l| l.last_seen.elapsed() < m.settings.heartbeat_ttl);
                 let engine_ok = l.is_some_and(|l| l.resources.engine_ok);
                 NodeView {
-                    eligible: n.status == node_status::READY && !n.draining && n.eligible && fresh && engine_ok,
+                    eligible: n.status == NodeStatus::Ready.as_str() && !n.draining && n.eligible && fresh && engine_ok,
                     status: if n.draining {
                         "draining".into()
                     } else if !n.eligible {
@@ -244,13 +244,14 @@ pub async fn plan_round(m: &Manager) -> Result<Round, ApiError> {
     if plan.placements.is_empty() && unplaced.is_empty() {
         return Ok(Round::default());
     }
-    let out = super::api::write(m, &Command::ApplyPlan { placements: plan.placements, unplaced, now_ms: now }).await?;
-    let refused = out["refused"].as_array().map_or(0, |r| r.len());
+    let cmd = Command::ApplyPlan { placements: plan.placements, unplaced, now_ms: now };
+    let out: PlanApplied = replicate(&m.db, &cmd).await?;
+    let refused = out.refused.len();
     if refused > 0 {
         // Normal under races (state moved between plan and apply); the next round re-plans.
-        tracing::info!(refused = %out["refused"], "plan applier refused placements");
+        tracing::info!(refused = ?out.refused, "plan applier refused placements");
     }
-    Ok(Round { placed: out["placed"].as_array().map_or(0, |p| p.len()), refused })
+    Ok(Round { placed: out.placed.len(), refused })
 }
 
 /// Judges node liveness until shutdown; commits only transitions, only while leading.
@@ -276,25 +277,26 @@ pub async fn run_liveness(m: Arc<Manager>, mut shutdown: broadcast::Receiver<()>
     }
 }
 
-async fn judge_nodes(m: &Manager) -> Result<(), ApiError> {
+async fn judge_nodes(m: &Manager) -> Result<(), WriteError> {
     let nodes = m.db.read_local(query::nodes).await?;
     let live = lock(&m.liveness).clone();
     let now = now_ms();
     for n in nodes {
         let fresh = live.get(&n.name).is_some_and(|l| l.last_seen.elapsed() < m.settings.heartbeat_ttl);
-        let next = match n.status.as_str() {
-            node_status::READY if !fresh => Some(node_status::DISCONNECTED),
-            node_status::DISCONNECTED | node_status::DOWN if fresh => Some(node_status::READY),
-            node_status::DISCONNECTED
+        let next = match NodeStatus::parse(&n.status) {
+            Some(NodeStatus::Ready) if !fresh => Some(NodeStatus::Disconnected),
+            Some(NodeStatus::Disconnected | NodeStatus::Down) if fresh => Some(NodeStatus::Ready),
+            Some(NodeStatus::Disconnected)
                 if now.saturating_sub(n.status_since_ms) >= m.settings.down_after.as_millis() as u64 =>
             {
-                Some(node_status::DOWN)
+                Some(NodeStatus::Down)
             }
             _ => None,
         };
         if let Some(status) = next {
-            tracing::info!(node = %n.name, from = %n.status, to = status, "node status");
-            super::api::write(m, &Command::SetNodeStatus { name: n.name, status: status.into(), now_ms: now }).await?;
+            tracing::info!(node = %n.name, from = %n.status, to = %status, "node status");
+            let cmd = Command::SetNodeStatus { name: n.name, status: status.as_str().into(), now_ms: now };
+            replicate_only(&m.db, &cmd).await?;
         }
     }
     Ok(())

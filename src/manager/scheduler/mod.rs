@@ -211,11 +211,7 @@ fn start_offset(task_id: &str, n: usize) -> usize {
     if n <= MAX_CANDIDATES {
         return 0;
     }
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in task_id.as_bytes() {
-        h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
-    }
-    (h % n as u64) as usize
+    (holdfast_raft::fnv1a(task_id.as_bytes()) % n as u64) as usize
 }
 
 /// The view's nodes plus what this plan has placed on them so far. Copy-on-write, so a

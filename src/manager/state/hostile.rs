@@ -9,6 +9,9 @@ use rusqlite::Connection;
 use serde_json::json;
 
 use super::*;
+
+/// An outcome read back loosely, so the table can look into any answer by key.
+type Loose = Result<serde_json::Value, Rejection>;
 use crate::model::sync::StatusReport;
 
 fn variant(c: &Command) -> &'static str {
@@ -52,7 +55,7 @@ impl Db {
 
     /// Applies raw bytes in one transaction, as the Raft state machine does; panics on
     /// `Err` (which would be a fatal storage error).
-    fn apply_bytes(&mut self, bytes: &[u8]) -> Outcome {
+    fn apply_bytes(&mut self, bytes: &[u8]) -> Loose {
         self.index += 1;
         let tx = self.conn.transaction().unwrap();
         let out = self.state.apply(&tx, self.index, bytes).unwrap_or_else(|e| panic!("apply failed: {e}"));
@@ -60,7 +63,7 @@ impl Db {
         serde_json::from_slice(&out).unwrap()
     }
 
-    fn apply(&mut self, cmd: &Command) -> Outcome {
+    fn apply(&mut self, cmd: &Command) -> Loose {
         self.apply_bytes(&serde_json::to_vec(cmd).unwrap())
     }
 
@@ -468,7 +471,7 @@ fn every_command_with_hostile_content_is_a_rejection_never_an_error() {
     for (what, cmd, expect) in table {
         let out = db.apply(&cmd);
         match (expect, &out) {
-            (Rejected(code), Err(r)) => assert_eq!(r.code, code, "{what}: {r}"),
+            (Rejected(code), Err(r)) => assert_eq!(r.code.as_str(), code, "{what}: {r}"),
             (ItemRefused(key), Ok(v)) => {
                 assert!(v[key].as_array().is_some_and(|a| !a.is_empty()), "{what}: nothing {key} in {v}")
             }
@@ -491,7 +494,7 @@ fn every_command_with_hostile_content_is_a_rejection_never_an_error() {
         br#"{"RegisterNode":{"name":"n3","address":"a","labels":{},"cpu_millis":-1,"memory_mb":1,"disk_mb":1,"now_ms":1}}"#,
     ] {
         let out = db.apply_bytes(bytes);
-        assert!(matches!(&out, Err(r) if r.code == "bad_command"), "{}: {out:?}", String::from_utf8_lossy(bytes));
+        assert!(matches!(&out, Err(r) if r.code == RejectCode::BadCommand), "{}: {out:?}", String::from_utf8_lossy(bytes));
     }
 
     // A good command still applies, and the good report after the refused one too.

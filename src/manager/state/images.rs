@@ -7,7 +7,7 @@
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::{Deserialize, Serialize};
 
-use super::{reject, Outcome};
+use super::{reject, Answer, EventKind, Outcome, RejectCode};
 use crate::model::sync::{CatalogueEntry, LayerRef};
 
 /// Catalogue changes, replicated through Raft; carried by `Command::Image`.
@@ -92,10 +92,10 @@ pub fn apply(tx: &Transaction<'_>, cmd: ImageCommand) -> rusqlite::Result<Outcom
     match cmd {
         ImageCommand::Put { entry, now_ms } => {
             if let Some(why) = check_entry(&entry) {
-                return reject("invalid", why);
+                return reject(RejectCode::Invalid, why);
             }
             if now_ms > i64::MAX as u64 {
-                return reject("invalid", "now_ms out of range");
+                return reject(RejectCode::Invalid, "now_ms out of range");
             }
             let size = entry.size();
             let layers = serde_json::to_string(&entry.layers).unwrap_or_default();
@@ -113,22 +113,22 @@ pub fn apply(tx: &Transaction<'_>, cmd: ImageCommand) -> rusqlite::Result<Outcom
                     now_ms as i64
                 ],
             )?;
-            Ok(Ok(serde_json::json!({ "reference": entry.reference, "id": entry.config_digest, "size": size })))
+            Ok(Ok(Answer::ImagePut { reference: entry.reference, id: entry.config_digest, size }))
         }
         ImageCommand::Remove { reference, force, unused_since_ms, now_ms } => {
             if !valid_reference(&reference) {
-                return reject("invalid", format!("image reference {reference:?} is not valid"));
+                return reject(RejectCode::Invalid, format!("image reference {reference:?} is not valid"));
             }
             if now_ms > i64::MAX as u64 || unused_since_ms.is_some_and(|u| u > i64::MAX as u64) {
-                return reject("invalid", "time out of range");
+                return reject(RejectCode::Invalid, "time out of range");
             }
             let Some(row) = get(tx, &reference)? else {
-                return reject("not_found", format!("no image {reference} in the catalogue"));
+                return reject(RejectCode::NotFound, format!("no image {reference} in the catalogue"));
             };
             let users = users(tx, &reference)?;
             if !force && !users.is_empty() {
                 return reject(
-                    "conflict",
+                    RejectCode::Conflict,
                     format!(
                         "image {reference} is used by task(s) {}; stop them first or pass ?force=true",
                         users.join(", ")
@@ -138,11 +138,11 @@ pub fn apply(tx: &Transaction<'_>, cmd: ImageCommand) -> rusqlite::Result<Outcom
             if let Some(since) = unused_since_ms {
                 // Retention: the leader judged it unused on an older read; re-check here.
                 if row.pushed_ms > since || last_used_ms(tx, &reference)?.is_some_and(|u| u > since) {
-                    return reject("conflict", format!("image {reference} was pushed or used since"));
+                    return reject(RejectCode::Conflict, format!("image {reference} was pushed or used since"));
                 }
             }
             tx.execute("DELETE FROM images WHERE reference = ?1", [&reference])?;
-            Ok(Ok(serde_json::json!({ "reference": reference, "removed": true })))
+            Ok(Ok(Answer::ImageRemoved { reference, removed: true }))
         }
     }
 }
@@ -219,20 +219,21 @@ pub fn referenced_blobs(c: &Connection) -> rusqlite::Result<std::collections::BT
 }
 
 /// Domain events of an applied catalogue command: `(at_ms, kind, subject, detail)`.
-pub(super) fn events_for(
-    cmd: &ImageCommand,
-    out: &serde_json::Value,
-) -> Vec<(u64, &'static str, String, serde_json::Value)> {
+pub(super) fn events_for(cmd: &ImageCommand, out: &Answer) -> Vec<(u64, EventKind, String, serde_json::Value)> {
+    let size = match out {
+        Answer::ImagePut { size, .. } => Some(*size),
+        _ => None,
+    };
     match cmd {
         ImageCommand::Put { entry, now_ms } => vec![(
             *now_ms,
-            "image.pushed",
+            EventKind::ImagePushed,
             entry.reference.clone(),
-            serde_json::json!({ "id": entry.config_digest, "size": out["size"], "layers": entry.layers.len() }),
+            serde_json::json!({ "id": entry.config_digest, "size": size, "layers": entry.layers.len() }),
         )],
         ImageCommand::Remove { reference, force, unused_since_ms, now_ms } => vec![(
             *now_ms,
-            "image.removed",
+            EventKind::ImageRemoved,
             reference.clone(),
             serde_json::json!({ "force": force, "retention": unused_since_ms.is_some() }),
         )],

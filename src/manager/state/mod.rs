@@ -9,13 +9,19 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
 use crate::model::sync::StatusReport;
-use crate::model::{transition, Desired, Observed, TaskSpec};
+use crate::model::{transition, Observed, TaskSpec};
 
 pub mod images;
+pub mod outcome;
 pub mod query;
 pub mod retention;
 pub mod tokens;
 pub mod upgrade;
+
+pub use outcome::{
+    Answer, CaChange, Outcome, PlacementRefused, PlanApplied, RejectCode, Rejection, ReportIgnored, ReportsApplied,
+    TaskSubmitted,
+};
 
 #[cfg(test)]
 mod hostile;
@@ -185,14 +191,38 @@ pub struct NodeReports {
     pub reports: Vec<StatusReport>,
 }
 
-/// Liveness statuses the leader commits.
-pub mod node_status {
+/// A node's liveness, as the leader commits it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeStatus {
     /// Heard from within the heartbeat TTL.
-    pub const READY: &str = "ready";
+    Ready,
     /// Silent past the heartbeat TTL; its placements are unknown.
-    pub const DISCONNECTED: &str = "disconnected";
+    Disconnected,
     /// Silent past the down threshold.
-    pub const DOWN: &str = "down";
+    Down,
+}
+
+impl NodeStatus {
+    /// Its text, as stored in `nodes.status` and shown in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeStatus::Ready => "ready",
+            NodeStatus::Disconnected => "disconnected",
+            NodeStatus::Down => "down",
+        }
+    }
+
+    /// The status its stored text names, if any.
+    pub fn parse(s: &str) -> Option<NodeStatus> {
+        [NodeStatus::Ready, NodeStatus::Disconnected, NodeStatus::Down].into_iter().find(|n| n.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for NodeStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// One placement in a plan.
@@ -207,23 +237,71 @@ pub struct PlannedPlacement {
     pub replaces: Option<String>,
 }
 
-/// Why `apply` refused a command; travels back to the writer as data.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-#[error("{code}: {message}")]
-pub struct Rejection {
-    /// Machine-readable code (`conflict`, `not_found`, ...).
-    pub code: String,
-    /// Human message.
-    pub message: String,
-}
-
-/// What `apply` answers, serialized as the Raft response bytes.
-pub type Outcome = Result<serde_json::Value, Rejection>;
-
 /// The manager's state machine, plugged into `holdfast-raft`.
 pub struct DomainState {
     applied: watch::Sender<u64>,
     events: broadcast::Sender<DomainEvent>,
+}
+
+/// What a [`DomainEvent`] is about; its text is the SSE event name and the JSON `kind`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum EventKind {
+    /// A task was created.
+    #[serde(rename = "task.submitted")]
+    TaskSubmitted,
+    /// A task was told to stop.
+    #[serde(rename = "task.stopped")]
+    TaskStopped,
+    /// A placement was made.
+    #[serde(rename = "placement.created")]
+    PlacementCreated,
+    /// A worker reported a placement's state.
+    #[serde(rename = "placement.observed")]
+    PlacementObserved,
+    /// A placement was told to stop (drain deadline).
+    #[serde(rename = "placement.stop")]
+    PlacementStop,
+    /// A node registered or changed its labels or capacity.
+    #[serde(rename = "node.registered")]
+    NodeRegistered,
+    /// A node's liveness changed.
+    #[serde(rename = "node.status")]
+    NodeStatus,
+    /// A node's draining started or ended.
+    #[serde(rename = "node.drain")]
+    NodeDrain,
+    /// A node's eligibility changed.
+    #[serde(rename = "node.eligibility")]
+    NodeEligibility,
+    /// A node was removed from the cluster (`DELETE /v1/nodes/{id}`).
+    #[serde(rename = "node.removed")]
+    NodeRemoved,
+    /// An image entered the catalogue.
+    #[serde(rename = "image.pushed")]
+    ImagePushed,
+    /// An image left the catalogue.
+    #[serde(rename = "image.removed")]
+    ImageRemoved,
+}
+
+impl EventKind {
+    /// Its text, e.g. `task.submitted`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::TaskSubmitted => "task.submitted",
+            EventKind::TaskStopped => "task.stopped",
+            EventKind::PlacementCreated => "placement.created",
+            EventKind::PlacementObserved => "placement.observed",
+            EventKind::PlacementStop => "placement.stop",
+            EventKind::NodeRegistered => "node.registered",
+            EventKind::NodeStatus => "node.status",
+            EventKind::NodeDrain => "node.drain",
+            EventKind::NodeEligibility => "node.eligibility",
+            EventKind::NodeRemoved => "node.removed",
+            EventKind::ImagePushed => "image.pushed",
+            EventKind::ImageRemoved => "image.removed",
+        }
+    }
 }
 
 /// Something that happened to the domain state, emitted by `apply` on every manager
@@ -234,10 +312,8 @@ pub struct DomainEvent {
     pub index: u64,
     /// Wall clock of the command (leader's), ms since the epoch.
     pub at_ms: u64,
-    /// `task.submitted`, `task.stopped`, `placement.created`, `placement.observed`,
-    /// `node.registered`, `node.status`, `node.drain`, `node.eligibility`, `placement.stop`,
-    /// `node.removed`.
-    pub kind: String,
+    /// What happened.
+    pub kind: EventKind,
     /// Id of the task, placement or node concerned.
     pub subject: String,
     /// Details, by kind.
@@ -247,59 +323,53 @@ pub struct DomainEvent {
 /// Events kept for slow subscribers before they start missing some.
 pub const EVENT_BUFFER: usize = 4_096;
 
-fn events_for(index: u64, cmd: &Command, out: &serde_json::Value) -> Vec<DomainEvent> {
-    let ev = |at_ms: u64, kind: &str, subject: &str, detail: serde_json::Value| DomainEvent {
+fn events_for(index: u64, cmd: &Command, out: &Answer) -> Vec<DomainEvent> {
+    let ev = |at_ms: u64, kind: EventKind, subject: &str, detail: serde_json::Value| DomainEvent {
         index,
         at_ms,
-        kind: kind.to_string(),
+        kind,
         subject: subject.to_string(),
         detail,
     };
-    match cmd {
-        Command::SubmitTask { spec, now_ms, .. } => {
-            let id = out["id"].as_str().unwrap_or_default();
-            let created = out["created"].as_bool().unwrap_or(false);
-            if !created {
-                return Vec::new();
-            }
+    match (cmd, out) {
+        (Command::SubmitTask { spec, now_ms, .. }, Answer::Submitted(TaskSubmitted { id, created: true })) => {
             vec![ev(
                 *now_ms,
-                "task.submitted",
+                EventKind::TaskSubmitted,
                 id,
                 serde_json::json!({ "name": spec.display_name(), "image": spec.image }),
             )]
         }
-        Command::StopTask { id, now_ms } => vec![ev(*now_ms, "task.stopped", id, serde_json::Value::Null)],
-        Command::RegisterNode { name, address, now_ms, .. } => {
-            vec![ev(*now_ms, "node.registered", name, serde_json::json!({ "address": address }))]
+        (Command::SubmitTask { .. }, _) => Vec::new(),
+        (Command::StopTask { id, now_ms }, _) => vec![ev(*now_ms, EventKind::TaskStopped, id, serde_json::Value::Null)],
+        (Command::RegisterNode { name, address, now_ms, .. }, _) => {
+            vec![ev(*now_ms, EventKind::NodeRegistered, name, serde_json::json!({ "address": address }))]
         }
-        Command::ApplyPlan { placements, now_ms, .. } => {
-            let placed: Vec<&str> =
-                out["placed"].as_array().map(|a| a.iter().filter_map(|v| v.as_str()).collect()).unwrap_or_default();
-            placed
-                .iter()
-                .filter_map(|pid| {
-                    let task = pid.split('.').next().unwrap_or_default();
-                    placements.iter().find(|p| p.task_id == task).map(|p| {
-                        ev(
-                            *now_ms,
-                            "placement.created",
-                            pid,
-                            serde_json::json!({
-                                "task_id": p.task_id, "node": p.node, "fence": index, "replaces": p.replaces,
-                            }),
-                        )
-                    })
+        (Command::ApplyPlan { placements, now_ms, .. }, Answer::Planned(plan)) => plan
+            .placed
+            .iter()
+            .zip(&plan.planned)
+            .filter_map(|(pid, &i)| {
+                placements.get(i).map(|p| {
+                    ev(
+                        *now_ms,
+                        EventKind::PlacementCreated,
+                        pid,
+                        serde_json::json!({
+                            "task_id": p.task_id, "node": p.node, "fence": index, "replaces": p.replaces,
+                        }),
+                    )
                 })
-                .collect()
-        }
-        Command::ReportStatus { batches, now_ms } => batches
+            })
+            .collect(),
+        (Command::ApplyPlan { .. }, _) => Vec::new(),
+        (Command::ReportStatus { batches, now_ms }, _) => batches
             .iter()
             .flat_map(|b| {
                 b.reports.iter().map(move |r| {
                     ev(
                         *now_ms,
-                        "placement.observed",
+                        EventKind::PlacementObserved,
                         &r.placement_id,
                         serde_json::json!({
                             "task_id": r.task_id, "node": b.node, "observed": r.observed, "exit_code": r.exit_code,
@@ -309,31 +379,37 @@ fn events_for(index: u64, cmd: &Command, out: &serde_json::Value) -> Vec<DomainE
                 })
             })
             .collect(),
-        Command::SetNodeStatus { name, status, now_ms } => {
-            vec![ev(*now_ms, "node.status", name, serde_json::json!({ "status": status }))]
+        (Command::SetNodeStatus { name, status, now_ms }, _) => {
+            vec![ev(*now_ms, EventKind::NodeStatus, name, serde_json::json!({ "status": status }))]
         }
-        Command::DrainNode { name, enable, deadline_ms, now_ms } => {
-            vec![ev(*now_ms, "node.drain", name, serde_json::json!({ "enable": enable, "deadline_ms": deadline_ms }))]
+        (Command::DrainNode { name, enable, deadline_ms, now_ms }, _) => {
+            vec![ev(
+                *now_ms,
+                EventKind::NodeDrain,
+                name,
+                serde_json::json!({ "enable": enable, "deadline_ms": deadline_ms }),
+            )]
         }
-        Command::SetEligibility { name, eligible, now_ms } => {
-            vec![ev(*now_ms, "node.eligibility", name, serde_json::json!({ "eligible": eligible }))]
+        (Command::SetEligibility { name, eligible, now_ms }, _) => {
+            vec![ev(*now_ms, EventKind::NodeEligibility, name, serde_json::json!({ "eligible": eligible }))]
         }
-        Command::StopPlacements { ids, reason, now_ms } => {
-            ids.iter().map(|id| ev(*now_ms, "placement.stop", id, serde_json::json!({ "reason": reason }))).collect()
-        }
+        (Command::StopPlacements { ids, reason, now_ms }, _) => ids
+            .iter()
+            .map(|id| ev(*now_ms, EventKind::PlacementStop, id, serde_json::json!({ "reason": reason })))
+            .collect(),
         // Its inner command emits its own events.
-        Command::Audited { .. } | Command::Trust(_) => Vec::new(),
-        Command::Image(c) => images::events_for(c, out)
+        (Command::Audited { .. } | Command::Trust(_), _) => Vec::new(),
+        (Command::Image(c), out) => images::events_for(c, out)
             .into_iter()
             .map(|(at, kind, subject, detail)| ev(at, kind, &subject, detail))
             .collect(),
-        Command::Retention(retention::RetentionCommand::RemoveNode { name, force, now_ms }) => {
-            vec![ev(*now_ms, "node.removed", name, serde_json::json!({ "force": force }))]
+        (Command::Retention(retention::RetentionCommand::RemoveNode { name, force, now_ms }), _) => {
+            vec![ev(*now_ms, EventKind::NodeRemoved, name, serde_json::json!({ "force": force }))]
         }
-        Command::Upgrade(_) | Command::Retention(_) => Vec::new(),
+        (Command::Upgrade(_) | Command::Retention(_), _) => Vec::new(),
         // Not domain events, and readers (who may follow the stream) may not list
         // tokens; the audit log records them for admins.
-        Command::CreateToken { .. } | Command::RevokeToken { .. } => Vec::new(),
+        (Command::CreateToken { .. } | Command::RevokeToken { .. }, _) => Vec::new(),
     }
 }
 
@@ -450,7 +526,7 @@ impl DomainState {
                 Ok(out) => out,
                 // Belt and braces: a constraint the checks above missed is still the
                 // command's content at fault, never the storage's, so it is a rejection.
-                Err(e) if is_content_error(&e) => Err(Rejection { code: "conflict".into(), message: e.to_string() }),
+                Err(e) if is_content_error(&e) => Err(Rejection::new(RejectCode::Conflict, e.to_string())),
                 Err(e) => return Err(e),
             },
         };
@@ -489,20 +565,20 @@ impl holdfast_raft::Apply for DomainState {
 
     fn apply(&self, tx: &Transaction<'_>, index: u64, command: &[u8]) -> rusqlite::Result<Vec<u8>> {
         let outcome: Outcome = match serde_json::from_slice::<Command>(command) {
-            Err(e) => Err(Rejection { code: "bad_command".into(), message: e.to_string() }),
+            Err(e) => Err(Rejection::new(RejectCode::BadCommand, e.to_string())),
             // The envelope's own fields are checked before anything is written.
             Ok(cmd @ Command::Audited { .. }) if check_command(&cmd).is_some() => {
-                Err(check_command(&cmd).unwrap_or_else(|| Rejection { code: "invalid".into(), message: String::new() }))
+                Err(check_command(&cmd).unwrap_or_else(|| Rejection::new(RejectCode::Invalid, "")))
             }
             Ok(Command::Audited { who, on_behalf_of, action, subject, at_ms, inner }) => {
                 let out = match inner {
                     Some(cmd) => self.apply_one(tx, index, *cmd)?,
-                    None => Ok(serde_json::Value::Null),
+                    None => Ok(Answer::Nothing),
                 };
                 // Outside the command's savepoint: a rejected call is audited too.
                 let result = match &out {
-                    Ok(_) => "ok".to_string(),
-                    Err(r) => r.code.clone(),
+                    Ok(_) => "ok",
+                    Err(r) => r.code.as_str(),
                 };
                 tx.execute(
                     "INSERT INTO audit (log_index, at_ms, who, action, subject, result, on_behalf_of)
@@ -526,8 +602,8 @@ impl holdfast_raft::Apply for DomainState {
     }
 }
 
-fn reject(code: &str, message: impl Into<String>) -> rusqlite::Result<Outcome> {
-    Ok(Err(Rejection { code: code.into(), message: message.into() }))
+fn reject(code: RejectCode, message: impl Into<String>) -> rusqlite::Result<Outcome> {
+    Ok(Err(Rejection::new(code, message)))
 }
 
 /// SQLite errors that a command's content can cause (a UNIQUE or CHECK constraint, a
@@ -549,7 +625,7 @@ const MAX_ITEMS: usize = 100_000;
 const MAX_INT: u64 = i64::MAX as u64;
 
 fn invalid(message: impl Into<String>) -> Option<Rejection> {
-    Some(Rejection { code: "invalid".into(), message: message.into() })
+    Some(Rejection::new(RejectCode::Invalid, message))
 }
 
 /// Checks of a command's content that need no database: ids, sizes, numbers, and the
@@ -658,170 +734,22 @@ fn check_report(r: &StatusReport, last_seq: u64) -> Option<String> {
     None
 }
 
+/// The one `match`: each command kind to its function.
 fn apply_command(tx: &Transaction<'_>, index: u64, cmd: Command) -> rusqlite::Result<Outcome> {
     match cmd {
         Command::SubmitTask { id, spec, idempotency_key, now_ms } => {
-            let digest = spec.digest();
-            if let Some(key) = &idempotency_key {
-                let existing: Option<(String, String)> = tx
-                    .query_row("SELECT id, digest FROM tasks WHERE idem_key = ?1", [key], |r| {
-                        Ok((r.get(0)?, r.get(1)?))
-                    })
-                    .optional()?;
-                if let Some((existing_id, existing_digest)) = existing {
-                    if existing_digest == digest {
-                        return Ok(Ok(serde_json::json!({ "id": existing_id, "created": false })));
-                    }
-                    return reject(
-                        "conflict",
-                        format!(
-                            "Idempotency-Key {key:?} was already used for task {existing_id} with a different spec"
-                        ),
-                    );
-                }
-            }
-            let exists: bool = tx.query_row("SELECT EXISTS(SELECT 1 FROM tasks WHERE id = ?1)", [&id], |r| r.get(0))?;
-            if exists {
-                return reject("conflict", format!("a task with id {id} already exists"));
-            }
-            let spec_json = serde_json::to_string(&spec).unwrap_or_default();
-            tx.execute(
-                "INSERT INTO tasks (id, name, spec, desired, idem_key, digest, pending_reason, created_index, created_ms, updated_ms)
-                 VALUES (?1, ?2, ?3, 'run', ?4, ?5, NULL, ?6, ?7, ?7)",
-                params![id, spec.display_name(), spec_json, idempotency_key, digest, index as i64, now_ms as i64],
-            )?;
-            Ok(Ok(serde_json::json!({ "id": id, "created": true })))
+            submit_task(tx, index, id, &spec, idempotency_key, now_ms)
         }
-        Command::StopTask { id, now_ms } => {
-            let n = tx.execute(
-                "UPDATE tasks SET desired = 'stop', updated_ms = ?2 WHERE id = ?1",
-                params![id, now_ms as i64],
-            )?;
-            if n == 0 {
-                return reject("not_found", format!("no task with id {id}"));
-            }
-            tx.execute(
-                "UPDATE placements SET desired = 'stop', updated_ms = ?2 WHERE task_id = ?1 AND desired = 'run'",
-                params![id, now_ms as i64],
-            )?;
-            Ok(Ok(serde_json::json!({ "id": id })))
-        }
+        Command::StopTask { id, now_ms } => stop_task(tx, id, now_ms),
         Command::RegisterNode { name, address, labels, cpu_millis, memory_mb, disk_mb, now_ms } => {
-            let labels = serde_json::to_string(&labels).unwrap_or_default();
-            tx.execute(
-                "INSERT INTO nodes (name, address, labels, cpu_millis, memory_mb, disk_mb, status, status_since_ms, registered_ms, updated_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'ready', ?7, ?7, ?7)
-                 ON CONFLICT(name) DO UPDATE SET address = ?2, labels = ?3, cpu_millis = ?4, memory_mb = ?5,
-                   disk_mb = ?6, updated_ms = ?7",
-                params![name, address, labels, cpu_millis as i64, memory_mb as i64, disk_mb as i64, now_ms as i64],
-            )?;
-            set_node_status(tx, &name, node_status::READY, now_ms)?;
-            Ok(Ok(serde_json::json!({ "name": name })))
+            let capacity = (cpu_millis, memory_mb, disk_mb);
+            register_node(tx, name, &address, &labels, capacity, now_ms)
         }
-        Command::ApplyPlan { placements, unplaced, now_ms } => {
-            let mut committed = Vec::new();
-            let mut refused = Vec::new();
-            for (i, p) in placements.into_iter().enumerate() {
-                match recheck_placement(tx, &p)? {
-                    Err(why) => refused.push(serde_json::json!({ "task_id": p.task_id, "reason": why })),
-                    Ok(spec) => {
-                        // One command may place many tasks; the fence is this command's
-                        // index for all of them (it only has to grow per task).
-                        let pid = format!("{}.{}.{}", p.task_id, index, i);
-                        tx.execute(
-                            "INSERT INTO placements (id, task_id, node, fence, desired, observed, cpu_millis, memory_mb, disk_mb, created_ms, updated_ms)
-                             VALUES (?1, ?2, ?3, ?4, 'run', 'pending', ?5, ?6, ?7, ?8, ?8)",
-                            params![
-                                pid,
-                                p.task_id,
-                                p.node,
-                                index as i64,
-                                spec.resources.cpu_millis as i64,
-                                spec.resources.memory_mb as i64,
-                                spec.resources.disk_mb as i64,
-                                now_ms as i64
-                            ],
-                        )?;
-                        tx.execute(
-                            "UPDATE tasks SET pending_reason = NULL, updated_ms = ?2 WHERE id = ?1",
-                            params![p.task_id, now_ms as i64],
-                        )?;
-                        event(tx, &pid, now_ms, "placed", Some(&format!("on {} with fence {index}", p.node)))?;
-                        if let Some(old) = &p.replaces {
-                            tx.execute(
-                                "UPDATE placements SET desired = 'stop', updated_ms = ?2 WHERE id = ?1",
-                                params![old, now_ms as i64],
-                            )?;
-                            event(tx, old, now_ms, "replaced", Some(&format!("by {pid} on {}", p.node)))?;
-                        }
-                        committed.push(pid);
-                    }
-                }
-            }
-            for (task_id, reason) in unplaced {
-                tx.execute(
-                    "UPDATE tasks SET pending_reason = ?2 WHERE id = ?1 AND desired = 'run'",
-                    params![task_id, reason],
-                )?;
-            }
-            Ok(Ok(serde_json::json!({ "placed": committed, "refused": refused })))
-        }
-        Command::ReportStatus { batches, now_ms } => {
-            let mut acked = serde_json::Map::new();
-            let mut ignored = Vec::new();
-            for NodeReports { node, reports } in batches {
-                let last_seq: Option<i64> =
-                    tx.query_row("SELECT last_seq FROM nodes WHERE name = ?1", [&node], |r| r.get(0)).optional()?;
-                let Some(mut last_seq) = last_seq.map(|s| s as u64) else {
-                    ignored.push(serde_json::json!({ "node": node, "reason": "node is not registered" }));
-                    continue;
-                };
-                if !valid_id(&node) || reports.len() > MAX_ITEMS {
-                    ignored
-                        .push(serde_json::json!({ "node": node, "reason": "invalid node name or too many reports" }));
-                    continue;
-                }
-                for r in reports {
-                    if r.seq <= last_seq {
-                        continue; // delivered before: exactly-once effect
-                    }
-                    if let Some(why) = check_report(&r, last_seq) {
-                        // Not stored and `last_seq` does not move: the node's real
-                        // reports still apply.
-                        ignored.push(serde_json::json!({ "node": node, "seq": r.seq, "reason": why }));
-                        continue;
-                    }
-                    last_seq = r.seq;
-                    if let Err(why) = apply_report(tx, &node, &r, now_ms)? {
-                        ignored.push(serde_json::json!({ "node": node, "seq": r.seq, "reason": why }));
-                    }
-                }
-                tx.execute("UPDATE nodes SET last_seq = ?2 WHERE name = ?1", params![node, last_seq as i64])?;
-                acked.insert(node, last_seq.into());
-            }
-            Ok(Ok(serde_json::json!({ "acked": acked, "ignored": ignored })))
-        }
-        Command::SetNodeStatus { name, status, now_ms } => {
-            if ![node_status::READY, node_status::DISCONNECTED, node_status::DOWN].contains(&status.as_str()) {
-                return reject("invalid", format!("unknown node status {status:?}"));
-            }
-            if !set_node_status(tx, &name, &status, now_ms)? {
-                return reject("not_found", format!("no node named {name}"));
-            }
-            Ok(Ok(serde_json::json!({ "name": name, "status": status })))
-        }
-        Command::DrainNode { name, enable, deadline_ms, now_ms } => {
-            let n = tx.execute(
-                "UPDATE nodes SET draining = ?2, drain_deadline_ms = ?3, updated_ms = ?4 WHERE name = ?1",
-                params![name, enable, deadline_ms.map(|d| d as i64), now_ms as i64],
-            )?;
-            if n == 0 {
-                return reject("not_found", format!("no node named {name}"));
-            }
-            node_event(tx, &name, now_ms, if enable { "drain-started" } else { "drain-ended" }, None)?;
-            Ok(Ok(serde_json::json!({ "name": name, "draining": enable })))
-        }
-        Command::Audited { .. } => reject("bad_command", "an audited command cannot be nested"),
+        Command::ApplyPlan { placements, unplaced, now_ms } => apply_plan(tx, index, placements, unplaced, now_ms),
+        Command::ReportStatus { batches, now_ms } => report_status(tx, batches, now_ms),
+        Command::SetNodeStatus { name, status, now_ms } => set_status(tx, name, status, now_ms),
+        Command::DrainNode { name, enable, deadline_ms, now_ms } => drain_node(tx, name, enable, deadline_ms, now_ms),
+        Command::Audited { .. } => reject(RejectCode::BadCommand, "an audited command cannot be nested"),
         Command::CreateToken { id, name, role, secret_sha256, expires_ms, created_by, now_ms } => {
             tokens::create(tx, &id, &name, &role, &secret_sha256, &created_by, expires_ms, now_ms)
         }
@@ -830,30 +758,246 @@ fn apply_command(tx: &Transaction<'_>, index: u64, cmd: Command) -> rusqlite::Re
         Command::Image(c) => images::apply(tx, c),
         Command::Upgrade(u) => upgrade::apply(tx, index, u, upgrade::build_level()),
         Command::Retention(r) => retention::apply(tx, r),
-        Command::StopPlacements { ids, reason, now_ms } => {
-            for id in &ids {
-                let n = tx.execute(
-                    "UPDATE placements SET desired = 'stop', updated_ms = ?2 WHERE id = ?1 AND desired = 'run'",
-                    params![id, now_ms as i64],
-                )?;
-                if n > 0 {
-                    event(tx, id, now_ms, "stop-requested", Some(&reason))?;
-                }
+        Command::StopPlacements { ids, reason, now_ms } => stop_placements(tx, ids, &reason, now_ms),
+        Command::SetEligibility { name, eligible, now_ms } => set_eligibility(tx, name, eligible, now_ms),
+    }
+}
+
+fn submit_task(
+    tx: &Transaction<'_>,
+    index: u64,
+    id: String,
+    spec: &TaskSpec,
+    idempotency_key: Option<String>,
+    now_ms: u64,
+) -> rusqlite::Result<Outcome> {
+    let digest = spec.digest();
+    if let Some(key) = &idempotency_key {
+        let existing: Option<(String, String)> = tx
+            .query_row("SELECT id, digest FROM tasks WHERE idem_key = ?1", [key], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        if let Some((existing_id, existing_digest)) = existing {
+            if existing_digest == digest {
+                return Ok(Ok(Answer::Submitted(TaskSubmitted { id: existing_id, created: false })));
             }
-            Ok(Ok(serde_json::json!({ "stopped": ids })))
-        }
-        Command::SetEligibility { name, eligible, now_ms } => {
-            let n = tx.execute(
-                "UPDATE nodes SET eligible = ?2, updated_ms = ?3 WHERE name = ?1",
-                params![name, eligible, now_ms as i64],
-            )?;
-            if n == 0 {
-                return reject("not_found", format!("no node named {name}"));
-            }
-            node_event(tx, &name, now_ms, if eligible { "eligible" } else { "ineligible" }, None)?;
-            Ok(Ok(serde_json::json!({ "name": name, "eligible": eligible })))
+            return reject(
+                RejectCode::Conflict,
+                format!("Idempotency-Key {key:?} was already used for task {existing_id} with a different spec"),
+            );
         }
     }
+    let exists: bool = tx.query_row("SELECT EXISTS(SELECT 1 FROM tasks WHERE id = ?1)", [&id], |r| r.get(0))?;
+    if exists {
+        return reject(RejectCode::Conflict, format!("a task with id {id} already exists"));
+    }
+    let spec_json = serde_json::to_string(spec).unwrap_or_default();
+    tx.execute(
+        "INSERT INTO tasks (id, name, spec, desired, idem_key, digest, pending_reason, created_index, created_ms, updated_ms)
+         VALUES (?1, ?2, ?3, 'run', ?4, ?5, NULL, ?6, ?7, ?7)",
+        params![id, spec.display_name(), spec_json, idempotency_key, digest, index as i64, now_ms as i64],
+    )?;
+    Ok(Ok(Answer::Submitted(TaskSubmitted { id, created: true })))
+}
+
+fn stop_task(tx: &Transaction<'_>, id: String, now_ms: u64) -> rusqlite::Result<Outcome> {
+    let n =
+        tx.execute("UPDATE tasks SET desired = 'stop', updated_ms = ?2 WHERE id = ?1", params![id, now_ms as i64])?;
+    if n == 0 {
+        return reject(RejectCode::NotFound, format!("no task with id {id}"));
+    }
+    tx.execute(
+        "UPDATE placements SET desired = 'stop', updated_ms = ?2 WHERE task_id = ?1 AND desired = 'run'",
+        params![id, now_ms as i64],
+    )?;
+    Ok(Ok(Answer::TaskStopped { id }))
+}
+
+/// `capacity` is (CPU millicores, memory MiB, disk MiB).
+fn register_node(
+    tx: &Transaction<'_>,
+    name: String,
+    address: &str,
+    labels: &BTreeMap<String, String>,
+    (cpu_millis, memory_mb, disk_mb): (u64, u64, u64),
+    now_ms: u64,
+) -> rusqlite::Result<Outcome> {
+    let labels = serde_json::to_string(labels).unwrap_or_default();
+    tx.execute(
+        "INSERT INTO nodes (name, address, labels, cpu_millis, memory_mb, disk_mb, status, status_since_ms, registered_ms, updated_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'ready', ?7, ?7, ?7)
+         ON CONFLICT(name) DO UPDATE SET address = ?2, labels = ?3, cpu_millis = ?4, memory_mb = ?5,
+           disk_mb = ?6, updated_ms = ?7",
+        params![name, address, labels, cpu_millis as i64, memory_mb as i64, disk_mb as i64, now_ms as i64],
+    )?;
+    set_node_status(tx, &name, NodeStatus::Ready, now_ms)?;
+    Ok(Ok(Answer::NodeRegistered { name }))
+}
+
+fn apply_plan(
+    tx: &Transaction<'_>,
+    index: u64,
+    placements: Vec<PlannedPlacement>,
+    unplaced: Vec<(String, String)>,
+    now_ms: u64,
+) -> rusqlite::Result<Outcome> {
+    let mut answer = PlanApplied { placed: Vec::new(), refused: Vec::new(), planned: Vec::new() };
+    for (i, p) in placements.into_iter().enumerate() {
+        match recheck_placement(tx, &p)? {
+            Err(reason) => answer.refused.push(PlacementRefused { task_id: p.task_id, reason }),
+            Ok(spec) => {
+                answer.placed.push(create_placement(tx, index, i, &p, &spec, now_ms)?);
+                answer.planned.push(i);
+            }
+        }
+    }
+    for (task_id, reason) in unplaced {
+        tx.execute("UPDATE tasks SET pending_reason = ?2 WHERE id = ?1 AND desired = 'run'", params![task_id, reason])?;
+    }
+    Ok(Ok(Answer::Planned(answer)))
+}
+
+/// Writes the `i`th placement of the plan at `index` (re-checked already) and tells the
+/// placement it replaces to stop; its id.
+fn create_placement(
+    tx: &Transaction<'_>,
+    index: u64,
+    i: usize,
+    p: &PlannedPlacement,
+    spec: &TaskSpec,
+    now_ms: u64,
+) -> rusqlite::Result<String> {
+    // One command may place many tasks; the fence is this command's index for all of
+    // them (it only has to grow per task).
+    let pid = format!("{}.{}.{}", p.task_id, index, i);
+    tx.execute(
+        "INSERT INTO placements (id, task_id, node, fence, desired, observed, cpu_millis, memory_mb, disk_mb, created_ms, updated_ms)
+         VALUES (?1, ?2, ?3, ?4, 'run', 'pending', ?5, ?6, ?7, ?8, ?8)",
+        params![
+            pid,
+            p.task_id,
+            p.node,
+            index as i64,
+            spec.resources.cpu_millis as i64,
+            spec.resources.memory_mb as i64,
+            spec.resources.disk_mb as i64,
+            now_ms as i64
+        ],
+    )?;
+    tx.execute(
+        "UPDATE tasks SET pending_reason = NULL, updated_ms = ?2 WHERE id = ?1",
+        params![p.task_id, now_ms as i64],
+    )?;
+    event(tx, &pid, now_ms, "placed", Some(&format!("on {} with fence {index}", p.node)))?;
+    if let Some(old) = &p.replaces {
+        tx.execute(
+            "UPDATE placements SET desired = 'stop', updated_ms = ?2 WHERE id = ?1",
+            params![old, now_ms as i64],
+        )?;
+        event(tx, old, now_ms, "replaced", Some(&format!("by {pid} on {}", p.node)))?;
+    }
+    Ok(pid)
+}
+
+fn report_status(tx: &Transaction<'_>, batches: Vec<NodeReports>, now_ms: u64) -> rusqlite::Result<Outcome> {
+    let mut answer = ReportsApplied { acked: BTreeMap::new(), ignored: Vec::new() };
+    for NodeReports { node, reports } in batches {
+        let last_seq: Option<i64> =
+            tx.query_row("SELECT last_seq FROM nodes WHERE name = ?1", [&node], |r| r.get(0)).optional()?;
+        let Some(last_seq) = last_seq.map(|s| s as u64) else {
+            answer.ignored.push(ReportIgnored { node, seq: None, reason: "node is not registered".into() });
+            continue;
+        };
+        if !valid_id(&node) || reports.len() > MAX_ITEMS {
+            let reason = "invalid node name or too many reports".into();
+            answer.ignored.push(ReportIgnored { node, seq: None, reason });
+            continue;
+        }
+        let last_seq = apply_node_reports(tx, &node, reports, last_seq, now_ms, &mut answer.ignored)?;
+        tx.execute("UPDATE nodes SET last_seq = ?2 WHERE name = ?1", params![node, last_seq as i64])?;
+        answer.acked.insert(node, last_seq);
+    }
+    Ok(Ok(Answer::Reported(answer)))
+}
+
+/// Applies one node's reports after `last_seq`, at most once each; the new last
+/// sequence number. What it cannot apply goes to `ignored`.
+fn apply_node_reports(
+    tx: &Transaction<'_>,
+    node: &str,
+    reports: Vec<StatusReport>,
+    mut last_seq: u64,
+    now_ms: u64,
+    ignored: &mut Vec<ReportIgnored>,
+) -> rusqlite::Result<u64> {
+    for r in reports {
+        if r.seq <= last_seq {
+            continue; // delivered before: exactly-once effect
+        }
+        let ignore = |reason: String| ReportIgnored { node: node.to_string(), seq: Some(r.seq), reason };
+        if let Some(why) = check_report(&r, last_seq) {
+            // Not stored and `last_seq` does not move: the node's real reports still apply.
+            ignored.push(ignore(why));
+            continue;
+        }
+        last_seq = r.seq;
+        if let Err(why) = apply_report(tx, node, &r, now_ms)? {
+            ignored.push(ignore(why));
+        }
+    }
+    Ok(last_seq)
+}
+
+fn set_status(tx: &Transaction<'_>, name: String, status: String, now_ms: u64) -> rusqlite::Result<Outcome> {
+    let Some(parsed) = NodeStatus::parse(&status) else {
+        return reject(RejectCode::Invalid, format!("unknown node status {status:?}"));
+    };
+    if !set_node_status(tx, &name, parsed, now_ms)? {
+        return reject(RejectCode::NotFound, format!("no node named {name}"));
+    }
+    Ok(Ok(Answer::NodeStatusSet { name, status }))
+}
+
+fn drain_node(
+    tx: &Transaction<'_>,
+    name: String,
+    enable: bool,
+    deadline_ms: Option<u64>,
+    now_ms: u64,
+) -> rusqlite::Result<Outcome> {
+    let n = tx.execute(
+        "UPDATE nodes SET draining = ?2, drain_deadline_ms = ?3, updated_ms = ?4 WHERE name = ?1",
+        params![name, enable, deadline_ms.map(|d| d as i64), now_ms as i64],
+    )?;
+    if n == 0 {
+        return reject(RejectCode::NotFound, format!("no node named {name}"));
+    }
+    node_event(tx, &name, now_ms, if enable { "drain-started" } else { "drain-ended" }, None)?;
+    Ok(Ok(Answer::Drain { name, draining: enable }))
+}
+
+fn stop_placements(tx: &Transaction<'_>, ids: Vec<String>, reason: &str, now_ms: u64) -> rusqlite::Result<Outcome> {
+    for id in &ids {
+        let n = tx.execute(
+            "UPDATE placements SET desired = 'stop', updated_ms = ?2 WHERE id = ?1 AND desired = 'run'",
+            params![id, now_ms as i64],
+        )?;
+        if n > 0 {
+            event(tx, id, now_ms, "stop-requested", Some(reason))?;
+        }
+    }
+    Ok(Ok(Answer::PlacementsStopped { stopped: ids }))
+}
+
+fn set_eligibility(tx: &Transaction<'_>, name: String, eligible: bool, now_ms: u64) -> rusqlite::Result<Outcome> {
+    let n = tx.execute(
+        "UPDATE nodes SET eligible = ?2, updated_ms = ?3 WHERE name = ?1",
+        params![name, eligible, now_ms as i64],
+    )?;
+    if n == 0 {
+        return reject(RejectCode::NotFound, format!("no node named {name}"));
+    }
+    node_event(tx, &name, now_ms, if eligible { "eligible" } else { "ineligible" }, None)?;
+    Ok(Ok(Answer::Eligibility { name, eligible }))
 }
 
 /// The plan applier's re-check, on the freshest state there is: task still wants to
@@ -902,7 +1046,7 @@ fn recheck_placement(tx: &Transaction<'_>, p: &PlannedPlacement) -> rusqlite::Re
     let Some((status, draining, eligible, cpu, mem, disk)) = node else {
         return Ok(Err(format!("node {} is not registered", p.node)));
     };
-    if status != node_status::READY || draining || !eligible {
+    if status != NodeStatus::Ready.as_str() || draining || !eligible {
         return Ok(Err(format!("node {} is {status}, draining {draining}, eligible {eligible}", p.node)));
     }
     let (rc, rm, rd): (i64, i64, i64) = tx.query_row(
@@ -969,23 +1113,24 @@ fn apply_report(
 }
 
 /// Sets a node's liveness status, recording the change; `false` when no such node.
-fn set_node_status(tx: &Transaction<'_>, name: &str, status: &str, now_ms: u64) -> rusqlite::Result<bool> {
+fn set_node_status(tx: &Transaction<'_>, name: &str, status: NodeStatus, now_ms: u64) -> rusqlite::Result<bool> {
+    let status_text = status.as_str();
     let old: Option<(String, i64)> = tx
         .query_row("SELECT status, status_since_ms FROM nodes WHERE name = ?1", [name], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
     let Some((old, since)) = old else { return Ok(false) };
     let away_ms = (now_ms as i64).saturating_sub(since);
-    if old != status {
+    if old != status_text {
         // `status_since_ms` marks the last move between ready and not ready, so
         // disconnected → down keeps the time the node went silent.
-        let crosses = (old == node_status::READY) != (status == node_status::READY);
+        let crosses = (old == NodeStatus::Ready.as_str()) != (status == NodeStatus::Ready);
         tx.execute(
             "UPDATE nodes SET status = ?2, status_since_ms = CASE WHEN ?4 THEN ?3 ELSE status_since_ms END,
                updated_ms = ?3 WHERE name = ?1",
-            params![name, status, now_ms as i64, crosses],
+            params![name, status_text, now_ms as i64, crosses],
         )?;
-        node_event(tx, name, now_ms, status, Some(&format!("was {old}")))?;
-        if status == node_status::READY {
+        node_event(tx, name, now_ms, status_text, Some(&format!("was {old}")))?;
+        if status == NodeStatus::Ready {
             // The node is back: every placement it still holds is reconciled now; those
             // replaced meanwhile were already told to stop (the highest fence wins).
             let mut stmt =
@@ -1016,13 +1161,4 @@ fn event(tx: &Transaction<'_>, placement: &str, at_ms: u64, what: &str, detail: 
         params![placement, at_ms as i64, what, detail],
     )?;
     Ok(())
-}
-
-/// The desired state as `Desired`, from its stored text.
-pub fn parse_desired(s: &str) -> Desired {
-    if s == "stop" {
-        Desired::Stop
-    } else {
-        Desired::Run
-    }
 }

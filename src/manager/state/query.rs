@@ -8,8 +8,6 @@ use serde::Serialize;
 use crate::model::sync::Assignment;
 use crate::model::{Desired, Observed, TaskSpec};
 
-use super::parse_desired;
-
 /// One placement as shown by the API.
 #[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct PlacementView {
@@ -131,7 +129,7 @@ fn placement_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, PlacementVi
             id: r.get(0)?,
             node: r.get(1)?,
             fence: r.get::<_, i64>(2)? as u64,
-            desired: parse_desired(&desired),
+            desired: Desired::from_stored(&desired),
             observed: Observed::parse(&observed).unwrap_or(Observed::Pending),
             exit_code: r.get(5)?,
             reason: r.get(6)?,
@@ -156,7 +154,7 @@ fn build_task(r: &rusqlite::Row<'_>) -> rusqlite::Result<(TaskView, Option<Strin
             id: r.get(0)?,
             name: r.get(1)?,
             state: "pending",
-            desired: parse_desired(&desired),
+            desired: Desired::from_stored(&desired),
             reason: None,
             exit_code: None,
             restarts: 0,
@@ -469,8 +467,19 @@ pub fn assignments_for(conn: &Connection, node: &str) -> rusqlite::Result<Vec<As
     let mut out = Vec::new();
     for row in rows {
         let (placement_id, task_id, fence, desired, spec) = row?;
-        if let Ok(spec) = serde_json::from_str(&spec) {
-            out.push(Assignment { placement_id, task_id, fence: fence as u64, desired: parse_desired(&desired), spec });
+        match serde_json::from_str(&spec) {
+            Ok(spec) => out.push(Assignment {
+                placement_id,
+                task_id,
+                fence: fence as u64,
+                desired: Desired::from_stored(&desired),
+                spec,
+            }),
+            // Not sent, so the worker never acts on a spec nobody can read; said loudly.
+            Err(error) => {
+                tracing::error!(%placement_id, %task_id, %error, "stored spec unreadable; placement not sent");
+                metrics::counter!("holdfast_unreadable_specs_total").increment(1);
+            }
         }
     }
     Ok(out)
@@ -514,11 +523,6 @@ pub fn node_registration(conn: &Connection, name: &str) -> rusqlite::Result<Opti
         },
     )
     .optional()
-}
-
-/// Node owning a placement and its container id, for log relays.
-pub fn placement_location(conn: &Connection, placement_id: &str) -> rusqlite::Result<Option<String>> {
-    conn.query_row("SELECT node FROM placements WHERE id = ?1", [placement_id], |r| r.get(0)).optional()
 }
 
 /// A task whose current placement may need a replacement.

@@ -10,7 +10,7 @@
 use rusqlite::{params, OptionalExtension, Transaction};
 use serde::{Deserialize, Serialize};
 
-use super::{node_status, reject, valid_id, Outcome, Rejection};
+use super::{reject, valid_id, Answer, NodeStatus, Outcome, RejectCode, Rejection};
 
 /// Feature level that brought these commands (`state::upgrade`).
 pub const LEVEL: u32 = 1;
@@ -100,7 +100,7 @@ const LAST_CHANGE: &str =
 
 /// Checks that need no database.
 pub fn check(cmd: &RetentionCommand) -> Option<Rejection> {
-    let invalid = |m: String| Some(Rejection { code: "invalid".into(), message: m });
+    let invalid = |m: String| Some(Rejection::new(RejectCode::Invalid, m));
     let max = i64::MAX as u64;
     match cmd {
         RetentionCommand::Collect {
@@ -165,8 +165,8 @@ pub fn apply(tx: &Transaction<'_>, cmd: RetentionCommand) -> rusqlite::Result<Ou
         } => {
             let trimmed = trim_placements(tx, &placement_lists)?;
             let mut out = collect(tx, &tasks, &nodes, &placement_histories, &node_histories, &policy, now_ms)?;
-            if let Ok(v) = &mut out {
-                v["removed_placements"] = trimmed.into();
+            if let Ok(Answer::Collected { removed_placements, .. }) = &mut out {
+                *removed_placements = trimmed;
             }
             Ok(out)
         }
@@ -215,7 +215,7 @@ fn collect(
             let due = tx
                 .query_row(
                     "SELECT 1 FROM nodes WHERE name = ?1 AND status = ?2 AND status_since_ms <= ?3",
-                    params![name, node_status::DOWN, node_cutoff],
+                    params![name, NodeStatus::Down.as_str(), node_cutoff],
                     |_| Ok(()),
                 )
                 .optional()?
@@ -262,13 +262,14 @@ fn collect(
         audit +=
             tx.execute("DELETE FROM audit WHERE id IN (SELECT id FROM audit ORDER BY id LIMIT ?1)", [over])? as u64;
     }
-    Ok(Ok(serde_json::json!({
-        "removed_tasks": removed_tasks,
-        "kept_tasks": kept,
-        "removed_nodes": removed_nodes,
-        "trimmed_history": trimmed,
-        "removed_audit": audit,
-    })))
+    Ok(Ok(Answer::Collected {
+        removed_tasks,
+        kept_tasks: kept,
+        removed_nodes,
+        trimmed_history: trimmed,
+        removed_audit: audit,
+        removed_placements: 0,
+    }))
 }
 
 /// Removes the ended placements of each task beyond its newest [`PLACEMENTS_CAP`]
@@ -302,7 +303,7 @@ fn delete_node(tx: &Transaction<'_>, name: &str) -> rusqlite::Result<()> {
 fn remove_node(tx: &Transaction<'_>, name: &str, force: bool, now_ms: u64) -> rusqlite::Result<Outcome> {
     let exists = tx.query_row("SELECT 1 FROM nodes WHERE name = ?1", [name], |_| Ok(())).optional()?.is_some();
     if !exists {
-        return reject("not_found", format!("no node named {name}"));
+        return reject(RejectCode::NotFound, format!("no node named {name}"));
     }
     let live: i64 = tx.query_row(
         "SELECT COUNT(*) FROM placements WHERE node = ?1 AND desired = 'run'
@@ -312,7 +313,7 @@ fn remove_node(tx: &Transaction<'_>, name: &str, force: bool, now_ms: u64) -> ru
     )?;
     if live > 0 && !force {
         return reject(
-            "conflict",
+            RejectCode::Conflict,
             format!(
                 "node {name} still holds {live} running placement(s); drain it first, or remove it with \
                  ?force=true (its placements are then replaced like those of a lost node)"
@@ -326,7 +327,11 @@ fn remove_node(tx: &Transaction<'_>, name: &str, force: bool, now_ms: u64) -> ru
          ON CONFLICT(node) DO UPDATE SET at_ms = excluded.at_ms, reason = excluded.reason",
         params![name, now_ms as i64],
     )?;
-    Ok(Ok(serde_json::json!({ "removed": name, "live_placements": live, "revoked_at_ms": now_ms })))
+    Ok(Ok(Answer::NodeRemoved {
+        removed: name.to_string(),
+        live_placements: live.max(0) as u64,
+        revoked_at_ms: now_ms,
+    }))
 }
 
 /// What a collect round would take, read by the leader (bounded by [`BATCH`] each).
@@ -460,7 +465,7 @@ mod tests {
         }
 
         fn ok(&mut self, cmd: &Command) -> serde_json::Value {
-            self.apply(cmd).unwrap().unwrap_or_else(|r| panic!("{cmd:?}: {r}"))
+            serde_json::to_value(self.apply(cmd).unwrap().unwrap_or_else(|r| panic!("{cmd:?}: {r}"))).unwrap()
         }
 
         fn count(&self, sql: &str) -> i64 {
@@ -643,7 +648,7 @@ mod tests {
         });
         let remove = |force| Command::Retention(RetentionCommand::RemoveNode { name: "n1".into(), force, now_ms: 9 });
         let refused = db.apply(&remove(false)).unwrap().unwrap_err();
-        assert_eq!(refused.code, "conflict");
+        assert_eq!(refused.code.as_str(), "conflict");
         assert!(refused.message.contains("force=true"), "{refused}");
         db.ok(&remove(true));
         assert_eq!(db.count("SELECT COUNT(*) FROM nodes"), 0);
@@ -689,7 +694,7 @@ mod tests {
         let mut db = Db::new();
         let out =
             db.apply(&Command::Retention(RetentionCommand::RemoveNode { name: "n1".into(), force: false, now_ms: 9 }));
-        assert_eq!(out.unwrap().unwrap_err().code, "feature_level");
+        assert_eq!(out.unwrap().unwrap_err().code.as_str(), "feature_level");
     }
 
     #[test]
@@ -714,6 +719,6 @@ mod tests {
         // A body this level does not define is hostile content, not an upgrade.
         let bad = upgrade::UpgradeCommand::Gated { level: upgrade::PROBE_LEVEL, body: serde_json::json!({"Nope": {}}) };
         let out = upgrade::apply(&tx, 8, bad, upgrade::PROBE_LEVEL).unwrap();
-        assert_eq!(out.unwrap_err().code, "bad_command");
+        assert_eq!(out.unwrap_err().code.as_str(), "bad_command");
     }
 }

@@ -10,7 +10,7 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{reject, valid_id, Outcome};
+use super::{reject, valid_id, Answer, Outcome, RejectCode};
 
 /// What a token may do (ARCHITECTURE.md, "Access"): `admin` everything, `operator`
 /// tasks and node drain/eligibility, `reader` GETs with env values redacted.
@@ -129,37 +129,37 @@ pub(super) fn create(
     now_ms: u64,
 ) -> rusqlite::Result<Outcome> {
     if !valid_id(id) {
-        return reject("invalid", format!("token id {id:?} is not a valid id"));
+        return reject(RejectCode::Invalid, format!("token id {id:?} is not a valid id"));
     }
     if name.is_empty() || name.len() > MAX_NAME || name.chars().any(char::is_control) {
-        return reject("invalid", format!("token name must be 1–{MAX_NAME} printable characters"));
+        return reject(RejectCode::Invalid, format!("token name must be 1–{MAX_NAME} printable characters"));
     }
     if Role::parse(role).is_none() {
-        return reject("invalid", format!("unknown role {role:?}; use admin, operator or reader"));
+        return reject(RejectCode::Invalid, format!("unknown role {role:?}; use admin, operator or reader"));
     }
     if secret_sha256.len() != 64 || !secret_sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return reject("invalid", "secret digest must be 64 hex digits");
+        return reject(RejectCode::Invalid, "secret digest must be 64 hex digits");
     }
     if expires_ms.is_some_and(|e| e > i64::MAX as u64) {
-        return reject("invalid", "expiry out of range");
+        return reject(RejectCode::Invalid, "expiry out of range");
     }
     if get(tx, id)?.is_some() {
-        return reject("conflict", format!("a token with id {id} already exists"));
+        return reject(RejectCode::Conflict, format!("a token with id {id} already exists"));
     }
     tx.execute(
         "INSERT INTO tokens (id, name, role, secret_sha256, created_by, created_ms, expires_ms)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         params![id, name, role, secret_sha256, created_by, now_ms as i64, expires_ms.map(|e| e as i64)],
     )?;
-    Ok(Ok(serde_json::json!({ "id": id, "name": name, "role": role })))
+    Ok(Ok(Answer::TokenCreated { id: id.into(), name: name.into(), role: role.into() }))
 }
 
 pub(super) fn revoke(tx: &Transaction<'_>, id: &str, now_ms: u64) -> rusqlite::Result<Outcome> {
     let Some(t) = get(tx, id)? else {
-        return reject("not_found", format!("no token with id {id}"));
+        return reject(RejectCode::NotFound, format!("no token with id {id}"));
     };
     if t.revoked_ms.is_some() {
-        return Ok(Ok(serde_json::json!({ "id": id, "revoked": true })));
+        return Ok(Ok(Answer::TokenRevoked { id: id.into(), revoked: true }));
     }
     if t.role == Role::Admin.as_str() {
         // Revoking the last admin token would lock everyone out of tokens and members.
@@ -170,9 +170,12 @@ pub(super) fn revoke(tx: &Transaction<'_>, id: &str, now_ms: u64) -> rusqlite::R
             |r| r.get(0),
         )?;
         if others == 0 {
-            return reject("conflict", format!("token {id} is the last valid admin token; create another first"));
+            return reject(
+                RejectCode::Conflict,
+                format!("token {id} is the last valid admin token; create another first"),
+            );
         }
     }
     tx.execute("UPDATE tokens SET revoked_ms = ?2 WHERE id = ?1", params![id, now_ms as i64])?;
-    Ok(Ok(serde_json::json!({ "id": id, "revoked": true })))
+    Ok(Ok(Answer::TokenRevoked { id: id.into(), revoked: true }))
 }

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use rusqlite::{params, OptionalExtension, Transaction};
 use serde::{Deserialize, Serialize};
 
-use super::{reject, Outcome};
+use super::{reject, Answer, CaChange, Outcome, RejectCode};
 
 /// Trust changes, replicated through Raft.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,28 +136,28 @@ pub fn apply(tx: &Transaction<'_>, cmd: TrustCommand) -> rusqlite::Result<Outcom
     match cmd {
         TrustCommand::SetCa { cert_pem, key_pem } => {
             if !cert_pem.contains("BEGIN CERTIFICATE") || !key_pem.contains("PRIVATE KEY") {
-                return reject("bad_ca", "the CA must be a PEM certificate and a PEM private key");
+                return reject(RejectCode::BadCa, "the CA must be a PEM certificate and a PEM private key");
             }
             let existing: Option<String> =
                 tx.query_row("SELECT cert_pem FROM trust_ca WHERE id = 1", [], |r| r.get(0)).optional()?;
             match existing {
-                Some(c) if c == cert_pem => Ok(Ok(serde_json::json!({"ca": "unchanged"}))),
-                Some(_) => reject("conflict", "the cluster already has another CA"),
+                Some(c) if c == cert_pem => Ok(Ok(Answer::Ca { ca: CaChange::Unchanged })),
+                Some(_) => reject(RejectCode::Conflict, "the cluster already has another CA"),
                 None => {
                     tx.execute(
                         "INSERT INTO trust_ca (id, cert_pem, key_pem) VALUES (1, ?1, ?2)",
                         params![cert_pem, key_pem],
                     )?;
-                    Ok(Ok(serde_json::json!({"ca": "set"})))
+                    Ok(Ok(Answer::Ca { ca: CaChange::Set }))
                 }
             }
         }
         TrustCommand::AddJoinToken { hash, role, expires_at_ms, uses, replace, now_ms } => {
             if !valid_hash(&hash) || !valid_role(&role) {
-                return reject("bad_token", "a join token needs a 64-hex hash and role manager or worker");
+                return reject(RejectCode::BadToken, "a join token needs a 64-hex hash and role manager or worker");
             }
             if uses == Some(0) || uses.is_some_and(|u| u > i64::MAX as u64) {
-                return reject("bad_token", "uses must be at least 1");
+                return reject(RejectCode::BadToken, "uses must be at least 1");
             }
             if replace {
                 tx.execute("UPDATE join_tokens SET revoked = 1 WHERE role = ?1 AND hash != ?2", params![role, hash])?;
@@ -167,7 +167,7 @@ pub fn apply(tx: &Transaction<'_>, cmd: TrustCommand) -> rusqlite::Result<Outcom
                 "INSERT OR IGNORE INTO join_tokens (hash, role, expires_at_ms, uses_left, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![hash, role, exp, uses.map(|u| u as i64), now_ms.min(i64::MAX as u64) as i64],
             )?;
-            Ok(Ok(serde_json::json!({"role": role})))
+            Ok(Ok(Answer::JoinTokenAdded { role }))
         }
         TrustCommand::UseJoinToken { hash, role, node, now_ms } => {
             let row: Option<(String, Option<i64>, Option<i64>, i64)> = tx
@@ -178,20 +178,20 @@ pub fn apply(tx: &Transaction<'_>, cmd: TrustCommand) -> rusqlite::Result<Outcom
                 )
                 .optional()?;
             let Some((token_role, expires, uses_left, revoked)) = row else {
-                return reject("token_unknown", "this join token is not known to the cluster");
+                return reject(RejectCode::TokenUnknown, "this join token is not known to the cluster");
             };
             if revoked != 0 {
-                return reject("token_revoked", "this join token was rotated or revoked");
+                return reject(RejectCode::TokenRevoked, "this join token was rotated or revoked");
             }
             if expires.is_some_and(|e| (now_ms as i64) >= e) {
-                return reject("token_expired", "this join token has expired");
+                return reject(RejectCode::TokenExpired, "this join token has expired");
             }
             if uses_left.is_some_and(|u| u <= 0) {
-                return reject("token_used_up", "this join token has no uses left");
+                return reject(RejectCode::TokenUsedUp, "this join token has no uses left");
             }
             if token_role != role {
                 return reject(
-                    "token_role",
+                    RejectCode::TokenRole,
                     format!("this is a {token_role} join token; node {node} asked to join as {role}"),
                 );
             }
@@ -199,59 +199,59 @@ pub fn apply(tx: &Transaction<'_>, cmd: TrustCommand) -> rusqlite::Result<Outcom
                 "UPDATE join_tokens SET used = used + 1, uses_left = CASE WHEN uses_left IS NULL THEN NULL ELSE uses_left - 1 END WHERE hash = ?1",
                 [&hash],
             )?;
-            Ok(Ok(serde_json::json!({"node": node, "role": role})))
+            Ok(Ok(Answer::Joined { node, role }))
         }
         TrustCommand::RotateCa { cert_pem, key_pem, cross_pem, now_ms } => {
             let pem = |p: &str| p.contains("BEGIN CERTIFICATE") && p.len() < 16_384;
             if !pem(&cert_pem) || !pem(&cross_pem) || !key_pem.contains("PRIVATE KEY") || key_pem.len() > 16_384 {
-                return reject("bad_ca", "a new CA needs PEM certificates and a PEM private key");
+                return reject(RejectCode::BadCa, "a new CA needs PEM certificates and a PEM private key");
             }
             let Some(old) =
                 tx.query_row("SELECT cert_pem FROM trust_ca WHERE id = 1", [], |r| r.get::<_, String>(0)).optional()?
             else {
-                return reject("no_ca", "the cluster has no CA to rotate");
+                return reject(RejectCode::NoCa, "the cluster has no CA to rotate");
             };
             if old == cert_pem {
-                return reject("conflict", "that is already the cluster's CA");
+                return reject(RejectCode::Conflict, "that is already the cluster's CA");
             }
             let rotating: i64 = tx.query_row("SELECT COUNT(*) FROM trust_ca_previous", [], |r| r.get(0))?;
             if rotating > 0 {
-                return reject("conflict", "a CA rotation is already under way; finish it first");
+                return reject(RejectCode::Conflict, "a CA rotation is already under way; finish it first");
             }
             tx.execute(
                 "INSERT INTO trust_ca_previous (id, cert_pem, cross_pem, started_ms) VALUES (1, ?1, ?2, ?3)",
                 params![old, cross_pem, now_ms.min(i64::MAX as u64) as i64],
             )?;
             tx.execute("UPDATE trust_ca SET cert_pem = ?1, key_pem = ?2 WHERE id = 1", params![cert_pem, key_pem])?;
-            Ok(Ok(serde_json::json!({"ca": "rotating"})))
+            Ok(Ok(Answer::Ca { ca: CaChange::Rotating }))
         }
         TrustCommand::FinishCaRotation { .. } => {
             if tx.execute("DELETE FROM trust_ca_previous", [])? == 0 {
-                return reject("not_found", "no CA rotation is under way");
+                return reject(RejectCode::NotFound, "no CA rotation is under way");
             }
-            Ok(Ok(serde_json::json!({"ca": "rotated"})))
+            Ok(Ok(Answer::Ca { ca: CaChange::Rotated }))
         }
         TrustCommand::CaHeld { node, ca_digest, now_ms } => {
             if !valid_hash(&ca_digest) {
-                return reject("bad_ca", "a CA digest is 64 hex digits");
+                return reject(RejectCode::BadCa, "a CA digest is 64 hex digits");
             }
             tx.execute(
                 "INSERT INTO trust_ca_holders (node, ca_digest, at_ms) VALUES (?1, ?2, ?3)
                  ON CONFLICT(node) DO UPDATE SET ca_digest = excluded.ca_digest, at_ms = excluded.at_ms",
                 params![node, ca_digest.to_ascii_lowercase(), now_ms.min(i64::MAX as u64) as i64],
             )?;
-            Ok(Ok(serde_json::json!({"node": node})))
+            Ok(Ok(Answer::CaHeld { node }))
         }
         TrustCommand::RevokeNode { node, reason, now_ms } => {
             if node.is_empty() || node.len() > 253 {
-                return reject("bad_node", "node name must be 1..253 characters");
+                return reject(RejectCode::BadNode, "node name must be 1..253 characters");
             }
             tx.execute(
                 "INSERT INTO revocations (node, at_ms, reason) VALUES (?1, ?2, ?3)
                  ON CONFLICT(node) DO UPDATE SET at_ms = excluded.at_ms, reason = excluded.reason",
                 params![node, now_ms.min(i64::MAX as u64) as i64, reason],
             )?;
-            Ok(Ok(serde_json::json!({"revoked": node, "at_ms": now_ms})))
+            Ok(Ok(Answer::NodeRevoked { revoked: node, at_ms: now_ms }))
         }
     }
 }

@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 use rusqlite::{params, OptionalExtension, Transaction};
 use serde::{Deserialize, Serialize};
 
-use super::{reject, Outcome, Rejection};
+use super::{reject, Answer, Outcome, RejectCode, Rejection};
 
 /// The highest feature level this build knows. Level 1 brought the feature level
 /// itself, retention (`state::retention`) and node removal.
@@ -117,18 +117,20 @@ pub fn probes(conn: &rusqlite::Connection) -> rusqlite::Result<u64> {
 /// same way on every member (the level is replicated state).
 pub fn require(tx: &Transaction<'_>, needed: u32) -> rusqlite::Result<Option<Rejection>> {
     let level = cluster_level(tx)?;
-    Ok((level < needed).then(|| Rejection {
-        code: "feature_level".into(),
-        message: format!(
-            "this command needs cluster feature level {needed}; the cluster is at {level} (every manager must run \
+    Ok((level < needed).then(|| {
+        Rejection::new(
+            RejectCode::FeatureLevel,
+            format!(
+                "this command needs cluster feature level {needed}; the cluster is at {level} (every manager must run \
              a build that supports {needed}; see README \"Upgrade\")"
-        ),
+            ),
+        )
     }))
 }
 
 /// Content checks that need no database.
 pub fn check(cmd: &UpgradeCommand) -> Option<Rejection> {
-    let invalid = |m: String| Some(Rejection { code: "invalid".into(), message: m });
+    let invalid = |m: String| Some(Rejection::new(RejectCode::Invalid, m));
     match cmd {
         UpgradeCommand::SetLevel { level, voters, now_ms } => {
             if *level == 0 || *level > MAX_LEVEL {
@@ -153,14 +155,14 @@ pub fn apply(tx: &Transaction<'_>, index: u64, cmd: UpgradeCommand, supported: u
         UpgradeCommand::SetLevel { level, voters: _, now_ms: _ } => {
             let current = cluster_level(tx)?;
             if level <= current {
-                return reject("conflict", format!("the cluster is already at feature level {current}"));
+                return reject(RejectCode::Conflict, format!("the cluster is already at feature level {current}"));
             }
             tx.execute(
                 "INSERT INTO cluster_meta (key, value) VALUES ('feature_level', ?1)
                  ON CONFLICT(key) DO UPDATE SET value = ?1",
                 params![level as i64],
             )?;
-            Ok(Ok(serde_json::json!({ "feature_level": level, "was": current })))
+            Ok(Ok(Answer::LevelSet { feature_level: level, was: current }))
         }
         UpgradeCommand::Gated { level, body } => {
             if let Some(r) = require(tx, level)? {
@@ -182,22 +184,25 @@ pub fn apply(tx: &Transaction<'_>, index: u64, cmd: UpgradeCommand, supported: u
             }
             let gated: Gated = match serde_json::from_value(body) {
                 Ok(g) => g,
-                Err(e) => return reject("bad_command", format!("gated command at level {level}: {e}")),
+                Err(e) => return reject(RejectCode::BadCommand, format!("gated command at level {level}: {e}")),
             };
             if gated.level() != level {
-                return reject("invalid", format!("this kind needs feature level {}, not {level}", gated.level()));
+                return reject(
+                    RejectCode::Invalid,
+                    format!("this kind needs feature level {}, not {level}", gated.level()),
+                );
             }
             match gated {
                 Gated::Probe { note } => {
                     if note.len() > 256 {
-                        return reject("invalid", "probe note is longer than 256 bytes");
+                        return reject(RejectCode::Invalid, "probe note is longer than 256 bytes");
                     }
                     tx.execute(
                         "INSERT INTO cluster_meta (key, value) VALUES ('probes', 1)
                          ON CONFLICT(key) DO UPDATE SET value = value + 1",
                         [],
                     )?;
-                    Ok(Ok(serde_json::json!({ "probe": index })))
+                    Ok(Ok(Answer::Probe { probe: index }))
                 }
             }
         }

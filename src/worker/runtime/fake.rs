@@ -41,8 +41,18 @@ pub struct FakeRuntime {
     unavailable: AtomicBool,
     /// Source of container ids and host ports.
     next: AtomicU64,
-    /// How long `ensure_image` takes for images containing `slow`, in ms (a slow pull).
-    slow_pull_ms: AtomicU64,
+    /// Images that behave unlike the default (present, pulled at once), set by tests.
+    images: Mutex<BTreeMap<String, FakeImage>>,
+}
+
+/// How one image behaves in the fake engine; every image not configured is present and
+/// pulls at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FakeImage {
+    /// Its pull takes this long, then succeeds (a slow registry).
+    SlowPull(Duration),
+    /// It does not exist: pulls and creates fail with `ImageUnavailable`.
+    Missing,
 }
 
 impl Default for FakeRuntime {
@@ -58,12 +68,12 @@ impl FakeRuntime {
             containers: Mutex::new(BTreeMap::new()),
             unavailable: AtomicBool::new(false),
             next: AtomicU64::new(0),
-            slow_pull_ms: AtomicU64::new(0),
+            images: Mutex::new(BTreeMap::new()),
         }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, FakeContainer>> {
-        self.containers.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock(&self.containers)
     }
 
     fn check_available(&self) -> Result<(), RuntimeError> {
@@ -93,10 +103,17 @@ impl FakeRuntime {
         self.unavailable.store(unavailable, Ordering::Relaxed);
     }
 
-    /// Makes `ensure_image` take `delay` for images whose name contains `slow`, to show
-    /// that a slow pull holds up nothing but its own placement.
-    pub fn set_slow_pull(&self, delay: Duration) {
-        self.slow_pull_ms.store(delay.as_millis() as u64, Ordering::Relaxed);
+    /// Makes `image` behave as `behaviour` from now on (a slow pull, a missing image).
+    pub fn set_image(&self, image: &str, behaviour: FakeImage) {
+        crate::lock(&self.images).insert(image.to_string(), behaviour);
+    }
+
+    fn image(&self, image: &str) -> Option<FakeImage> {
+        crate::lock(&self.images).get(image).copied()
+    }
+
+    fn missing(image: &str) -> RuntimeError {
+        RuntimeError::ImageUnavailable { image: image.to_string(), reason: "fake runtime: image set missing".into() }
     }
 
     /// Running containers of worker `node` (by the `holdfast.node` label).
@@ -134,27 +151,25 @@ impl Runtime for FakeRuntime {
 
     async fn ensure_image(&self, image: &str) -> Result<(), RuntimeError> {
         self.check_available()?;
-        if image.contains("slow") {
-            tokio::time::sleep(Duration::from_millis(self.slow_pull_ms.load(Ordering::Relaxed))).await;
+        match self.image(image) {
+            Some(FakeImage::SlowPull(delay)) => {
+                tokio::time::sleep(delay).await;
+                Ok(())
+            }
+            Some(FakeImage::Missing) => Err(Self::missing(image)),
+            None => Ok(()),
         }
-        if image.contains("missing") {
-            return Err(RuntimeError::ImageUnavailable {
-                image: image.to_string(),
-                reason: "fake runtime: images containing \"missing\" do not exist".into(),
-            });
-        }
-        Ok(())
     }
 
     async fn image_size(&self, image: &str) -> Result<Option<u64>, RuntimeError> {
         self.check_available()?;
-        Ok((!image.contains("missing")).then_some(FAKE_IMAGE_BYTES))
+        Ok((self.image(image) != Some(FakeImage::Missing)).then_some(FAKE_IMAGE_BYTES))
     }
 
     async fn create_and_start(&self, spec: &ContainerSpec) -> Result<ContainerInfo, RuntimeError> {
         self.check_available()?;
-        if spec.image.contains("missing") {
-            return Err(RuntimeError::ImageUnavailable { image: spec.image.clone(), reason: "no such image".into() });
+        if self.image(&spec.image) == Some(FakeImage::Missing) {
+            return Err(Self::missing(&spec.image));
         }
         let mut containers = self.lock();
         if containers.values().any(|c| c.info.name == spec.name) {
@@ -272,7 +287,10 @@ mod tests {
     #[tokio::test]
     async fn lifecycle_labels_exit_and_outage() {
         let rt = FakeRuntime::new();
+        rt.ensure_image("x/missing:1").await.unwrap();
+        rt.set_image("x/missing:1", FakeImage::Missing);
         assert!(matches!(rt.ensure_image("x/missing:1").await, Err(RuntimeError::ImageUnavailable { .. })));
+        assert_eq!(rt.image_size("x/missing:1").await.unwrap(), None);
         rt.ensure_image("holdfast/echo:latest").await.unwrap();
         let a = rt.create_and_start(&spec("a", "w1")).await.unwrap();
         rt.create_and_start(&spec("b", "w2")).await.unwrap();

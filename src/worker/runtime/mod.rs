@@ -43,7 +43,8 @@ pub struct ContainerSpec {
     pub env: BTreeMap<String, String>,
     /// Published TCP ports.
     pub ports: Vec<PortMap>,
-    /// CPU limit in millicores (0 = unlimited).
+    /// CPU weight in millicores, applied as Docker CPU shares, not a quota (0 = default
+    /// weight; ARCHITECTURE.md "CPU is a weight, memory a limit").
     pub cpu_millis: u64,
     /// Memory limit in MiB (0 = unlimited).
     pub memory_mb: u64,
