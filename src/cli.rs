@@ -429,6 +429,13 @@ pub enum TaskCommand {
     Logs {
         /// Task id.
         id: String,
+        /// Lines from the end to start with.
+        #[arg(long, default_value_t = 200)]
+        tail: usize,
+        /// Keep printing new lines as the container writes them (each line once), until
+        /// interrupted or the task's logs can no longer be read.
+        #[arg(short = 'f', long)]
+        follow: bool,
     },
 }
 

@@ -223,14 +223,38 @@ impl Api {
                 let v = self.fetch(self.req(Method::DELETE, &format!("/v1/tasks/{id}"))).await?;
                 emit(output, &v, || format!("{id} stopping\n"))
             }
-            TaskCommand::Logs { id } => {
-                let v = self.fetch(self.req(Method::GET, &format!("/v1/tasks/{id}/logs"))).await?;
+            TaskCommand::Logs { id, tail, follow: false } => {
+                let v = self.fetch(self.req(Method::GET, &format!("/v1/tasks/{id}/logs?tail={tail}"))).await?;
                 match v {
                     Value::String(text) => print!("{text}"),
                     other => print_json(&other),
                 }
                 Ok(())
             }
+            TaskCommand::Logs { id, tail, follow: true } => self.follow_logs(&id, tail).await,
+        }
+    }
+
+    /// `task logs -f`: asks the API for the lines after the last one printed, once a
+    /// second; the API answers each line once (by the engine's timestamps), so nothing
+    /// repeats. Ends with the error when the logs can no longer be read.
+    async fn follow_logs(&self, id: &str, tail: usize) -> anyhow::Result<()> {
+        use std::io::Write;
+        let mut cursor = String::new();
+        loop {
+            let path = format!("/v1/tasks/{id}/logs?tail={tail}&after={}", crate::manager::api::encode_query(&cursor));
+            let v = self.fetch(self.req(reqwest::Method::GET, &path)).await?;
+            let mut out = std::io::stdout().lock();
+            for line in v["lines"].as_array().into_iter().flatten() {
+                writeln!(out, "{}", line.as_str().unwrap_or_default())?;
+            }
+            out.flush()?;
+            drop(out);
+            if let Some(c) = v["cursor"].as_str() {
+                cursor = c.to_string();
+            }
+            // A poll interval, not a wait for a condition: the API holds no stream open.
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         }
     }
 

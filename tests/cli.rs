@@ -143,3 +143,58 @@ async fn the_cli_speaks_tables_json_and_exit_codes_against_holdfast_dev() {
     // Clean up what this test made.
     ok(dev.cli(&["task", "stop", &id]));
 }
+
+/// `task logs -f` keeps printing what the container writes, each line once: the echo
+/// task logs every health probe it answers (with its own microsecond timestamp), so
+/// the followed output must keep growing after the first page, with no line twice.
+#[tokio::test]
+async fn task_logs_follow_prints_new_lines_once() {
+    require_docker();
+    let dir = tempfile::tempdir().unwrap();
+    let dev = Dev::start(dir.path()).await;
+    let spec = dir.path().join("probed.json");
+    let body = serde_json::json!({
+        "name": "cli-follow",
+        "image": "holdfast/echo:latest",
+        "health": {"http": {"path": "/health", "port": 7777}, "interval_ms": 300, "timeout_ms": 250, "failures": 3},
+    });
+    std::fs::write(&spec, body.to_string()).unwrap();
+    let id = ok(dev.cli(&["task", "submit", spec.to_str().unwrap()])).trim().to_string();
+    eventually(WAIT, "the probed task running", || async {
+        let v = json(dev.cli(&["task", "get", &id, "-o", "json"]));
+        (v["state"] == "running").then_some(())
+    })
+    .await;
+
+    let out_path = dir.path().join("follow.out");
+    let out = std::fs::File::create(&out_path).unwrap();
+    let mut follow = std::process::Command::new(holdfast_bin())
+        .args(["task", "logs", "-f", &id, "--tail", "5", "--api-url", &dev.api, "--data-dir"])
+        .arg(&dev.data)
+        .env_remove("HOLDFAST_API_TOKEN")
+        .stdout(out)
+        .spawn()
+        .expect("start task logs -f");
+    let probes = || {
+        let text = std::fs::read_to_string(&out_path).unwrap_or_default();
+        let n = text.lines().filter(|l| l.contains("health probe answered")).count();
+        (n, text)
+    };
+    let first = eventually(WAIT, "the first followed probe line", || async {
+        let (n, _) = probes();
+        (n > 0).then_some(n)
+    })
+    .await;
+    eventually(WAIT, "five more probe lines, followed", || async {
+        let (n, text) = probes();
+        (n >= first + 5).then_some(()).ok_or_else(|| format!("{n} probe lines (first page {first}):\n{text}"))
+    })
+    .await;
+    let _ = follow.kill();
+    let _ = follow.wait();
+    let (_, text) = probes();
+    let mut seen = std::collections::HashSet::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        assert!(seen.insert(line), "printed twice: {line}\n{text}");
+    }
+}

@@ -93,6 +93,7 @@ impl LogRelay {
         node: &str,
         placement_id: &str,
         tail: usize,
+        after: Option<String>,
     ) -> (u64, oneshot::Receiver<Result<String, String>>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let (tx, rx) = oneshot::channel();
@@ -101,6 +102,7 @@ impl LogRelay {
             id,
             placement_id: placement_id.to_string(),
             tail,
+            after,
         });
         (id, rx)
     }

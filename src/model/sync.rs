@@ -112,6 +112,10 @@ pub struct LogRequest {
     pub placement_id: String,
     /// Lines from the end.
     pub tail: usize,
+    /// Following (`task logs -f`): answer timestamped lines (`<RFC 3339 time> <line>`)
+    /// written after this engine timestamp; `""` means the last `tail` lines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
 }
 
 /// The worker's answer to a [`LogRequest`].

@@ -396,7 +396,7 @@ async fn sync_loop(w: Arc<Worker>, mut shutdown: broadcast::Receiver<()>) {
                         // Bounded: a burst of log requests waits instead of piling
                         // engine calls onto a busy engine.
                         if let Ok(_permit) = w.log_jobs.clone().acquire_owned().await {
-                            answer_logs(&w, &addr, lr.id, &lr.placement_id, lr.tail).await
+                            answer_logs(&w, &addr, &lr).await
                         }
                     });
                 }
@@ -420,11 +420,15 @@ async fn sync_loop(w: Arc<Worker>, mut shutdown: broadcast::Receiver<()>) {
     }
 }
 
-async fn answer_logs(w: &Worker, addr: &str, id: u64, placement_id: &str, tail: usize) {
+async fn answer_logs(w: &Worker, addr: &str, lr: &crate::model::sync::LogRequest) {
+    let (id, placement_id, tail) = (lr.id, lr.placement_id.as_str(), lr.tail);
     let held = w.ledger.all().unwrap_or_default();
     let result = match held.iter().find(|h| h.id == placement_id).and_then(|h| h.container_id.clone()) {
         None => Err(format!("placement {placement_id} has no container on node {}", w.cfg.node)),
-        Some(cid) => w.runtime.logs(&cid, tail).await.map_err(|e| e.to_string()),
+        Some(cid) => match &lr.after {
+            Some(after) => w.runtime.logs_after(&cid, tail, after).await.map_err(|e| e.to_string()),
+            None => w.runtime.logs(&cid, tail).await.map_err(|e| e.to_string()),
+        },
     };
     let url = format!("https://{addr}/cluster/v1/logs");
     if let Err(e) = w.tls.http().post(url).json(&LogReply { id, result }).timeout(Duration::from_secs(10)).send().await

@@ -369,6 +369,9 @@ async fn stop_task(State(m): State<Arc<Manager>>, who: Who, Path(id): Path<Strin
 #[derive(Deserialize)]
 struct LogsQuery {
     tail: Option<usize>,
+    /// Following: the `cursor` of the previous answer (`""` to start); the answer is
+    /// then JSON `{"lines": [...], "cursor": "..."}` with only lines written after it.
+    after: Option<String>,
 }
 
 async fn task_logs(
@@ -392,10 +395,23 @@ async fn task_logs(
             status.leader.map(|l| l.api_addr),
         ));
     }
-    let (req_id, rx) = m.logs.request(&p.node, &p.id, tail);
+    if let Some(after) = &q.after {
+        if !after.is_empty() && crate::model::log_time_key(after).is_none() {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                "after must be the cursor of a previous answer (an RFC 3339 UTC time), or empty to start",
+            )
+            .field("after"));
+        }
+    }
+    let (req_id, rx) = m.logs.request(&p.node, &p.id, tail, q.after.clone());
     m.log_signal.send_modify(|v| *v += 1);
     match tokio::time::timeout(m.settings.log_timeout, rx).await {
-        Ok(Ok(Ok(text))) => Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response()),
+        Ok(Ok(Ok(text))) => match q.after {
+            Some(after) => Ok(Json(follow_page(&text, after)).into_response()),
+            None => Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response()),
+        },
         Ok(Ok(Err(reason))) => Err(ApiError::new(StatusCode::BAD_GATEWAY, "logs_unavailable", reason)),
         _ => {
             m.logs.forget(req_id);
@@ -406,6 +422,23 @@ async fn task_logs(
             ))
         }
     }
+}
+
+/// One page of a followed log: the lines without their engine timestamps, and the
+/// newest timestamp as the cursor of the next request (unchanged when none is new).
+fn follow_page(text: &str, after: String) -> serde_json::Value {
+    let mut cursor = after;
+    let mut lines = Vec::new();
+    for line in text.lines() {
+        match line.split_once(' ') {
+            Some((ts, rest)) if crate::model::log_time_key(ts).is_some() => {
+                cursor = ts.to_string();
+                lines.push(rest.to_string());
+            }
+            _ => lines.push(line.to_string()),
+        }
+    }
+    serde_json::json!({ "lines": lines, "cursor": cursor })
 }
 
 fn node_json(n: &query::NodeRow, l: Option<&super::Liveness>) -> serde_json::Value {

@@ -97,7 +97,14 @@ pub const OPERATIONS: &[Operation] = &[
     },
     Operation { body: Some("TaskView"), ..op("GET", "/v1/tasks/{id}", "One task with placements and history") },
     Operation { status: 202, ..op("DELETE", "/v1/tasks/{id}", "Stop a task") },
-    Operation { query: &["tail"], ..op("GET", "/v1/tasks/{id}/logs", "The current placement's container logs (text)") },
+    Operation {
+        query: &["tail", "after"],
+        ..op(
+            "GET",
+            "/v1/tasks/{id}/logs",
+            "The current placement's container logs (text; with `after`, JSON lines and a cursor)",
+        )
+    },
     Operation { query: &["limit", "after"], ..op("GET", "/v1/nodes", "One page of nodes, by name") },
     op("GET", "/v1/nodes/{id}", "One node with its history"),
     Operation {

@@ -810,6 +810,34 @@ impl Runtime for DockerRuntime {
         }
         Ok(text)
     }
+
+    async fn logs_after(&self, id: &str, tail: usize, after: &str) -> Result<String, RuntimeError> {
+        // The engine's `since` counts whole seconds: ask from the cursor's second and
+        // drop what is not after the cursor itself.
+        let since = if after.is_empty() { 0 } else { crate::model::log_time_secs(after).unwrap_or(0) };
+        let tail = if after.is_empty() { tail.to_string() } else { "all".to_owned() };
+        let options = LogsOptions {
+            follow: false,
+            stdout: true,
+            stderr: true,
+            timestamps: true,
+            since,
+            tail,
+            ..Default::default()
+        };
+        let chunks: Vec<_> =
+            bounded("logs", self.config.timeouts.logs, self.docker.logs(id, Some(options)).try_collect::<Vec<_>>())
+                .await?
+                .map_err(|e| match status_of(&e) {
+                    Some(404) => RuntimeError::NotFound(id.to_owned()),
+                    _ => classify("logs", e, Refusal::Engine),
+                })?;
+        let mut text = String::new();
+        for chunk in chunks {
+            text.push_str(&String::from_utf8_lossy(&chunk.into_bytes()));
+        }
+        Ok(crate::model::log_lines_after(&text, after))
+    }
 }
 
 /// Turns a create request into a guarded one: the guard binary (read-only volume) is

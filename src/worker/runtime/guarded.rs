@@ -179,6 +179,10 @@ impl Runtime for GuardedRuntime {
         guarded(&self.logs, "docker.logs", self.inner.logs(id, tail)).await
     }
 
+    async fn logs_after(&self, id: &str, tail: usize, after: &str) -> Result<String, RuntimeError> {
+        guarded(&self.logs, "docker.logs", self.inner.logs_after(id, tail, after)).await
+    }
+
     async fn ensure_guard(&self) -> Result<(), RuntimeError> {
         // A build at worst, like the echo image: the pull pool.
         guarded(&self.pull, "docker.ensure_guard", self.inner.ensure_guard()).await

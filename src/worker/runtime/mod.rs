@@ -160,6 +160,12 @@ pub trait Runtime: Send + Sync + 'static {
     async fn remove(&self, id: &str) -> Result<(), RuntimeError>;
     /// The last `tail` lines of stdout and stderr, interleaved as the engine stores them.
     async fn logs(&self, id: &str, tail: usize) -> Result<String, RuntimeError>;
+    /// Timestamped lines (`<RFC 3339 time> <line>`) written after the engine timestamp
+    /// `after` (`""`: the last `tail` lines), for following a container's logs.
+    async fn logs_after(&self, id: &str, tail: usize, after: &str) -> Result<String, RuntimeError> {
+        let _ = (id, tail, after);
+        Err(RuntimeError::Rejected("this engine cannot follow logs".into()))
+    }
     /// Makes sure guarded containers can be created here (the guard binary is on the
     /// engine); slow the first time per engine and binary, instant after.
     async fn ensure_guard(&self) -> Result<(), RuntimeError>;
