@@ -585,6 +585,22 @@ impl DockerRuntime {
         )
         .map_err(RuntimeError::Rejected)
     }
+
+    /// One bounded `docker logs` call, its chunks as text.
+    async fn read_logs(&self, id: &str, options: LogsOptions<String>) -> Result<String, RuntimeError> {
+        let chunks: Vec<_> =
+            bounded("logs", self.config.timeouts.logs, self.docker.logs(id, Some(options)).try_collect::<Vec<_>>())
+                .await?
+                .map_err(|e| match status_of(&e) {
+                    Some(404) => RuntimeError::NotFound(id.to_owned()),
+                    _ => classify("logs", e, Refusal::Engine),
+                })?;
+        let mut text = String::new();
+        for chunk in chunks {
+            text.push_str(&String::from_utf8_lossy(&chunk.into_bytes()));
+        }
+        Ok(text)
+    }
 }
 
 #[async_trait::async_trait]
@@ -797,18 +813,7 @@ impl Runtime for DockerRuntime {
     async fn logs(&self, id: &str, tail: usize) -> Result<String, RuntimeError> {
         let options =
             LogsOptions { follow: false, stdout: true, stderr: true, tail: tail.to_string(), ..Default::default() };
-        let chunks: Vec<_> =
-            bounded("logs", self.config.timeouts.logs, self.docker.logs(id, Some(options)).try_collect::<Vec<_>>())
-                .await?
-                .map_err(|e| match status_of(&e) {
-                    Some(404) => RuntimeError::NotFound(id.to_owned()),
-                    _ => classify("logs", e, Refusal::Engine),
-                })?;
-        let mut text = String::new();
-        for chunk in chunks {
-            text.push_str(&String::from_utf8_lossy(&chunk.into_bytes()));
-        }
-        Ok(text)
+        self.read_logs(id, options).await
     }
 
     async fn logs_after(&self, id: &str, tail: usize, after: &str) -> Result<String, RuntimeError> {
@@ -825,18 +830,7 @@ impl Runtime for DockerRuntime {
             tail,
             ..Default::default()
         };
-        let chunks: Vec<_> =
-            bounded("logs", self.config.timeouts.logs, self.docker.logs(id, Some(options)).try_collect::<Vec<_>>())
-                .await?
-                .map_err(|e| match status_of(&e) {
-                    Some(404) => RuntimeError::NotFound(id.to_owned()),
-                    _ => classify("logs", e, Refusal::Engine),
-                })?;
-        let mut text = String::new();
-        for chunk in chunks {
-            text.push_str(&String::from_utf8_lossy(&chunk.into_bytes()));
-        }
-        Ok(crate::model::log_lines_after(&text, after))
+        Ok(crate::model::log_lines_after(&self.read_logs(id, options).await?, after))
     }
 }
 
