@@ -47,18 +47,18 @@ pub struct Revocations {
 impl Revocations {
     /// Replaces the whole set (a refresh from state).
     pub fn replace(&self, all: HashMap<String, u64>) {
-        *self.inner.write().unwrap_or_else(|e| e.into_inner()) = all;
+        *crate::write(&self.inner) = all;
     }
 
     /// Adds one revocation at once (before the next refresh).
     pub fn insert(&self, node: &str, at_ms: u64) {
-        self.inner.write().unwrap_or_else(|e| e.into_inner()).insert(node.to_string(), at_ms);
+        crate::write(&self.inner).insert(node.to_string(), at_ms);
     }
 
     /// When `node` was revoked, if it was and a certificate issued at `issued_ms` is
     /// covered by it.
     pub fn revoked(&self, node: &str, issued_ms: u64) -> Option<u64> {
-        let at = *self.inner.read().unwrap_or_else(|e| e.into_inner()).get(node)?;
+        let at = *crate::read(&self.inner).get(node)?;
         (issued_ms <= at).then_some(at)
     }
 }

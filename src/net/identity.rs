@@ -364,7 +364,7 @@ impl NodeTls {
 
     /// The CAs this node trusts now.
     pub fn cas(&self) -> CaSet {
-        self.cas.read().unwrap_or_else(|e| e.into_inner()).clone()
+        crate::read(&self.cas).clone()
     }
 
     /// Trusts `cas` from the next handshake on (a CA rotation starting or finishing):
@@ -375,11 +375,11 @@ impl NodeTls {
             return Ok(false);
         }
         self.anchors.set(&cas.roots()?)?;
-        let (cert, key) = self.leaf.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let (cert, key) = crate::read(&self.leaf).clone();
         let chained = tls::certified_key(&cert, &key, &cas.chain_pem())?;
         cas.save(&self.dir)?;
         self.resolver.swap(chained);
-        *self.cas.write().unwrap_or_else(|e| e.into_inner()) = cas;
+        *crate::write(&self.cas) = cas;
         if !self.leaf_from_current() {
             self.request_renewal();
         }
@@ -389,7 +389,7 @@ impl NodeTls {
 
     /// Whether this node's certificate was issued by the current CA.
     pub fn leaf_from_current(&self) -> bool {
-        let (cert, _) = self.leaf.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let (cert, _) = crate::read(&self.leaf).clone();
         match (pki::cert_der_from_pem(&cert), pki::cert_der_from_pem(&self.cas().current)) {
             (Ok(l), Ok(c)) => pki::issued_by(&l, &c),
             _ => false,
@@ -408,7 +408,7 @@ impl NodeTls {
 
     /// The current certificate's details.
     pub fn info(&self) -> CertInfo {
-        self.info.read().unwrap_or_else(|e| e.into_inner()).clone()
+        crate::read(&self.info).clone()
     }
 
     /// Client configuration (Raft's HTTP client is built from it).
@@ -424,7 +424,7 @@ impl NodeTls {
     /// An HTTP client over mutual TLS; a new pool after each renewal, so a connection
     /// opened with an expired certificate is not reused.
     pub fn http(&self) -> reqwest::Client {
-        self.http.read().unwrap_or_else(|e| e.into_inner()).clone()
+        crate::read(&self.http).clone()
     }
 
     /// The CA key from `<data-dir>/tls/ca.key`, if this is the first manager.
@@ -449,13 +449,12 @@ impl NodeTls {
         write_private(&self.dir.join("node.key"), key_pem)?;
         write_private(&self.dir.join("node.pem"), cert_pem)?;
         self.resolver.swap(key);
-        *self.leaf.write().unwrap_or_else(|e| e.into_inner()) = (cert_pem.to_string(), key_pem.to_string());
-        *self.info.write().unwrap_or_else(|e| e.into_inner()) = info;
+        *crate::write(&self.leaf) = (cert_pem.to_string(), key_pem.to_string());
+        *crate::write(&self.info) = info;
         if self.leaf_from_current() {
             self.renew_wanted.store(false, Ordering::SeqCst);
         }
-        *self.http.write().unwrap_or_else(|e| e.into_inner()) =
-            tls::http_client(self.client.clone(), Duration::from_secs(3));
+        *crate::write(&self.http) = tls::http_client(self.client.clone(), Duration::from_secs(3));
         Ok(())
     }
 

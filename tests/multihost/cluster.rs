@@ -869,6 +869,19 @@ impl Samples {
     }
 }
 
+/// An error and all its sources on one line (reqwest's own text hides whether a
+/// request timed out, was refused or was reset).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 /// POSTs to an echo endpoint every `every` on fresh connections and counts answers.
 pub struct EchoProbe {
     stop: Arc<AtomicBool>,
@@ -881,10 +894,13 @@ impl EchoProbe {
         let stop = Arc::new(AtomicBool::new(false));
         let (flag, url) = (stop.clone(), format!("http://{endpoint}/"));
         let handle = tokio::spawn(async move {
-            // No connection reuse: each probe proves a fresh connect is answered.
+            // No connection reuse: each probe proves a fresh connect is answered. The
+            // timeout allows for a 2-core machine running several five-node clusters at
+            // once (CI once saw a 2 s probe time out while the container kept running):
+            // the container's continuity is checked apart from this, by `Sampler`.
             let client = reqwest::Client::builder()
                 .pool_max_idle_per_host(0)
-                .timeout(Duration::from_secs(2))
+                .timeout(Duration::from_secs(5))
                 .build()
                 .expect("client");
             let mut out = Vec::new();
@@ -897,10 +913,10 @@ impl EchoProbe {
                     Ok(resp) if resp.status().is_success() => match resp.text().await {
                         Ok(t) if t == body => Ok(()),
                         Ok(t) => Err(format!("answered {t:?} to {body:?}")),
-                        Err(e) => Err(e.to_string()),
+                        Err(e) => Err(error_chain(&e)),
                     },
                     Ok(resp) => Err(format!("status {}", resp.status())),
-                    Err(e) => Err(e.to_string()),
+                    Err(e) => Err(error_chain(&e)),
                 };
                 out.push((at, r));
                 tokio::time::sleep(every.saturating_sub(at.elapsed())).await;

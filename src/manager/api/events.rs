@@ -129,7 +129,7 @@ impl EventRing {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, RingInner> {
         // A panic while holding the lock leaves consistent data (each push is whole).
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock(&self.inner)
     }
 
     fn push_item(&self, item: Item) {

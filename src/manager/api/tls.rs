@@ -130,11 +130,11 @@ struct Issued {
 
 impl ApiCert {
     fn get(&self) -> Option<Issued> {
-        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+        crate::read(&self.current).clone()
     }
 
     fn set(&self, issued: Issued) {
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(issued);
+        *crate::write(&self.current) = Some(issued);
     }
 
     /// The served certificate's leaf (DER), if one is issued yet.

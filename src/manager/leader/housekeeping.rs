@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use tokio::sync::broadcast;
 
-use crate::manager::api::ApiError;
 use crate::manager::state::retention::{self, Policy, RetentionCommand};
 use crate::manager::state::upgrade::{self, UpgradeCommand};
-use crate::manager::state::Command;
+use crate::manager::state::{Answer, Command, RejectCode};
+use crate::manager::write::{replicate, replicate_only, WriteError};
 use crate::manager::{lock, now_ms, Manager};
 
 /// Pause between rounds when there is nothing left to do; a round that filled a batch
@@ -50,7 +50,7 @@ pub async fn run(m: Arc<Manager>, mut shutdown: broadcast::Receiver<()>) {
 
 /// Raises the cluster's feature level to the lowest level every voter advertises in
 /// its member record, when that is above the current one.
-async fn raise_level(m: &Manager) -> Result<(), ApiError> {
+async fn raise_level(m: &Manager) -> Result<(), WriteError> {
     let s = m.db.status();
     let voters: Vec<(String, u32)> =
         s.members.iter().filter(|mm| mm.voter).map(|mm| (mm.member.name.clone(), mm.member.feature_level)).collect();
@@ -60,11 +60,10 @@ async fn raise_level(m: &Manager) -> Result<(), ApiError> {
     };
     tracing::info!(from = current, to = level, ?voters, "every voter supports a higher feature level; raising it");
     let cmd = Command::Upgrade(UpgradeCommand::SetLevel { level, voters, now_ms: now_ms() });
-    match crate::manager::api::write(m, &cmd).await {
-        Ok(_) => Ok(()),
+    match replicate_only(&m.db, &cmd).await {
         // Raised meanwhile (a previous leader's write): nothing to do.
-        Err(e) if e.code == "conflict" => Ok(()),
-        Err(e) => Err(e),
+        Err(WriteError::Rejected(r)) if r.code == RejectCode::Conflict => Ok(()),
+        done => done,
     }
 }
 
@@ -82,7 +81,7 @@ pub fn policy(m: &Manager) -> Policy {
 }
 
 /// One collect round; `true` when a batch was full (more may be due).
-async fn collect(m: &Manager) -> Result<bool, ApiError> {
+async fn collect(m: &Manager) -> Result<bool, WriteError> {
     let level = m.db.read_local(upgrade::cluster_level).await?;
     if level < retention::LEVEL {
         // An older manager is still a voter: it could not decode the command.
@@ -108,8 +107,8 @@ async fn collect(m: &Manager) -> Result<bool, ApiError> {
         policy,
         now_ms: now,
     });
-    let out = crate::manager::api::write(m, &cmd).await?;
-    tracing::debug!(%out, "retention round");
+    let out: Answer = replicate(&m.db, &cmd).await?;
+    tracing::debug!(?out, "retention round");
     Ok(full)
 }
 
