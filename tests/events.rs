@@ -14,136 +14,45 @@ use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
 use common::*;
-use holdfast::config::{Config, ManagerRole};
 use holdfast::manager::sink::{SinkConfig, SinkTarget, SPOOL_DIR, SPOOL_FILE};
-use holdfast::model::sync::NodeResources;
-use holdfast::worker::agent::{self, WorkerConfig};
-use holdfast::worker::runtime::fake::FakeRuntime;
-use holdfast::worker::runtime::Runtime;
 use serde_json::{json, Value};
-use tokio::sync::broadcast;
 
-struct Cluster {
-    api: String,
-    cluster: String,
-    dir: tempfile::TempDir,
-    data_dir: PathBuf,
-    client: reqwest::Client,
-    manager: Option<tokio::task::JoinHandle<()>>,
-    stop_manager: Option<tokio::sync::oneshot::Sender<()>>,
-    _workers: Vec<broadcast::Sender<()>>,
+/// The in-process cluster with this file's helpers.
+struct Cluster(InProcess);
+
+impl std::ops::Deref for Cluster {
+    type Target = InProcess;
+    fn deref(&self) -> &InProcess {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Cluster {
+    fn deref_mut(&mut self) -> &mut InProcess {
+        &mut self.0
+    }
 }
 
 impl Cluster {
+    /// A manager forwarding to `sink` (if any), no worker yet.
     async fn start(sink: Option<SinkConfig>) -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
-        let api = format!("127.0.0.1:{}", free_port());
-        let cluster = format!("127.0.0.1:{}", free_port());
-        let data_dir = dir.path().join("m1");
-        let mut c = Cluster {
-            api,
-            cluster,
-            dir,
-            data_dir,
-            client: http(),
-            manager: None,
-            stop_manager: None,
-            _workers: Vec::new(),
-        };
-        c.run_manager(sink).await;
-        c
-    }
-
-    /// Starts the manager on this cluster's addresses and data dir; waits until ready.
-    async fn run_manager(&mut self, sink: Option<SinkConfig>) {
-        let config = Config {
-            node_id: "m1".into(),
-            data_dir: self.data_dir.clone(),
-            trust: Default::default(),
-            manager: Some(ManagerRole {
-                lease: Duration::from_secs(10),
-                heartbeat_ttl: Duration::from_secs(2),
-                event_sink: sink,
-                ..ManagerRole::bootstrap(&self.api, &self.cluster)
-            }),
-            worker: None,
-        };
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        self.manager = Some(tokio::spawn(async move {
-            holdfast::node::run(config, async {
-                let _ = stopped.await;
-            })
-            .await
-            .expect("manager runs");
-        }));
-        self.stop_manager = Some(stop);
-        self.client = api_client(&self.data_dir).await;
-    }
-
-    /// Stops the manager cleanly (as SIGTERM would) and waits until it has.
-    async fn stop_manager(&mut self) {
-        if let Some(stop) = self.stop_manager.take() {
-            let _ = stop.send(());
-        }
-        if let Some(m) = self.manager.take() {
-            tokio::time::timeout(Duration::from_secs(20), m).await.expect("manager stops in time").expect("clean stop");
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.api)
+        let c = InProcess::builder()
+            .lease(Duration::from_secs(10), Duration::from_secs(2))
+            .manager(move |m| m.event_sink = sink)
+            .start()
+            .await;
+        Cluster(c)
     }
 
     fn spool(&self) -> PathBuf {
-        self.data_dir.join(SPOOL_DIR).join(SPOOL_FILE)
-    }
-
-    async fn add_worker(&mut self, name: &str) {
-        let runtime: Arc<dyn Runtime> = Arc::new(FakeRuntime::new());
-        let mut wc = WorkerConfig::new(name, self.dir.path().join(name), vec![self.cluster.clone()]);
-        // Mutual TLS on the cluster port: the worker joins with the first manager's token.
-        wc.token = Some(join_token(&self.data_dir, "worker"));
-        wc.resources_override = Some(NodeResources {
-            cpus: 64,
-            cpu_millis: 64_000,
-            load1: 0.0,
-            memory_total_mb: 256_000,
-            memory_free_mb: 256_000,
-            disk_total_mb: 100_000,
-            disk_free_mb: 100_000,
-            engine_ok: true,
-        });
-        wc.sync_wait = Duration::from_millis(500);
-        let (stop, rx) = broadcast::channel(1);
-        tokio::spawn(async move {
-            agent::run(wc, runtime, rx).await.expect("worker runs");
-        });
-        self._workers.push(stop);
-        let (url, name) = (self.url("/v1/nodes"), name.to_string());
-        eventually(Duration::from_secs(20), "worker registered", || {
-            let (url, name, client) = (url.clone(), name.clone(), self.client.clone());
-            async move {
-                let v = get_json(&client, &url).await?;
-                v["nodes"].as_array()?.iter().any(|n| n["id"] == json!(name) && n["engine_ok"] == true).then_some(())
-            }
-        })
-        .await;
+        self.data().join(SPOOL_DIR).join(SPOOL_FILE)
     }
 
     /// Submits a small task; returns its id and when the submission was sent.
     async fn submit(&self) -> (String, Instant) {
         let at = Instant::now();
-        let r = self
-            .client
-            .post(self.url("/v1/tasks"))
-            .json(&json!({"image": "holdfast/echo:latest", "resources": {"cpu_millis": 10, "memory_mb": 16}}))
-            .send()
-            .await
-            .expect("submit");
-        let status = r.status().as_u16();
-        let v: Value = r.json().await.expect("json");
-        assert_eq!(status, 201, "{v}");
-        (v["id"].as_str().expect("id").to_string(), at)
+        let spec = json!({"image": "holdfast/echo:latest", "resources": {"cpu_millis": 10, "memory_mb": 16}});
+        (self.0.submit(&spec).await, at)
     }
 }
 
@@ -164,7 +73,7 @@ struct EventTail {
 
 /// A client without an overall timeout (streams stay open) carrying the admin token.
 fn stream_client(c: &Cluster) -> reqwest::Client {
-    let token = std::fs::read_to_string(c.data_dir.join("admin.token")).expect("admin.token");
+    let token = std::fs::read_to_string(c.data().join("admin.token")).expect("admin.token");
     let mut headers = reqwest::header::HeaderMap::new();
     headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {}", token.trim()).parse().unwrap());
     reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).default_headers(headers).build().unwrap()
@@ -242,7 +151,7 @@ async fn the_stream_shows_a_task_submitted_then_placed() {
     let mut c = Cluster::start(None).await;
     let all = EventTail::open(&c, "").await;
     let placements = EventTail::open(&c, "?kind=placement.").await;
-    c.add_worker("w1").await;
+    c.add_worker("w1", |_| {}).await;
     let registered = all.wait_for("node.registered", subject, "w1", Duration::from_secs(10)).await;
     assert_eq!(registered.data["kind"], "node.registered");
 
@@ -351,7 +260,7 @@ async fn a_hung_sink_never_slows_placement_and_its_spool_replays_in_order() {
     let mut c = Cluster::start(Some(fast_sink(SinkTarget::Http(url)))).await;
     // The ground truth: every event the manager applied, from the stream.
     let truth = EventTail::open(&c, "").await;
-    c.add_worker("w1").await;
+    c.add_worker("w1", |_| {}).await;
 
     let mut latencies = Vec::new();
     let mut ids = Vec::new();
@@ -424,7 +333,7 @@ async fn a_file_sink_appends_json_lines() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("events.jsonl");
     let mut c = Cluster::start(Some(fast_sink(SinkTarget::File(file.clone())))).await;
-    c.add_worker("w1").await;
+    c.add_worker("w1", |_| {}).await;
     let (id, _) = c.submit().await;
     let lines = eventually(Duration::from_secs(10), "task events in the file", || async {
         let text = std::fs::read_to_string(&file).ok()?;
@@ -445,8 +354,8 @@ async fn a_file_sink_appends_json_lines() {
 async fn a_spool_left_at_shutdown_is_replayed_by_the_next_start() {
     let collector = Collector::default();
     let url = start_collector(collector.clone()).await;
-    let mut c = Cluster::start(Some(fast_sink(SinkTarget::Http(url.clone())))).await;
-    c.add_worker("w1").await;
+    let mut c = Cluster::start(Some(fast_sink(SinkTarget::Http(url)))).await;
+    c.add_worker("w1", |_| {}).await;
     let (id, _) = c.submit().await;
     let spooled = |id: String, path: PathBuf| async move {
         let text = std::fs::read_to_string(path).ok()?;
@@ -460,7 +369,7 @@ async fn a_spool_left_at_shutdown_is_replayed_by_the_next_start() {
     assert!(spooled(late.clone(), c.spool()).await.is_some(), "queued events were spooled at shutdown");
 
     collector.answering.store(true, Ordering::Relaxed);
-    c.run_manager(Some(fast_sink(SinkTarget::Http(url)))).await;
+    c.start_manager().await;
     eventually(Duration::from_secs(15), "spool replayed after the restart", || async {
         (!c.spool().exists()).then_some(())
     })

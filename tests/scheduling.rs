@@ -6,117 +6,48 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
 use futures::StreamExt;
-use holdfast::config::{Config, ManagerRole};
 use holdfast::manager::scheduler::Strategy;
 use holdfast::model::sync::NodeResources;
-use holdfast::worker::agent::{self, WorkerConfig};
-use holdfast::worker::runtime::fake::FakeRuntime;
-use holdfast::worker::runtime::Runtime;
 use serde_json::{json, Value};
-use tokio::sync::broadcast;
 
-struct Worker {
-    name: String,
-    fake: Arc<FakeRuntime>,
-    stop: Option<broadcast::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-}
+/// The in-process cluster with this file's placement helpers.
+struct Cluster(InProcess);
 
-impl Worker {
-    async fn kill(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            let _ = t.await;
-        }
+impl std::ops::Deref for Cluster {
+    type Target = InProcess;
+    fn deref(&self) -> &InProcess {
+        &self.0
     }
 }
 
-struct Cluster {
-    api: String,
-    cluster: String,
-    dir: tempfile::TempDir,
-    workers: Vec<Worker>,
-    client: reqwest::Client,
-    _manager: tokio::task::JoinHandle<()>,
-    _stop_manager: tokio::sync::oneshot::Sender<()>,
-}
-
-fn resources(cpu_millis: u64, memory_mb: u64) -> NodeResources {
-    NodeResources {
-        cpus: (cpu_millis / 1000).max(1) as u32,
-        cpu_millis,
-        load1: 0.0,
-        memory_total_mb: memory_mb,
-        memory_free_mb: memory_mb,
-        disk_total_mb: 100_000,
-        disk_free_mb: 100_000,
-        engine_ok: true,
+impl std::ops::DerefMut for Cluster {
+    fn deref_mut(&mut self) -> &mut InProcess {
+        &mut self.0
     }
 }
 
 impl Cluster {
     async fn start(strategy: Strategy) -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
-        let api = format!("127.0.0.1:{}", free_port());
-        let cluster = format!("127.0.0.1:{}", free_port());
-        let config = Config {
-            node_id: "m1".into(),
-            data_dir: dir.path().join("m1"),
-            trust: Default::default(),
-            manager: Some(ManagerRole {
-                strategy,
-                lease: Duration::from_secs(10),
-                heartbeat_ttl: Duration::from_secs(2),
-                ..ManagerRole::bootstrap(&api, &cluster)
-            }),
-            worker: None,
-        };
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let manager = tokio::spawn(async move {
-            holdfast::node::run(config, async {
-                let _ = stopped.await;
-            })
-            .await
-            .expect("manager runs");
-        });
-        let client = api_client(&dir.path().join("m1")).await;
-        Cluster { api, cluster, dir, workers: Vec::new(), client, _manager: manager, _stop_manager: stop }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.api)
+        let c = InProcess::builder()
+            .lease(Duration::from_secs(10), Duration::from_secs(2))
+            .manager(move |m| m.strategy = strategy)
+            .start()
+            .await;
+        Cluster(c)
     }
 
     async fn add_worker(&mut self, name: &str, res: NodeResources, labels: &[(&str, &str)]) {
-        let fake = Arc::new(FakeRuntime::new());
-        let runtime: Arc<dyn Runtime> = fake.clone();
-        let mut wc = WorkerConfig::new(name, self.dir.path().join(name), vec![self.cluster.clone()]);
-        // Mutual TLS on the cluster port: the worker joins with the first manager's token.
-        wc.token = Some(join_token(&self.dir.path().join("m1"), "worker"));
-        wc.resources_override = Some(res);
-        wc.labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>();
-        wc.sync_wait = Duration::from_millis(500);
-        let (stop, rx) = broadcast::channel(1);
-        let task = tokio::spawn(async move {
-            agent::run(wc, runtime, rx).await.expect("worker runs");
-        });
-        self.workers.push(Worker { name: name.into(), fake, stop: Some(stop), task: Some(task) });
-        let (url, name) = (self.url("/v1/nodes"), name.to_string());
-        eventually(Duration::from_secs(20), "worker registered", || {
-            let (url, name, client) = (url.clone(), name.clone(), self.client.clone());
-            async move {
-                let v = get_json(&client, &url).await?;
-                v["nodes"].as_array()?.iter().any(|n| n["id"] == json!(name) && n["engine_ok"] == true).then_some(())
-            }
-        })
-        .await;
+        let labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>();
+        self.0
+            .add_worker(name, |wc| {
+                wc.resources_override = Some(res);
+                wc.labels = labels;
+            })
+            .await;
     }
 
     async fn submit_many(&self, n: usize, spec: Value, parallel: usize) -> Vec<String> {
@@ -178,7 +109,7 @@ async fn binpack_fills_one_node_before_the_next() {
     .await;
     assert_eq!(per.len(), 1, "binpack used more than one node: {per:?}");
     for w in &mut c.workers {
-        w.kill().await;
+        w.stop().await;
     }
 }
 
@@ -196,7 +127,7 @@ async fn spread_balances_across_nodes() {
     .await;
     assert_eq!(per.values().copied().collect::<Vec<_>>(), vec![3, 3, 3], "{per:?}");
     for w in &mut c.workers {
-        w.kill().await;
+        w.stop().await;
     }
 }
 
@@ -227,13 +158,13 @@ async fn no_node_is_overcommitted_under_500_concurrent_submissions() {
             "medium" => 20,
             _ => 40,
         };
-        let count = w.fake.running_count(&w.name);
+        let count = w.fake().running_count(&w.name);
         assert!(count <= cap, "{} runs {count} containers, room for {cap}", w.name);
     }
     let reason = c.tasks().await.into_iter().find(|t| t["state"] == "pending").unwrap()["reason"].clone();
     assert!(reason.as_str().unwrap().starts_with("no node fits: cpu 100 millis > largest free 0 millis"), "{reason}");
     for w in &mut c.workers {
-        w.kill().await;
+        w.stop().await;
     }
 }
 
@@ -258,7 +189,7 @@ async fn a_dead_nodes_tasks_move_and_a_drained_node_empties() {
     // The victim's process dies: heartbeat_ttl (2 s) + lost_after (1 s) later its tasks
     // run on the survivor with higher fences.
     let vi = c.workers.iter().position(|w| w.name == victim).unwrap();
-    c.workers[vi].kill().await;
+    c.workers[vi].stop().await;
     let started = std::time::Instant::now();
     let moved = tokio::time::timeout(
         Duration::from_secs(20),
@@ -288,13 +219,13 @@ async fn a_dead_nodes_tasks_move_and_a_drained_node_empties() {
     assert_eq!(r.status().as_u16(), 202);
     eventually(Duration::from_secs(20), "drained node empty", || async {
         let per = c.running_on().await;
-        let survivor_fake = &c.workers.iter().find(|w| w.name == survivor).unwrap().fake;
+        let survivor_fake = c.workers.iter().find(|w| w.name == survivor).unwrap().fake();
         (per.get("c") == Some(&4) && survivor_fake.running_count(&survivor) == 0).then_some(())
     })
     .await;
     let r = c.client.post(c.url("/v1/nodes/nope/drain")).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 404);
     for w in &mut c.workers {
-        w.kill().await;
+        w.stop().await;
     }
 }

@@ -2,6 +2,11 @@
 //! die with the test, and polling with a deadline (never sleeping to wait).
 #![allow(dead_code)]
 
+mod inprocess;
+
+#[allow(unused_imports)]
+pub use inprocess::*;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
