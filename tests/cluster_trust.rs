@@ -59,6 +59,29 @@ async fn post_json(c: &reqwest::Client, url: &str, body: Value) -> Result<(u16, 
     Ok((status, r.json().await.unwrap_or(Value::Null)))
 }
 
+/// Starts Docker worker `name` joining `m1` with `token`, waits until it is ready, and
+/// submits one `keep` task (lost only after ten minutes) for it to run.
+async fn worker_with_a_keep_task(dir: &Path, m1: &Node, name: &str, token: &str) -> Proc {
+    let w = worker(dir, name, &m1.cluster, &["--token", token]);
+    eventually(Duration::from_secs(60), "worker ready", || async {
+        (node_status(m1, name).await? == "ready").then_some(())
+    })
+    .await;
+    let spec = json!({"image":"holdfast/echo:latest","ports":[{"container":7777}],"offline":{"mode":"keep","lost_after_ms":600000}});
+    let (s, v) = post_json(&api_client(&m1.data).await, &m1.url("/v1/tasks"), spec).await.unwrap();
+    assert_eq!(s, 201, "{v}");
+    w
+}
+
+/// The running containers of node `name`, via the docker CLI; `None` if it failed.
+fn running_containers(name: &str) -> Option<Vec<String>> {
+    let out = std::process::Command::new("docker")
+        .args(["ps", "-q", "--no-trunc", "--filter", &format!("label=holdfast.node={name}")])
+        .output()
+        .ok()?;
+    Some(String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect())
+}
+
 const ROUTES: [&str; 11] = [
     "/raft/append",
     "/raft/vote",
@@ -336,21 +359,10 @@ async fn a_worker_cut_off_past_its_certificate_keeps_its_keep_task_and_renews_on
     let wt = join_token(&m1.data, "worker");
     let name = format!("wcut-{}", std::process::id());
     let _cleanup = NodeContainers(name.clone());
-    let w = worker(d, &name, &m1.cluster, &["--token", &wt]);
-    eventually(Duration::from_secs(60), "worker ready", || async {
-        (node_status(&m1, &name).await? == "ready").then_some(())
-    })
-    .await;
-    let spec = json!({"image":"holdfast/echo:latest","ports":[{"container":7777}],"offline":{"mode":"keep","lost_after_ms":600000}});
-    let (s, v) = post_json(&api_client(&m1.data).await, &m1.url("/v1/tasks"), spec).await.unwrap();
-    assert_eq!(s, 201, "{v}");
+    let w = worker_with_a_keep_task(d, &m1, &name, &wt).await;
     let running = || async {
         let ids = containers_with_label("holdfast.node", &name);
-        let out = std::process::Command::new("docker")
-            .args(["ps", "-q", "--no-trunc", "--filter", &format!("label=holdfast.node={name}")])
-            .output()
-            .ok()?;
-        let up: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect();
+        let up = running_containers(&name)?;
         (ids.len() == 1 && up.len() == 1).then(|| up[0].clone())
     };
     let container = eventually(Duration::from_secs(90), "the keep task running", || async {
@@ -596,20 +608,9 @@ async fn a_ca_rotation_moves_every_node_to_the_new_ca_and_then_refuses_the_old_o
     let old_token = join_token(&m1.data, "worker");
     let name = format!("wrot-{}", std::process::id());
     let _cleanup = NodeContainers(name.clone());
-    let w = worker(d, &name, &m1.cluster, &["--token", &old_token]);
-    eventually(Duration::from_secs(60), "worker ready", || async {
-        (node_status(&m1, &name).await? == "ready").then_some(())
-    })
-    .await;
-    let spec = json!({"image":"holdfast/echo:latest","ports":[{"container":7777}],"offline":{"mode":"keep","lost_after_ms":600000}});
-    let (s, v) = post_json(&api_client(&m1.data).await, &m1.url("/v1/tasks"), spec).await.unwrap();
-    assert_eq!(s, 201, "{v}");
+    let w = worker_with_a_keep_task(d, &m1, &name, &old_token).await;
     let running = || async {
-        let out = std::process::Command::new("docker")
-            .args(["ps", "-q", "--no-trunc", "--filter", &format!("label=holdfast.node={name}")])
-            .output()
-            .ok()?;
-        let up: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect();
+        let up = running_containers(&name)?;
         (up.len() == 1).then(|| up[0].clone())
     };
     let container = eventually(Duration::from_secs(90), "the keep task running", running).await;

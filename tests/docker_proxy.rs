@@ -223,14 +223,6 @@ impl Worker {
     }
 }
 
-fn unique() -> String {
-    format!(
-        "{:x}{:x}",
-        std::process::id(),
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos()
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_engine_opens_the_breaker_and_work_moves_to_the_healthy_node() {
     require_docker();

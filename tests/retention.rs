@@ -49,12 +49,8 @@ async fn churn_of_short_batch_tasks_levels_off() {
         audit_retain: Duration::from_secs(3_600),
         audit_max_rows: 300,
     };
-    let mut c = InProcess::builder()
-        .node_id("churn-1")
-        .manager(move |m| m.retention = retention)
-        .local_worker()
-        .start()
-        .await;
+    let mut c =
+        InProcess::builder().node_id("churn-1").manager(move |m| m.retention = retention).local_worker().start().await;
     let (client, fake, node) = (c.client.clone(), c.local_fake().clone(), c.node_id().to_string());
     let (data, base) = (c.data().to_path_buf(), c.url(""));
 
