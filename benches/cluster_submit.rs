@@ -20,12 +20,13 @@
 
 mod common;
 
-use common::{free_port, millis, Killer};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use common::{env, free_port, millis, Killer};
 
 struct Member {
     name: String,
@@ -419,16 +420,8 @@ fn load() -> String {
         .unwrap_or_default()
 }
 
-fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
-}
-
-fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    rt.block_on(run());
-}
-
-async fn run() {
+#[tokio::main]
+async fn main() {
     let secs: f64 = env("BENCH_SECS", 4.0);
     let rounds: usize = env("BENCH_ROUNDS", 3).max(1);
     let kills: usize = env("BENCH_KILLS", 20);

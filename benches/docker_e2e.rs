@@ -6,10 +6,11 @@
 
 mod common;
 
-use common::{echo_answers, free_port, millis, Killer};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use common::{echo_answers, env, free_port, millis, Killer};
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
@@ -20,13 +21,9 @@ fn docker(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    rt.block_on(run());
-}
-
-async fn run() {
-    let n: usize = std::env::var("BENCH_TASKS").ok().and_then(|s| s.parse().ok()).unwrap_or(50);
+#[tokio::main]
+async fn main() {
+    let n: usize = env("BENCH_TASKS", 50);
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_holdfast"));
     let dir = tempfile::tempdir().unwrap();
     let node = format!("bench-{}", std::process::id());

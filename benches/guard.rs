@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{echo_answers, millis};
+use common::{echo_answers, env, millis};
 use holdfast::guard::{boottime_ms, Deadline};
 use holdfast::worker::runtime::docker::{DockerConfig, DockerRuntime};
 use holdfast::worker::runtime::{ContainerSpec, GuardSpec, PortMap, Runtime};
@@ -77,13 +77,9 @@ async fn start_once(rt: &DockerRuntime, http: &reqwest::Client, name: &str, guar
     (started.elapsed(), info.id)
 }
 
-fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    rt.block_on(run());
-}
-
-async fn run() {
-    let n: usize = std::env::var("BENCH_STARTS").ok().and_then(|s| s.parse().ok()).unwrap_or(15);
+#[tokio::main]
+async fn main() {
+    let n: usize = env("BENCH_STARTS", 15);
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_holdfast"));
     let rt =
         DockerRuntime::connect_with(DockerConfig { self_binary: bin, ..Default::default() }).await.expect("docker");

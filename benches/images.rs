@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, Killer};
+use common::{env, free_port, Killer};
 use docker_cli::{build_image, docker, RemoveImages};
 use serde_json::{json, Value};
 
@@ -95,7 +95,7 @@ async fn stop_and_wait(http: &reqwest::Client, api: &str, id: &str, node: &str) 
 
 #[tokio::main]
 async fn main() {
-    let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3).max(1);
+    let rounds: usize = env("BENCH_ROUNDS", 3).max(1);
     let dir = tempfile::tempdir().unwrap();
     let id = format!("{:x}", std::process::id());
     let (v1, v2) = (format!("holdfast-images-bench/app:{id}-v1"), format!("holdfast-images-bench/app:{id}-v2"));

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, Killer};
+use common::{env, free_port, Killer};
 use futures::StreamExt;
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -36,7 +36,7 @@ fn run(bin: &Path, args: &[&str]) -> Duration {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let tasks: usize = std::env::var("BENCH_TASKS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
+    let tasks: usize = env("BENCH_TASKS", 100_000);
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_holdfast"));
     let root = tempfile::tempdir().expect("tempdir");
     let data = root.path().join("m1");

@@ -15,10 +15,11 @@ mod browser;
 
 mod common;
 
-use common::{free_port, Killer};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use common::{env, free_port, Killer};
 
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
@@ -35,7 +36,7 @@ fn max(v: &[f64]) -> f64 {
 }
 
 async fn run() {
-    let n: usize = std::env::var("BENCH_UI_TASKS").ok().and_then(|s| s.parse().ok()).unwrap_or(5_000);
+    let n: usize = env("BENCH_UI_TASKS", 5_000);
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_holdfast"));
     let dir = tempfile::tempdir().expect("tempdir");
     let api = format!("127.0.0.1:{}", free_port());

@@ -17,43 +17,25 @@ use common::*;
 use holdfast::manager::sink::{SinkConfig, SinkTarget, SPOOL_DIR, SPOOL_FILE};
 use serde_json::{json, Value};
 
-/// The in-process cluster with this file's helpers.
-struct Cluster(InProcess);
-
-impl std::ops::Deref for Cluster {
-    type Target = InProcess;
-    fn deref(&self) -> &InProcess {
-        &self.0
-    }
+/// A manager forwarding to `sink` (if any), no worker yet.
+async fn start(sink: Option<SinkConfig>) -> InProcess {
+    InProcess::builder()
+        .lease(Duration::from_secs(10), Duration::from_secs(2))
+        .manager(move |m| m.event_sink = sink)
+        .start()
+        .await
 }
 
-impl std::ops::DerefMut for Cluster {
-    fn deref_mut(&mut self) -> &mut InProcess {
-        &mut self.0
-    }
+/// Where the manager spools what its sink has not taken.
+fn spool(c: &InProcess) -> PathBuf {
+    c.data().join(SPOOL_DIR).join(SPOOL_FILE)
 }
 
-impl Cluster {
-    /// A manager forwarding to `sink` (if any), no worker yet.
-    async fn start(sink: Option<SinkConfig>) -> Cluster {
-        let c = InProcess::builder()
-            .lease(Duration::from_secs(10), Duration::from_secs(2))
-            .manager(move |m| m.event_sink = sink)
-            .start()
-            .await;
-        Cluster(c)
-    }
-
-    fn spool(&self) -> PathBuf {
-        self.data().join(SPOOL_DIR).join(SPOOL_FILE)
-    }
-
-    /// Submits a small task; returns its id and when the submission was sent.
-    async fn submit(&self) -> (String, Instant) {
-        let at = Instant::now();
-        let spec = json!({"image": "holdfast/echo:latest", "resources": {"cpu_millis": 10, "memory_mb": 16}});
-        (self.0.submit(&spec).await, at)
-    }
+/// Submits a small task; returns its id and when the submission was sent.
+async fn submit(c: &InProcess) -> (String, Instant) {
+    let at = Instant::now();
+    let spec = json!({"image": "holdfast/echo:latest", "resources": {"cpu_millis": 10, "memory_mb": 16}});
+    (c.submit(&spec).await, at)
 }
 
 /// One received SSE event and when it arrived.
@@ -72,7 +54,7 @@ struct EventTail {
 }
 
 /// A client without an overall timeout (streams stay open) carrying the admin token.
-fn stream_client(c: &Cluster) -> reqwest::Client {
+fn stream_client(c: &InProcess) -> reqwest::Client {
     let token = std::fs::read_to_string(c.data().join("admin.token")).expect("admin.token");
     let mut headers = reqwest::header::HeaderMap::new();
     headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {}", token.trim()).parse().unwrap());
@@ -80,7 +62,7 @@ fn stream_client(c: &Cluster) -> reqwest::Client {
 }
 
 impl EventTail {
-    async fn open(c: &Cluster, query: &str) -> EventTail {
+    async fn open(c: &InProcess, query: &str) -> EventTail {
         // No overall timeout: the stream is meant to stay open.
         let client = stream_client(c);
         let mut resp =
@@ -148,7 +130,7 @@ fn key(v: &Value) -> (u64, String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stream_shows_a_task_submitted_then_placed() {
-    let mut c = Cluster::start(None).await;
+    let mut c = start(None).await;
     let all = EventTail::open(&c, "").await;
     let placements = EventTail::open(&c, "?kind=placement.").await;
     c.add_worker("w1", |_| {}).await;
@@ -157,7 +139,7 @@ async fn the_stream_shows_a_task_submitted_then_placed() {
 
     let mut latencies = Vec::new();
     for _ in 0..5 {
-        let (id, sent) = c.submit().await;
+        let (id, sent) = submit(&c).await;
         let submitted = all.wait_for("task.submitted", subject, &id, Duration::from_secs(10)).await;
         let placed = all.wait_for("placement.created", task_of, &id, Duration::from_secs(10)).await;
         assert!(
@@ -257,7 +239,7 @@ fn spool_len(path: &std::path::Path) -> Option<u64> {
 async fn a_hung_sink_never_slows_placement_and_its_spool_replays_in_order() {
     let collector = Collector::default();
     let url = start_collector(collector.clone()).await;
-    let mut c = Cluster::start(Some(fast_sink(SinkTarget::Http(url)))).await;
+    let mut c = start(Some(fast_sink(SinkTarget::Http(url)))).await;
     // The ground truth: every event the manager applied, from the stream.
     let truth = EventTail::open(&c, "").await;
     c.add_worker("w1", |_| {}).await;
@@ -265,13 +247,13 @@ async fn a_hung_sink_never_slows_placement_and_its_spool_replays_in_order() {
     let mut latencies = Vec::new();
     let mut ids = Vec::new();
     for round in 0..10 {
-        let (id, sent) = c.submit().await;
+        let (id, sent) = submit(&c).await;
         let placed = truth.wait_for("placement.created", task_of, &id, Duration::from_secs(10)).await;
         latencies.push(placed.at - sent);
         ids.push(id);
         if round == 4 {
             // Half-way: the spool must already hold what the hung sink did not take.
-            eventually(Duration::from_secs(10), "spool written", || async { spool_len(&c.spool()).filter(|n| *n > 0) })
+            eventually(Duration::from_secs(10), "spool written", || async { spool_len(&spool(&c)).filter(|n| *n > 0) })
                 .await;
         }
     }
@@ -283,12 +265,12 @@ async fn a_hung_sink_never_slows_placement_and_its_spool_replays_in_order() {
     assert!(collector.received.lock().unwrap().is_empty(), "nothing was answered yet");
 
     // The spool grows as more events arrive, and the breaker shows in health.
-    let before = spool_len(&c.spool()).unwrap_or(0);
-    let (id, _) = c.submit().await;
+    let before = spool_len(&spool(&c)).unwrap_or(0);
+    let (id, _) = submit(&c).await;
     ids.push(id.clone());
     truth.wait_for("placement.created", task_of, &id, Duration::from_secs(10)).await;
     let grown =
-        eventually(Duration::from_secs(10), "spool grows", || async { spool_len(&c.spool()).filter(|n| *n > before) })
+        eventually(Duration::from_secs(10), "spool grows", || async { spool_len(&spool(&c)).filter(|n| *n > before) })
             .await;
     println!("spool: {before} → {grown} bytes while the sink hangs");
     // Three timed-out deliveries in a row open the breaker; health shows it.
@@ -303,7 +285,7 @@ async fn a_hung_sink_never_slows_placement_and_its_spool_replays_in_order() {
     // The sink answers again: the spool is replayed in order and removed.
     let flipped = Instant::now();
     collector.answering.store(true, Ordering::Relaxed);
-    eventually(Duration::from_secs(15), "spool replayed and removed", || async { (!c.spool().exists()).then_some(()) })
+    eventually(Duration::from_secs(15), "spool replayed and removed", || async { (!spool(&c).exists()).then_some(()) })
         .await;
     println!("spool of {grown} bytes replayed and removed {:?} after the sink answered", flipped.elapsed());
 
@@ -332,9 +314,9 @@ async fn a_hung_sink_never_slows_placement_and_its_spool_replays_in_order() {
 async fn a_file_sink_appends_json_lines() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("events.jsonl");
-    let mut c = Cluster::start(Some(fast_sink(SinkTarget::File(file.clone())))).await;
+    let mut c = start(Some(fast_sink(SinkTarget::File(file.clone())))).await;
     c.add_worker("w1", |_| {}).await;
-    let (id, _) = c.submit().await;
+    let (id, _) = submit(&c).await;
     let lines = eventually(Duration::from_secs(10), "task events in the file", || async {
         let text = std::fs::read_to_string(&file).ok()?;
         let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).expect("every line is JSON")).collect();
@@ -347,31 +329,31 @@ async fn a_file_sink_appends_json_lines() {
     let placed = lines.iter().position(|e| e["kind"] == "placement.created" && e["detail"]["task_id"] == json!(id));
     assert!(submitted.is_some() && submitted < placed, "{kinds:?}");
     assert_eq!(kinds.first(), Some(&"node.registered"), "{kinds:?}");
-    assert!(!c.spool().exists(), "a healthy sink leaves no spool");
+    assert!(!spool(&c).exists(), "a healthy sink leaves no spool");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spool_left_at_shutdown_is_replayed_by_the_next_start() {
     let collector = Collector::default();
     let url = start_collector(collector.clone()).await;
-    let mut c = Cluster::start(Some(fast_sink(SinkTarget::Http(url)))).await;
+    let mut c = start(Some(fast_sink(SinkTarget::Http(url)))).await;
     c.add_worker("w1", |_| {}).await;
-    let (id, _) = c.submit().await;
+    let (id, _) = submit(&c).await;
     let spooled = |id: String, path: PathBuf| async move {
         let text = std::fs::read_to_string(path).ok()?;
         text.lines().any(|l| l.contains("task.submitted") && l.contains(&id)).then_some(())
     };
-    eventually(Duration::from_secs(10), "the hung sink's events spooled", || spooled(id.clone(), c.spool())).await;
+    eventually(Duration::from_secs(10), "the hung sink's events spooled", || spooled(id.clone(), spool(&c))).await;
     // A second task whose events may still be queued in memory when the stop comes.
-    let (late, _) = c.submit().await;
+    let (late, _) = submit(&c).await;
     c.stop_manager().await;
-    assert!(c.spool().exists(), "the spool outlives the process");
-    assert!(spooled(late.clone(), c.spool()).await.is_some(), "queued events were spooled at shutdown");
+    assert!(spool(&c).exists(), "the spool outlives the process");
+    assert!(spooled(late.clone(), spool(&c)).await.is_some(), "queued events were spooled at shutdown");
 
     collector.answering.store(true, Ordering::Relaxed);
     c.start_manager().await;
     eventually(Duration::from_secs(15), "spool replayed after the restart", || async {
-        (!c.spool().exists()).then_some(())
+        (!spool(&c).exists()).then_some(())
     })
     .await;
     let got = collector.received.lock().unwrap().clone();

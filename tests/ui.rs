@@ -13,6 +13,13 @@ use common::{eventually, free_port, http, require_docker, NodeContainers, Proc};
 
 const WAIT: Duration = Duration::from_secs(60);
 
+/// Opens `url`, waits for `js` to return something (`what`), and takes screenshot `shot`.
+async fn visit(b: &Browser, url: &str, what: &str, js: &str, shot: &str) {
+    b.client.goto(url).await.unwrap_or_else(|e| panic!("goto {url}: {e}"));
+    b.wait_js(WAIT, what, js).await;
+    b.screenshot(shot).await;
+}
+
 /// A `holdfast dev` on free ports with its own data dir; restartable in place.
 struct Dev {
     api: String,
@@ -224,32 +231,14 @@ async fn the_console_runs_the_echo_task_from_submit_to_stop_and_survives_a_manag
     assert!(body.contains("hello from the ui test"), "{body}");
 
     // The list, the events and the audit show it too.
-    b.client.goto(&dev.url("/#/tasks")).await.expect("goto tasks");
-    b.wait_js(
-        WAIT,
-        "the task row",
-        &format!("return document.querySelector('tr[data-id={}]')?.dataset.state;", q(&id)),
-    )
-    .await;
-    b.screenshot("tasks").await;
+    let row = format!("return document.querySelector('tr[data-id={}]')?.dataset.state;", q(&id));
+    visit(&b, &dev.url("/#/tasks"), "the task row", &row, "tasks").await;
     b.client.goto(&dev.url("/#/events")).await.expect("goto events");
     b.screenshot("events").await;
-    b.client.goto(&dev.url("/#/audit")).await.expect("goto audit");
-    b.wait_js(
-        WAIT,
-        "the audit rows",
-        &format!("return document.querySelector('#audit')?.textContent.includes({});", q(&id)),
-    )
-    .await;
-    b.screenshot("audit").await;
-    b.client.goto(&dev.url("/#/admin")).await.expect("goto admin");
-    b.wait_js(
-        WAIT,
-        "the managers table",
-        &format!("return document.querySelector('#main')?.textContent.includes({});", q(&node)),
-    )
-    .await;
-    b.screenshot("admin").await;
+    let audit = format!("return document.querySelector('#audit')?.textContent.includes({});", q(&id));
+    visit(&b, &dev.url("/#/audit"), "the audit rows", &audit, "audit").await;
+    let managers = format!("return document.querySelector('#main')?.textContent.includes({});", q(&node));
+    visit(&b, &dev.url("/#/admin"), "the managers table", &managers, "admin").await;
 
     // Stop it from its page.
     b.client.goto(&dev.url(&format!("/#/tasks/{id}"))).await.expect("goto task");

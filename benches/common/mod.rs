@@ -38,3 +38,9 @@ pub async fn echo_answers(http: &reqwest::Client, endpoint: &str, deadline: Inst
     }
     false
 }
+
+/// The environment variable `name` parsed, or `default` when unset or unparsable
+/// (the benches' `BENCH_*` knobs).
+pub fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
