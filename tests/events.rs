@@ -17,13 +17,9 @@ use common::*;
 use holdfast::manager::sink::{SinkConfig, SinkTarget, SPOOL_DIR, SPOOL_FILE};
 use serde_json::{json, Value};
 
-/// A manager forwarding to `sink` (if any), no worker yet.
-async fn start(sink: Option<SinkConfig>) -> InProcess {
-    InProcess::builder()
-        .lease(Duration::from_secs(10), Duration::from_secs(2))
-        .manager(move |m| m.event_sink = sink)
-        .start()
-        .await
+/// A manager forwarding to `sink` (if any).
+fn cluster(sink: Option<SinkConfig>) -> InProcessBuilder {
+    InProcess::builder().lease(Duration::from_secs(10), Duration::from_secs(2)).manager(move |m| m.event_sink = sink)
 }
 
 /// Where the manager spools what its sink has not taken.
@@ -130,7 +126,7 @@ fn key(v: &Value) -> (u64, String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stream_shows_a_task_submitted_then_placed() {
-    let mut c = start(None).await;
+    let mut c = cluster(None).start().await;
     let all = EventTail::open(&c, "").await;
     let placements = EventTail::open(&c, "?kind=placement.").await;
     c.add_worker("w1", |_| {}).await;
@@ -239,7 +235,7 @@ fn spool_len(path: &std::path::Path) -> Option<u64> {
 async fn a_hung_sink_never_slows_placement_and_its_spool_replays_in_order() {
     let collector = Collector::default();
     let url = start_collector(collector.clone()).await;
-    let mut c = start(Some(fast_sink(SinkTarget::Http(url)))).await;
+    let mut c = cluster(Some(fast_sink(SinkTarget::Http(url)))).start().await;
     // The ground truth: every event the manager applied, from the stream.
     let truth = EventTail::open(&c, "").await;
     c.add_worker("w1", |_| {}).await;
@@ -314,8 +310,7 @@ async fn a_hung_sink_never_slows_placement_and_its_spool_replays_in_order() {
 async fn a_file_sink_appends_json_lines() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("events.jsonl");
-    let mut c = start(Some(fast_sink(SinkTarget::File(file.clone())))).await;
-    c.add_worker("w1", |_| {}).await;
+    let c = cluster(Some(fast_sink(SinkTarget::File(file.clone())))).workers(&["w1"]).start().await;
     let (id, _) = submit(&c).await;
     let lines = eventually(Duration::from_secs(10), "task events in the file", || async {
         let text = std::fs::read_to_string(&file).ok()?;
@@ -336,8 +331,7 @@ async fn a_file_sink_appends_json_lines() {
 async fn a_spool_left_at_shutdown_is_replayed_by_the_next_start() {
     let collector = Collector::default();
     let url = start_collector(collector.clone()).await;
-    let mut c = start(Some(fast_sink(SinkTarget::Http(url)))).await;
-    c.add_worker("w1", |_| {}).await;
+    let mut c = cluster(Some(fast_sink(SinkTarget::Http(url)))).workers(&["w1"]).start().await;
     let (id, _) = submit(&c).await;
     let spooled = |id: String, path: PathBuf| async move {
         let text = std::fs::read_to_string(path).ok()?;

@@ -153,6 +153,13 @@ fn start_worker(
     InWorker::spawn(cfg, fake.clone(), Some(fake.clone()))
 }
 
+/// A temp dir, a fake manager serving on the returned address, and a fake runtime.
+async fn fake_manager() -> (tempfile::TempDir, Arc<FakeManager>, String, Arc<FakeRuntime>) {
+    let manager = Arc::new(FakeManager::default());
+    let addr = manager.clone().serve().await;
+    (tempfile::tempdir().unwrap(), manager, addr, Arc::new(FakeRuntime::new()))
+}
+
 async fn observed(m: &FakeManager, placement: &str, want: Observed, within: Duration) -> StatusReport {
     eventually(within, &format!("{placement} {}", want.as_str()), || async {
         m.last(placement).filter(|r| r.observed == want)
@@ -162,10 +169,7 @@ async fn observed(m: &FakeManager, placement: &str, want: Observed, within: Dura
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_refuses_a_placement_that_does_not_fit_its_free_memory() {
-    let dir = tempfile::tempdir().unwrap();
-    let manager = Arc::new(FakeManager::default());
-    let addr = manager.clone().serve().await;
-    let fake = Arc::new(FakeRuntime::new());
+    let (dir, manager, addr, fake) = fake_manager().await;
     // Capacity 8 GiB, but only 1200 MB free: the scheduler's view and the machine's disagree.
     let small = NodeResources { memory_free_mb: 1200, disk_free_mb: 5_000, ..resources(4000, 8192) };
     let _stop = start_worker("w1", dir.path(), &addr, &fake, |c| c.resources_override = Some(small.clone()));
@@ -195,10 +199,7 @@ async fn worker_refuses_a_placement_that_does_not_fit_its_free_memory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_pull_does_not_hold_up_a_stop() {
-    let dir = tempfile::tempdir().unwrap();
-    let manager = Arc::new(FakeManager::default());
-    let addr = manager.clone().serve().await;
-    let fake = Arc::new(FakeRuntime::new());
+    let (dir, manager, addr, fake) = fake_manager().await;
     fake.set_image("example/slow:1", FakeImage::SlowPull(Duration::from_secs(30)));
     let _stop = start_worker("w2", dir.path(), &addr, &fake, |c| c.create_concurrency = 1);
     let quick = assignment("quick", json!({"image": "holdfast/echo:latest"}));

@@ -48,7 +48,9 @@ pub struct InWorker {
     pub name: String,
     /// Its in-memory runtime, when it runs on one.
     pub fake: Option<Arc<FakeRuntime>>,
+    /// Its shutdown broadcast (dropping it stops the agent too).
     stop: Option<broadcast::Sender<()>>,
+    /// What `agent::run` returned.
     task: Option<JoinHandle<Result<(), WorkerError>>>,
 }
 
@@ -82,7 +84,9 @@ impl InWorker {
 
 /// The running manager process (a task) and its shutdown trigger.
 struct Running {
+    /// Fires the shutdown future `run_with_runtime` waits on.
     stop: oneshot::Sender<()>,
+    /// What `run_with_runtime` returned.
     task: JoinHandle<Result<(), NodeError>>,
 }
 
@@ -96,10 +100,11 @@ pub struct InProcess {
     pub client: reqwest::Client,
     /// The workers added with [`InProcess::add_worker`] (and the builder's `workers`).
     pub workers: Vec<InWorker>,
-    /// The worker role of the manager's own process, when it has one.
+    /// The fake runtime of the manager's own worker role, when it has one.
     local_fake: Option<Arc<FakeRuntime>>,
     /// What the manager runs with, kept to start it again from its data dir.
     config: Config,
+    /// The manager while it runs.
     manager: Option<Running>,
     /// The temporary root of every data dir; removed last.
     pub root: tempfile::TempDir,
@@ -107,9 +112,13 @@ pub struct InProcess {
 
 /// How to start an [`InProcess`] cluster.
 pub struct InProcessBuilder {
+    /// The manager's node id.
     node_id: String,
+    /// Changes to `ManagerRole::bootstrap`, in order.
     tune: Vec<Box<dyn FnOnce(&mut ManagerRole)>>,
+    /// Whether the manager's process runs the worker role too.
     local_worker: bool,
+    /// Fake-runtime workers to add once the manager runs.
     workers: Vec<String>,
 }
 
