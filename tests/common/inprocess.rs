@@ -110,12 +110,15 @@ pub struct InProcess {
     pub root: tempfile::TempDir,
 }
 
+/// One change to the manager's settings.
+type ManagerTune = Box<dyn FnOnce(&mut ManagerRole)>;
+
 /// How to start an [`InProcess`] cluster.
 pub struct InProcessBuilder {
     /// The manager's node id.
     node_id: String,
     /// Changes to `ManagerRole::bootstrap`, in order.
-    tune: Vec<Box<dyn FnOnce(&mut ManagerRole)>>,
+    tune: Vec<ManagerTune>,
     /// Whether the manager's process runs the worker role too.
     local_worker: bool,
     /// Fake-runtime workers to add once the manager runs.
