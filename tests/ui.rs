@@ -13,6 +13,15 @@ use common::{eventually, free_port, http, require_docker, NodeContainers, Proc};
 
 const WAIT: Duration = Duration::from_secs(60);
 
+/// Clicks the drain button of node card `card`, confirms, and waits (`what`) until
+/// the card shows draining as `want`.
+async fn toggle_drain(b: &Browser, card: &str, what: &str, want: bool) {
+    b.click(&format!("{card} button.drain")).await;
+    b.click("#confirm-yes").await;
+    let js = format!("return document.querySelector({})?.dataset.draining === '{want}';", q(card));
+    b.wait_js(WAIT, what, &js).await;
+}
+
 /// Opens `url`, waits for `js` to return something (`what`), and takes screenshot `shot`.
 async fn visit(b: &Browser, url: &str, what: &str, js: &str, shot: &str) {
     b.client.goto(url).await.unwrap_or_else(|e| panic!("goto {url}: {e}"));
@@ -147,26 +156,12 @@ async fn the_console_runs_the_echo_task_from_submit_to_stop_and_survives_a_manag
     b.wait_js(WAIT, "the node card", &format!("return !!document.querySelector({});", q(&card))).await;
     mark_page(&b).await;
     b.screenshot("nodes").await;
-    b.click(&format!("{card} button.drain")).await;
-    b.click("#confirm-yes").await;
-    b.wait_js(
-        WAIT,
-        "the node to show as draining",
-        &format!("return document.querySelector({})?.dataset.draining === 'true';", q(&card)),
-    )
-    .await;
+    toggle_drain(&b, &card, "the node to show as draining", true).await;
     let nodes: serde_json::Value =
         http().get(dev.url("/v1/nodes")).bearer_auth(&token).send().await.expect("nodes").json().await.expect("json");
     assert_eq!(nodes["nodes"][0]["draining"], true, "the API agrees: {nodes}");
     b.screenshot("nodes-draining").await;
-    b.click(&format!("{card} button.drain")).await;
-    b.click("#confirm-yes").await;
-    b.wait_js(
-        WAIT,
-        "the drain to end",
-        &format!("return document.querySelector({})?.dataset.draining === 'false';", q(&card)),
-    )
-    .await;
+    toggle_drain(&b, &card, "the drain to end", false).await;
     assert!(same_page(&b).await, "the page reloaded");
 
     // An invalid spec shows the API's error at the named field.
