@@ -18,23 +18,15 @@
 //! `BENCH_KILLS`, `BENCH_COMPARE`, `BENCH_BIN`, `BENCH_ONLY=writes|failover`,
 //! `BENCH_CLIENTS=1,16,256`).
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port")
-}
-
-struct Killer(Child);
-impl Drop for Killer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::{env, free_port, millis, Killer};
 
 struct Member {
     name: String,
@@ -75,10 +67,6 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
     }
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i]
-}
-
-fn millis(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -432,16 +420,8 @@ fn load() -> String {
         .unwrap_or_default()
 }
 
-fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
-}
-
-fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    rt.block_on(run());
-}
-
-async fn run() {
+#[tokio::main]
+async fn main() {
     let secs: f64 = env("BENCH_SECS", 4.0);
     let rounds: usize = env("BENCH_ROUNDS", 3).max(1);
     let kills: usize = env("BENCH_KILLS", 20);

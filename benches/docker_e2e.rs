@@ -4,40 +4,16 @@
 //!
 //! Run: `cargo bench --bench docker_e2e` (env `BENCH_TASKS` changes the sample size).
 
+mod common;
+
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Killer(Child);
-impl Drop for Killer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port")
-}
+use common::{echo_answers, env, free_port, millis, Killer};
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn millis(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-async fn echo_answers(http: &reqwest::Client, endpoint: &str, deadline: Instant) -> bool {
-    while Instant::now() < deadline {
-        if let Ok(r) = http.post(format!("http://{endpoint}/")).body("ping").send().await {
-            if r.status().is_success() && r.text().await.is_ok_and(|t| t == "ping") {
-                return true;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    false
 }
 
 fn docker(args: &[&str]) -> String {
@@ -45,13 +21,9 @@ fn docker(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    rt.block_on(run());
-}
-
-async fn run() {
-    let n: usize = std::env::var("BENCH_TASKS").ok().and_then(|s| s.parse().ok()).unwrap_or(50);
+#[tokio::main]
+async fn main() {
+    let n: usize = env("BENCH_TASKS", 50);
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_holdfast"));
     let dir = tempfile::tempdir().unwrap();
     let node = format!("bench-{}", std::process::id());

@@ -9,11 +9,14 @@
 //!
 //! Run: `cargo bench --bench guard` (env `BENCH_STARTS` changes the sample size).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::{echo_answers, env, millis};
 use holdfast::guard::{boottime_ms, Deadline};
 use holdfast::worker::runtime::docker::{DockerConfig, DockerRuntime};
 use holdfast::worker::runtime::{ContainerSpec, GuardSpec, PortMap, Runtime};
@@ -23,10 +26,6 @@ const ECHO: &str = "holdfast/echo:latest";
 fn docker(args: &[&str]) -> String {
     let out = Command::new("docker").args(args).output().expect("docker");
     String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-fn millis(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -65,35 +64,22 @@ fn spec(name: &str, guarded: bool) -> ContainerSpec {
     }
 }
 
-async fn answers(http: &reqwest::Client, port: u16, deadline: Instant) -> bool {
-    while Instant::now() < deadline {
-        if let Ok(r) = http.post(format!("http://127.0.0.1:{port}/")).body("ping").send().await {
-            if r.status().is_success() && r.text().await.is_ok_and(|t| t == "ping") {
-                return true;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    false
-}
-
 /// One start: create + start until the echo answers; returns the latency and the
 /// container id (left running for the caller to measure and remove).
 async fn start_once(rt: &DockerRuntime, http: &reqwest::Client, name: &str, guarded: bool) -> (Duration, String) {
     let started = Instant::now();
     let info = rt.create_and_start(&spec(name, guarded)).await.expect("create and start");
     let port = info.ports.iter().find(|(c, _)| *c == 7777).map(|(_, h)| *h).expect("published port");
-    assert!(answers(http, port, Instant::now() + Duration::from_secs(30)).await, "echo never answered");
+    assert!(
+        echo_answers(http, &format!("127.0.0.1:{port}"), Instant::now() + Duration::from_secs(30)).await,
+        "echo never answered"
+    );
     (started.elapsed(), info.id)
 }
 
-fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    rt.block_on(run());
-}
-
-async fn run() {
-    let n: usize = std::env::var("BENCH_STARTS").ok().and_then(|s| s.parse().ok()).unwrap_or(15);
+#[tokio::main]
+async fn main() {
+    let n: usize = env("BENCH_STARTS", 15);
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_holdfast"));
     let rt =
         DockerRuntime::connect_with(DockerConfig { self_binary: bin, ..Default::default() }).await.expect("docker");

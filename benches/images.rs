@@ -9,38 +9,17 @@
 //!
 //! Medians of `BENCH_ROUNDS` (default 3). Run: `cargo bench --bench images`.
 
+mod common;
+#[path = "../tests/common/docker.rs"]
+mod docker_cli;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{env, free_port, Killer};
+use docker_cli::{build_image, docker, RemoveImages};
 use serde_json::{json, Value};
-
-struct Killer(Child);
-impl Drop for Killer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-struct Tags(Vec<String>);
-impl Drop for Tags {
-    fn drop(&mut self) {
-        for t in &self.0 {
-            let _ = Command::new("docker").args(["rmi", "-f", t]).output();
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port")
-}
-
-fn docker(args: &[&str]) -> String {
-    let out = Command::new("docker").args(args).output().expect("docker CLI");
-    assert!(out.status.success(), "docker {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -62,23 +41,6 @@ fn noise(n: usize, mut seed: u64) -> Vec<u8> {
     }
     out.truncate(n);
     out
-}
-
-fn build(dir: &Path, tag: &str, from: &str, files: &[(&str, Vec<u8>)]) {
-    use std::os::unix::fs::PermissionsExt;
-    let ctx = dir.join(format!("ctx-{}", tag.replace([':', '/'], "_")));
-    std::fs::create_dir_all(&ctx).unwrap();
-    let mut dockerfile = format!("FROM {from}\n");
-    for (name, data) in files {
-        std::fs::write(ctx.join(name), data).unwrap();
-        std::fs::set_permissions(ctx.join(name), std::fs::Permissions::from_mode(0o755)).unwrap();
-        dockerfile.push_str(&format!("COPY {name} /{name}\n"));
-    }
-    if from == "scratch" {
-        dockerfile.push_str("ENTRYPOINT [\"/holdfast\"]\n");
-    }
-    std::fs::write(ctx.join("Dockerfile"), dockerfile).unwrap();
-    docker(&["build", "-q", "-t", tag, ctx.to_str().unwrap()]);
 }
 
 async fn json_get(http: &reqwest::Client, url: &str) -> Option<Value> {
@@ -133,16 +95,16 @@ async fn stop_and_wait(http: &reqwest::Client, api: &str, id: &str, node: &str) 
 
 #[tokio::main]
 async fn main() {
-    let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3).max(1);
+    let rounds: usize = env("BENCH_ROUNDS", 3).max(1);
     let dir = tempfile::tempdir().unwrap();
     let id = format!("{:x}", std::process::id());
     let (v1, v2) = (format!("holdfast-images-bench/app:{id}-v1"), format!("holdfast-images-bench/app:{id}-v2"));
-    let _tags = Tags(vec![v1.clone(), v2.clone()]);
+    let _tags = RemoveImages(vec![v1.clone(), v2.clone()]);
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_holdfast"));
     let binary = std::fs::read(&bin).unwrap();
     let filler = 100usize.saturating_sub(binary.len() >> 20).max(1) << 20;
-    build(dir.path(), &v1, "scratch", &[("holdfast", binary), ("filler", noise(filler, 7))]);
-    build(dir.path(), &v2, &v1, &[("update", noise(1 << 20, 9))]);
+    build_image(dir.path(), &v1, "scratch", &[("holdfast", &binary), ("filler", &noise(filler, 7))]);
+    build_image(dir.path(), &v2, &v1, &[("update", &noise(1 << 20, 9))]);
     let tar1 = dir.path().join("v1.tar");
     let tar2 = dir.path().join("v2.tar");
     docker(&["save", "-o", tar1.to_str().unwrap(), &v1]);

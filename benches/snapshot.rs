@@ -8,23 +8,14 @@
 //!
 //! Run: `cargo bench --bench snapshot` (env `BENCH_TASKS` changes the task count).
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{env, free_port, Killer};
 use futures::StreamExt;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port")
-}
-
-struct Killer(Child);
-impl Drop for Killer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -45,7 +36,7 @@ fn run(bin: &Path, args: &[&str]) -> Duration {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let tasks: usize = std::env::var("BENCH_TASKS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
+    let tasks: usize = env("BENCH_TASKS", 100_000);
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_holdfast"));
     let root = tempfile::tempdir().expect("tempdir");
     let data = root.path().join("m1");

@@ -13,22 +13,13 @@
 #[path = "../tests/browser/mod.rs"]
 mod browser;
 
+mod common;
+
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Killer(Child);
-
-impl Drop for Killer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
-}
+use common::{env, free_port, Killer};
 
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
@@ -45,7 +36,7 @@ fn max(v: &[f64]) -> f64 {
 }
 
 async fn run() {
-    let n: usize = std::env::var("BENCH_UI_TASKS").ok().and_then(|s| s.parse().ok()).unwrap_or(5_000);
+    let n: usize = env("BENCH_UI_TASKS", 5_000);
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_holdfast"));
     let dir = tempfile::tempdir().expect("tempdir");
     let api = format!("127.0.0.1:{}", free_port());

@@ -59,6 +59,44 @@ async fn post_json(c: &reqwest::Client, url: &str, body: Value) -> Result<(u16, 
     Ok((status, r.json().await.unwrap_or(Value::Null)))
 }
 
+/// Starts worker `name` with `token` and asserts it exits unsuccessfully within 30 s,
+/// its log naming `why` (the joining side says why it was refused).
+async fn refused_worker(dir: &Path, m1: &Node, name: &str, token: &str, why: &str) {
+    let mut w = worker(dir, name, &m1.cluster, &["--token", token]);
+    assert!(!exits(&mut w, Duration::from_secs(30)).await.success());
+    assert!(w.log_text().contains(why), "{}", w.log_text());
+}
+
+/// A new join token from `POST /v1/cluster/join-tokens` with `body`.
+async fn mint_token(m1: &Node, body: Value) -> String {
+    let (s, v) = post_json(&api_client(&m1.data).await, &m1.url("/v1/cluster/join-tokens"), body).await.unwrap();
+    assert_eq!(s, 201, "{v}");
+    v["token"].as_str().unwrap().to_string()
+}
+
+/// Starts Docker worker `name` joining `m1` with `token`, waits until it is ready, and
+/// submits one `keep` task (lost only after ten minutes) for it to run.
+async fn worker_with_a_keep_task(dir: &Path, m1: &Node, name: &str, token: &str) -> Proc {
+    let w = worker(dir, name, &m1.cluster, &["--token", token]);
+    eventually(Duration::from_secs(60), "worker ready", || async {
+        (node_status(m1, name).await? == "ready").then_some(())
+    })
+    .await;
+    let spec = json!({"image":"holdfast/echo:latest","ports":[{"container":7777}],"offline":{"mode":"keep","lost_after_ms":600000}});
+    let (s, v) = post_json(&api_client(&m1.data).await, &m1.url("/v1/tasks"), spec).await.unwrap();
+    assert_eq!(s, 201, "{v}");
+    w
+}
+
+/// The running containers of node `name`, via the docker CLI; `None` if it failed.
+fn running_containers(name: &str) -> Option<Vec<String>> {
+    let out = std::process::Command::new("docker")
+        .args(["ps", "-q", "--no-trunc", "--filter", &format!("label=holdfast.node={name}")])
+        .output()
+        .ok()?;
+    Some(String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect())
+}
+
 const ROUTES: [&str; 11] = [
     "/raft/append",
     "/raft/vote",
@@ -117,49 +155,26 @@ async fn tokens_admit_and_the_door_refuses_each_bad_caller() {
 
     // Refusals, each with the reason on the joining side.
     let secret_guess = format!("HFTKN-1-{digest}-0123456789abcdef0123456789abcdef");
-    let mut bad = worker(d, "w-guess", &m1.cluster, &["--token", &secret_guess]);
-    assert!(!exits(&mut bad, Duration::from_secs(30)).await.success());
-    assert!(bad.log_text().contains("token_unknown"), "{}", bad.log_text());
+    refused_worker(d, &m1, "w-guess", &secret_guess, "token_unknown").await;
 
     let other_ca = Ca::generate().unwrap();
     let foreign = format!("HFTKN-1-{}-0123456789abcdef0123456789abcdef", other_ca.digest().unwrap());
-    let mut bad = worker(d, "w-foreign", &m1.cluster, &["--token", &foreign]);
-    assert!(!exits(&mut bad, Duration::from_secs(30)).await.success());
-    assert!(bad.log_text().contains("not the CA"), "{}", bad.log_text());
+    refused_worker(d, &m1, "w-foreign", &foreign, "not the CA").await;
     assert!(!m1.log().contains("w-foreign"), "the secret was never sent to the manager");
 
-    let wrong_role = worker(d, "w-role", &m1.cluster, &["--token", &manager_token]);
-    let mut wrong_role = wrong_role;
-    assert!(!exits(&mut wrong_role, Duration::from_secs(30)).await.success());
-    assert!(wrong_role.log_text().contains("token_role"), "{}", wrong_role.log_text());
+    refused_worker(d, &m1, "w-role", &manager_token, "token_role").await;
 
     // Rotation: a one-use token admits once; the old one stops working.
-    let (s, v) =
-        post_json(&api_client(&m1.data).await, &m1.url("/v1/cluster/join-tokens"), json!({"role":"worker","uses":1}))
-            .await
-            .unwrap();
-    assert_eq!(s, 201, "{v}");
-    let one_use = v["token"].as_str().unwrap().to_string();
+    let one_use = mint_token(&m1, json!({"role":"worker","uses":1})).await;
     let _w2 = worker(d, "w2", &m1.cluster, &["--token", &one_use]);
     eventually(Duration::from_secs(30), "w2 ready", || async {
         (node_status(&m1, "w2").await? == "ready").then_some(())
     })
     .await;
-    let mut used_up = worker(d, "w3", &m1.cluster, &["--token", &one_use]);
-    assert!(!exits(&mut used_up, Duration::from_secs(30)).await.success());
-    assert!(used_up.log_text().contains("token_used_up"), "{}", used_up.log_text());
-    let mut rotated = worker(d, "w4", &m1.cluster, &["--token", &worker_token]);
-    assert!(!exits(&mut rotated, Duration::from_secs(30)).await.success());
-    assert!(rotated.log_text().contains("token_revoked"), "{}", rotated.log_text());
-    let (s, v) =
-        post_json(&api_client(&m1.data).await, &m1.url("/v1/cluster/join-tokens"), json!({"role":"worker","ttl_ms":1}))
-            .await
-            .unwrap();
-    assert_eq!(s, 201, "{v}");
-    let expired = v["token"].as_str().unwrap().to_string();
-    let mut late = worker(d, "w5", &m1.cluster, &["--token", &expired]);
-    assert!(!exits(&mut late, Duration::from_secs(30)).await.success());
-    assert!(late.log_text().contains("token_expired"), "{}", late.log_text());
+    refused_worker(d, &m1, "w3", &one_use, "token_used_up").await;
+    refused_worker(d, &m1, "w4", &worker_token, "token_revoked").await;
+    let expired = mint_token(&m1, json!({"role":"worker","ttl_ms":1})).await;
+    refused_worker(d, &m1, "w5", &expired, "token_expired").await;
     // Nodes already joined are not affected by rotation.
     assert_eq!(node_status(&m1, "w1").await.as_deref(), Some("ready"));
 
@@ -336,21 +351,10 @@ async fn a_worker_cut_off_past_its_certificate_keeps_its_keep_task_and_renews_on
     let wt = join_token(&m1.data, "worker");
     let name = format!("wcut-{}", std::process::id());
     let _cleanup = NodeContainers(name.clone());
-    let w = worker(d, &name, &m1.cluster, &["--token", &wt]);
-    eventually(Duration::from_secs(60), "worker ready", || async {
-        (node_status(&m1, &name).await? == "ready").then_some(())
-    })
-    .await;
-    let spec = json!({"image":"holdfast/echo:latest","ports":[{"container":7777}],"offline":{"mode":"keep","lost_after_ms":600000}});
-    let (s, v) = post_json(&api_client(&m1.data).await, &m1.url("/v1/tasks"), spec).await.unwrap();
-    assert_eq!(s, 201, "{v}");
+    let w = worker_with_a_keep_task(d, &m1, &name, &wt).await;
     let running = || async {
         let ids = containers_with_label("holdfast.node", &name);
-        let out = std::process::Command::new("docker")
-            .args(["ps", "-q", "--no-trunc", "--filter", &format!("label=holdfast.node={name}")])
-            .output()
-            .ok()?;
-        let up: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect();
+        let up = running_containers(&name)?;
         (ids.len() == 1 && up.len() == 1).then(|| up[0].clone())
     };
     let container = eventually(Duration::from_secs(90), "the keep task running", || async {
@@ -596,20 +600,9 @@ async fn a_ca_rotation_moves_every_node_to_the_new_ca_and_then_refuses_the_old_o
     let old_token = join_token(&m1.data, "worker");
     let name = format!("wrot-{}", std::process::id());
     let _cleanup = NodeContainers(name.clone());
-    let w = worker(d, &name, &m1.cluster, &["--token", &old_token]);
-    eventually(Duration::from_secs(60), "worker ready", || async {
-        (node_status(&m1, &name).await? == "ready").then_some(())
-    })
-    .await;
-    let spec = json!({"image":"holdfast/echo:latest","ports":[{"container":7777}],"offline":{"mode":"keep","lost_after_ms":600000}});
-    let (s, v) = post_json(&api_client(&m1.data).await, &m1.url("/v1/tasks"), spec).await.unwrap();
-    assert_eq!(s, 201, "{v}");
+    let w = worker_with_a_keep_task(d, &m1, &name, &old_token).await;
     let running = || async {
-        let out = std::process::Command::new("docker")
-            .args(["ps", "-q", "--no-trunc", "--filter", &format!("label=holdfast.node={name}")])
-            .output()
-            .ok()?;
-        let up: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect();
+        let up = running_containers(&name)?;
         (up.len() == 1).then(|| up[0].clone())
     };
     let container = eventually(Duration::from_secs(90), "the keep task running", running).await;
@@ -671,10 +664,8 @@ async fn a_ca_rotation_moves_every_node_to_the_new_ca_and_then_refuses_the_old_o
     assert_eq!(running().await.as_deref(), Some(container.as_str()), "the keep task ran on");
 
     // Old join tokens are refused; a new worker joins with the new one.
-    let mut stale = worker(d, "w-old-token", &m1.cluster, &["--token", &old_token]);
-    assert!(!exits(&mut stale, Duration::from_secs(30)).await.success());
     // The old CA is still trusted during the overlap, so the pin holds; the token does not.
-    assert!(stale.log_text().contains("token_revoked"), "{}", stale.log_text());
+    refused_worker(d, &m1, "w-old-token", &old_token, "token_revoked").await;
     let _w2 = worker(d, "w2", &m1.cluster, &["--token", &new_token]);
     let _w2_containers = NodeContainers("w2".into());
     eventually(Duration::from_secs(60), "w2 ready", || async {

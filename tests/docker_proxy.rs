@@ -12,17 +12,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use holdfast::config::{Config, ManagerRole};
-use holdfast::model::sync::NodeResources;
 use holdfast::resilience::{BreakerConfig, BreakerState, Registry};
-use holdfast::worker::agent::{self, WorkerConfig};
 use holdfast::worker::runtime::docker::{DockerConfig, DockerRuntime, DockerTimeouts};
 use holdfast::worker::runtime::guarded::{GuardedRuntime, GuardedRuntimeConfig, ENGINE};
 use holdfast::worker::runtime::Runtime;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 
 const ENGINE_SOCKET: &str = "/var/run/docker.sock";
 
@@ -124,48 +121,24 @@ async fn pump(
 struct Worker {
     name: String,
     registry: Registry,
-    _stop: broadcast::Sender<()>,
+    /// Stops the agent when dropped, before `_cleanup` removes its containers.
+    _agent: InWorker,
     _cleanup: NodeContainers,
 }
 
-struct Cluster {
-    api: String,
-    cluster: String,
-    dir: tempfile::TempDir,
-    client: reqwest::Client,
-    _stop_manager: tokio::sync::oneshot::Sender<()>,
+/// The in-process cluster with this file's helpers.
+struct Cluster(InProcess);
+
+impl std::ops::Deref for Cluster {
+    type Target = InProcess;
+    fn deref(&self) -> &InProcess {
+        &self.0
+    }
 }
 
 impl Cluster {
     async fn start() -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
-        let api = format!("127.0.0.1:{}", free_port());
-        let cluster = format!("127.0.0.1:{}", free_port());
-        let config = Config {
-            node_id: "m1".into(),
-            data_dir: dir.path().join("m1"),
-            trust: Default::default(),
-            manager: Some(ManagerRole {
-                lease: Duration::from_secs(20),
-                heartbeat_ttl: Duration::from_secs(2),
-                ..ManagerRole::bootstrap(&api, &cluster)
-            }),
-            worker: None,
-        };
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            holdfast::node::run(config, async {
-                let _ = stopped.await;
-            })
-            .await
-            .expect("manager runs");
-        });
-        let client = api_client(&dir.path().join("m1")).await;
-        Cluster { api, cluster, dir, client, _stop_manager: stop }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.api)
+        Cluster(InProcess::builder().lease(Duration::from_secs(20), Duration::from_secs(2)).start().await)
     }
 
     /// A worker on its own registry (each process has one; two in one test must not
@@ -189,40 +162,14 @@ impl Cluster {
         guard.breaker = BreakerConfig { open_for: Duration::from_secs(1), ..guard.breaker };
         let registry = Registry::new();
         let runtime: Arc<dyn Runtime> = Arc::new(GuardedRuntime::new(Arc::new(docker), &registry, guard));
-        let mut wc = WorkerConfig::new(name, self.dir.path().join(name), vec![self.cluster.clone()]);
-        // Mutual TLS on the cluster port: the worker joins with the first manager's token.
-        wc.token = Some(join_token(&self.dir.path().join("m1"), "worker"));
-        wc.labels = [("zone".to_string(), zone.to_string())].into();
-        wc.sync_wait = Duration::from_millis(500);
-        wc.stop_grace = Duration::from_secs(1);
-        wc.resources_override = Some(NodeResources {
-            cpus: 4,
-            cpu_millis: 4_000,
-            load1: 0.0,
-            memory_total_mb: 4_096,
-            memory_free_mb: 4_096,
-            disk_total_mb: 100_000,
-            disk_free_mb: 100_000,
-            engine_ok: true,
-        });
-        let (stop, rx) = broadcast::channel(1);
-        tokio::spawn(async move {
-            agent::run(wc, runtime, rx).await.expect("worker runs");
-        });
-        self.wait_engine(name, true).await;
-        Worker { name: name.to_string(), registry, _stop: stop, _cleanup: cleanup }
-    }
-
-    async fn node(&self, name: &str) -> Option<Value> {
-        let v = get_json(&self.client, &self.url("/v1/nodes")).await?;
-        v["nodes"].as_array()?.iter().find(|n| n["id"] == json!(name)).cloned()
-    }
-
-    async fn wait_engine(&self, name: &str, ok: bool) {
-        eventually(Duration::from_secs(30), &format!("{name} engine_ok {ok}"), || async {
-            self.node(name).await.filter(|n| n["engine_ok"] == ok).map(|_| ())
-        })
-        .await;
+        let agent = self
+            .spawn_worker(name, runtime, None, |wc| {
+                wc.labels = [("zone".to_string(), zone.to_string())].into();
+                wc.stop_grace = Duration::from_secs(1);
+                wc.resources_override = Some(resources(4_000, 4_096));
+            })
+            .await;
+        Worker { name: name.to_string(), registry, _agent: agent, _cleanup: cleanup }
     }
 
     async fn wait_health(&self, status: &str) {
@@ -240,15 +187,11 @@ impl Cluster {
         if let Some(z) = zone {
             spec["constraints"] = json!({"labels": {"zone": z}});
         }
-        let r = self.client.post(self.url("/v1/tasks")).json(&spec).send().await.expect("submit");
-        let status = r.status().as_u16();
-        let v: Value = r.json().await.expect("json");
-        assert_eq!(status, 201, "{v}");
-        v["id"].as_str().expect("id").to_string()
+        self.0.submit(&spec).await
     }
 
     async fn task(&self, id: &str) -> Value {
-        get_json(&self.client, &self.url(&format!("/v1/tasks/{id}"))).await.unwrap_or(Value::Null)
+        self.0.task(id).await.unwrap_or(Value::Null)
     }
 
     /// Waits until task `id` runs on `node`.
@@ -280,20 +223,12 @@ impl Worker {
     }
 }
 
-fn unique() -> String {
-    format!(
-        "{:x}{:x}",
-        std::process::id(),
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos()
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_engine_opens_the_breaker_and_work_moves_to_the_healthy_node() {
     require_docker();
     let started = Instant::now();
     let c = Cluster::start().await;
-    let proxy = Proxy::start(c.dir.path());
+    let proxy = Proxy::start(c.root.path());
     let uniq = unique();
     let (name_a, name_b) = (format!("px-a-{uniq}"), format!("px-b-{uniq}"));
     let (a, b) =

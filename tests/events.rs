@@ -14,137 +14,24 @@ use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
 use common::*;
-use holdfast::config::{Config, ManagerRole};
 use holdfast::manager::sink::{SinkConfig, SinkTarget, SPOOL_DIR, SPOOL_FILE};
-use holdfast::model::sync::NodeResources;
-use holdfast::worker::agent::{self, WorkerConfig};
-use holdfast::worker::runtime::fake::FakeRuntime;
-use holdfast::worker::runtime::Runtime;
 use serde_json::{json, Value};
-use tokio::sync::broadcast;
 
-struct Cluster {
-    api: String,
-    cluster: String,
-    dir: tempfile::TempDir,
-    data_dir: PathBuf,
-    client: reqwest::Client,
-    manager: Option<tokio::task::JoinHandle<()>>,
-    stop_manager: Option<tokio::sync::oneshot::Sender<()>>,
-    _workers: Vec<broadcast::Sender<()>>,
+/// A manager forwarding to `sink` (if any).
+fn cluster(sink: Option<SinkConfig>) -> InProcessBuilder {
+    InProcess::builder().lease(Duration::from_secs(10), Duration::from_secs(2)).manager(move |m| m.event_sink = sink)
 }
 
-impl Cluster {
-    async fn start(sink: Option<SinkConfig>) -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
-        let api = format!("127.0.0.1:{}", free_port());
-        let cluster = format!("127.0.0.1:{}", free_port());
-        let data_dir = dir.path().join("m1");
-        let mut c = Cluster {
-            api,
-            cluster,
-            dir,
-            data_dir,
-            client: http(),
-            manager: None,
-            stop_manager: None,
-            _workers: Vec::new(),
-        };
-        c.run_manager(sink).await;
-        c
-    }
+/// Where the manager spools what its sink has not taken.
+fn spool(c: &InProcess) -> PathBuf {
+    c.data().join(SPOOL_DIR).join(SPOOL_FILE)
+}
 
-    /// Starts the manager on this cluster's addresses and data dir; waits until ready.
-    async fn run_manager(&mut self, sink: Option<SinkConfig>) {
-        let config = Config {
-            node_id: "m1".into(),
-            data_dir: self.data_dir.clone(),
-            trust: Default::default(),
-            manager: Some(ManagerRole {
-                lease: Duration::from_secs(10),
-                heartbeat_ttl: Duration::from_secs(2),
-                event_sink: sink,
-                ..ManagerRole::bootstrap(&self.api, &self.cluster)
-            }),
-            worker: None,
-        };
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        self.manager = Some(tokio::spawn(async move {
-            holdfast::node::run(config, async {
-                let _ = stopped.await;
-            })
-            .await
-            .expect("manager runs");
-        }));
-        self.stop_manager = Some(stop);
-        self.client = api_client(&self.data_dir).await;
-    }
-
-    /// Stops the manager cleanly (as SIGTERM would) and waits until it has.
-    async fn stop_manager(&mut self) {
-        if let Some(stop) = self.stop_manager.take() {
-            let _ = stop.send(());
-        }
-        if let Some(m) = self.manager.take() {
-            tokio::time::timeout(Duration::from_secs(20), m).await.expect("manager stops in time").expect("clean stop");
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.api)
-    }
-
-    fn spool(&self) -> PathBuf {
-        self.data_dir.join(SPOOL_DIR).join(SPOOL_FILE)
-    }
-
-    async fn add_worker(&mut self, name: &str) {
-        let runtime: Arc<dyn Runtime> = Arc::new(FakeRuntime::new());
-        let mut wc = WorkerConfig::new(name, self.dir.path().join(name), vec![self.cluster.clone()]);
-        // Mutual TLS on the cluster port: the worker joins with the first manager's token.
-        wc.token = Some(join_token(&self.data_dir, "worker"));
-        wc.resources_override = Some(NodeResources {
-            cpus: 64,
-            cpu_millis: 64_000,
-            load1: 0.0,
-            memory_total_mb: 256_000,
-            memory_free_mb: 256_000,
-            disk_total_mb: 100_000,
-            disk_free_mb: 100_000,
-            engine_ok: true,
-        });
-        wc.sync_wait = Duration::from_millis(500);
-        let (stop, rx) = broadcast::channel(1);
-        tokio::spawn(async move {
-            agent::run(wc, runtime, rx).await.expect("worker runs");
-        });
-        self._workers.push(stop);
-        let (url, name) = (self.url("/v1/nodes"), name.to_string());
-        eventually(Duration::from_secs(20), "worker registered", || {
-            let (url, name, client) = (url.clone(), name.clone(), self.client.clone());
-            async move {
-                let v = get_json(&client, &url).await?;
-                v["nodes"].as_array()?.iter().any(|n| n["id"] == json!(name) && n["engine_ok"] == true).then_some(())
-            }
-        })
-        .await;
-    }
-
-    /// Submits a small task; returns its id and when the submission was sent.
-    async fn submit(&self) -> (String, Instant) {
-        let at = Instant::now();
-        let r = self
-            .client
-            .post(self.url("/v1/tasks"))
-            .json(&json!({"image": "holdfast/echo:latest", "resources": {"cpu_millis": 10, "memory_mb": 16}}))
-            .send()
-            .await
-            .expect("submit");
-        let status = r.status().as_u16();
-        let v: Value = r.json().await.expect("json");
-        assert_eq!(status, 201, "{v}");
-        (v["id"].as_str().expect("id").to_string(), at)
-    }
+/// Submits a small task; returns its id and when the submission was sent.
+async fn submit(c: &InProcess) -> (String, Instant) {
+    let at = Instant::now();
+    let spec = json!({"image": "holdfast/echo:latest", "resources": {"cpu_millis": 10, "memory_mb": 16}});
+    (c.submit(&spec).await, at)
 }
 
 /// One received SSE event and when it arrived.
@@ -163,15 +50,15 @@ struct EventTail {
 }
 
 /// A client without an overall timeout (streams stay open) carrying the admin token.
-fn stream_client(c: &Cluster) -> reqwest::Client {
-    let token = std::fs::read_to_string(c.data_dir.join("admin.token")).expect("admin.token");
+fn stream_client(c: &InProcess) -> reqwest::Client {
+    let token = std::fs::read_to_string(c.data().join("admin.token")).expect("admin.token");
     let mut headers = reqwest::header::HeaderMap::new();
     headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {}", token.trim()).parse().unwrap());
     reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).default_headers(headers).build().unwrap()
 }
 
 impl EventTail {
-    async fn open(c: &Cluster, query: &str) -> EventTail {
+    async fn open(c: &InProcess, query: &str) -> EventTail {
         // No overall timeout: the stream is meant to stay open.
         let client = stream_client(c);
         let mut resp =
@@ -239,16 +126,16 @@ fn key(v: &Value) -> (u64, String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stream_shows_a_task_submitted_then_placed() {
-    let mut c = Cluster::start(None).await;
+    let mut c = cluster(None).start().await;
     let all = EventTail::open(&c, "").await;
     let placements = EventTail::open(&c, "?kind=placement.").await;
-    c.add_worker("w1").await;
+    c.add_worker("w1", |_| {}).await;
     let registered = all.wait_for("node.registered", subject, "w1", Duration::from_secs(10)).await;
     assert_eq!(registered.data["kind"], "node.registered");
 
     let mut latencies = Vec::new();
     for _ in 0..5 {
-        let (id, sent) = c.submit().await;
+        let (id, sent) = submit(&c).await;
         let submitted = all.wait_for("task.submitted", subject, &id, Duration::from_secs(10)).await;
         let placed = all.wait_for("placement.created", task_of, &id, Duration::from_secs(10)).await;
         assert!(
@@ -348,21 +235,21 @@ fn spool_len(path: &std::path::Path) -> Option<u64> {
 async fn a_hung_sink_never_slows_placement_and_its_spool_replays_in_order() {
     let collector = Collector::default();
     let url = start_collector(collector.clone()).await;
-    let mut c = Cluster::start(Some(fast_sink(SinkTarget::Http(url)))).await;
+    let mut c = cluster(Some(fast_sink(SinkTarget::Http(url)))).start().await;
     // The ground truth: every event the manager applied, from the stream.
     let truth = EventTail::open(&c, "").await;
-    c.add_worker("w1").await;
+    c.add_worker("w1", |_| {}).await;
 
     let mut latencies = Vec::new();
     let mut ids = Vec::new();
     for round in 0..10 {
-        let (id, sent) = c.submit().await;
+        let (id, sent) = submit(&c).await;
         let placed = truth.wait_for("placement.created", task_of, &id, Duration::from_secs(10)).await;
         latencies.push(placed.at - sent);
         ids.push(id);
         if round == 4 {
             // Half-way: the spool must already hold what the hung sink did not take.
-            eventually(Duration::from_secs(10), "spool written", || async { spool_len(&c.spool()).filter(|n| *n > 0) })
+            eventually(Duration::from_secs(10), "spool written", || async { spool_len(&spool(&c)).filter(|n| *n > 0) })
                 .await;
         }
     }
@@ -374,12 +261,12 @@ async fn a_hung_sink_never_slows_placement_and_its_spool_replays_in_order() {
     assert!(collector.received.lock().unwrap().is_empty(), "nothing was answered yet");
 
     // The spool grows as more events arrive, and the breaker shows in health.
-    let before = spool_len(&c.spool()).unwrap_or(0);
-    let (id, _) = c.submit().await;
+    let before = spool_len(&spool(&c)).unwrap_or(0);
+    let (id, _) = submit(&c).await;
     ids.push(id.clone());
     truth.wait_for("placement.created", task_of, &id, Duration::from_secs(10)).await;
     let grown =
-        eventually(Duration::from_secs(10), "spool grows", || async { spool_len(&c.spool()).filter(|n| *n > before) })
+        eventually(Duration::from_secs(10), "spool grows", || async { spool_len(&spool(&c)).filter(|n| *n > before) })
             .await;
     println!("spool: {before} → {grown} bytes while the sink hangs");
     // Three timed-out deliveries in a row open the breaker; health shows it.
@@ -394,7 +281,7 @@ async fn a_hung_sink_never_slows_placement_and_its_spool_replays_in_order() {
     // The sink answers again: the spool is replayed in order and removed.
     let flipped = Instant::now();
     collector.answering.store(true, Ordering::Relaxed);
-    eventually(Duration::from_secs(15), "spool replayed and removed", || async { (!c.spool().exists()).then_some(()) })
+    eventually(Duration::from_secs(15), "spool replayed and removed", || async { (!spool(&c).exists()).then_some(()) })
         .await;
     println!("spool of {grown} bytes replayed and removed {:?} after the sink answered", flipped.elapsed());
 
@@ -423,9 +310,8 @@ async fn a_hung_sink_never_slows_placement_and_its_spool_replays_in_order() {
 async fn a_file_sink_appends_json_lines() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("events.jsonl");
-    let mut c = Cluster::start(Some(fast_sink(SinkTarget::File(file.clone())))).await;
-    c.add_worker("w1").await;
-    let (id, _) = c.submit().await;
+    let c = cluster(Some(fast_sink(SinkTarget::File(file.clone())))).workers(&["w1"]).start().await;
+    let (id, _) = submit(&c).await;
     let lines = eventually(Duration::from_secs(10), "task events in the file", || async {
         let text = std::fs::read_to_string(&file).ok()?;
         let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).expect("every line is JSON")).collect();
@@ -438,31 +324,30 @@ async fn a_file_sink_appends_json_lines() {
     let placed = lines.iter().position(|e| e["kind"] == "placement.created" && e["detail"]["task_id"] == json!(id));
     assert!(submitted.is_some() && submitted < placed, "{kinds:?}");
     assert_eq!(kinds.first(), Some(&"node.registered"), "{kinds:?}");
-    assert!(!c.spool().exists(), "a healthy sink leaves no spool");
+    assert!(!spool(&c).exists(), "a healthy sink leaves no spool");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spool_left_at_shutdown_is_replayed_by_the_next_start() {
     let collector = Collector::default();
     let url = start_collector(collector.clone()).await;
-    let mut c = Cluster::start(Some(fast_sink(SinkTarget::Http(url.clone())))).await;
-    c.add_worker("w1").await;
-    let (id, _) = c.submit().await;
+    let mut c = cluster(Some(fast_sink(SinkTarget::Http(url)))).workers(&["w1"]).start().await;
+    let (id, _) = submit(&c).await;
     let spooled = |id: String, path: PathBuf| async move {
         let text = std::fs::read_to_string(path).ok()?;
         text.lines().any(|l| l.contains("task.submitted") && l.contains(&id)).then_some(())
     };
-    eventually(Duration::from_secs(10), "the hung sink's events spooled", || spooled(id.clone(), c.spool())).await;
+    eventually(Duration::from_secs(10), "the hung sink's events spooled", || spooled(id.clone(), spool(&c))).await;
     // A second task whose events may still be queued in memory when the stop comes.
-    let (late, _) = c.submit().await;
+    let (late, _) = submit(&c).await;
     c.stop_manager().await;
-    assert!(c.spool().exists(), "the spool outlives the process");
-    assert!(spooled(late.clone(), c.spool()).await.is_some(), "queued events were spooled at shutdown");
+    assert!(spool(&c).exists(), "the spool outlives the process");
+    assert!(spooled(late.clone(), spool(&c)).await.is_some(), "queued events were spooled at shutdown");
 
     collector.answering.store(true, Ordering::Relaxed);
-    c.run_manager(Some(fast_sink(SinkTarget::Http(url)))).await;
+    c.start_manager().await;
     eventually(Duration::from_secs(15), "spool replayed after the restart", || async {
-        (!c.spool().exists()).then_some(())
+        (!spool(&c).exists()).then_some(())
     })
     .await;
     let got = collector.received.lock().unwrap().clone();

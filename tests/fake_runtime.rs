@@ -15,52 +15,20 @@ use axum::routing::post;
 use axum::{Json, Router};
 use common::*;
 use futures::StreamExt;
-use holdfast::config::{Config, ManagerRole, WorkerRole};
 use holdfast::model::sync::{Assignment, NodeResources, StatusReport, SyncRequest, SyncResponse};
 use holdfast::model::{Desired, Observed, TaskSpec};
-use holdfast::worker::agent::{self, WorkerConfig};
+use holdfast::worker::agent::WorkerConfig;
 use holdfast::worker::runtime::fake::{FakeImage, FakeRuntime};
-use holdfast::worker::runtime::Runtime;
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_tasks_reach_running_on_the_fake_runtime() {
-    let dir = tempfile::tempdir().unwrap();
-    let api = format!("127.0.0.1:{}", free_port());
-    let cluster = format!("127.0.0.1:{}", free_port());
-    let node = "fake-1".to_string();
-    let config = Config {
-        node_id: node.clone(),
-        data_dir: dir.path().join("data"),
-        trust: Default::default(),
-        manager: Some(ManagerRole::bootstrap(&api, &cluster)),
-        worker: Some(WorkerRole {
-            managers: vec![cluster.clone()],
-            advertise_host: "127.0.0.1".into(),
-            labels: BTreeMap::new(),
-            resources_override: None,
-            image_bandwidth: None,
-        }),
-    };
-    let fake = Arc::new(FakeRuntime::new());
-    let runtime: Arc<dyn Runtime> = fake.clone();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let node_task = tokio::spawn(holdfast::node::run_with_runtime(config, Some(runtime), async {
-        let _ = stopped.await;
-    }));
-
-    let client = api_client(&dir.path().join("data")).await;
-    let nodes = format!("http://{api}/v1/nodes");
-    eventually(Duration::from_secs(30), "fake worker registered", || async {
-        let v = get_json(&client, &nodes).await?;
-        v["nodes"].as_array()?.iter().any(|n| n["id"] == "fake-1" && n["engine_ok"] == true).then_some(())
-    })
-    .await;
-
+    let mut c = InProcess::builder().node_id("fake-1").local_worker().start().await;
+    let (client, fake, node) = (c.client.clone(), c.local_fake().clone(), c.node_id().to_string());
     let started = Instant::now();
     const TASKS: usize = 200;
-    let url = format!("http://{api}/v1/tasks");
+    let url = c.url("/v1/tasks");
     // Tiny reservations so 200 fit this machine's measured CPU and memory.
     let spec = json!({"image": "holdfast/echo:latest", "ports": [{"container": 7777}],
                       "resources": {"cpu_millis": 1, "memory_mb": 4}});
@@ -74,7 +42,7 @@ async fn two_hundred_tasks_reach_running_on_the_fake_runtime() {
         .await;
     assert!(submitted.iter().all(|s| *s == 201), "{submitted:?}");
 
-    let list = format!("http://{api}/v1/tasks");
+    let list = c.url("/v1/tasks");
     let seen = Mutex::new(String::new());
     let running = tokio::time::timeout(
         Duration::from_secs(40),
@@ -96,10 +64,7 @@ async fn two_hundred_tasks_reach_running_on_the_fake_runtime() {
     assert_eq!(fake.containers().len(), TASKS);
     assert!(running.iter().all(|t| t["endpoints"][0].as_str().is_some_and(|e| e.starts_with("127.0.0.1:"))));
     eprintln!("{TASKS} tasks submitted and running on the fake runtime in {elapsed:?}");
-
-    let _ = stop.send(());
-    let result = tokio::time::timeout(Duration::from_secs(20), node_task).await;
-    assert!(matches!(result, Ok(Ok(Ok(())))), "node stopped cleanly: {result:?}");
+    c.stop_manager().await;
 }
 
 /// A stand-in manager: hands the worker a fixed desired set and keeps what it reports.
@@ -172,23 +137,27 @@ fn test_ca() -> &'static holdfast::net::pki::Ca {
     CA.get_or_init(|| holdfast::net::pki::Ca::generate().expect("CA"))
 }
 
-/// A worker on the fake runtime syncing with `manager`; returns its shutdown sender.
+/// A worker on the fake runtime syncing with `manager` (it stops when dropped).
 fn start_worker(
     node: &str,
     dir: &std::path::Path,
     manager: &str,
     fake: &Arc<FakeRuntime>,
     tune: impl FnOnce(&mut WorkerConfig),
-) -> broadcast::Sender<()> {
+) -> InWorker {
     write_identity(test_ca(), &dir.join(node), node, holdfast::net::pki::Role::Worker);
     let mut cfg = WorkerConfig::new(node, dir.join(node), vec![manager.to_string()]);
     cfg.sync_wait = Duration::from_millis(100);
     cfg.stop_grace = Duration::from_millis(100);
     tune(&mut cfg);
-    let (tx, rx) = broadcast::channel(1);
-    let runtime: Arc<dyn Runtime> = fake.clone();
-    tokio::spawn(agent::run(cfg, runtime, rx));
-    tx
+    InWorker::spawn(cfg, fake.clone(), Some(fake.clone()))
+}
+
+/// A temp dir, a fake manager serving on the returned address, and a fake runtime.
+async fn fake_manager() -> (tempfile::TempDir, Arc<FakeManager>, String, Arc<FakeRuntime>) {
+    let manager = Arc::new(FakeManager::default());
+    let addr = manager.clone().serve().await;
+    (tempfile::tempdir().unwrap(), manager, addr, Arc::new(FakeRuntime::new()))
 }
 
 async fn observed(m: &FakeManager, placement: &str, want: Observed, within: Duration) -> StatusReport {
@@ -200,21 +169,9 @@ async fn observed(m: &FakeManager, placement: &str, want: Observed, within: Dura
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_refuses_a_placement_that_does_not_fit_its_free_memory() {
-    let dir = tempfile::tempdir().unwrap();
-    let manager = Arc::new(FakeManager::default());
-    let addr = manager.clone().serve().await;
-    let fake = Arc::new(FakeRuntime::new());
+    let (dir, manager, addr, fake) = fake_manager().await;
     // Capacity 8 GiB, but only 1200 MB free: the scheduler's view and the machine's disagree.
-    let small = NodeResources {
-        cpus: 4,
-        cpu_millis: 4000,
-        load1: 0.0,
-        memory_total_mb: 8192,
-        memory_free_mb: 1200,
-        disk_total_mb: 100_000,
-        disk_free_mb: 5_000,
-        engine_ok: true,
-    };
+    let small = NodeResources { memory_free_mb: 1200, disk_free_mb: 5_000, ..resources(4000, 8192) };
     let _stop = start_worker("w1", dir.path(), &addr, &fake, |c| c.resources_override = Some(small.clone()));
     let big = assignment("big", json!({"image": "holdfast/echo:latest", "resources": {"memory_mb": 4096}}));
     manager.assign(vec![big.clone()]);
@@ -242,10 +199,7 @@ async fn worker_refuses_a_placement_that_does_not_fit_its_free_memory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_pull_does_not_hold_up_a_stop() {
-    let dir = tempfile::tempdir().unwrap();
-    let manager = Arc::new(FakeManager::default());
-    let addr = manager.clone().serve().await;
-    let fake = Arc::new(FakeRuntime::new());
+    let (dir, manager, addr, fake) = fake_manager().await;
     fake.set_image("example/slow:1", FakeImage::SlowPull(Duration::from_secs(30)));
     let _stop = start_worker("w2", dir.path(), &addr, &fake, |c| c.create_concurrency = 1);
     let quick = assignment("quick", json!({"image": "holdfast/echo:latest"}));

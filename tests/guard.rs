@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{eventually, eventually_blocking, holdfast_bin, require_docker};
+use common::{docker, eventually, eventually_blocking, holdfast_bin, require_docker, tar_of, RemoveImages};
 use holdfast::guard::{boottime_ms, Deadline, FENCED_EXIT};
 use holdfast::worker::runtime::docker::{DockerConfig, DockerRuntime};
 use holdfast::worker::runtime::{labels, ContainerSpec, ContainerState, GuardSpec, Runtime, RuntimeError};
@@ -143,26 +143,8 @@ fn the_guard_passes_exit_codes_and_signals_through_and_fences_on_its_deadline() 
     assert_eq!(code, 128 + 9);
 }
 
-/// Runs the docker CLI; panics with its stderr on failure.
-fn docker(args: &[&str]) -> String {
-    let out = Command::new("docker").args(args).output().expect("docker CLI");
-    assert!(out.status.success(), "docker {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// Test images this file built; removed when the test ends, passed or failed.
-struct Images(Vec<String>);
-
-impl Drop for Images {
-    fn drop(&mut self) {
-        for image in &self.0 {
-            let _ = Command::new("docker").args(["rmi", "-f", image]).output();
-        }
-    }
-}
-
 /// Builds `tag` from a Dockerfile and files (path in context, source path).
-fn build(images: &mut Images, tag: &str, dockerfile: &str, files: &[(&str, &Path)]) {
+fn build(images: &mut RemoveImages, tag: &str, dockerfile: &str, files: &[(&str, &Path)]) {
     let dir = tempfile::tempdir().unwrap();
     for (name, source) in files {
         let target = dir.path().join(name);
@@ -180,20 +162,9 @@ fn build(images: &mut Images, tag: &str, dockerfile: &str, files: &[(&str, &Path
 /// Loads an image whose config says `arch` (the classic builder ignores `--platform` for
 /// FROM scratch, and nothing can be pulled): a hand-made `docker save` archive with one
 /// tiny layer. It is never run; only its metadata matters.
-fn load_foreign_image(images: &mut Images, tag: &str, arch: &str) {
+fn load_foreign_image(images: &mut RemoveImages, tag: &str, arch: &str) {
     use sha2::Digest;
-    let tar_of = |files: &[(&str, &[u8])]| {
-        let mut archive = tar::Builder::new(Vec::new());
-        for (name, data) in files {
-            let mut header = tar::Header::new_gnu();
-            header.set_size(data.len() as u64);
-            header.set_mode(0o755);
-            header.set_cksum();
-            archive.append_data(&mut header, name, *data).unwrap();
-        }
-        archive.into_inner().unwrap()
-    };
-    let layer = tar_of(&[("app", b"not a program")]);
+    let layer = tar_of(&[("app", b"not a program")], 0o755);
     let diff_id = format!("sha256:{:x}", sha2::Sha256::digest(&layer));
     let config = serde_json::json!({
         "architecture": arch, "os": "linux",
@@ -203,8 +174,10 @@ fn load_foreign_image(images: &mut Images, tag: &str, arch: &str) {
     .to_string();
     let manifest =
         serde_json::json!([{"Config": "config.json", "RepoTags": [tag], "Layers": ["layer.tar"]}]).to_string();
-    let archive =
-        tar_of(&[("layer.tar", &layer), ("config.json", config.as_bytes()), ("manifest.json", manifest.as_bytes())]);
+    let archive = tar_of(
+        &[("layer.tar", &layer), ("config.json", config.as_bytes()), ("manifest.json", manifest.as_bytes())],
+        0o755,
+    );
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), archive).unwrap();
     images.0.push(tag.to_string());
@@ -255,7 +228,7 @@ async fn guarded_containers_run_any_entrypoint_shape_and_fence_on_their_deadline
     let bin = holdfast_bin();
     let key = uuid::Uuid::new_v4().simple().to_string()[..10].to_string();
     let tag = |kind: &str| format!("holdfast-test/guard-{kind}:{key}");
-    let mut images = Images(Vec::new());
+    let mut images = RemoveImages(Vec::new());
     let app: &[(&str, &Path)] = &[("app", bin.as_path())];
     build(&mut images, &tag("entry"), "FROM scratch\nCOPY app /app\nENTRYPOINT [\"/app\", \"echo\"]\n", app);
     build(&mut images, &tag("cmd"), "FROM scratch\nCOPY app /app\nCMD [\"/app\", \"echo\"]\n", app);

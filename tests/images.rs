@@ -15,49 +15,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::{json, Value};
 
-fn unique() -> String {
-    format!(
-        "{:x}{:x}",
-        std::process::id(),
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos()
-    )
-}
-
-fn docker(args: &[&str]) -> String {
-    let out = Command::new("docker").args(args).output().expect("docker CLI");
-    assert!(out.status.success(), "docker {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// Removes the test's image tags from the engine when the test ends.
-struct Tags(Vec<String>);
-
-impl Drop for Tags {
-    fn drop(&mut self) {
-        for t in &self.0 {
-            let _ = Command::new("docker").args(["rmi", "-f", t]).output();
-        }
-    }
-}
-
-/// Builds `tag` FROM `from` with the files given (name, content), in its own context.
-fn build(dir: &Path, tag: &str, from: &str, files: &[(&str, &[u8])]) {
-    let ctx = dir.join(format!("ctx-{}", tag.replace([':', '/'], "_")));
-    std::fs::create_dir_all(&ctx).unwrap();
-    let mut dockerfile = format!("FROM {from}\n");
-    for (name, data) in files {
-        std::fs::write(ctx.join(name), data).unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(ctx.join(name), std::fs::Permissions::from_mode(0o755)).unwrap();
-        dockerfile.push_str(&format!("COPY {name} /{name}\n"));
-    }
-    if from == "scratch" {
-        dockerfile.push_str("ENTRYPOINT [\"/holdfast\"]\n");
-    }
-    std::fs::write(ctx.join("Dockerfile"), dockerfile).unwrap();
-    docker(&["build", "-q", "-t", tag, ctx.to_str().unwrap()]);
-}
-
 fn save(dir: &Path, tag: &str) -> PathBuf {
     let file = dir.join(format!("{}.tar", tag.replace([':', '/'], "_")));
     docker(&["save", "-o", file.to_str().unwrap(), tag]);
@@ -122,11 +79,11 @@ async fn a_pushed_image_runs_on_a_worker_whose_engine_lacks_it() {
     let id = unique();
     let v1 = format!("holdfast-images-test/app:{id}-v1");
     let v2 = format!("holdfast-images-test/app:{id}-v2");
-    let _tags = Tags(vec![v1.clone(), v2.clone()]);
+    let _tags = RemoveImages(vec![v1.clone(), v2.clone()]);
     let binary = std::fs::read(holdfast_bin()).unwrap();
     // Two layers: the binary, then a marker; v2 adds one more layer on top of v1.
-    build(dir.path(), &v1, "scratch", &[("holdfast", &binary), ("marker", id.as_bytes())]);
-    build(dir.path(), &v2, &v1, &[("marker2", b"version two")]);
+    build_image(dir.path(), &v1, "scratch", &[("holdfast", &binary), ("marker", id.as_bytes())]);
+    build_image(dir.path(), &v2, &v1, &[("marker2", b"version two")]);
     let v1_tar = save(dir.path(), &v1);
     let v2_tar = save(dir.path(), &v2);
 
@@ -361,10 +318,10 @@ async fn a_cut_fetch_resumes_from_another_manager_and_skips_layers_the_remote_en
     let id = unique();
     let v1 = format!("holdfast-images-test/remote:{id}-v1");
     let v2 = format!("holdfast-images-test/remote:{id}-v2");
-    let _tags = Tags(vec![v1.clone(), v2.clone()]);
+    let _tags = RemoveImages(vec![v1.clone(), v2.clone()]);
     let noise = |n: usize, seed: u8| (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect::<Vec<u8>>();
-    build(dir.path(), &v1, "scratch", &[("a", &noise(3 << 20, 1)), ("b", &noise(1 << 20, 2))]);
-    build(dir.path(), &v2, &v1, &[("c", &noise(512 << 10, 3))]);
+    build_image(dir.path(), &v1, "scratch", &[("a", &noise(3 << 20, 1)), ("b", &noise(1 << 20, 2))]);
+    build_image(dir.path(), &v2, &v1, &[("c", &noise(512 << 10, 3))]);
     // The managers' side: the archives ingested into a blob store, as a push does.
     let store_dir = dir.path().join("blobs");
     let store = holdfast::manager::images::BlobStore::new(store_dir.clone(), 0);
@@ -415,18 +372,7 @@ async fn a_cut_fetch_resumes_from_another_manager_and_skips_layers_the_remote_en
 /// A minimal `docker save` archive (one layer, a config, a manifest) for `tag`.
 fn synthetic_archive(tag: &str, payload: &[u8]) -> (Vec<u8>, String) {
     use sha2::Digest;
-    let tar_of = |files: &[(&str, &[u8])]| {
-        let mut b = tar::Builder::new(Vec::new());
-        for (name, data) in files {
-            let mut h = tar::Header::new_gnu();
-            h.set_size(data.len() as u64);
-            h.set_mode(0o644);
-            h.set_cksum();
-            b.append_data(&mut h, name, *data).unwrap();
-        }
-        b.into_inner().unwrap()
-    };
-    let layer = tar_of(&[("payload", payload)]);
+    let layer = tar_of(&[("payload", payload)], 0o644);
     let diff_id = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&layer)));
     let config = serde_json::to_vec(&json!({"architecture": "amd64", "os": "linux",
         "rootfs": {"type": "layers", "diff_ids": [diff_id]}}))
@@ -434,7 +380,7 @@ fn synthetic_archive(tag: &str, payload: &[u8]) -> (Vec<u8>, String) {
     let cfg = format!("{}.json", hex::encode(sha2::Sha256::digest(&config)));
     let manifest =
         serde_json::to_vec(&json!([{"Config": cfg, "RepoTags": [tag], "Layers": ["l1/layer.tar"]}])).unwrap();
-    (tar_of(&[("l1/layer.tar", &layer), (&cfg, &config), ("manifest.json", &manifest)]), diff_id)
+    (tar_of(&[("l1/layer.tar", &layer), (&cfg, &config), ("manifest.json", &manifest)], 0o644), diff_id)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,14 +7,12 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
 use futures::StreamExt;
-use holdfast::config::{Config, ManagerRole, Retention, WorkerRole};
-use holdfast::worker::runtime::fake::FakeRuntime;
-use holdfast::worker::runtime::{ContainerState, Runtime};
+use holdfast::config::Retention;
+use holdfast::worker::runtime::ContainerState;
 use serde_json::{json, Value};
 
 const WAVES: usize = 12;
@@ -45,46 +43,16 @@ fn state_size(data: &Path) -> (BTreeMap<String, i64>, i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn churn_of_short_batch_tasks_levels_off() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let api = format!("127.0.0.1:{}", free_port());
-    let cluster = format!("127.0.0.1:{}", free_port());
-    let node = "churn-1".to_string();
-    let manager = ManagerRole {
-        retention: Retention {
-            retain: Duration::from_secs(1),
-            node_gc: Duration::ZERO,
-            audit_retain: Duration::from_secs(3_600),
-            audit_max_rows: 300,
-        },
-        ..ManagerRole::bootstrap(&api, &cluster)
+    let retention = Retention {
+        retain: Duration::from_secs(1),
+        node_gc: Duration::ZERO,
+        audit_retain: Duration::from_secs(3_600),
+        audit_max_rows: 300,
     };
-    let config = Config {
-        node_id: node.clone(),
-        data_dir: data.clone(),
-        trust: Default::default(),
-        manager: Some(manager),
-        worker: Some(WorkerRole {
-            managers: vec![cluster.clone()],
-            advertise_host: "127.0.0.1".into(),
-            labels: BTreeMap::new(),
-            resources_override: None,
-            image_bandwidth: None,
-        }),
-    };
-    let fake = Arc::new(FakeRuntime::new());
-    let runtime: Arc<dyn Runtime> = fake.clone();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let node_task = tokio::spawn(holdfast::node::run_with_runtime(config, Some(runtime), async {
-        let _ = stopped.await;
-    }));
-    let client = api_client(&data).await;
-    let base = format!("http://{api}");
-    eventually(Duration::from_secs(30), "fake worker registered", || async {
-        let v = get_json(&client, &format!("{base}/v1/nodes")).await?;
-        v["nodes"].as_array()?.iter().any(|n| n["id"] == node.as_str() && n["engine_ok"] == true).then_some(())
-    })
-    .await;
+    let mut c =
+        InProcess::builder().node_id("churn-1").manager(move |m| m.retention = retention).local_worker().start().await;
+    let (client, fake, node) = (c.client.clone(), c.local_fake().clone(), c.node_id().to_string());
+    let (data, base) = (c.data().to_path_buf(), c.url(""));
 
     let spec =
         json!({"image": "holdfast/echo:latest", "kind": "batch", "resources": {"cpu_millis": 1, "memory_mb": 4}});
@@ -165,7 +133,5 @@ async fn churn_of_short_batch_tasks_levels_off() {
     let missing = client.delete(format!("{base}/v1/nodes/nope")).send().await.unwrap();
     assert_eq!(missing.status().as_u16(), 404);
 
-    let _ = stop.send(());
-    let result = tokio::time::timeout(Duration::from_secs(20), node_task).await;
-    assert!(matches!(result, Ok(Ok(Ok(())))), "node stopped cleanly: {result:?}");
+    c.stop_manager().await;
 }

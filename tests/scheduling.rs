@@ -6,159 +6,69 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
 use futures::StreamExt;
-use holdfast::config::{Config, ManagerRole};
 use holdfast::manager::scheduler::Strategy;
 use holdfast::model::sync::NodeResources;
-use holdfast::worker::agent::{self, WorkerConfig};
-use holdfast::worker::runtime::fake::FakeRuntime;
-use holdfast::worker::runtime::Runtime;
 use serde_json::{json, Value};
-use tokio::sync::broadcast;
 
-struct Worker {
-    name: String,
-    fake: Arc<FakeRuntime>,
-    stop: Option<broadcast::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+/// A manager placing with `strategy`, no worker yet.
+async fn start(strategy: Strategy) -> InProcess {
+    InProcess::builder()
+        .lease(Duration::from_secs(10), Duration::from_secs(2))
+        .manager(move |m| m.strategy = strategy)
+        .start()
+        .await
 }
 
-impl Worker {
-    async fn kill(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            let _ = t.await;
-        }
-    }
-}
-
-struct Cluster {
-    api: String,
-    cluster: String,
-    dir: tempfile::TempDir,
-    workers: Vec<Worker>,
-    client: reqwest::Client,
-    _manager: tokio::task::JoinHandle<()>,
-    _stop_manager: tokio::sync::oneshot::Sender<()>,
-}
-
-fn resources(cpu_millis: u64, memory_mb: u64) -> NodeResources {
-    NodeResources {
-        cpus: (cpu_millis / 1000).max(1) as u32,
-        cpu_millis,
-        load1: 0.0,
-        memory_total_mb: memory_mb,
-        memory_free_mb: memory_mb,
-        disk_total_mb: 100_000,
-        disk_free_mb: 100_000,
-        engine_ok: true,
-    }
-}
-
-impl Cluster {
-    async fn start(strategy: Strategy) -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
-        let api = format!("127.0.0.1:{}", free_port());
-        let cluster = format!("127.0.0.1:{}", free_port());
-        let config = Config {
-            node_id: "m1".into(),
-            data_dir: dir.path().join("m1"),
-            trust: Default::default(),
-            manager: Some(ManagerRole {
-                strategy,
-                lease: Duration::from_secs(10),
-                heartbeat_ttl: Duration::from_secs(2),
-                ..ManagerRole::bootstrap(&api, &cluster)
-            }),
-            worker: None,
-        };
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let manager = tokio::spawn(async move {
-            holdfast::node::run(config, async {
-                let _ = stopped.await;
-            })
-            .await
-            .expect("manager runs");
-        });
-        let client = api_client(&dir.path().join("m1")).await;
-        Cluster { api, cluster, dir, workers: Vec::new(), client, _manager: manager, _stop_manager: stop }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.api)
-    }
-
-    async fn add_worker(&mut self, name: &str, res: NodeResources, labels: &[(&str, &str)]) {
-        let fake = Arc::new(FakeRuntime::new());
-        let runtime: Arc<dyn Runtime> = fake.clone();
-        let mut wc = WorkerConfig::new(name, self.dir.path().join(name), vec![self.cluster.clone()]);
-        // Mutual TLS on the cluster port: the worker joins with the first manager's token.
-        wc.token = Some(join_token(&self.dir.path().join("m1"), "worker"));
+/// Adds a fake-runtime worker of size `res` with these labels.
+async fn add_worker(c: &mut InProcess, name: &str, res: NodeResources, labels: &[(&str, &str)]) {
+    let labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>();
+    c.add_worker(name, |wc| {
         wc.resources_override = Some(res);
-        wc.labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>();
-        wc.sync_wait = Duration::from_millis(500);
-        let (stop, rx) = broadcast::channel(1);
-        let task = tokio::spawn(async move {
-            agent::run(wc, runtime, rx).await.expect("worker runs");
-        });
-        self.workers.push(Worker { name: name.into(), fake, stop: Some(stop), task: Some(task) });
-        let (url, name) = (self.url("/v1/nodes"), name.to_string());
-        eventually(Duration::from_secs(20), "worker registered", || {
-            let (url, name, client) = (url.clone(), name.clone(), self.client.clone());
+        wc.labels = labels;
+    })
+    .await;
+}
+
+async fn submit_many(c: &InProcess, n: usize, spec: Value, parallel: usize) -> Vec<String> {
+    let url = c.url("/v1/tasks");
+    let client = c.client.clone();
+    let results: Vec<(u16, Value)> = futures::stream::iter(0..n)
+        .map(|_| {
+            let (client, url, spec) = (client.clone(), url.clone(), spec.clone());
             async move {
-                let v = get_json(&client, &url).await?;
-                v["nodes"].as_array()?.iter().any(|n| n["id"] == json!(name) && n["engine_ok"] == true).then_some(())
+                let r = client.post(&url).json(&spec).send().await.expect("submit");
+                (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
             }
         })
+        .buffer_unordered(parallel)
+        .collect()
         .await;
-    }
+    assert!(results.iter().all(|(s, _)| *s == 201), "{results:?}");
+    results.into_iter().map(|(_, v)| v["id"].as_str().unwrap().to_string()).collect()
+}
 
-    async fn submit_many(&self, n: usize, spec: Value, parallel: usize) -> Vec<String> {
-        let url = self.url("/v1/tasks");
-        let client = self.client.clone();
-        let results: Vec<(u16, Value)> = futures::stream::iter(0..n)
-            .map(|_| {
-                let (client, url, spec) = (client.clone(), url.clone(), spec.clone());
-                async move {
-                    let r = client.post(&url).json(&spec).send().await.expect("submit");
-                    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-                }
-            })
-            .buffer_unordered(parallel)
-            .collect()
-            .await;
-        assert!(results.iter().all(|(s, _)| *s == 201), "{results:?}");
-        results.into_iter().map(|(_, v)| v["id"].as_str().unwrap().to_string()).collect()
-    }
+async fn tasks(c: &InProcess) -> Vec<Value> {
+    all_tasks(&c.client, &c.url("")).await.unwrap_or_default()
+}
 
-    async fn tasks(&self) -> Vec<Value> {
-        all_tasks(&self.client, &self.url("")).await.unwrap_or_default()
-    }
+async fn nodes(c: &InProcess) -> Vec<Value> {
+    get_json(&c.client, &c.url("/v1/nodes")).await.and_then(|v| v["nodes"].as_array().cloned()).unwrap_or_default()
+}
 
-    async fn nodes(&self) -> Vec<Value> {
-        get_json(&self.client, &self.url("/v1/nodes"))
-            .await
-            .and_then(|v| v["nodes"].as_array().cloned())
-            .unwrap_or_default()
-    }
-
-    /// Current placements' node per running task.
-    async fn running_on(&self) -> BTreeMap<String, usize> {
-        let mut per = BTreeMap::new();
-        for t in self.tasks().await {
-            if t["state"] == "running" {
-                let node = t["placements"][0]["node"].as_str().unwrap_or_default().to_string();
-                *per.entry(node).or_insert(0) += 1;
-            }
+/// Current placements' node per running task.
+async fn running_on(c: &InProcess) -> BTreeMap<String, usize> {
+    let mut per = BTreeMap::new();
+    for t in tasks(c).await {
+        if t["state"] == "running" {
+            let node = t["placements"][0]["node"].as_str().unwrap_or_default().to_string();
+            *per.entry(node).or_insert(0) += 1;
         }
-        per
     }
+    per
 }
 
 fn spec(cpu: u64, mem: u64) -> Value {
@@ -167,56 +77,56 @@ fn spec(cpu: u64, mem: u64) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binpack_fills_one_node_before_the_next() {
-    let mut c = Cluster::start(Strategy::Binpack).await;
-    c.add_worker("a", resources(4000, 8192), &[]).await;
-    c.add_worker("b", resources(4000, 8192), &[]).await;
-    c.submit_many(6, spec(500, 512), 1).await;
+    let mut c = start(Strategy::Binpack).await;
+    add_worker(&mut c, "a", resources(4000, 8192), &[]).await;
+    add_worker(&mut c, "b", resources(4000, 8192), &[]).await;
+    submit_many(&c, 6, spec(500, 512), 1).await;
     let per = eventually(Duration::from_secs(20), "six running", || async {
-        let per = c.running_on().await;
+        let per = running_on(&c).await;
         (per.values().sum::<usize>() == 6).then_some(per)
     })
     .await;
     assert_eq!(per.len(), 1, "binpack used more than one node: {per:?}");
     for w in &mut c.workers {
-        w.kill().await;
+        w.stop().await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spread_balances_across_nodes() {
-    let mut c = Cluster::start(Strategy::Spread).await;
+    let mut c = start(Strategy::Spread).await;
     for name in ["a", "b", "c"] {
-        c.add_worker(name, resources(4000, 8192), &[]).await;
+        add_worker(&mut c, name, resources(4000, 8192), &[]).await;
     }
-    c.submit_many(9, spec(200, 256), 1).await;
+    submit_many(&c, 9, spec(200, 256), 1).await;
     let per = eventually(Duration::from_secs(20), "nine running", || async {
-        let per = c.running_on().await;
+        let per = running_on(&c).await;
         (per.values().sum::<usize>() == 9).then_some(per)
     })
     .await;
     assert_eq!(per.values().copied().collect::<Vec<_>>(), vec![3, 3, 3], "{per:?}");
     for w in &mut c.workers {
-        w.kill().await;
+        w.stop().await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_node_is_overcommitted_under_500_concurrent_submissions() {
-    let mut c = Cluster::start(Strategy::Binpack).await;
-    c.add_worker("small", resources(1000, 2048), &[("zone", "a")]).await;
-    c.add_worker("large", resources(4000, 8192), &[("zone", "b")]).await;
-    c.add_worker("medium", resources(2000, 4096), &[("zone", "a")]).await;
+    let mut c = start(Strategy::Binpack).await;
+    add_worker(&mut c, "small", resources(1000, 2048), &[("zone", "a")]).await;
+    add_worker(&mut c, "large", resources(4000, 8192), &[("zone", "b")]).await;
+    add_worker(&mut c, "medium", resources(2000, 4096), &[("zone", "a")]).await;
     // 500 × 100 millis = 50,000 millis asked; 7,000 exist: exactly 70 fit.
-    c.submit_many(500, spec(100, 64), 64).await;
+    submit_many(&c, 500, spec(100, 64), 64).await;
     let (running, pending) = eventually(Duration::from_secs(60), "70 running, the rest pending", || async {
-        let tasks = c.tasks().await;
+        let tasks = tasks(&c).await;
         let running = tasks.iter().filter(|t| t["state"] == "running").count();
         let pending = tasks.iter().filter(|t| t["state"] == "pending" && t["reason"].is_string()).count();
         (running + pending == 500 && running == 70).then_some((running, pending))
     })
     .await;
     assert_eq!((running, pending), (70, 430));
-    for n in c.nodes().await {
+    for n in nodes(&c).await {
         let cap = n["capacity"]["cpu_millis"].as_u64().unwrap();
         let reserved = n["reserved"]["cpu_millis"].as_u64().unwrap();
         assert!(reserved <= cap, "node {} overcommitted: {reserved} > {cap}", n["id"]);
@@ -227,27 +137,27 @@ async fn no_node_is_overcommitted_under_500_concurrent_submissions() {
             "medium" => 20,
             _ => 40,
         };
-        let count = w.fake.running_count(&w.name);
+        let count = w.fake().running_count(&w.name);
         assert!(count <= cap, "{} runs {count} containers, room for {cap}", w.name);
     }
-    let reason = c.tasks().await.into_iter().find(|t| t["state"] == "pending").unwrap()["reason"].clone();
+    let reason = tasks(&c).await.into_iter().find(|t| t["state"] == "pending").unwrap()["reason"].clone();
     assert!(reason.as_str().unwrap().starts_with("no node fits: cpu 100 millis > largest free 0 millis"), "{reason}");
     for w in &mut c.workers {
-        w.kill().await;
+        w.stop().await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_nodes_tasks_move_and_a_drained_node_empties() {
     let _ = tracing_subscriber::fmt().with_env_filter("warn").with_test_writer().try_init();
-    let mut c = Cluster::start(Strategy::Binpack).await;
-    c.add_worker("a", resources(4000, 8192), &[]).await;
-    c.add_worker("b", resources(4000, 8192), &[]).await;
+    let mut c = start(Strategy::Binpack).await;
+    add_worker(&mut c, "a", resources(4000, 8192), &[]).await;
+    add_worker(&mut c, "b", resources(4000, 8192), &[]).await;
     let mut s = spec(500, 256);
     s["offline"] = json!({"lost_after_ms": 1000, "replace": true});
-    c.submit_many(4, s, 1).await;
+    submit_many(&c, 4, s, 1).await;
     let per = eventually(Duration::from_secs(20), "four running", || async {
-        let per = c.running_on().await;
+        let per = running_on(&c).await;
         (per.values().sum::<usize>() == 4).then_some(per)
     })
     .await;
@@ -258,20 +168,20 @@ async fn a_dead_nodes_tasks_move_and_a_drained_node_empties() {
     // The victim's process dies: heartbeat_ttl (2 s) + lost_after (1 s) later its tasks
     // run on the survivor with higher fences.
     let vi = c.workers.iter().position(|w| w.name == victim).unwrap();
-    c.workers[vi].kill().await;
+    c.workers[vi].stop().await;
     let started = std::time::Instant::now();
     let moved = tokio::time::timeout(
         Duration::from_secs(20),
         eventually(Duration::from_secs(21), "tasks moved off the dead node", || async {
-            let per = c.running_on().await;
+            let per = running_on(&c).await;
             (per.get(&survivor) == Some(&4)).then_some(())
         }),
     )
     .await;
-    assert!(moved.is_ok(), "tasks did not move: {:#?}\nnodes: {:#?}", c.tasks().await, c.nodes().await);
+    assert!(moved.is_ok(), "tasks did not move: {:#?}\nnodes: {:#?}", tasks(&c).await, nodes(&c).await);
     let moved_after = started.elapsed();
     assert!(moved_after < Duration::from_secs(8), "took {moved_after:?}");
-    for t in c.tasks().await {
+    for t in tasks(&c).await {
         let ps = t["placements"].as_array().unwrap();
         assert_eq!(ps.len(), 2, "{t}");
         assert!(ps[0]["fence"].as_u64() > ps[1]["fence"].as_u64(), "{t}");
@@ -283,18 +193,18 @@ async fn a_dead_nodes_tasks_move_and_a_drained_node_empties() {
     assert_eq!(node["disconnected"].as_array().unwrap().len(), 1, "{node}");
 
     // Drain the survivor after a fresh node joins: everything moves to the new node.
-    c.add_worker("c", resources(4000, 8192), &[]).await;
+    add_worker(&mut c, "c", resources(4000, 8192), &[]).await;
     let r = c.client.post(c.url(&format!("/v1/nodes/{survivor}/drain"))).body("{}").send().await.unwrap();
     assert_eq!(r.status().as_u16(), 202);
     eventually(Duration::from_secs(20), "drained node empty", || async {
-        let per = c.running_on().await;
-        let survivor_fake = &c.workers.iter().find(|w| w.name == survivor).unwrap().fake;
+        let per = running_on(&c).await;
+        let survivor_fake = c.workers.iter().find(|w| w.name == survivor).unwrap().fake();
         (per.get("c") == Some(&4) && survivor_fake.running_count(&survivor) == 0).then_some(())
     })
     .await;
     let r = c.client.post(c.url("/v1/nodes/nope/drain")).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 404);
     for w in &mut c.workers {
-        w.kill().await;
+        w.stop().await;
     }
 }

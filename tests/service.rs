@@ -4,12 +4,13 @@
 
 mod common;
 
-use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{eventually_blocking, free_port, holdfast_bin, http, poll_blocking};
+use common::{
+    eventually_blocking, free_port, has_line, holdfast_bin, http, notify_socket, poll_blocking, recv_datagram,
+};
 
 /// A child killed when dropped; stdout and stderr go to separate files.
 struct Node {
@@ -49,29 +50,6 @@ impl Drop for Node {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// The notify socket systemd would own.
-fn notify_socket(dir: &Path) -> (UnixDatagram, String) {
-    let path = dir.join("notify.sock");
-    let sock = UnixDatagram::bind(&path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-    (sock, path.to_str().unwrap().to_string())
-}
-
-/// Next datagram before `deadline`, or `None`.
-fn recv(sock: &UnixDatagram, deadline: Instant) -> Option<String> {
-    let mut buf = [0u8; 4096];
-    while Instant::now() < deadline {
-        if let Ok(n) = sock.recv(&mut buf) {
-            return Some(String::from_utf8_lossy(&buf[..n]).into_owned());
-        }
-    }
-    None
-}
-
-fn has(msg: &str, line: &str) -> bool {
-    msg.lines().any(|l| l == line)
 }
 
 /// A blocking GET with a short timeout: the status, or `None` when nothing answers.
@@ -124,8 +102,9 @@ fn dev_notifies_ready_after_the_api_answers_then_watchdog_then_stopping() {
     let deadline = started + Duration::from_secs(60);
     let mut before_ready = Vec::new();
     let ready = loop {
-        let msg = recv(&sock, deadline).unwrap_or_else(|| panic!("no READY=1 in 60 s; log:\n{}", node.stderr()));
-        if has(&msg, "READY=1") {
+        let msg =
+            recv_datagram(&sock, deadline).unwrap_or_else(|| panic!("no READY=1 in 60 s; log:\n{}", node.stderr()));
+        if has_line(&msg, "READY=1") {
             break msg;
         }
         before_ready.push(msg);
@@ -133,15 +112,15 @@ fn dev_notifies_ready_after_the_api_answers_then_watchdog_then_stopping() {
     // At the moment READY arrives, the API and the metrics port answer.
     assert_eq!(get_now(&format!("http://{api_addr}/health/live")), Some(200), "API not answering at READY=1");
     assert_eq!(get_now(&format!("http://{metrics_addr}/health/live")), Some(200));
-    assert!(before_ready.iter().all(|m| !has(m, "WATCHDOG=1")), "watchdog before ready: {before_ready:?}");
+    assert!(before_ready.iter().all(|m| !has_line(m, "WATCHDOG=1")), "watchdog before ready: {before_ready:?}");
     assert!(ready.contains("STATUS="), "{ready}");
 
     // Watchdog pings keep coming, with a status a human can read.
     let mut pings = 0;
     let mut status = String::new();
     while pings < 3 {
-        let msg = recv(&sock, Instant::now() + Duration::from_secs(5)).expect("WATCHDOG=1 every 200 ms");
-        if has(&msg, "WATCHDOG=1") {
+        let msg = recv_datagram(&sock, Instant::now() + Duration::from_secs(5)).expect("WATCHDOG=1 every 200 ms");
+        if has_line(&msg, "WATCHDOG=1") {
             pings += 1;
             status = msg;
         }
@@ -173,10 +152,10 @@ fn dev_notifies_ready_after_the_api_answers_then_watchdog_then_stopping() {
     let exit = node.terminate(Duration::from_secs(30)).expect("dev exits on SIGTERM");
     assert!(exit.success(), "{exit:?}");
     let mut rest = Vec::new();
-    while let Some(m) = recv(&sock, Instant::now() + Duration::from_millis(300)) {
+    while let Some(m) = recv_datagram(&sock, Instant::now() + Duration::from_millis(300)) {
         rest.push(m);
     }
-    assert!(rest.iter().any(|m| has(m, "STOPPING=1")), "no STOPPING=1 after SIGTERM: {rest:?}");
+    assert!(rest.iter().any(|m| has_line(m, "STOPPING=1")), "no STOPPING=1 after SIGTERM: {rest:?}");
 
     // Every stderr line is a JSON object with a level and a message.
     let log = node.stderr();
@@ -233,8 +212,8 @@ fn worker_alone_serves_metrics_notifies_and_logs_for_journald() {
     // READY=1 after the first successful engine call, even with no manager.
     let deadline = Instant::now() + Duration::from_secs(60);
     let ready = loop {
-        let msg = recv(&sock, deadline).expect("READY=1 from a worker whose engine answers");
-        if has(&msg, "READY=1") {
+        let msg = recv_datagram(&sock, deadline).expect("READY=1 from a worker whose engine answers");
+        if has_line(&msg, "READY=1") {
             break msg;
         }
     };

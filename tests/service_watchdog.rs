@@ -7,32 +7,15 @@
 
 mod common;
 
-use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
+use common::{has_line, notify_socket, recv_datagram};
 use holdfast::service::{supervise, Watched};
-
-fn recv(sock: &UnixDatagram, within: Duration) -> Option<String> {
-    let deadline = Instant::now() + within;
-    let mut buf = [0u8; 4096];
-    while Instant::now() < deadline {
-        if let Ok(n) = sock.recv(&mut buf) {
-            return Some(String::from_utf8_lossy(&buf[..n]).into_owned());
-        }
-    }
-    None
-}
-
-fn has(msg: &str, line: &str) -> bool {
-    msg.lines().any(|l| l == line)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watchdog_pings_stop_when_the_raft_core_stops() {
     let dir = tempfile::tempdir().unwrap();
-    let sock_path = dir.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let (sock, sock_path) = notify_socket(dir.path());
     std::env::set_var("NOTIFY_SOCKET", &sock_path);
 
     let (domain, _applied) = holdfast::manager::state::DomainState::new();
@@ -56,15 +39,16 @@ async fn watchdog_pings_stop_when_the_raft_core_stops() {
         let mut seen = Vec::new();
         let mut pings = 0;
         while pings < 5 {
-            let m = recv(&rx, Duration::from_secs(20)).unwrap_or_else(|| panic!("only {seen:?}"));
-            pings += usize::from(has(&m, "WATCHDOG=1"));
+            let m =
+                recv_datagram(&rx, Instant::now() + Duration::from_secs(20)).unwrap_or_else(|| panic!("only {seen:?}"));
+            pings += usize::from(has_line(&m, "WATCHDOG=1"));
             seen.push(m);
         }
         seen
     })
     .await
     .unwrap();
-    assert!(has(&first[0], "READY=1"), "READY=1 first: {first:?}");
+    assert!(has_line(&first[0], "READY=1"), "READY=1 first: {first:?}");
     assert!(first.iter().any(|m| m.contains("STATUS=leader wd, 1 voters")), "{first:?}");
 
     // Stop the real Raft core, as a fatal storage error or a shutdown does.
@@ -76,7 +60,8 @@ async fn watchdog_pings_stop_when_the_raft_core_stops() {
         // Drain what was sent before the stop was seen, up to the first "stopped" status.
         let mut seen = Vec::new();
         loop {
-            let m = recv(&rx, Duration::from_secs(10)).unwrap_or_else(|| panic!("no raft-stopped status: {seen:?}"));
+            let m = recv_datagram(&rx, Instant::now() + Duration::from_secs(10))
+                .unwrap_or_else(|| panic!("no raft-stopped status: {seen:?}"));
             let stopped = m.contains("STATUS=raft stopped");
             seen.push(m);
             if stopped {
@@ -86,7 +71,7 @@ async fn watchdog_pings_stop_when_the_raft_core_stops() {
         // Then 20 more ticks (1 s): status lines, never a ping.
         let mut later = Vec::new();
         let until = Instant::now() + Duration::from_secs(1);
-        while let Some(m) = recv(&rx, until.saturating_duration_since(Instant::now())) {
+        while let Some(m) = recv_datagram(&rx, until) {
             later.push(m);
         }
         (seen, later)
@@ -94,9 +79,9 @@ async fn watchdog_pings_stop_when_the_raft_core_stops() {
     .await
     .unwrap();
     let (seen, later) = after;
-    assert!(!has(seen.last().unwrap(), "WATCHDOG=1"), "{seen:?}");
+    assert!(!has_line(seen.last().unwrap(), "WATCHDOG=1"), "{seen:?}");
     assert!(later.len() >= 5, "the loop keeps reporting status: {later:?}");
-    assert!(later.iter().all(|m| !has(m, "WATCHDOG=1")), "pings after Raft stopped: {later:?}");
+    assert!(later.iter().all(|m| !has_line(m, "WATCHDOG=1")), "pings after Raft stopped: {later:?}");
 
     let _ = stop_tx.send(());
     tokio::time::timeout(Duration::from_secs(5), task).await.expect("supervise ends on stop").unwrap();

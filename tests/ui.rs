@@ -13,6 +13,22 @@ use common::{eventually, free_port, http, require_docker, NodeContainers, Proc};
 
 const WAIT: Duration = Duration::from_secs(60);
 
+/// Clicks the drain button of node card `card`, confirms, and waits (`what`) until
+/// the card shows draining as `want`.
+async fn toggle_drain(b: &Browser, card: &str, what: &str, want: bool) {
+    b.click(&format!("{card} button.drain")).await;
+    b.click("#confirm-yes").await;
+    let js = format!("return document.querySelector({})?.dataset.draining === '{want}';", q(card));
+    b.wait_js(WAIT, what, &js).await;
+}
+
+/// Opens `url`, waits for `js` to return something (`what`), and takes screenshot `shot`.
+async fn visit(b: &Browser, url: &str, what: &str, js: &str, shot: &str) {
+    b.client.goto(url).await.unwrap_or_else(|e| panic!("goto {url}: {e}"));
+    b.wait_js(WAIT, what, js).await;
+    b.screenshot(shot).await;
+}
+
 /// A `holdfast dev` on free ports with its own data dir; restartable in place.
 struct Dev {
     api: String,
@@ -140,26 +156,12 @@ async fn the_console_runs_the_echo_task_from_submit_to_stop_and_survives_a_manag
     b.wait_js(WAIT, "the node card", &format!("return !!document.querySelector({});", q(&card))).await;
     mark_page(&b).await;
     b.screenshot("nodes").await;
-    b.click(&format!("{card} button.drain")).await;
-    b.click("#confirm-yes").await;
-    b.wait_js(
-        WAIT,
-        "the node to show as draining",
-        &format!("return document.querySelector({})?.dataset.draining === 'true';", q(&card)),
-    )
-    .await;
+    toggle_drain(&b, &card, "the node to show as draining", true).await;
     let nodes: serde_json::Value =
         http().get(dev.url("/v1/nodes")).bearer_auth(&token).send().await.expect("nodes").json().await.expect("json");
     assert_eq!(nodes["nodes"][0]["draining"], true, "the API agrees: {nodes}");
     b.screenshot("nodes-draining").await;
-    b.click(&format!("{card} button.drain")).await;
-    b.click("#confirm-yes").await;
-    b.wait_js(
-        WAIT,
-        "the drain to end",
-        &format!("return document.querySelector({})?.dataset.draining === 'false';", q(&card)),
-    )
-    .await;
+    toggle_drain(&b, &card, "the drain to end", false).await;
     assert!(same_page(&b).await, "the page reloaded");
 
     // An invalid spec shows the API's error at the named field.
@@ -224,32 +226,14 @@ async fn the_console_runs_the_echo_task_from_submit_to_stop_and_survives_a_manag
     assert!(body.contains("hello from the ui test"), "{body}");
 
     // The list, the events and the audit show it too.
-    b.client.goto(&dev.url("/#/tasks")).await.expect("goto tasks");
-    b.wait_js(
-        WAIT,
-        "the task row",
-        &format!("return document.querySelector('tr[data-id={}]')?.dataset.state;", q(&id)),
-    )
-    .await;
-    b.screenshot("tasks").await;
+    let row = format!("return document.querySelector('tr[data-id={}]')?.dataset.state;", q(&id));
+    visit(&b, &dev.url("/#/tasks"), "the task row", &row, "tasks").await;
     b.client.goto(&dev.url("/#/events")).await.expect("goto events");
     b.screenshot("events").await;
-    b.client.goto(&dev.url("/#/audit")).await.expect("goto audit");
-    b.wait_js(
-        WAIT,
-        "the audit rows",
-        &format!("return document.querySelector('#audit')?.textContent.includes({});", q(&id)),
-    )
-    .await;
-    b.screenshot("audit").await;
-    b.client.goto(&dev.url("/#/admin")).await.expect("goto admin");
-    b.wait_js(
-        WAIT,
-        "the managers table",
-        &format!("return document.querySelector('#main')?.textContent.includes({});", q(&node)),
-    )
-    .await;
-    b.screenshot("admin").await;
+    let audit = format!("return document.querySelector('#audit')?.textContent.includes({});", q(&id));
+    visit(&b, &dev.url("/#/audit"), "the audit rows", &audit, "audit").await;
+    let managers = format!("return document.querySelector('#main')?.textContent.includes({});", q(&node));
+    visit(&b, &dev.url("/#/admin"), "the managers table", &managers, "admin").await;
 
     // Stop it from its page.
     b.client.goto(&dev.url(&format!("/#/tasks/{id}"))).await.expect("goto task");

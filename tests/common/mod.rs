@@ -2,6 +2,14 @@
 //! die with the test, and polling with a deadline (never sleeping to wait).
 #![allow(dead_code)]
 
+mod docker;
+mod inprocess;
+
+#[allow(unused_imports)]
+pub use docker::*;
+#[allow(unused_imports)]
+pub use inprocess::*;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -474,4 +482,35 @@ impl ClusterBuilder {
         }
         cluster
     }
+}
+
+/// The notify socket systemd would own: a datagram socket at `<dir>/notify.sock`
+/// (reads time out after 100 ms) and its path, for `NOTIFY_SOCKET`.
+pub fn notify_socket(dir: &Path) -> (std::os::unix::net::UnixDatagram, String) {
+    let path = dir.join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).expect("bind the notify socket");
+    sock.set_read_timeout(Some(Duration::from_millis(100))).expect("read timeout");
+    (sock, path.to_str().expect("utf-8 path").to_string())
+}
+
+/// The next datagram on `sock` before `deadline`, or `None`.
+pub fn recv_datagram(sock: &std::os::unix::net::UnixDatagram, deadline: Instant) -> Option<String> {
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        if let Ok(n) = sock.recv(&mut buf) {
+            return Some(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    None
+}
+
+/// Whether `msg` (an `sd_notify` datagram) has exactly the line `line`.
+pub fn has_line(msg: &str, line: &str) -> bool {
+    msg.lines().any(|l| l == line)
+}
+
+/// A name part unique to this process and moment, for what tests create in Docker.
+pub fn unique() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").subsec_nanos();
+    format!("{:x}{nanos:x}", std::process::id())
 }
