@@ -40,6 +40,18 @@ pub enum LedgerError {
     },
 }
 
+/// A ledger read's value, or `T::default()` when the ledger cannot be read now: the
+/// error is logged with `what` was being read and counted
+/// (`holdfast_worker_ledger_read_failures_total`). Only for loops that read again next
+/// round (reports, deadlines, log answers), never where an empty value would act.
+pub fn or_logged<T: Default>(read: Result<T, LedgerError>, what: &'static str) -> T {
+    read.unwrap_or_else(|error| {
+        tracing::warn!(what, %error, "cannot read the worker ledger; trying again next round");
+        metrics::counter!("holdfast_worker_ledger_read_failures_total").increment(1);
+        T::default()
+    })
+}
+
 /// A placement this worker holds.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Held {
