@@ -187,7 +187,13 @@ impl Ledger {
     pub fn meta_u64(&self, key: &str) -> Result<u64, LedgerError> {
         let v: Option<String> =
             self.conn().query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()?;
-        Ok(v.and_then(|v| v.parse().ok()).unwrap_or(0))
+        let Some(v) = v else { return Ok(0) };
+        Ok(v.parse().unwrap_or_else(|error| {
+            // 0 is the safe reading: a lease that ended, a sequence not yet acked.
+            tracing::warn!(key, value = %v, %error, "unreadable number in worker ledger; read as 0");
+            metrics::counter!("holdfast_worker_ledger_unreadable_total").increment(1);
+            0
+        }))
     }
 
     /// Writes a numeric meta value.
@@ -412,6 +418,17 @@ mod tests {
         let err = Ledger::open(&dir, "w1").err().expect("cannot open under a file");
         assert!(matches!(&err, LedgerError::CreateDir { dir: d, .. } if d == &dir), "{err:?}");
         assert!(err.to_string().contains(&dir.display().to_string()), "names the directory: {err}");
+    }
+
+    #[test]
+    fn a_numeric_meta_value_round_trips_and_an_unreadable_one_reads_as_zero() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(tmp.path(), "w1").expect("open");
+        assert_eq!(ledger.meta_u64("lease_ms").expect("absent"), 0);
+        ledger.set_meta_u64("lease_ms", 30_000).expect("write");
+        assert_eq!(ledger.meta_u64("lease_ms").expect("read"), 30_000);
+        ledger.conn().execute("UPDATE meta SET value = 'soon' WHERE key = 'lease_ms'", []).expect("corrupt");
+        assert_eq!(ledger.meta_u64("lease_ms").expect("unreadable is not an error"), 0);
     }
 
     #[test]
