@@ -739,8 +739,12 @@ async fn execute(w: &Arc<Worker>, held: &[Held], action: Action) {
             let key = orphan_key(&container_id);
             spawn_job(w, &w.stops, key, async move {
                 tracing::info!(container = %container_id, "removing container no placement owns");
+                // A stop that fails leaves the remove to force it; a failed remove is
+                // tried again by the next reconcile, which still finds the container.
                 let _ = w2.runtime.stop(&container_id, w2.cfg.stop_grace).await;
-                let _ = w2.runtime.remove(&container_id).await;
+                if let Err(error) = w2.runtime.remove(&container_id).await {
+                    tracing::warn!(container = %container_id, %error, "could not remove an unowned container; will retry");
+                }
             });
         }
         Action::Create { placement_id } => {
