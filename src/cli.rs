@@ -521,7 +521,7 @@ pub struct DevArgs {
     pub retention: RetentionArgs,
 }
 
-/// `holdfast agent` flags (the public contract, DESIGN.md §8).
+/// `holdfast agent` flags (the public contract, README "A cluster" and "CLI").
 #[derive(Args, Debug)]
 pub struct AgentArgs {
     /// Run the control plane.

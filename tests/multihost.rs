@@ -1,5 +1,6 @@
 //! Multi-host fault tests: holdfast managers and workers as containers on their own
-//! Docker network, cut apart while they run real tasks (DESIGN.md §6, §7, §9).
+//! Docker network, cut apart while they run real tasks (README "When the managers are
+//! out of reach", ARCHITECTURE.md "Invariants").
 //!
 //! Each test builds its own cluster (random names and subnet, so tests run in parallel
 //! and reruns never collide) and prints a `FIGURES` line with what it measured; run

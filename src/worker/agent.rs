@@ -192,7 +192,7 @@ async fn current_resources(w: &Worker, except: Option<&str>) -> NodeResources {
             .unwrap_or_default()
         }
     };
-    let held = w.ledger.all().unwrap_or_default();
+    let held = super::ledger::or_logged(w.ledger.all(), "placements for the resource report");
     let (memory, disk) = super::resources::committed(&held, except, w.cfg.resources_override.is_some());
     r.memory_free_mb = r.memory_free_mb.saturating_sub(memory);
     r.disk_free_mb = r.disk_free_mb.saturating_sub(disk);
@@ -304,7 +304,7 @@ async fn sync_loop(w: Arc<Worker>, mut shutdown: broadcast::Receiver<()>) {
     loop {
         let resources = current_resources(&w, None).await;
         super::images::refresh_held(&w.held_images, w.runtime.as_ref(), Duration::from_secs(30), false).await;
-        let reports = w.ledger.outbox(1_000).unwrap_or_default();
+        let reports = super::ledger::or_logged(w.ledger.outbox(1_000), "the outbox");
         w.cfg.vitals.sync_turn(reports.len());
         let req = SyncRequest {
             node: w.cfg.node.clone(),
@@ -422,7 +422,7 @@ async fn sync_loop(w: Arc<Worker>, mut shutdown: broadcast::Receiver<()>) {
 
 async fn answer_logs(w: &Worker, addr: &str, lr: &crate::model::sync::LogRequest) {
     let (id, placement_id, tail) = (lr.id, lr.placement_id.as_str(), lr.tail);
-    let held = w.ledger.all().unwrap_or_default();
+    let held = super::ledger::or_logged(w.ledger.all(), "placements for a log request");
     let result = match held.iter().find(|h| h.id == placement_id).and_then(|h| h.container_id.clone()) {
         None => Err(format!("placement {placement_id} has no container on node {}", w.cfg.node)),
         Some(cid) => match &lr.after {
@@ -457,7 +457,7 @@ async fn fence_loop(w: Arc<Worker>, mut shutdown: broadcast::Receiver<()>) {
             _ = shutdown.recv() => return,
             _ = w.renewed.notified() => {}
         }
-        let held = w.ledger.all().unwrap_or_default();
+        let held = super::ledger::or_logged(w.ledger.all(), "placements for the guard deadlines");
         let targets: Vec<String> = held
             .into_iter()
             .filter(|h| h.spec.guarded() && h.desired == Desired::Run && !h.suspended)
@@ -727,7 +727,11 @@ async fn execute(w: &Arc<Worker>, held: &[Held], action: Action) {
             }
         }
         Action::Forget { placement_id } => {
-            let _ = w.ledger.forget(&placement_id);
+            if let Err(error) = w.ledger.forget(&placement_id) {
+                // The row stays; the next reconcile forgets it again.
+                tracing::warn!(placement = %placement_id, %error, "cannot forget a placement in the ledger");
+                metrics::counter!("holdfast_worker_ledger_write_failures_total").increment(1);
+            }
             lock(&w.unhealthy).remove(&placement_id);
         }
         Action::RemoveOrphan { container_id } => {
@@ -735,8 +739,12 @@ async fn execute(w: &Arc<Worker>, held: &[Held], action: Action) {
             let key = orphan_key(&container_id);
             spawn_job(w, &w.stops, key, async move {
                 tracing::info!(container = %container_id, "removing container no placement owns");
+                // A stop that fails leaves the remove to force it; a failed remove is
+                // tried again by the next reconcile, which still finds the container.
                 let _ = w2.runtime.stop(&container_id, w2.cfg.stop_grace).await;
-                let _ = w2.runtime.remove(&container_id).await;
+                if let Err(error) = w2.runtime.remove(&container_id).await {
+                    tracing::warn!(container = %container_id, %error, "could not remove an unowned container; will retry");
+                }
             });
         }
         Action::Create { placement_id } => {

@@ -16,6 +16,18 @@ pub enum LedgerError {
     /// SQLite failed.
     #[error("worker ledger: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// The ledger's directory could not be created (before SQLite is asked to open
+    /// anything in it, so the cause is the filesystem's, not SQLite's "cannot open").
+    #[error("worker ledger: cannot create the directory {}: {source}", dir.display())]
+    CreateDir {
+        /// The directory.
+        dir: std::path::PathBuf,
+        /// What the filesystem said.
+        source: std::io::Error,
+    },
+    /// A record could not be encoded for storage; nothing was written.
+    #[error("worker ledger: cannot encode a record: {0}")]
+    Encode(#[from] serde_json::Error),
     /// The ledger belongs to another node name.
     #[error("worker ledger {path} belongs to node {found:?}, not {wanted:?}; use that node id or another --data-dir")]
     Foreign {
@@ -26,6 +38,18 @@ pub enum LedgerError {
         /// Name given now.
         wanted: String,
     },
+}
+
+/// A ledger read's value, or `T::default()` when the ledger cannot be read now: the
+/// error is logged with `what` was being read and counted
+/// (`holdfast_worker_ledger_read_failures_total`). Only for loops that read again next
+/// round (reports, deadlines, log answers), never where an empty value would act.
+pub fn or_logged<T: Default>(read: Result<T, LedgerError>, what: &'static str) -> T {
+    read.unwrap_or_else(|error| {
+        tracing::warn!(what, %error, "cannot read the worker ledger; trying again next round");
+        metrics::counter!("holdfast_worker_ledger_read_failures_total").increment(1);
+        T::default()
+    })
 }
 
 /// A placement this worker holds.
@@ -134,9 +158,7 @@ CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, report TEXT NOT NULL
 impl Ledger {
     /// Opens or creates `ledger.db` in `dir` for node `node`.
     pub fn open(dir: &Path, node: &str) -> Result<Ledger, LedgerError> {
-        std::fs::create_dir_all(dir).map_err(|e| {
-            rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(14), Some(format!("{}: {e}", dir.display())))
-        })?;
+        std::fs::create_dir_all(dir).map_err(|source| LedgerError::CreateDir { dir: dir.to_path_buf(), source })?;
         let path = dir.join("ledger.db");
         let conn = Connection::open(&path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -165,7 +187,13 @@ impl Ledger {
     pub fn meta_u64(&self, key: &str) -> Result<u64, LedgerError> {
         let v: Option<String> =
             self.conn().query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()?;
-        Ok(v.and_then(|v| v.parse().ok()).unwrap_or(0))
+        let Some(v) = v else { return Ok(0) };
+        Ok(v.parse().unwrap_or_else(|error| {
+            // 0 is the safe reading: a lease that ended, a sequence not yet acked.
+            tracing::warn!(key, value = %v, %error, "unreadable number in worker ledger; read as 0");
+            metrics::counter!("holdfast_worker_ledger_unreadable_total").increment(1);
+            0
+        }))
     }
 
     /// Writes a numeric meta value.
@@ -200,7 +228,7 @@ impl Ledger {
             if exists {
                 tx.execute("UPDATE placements SET desired = ?2 WHERE id = ?1", params![a.placement_id, desired])?;
             } else {
-                let spec = serde_json::to_string(&a.spec).unwrap_or_default();
+                let spec = serde_json::to_string(&a.spec)?;
                 tx.execute(
                     "INSERT INTO placements (id, task_id, fence, desired, spec, observed) VALUES (?1, ?2, ?3, ?4, ?5, 'pending')",
                     params![a.placement_id, a.task_id, a.fence as i64, desired, spec],
@@ -240,21 +268,35 @@ impl Ledger {
             let spec: String = r.get(4)?;
             let observed: String = r.get(5)?;
             let endpoints: String = r.get(9)?;
-            let Ok(spec) = serde_json::from_str::<TaskSpec>(&spec) else {
-                tracing::error!(placement = %id, "unreadable spec in worker ledger; skipping it");
-                return Ok(None);
+            let spec = match serde_json::from_str::<TaskSpec>(&spec) {
+                Ok(spec) => spec,
+                Err(error) => {
+                    tracing::error!(placement = %id, %error, "unreadable spec in worker ledger; skipping it");
+                    metrics::counter!("holdfast_worker_ledger_unreadable_total").increment(1);
+                    return Ok(None);
+                }
             };
+            let observed = Observed::parse(&observed).unwrap_or_else(|| {
+                tracing::warn!(placement = %id, %observed, "unreadable observed state in worker ledger; read as pending");
+                metrics::counter!("holdfast_worker_ledger_unreadable_total").increment(1);
+                Observed::Pending
+            });
+            let endpoints = serde_json::from_str(&endpoints).unwrap_or_else(|error| {
+                tracing::warn!(placement = %id, %error, "unreadable endpoints in worker ledger; read as none");
+                metrics::counter!("holdfast_worker_ledger_unreadable_total").increment(1);
+                Vec::new()
+            });
             Ok(Some(Held {
                 id,
                 task_id: r.get(1)?,
                 fence: r.get::<_, i64>(2)? as u64,
                 desired: Desired::from_stored(&desired),
                 spec,
-                observed: Observed::parse(&observed).unwrap_or(Observed::Pending),
+                observed,
                 exit_code: r.get(6)?,
                 reason: r.get(7)?,
                 restarts: r.get::<_, i64>(8)? as u32,
-                endpoints: serde_json::from_str(&endpoints).unwrap_or_default(),
+                endpoints,
                 container_id: r.get(10)?,
                 next_start_ms: r.get::<_, Option<i64>>(11)?.map(|v| v as u64),
                 suspended: r.get(12)?,
@@ -276,7 +318,7 @@ impl Ledger {
             tx.query_row("SELECT value FROM meta WHERE key = 'acked_seq'", [], |r| r.get(0)).optional()?;
         let floor: i64 = floor.and_then(|v| v.parse().ok()).unwrap_or(0);
         let seq = seq.max(floor) + 1;
-        let endpoints = serde_json::to_string(&change.endpoints).unwrap_or_else(|_| "[]".into());
+        let endpoints = serde_json::to_string(&change.endpoints)?;
         tx.execute(
             "UPDATE placements SET observed = ?2, exit_code = ?3, reason = ?4, restarts = ?5, endpoints = ?6,
                container_id = COALESCE(?7, container_id), next_start_ms = ?8, suspended = ?9 WHERE id = ?1",
@@ -307,10 +349,7 @@ impl Ledger {
             refused: change.refused,
             story: change.story.clone(),
         };
-        tx.execute(
-            "INSERT INTO outbox (seq, report) VALUES (?1, ?2)",
-            params![seq, serde_json::to_string(&report).unwrap_or_default()],
-        )?;
+        tx.execute("INSERT INTO outbox (seq, report) VALUES (?1, ?2)", params![seq, serde_json::to_string(&report)?])?;
         tx.commit()?;
         Ok(seq as u64)
     }
@@ -361,5 +400,42 @@ impl Ledger {
             .query_row("SELECT fence FROM task_fences WHERE task_id = ?1", [task_id], |r| r.get(0))
             .optional()?;
         Ok(v.unwrap_or(0) as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directory_that_cannot_be_created_is_named_with_the_filesystem_cause() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        // A regular file where a parent directory should be: no mkdir can get past it,
+        // whoever runs the test (root included).
+        let file = tmp.path().join("plain-file");
+        std::fs::write(&file, b"").expect("write");
+        let dir = file.join("worker");
+        let err = Ledger::open(&dir, "w1").err().expect("cannot open under a file");
+        assert!(matches!(&err, LedgerError::CreateDir { dir: d, .. } if d == &dir), "{err:?}");
+        assert!(err.to_string().contains(&dir.display().to_string()), "names the directory: {err}");
+    }
+
+    #[test]
+    fn a_numeric_meta_value_round_trips_and_an_unreadable_one_reads_as_zero() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(tmp.path(), "w1").expect("open");
+        assert_eq!(ledger.meta_u64("lease_ms").expect("absent"), 0);
+        ledger.set_meta_u64("lease_ms", 30_000).expect("write");
+        assert_eq!(ledger.meta_u64("lease_ms").expect("read"), 30_000);
+        ledger.conn().execute("UPDATE meta SET value = 'soon' WHERE key = 'lease_ms'", []).expect("corrupt");
+        assert_eq!(ledger.meta_u64("lease_ms").expect("unreadable is not an error"), 0);
+    }
+
+    #[test]
+    fn a_ledger_belongs_to_the_node_that_made_it() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(&tmp.path().join("worker"), "w1").expect("open");
+        assert!(ledger.outbox(10).expect("outbox").is_empty());
+        assert!(matches!(Ledger::open(&tmp.path().join("worker"), "w2"), Err(LedgerError::Foreign { .. })));
     }
 }

@@ -196,7 +196,7 @@ fn classify(what: &str, error: DockerError, refusal: Refusal) -> RuntimeError {
     match (status_of(&error), refusal) {
         (Some(404), _) => RuntimeError::NotFound(message_of(&error)),
         (Some(_), Refusal::Task) => RuntimeError::Rejected(message_of(&error)),
-        _ => RuntimeError::Unavailable(format!("docker {what}: {}", message_of(&error))),
+        _ => RuntimeError::engine(format!("docker {what}: {}", message_of(&error))),
     }
 }
 
@@ -208,7 +208,7 @@ async fn bounded<T>(
 ) -> Result<Result<T, DockerError>, RuntimeError> {
     tokio::time::timeout(limit, call)
         .await
-        .map_err(|_| RuntimeError::Unavailable(format!("docker {what} did not answer within {limit:?}")))
+        .map_err(|_| RuntimeError::engine(format!("docker {what} did not answer within {limit:?}")))
 }
 
 impl DockerRuntime {
@@ -233,14 +233,14 @@ impl DockerRuntime {
             None => Docker::connect_with_defaults(),
         };
         let docker = docker
-            .map_err(|e| RuntimeError::Unavailable(format!("{e}; {}", hint())))?
+            .map_err(|e| RuntimeError::engine(format!("{e}; {}", hint())))?
             // Our per-call timeouts are the real bounds; bollard's single client-wide
             // timeout would otherwise cut builds and long stops short.
             .with_timeout(Duration::from_secs(3600));
         // bollard speaks a newer API than older engines (20.10 = 1.41) accept.
         let docker = bounded("version", config.timeouts.connect, docker.negotiate_version())
             .await?
-            .map_err(|e| RuntimeError::Unavailable(format!("{e}; {}", hint())))?;
+            .map_err(|e| RuntimeError::engine(format!("{e}; {}", hint())))?;
         Ok(DockerRuntime {
             docker,
             config,
@@ -259,7 +259,7 @@ impl DockerRuntime {
     ) -> impl futures::Stream<Item = Result<bytes::Bytes, RuntimeError>> + 'static {
         self.docker.export_image(image).map_err(|e| match status_of(&e) {
             Some(404) => RuntimeError::ImageUnavailable { image: String::new(), reason: message_of(&e) },
-            _ => RuntimeError::Unavailable(format!("docker save: {}", message_of(&e))),
+            _ => RuntimeError::engine(format!("docker save: {}", message_of(&e))),
         })
     }
 
@@ -302,7 +302,7 @@ impl DockerRuntime {
                     sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect::<String>()
                 })
                 .await
-                .map_err(|e| RuntimeError::Unavailable(format!("hashing the binary: {e}")))?;
+                .map_err(|e| RuntimeError::engine(format!("hashing the binary: {e}")))?;
                 Ok(digest)
             })
             .await
@@ -372,7 +372,7 @@ impl DockerRuntime {
             DockerError::DockerResponseServerError { .. } | DockerError::DockerStreamError { .. } => {
                 unavailable(message_of(&e))
             }
-            other => RuntimeError::Unavailable(format!("docker build: {other}")),
+            other => RuntimeError::engine(format!("docker build: {other}")),
         })?;
 
         let mut tags = vec![version_tag.clone()];
@@ -416,7 +416,7 @@ impl DockerRuntime {
             DockerError::DockerResponseServerError { .. } | DockerError::DockerStreamError { .. } => {
                 RuntimeError::ImageUnavailable { image: image.to_owned(), reason: message_of(&e) }
             }
-            other => RuntimeError::Unavailable(format!("docker pull: {other}")),
+            other => RuntimeError::engine(format!("docker pull: {other}")),
         })
     }
 
@@ -515,7 +515,7 @@ impl DockerRuntime {
             DockerError::DockerResponseServerError { .. } | DockerError::DockerStreamError { .. } => {
                 unavailable(message_of(&e))
             }
-            other => RuntimeError::Unavailable(format!("docker build: {other}")),
+            other => RuntimeError::engine(format!("docker build: {other}")),
         })?;
         tracing::info!(%image, "built the guard image from {}", path.display());
         Ok(())
@@ -556,7 +556,7 @@ impl DockerRuntime {
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                Err(RuntimeError::Unavailable(format!("guard volume {name} not ready within the create timeout")))
+                Err(RuntimeError::engine(format!("guard volume {name} not ready within the create timeout")))
             }
             Err(e) => Err(classify("create", e, Refusal::Task)),
         }
@@ -676,7 +676,7 @@ impl Runtime for DockerRuntime {
             DockerError::DockerResponseServerError { .. } | DockerError::DockerStreamError { .. } => {
                 RuntimeError::Rejected(format!("docker load: {}", message_of(&e)))
             }
-            other => RuntimeError::Unavailable(format!("docker load: {other}")),
+            other => RuntimeError::engine(format!("docker load: {other}")),
         })
     }
 

@@ -78,7 +78,7 @@ impl FakeRuntime {
 
     fn check_available(&self) -> Result<(), RuntimeError> {
         if self.unavailable.load(Ordering::Relaxed) {
-            return Err(RuntimeError::Unavailable("fake engine set unavailable".into()));
+            return Err(RuntimeError::engine("fake engine set unavailable"));
         }
         Ok(())
     }

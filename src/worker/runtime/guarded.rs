@@ -11,7 +11,7 @@ use std::num::{NonZeroU32, NonZeroUsize};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{ContainerInfo, ContainerSpec, EngineInfo, Runtime, RuntimeError};
+use super::{ContainerInfo, ContainerSpec, EngineInfo, EngineUnavailable, Runtime, RuntimeError};
 use crate::resilience::{BreakerConfig, BreakerState, BulkheadConfig, Guard, GuardError, Registry};
 
 /// Breaker name of the container engine, as health and metrics show it.
@@ -108,11 +108,17 @@ fn engine_failure(e: &RuntimeError) -> bool {
     matches!(e, RuntimeError::Unavailable(_))
 }
 
+/// The guard's own refusals become [`RuntimeError::Unavailable`] (the engine cannot be
+/// used now, not the task's fault) with their kind kept in [`EngineUnavailable`].
 fn flatten(e: GuardError<RuntimeError>) -> RuntimeError {
-    match e {
-        GuardError::Inner(e) => e,
-        other => RuntimeError::Unavailable(other.to_string()),
-    }
+    let why = match e {
+        GuardError::Inner(e) => return e,
+        GuardError::Full(full) => EngineUnavailable::BulkheadFull(full),
+        GuardError::Open { name, retry_in } => EngineUnavailable::BreakerOpen { name, retry_in },
+        GuardError::TimedOut(t) => EngineUnavailable::TimedOut(t),
+        GuardError::Panicked { name, message } => EngineUnavailable::Panicked { name, message },
+    };
+    RuntimeError::Unavailable(why)
 }
 
 async fn guarded<T>(
@@ -213,7 +219,7 @@ mod tests {
         fn answer<T>(&self, v: T) -> Result<T, RuntimeError> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             if self.down.load(Ordering::SeqCst) {
-                Err(RuntimeError::Unavailable("connection refused".into()))
+                Err(RuntimeError::engine("connection refused"))
             } else {
                 Ok(v)
             }
@@ -280,7 +286,10 @@ mod tests {
         assert!(reg.snapshot().degraded());
         let before = fake.calls.load(Ordering::SeqCst);
         let err = rt.ensure_image("holdfast/echo:latest").await.expect_err("open");
-        assert!(err.to_string().contains("dependency docker is failing"), "{err}");
+        assert!(
+            matches!(&err, RuntimeError::Unavailable(EngineUnavailable::BreakerOpen { name, .. }) if name == ENGINE),
+            "{err:?}"
+        );
         assert_eq!(fake.calls.load(Ordering::SeqCst), before, "the engine was not called");
         // The engine comes back; after the open period one probe closes the breaker.
         fake.down.store(false, Ordering::SeqCst);
@@ -313,12 +322,29 @@ mod tests {
             tokio::task::yield_now().await;
         }
         let err = rt.remove("c2").await.expect_err("lifecycle full");
-        assert!(err.to_string().contains("bulkhead docker.lifecycle is full"), "{err}");
+        assert!(
+            matches!(&err, RuntimeError::Unavailable(EngineUnavailable::BulkheadFull(f)) if f.name == "docker.lifecycle"),
+            "{err:?}"
+        );
         assert!(rt.list(&[]).await.is_ok());
         assert!(rt.ensure_image("holdfast/echo:latest").await.is_ok());
         assert!(rt.engine_ok(), "a full bulkhead is our load, not the engine's failure");
         fake.stop_gate.notify_one();
         assert!(stuck.await.expect("task").is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_call_ends_at_the_backstop_as_a_timeout_and_counts_against_the_engine() {
+        let (_fake, rt, _reg) = setup();
+        // The fake's stop never returns unless released: the guard's backstop ends it.
+        for _ in 0..3 {
+            let err = rt.stop("c1", Duration::from_secs(1)).await.expect_err("hung");
+            assert!(
+                matches!(&err, RuntimeError::Unavailable(EngineUnavailable::TimedOut(t)) if t.what == "docker.stop"),
+                "{err:?}"
+            );
+        }
+        assert!(!rt.engine_ok(), "three timeouts open the engine's breaker");
     }
 
     fn spec() -> ContainerSpec {

@@ -111,9 +111,10 @@ pub struct EngineInfo {
 /// Failures of the runtime, sorted by what the caller should do about them.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
-    /// The engine could not be reached or timed out: not the task's fault, retry later.
+    /// The engine could not be reached or timed out, or the guard in front of it
+    /// turned the call away: not the task's fault, retry later. The kind is kept.
     #[error("container engine unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(EngineUnavailable),
     /// The image is absent and cannot be obtained (engine's reason included).
     #[error("image {image} unavailable: {reason}")]
     ImageUnavailable {
@@ -128,6 +129,45 @@ pub enum RuntimeError {
     /// No such container.
     #[error("no such container {0}")]
     NotFound(String),
+}
+
+impl RuntimeError {
+    /// The engine's own failure, in its words: [`EngineUnavailable::Engine`].
+    pub fn engine(message: impl Into<String>) -> Self {
+        RuntimeError::Unavailable(EngineUnavailable::Engine(message.into()))
+    }
+}
+
+/// Why the container engine could not be used: its own failure, or the worker's guard
+/// (`guarded.rs`) turning the call away before or while it ran. Callers and tests
+/// match on the variant, never on the text.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineUnavailable {
+    /// The engine failed or did not answer within its own per-call timeout.
+    #[error("{0}")]
+    Engine(String),
+    /// The engine's breaker is open: the call did not run.
+    #[error("dependency {name} is failing; retry in {retry_in:?}")]
+    BreakerOpen {
+        /// Breaker name (`guarded::ENGINE`).
+        name: String,
+        /// When a probe may be admitted (a hint).
+        retry_in: Duration,
+    },
+    /// Every slot for this kind of call is taken: the call did not run.
+    #[error(transparent)]
+    BulkheadFull(#[from] crate::resilience::BulkheadFull),
+    /// The guard's backstop timeout passed (counted as an engine failure).
+    #[error(transparent)]
+    TimedOut(#[from] crate::resilience::TimedOut),
+    /// The call panicked inside the guard (counted as an engine failure).
+    #[error("call through {name} panicked: {message}")]
+    Panicked {
+        /// Breaker name.
+        name: String,
+        /// Panic message.
+        message: String,
+    },
 }
 
 /// A `docker load` archive as it is assembled (see `worker::images`).
