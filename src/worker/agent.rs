@@ -25,7 +25,7 @@ use crate::guard::Deadline;
 use crate::lock;
 use crate::model::now_ms;
 use crate::model::sync::{LogReply, NodeResources, NotLeader, SyncRequest, SyncResponse};
-use crate::model::{Desired, Observed};
+use crate::model::{Desired, Observed, Story};
 use crate::net::identity::{spawn_renewal, IdentityError, IdentitySettings, NodeTls};
 use crate::net::pki::Role;
 use crate::resilience::retry::RetryPolicy;
@@ -423,7 +423,7 @@ async fn sync_loop(w: Arc<Worker>, mut shutdown: broadcast::Receiver<()>) {
 async fn answer_logs(w: &Worker, addr: &str, lr: &crate::model::sync::LogRequest) {
     let (id, placement_id, tail) = (lr.id, lr.placement_id.as_str(), lr.tail);
     let held = w.ledger.all().unwrap_or_default();
-    let result = match held.iter().find(|h| h.id == placement_id).and_then(|h| h.container_id.clone()) {
+    let result = match held.iter().find(|h| h.id == placement_id).and_then(|h| h.status.container_id.clone()) {
         None => Err(format!("placement {placement_id} has no container on node {}", w.cfg.node)),
         Some(cid) => match &lr.after {
             Some(after) => w.runtime.logs_after(&cid, tail, after).await.map_err(|e| e.to_string()),
@@ -461,8 +461,8 @@ async fn fence_loop(w: Arc<Worker>, mut shutdown: broadcast::Receiver<()>) {
         let targets: Vec<String> = held
             .into_iter()
             .filter(|h| h.spec.guarded() && h.desired == Desired::Run && !h.suspended)
-            .filter(|h| matches!(h.observed, Observed::Running | Observed::Starting | Observed::Restarting))
-            .filter_map(|h| h.container_id)
+            .filter(|h| matches!(h.status.observed, Observed::Running | Observed::Starting | Observed::Restarting))
+            .filter_map(|h| h.status.container_id)
             .collect();
         futures::stream::iter(targets)
             .for_each_concurrent(DEADLINE_CONCURRENCY, |cid| {
@@ -564,16 +564,16 @@ fn note_authority(w: &Worker, held: &[Held], lease_valid: bool, now: u64) {
     if was == lease_valid {
         return;
     }
-    let story = if lease_valid { "authority-renewed" } else { "cached-authority" };
+    let story = if lease_valid { Story::AuthorityRenewed } else { Story::CachedAuthority };
     if lease_valid {
         tracing::info!(node = %w.cfg.node, "lease renewed by a manager");
     } else {
         tracing::warn!(node = %w.cfg.node, "lease expired; running placements continue under cached authority per their offline mode");
     }
-    for h in held.iter().filter(|h| h.desired == Desired::Run && h.observed == Observed::Running) {
-        let mut ch = base_change(h, Observed::Running);
-        ch.story = Some(story.to_string());
-        ch.reason = Some(if lease_valid {
+    for h in held.iter().filter(|h| h.desired == Desired::Run && h.status.observed == Observed::Running) {
+        let mut ch = Change::carrying(h, Observed::Running);
+        ch.story = Some(story.clone());
+        ch.status.reason = Some(if lease_valid {
             format!("lease renewed at {now}")
         } else {
             format!("lease expired at {now}; offline mode {}", h.spec.offline_mode().as_str())
@@ -593,14 +593,15 @@ fn supervise_health(w: &Arc<Worker>, held: &[Held], containers: &[ContainerInfo]
     let judged: HashSet<String> = lock(&w.unhealthy).keys().cloned().collect();
     let mut wanted: HashMap<&str, (&Held, &ContainerInfo)> = HashMap::new();
     for h in held {
-        if h.desired != Desired::Run || h.observed != Observed::Running || h.spec.health.is_none() {
+        if h.desired != Desired::Run || h.status.observed != Observed::Running || h.spec.health.is_none() {
             continue;
         }
         if judged.contains(&h.id) {
             continue;
         }
-        let running =
-            containers.iter().find(|c| Some(&c.id) == h.container_id.as_ref() && c.state == ContainerState::Running);
+        let running = containers
+            .iter()
+            .find(|c| Some(&c.id) == h.status.container_id.as_ref() && c.state == ContainerState::Running);
         if let Some(c) = running {
             wanted.insert(h.id.as_str(), (h, c));
         }
@@ -609,7 +610,7 @@ fn supervise_health(w: &Arc<Worker>, held: &[Held], containers: &[ContainerInfo]
     probers.retain(|id, p| {
         let keep = wanted
             .get(id.as_str())
-            .is_some_and(|(h, c)| p.key == (c.id.clone(), h.restarts) && !p.handle.is_finished());
+            .is_some_and(|(h, c)| p.key == (c.id.clone(), h.status.restarts) && !p.handle.is_finished());
         if !keep {
             p.handle.abort();
         }
@@ -639,7 +640,7 @@ fn supervise_health(w: &Arc<Worker>, held: &[Held], containers: &[ContainerInfo]
             lock(&worker.unhealthy).insert(pid, Unhealthy { container_id: cid, reason });
             worker.wake_reconcile.notify_one();
         });
-        probers.insert(id.to_string(), Prober { key: (c.id.clone(), h.restarts), handle: task.abort_handle() });
+        probers.insert(id.to_string(), Prober { key: (c.id.clone(), h.status.restarts), handle: task.abort_handle() });
     }
 }
 
@@ -648,10 +649,6 @@ fn record(w: &Worker, h: &Held, change: Change) {
         Ok(_) => w.wake_sync.notify_one(),
         Err(e) => tracing::error!(placement = %h.id, error = %e, "could not record status"),
     }
-}
-
-fn base_change(h: &Held, observed: Observed) -> Change {
-    Change::carrying(h, observed)
 }
 
 fn container_spec(node: &str, h: &Held, guard: Option<GuardSpec>) -> ContainerSpec {
@@ -715,11 +712,11 @@ async fn execute(w: &Arc<Worker>, held: &[Held], action: Action) {
     match action {
         Action::Report { placement_id, change } => {
             if let Some(h) = find(&placement_id) {
-                if change.story.as_deref() == Some("fenced") {
-                    tracing::warn!(placement = %h.id, reason = ?change.reason, "the guard stopped this task at its deadline");
+                if change.story == Some(Story::Fenced) {
+                    tracing::warn!(placement = %h.id, reason = ?change.status.reason, "the guard stopped this task at its deadline");
                 }
                 // Once the exit of an unhealthy container is recorded, its verdict is spent.
-                let spent = change.observed != Observed::Running;
+                let spent = change.status.observed != Observed::Running;
                 record(w, &h, change);
                 if spent {
                     lock(&w.unhealthy).remove(&placement_id);
@@ -757,11 +754,11 @@ async fn execute(w: &Arc<Worker>, held: &[Held], action: Action) {
                 // before a manager has replaced the placement.
                 match w2.runtime.stop(&container_id, w2.cfg.stop_grace).await {
                     Ok(()) => {
-                        let mut ch = base_change(&h, Observed::Restarting);
+                        let mut ch = Change::carrying(&h, Observed::Restarting);
                         ch.suspended = true;
-                        ch.endpoints.clear();
-                        ch.story = Some("stopped-on-expiry".into());
-                        ch.reason = Some(format!(
+                        ch.status.endpoints.clear();
+                        ch.story = Some(Story::StoppedOnExpiry);
+                        ch.status.reason = Some(format!(
                             "lease expired at {}: stopped (offline mode exclusive) until a manager confirms",
                             now_ms()
                         ));
@@ -782,11 +779,11 @@ async fn execute(w: &Arc<Worker>, held: &[Held], action: Action) {
                 }
                 match w2.runtime.start(&container_id).await {
                     Ok(info) => {
-                        let mut ch = base_change(&h, Observed::Running);
-                        ch.container_id = Some(container_id);
-                        ch.endpoints = super::reconcile::endpoints(&w2.cfg.advertise_host, &info);
-                        ch.story = Some("resumed".into());
-                        ch.reason = Some("lease renewed: started again".into());
+                        let mut ch = Change::carrying(&h, Observed::Running);
+                        ch.status.container_id = Some(container_id);
+                        ch.status.endpoints = super::reconcile::endpoints(&w2.cfg.advertise_host, &info);
+                        ch.story = Some(Story::Resumed);
+                        ch.status.reason = Some("lease renewed: started again".into());
                         record(&w2, &h, ch);
                     }
                     Err(e) => tracing::warn!(placement = %h.id, error = %e, "could not resume; will retry"),
@@ -811,8 +808,8 @@ async fn execute(w: &Arc<Worker>, held: &[Held], action: Action) {
                 let removed = w2.runtime.remove(&container_id).await;
                 match stopped.and(removed) {
                     Ok(()) => {
-                        let mut ch = base_change(&h, Observed::Stopped);
-                        ch.endpoints.clear();
+                        let mut ch = Change::carrying(&h, Observed::Stopped);
+                        ch.status.endpoints.clear();
                         record(&w2, &h, ch);
                         lock(&w2.unhealthy).remove(&h.id);
                     }
@@ -830,15 +827,15 @@ async fn restart(w: &Worker, h: &Held, container_id: String) {
     }
     match w.runtime.start(&container_id).await {
         Ok(_) => {
-            let mut ch = base_change(h, Observed::Running);
-            ch.restarts = h.restarts + 1;
-            ch.container_id = Some(container_id);
+            let mut ch = Change::carrying(h, Observed::Running);
+            ch.status.restarts = h.status.restarts + 1;
+            ch.status.container_id = Some(container_id);
             record(w, h, ch);
         }
         Err(RuntimeError::Unavailable(e)) => tracing::warn!(error = %e, "engine unavailable; restart later"),
         Err(e) => {
-            let mut ch = base_change(h, Observed::Failed);
-            ch.reason = Some(format!("restart failed: {e}"));
+            let mut ch = Change::carrying(h, Observed::Failed);
+            ch.status.reason = Some(format!("restart failed: {e}"));
             record(w, h, ch);
         }
     }
@@ -889,10 +886,10 @@ async fn fetch_image(w: &Worker, h: &Held) -> Option<Held> {
             return Some(h.clone());
         }
     };
-    let pulling = Held { observed: Observed::Pulling, ..h.clone() };
+    let pulling = h.in_state(Observed::Pulling);
     let say = |done: u64, total: u64| {
-        let mut ch = base_change(&pulling, Observed::Pulling);
-        ch.reason = Some(format!("fetching {image} from the managers: {done} of {total} bytes"));
+        let mut ch = Change::carrying(&pulling, Observed::Pulling);
+        ch.status.reason = Some(format!("fetching {image} from the managers: {done} of {total} bytes"));
         record(w, &pulling, ch);
     };
     say(0, entry.size());
@@ -922,8 +919,8 @@ async fn fetch_image(w: &Worker, h: &Held) -> Option<Held> {
         }
         Err(e) => {
             tracing::warn!(placement = %h.id, %image, error = %e, "image fetch failed");
-            let mut ch = base_change(&pulling, Observed::Failed);
-            ch.reason = Some(format!("image {image}: fetch from the managers failed: {e}"));
+            let mut ch = Change::carrying(&pulling, Observed::Failed);
+            ch.status.reason = Some(format!("image {image}: fetch from the managers failed: {e}"));
             record(w, &pulling, ch);
             None
         }
@@ -936,8 +933,8 @@ async fn create(w: &Worker, h: &Held) {
         Ok(Ok(())) => {}
         Ok(Err(refused)) => {
             tracing::warn!(placement = %h.id, reason = %refused, "not starting");
-            let mut ch = base_change(h, Observed::Failed);
-            ch.reason = Some(refused);
+            let mut ch = Change::carrying(h, Observed::Failed);
+            ch.status.reason = Some(refused);
             ch.refused = true;
             record(w, h, ch);
             return;
@@ -948,17 +945,17 @@ async fn create(w: &Worker, h: &Held) {
         }
     }
     let Some(h) = &fetch_image(w, h).await else { return };
-    if matches!(h.observed, Observed::Pending | Observed::Pulling) {
-        record(w, h, base_change(h, Observed::Starting));
+    if matches!(h.status.observed, Observed::Pending | Observed::Pulling) {
+        record(w, h, Change::carrying(h, Observed::Starting));
     }
-    let h = &Held { observed: Observed::Starting, ..h.clone() };
+    let h = &h.in_state(Observed::Starting);
     let admitted_ms = started.elapsed().as_millis() as u64;
     if let Err(e) = w.runtime.ensure_image(&h.spec.image).await {
         match e {
             RuntimeError::Unavailable(msg) => tracing::warn!(error = %msg, "engine unavailable; will retry"),
             other => {
-                let mut ch = base_change(h, Observed::Failed);
-                ch.reason = Some(other.to_string());
+                let mut ch = Change::carrying(h, Observed::Failed);
+                ch.status.reason = Some(other.to_string());
                 record(w, h, ch);
             }
         }
@@ -971,8 +968,8 @@ async fn create(w: &Worker, h: &Held) {
             match e {
                 RuntimeError::Unavailable(msg) => tracing::warn!(error = %msg, "engine unavailable; will retry"),
                 other => {
-                    let mut ch = base_change(h, Observed::Failed);
-                    ch.reason = Some(format!("cannot prepare the exclusive guard: {other}"));
+                    let mut ch = Change::carrying(h, Observed::Failed);
+                    ch.status.reason = Some(format!("cannot prepare the exclusive guard: {other}"));
                     record(w, h, ch);
                 }
             }
@@ -1004,17 +1001,17 @@ async fn create(w: &Worker, h: &Held) {
                     }
                 }
             }
-            let mut ch = base_change(h, Observed::Running);
-            ch.container_id = Some(info.id.clone());
-            ch.endpoints = super::reconcile::endpoints(&w.cfg.advertise_host, &info);
-            ch.reason = None;
+            let mut ch = Change::carrying(h, Observed::Running);
+            ch.status.container_id = Some(info.id.clone());
+            ch.status.endpoints = super::reconcile::endpoints(&w.cfg.advertise_host, &info);
+            ch.status.reason = None;
             record(w, h, ch);
             tracing::info!(placement = %h.id, container = %info.id, ms = started.elapsed().as_millis() as u64, "started");
         }
         Err(RuntimeError::Unavailable(msg)) => tracing::warn!(error = %msg, "engine unavailable; will retry"),
         Err(e) => {
-            let mut ch = base_change(h, Observed::Failed);
-            ch.reason = Some(e.to_string());
+            let mut ch = Change::carrying(h, Observed::Failed);
+            ch.status.reason = Some(e.to_string());
             record(w, h, ch);
         }
     }
