@@ -712,15 +712,7 @@ async fn execute(w: &Arc<Worker>, held: &[Held], action: Action) {
     match action {
         Action::Report { placement_id, change } => {
             if let Some(h) = find(&placement_id) {
-                if change.story == Some(Story::Fenced) {
-                    tracing::warn!(placement = %h.id, reason = ?change.status.reason, "the guard stopped this task at its deadline");
-                }
-                // Once the exit of an unhealthy container is recorded, its verdict is spent.
-                let spent = change.status.observed != Observed::Running;
-                record(w, &h, change);
-                if spent {
-                    lock(&w.unhealthy).remove(&placement_id);
-                }
+                report(w, &h, change);
             }
         }
         Action::Forget { placement_id } => {
@@ -730,11 +722,7 @@ async fn execute(w: &Arc<Worker>, held: &[Held], action: Action) {
         Action::RemoveOrphan { container_id } => {
             let w2 = w.clone();
             let key = orphan_key(&container_id);
-            spawn_job(w, &w.stops, key, async move {
-                tracing::info!(container = %container_id, "removing container no placement owns");
-                let _ = w2.runtime.stop(&container_id, w2.cfg.stop_grace).await;
-                let _ = w2.runtime.remove(&container_id).await;
-            });
+            spawn_job(w, &w.stops, key, async move { remove_orphan(&w2, &container_id).await });
         }
         Action::Create { placement_id } => {
             let Some(h) = find(&placement_id) else { return };
@@ -749,74 +737,105 @@ async fn execute(w: &Arc<Worker>, held: &[Held], action: Action) {
         Action::Suspend { placement_id, container_id } => {
             let Some(h) = find(&placement_id) else { return };
             let w2 = w.clone();
-            spawn_job(w, &w.stops, placement_id, async move {
-                // Stopped, not removed: the same container resumes if the lease returns
-                // before a manager has replaced the placement.
-                match w2.runtime.stop(&container_id, w2.cfg.stop_grace).await {
-                    Ok(()) => {
-                        let mut ch = Change::carrying(&h, Observed::Restarting);
-                        ch.suspended = true;
-                        ch.status.endpoints.clear();
-                        ch.story = Some(Story::StoppedOnExpiry);
-                        ch.status.reason = Some(format!(
-                            "lease expired at {}: stopped (offline mode exclusive) until a manager confirms",
-                            now_ms()
-                        ));
-                        record(&w2, &h, ch);
-                    }
-                    Err(e) => {
-                        tracing::warn!(placement = %h.id, error = %e, "could not stop on lease expiry; will retry")
-                    }
-                }
-            });
+            spawn_job(w, &w.stops, placement_id, async move { suspend(&w2, &h, &container_id).await });
         }
         Action::Resume { placement_id, container_id } => {
             let Some(h) = find(&placement_id) else { return };
             let w2 = w.clone();
-            spawn_job(w, &w.creates, placement_id, async move {
-                if !arm_guard(&w2, &h, &container_id).await {
-                    return;
-                }
-                match w2.runtime.start(&container_id).await {
-                    Ok(info) => {
-                        let mut ch = Change::carrying(&h, Observed::Running);
-                        ch.status.container_id = Some(container_id);
-                        ch.status.endpoints = super::reconcile::endpoints(&w2.cfg.advertise_host, &info);
-                        ch.story = Some(Story::Resumed);
-                        ch.status.reason = Some("lease renewed: started again".into());
-                        record(&w2, &h, ch);
-                    }
-                    Err(e) => tracing::warn!(placement = %h.id, error = %e, "could not resume; will retry"),
-                }
-            });
+            spawn_job(w, &w.creates, placement_id, async move { resume(&w2, &h, container_id).await });
         }
         Action::StopUnhealthy { placement_id, container_id } => {
             let Some(h) = find(&placement_id) else { return };
             let w2 = w.clone();
-            spawn_job(w, &w.stops, placement_id, async move {
-                // Stopped, not removed: the restart policy reuses the container.
-                if let Err(e) = w2.runtime.stop(&container_id, w2.cfg.stop_grace).await {
-                    tracing::warn!(placement = %h.id, error = %e, "could not stop unhealthy container; will retry");
-                }
-            });
+            spawn_job(w, &w.stops, placement_id, async move { stop_unhealthy(&w2, &h, &container_id).await });
         }
         Action::StopRemove { placement_id, container_id } => {
             let Some(h) = find(&placement_id) else { return };
             let w2 = w.clone();
-            spawn_job(w, &w.stops, placement_id, async move {
-                let stopped = w2.runtime.stop(&container_id, w2.cfg.stop_grace).await;
-                let removed = w2.runtime.remove(&container_id).await;
-                match stopped.and(removed) {
-                    Ok(()) => {
-                        let mut ch = Change::carrying(&h, Observed::Stopped);
-                        ch.status.endpoints.clear();
-                        record(&w2, &h, ch);
-                        lock(&w2.unhealthy).remove(&h.id);
-                    }
-                    Err(e) => tracing::warn!(placement = %h.id, error = %e, "stop failed; will retry"),
-                }
-            });
+            spawn_job(w, &w.stops, placement_id, async move { stop_remove(&w2, &h, &container_id).await });
         }
+    }
+}
+
+/// Records a change reconcile decided on.
+fn report(w: &Worker, h: &Held, change: Change) {
+    if change.story == Some(Story::Fenced) {
+        tracing::warn!(placement = %h.id, reason = ?change.status.reason, "the guard stopped this task at its deadline");
+    }
+    // Once the exit of an unhealthy container is recorded, its verdict is spent.
+    let spent = change.status.observed != Observed::Running;
+    record(w, h, change);
+    if spent {
+        lock(&w.unhealthy).remove(&h.id);
+    }
+}
+
+/// Stops and removes a container no held placement owns.
+async fn remove_orphan(w: &Worker, container_id: &str) {
+    tracing::info!(container = %container_id, "removing container no placement owns");
+    let _ = w.runtime.stop(container_id, w.cfg.stop_grace).await;
+    let _ = w.runtime.remove(container_id).await;
+}
+
+/// Lease expired on an `exclusive` placement: stops its container, recorded as suspended.
+async fn suspend(w: &Worker, h: &Held, container_id: &str) {
+    // Stopped, not removed: the same container resumes if the lease returns
+    // before a manager has replaced the placement.
+    match w.runtime.stop(container_id, w.cfg.stop_grace).await {
+        Ok(()) => {
+            let mut ch = Change::carrying(h, Observed::Restarting);
+            ch.suspended = true;
+            ch.status.endpoints.clear();
+            ch.story = Some(Story::StoppedOnExpiry);
+            ch.status.reason = Some(format!(
+                "lease expired at {}: stopped (offline mode exclusive) until a manager confirms",
+                now_ms()
+            ));
+            record(w, h, ch);
+        }
+        Err(e) => tracing::warn!(placement = %h.id, error = %e, "could not stop on lease expiry; will retry"),
+    }
+}
+
+/// Lease renewed: starts a suspended placement's container again.
+async fn resume(w: &Worker, h: &Held, container_id: String) {
+    if !arm_guard(w, h, &container_id).await {
+        return;
+    }
+    match w.runtime.start(&container_id).await {
+        Ok(info) => {
+            let mut ch = Change::carrying(h, Observed::Running);
+            ch.status.container_id = Some(container_id);
+            ch.status.endpoints = super::reconcile::endpoints(&w.cfg.advertise_host, &info);
+            ch.story = Some(Story::Resumed);
+            ch.status.reason = Some("lease renewed: started again".into());
+            record(w, h, ch);
+        }
+        Err(e) => tracing::warn!(placement = %h.id, error = %e, "could not resume; will retry"),
+    }
+}
+
+/// Stops a container its probes judged unhealthy; its exit then goes through the
+/// restart policy.
+async fn stop_unhealthy(w: &Worker, h: &Held, container_id: &str) {
+    // Stopped, not removed: the restart policy reuses the container.
+    if let Err(e) = w.runtime.stop(container_id, w.cfg.stop_grace).await {
+        tracing::warn!(placement = %h.id, error = %e, "could not stop unhealthy container; will retry");
+    }
+}
+
+/// Stops and removes a placement's container, recorded as stopped.
+async fn stop_remove(w: &Worker, h: &Held, container_id: &str) {
+    let stopped = w.runtime.stop(container_id, w.cfg.stop_grace).await;
+    let removed = w.runtime.remove(container_id).await;
+    match stopped.and(removed) {
+        Ok(()) => {
+            let mut ch = Change::carrying(h, Observed::Stopped);
+            ch.status.endpoints.clear();
+            record(w, h, ch);
+            lock(&w.unhealthy).remove(&h.id);
+        }
+        Err(e) => tracing::warn!(placement = %h.id, error = %e, "stop failed; will retry"),
     }
 }
 
@@ -929,20 +948,8 @@ async fn fetch_image(w: &Worker, h: &Held) -> Option<Held> {
 
 async fn create(w: &Worker, h: &Held) {
     let started = Instant::now();
-    match admission(w, h).await {
-        Ok(Ok(())) => {}
-        Ok(Err(refused)) => {
-            tracing::warn!(placement = %h.id, reason = %refused, "not starting");
-            let mut ch = Change::carrying(h, Observed::Failed);
-            ch.status.reason = Some(refused);
-            ch.refused = true;
-            record(w, h, ch);
-            return;
-        }
-        Err(e) => {
-            tracing::warn!(placement = %h.id, error = %e, "cannot check admission; will retry");
-            return;
-        }
+    if !admitted(w, h).await {
+        return;
     }
     let Some(h) = &fetch_image(w, h).await else { return };
     if matches!(h.status.observed, Observed::Pending | Observed::Pulling) {
@@ -950,31 +957,8 @@ async fn create(w: &Worker, h: &Held) {
     }
     let h = &h.in_state(Observed::Starting);
     let admitted_ms = started.elapsed().as_millis() as u64;
-    if let Err(e) = w.runtime.ensure_image(&h.spec.image).await {
-        match e {
-            RuntimeError::Unavailable(msg) => tracing::warn!(error = %msg, "engine unavailable; will retry"),
-            other => {
-                let mut ch = Change::carrying(h, Observed::Failed);
-                ch.status.reason = Some(other.to_string());
-                record(w, h, ch);
-            }
-        }
+    if !images_ready(w, h).await {
         return;
-    }
-    if h.spec.guarded() {
-        // Before the deadline is taken: the first guarded start on an engine builds the
-        // guard image, which could otherwise eat the run time the deadline allows.
-        if let Err(e) = w.runtime.ensure_guard().await {
-            match e {
-                RuntimeError::Unavailable(msg) => tracing::warn!(error = %msg, "engine unavailable; will retry"),
-                other => {
-                    let mut ch = Change::carrying(h, Observed::Failed);
-                    ch.status.reason = Some(format!("cannot prepare the exclusive guard: {other}"));
-                    record(w, h, ch);
-                }
-            }
-            return;
-        }
     }
     let image_ms = started.elapsed().as_millis() as u64;
     tracing::debug!(placement = %h.id, admitted_ms, image_ms, "creating");
@@ -1012,6 +996,58 @@ async fn create(w: &Worker, h: &Held) {
         Err(e) => {
             let mut ch = Change::carrying(h, Observed::Failed);
             ch.status.reason = Some(e.to_string());
+            record(w, h, ch);
+        }
+    }
+}
+
+/// Whether admission lets the placement start here now; a refusal is recorded (and
+/// reported, so the manager places it elsewhere), an engine that cannot answer is
+/// retried next round.
+async fn admitted(w: &Worker, h: &Held) -> bool {
+    match admission(w, h).await {
+        Ok(Ok(())) => true,
+        Ok(Err(refused)) => {
+            tracing::warn!(placement = %h.id, reason = %refused, "not starting");
+            let mut ch = Change::carrying(h, Observed::Failed);
+            ch.status.reason = Some(refused);
+            ch.refused = true;
+            record(w, h, ch);
+            false
+        }
+        Err(e) => {
+            tracing::warn!(placement = %h.id, error = %e, "cannot check admission; will retry");
+            false
+        }
+    }
+}
+
+/// Makes sure the engine holds the task's image and, for a guarded task, the guard's;
+/// `false` when it cannot (a failure recorded, or the engine unavailable: retried).
+async fn images_ready(w: &Worker, h: &Held) -> bool {
+    if let Err(e) = w.runtime.ensure_image(&h.spec.image).await {
+        fail_unless_unavailable(w, h, e, "");
+        return false;
+    }
+    if h.spec.guarded() {
+        // Before the deadline is taken: the first guarded start on an engine builds the
+        // guard image, which could otherwise eat the run time the deadline allows.
+        if let Err(e) = w.runtime.ensure_guard().await {
+            fail_unless_unavailable(w, h, e, "cannot prepare the exclusive guard: ");
+            return false;
+        }
+    }
+    true
+}
+
+/// Records the placement failed with `e` (after `prefix`), unless the engine was only
+/// unavailable: that is retried.
+fn fail_unless_unavailable(w: &Worker, h: &Held, e: RuntimeError, prefix: &str) {
+    match e {
+        RuntimeError::Unavailable(msg) => tracing::warn!(error = %msg, "engine unavailable; will retry"),
+        other => {
+            let mut ch = Change::carrying(h, Observed::Failed);
+            ch.status.reason = Some(format!("{prefix}{other}"));
             record(w, h, ch);
         }
     }

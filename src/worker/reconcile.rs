@@ -158,130 +158,146 @@ pub fn reconcile(held: &[Held], containers: &[ContainerInfo], facts: &mut Facts<
         for extra in mine.iter().skip(1) {
             actions.push(Action::RemoveOrphan { container_id: extra.id.clone() });
         }
-        let c = mine.first().copied();
-        let pid = h.id.clone();
-
-        if h.desired == Desired::Stop {
-            match c {
-                // Tell the story of a fence before removing its evidence.
-                Some(c) if fenced(h, c) && !h.suspended => {
-                    actions.push(Action::Report { placement_id: pid, change: fenced_change(h, c, facts) })
-                }
-                Some(c) => actions.push(Action::StopRemove { placement_id: pid, container_id: c.id.clone() }),
-                None if h.status.observed != Observed::Stopped => {
-                    let mut ch = Change::carrying(h, Observed::Stopped);
-                    ch.status.endpoints.clear();
-                    actions.push(Action::Report { placement_id: pid, change: ch });
-                }
-                None => actions.push(Action::Forget { placement_id: pid }),
-            }
-            continue;
-        }
-        if h.status.observed.is_terminal() {
-            continue;
-        }
-        let mode = h.spec.offline_mode();
-        // May this worker start or restart anything for the placement right now?
-        let authority = facts.lease_valid || mode == OfflineMode::Keep;
-        let Some(c) = c else {
-            if authority {
-                actions.push(Action::Create { placement_id: pid });
-            }
-            continue;
-        };
-        if h.suspended {
-            match &c.state {
-                ContainerState::Running => {
-                    actions.push(Action::Suspend { placement_id: pid, container_id: c.id.clone() })
-                }
-                _ if facts.lease_valid => {
-                    actions.push(Action::Resume { placement_id: pid, container_id: c.id.clone() })
-                }
-                _ => {}
-            }
-            continue;
-        }
-        // A verdict only counts for the container it was made on.
-        let verdict = facts.unhealthy.get(&h.id).filter(|v| v.container_id == c.id);
-        match &c.state {
-            ContainerState::Exited { .. } if fenced(h, c) => {
-                actions.push(Action::Report { placement_id: pid, change: fenced_change(h, c, facts) });
-            }
-            ContainerState::Running if !facts.lease_valid && mode == OfflineMode::Exclusive => {
-                actions.push(Action::Suspend { placement_id: pid, container_id: c.id.clone() });
-            }
-            ContainerState::Running if verdict.is_some() => {
-                actions.push(Action::StopUnhealthy { placement_id: pid, container_id: c.id.clone() });
-            }
-            ContainerState::Running => {
-                let eps = endpoints(facts.advertise_host, c);
-                if h.status.observed != Observed::Running
-                    || h.status.endpoints != eps
-                    || h.status.container_id.as_deref() != Some(c.id.as_str())
-                {
-                    let mut ch = Change::carrying(h, Observed::Running);
-                    ch.status.endpoints = eps;
-                    ch.status.container_id = Some(c.id.clone());
-                    ch.status.reason = None;
-                    actions.push(Action::Report { placement_id: pid, change: ch });
-                }
-            }
-            ContainerState::Created if authority => {
-                actions.push(Action::Start { placement_id: pid, container_id: c.id.clone() });
-            }
-            ContainerState::Created => {}
-            ContainerState::Exited { code } => {
-                let code = *code;
-                if h.status.observed == Observed::Restarting && authority {
-                    if h.next_start_ms.is_none_or(|t| facts.now_ms >= t) {
-                        actions.push(Action::Start { placement_id: pid, container_id: c.id.clone() });
-                    }
-                    continue;
-                }
-                let policy = h.spec.restart_policy();
-                // A container stopped for failing its health checks failed, whatever code
-                // its process chose on SIGTERM.
-                let failed = code != 0 || verdict.is_some();
-                let wants = match policy.policy {
-                    RestartMode::Always => true,
-                    RestartMode::OnFailure => failed,
-                    RestartMode::No => false,
-                };
-                let mut why = match verdict {
-                    Some(v) => v.reason.clone(),
-                    None => format!("exited with code {code}"),
-                };
-                // Without a lease, `finish` and `exclusive` start nothing: the exit is final.
-                let held_back = wants && !authority;
-                if held_back {
-                    why = format!("{why}; not restarted: lease expired (offline mode {})", mode.as_str());
-                }
-                let wants = wants && !held_back;
-                let mut ch = Change::carrying(h, Observed::Exited);
-                ch.status.exit_code = Some(code);
-                ch.status.container_id = Some(c.id.clone());
-                ch.status.endpoints.clear();
-                if wants && h.status.restarts < policy.max_attempts {
-                    let wait = backoff_ms(policy.delay_ms, policy.max_delay_ms, h.status.restarts, facts.jitter);
-                    ch.status.observed = Observed::Restarting;
-                    ch.status.reason = Some(format!("{why}; restart {} in {wait} ms", h.status.restarts + 1));
-                    ch.next_start_ms = Some(facts.now_ms + wait);
-                } else if wants {
-                    ch.status.observed = Observed::Failed;
-                    ch.status.reason = Some(format!("{why}; gave up after {} restarts", h.status.restarts));
-                } else {
-                    // Policy `no`: a clean exit is done; an unhealthy one is a failure. Held
-                    // back for want of a lease: a failed exit is a failure.
-                    ch.status.observed =
-                        if verdict.is_some() || (held_back && failed) { Observed::Failed } else { Observed::Exited };
-                    ch.status.reason = Some(why);
-                }
-                actions.push(Action::Report { placement_id: pid, change: ch });
-            }
-            ContainerState::Other(_) => {}
-        }
+        actions.extend(placement_action(h, mine.first().copied(), facts));
     }
     actions
+}
+
+/// The one action (if any) for placement `h`, whose container is `c`.
+fn placement_action(h: &Held, c: Option<&ContainerInfo>, facts: &mut Facts<'_>) -> Option<Action> {
+    let pid = h.id.clone();
+    if h.desired == Desired::Stop {
+        return Some(stop_action(h, c, facts));
+    }
+    if h.status.observed.is_terminal() {
+        return None;
+    }
+    let mode = h.spec.offline_mode();
+    // May this worker start or restart anything for the placement right now?
+    let authority = facts.lease_valid || mode == OfflineMode::Keep;
+    let Some(c) = c else {
+        return authority.then_some(Action::Create { placement_id: pid });
+    };
+    if h.suspended {
+        return match &c.state {
+            ContainerState::Running => Some(Action::Suspend { placement_id: pid, container_id: c.id.clone() }),
+            _ if facts.lease_valid => Some(Action::Resume { placement_id: pid, container_id: c.id.clone() }),
+            _ => None,
+        };
+    }
+    // A verdict only counts for the container it was made on.
+    let verdict = facts.unhealthy.get(&h.id).filter(|v| v.container_id == c.id);
+    match &c.state {
+        ContainerState::Exited { .. } if fenced(h, c) => {
+            Some(Action::Report { placement_id: pid, change: fenced_change(h, c, facts) })
+        }
+        ContainerState::Running if !facts.lease_valid && mode == OfflineMode::Exclusive => {
+            Some(Action::Suspend { placement_id: pid, container_id: c.id.clone() })
+        }
+        ContainerState::Running if verdict.is_some() => {
+            Some(Action::StopUnhealthy { placement_id: pid, container_id: c.id.clone() })
+        }
+        ContainerState::Running => running_report(h, c, facts),
+        ContainerState::Created if authority => Some(Action::Start { placement_id: pid, container_id: c.id.clone() }),
+        ContainerState::Created => None,
+        ContainerState::Exited { code } => {
+            if h.status.observed == Observed::Restarting && authority {
+                // Backoff over: start it again.
+                let due = h.next_start_ms.is_none_or(|t| facts.now_ms >= t);
+                return due.then(|| Action::Start { placement_id: pid, container_id: c.id.clone() });
+            }
+            let ch = exit_change(h, c, *code, verdict, authority, facts);
+            Some(Action::Report { placement_id: pid, change: ch })
+        }
+        ContainerState::Other(_) => None,
+    }
+}
+
+/// What to do for a placement the manager wants stopped.
+fn stop_action(h: &Held, c: Option<&ContainerInfo>, facts: &Facts<'_>) -> Action {
+    let pid = h.id.clone();
+    match c {
+        // Tell the story of a fence before removing its evidence.
+        Some(c) if fenced(h, c) && !h.suspended => {
+            Action::Report { placement_id: pid, change: fenced_change(h, c, facts) }
+        }
+        Some(c) => Action::StopRemove { placement_id: pid, container_id: c.id.clone() },
+        None if h.status.observed != Observed::Stopped => {
+            let mut ch = Change::carrying(h, Observed::Stopped);
+            ch.status.endpoints.clear();
+            Action::Report { placement_id: pid, change: ch }
+        }
+        None => Action::Forget { placement_id: pid },
+    }
+}
+
+/// A report when a running container is not yet recorded as such (state, endpoints or
+/// container id differ from the ledger's).
+fn running_report(h: &Held, c: &ContainerInfo, facts: &Facts<'_>) -> Option<Action> {
+    let eps = endpoints(facts.advertise_host, c);
+    if h.status.observed == Observed::Running
+        && h.status.endpoints == eps
+        && h.status.container_id.as_deref() == Some(c.id.as_str())
+    {
+        return None;
+    }
+    let mut ch = Change::carrying(h, Observed::Running);
+    ch.status.endpoints = eps;
+    ch.status.container_id = Some(c.id.clone());
+    ch.status.reason = None;
+    Some(Action::Report { placement_id: h.id.clone(), change: ch })
+}
+
+/// The change an exit with `code` makes, through the restart policy: restart after a
+/// backoff, give up, or stay exited (or failed).
+fn exit_change(
+    h: &Held,
+    c: &ContainerInfo,
+    code: i64,
+    verdict: Option<&Unhealthy>,
+    authority: bool,
+    facts: &mut Facts<'_>,
+) -> Change {
+    let policy = h.spec.restart_policy();
+    // A container stopped for failing its health checks failed, whatever code
+    // its process chose on SIGTERM.
+    let failed = code != 0 || verdict.is_some();
+    let wants = match policy.policy {
+        RestartMode::Always => true,
+        RestartMode::OnFailure => failed,
+        RestartMode::No => false,
+    };
+    let mut why = match verdict {
+        Some(v) => v.reason.clone(),
+        None => format!("exited with code {code}"),
+    };
+    // Without a lease, `finish` and `exclusive` start nothing: the exit is final.
+    let held_back = wants && !authority;
+    if held_back {
+        why = format!("{why}; not restarted: lease expired (offline mode {})", h.spec.offline_mode().as_str());
+    }
+    let wants = wants && !held_back;
+    let restarts = h.status.restarts;
+    let mut ch = Change::carrying(h, Observed::Exited);
+    ch.status.exit_code = Some(code);
+    ch.status.container_id = Some(c.id.clone());
+    ch.status.endpoints.clear();
+    if wants && restarts < policy.max_attempts {
+        let wait = backoff_ms(policy.delay_ms, policy.max_delay_ms, restarts, facts.jitter);
+        ch.status.observed = Observed::Restarting;
+        ch.status.reason = Some(format!("{why}; restart {} in {wait} ms", restarts + 1));
+        ch.next_start_ms = Some(facts.now_ms + wait);
+    } else if wants {
+        ch.status.observed = Observed::Failed;
+        ch.status.reason = Some(format!("{why}; gave up after {restarts} restarts"));
+    } else {
+        // Policy `no`: a clean exit is done; an unhealthy one is a failure. Held
+        // back for want of a lease: a failed exit is a failure.
+        ch.status.observed =
+            if verdict.is_some() || (held_back && failed) { Observed::Failed } else { Observed::Exited };
+        ch.status.reason = Some(why);
+    }
+    ch
 }
 
 #[cfg(test)]
