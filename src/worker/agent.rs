@@ -199,6 +199,70 @@ async fn current_resources(w: &Worker, except: Option<&str>) -> NodeResources {
     r
 }
 
+/// The node's cluster identity: the one the process already has, else one established
+/// from `<data_dir>/tls` or with the join token. `None` when shutdown came first.
+async fn identity(
+    cfg: &WorkerConfig,
+    shutdown: &mut broadcast::Receiver<()>,
+) -> Result<Option<Arc<NodeTls>>, WorkerError> {
+    if let Some(t) = &cfg.tls {
+        return Ok(Some(t.clone()));
+    }
+    let settings = IdentitySettings {
+        node: cfg.node.clone(),
+        role: Role::Worker,
+        data_dir: cfg.data_dir.clone(),
+        bootstrap: false,
+        token: cfg.token.clone(),
+        seeds: cfg.managers.clone(),
+        lifetime: crate::net::pki::DEFAULT_LEAF_LIFETIME,
+        grace: cfg.cert_grace,
+    };
+    tokio::select! {
+        r = NodeTls::establish(&settings) => Ok(Some(r?.0)),
+        _ = shutdown.recv() => Ok(None),
+    }
+}
+
+impl Worker {
+    /// A worker with its pools and the lease its ledger recorded (`lease` ends at,
+    /// `lease_ms` long); nothing running yet.
+    fn new(
+        cfg: WorkerConfig,
+        tls: Arc<NodeTls>,
+        runtime: Arc<dyn Runtime>,
+        ledger: Arc<Ledger>,
+        lease: u64,
+        lease_ms: u64,
+    ) -> Worker {
+        // A pool of 0 would never run anything; treat it as 1.
+        let pool = |n: usize| Arc::new(Semaphore::new(n.max(1)));
+        Worker {
+            tls,
+            probe_http: reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap_or_default(),
+            creates: pool(cfg.create_concurrency),
+            stops: pool(cfg.stop_concurrency),
+            probes: pool(cfg.probe_concurrency),
+            log_jobs: pool(LOG_CONCURRENCY),
+            probers: Mutex::new(HashMap::new()),
+            unhealthy: Mutex::new(HashMap::new()),
+            cfg,
+            ledger,
+            runtime,
+            wake_reconcile: Notify::new(),
+            wake_sync: Notify::new(),
+            in_flight: Mutex::new(HashSet::new()),
+            engine_ok: AtomicBool::new(false),
+            lease_until_ms: AtomicU64::new(lease),
+            lease_ms: AtomicU64::new(lease_ms),
+            lease_was_valid: AtomicBool::new(lease > now_ms()),
+            renewed: Notify::new(),
+            last_round_ms: AtomicU64::new(0),
+            held_images: Default::default(),
+        }
+    }
+}
+
 /// Runs a worker until `shutdown` fires. Running containers are left running on
 /// shutdown: a restarted worker adopts them.
 pub async fn run(
@@ -209,25 +273,7 @@ pub async fn run(
     if cfg.managers.is_empty() {
         return Err(WorkerError::NoManagers);
     }
-    let tls = match &cfg.tls {
-        Some(t) => t.clone(),
-        None => {
-            let settings = IdentitySettings {
-                node: cfg.node.clone(),
-                role: Role::Worker,
-                data_dir: cfg.data_dir.clone(),
-                bootstrap: false,
-                token: cfg.token.clone(),
-                seeds: cfg.managers.clone(),
-                lifetime: crate::net::pki::DEFAULT_LEAF_LIFETIME,
-                grace: cfg.cert_grace,
-            };
-            tokio::select! {
-                r = NodeTls::establish(&settings) => r?.0,
-                _ = shutdown.recv() => return Ok(()),
-            }
-        }
-    };
+    let Some(tls) = identity(&cfg, &mut shutdown).await? else { return Ok(()) };
     // A worker certificate is renewed through a manager; a manager's by its manager.
     let renewal = (tls.role() == Role::Worker).then(|| {
         let (t, managers) = (tls.clone(), cfg.managers.clone());
@@ -248,31 +294,7 @@ pub async fn run(
     let lease = ledger.meta_u64("lease_until_ms")?;
     let lease_ms = ledger.meta_u64("lease_ms")?;
     cfg.vitals.set_lease(lease);
-    // A pool of 0 would never run anything; treat it as 1.
-    let pool = |n: usize| Arc::new(Semaphore::new(n.max(1)));
-    let w = Arc::new(Worker {
-        tls,
-        probe_http: reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap_or_default(),
-        creates: pool(cfg.create_concurrency),
-        stops: pool(cfg.stop_concurrency),
-        probes: pool(cfg.probe_concurrency),
-        log_jobs: pool(LOG_CONCURRENCY),
-        probers: Mutex::new(HashMap::new()),
-        unhealthy: Mutex::new(HashMap::new()),
-        cfg,
-        ledger,
-        runtime,
-        wake_reconcile: Notify::new(),
-        wake_sync: Notify::new(),
-        in_flight: Mutex::new(HashSet::new()),
-        engine_ok: AtomicBool::new(false),
-        lease_until_ms: AtomicU64::new(lease),
-        lease_ms: AtomicU64::new(lease_ms),
-        lease_was_valid: AtomicBool::new(lease > now_ms()),
-        renewed: Notify::new(),
-        last_round_ms: AtomicU64::new(0),
-        held_images: Default::default(),
-    });
+    let w = Arc::new(Worker::new(cfg, tls, runtime, ledger, lease, lease_ms));
     tracing::info!(node = %w.cfg.node, managers = ?w.cfg.managers, "worker starting");
     let sync = tokio::spawn(sync_loop(w.clone(), shutdown.resubscribe()));
     let rec = tokio::spawn(reconcile_loop(w.clone(), shutdown.resubscribe()));
@@ -302,21 +324,7 @@ async fn sync_loop(w: Arc<Worker>, mut shutdown: broadcast::Receiver<()>) {
     let mut managers = w.cfg.managers.clone();
     let mut failures = 0u32;
     loop {
-        let resources = current_resources(&w, None).await;
-        super::images::refresh_held(&w.held_images, w.runtime.as_ref(), Duration::from_secs(30), false).await;
-        let reports = w.ledger.outbox(1_000).unwrap_or_default();
-        w.cfg.vitals.sync_turn(reports.len());
-        let req = SyncRequest {
-            node: w.cfg.node.clone(),
-            address: w.cfg.advertise_host.clone(),
-            labels: w.cfg.labels.clone(),
-            resources,
-            // A pending report must go out now, so ask for no wait.
-            wait_ms: if reports.is_empty() { w.cfg.sync_wait.as_millis() as u64 } else { 0 },
-            reports,
-            have_version,
-            images: super::images::held_ids(&w.held_images),
-        };
+        let req = sync_request(&w, have_version).await;
         let addr = managers[target % managers.len()].clone();
         let url = format!("https://{addr}/cluster/v1/sync");
         let sent_at_ms = now_ms();
@@ -330,79 +338,19 @@ async fn sync_loop(w: Arc<Worker>, mut shutdown: broadcast::Receiver<()>) {
             _ = w.wake_sync.notified() => continue,
             r = call => r,
         };
-        let outcome = match result {
-            Err(e) => {
-                // reqwest's Display omits the cause (refused, reset, timed out): walk it.
-                let mut why = e.to_string();
-                let mut source = std::error::Error::source(&e);
-                while let Some(s) = source {
-                    why = format!("{why}: {s}");
-                    source = s.source();
+        match sync_answer(&addr, result).await {
+            SyncAnswer::Leader(leader) => {
+                if !managers.contains(&leader) {
+                    managers.push(leader.clone());
                 }
-                Err(format!("{addr}: {why}"))
+                target = managers.iter().position(|m| *m == leader).unwrap_or(0);
             }
-            Ok(resp) if resp.status() == reqwest::StatusCode::MISDIRECTED_REQUEST => {
-                let hint = resp.json::<NotLeader>().await.ok().and_then(|n| n.leader_cluster_addr);
-                match hint {
-                    Some(leader) => {
-                        if !managers.contains(&leader) {
-                            managers.push(leader.clone());
-                        }
-                        target = managers.iter().position(|m| *m == leader).unwrap_or(0);
-                        continue;
-                    }
-                    None => Err(format!("{addr} knows no leader yet")),
-                }
-            }
-            Ok(resp) if !resp.status().is_success() => {
-                let status = resp.status();
-                let text = resp.text().await.unwrap_or_default();
-                Err(format!("{addr}: {status} {text}"))
-            }
-            Ok(resp) => resp.json::<SyncResponse>().await.map_err(|e| format!("{addr}: bad sync answer: {e}")),
-        };
-        match outcome {
-            Ok(resp) => {
+            SyncAnswer::Synced(resp) => {
                 failures = 0;
                 have_version = resp.version;
-                // The lease counts from when the request was sent, so it can never
-                // outlive the one the manager granted.
-                let until = sent_at_ms + resp.lease_ms.saturating_sub(w.cfg.lease_margin.as_millis() as u64);
-                w.lease_ms.store(resp.lease_ms, Ordering::Relaxed);
-                w.lease_until_ms.store(until, Ordering::Relaxed);
-                w.cfg.vitals.synced(sent_at.elapsed(), until);
-                for (key, value) in [("lease_ms", resp.lease_ms), ("lease_until_ms", until)] {
-                    // The lease in memory still holds; only a restart would miss it.
-                    if let Err(error) = w.ledger.set_meta_u64(key, value) {
-                        tracing::warn!(key, %error, "cannot record the lease in the ledger");
-                        metrics::counter!("holdfast_worker_ledger_write_failures_total").increment(1);
-                    }
-                }
-                w.renewed.notify_one();
-                match w.ledger.accept(&resp.assignments) {
-                    Ok(refused) if !refused.is_empty() => {
-                        tracing::warn!(?refused, "refused placements with a fence below one already seen")
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::error!(error = %e, "could not record assignments; will retry"),
-                }
-                if let Err(e) = w.ledger.ack(resp.acked_seq) {
-                    tracing::error!(error = %e, "could not trim outbox");
-                }
-                for lr in resp.log_requests {
-                    let w = w.clone();
-                    let addr = addr.clone();
-                    tokio::spawn(async move {
-                        // Bounded: a burst of log requests waits instead of piling
-                        // engine calls onto a busy engine.
-                        if let Ok(_permit) = w.log_jobs.clone().acquire_owned().await {
-                            answer_logs(&w, &addr, &lr).await
-                        }
-                    });
-                }
-                w.wake_reconcile.notify_one();
+                take_sync(&w, &addr, resp, sent_at_ms, sent_at);
             }
-            Err(e) => {
+            SyncAnswer::Failed(e) => {
                 failures += 1;
                 target += 1;
                 if failures == 1 || failures % 30 == 0 {
@@ -418,6 +366,109 @@ async fn sync_loop(w: Arc<Worker>, mut shutdown: broadcast::Receiver<()>) {
             }
         }
     }
+}
+
+/// The next sync: measured resources, held images and the unacknowledged reports.
+async fn sync_request(w: &Worker, have_version: u64) -> SyncRequest {
+    let resources = current_resources(w, None).await;
+    super::images::refresh_held(&w.held_images, w.runtime.as_ref(), Duration::from_secs(30), false).await;
+    let reports = w.ledger.outbox(1_000).unwrap_or_default();
+    w.cfg.vitals.sync_turn(reports.len());
+    SyncRequest {
+        node: w.cfg.node.clone(),
+        address: w.cfg.advertise_host.clone(),
+        labels: w.cfg.labels.clone(),
+        resources,
+        // A pending report must go out now, so ask for no wait.
+        wait_ms: if reports.is_empty() { w.cfg.sync_wait.as_millis() as u64 } else { 0 },
+        reports,
+        have_version,
+        images: super::images::held_ids(&w.held_images),
+    }
+}
+
+/// How a sync call ended.
+enum SyncAnswer {
+    /// The manager answered.
+    Synced(SyncResponse),
+    /// The manager is not the leader and named it: ask that one at once.
+    Leader(String),
+    /// No answer to use; why, to log.
+    Failed(String),
+}
+
+/// Reads the answer of a sync call to `addr`.
+async fn sync_answer(addr: &str, result: Result<reqwest::Response, reqwest::Error>) -> SyncAnswer {
+    let resp = match result {
+        Err(e) => {
+            // reqwest's Display omits the cause (refused, reset, timed out): walk it.
+            let mut why = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                why = format!("{why}: {s}");
+                source = s.source();
+            }
+            return SyncAnswer::Failed(format!("{addr}: {why}"));
+        }
+        Ok(resp) => resp,
+    };
+    if resp.status() == reqwest::StatusCode::MISDIRECTED_REQUEST {
+        let hint = resp.json::<NotLeader>().await.ok().and_then(|n| n.leader_cluster_addr);
+        return match hint {
+            Some(leader) => SyncAnswer::Leader(leader),
+            None => SyncAnswer::Failed(format!("{addr} knows no leader yet")),
+        };
+    }
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        return SyncAnswer::Failed(format!("{addr}: {status} {text}"));
+    }
+    match resp.json::<SyncResponse>().await {
+        Ok(resp) => SyncAnswer::Synced(resp),
+        Err(e) => SyncAnswer::Failed(format!("{addr}: bad sync answer: {e}")),
+    }
+}
+
+/// Takes a manager's answer: the lease (counted from `sent_at_ms`), the desired set,
+/// the acknowledged reports and the log requests; then wakes reconcile.
+fn take_sync(w: &Arc<Worker>, addr: &str, resp: SyncResponse, sent_at_ms: u64, sent_at: Instant) {
+    // The lease counts from when the request was sent, so it can never
+    // outlive the one the manager granted.
+    let until = sent_at_ms + resp.lease_ms.saturating_sub(w.cfg.lease_margin.as_millis() as u64);
+    w.lease_ms.store(resp.lease_ms, Ordering::Relaxed);
+    w.lease_until_ms.store(until, Ordering::Relaxed);
+    w.cfg.vitals.synced(sent_at.elapsed(), until);
+    for (key, value) in [("lease_ms", resp.lease_ms), ("lease_until_ms", until)] {
+        // The lease in memory still holds; only a restart would miss it.
+        if let Err(error) = w.ledger.set_meta_u64(key, value) {
+            tracing::warn!(key, %error, "cannot record the lease in the ledger");
+            metrics::counter!("holdfast_worker_ledger_write_failures_total").increment(1);
+        }
+    }
+    w.renewed.notify_one();
+    match w.ledger.accept(&resp.assignments) {
+        Ok(refused) if !refused.is_empty() => {
+            tracing::warn!(?refused, "refused placements with a fence below one already seen")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::error!(error = %e, "could not record assignments; will retry"),
+    }
+    if let Err(e) = w.ledger.ack(resp.acked_seq) {
+        tracing::error!(error = %e, "could not trim outbox");
+    }
+    for lr in resp.log_requests {
+        let w = w.clone();
+        let addr = addr.to_string();
+        tokio::spawn(async move {
+            // Bounded: a burst of log requests waits instead of piling
+            // engine calls onto a busy engine.
+            if let Ok(_permit) = w.log_jobs.clone().acquire_owned().await {
+                answer_logs(&w, &addr, &lr).await
+            }
+        });
+    }
+    w.wake_reconcile.notify_one();
 }
 
 async fn answer_logs(w: &Worker, addr: &str, lr: &crate::model::sync::LogRequest) {
