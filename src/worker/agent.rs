@@ -759,11 +759,10 @@ fn spawn_job(w: &Arc<Worker>, pool: &Arc<Semaphore>, key: String, job: impl Futu
 }
 
 async fn execute(w: &Arc<Worker>, held: &[Held], action: Action) {
-    let find = |id: &str| held.iter().find(|h| h.id == id).cloned();
     match action {
         Action::Report { placement_id, change } => {
-            if let Some(h) = find(&placement_id) {
-                report(w, &h, change);
+            if let Some(h) = held.iter().find(|h| h.id == placement_id) {
+                report(w, h, change);
             }
         }
         Action::Forget { placement_id } => {
@@ -776,36 +775,43 @@ async fn execute(w: &Arc<Worker>, held: &[Held], action: Action) {
             spawn_job(w, &w.stops, key, async move { remove_orphan(&w2, &container_id).await });
         }
         Action::Create { placement_id } => {
-            let Some(h) = find(&placement_id) else { return };
-            let w2 = w.clone();
-            spawn_job(w, &w.creates, placement_id, async move { create(&w2, &h).await });
+            placement_job(w, held, &w.creates, placement_id, |w, h| async move { create(&w, &h).await })
         }
         Action::Start { placement_id, container_id } => {
-            let Some(h) = find(&placement_id) else { return };
-            let w2 = w.clone();
-            spawn_job(w, &w.creates, placement_id, async move { restart(&w2, &h, container_id).await });
+            placement_job(w, held, &w.creates, placement_id, |w, h| async move { restart(&w, &h, container_id).await })
         }
         Action::Suspend { placement_id, container_id } => {
-            let Some(h) = find(&placement_id) else { return };
-            let w2 = w.clone();
-            spawn_job(w, &w.stops, placement_id, async move { suspend(&w2, &h, &container_id).await });
+            placement_job(w, held, &w.stops, placement_id, |w, h| async move { suspend(&w, &h, &container_id).await })
         }
         Action::Resume { placement_id, container_id } => {
-            let Some(h) = find(&placement_id) else { return };
-            let w2 = w.clone();
-            spawn_job(w, &w.creates, placement_id, async move { resume(&w2, &h, container_id).await });
+            placement_job(w, held, &w.creates, placement_id, |w, h| async move { resume(&w, &h, container_id).await })
         }
-        Action::StopUnhealthy { placement_id, container_id } => {
-            let Some(h) = find(&placement_id) else { return };
-            let w2 = w.clone();
-            spawn_job(w, &w.stops, placement_id, async move { stop_unhealthy(&w2, &h, &container_id).await });
-        }
-        Action::StopRemove { placement_id, container_id } => {
-            let Some(h) = find(&placement_id) else { return };
-            let w2 = w.clone();
-            spawn_job(w, &w.stops, placement_id, async move { stop_remove(&w2, &h, &container_id).await });
-        }
+        Action::StopUnhealthy { placement_id, container_id } => placement_job(
+            w,
+            held,
+            &w.stops,
+            placement_id,
+            |w, h| async move { stop_unhealthy(&w, &h, &container_id).await },
+        ),
+        Action::StopRemove { placement_id, container_id } => placement_job(
+            w,
+            held,
+            &w.stops,
+            placement_id,
+            |w, h| async move { stop_remove(&w, &h, &container_id).await },
+        ),
     }
+}
+
+/// Runs `job` on the held placement `placement_id` in `pool`, keyed by the placement
+/// (see [`spawn_job`]); nothing when it is not held.
+fn placement_job<F, J>(w: &Arc<Worker>, held: &[Held], pool: &Arc<Semaphore>, placement_id: String, job: F)
+where
+    F: FnOnce(Arc<Worker>, Held) -> J,
+    J: Future<Output = ()> + Send + 'static,
+{
+    let Some(h) = held.iter().find(|h| h.id == placement_id).cloned() else { return };
+    spawn_job(w, pool, placement_id, job(w.clone(), h));
 }
 
 /// Records a change reconcile decided on.

@@ -1090,7 +1090,6 @@ fn apply_report(
         event(tx, &r.placement_id, now_ms, "invalid-report", Some(&e.to_string()))?;
         return Ok(Err(e.to_string()));
     }
-    let endpoints = serde_json::to_string(&r.status.endpoints).unwrap_or_else(|_| "[]".into());
     tx.execute(
         "UPDATE placements SET observed = ?2, exit_code = ?3, reason = ?4, restarts = ?5, endpoints = ?6,
            container_id = COALESCE(?7, container_id), updated_ms = ?8, refused = ?9 WHERE id = ?1",
@@ -1100,7 +1099,7 @@ fn apply_report(
             r.status.exit_code,
             r.status.reason,
             r.status.restarts,
-            endpoints,
+            r.status.endpoints_json(),
             r.status.container_id,
             now_ms as i64,
             r.refused
