@@ -232,6 +232,7 @@ impl Ledger {
                 fence: r.get::<_, i64>(2)? as u64,
                 desired: Desired::from_stored(&desired),
                 spec,
+                // Columns 5 to 10, in the order `PlacementStatus::from_row` reads.
                 status: PlacementStatus::from_row(r, 5)?,
                 next_start_ms: r.get::<_, Option<i64>>(11)?.map(|v| v as u64),
                 suspended: r.get(12)?,
