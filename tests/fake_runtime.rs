@@ -162,7 +162,7 @@ async fn fake_manager() -> (tempfile::TempDir, Arc<FakeManager>, String, Arc<Fak
 
 async fn observed(m: &FakeManager, placement: &str, want: Observed, within: Duration) -> StatusReport {
     eventually(within, &format!("{placement} {}", want.as_str()), || async {
-        m.last(placement).filter(|r| r.observed == want)
+        m.last(placement).filter(|r| r.status.observed == want)
     })
     .await
 }
@@ -176,14 +176,14 @@ async fn worker_refuses_a_placement_that_does_not_fit_its_free_memory() {
     let big = assignment("big", json!({"image": "holdfast/echo:latest", "resources": {"memory_mb": 4096}}));
     manager.assign(vec![big.clone()]);
     let refused = observed(&manager, "big", Observed::Failed, Duration::from_secs(10)).await;
-    assert_eq!(refused.reason.as_deref(), Some("admission refused: memory 4096 MB > free 1200 MB on node w1"));
+    assert_eq!(refused.status.reason.as_deref(), Some("admission refused: memory 4096 MB > free 1200 MB on node w1"));
     manager.assign(vec![
         big,
         assignment("disky", json!({"image": "holdfast/echo:latest", "resources": {"disk_mb": 6000}})),
         assignment("small", json!({"image": "holdfast/echo:latest", "resources": {"memory_mb": 100}})),
     ]);
     let disky = observed(&manager, "disky", Observed::Failed, Duration::from_secs(10)).await;
-    let reason = disky.reason.unwrap_or_default();
+    let reason = disky.status.reason.unwrap_or_default();
     assert!(reason.starts_with("admission refused: disk 6000 MB > free "), "{reason}");
     observed(&manager, "small", Observed::Running, Duration::from_secs(10)).await;
     assert_eq!(fake.running_count("w1"), 1, "refused placements never reach the engine");

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Desired, Observed, TaskSpec};
+use super::{Desired, PlacementStatus, Story, TaskSpec};
 
 /// Resources a worker measured (sysinfo) at sync time.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -39,18 +39,9 @@ pub struct StatusReport {
     pub task_id: String,
     /// Its fence.
     pub fence: u64,
-    /// New observed state.
-    pub observed: Observed,
-    /// Exit code of the last exit, if any.
-    pub exit_code: Option<i64>,
-    /// Human reason for a failure or exit.
-    pub reason: Option<String>,
-    /// Local restarts so far.
-    pub restarts: u32,
-    /// `host:port` endpoints of published ports.
-    pub endpoints: Vec<String>,
-    /// Engine container id.
-    pub container_id: Option<String>,
+    /// What the worker now observes of it.
+    #[serde(flatten)]
+    pub status: PlacementStatus,
     /// Worker wall clock, ms since the epoch.
     pub at_ms: u64,
     /// The worker refused to start the placement (admission: not enough resources
@@ -60,7 +51,7 @@ pub struct StatusReport {
     /// A story event for the placement's history (authority cached, stopped on lease
     /// expiry, authority renewed), recorded even without a state change.
     #[serde(default)]
-    pub story: Option<String>,
+    pub story: Option<Story>,
 }
 
 /// Sent by a worker to any manager.
@@ -194,5 +185,47 @@ pub fn normalize_image_ref(reference: &str) -> String {
         r.to_string()
     } else {
         format!("{r}:latest")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Observed;
+
+    /// The report's JSON (the wire and the worker's outbox) keeps the status fields at
+    /// the top level, in their old order.
+    #[test]
+    fn a_status_report_keeps_its_json() {
+        let report = StatusReport {
+            seq: 7,
+            placement_id: "p1.12".into(),
+            task_id: "t1".into(),
+            fence: 12,
+            status: PlacementStatus {
+                observed: Observed::Restarting,
+                exit_code: Some(-1),
+                reason: Some("exited with code 1".into()),
+                restarts: 2,
+                endpoints: vec!["10.0.0.5:32768".into()],
+                container_id: Some("c0ffee".into()),
+            },
+            at_ms: 1_700_000_000_000,
+            refused: false,
+            story: Some(Story::StoppedOnExpiry),
+        };
+        let json = concat!(
+            r#"{"seq":7,"placement_id":"p1.12","task_id":"t1","fence":12,"observed":"restarting","#,
+            r#""exit_code":-1,"reason":"exited with code 1","restarts":2,"endpoints":["10.0.0.5:32768"],"#,
+            r#""container_id":"c0ffee","at_ms":1700000000000,"refused":false,"story":"stopped-on-expiry"}"#
+        );
+        assert_eq!(serde_json::to_string(&report).unwrap(), json);
+        assert_eq!(serde_json::from_str::<StatusReport>(json).unwrap(), report);
+        // Reports written before `refused` and `story` existed still read.
+        let old = r#"{"seq":1,"placement_id":"p","task_id":"t","fence":1,"observed":"running","exit_code":null,"reason":null,"restarts":0,"endpoints":[],"container_id":null,"at_ms":5}"#;
+        let read: StatusReport = serde_json::from_str(old).unwrap();
+        assert_eq!((read.status, read.refused, read.story), (PlacementStatus::new(Observed::Running), false, None));
+        // A missing status field is still an error, as it was before the status was one struct.
+        assert!(serde_json::from_str::<StatusReport>(&old.replace(r#""restarts":0,"#, "")).is_err());
     }
 }

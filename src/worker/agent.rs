@@ -25,7 +25,7 @@ use crate::guard::Deadline;
 use crate::lock;
 use crate::model::now_ms;
 use crate::model::sync::{LogReply, NodeResources, NotLeader, SyncRequest, SyncResponse};
-use crate::model::{Desired, Observed};
+use crate::model::{Desired, Observed, Story};
 use crate::net::identity::{spawn_renewal, IdentityError, IdentitySettings, NodeTls};
 use crate::net::pki::Role;
 use crate::resilience::retry::RetryPolicy;
@@ -199,6 +199,70 @@ async fn current_resources(w: &Worker, except: Option<&str>) -> NodeResources {
     r
 }
 
+/// The node's cluster identity: the one the process already has, else one established
+/// from `<data_dir>/tls` or with the join token. `None` when shutdown came first.
+async fn identity(
+    cfg: &WorkerConfig,
+    shutdown: &mut broadcast::Receiver<()>,
+) -> Result<Option<Arc<NodeTls>>, WorkerError> {
+    if let Some(t) = &cfg.tls {
+        return Ok(Some(t.clone()));
+    }
+    let settings = IdentitySettings {
+        node: cfg.node.clone(),
+        role: Role::Worker,
+        data_dir: cfg.data_dir.clone(),
+        bootstrap: false,
+        token: cfg.token.clone(),
+        seeds: cfg.managers.clone(),
+        lifetime: crate::net::pki::DEFAULT_LEAF_LIFETIME,
+        grace: cfg.cert_grace,
+    };
+    tokio::select! {
+        r = NodeTls::establish(&settings) => Ok(Some(r?.0)),
+        _ = shutdown.recv() => Ok(None),
+    }
+}
+
+impl Worker {
+    /// A worker with its pools and the lease its ledger recorded (`lease` ends at,
+    /// `lease_ms` long); nothing running yet.
+    fn new(
+        cfg: WorkerConfig,
+        tls: Arc<NodeTls>,
+        runtime: Arc<dyn Runtime>,
+        ledger: Arc<Ledger>,
+        lease: u64,
+        lease_ms: u64,
+    ) -> Worker {
+        // A pool of 0 would never run anything; treat it as 1.
+        let pool = |n: usize| Arc::new(Semaphore::new(n.max(1)));
+        Worker {
+            tls,
+            probe_http: reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap_or_default(),
+            creates: pool(cfg.create_concurrency),
+            stops: pool(cfg.stop_concurrency),
+            probes: pool(cfg.probe_concurrency),
+            log_jobs: pool(LOG_CONCURRENCY),
+            probers: Mutex::new(HashMap::new()),
+            unhealthy: Mutex::new(HashMap::new()),
+            cfg,
+            ledger,
+            runtime,
+            wake_reconcile: Notify::new(),
+            wake_sync: Notify::new(),
+            in_flight: Mutex::new(HashSet::new()),
+            engine_ok: AtomicBool::new(false),
+            lease_until_ms: AtomicU64::new(lease),
+            lease_ms: AtomicU64::new(lease_ms),
+            lease_was_valid: AtomicBool::new(lease > now_ms()),
+            renewed: Notify::new(),
+            last_round_ms: AtomicU64::new(0),
+            held_images: Default::default(),
+        }
+    }
+}
+
 /// Runs a worker until `shutdown` fires. Running containers are left running on
 /// shutdown: a restarted worker adopts them.
 pub async fn run(
@@ -209,25 +273,7 @@ pub async fn run(
     if cfg.managers.is_empty() {
         return Err(WorkerError::NoManagers);
     }
-    let tls = match &cfg.tls {
-        Some(t) => t.clone(),
-        None => {
-            let settings = IdentitySettings {
-                node: cfg.node.clone(),
-                role: Role::Worker,
-                data_dir: cfg.data_dir.clone(),
-                bootstrap: false,
-                token: cfg.token.clone(),
-                seeds: cfg.managers.clone(),
-                lifetime: crate::net::pki::DEFAULT_LEAF_LIFETIME,
-                grace: cfg.cert_grace,
-            };
-            tokio::select! {
-                r = NodeTls::establish(&settings) => r?.0,
-                _ = shutdown.recv() => return Ok(()),
-            }
-        }
-    };
+    let Some(tls) = identity(&cfg, &mut shutdown).await? else { return Ok(()) };
     // A worker certificate is renewed through a manager; a manager's by its manager.
     let renewal = (tls.role() == Role::Worker).then(|| {
         let (t, managers) = (tls.clone(), cfg.managers.clone());
@@ -248,31 +294,7 @@ pub async fn run(
     let lease = ledger.meta_u64("lease_until_ms")?;
     let lease_ms = ledger.meta_u64("lease_ms")?;
     cfg.vitals.set_lease(lease);
-    // A pool of 0 would never run anything; treat it as 1.
-    let pool = |n: usize| Arc::new(Semaphore::new(n.max(1)));
-    let w = Arc::new(Worker {
-        tls,
-        probe_http: reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap_or_default(),
-        creates: pool(cfg.create_concurrency),
-        stops: pool(cfg.stop_concurrency),
-        probes: pool(cfg.probe_concurrency),
-        log_jobs: pool(LOG_CONCURRENCY),
-        probers: Mutex::new(HashMap::new()),
-        unhealthy: Mutex::new(HashMap::new()),
-        cfg,
-        ledger,
-        runtime,
-        wake_reconcile: Notify::new(),
-        wake_sync: Notify::new(),
-        in_flight: Mutex::new(HashSet::new()),
-        engine_ok: AtomicBool::new(false),
-        lease_until_ms: AtomicU64::new(lease),
-        lease_ms: AtomicU64::new(lease_ms),
-        lease_was_valid: AtomicBool::new(lease > now_ms()),
-        renewed: Notify::new(),
-        last_round_ms: AtomicU64::new(0),
-        held_images: Default::default(),
-    });
+    let w = Arc::new(Worker::new(cfg, tls, runtime, ledger, lease, lease_ms));
     tracing::info!(node = %w.cfg.node, managers = ?w.cfg.managers, "worker starting");
     let sync = tokio::spawn(sync_loop(w.clone(), shutdown.resubscribe()));
     let rec = tokio::spawn(reconcile_loop(w.clone(), shutdown.resubscribe()));
@@ -302,21 +324,7 @@ async fn sync_loop(w: Arc<Worker>, mut shutdown: broadcast::Receiver<()>) {
     let mut managers = w.cfg.managers.clone();
     let mut failures = 0u32;
     loop {
-        let resources = current_resources(&w, None).await;
-        super::images::refresh_held(&w.held_images, w.runtime.as_ref(), Duration::from_secs(30), false).await;
-        let reports = super::ledger::or_logged(w.ledger.outbox(1_000), "the outbox");
-        w.cfg.vitals.sync_turn(reports.len());
-        let req = SyncRequest {
-            node: w.cfg.node.clone(),
-            address: w.cfg.advertise_host.clone(),
-            labels: w.cfg.labels.clone(),
-            resources,
-            // A pending report must go out now, so ask for no wait.
-            wait_ms: if reports.is_empty() { w.cfg.sync_wait.as_millis() as u64 } else { 0 },
-            reports,
-            have_version,
-            images: super::images::held_ids(&w.held_images),
-        };
+        let req = sync_request(&w, have_version).await;
         let addr = managers[target % managers.len()].clone();
         let url = format!("https://{addr}/cluster/v1/sync");
         let sent_at_ms = now_ms();
@@ -330,79 +338,19 @@ async fn sync_loop(w: Arc<Worker>, mut shutdown: broadcast::Receiver<()>) {
             _ = w.wake_sync.notified() => continue,
             r = call => r,
         };
-        let outcome = match result {
-            Err(e) => {
-                // reqwest's Display omits the cause (refused, reset, timed out): walk it.
-                let mut why = e.to_string();
-                let mut source = std::error::Error::source(&e);
-                while let Some(s) = source {
-                    why = format!("{why}: {s}");
-                    source = s.source();
+        match sync_answer(&addr, result).await {
+            SyncAnswer::Leader(leader) => {
+                if !managers.contains(&leader) {
+                    managers.push(leader.clone());
                 }
-                Err(format!("{addr}: {why}"))
+                target = managers.iter().position(|m| *m == leader).unwrap_or(0);
             }
-            Ok(resp) if resp.status() == reqwest::StatusCode::MISDIRECTED_REQUEST => {
-                let hint = resp.json::<NotLeader>().await.ok().and_then(|n| n.leader_cluster_addr);
-                match hint {
-                    Some(leader) => {
-                        if !managers.contains(&leader) {
-                            managers.push(leader.clone());
-                        }
-                        target = managers.iter().position(|m| *m == leader).unwrap_or(0);
-                        continue;
-                    }
-                    None => Err(format!("{addr} knows no leader yet")),
-                }
-            }
-            Ok(resp) if !resp.status().is_success() => {
-                let status = resp.status();
-                let text = resp.text().await.unwrap_or_default();
-                Err(format!("{addr}: {status} {text}"))
-            }
-            Ok(resp) => resp.json::<SyncResponse>().await.map_err(|e| format!("{addr}: bad sync answer: {e}")),
-        };
-        match outcome {
-            Ok(resp) => {
+            SyncAnswer::Synced(resp) => {
                 failures = 0;
                 have_version = resp.version;
-                // The lease counts from when the request was sent, so it can never
-                // outlive the one the manager granted.
-                let until = sent_at_ms + resp.lease_ms.saturating_sub(w.cfg.lease_margin.as_millis() as u64);
-                w.lease_ms.store(resp.lease_ms, Ordering::Relaxed);
-                w.lease_until_ms.store(until, Ordering::Relaxed);
-                w.cfg.vitals.synced(sent_at.elapsed(), until);
-                for (key, value) in [("lease_ms", resp.lease_ms), ("lease_until_ms", until)] {
-                    // The lease in memory still holds; only a restart would miss it.
-                    if let Err(error) = w.ledger.set_meta_u64(key, value) {
-                        tracing::warn!(key, %error, "cannot record the lease in the ledger");
-                        metrics::counter!("holdfast_worker_ledger_write_failures_total").increment(1);
-                    }
-                }
-                w.renewed.notify_one();
-                match w.ledger.accept(&resp.assignments) {
-                    Ok(refused) if !refused.is_empty() => {
-                        tracing::warn!(?refused, "refused placements with a fence below one already seen")
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::error!(error = %e, "could not record assignments; will retry"),
-                }
-                if let Err(e) = w.ledger.ack(resp.acked_seq) {
-                    tracing::error!(error = %e, "could not trim outbox");
-                }
-                for lr in resp.log_requests {
-                    let w = w.clone();
-                    let addr = addr.clone();
-                    tokio::spawn(async move {
-                        // Bounded: a burst of log requests waits instead of piling
-                        // engine calls onto a busy engine.
-                        if let Ok(_permit) = w.log_jobs.clone().acquire_owned().await {
-                            answer_logs(&w, &addr, &lr).await
-                        }
-                    });
-                }
-                w.wake_reconcile.notify_one();
+                take_sync(&w, &addr, resp, sent_at_ms, sent_at);
             }
-            Err(e) => {
+            SyncAnswer::Failed(e) => {
                 failures += 1;
                 target += 1;
                 if failures == 1 || failures % 30 == 0 {
@@ -420,10 +368,113 @@ async fn sync_loop(w: Arc<Worker>, mut shutdown: broadcast::Receiver<()>) {
     }
 }
 
+/// The next sync: measured resources, held images and the unacknowledged reports.
+async fn sync_request(w: &Worker, have_version: u64) -> SyncRequest {
+    let resources = current_resources(w, None).await;
+    super::images::refresh_held(&w.held_images, w.runtime.as_ref(), Duration::from_secs(30), false).await;
+    let reports = super::ledger::or_logged(w.ledger.outbox(1_000), "the outbox");
+    w.cfg.vitals.sync_turn(reports.len());
+    SyncRequest {
+        node: w.cfg.node.clone(),
+        address: w.cfg.advertise_host.clone(),
+        labels: w.cfg.labels.clone(),
+        resources,
+        // A pending report must go out now, so ask for no wait.
+        wait_ms: if reports.is_empty() { w.cfg.sync_wait.as_millis() as u64 } else { 0 },
+        reports,
+        have_version,
+        images: super::images::held_ids(&w.held_images),
+    }
+}
+
+/// How a sync call ended.
+enum SyncAnswer {
+    /// The manager answered.
+    Synced(SyncResponse),
+    /// The manager is not the leader and named it: ask that one at once.
+    Leader(String),
+    /// No answer to use; why, to log.
+    Failed(String),
+}
+
+/// Reads the answer of a sync call to `addr`.
+async fn sync_answer(addr: &str, result: Result<reqwest::Response, reqwest::Error>) -> SyncAnswer {
+    let resp = match result {
+        Err(e) => {
+            // reqwest's Display omits the cause (refused, reset, timed out): walk it.
+            let mut why = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                why = format!("{why}: {s}");
+                source = s.source();
+            }
+            return SyncAnswer::Failed(format!("{addr}: {why}"));
+        }
+        Ok(resp) => resp,
+    };
+    if resp.status() == reqwest::StatusCode::MISDIRECTED_REQUEST {
+        let hint = resp.json::<NotLeader>().await.ok().and_then(|n| n.leader_cluster_addr);
+        return match hint {
+            Some(leader) => SyncAnswer::Leader(leader),
+            None => SyncAnswer::Failed(format!("{addr} knows no leader yet")),
+        };
+    }
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        return SyncAnswer::Failed(format!("{addr}: {status} {text}"));
+    }
+    match resp.json::<SyncResponse>().await {
+        Ok(resp) => SyncAnswer::Synced(resp),
+        Err(e) => SyncAnswer::Failed(format!("{addr}: bad sync answer: {e}")),
+    }
+}
+
+/// Takes a manager's answer: the lease (counted from `sent_at_ms`), the desired set,
+/// the acknowledged reports and the log requests; then wakes reconcile.
+fn take_sync(w: &Arc<Worker>, addr: &str, resp: SyncResponse, sent_at_ms: u64, sent_at: Instant) {
+    // The lease counts from when the request was sent, so it can never
+    // outlive the one the manager granted.
+    let until = sent_at_ms + resp.lease_ms.saturating_sub(w.cfg.lease_margin.as_millis() as u64);
+    w.lease_ms.store(resp.lease_ms, Ordering::Relaxed);
+    w.lease_until_ms.store(until, Ordering::Relaxed);
+    w.cfg.vitals.synced(sent_at.elapsed(), until);
+    for (key, value) in [("lease_ms", resp.lease_ms), ("lease_until_ms", until)] {
+        // The lease in memory still holds; only a restart would miss it.
+        if let Err(error) = w.ledger.set_meta_u64(key, value) {
+            tracing::warn!(key, %error, "cannot record the lease in the ledger");
+            metrics::counter!("holdfast_worker_ledger_write_failures_total").increment(1);
+        }
+    }
+    w.renewed.notify_one();
+    match w.ledger.accept(&resp.assignments) {
+        Ok(refused) if !refused.is_empty() => {
+            tracing::warn!(?refused, "refused placements with a fence below one already seen")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::error!(error = %e, "could not record assignments; will retry"),
+    }
+    if let Err(e) = w.ledger.ack(resp.acked_seq) {
+        tracing::error!(error = %e, "could not trim outbox");
+    }
+    for lr in resp.log_requests {
+        let w = w.clone();
+        let addr = addr.to_string();
+        tokio::spawn(async move {
+            // Bounded: a burst of log requests waits instead of piling
+            // engine calls onto a busy engine.
+            if let Ok(_permit) = w.log_jobs.clone().acquire_owned().await {
+                answer_logs(&w, &addr, &lr).await
+            }
+        });
+    }
+    w.wake_reconcile.notify_one();
+}
+
 async fn answer_logs(w: &Worker, addr: &str, lr: &crate::model::sync::LogRequest) {
     let (id, placement_id, tail) = (lr.id, lr.placement_id.as_str(), lr.tail);
     let held = super::ledger::or_logged(w.ledger.all(), "placements for a log request");
-    let result = match held.iter().find(|h| h.id == placement_id).and_then(|h| h.container_id.clone()) {
+    let result = match held.iter().find(|h| h.id == placement_id).and_then(|h| h.status.container_id.clone()) {
         None => Err(format!("placement {placement_id} has no container on node {}", w.cfg.node)),
         Some(cid) => match &lr.after {
             Some(after) => w.runtime.logs_after(&cid, tail, after).await.map_err(|e| e.to_string()),
@@ -461,8 +512,8 @@ async fn fence_loop(w: Arc<Worker>, mut shutdown: broadcast::Receiver<()>) {
         let targets: Vec<String> = held
             .into_iter()
             .filter(|h| h.spec.guarded() && h.desired == Desired::Run && !h.suspended)
-            .filter(|h| matches!(h.observed, Observed::Running | Observed::Starting | Observed::Restarting))
-            .filter_map(|h| h.container_id)
+            .filter(|h| matches!(h.status.observed, Observed::Running | Observed::Starting | Observed::Restarting))
+            .filter_map(|h| h.status.container_id)
             .collect();
         futures::stream::iter(targets)
             .for_each_concurrent(DEADLINE_CONCURRENCY, |cid| {
@@ -564,16 +615,16 @@ fn note_authority(w: &Worker, held: &[Held], lease_valid: bool, now: u64) {
     if was == lease_valid {
         return;
     }
-    let story = if lease_valid { "authority-renewed" } else { "cached-authority" };
+    let story = if lease_valid { Story::AuthorityRenewed } else { Story::CachedAuthority };
     if lease_valid {
         tracing::info!(node = %w.cfg.node, "lease renewed by a manager");
     } else {
         tracing::warn!(node = %w.cfg.node, "lease expired; running placements continue under cached authority per their offline mode");
     }
-    for h in held.iter().filter(|h| h.desired == Desired::Run && h.observed == Observed::Running) {
-        let mut ch = base_change(h, Observed::Running);
-        ch.story = Some(story.to_string());
-        ch.reason = Some(if lease_valid {
+    for h in held.iter().filter(|h| h.desired == Desired::Run && h.status.observed == Observed::Running) {
+        let mut ch = Change::carrying(h, Observed::Running);
+        ch.story = Some(story.clone());
+        ch.status.reason = Some(if lease_valid {
             format!("lease renewed at {now}")
         } else {
             format!("lease expired at {now}; offline mode {}", h.spec.offline_mode().as_str())
@@ -593,14 +644,15 @@ fn supervise_health(w: &Arc<Worker>, held: &[Held], containers: &[ContainerInfo]
     let judged: HashSet<String> = lock(&w.unhealthy).keys().cloned().collect();
     let mut wanted: HashMap<&str, (&Held, &ContainerInfo)> = HashMap::new();
     for h in held {
-        if h.desired != Desired::Run || h.observed != Observed::Running || h.spec.health.is_none() {
+        if h.desired != Desired::Run || h.status.observed != Observed::Running || h.spec.health.is_none() {
             continue;
         }
         if judged.contains(&h.id) {
             continue;
         }
-        let running =
-            containers.iter().find(|c| Some(&c.id) == h.container_id.as_ref() && c.state == ContainerState::Running);
+        let running = containers
+            .iter()
+            .find(|c| Some(&c.id) == h.status.container_id.as_ref() && c.state == ContainerState::Running);
         if let Some(c) = running {
             wanted.insert(h.id.as_str(), (h, c));
         }
@@ -609,7 +661,7 @@ fn supervise_health(w: &Arc<Worker>, held: &[Held], containers: &[ContainerInfo]
     probers.retain(|id, p| {
         let keep = wanted
             .get(id.as_str())
-            .is_some_and(|(h, c)| p.key == (c.id.clone(), h.restarts) && !p.handle.is_finished());
+            .is_some_and(|(h, c)| p.key == (c.id.clone(), h.status.restarts) && !p.handle.is_finished());
         if !keep {
             p.handle.abort();
         }
@@ -639,7 +691,7 @@ fn supervise_health(w: &Arc<Worker>, held: &[Held], containers: &[ContainerInfo]
             lock(&worker.unhealthy).insert(pid, Unhealthy { container_id: cid, reason });
             worker.wake_reconcile.notify_one();
         });
-        probers.insert(id.to_string(), Prober { key: (c.id.clone(), h.restarts), handle: task.abort_handle() });
+        probers.insert(id.to_string(), Prober { key: (c.id.clone(), h.status.restarts), handle: task.abort_handle() });
     }
 }
 
@@ -648,10 +700,6 @@ fn record(w: &Worker, h: &Held, change: Change) {
         Ok(_) => w.wake_sync.notify_one(),
         Err(e) => tracing::error!(placement = %h.id, error = %e, "could not record status"),
     }
-}
-
-fn base_change(h: &Held, observed: Observed) -> Change {
-    Change::carrying(h, observed)
 }
 
 fn container_spec(node: &str, h: &Held, guard: Option<GuardSpec>) -> ContainerSpec {
@@ -711,19 +759,10 @@ fn spawn_job(w: &Arc<Worker>, pool: &Arc<Semaphore>, key: String, job: impl Futu
 }
 
 async fn execute(w: &Arc<Worker>, held: &[Held], action: Action) {
-    let find = |id: &str| held.iter().find(|h| h.id == id).cloned();
     match action {
         Action::Report { placement_id, change } => {
-            if let Some(h) = find(&placement_id) {
-                if change.story.as_deref() == Some("fenced") {
-                    tracing::warn!(placement = %h.id, reason = ?change.reason, "the guard stopped this task at its deadline");
-                }
-                // Once the exit of an unhealthy container is recorded, its verdict is spent.
-                let spent = change.observed != Observed::Running;
-                record(w, &h, change);
-                if spent {
-                    lock(&w.unhealthy).remove(&placement_id);
-                }
+            if let Some(h) = held.iter().find(|h| h.id == placement_id) {
+                report(w, h, change);
             }
         }
         Action::Forget { placement_id } => {
@@ -737,97 +776,131 @@ async fn execute(w: &Arc<Worker>, held: &[Held], action: Action) {
         Action::RemoveOrphan { container_id } => {
             let w2 = w.clone();
             let key = orphan_key(&container_id);
-            spawn_job(w, &w.stops, key, async move {
-                tracing::info!(container = %container_id, "removing container no placement owns");
-                // A stop that fails leaves the remove to force it; a failed remove is
-                // tried again by the next reconcile, which still finds the container.
-                let _ = w2.runtime.stop(&container_id, w2.cfg.stop_grace).await;
-                if let Err(error) = w2.runtime.remove(&container_id).await {
-                    tracing::warn!(container = %container_id, %error, "could not remove an unowned container; will retry");
-                }
-            });
+            spawn_job(w, &w.stops, key, async move { remove_orphan(&w2, &container_id).await });
         }
         Action::Create { placement_id } => {
-            let Some(h) = find(&placement_id) else { return };
-            let w2 = w.clone();
-            spawn_job(w, &w.creates, placement_id, async move { create(&w2, &h).await });
+            placement_job(w, held, &w.creates, placement_id, |w, h| async move { create(&w, &h).await })
         }
         Action::Start { placement_id, container_id } => {
-            let Some(h) = find(&placement_id) else { return };
-            let w2 = w.clone();
-            spawn_job(w, &w.creates, placement_id, async move { restart(&w2, &h, container_id).await });
+            placement_job(w, held, &w.creates, placement_id, |w, h| async move { restart(&w, &h, container_id).await })
         }
         Action::Suspend { placement_id, container_id } => {
-            let Some(h) = find(&placement_id) else { return };
-            let w2 = w.clone();
-            spawn_job(w, &w.stops, placement_id, async move {
-                // Stopped, not removed: the same container resumes if the lease returns
-                // before a manager has replaced the placement.
-                match w2.runtime.stop(&container_id, w2.cfg.stop_grace).await {
-                    Ok(()) => {
-                        let mut ch = base_change(&h, Observed::Restarting);
-                        ch.suspended = true;
-                        ch.endpoints.clear();
-                        ch.story = Some("stopped-on-expiry".into());
-                        ch.reason = Some(format!(
-                            "lease expired at {}: stopped (offline mode exclusive) until a manager confirms",
-                            now_ms()
-                        ));
-                        record(&w2, &h, ch);
-                    }
-                    Err(e) => {
-                        tracing::warn!(placement = %h.id, error = %e, "could not stop on lease expiry; will retry")
-                    }
-                }
-            });
+            placement_job(w, held, &w.stops, placement_id, |w, h| async move { suspend(&w, &h, &container_id).await })
         }
         Action::Resume { placement_id, container_id } => {
-            let Some(h) = find(&placement_id) else { return };
-            let w2 = w.clone();
-            spawn_job(w, &w.creates, placement_id, async move {
-                if !arm_guard(&w2, &h, &container_id).await {
-                    return;
-                }
-                match w2.runtime.start(&container_id).await {
-                    Ok(info) => {
-                        let mut ch = base_change(&h, Observed::Running);
-                        ch.container_id = Some(container_id);
-                        ch.endpoints = super::reconcile::endpoints(&w2.cfg.advertise_host, &info);
-                        ch.story = Some("resumed".into());
-                        ch.reason = Some("lease renewed: started again".into());
-                        record(&w2, &h, ch);
-                    }
-                    Err(e) => tracing::warn!(placement = %h.id, error = %e, "could not resume; will retry"),
-                }
-            });
+            placement_job(w, held, &w.creates, placement_id, |w, h| async move { resume(&w, &h, container_id).await })
         }
-        Action::StopUnhealthy { placement_id, container_id } => {
-            let Some(h) = find(&placement_id) else { return };
-            let w2 = w.clone();
-            spawn_job(w, &w.stops, placement_id, async move {
-                // Stopped, not removed: the restart policy reuses the container.
-                if let Err(e) = w2.runtime.stop(&container_id, w2.cfg.stop_grace).await {
-                    tracing::warn!(placement = %h.id, error = %e, "could not stop unhealthy container; will retry");
-                }
-            });
+        Action::StopUnhealthy { placement_id, container_id } => placement_job(
+            w,
+            held,
+            &w.stops,
+            placement_id,
+            |w, h| async move { stop_unhealthy(&w, &h, &container_id).await },
+        ),
+        Action::StopRemove { placement_id, container_id } => placement_job(
+            w,
+            held,
+            &w.stops,
+            placement_id,
+            |w, h| async move { stop_remove(&w, &h, &container_id).await },
+        ),
+    }
+}
+
+/// Runs `job` on the held placement `placement_id` in `pool`, keyed by the placement
+/// (see [`spawn_job`]); nothing when it is not held.
+fn placement_job<F, J>(w: &Arc<Worker>, held: &[Held], pool: &Arc<Semaphore>, placement_id: String, job: F)
+where
+    F: FnOnce(Arc<Worker>, Held) -> J,
+    J: Future<Output = ()> + Send + 'static,
+{
+    let Some(h) = held.iter().find(|h| h.id == placement_id).cloned() else { return };
+    spawn_job(w, pool, placement_id, job(w.clone(), h));
+}
+
+/// Records a change reconcile decided on.
+fn report(w: &Worker, h: &Held, change: Change) {
+    if change.story == Some(Story::Fenced) {
+        tracing::warn!(placement = %h.id, reason = ?change.status.reason, "the guard stopped this task at its deadline");
+    }
+    // Once the exit of an unhealthy container is recorded, its verdict is spent.
+    let spent = change.status.observed != Observed::Running;
+    record(w, h, change);
+    if spent {
+        lock(&w.unhealthy).remove(&h.id);
+    }
+}
+
+/// Stops and removes a container no held placement owns.
+async fn remove_orphan(w: &Worker, container_id: &str) {
+    tracing::info!(container = %container_id, "removing container no placement owns");
+    // A stop that fails leaves the remove to force it; a failed remove is tried again
+    // by the next reconcile, which still finds the container.
+    let _ = w.runtime.stop(container_id, w.cfg.stop_grace).await;
+    if let Err(error) = w.runtime.remove(container_id).await {
+        tracing::warn!(container = %container_id, %error, "could not remove an unowned container; will retry");
+    }
+}
+
+/// Lease expired on an `exclusive` placement: stops its container, recorded as suspended.
+async fn suspend(w: &Worker, h: &Held, container_id: &str) {
+    // Stopped, not removed: the same container resumes if the lease returns
+    // before a manager has replaced the placement.
+    match w.runtime.stop(container_id, w.cfg.stop_grace).await {
+        Ok(()) => {
+            let mut ch = Change::carrying(h, Observed::Restarting);
+            ch.suspended = true;
+            ch.status.endpoints.clear();
+            ch.story = Some(Story::StoppedOnExpiry);
+            ch.status.reason = Some(format!(
+                "lease expired at {}: stopped (offline mode exclusive) until a manager confirms",
+                now_ms()
+            ));
+            record(w, h, ch);
         }
-        Action::StopRemove { placement_id, container_id } => {
-            let Some(h) = find(&placement_id) else { return };
-            let w2 = w.clone();
-            spawn_job(w, &w.stops, placement_id, async move {
-                let stopped = w2.runtime.stop(&container_id, w2.cfg.stop_grace).await;
-                let removed = w2.runtime.remove(&container_id).await;
-                match stopped.and(removed) {
-                    Ok(()) => {
-                        let mut ch = base_change(&h, Observed::Stopped);
-                        ch.endpoints.clear();
-                        record(&w2, &h, ch);
-                        lock(&w2.unhealthy).remove(&h.id);
-                    }
-                    Err(e) => tracing::warn!(placement = %h.id, error = %e, "stop failed; will retry"),
-                }
-            });
+        Err(e) => tracing::warn!(placement = %h.id, error = %e, "could not stop on lease expiry; will retry"),
+    }
+}
+
+/// Lease renewed: starts a suspended placement's container again.
+async fn resume(w: &Worker, h: &Held, container_id: String) {
+    if !arm_guard(w, h, &container_id).await {
+        return;
+    }
+    match w.runtime.start(&container_id).await {
+        Ok(info) => {
+            let mut ch = Change::carrying(h, Observed::Running);
+            ch.status.container_id = Some(container_id);
+            ch.status.endpoints = super::reconcile::endpoints(&w.cfg.advertise_host, &info);
+            ch.story = Some(Story::Resumed);
+            ch.status.reason = Some("lease renewed: started again".into());
+            record(w, h, ch);
         }
+        Err(e) => tracing::warn!(placement = %h.id, error = %e, "could not resume; will retry"),
+    }
+}
+
+/// Stops a container its probes judged unhealthy; its exit then goes through the
+/// restart policy.
+async fn stop_unhealthy(w: &Worker, h: &Held, container_id: &str) {
+    // Stopped, not removed: the restart policy reuses the container.
+    if let Err(e) = w.runtime.stop(container_id, w.cfg.stop_grace).await {
+        tracing::warn!(placement = %h.id, error = %e, "could not stop unhealthy container; will retry");
+    }
+}
+
+/// Stops and removes a placement's container, recorded as stopped.
+async fn stop_remove(w: &Worker, h: &Held, container_id: &str) {
+    let stopped = w.runtime.stop(container_id, w.cfg.stop_grace).await;
+    let removed = w.runtime.remove(container_id).await;
+    match stopped.and(removed) {
+        Ok(()) => {
+            let mut ch = Change::carrying(h, Observed::Stopped);
+            ch.status.endpoints.clear();
+            record(w, h, ch);
+            lock(&w.unhealthy).remove(&h.id);
+        }
+        Err(e) => tracing::warn!(placement = %h.id, error = %e, "stop failed; will retry"),
     }
 }
 
@@ -838,15 +911,15 @@ async fn restart(w: &Worker, h: &Held, container_id: String) {
     }
     match w.runtime.start(&container_id).await {
         Ok(_) => {
-            let mut ch = base_change(h, Observed::Running);
-            ch.restarts = h.restarts + 1;
-            ch.container_id = Some(container_id);
+            let mut ch = Change::carrying(h, Observed::Running);
+            ch.status.restarts = h.status.restarts + 1;
+            ch.status.container_id = Some(container_id);
             record(w, h, ch);
         }
         Err(RuntimeError::Unavailable(e)) => tracing::warn!(error = %e, "engine unavailable; restart later"),
         Err(e) => {
-            let mut ch = base_change(h, Observed::Failed);
-            ch.reason = Some(format!("restart failed: {e}"));
+            let mut ch = Change::carrying(h, Observed::Failed);
+            ch.status.reason = Some(format!("restart failed: {e}"));
             record(w, h, ch);
         }
     }
@@ -897,10 +970,10 @@ async fn fetch_image(w: &Worker, h: &Held) -> Option<Held> {
             return Some(h.clone());
         }
     };
-    let pulling = Held { observed: Observed::Pulling, ..h.clone() };
+    let pulling = h.in_state(Observed::Pulling);
     let say = |done: u64, total: u64| {
-        let mut ch = base_change(&pulling, Observed::Pulling);
-        ch.reason = Some(format!("fetching {image} from the managers: {done} of {total} bytes"));
+        let mut ch = Change::carrying(&pulling, Observed::Pulling);
+        ch.status.reason = Some(format!("fetching {image} from the managers: {done} of {total} bytes"));
         record(w, &pulling, ch);
     };
     say(0, entry.size());
@@ -930,8 +1003,8 @@ async fn fetch_image(w: &Worker, h: &Held) -> Option<Held> {
         }
         Err(e) => {
             tracing::warn!(placement = %h.id, %image, error = %e, "image fetch failed");
-            let mut ch = base_change(&pulling, Observed::Failed);
-            ch.reason = Some(format!("image {image}: fetch from the managers failed: {e}"));
+            let mut ch = Change::carrying(&pulling, Observed::Failed);
+            ch.status.reason = Some(format!("image {image}: fetch from the managers failed: {e}"));
             record(w, &pulling, ch);
             None
         }
@@ -940,52 +1013,17 @@ async fn fetch_image(w: &Worker, h: &Held) -> Option<Held> {
 
 async fn create(w: &Worker, h: &Held) {
     let started = Instant::now();
-    match admission(w, h).await {
-        Ok(Ok(())) => {}
-        Ok(Err(refused)) => {
-            tracing::warn!(placement = %h.id, reason = %refused, "not starting");
-            let mut ch = base_change(h, Observed::Failed);
-            ch.reason = Some(refused);
-            ch.refused = true;
-            record(w, h, ch);
-            return;
-        }
-        Err(e) => {
-            tracing::warn!(placement = %h.id, error = %e, "cannot check admission; will retry");
-            return;
-        }
-    }
-    let Some(h) = &fetch_image(w, h).await else { return };
-    if matches!(h.observed, Observed::Pending | Observed::Pulling) {
-        record(w, h, base_change(h, Observed::Starting));
-    }
-    let h = &Held { observed: Observed::Starting, ..h.clone() };
-    let admitted_ms = started.elapsed().as_millis() as u64;
-    if let Err(e) = w.runtime.ensure_image(&h.spec.image).await {
-        match e {
-            RuntimeError::Unavailable(msg) => tracing::warn!(error = %msg, "engine unavailable; will retry"),
-            other => {
-                let mut ch = base_change(h, Observed::Failed);
-                ch.reason = Some(other.to_string());
-                record(w, h, ch);
-            }
-        }
+    if !admitted(w, h).await {
         return;
     }
-    if h.spec.guarded() {
-        // Before the deadline is taken: the first guarded start on an engine builds the
-        // guard image, which could otherwise eat the run time the deadline allows.
-        if let Err(e) = w.runtime.ensure_guard().await {
-            match e {
-                RuntimeError::Unavailable(msg) => tracing::warn!(error = %msg, "engine unavailable; will retry"),
-                other => {
-                    let mut ch = base_change(h, Observed::Failed);
-                    ch.reason = Some(format!("cannot prepare the exclusive guard: {other}"));
-                    record(w, h, ch);
-                }
-            }
-            return;
-        }
+    let Some(h) = &fetch_image(w, h).await else { return };
+    if matches!(h.status.observed, Observed::Pending | Observed::Pulling) {
+        record(w, h, Change::carrying(h, Observed::Starting));
+    }
+    let h = &h.in_state(Observed::Starting);
+    let admitted_ms = started.elapsed().as_millis() as u64;
+    if !images_ready(w, h).await {
+        return;
     }
     let image_ms = started.elapsed().as_millis() as u64;
     tracing::debug!(placement = %h.id, admitted_ms, image_ms, "creating");
@@ -1012,17 +1050,69 @@ async fn create(w: &Worker, h: &Held) {
                     }
                 }
             }
-            let mut ch = base_change(h, Observed::Running);
-            ch.container_id = Some(info.id.clone());
-            ch.endpoints = super::reconcile::endpoints(&w.cfg.advertise_host, &info);
-            ch.reason = None;
+            let mut ch = Change::carrying(h, Observed::Running);
+            ch.status.container_id = Some(info.id.clone());
+            ch.status.endpoints = super::reconcile::endpoints(&w.cfg.advertise_host, &info);
+            ch.status.reason = None;
             record(w, h, ch);
             tracing::info!(placement = %h.id, container = %info.id, ms = started.elapsed().as_millis() as u64, "started");
         }
         Err(RuntimeError::Unavailable(msg)) => tracing::warn!(error = %msg, "engine unavailable; will retry"),
         Err(e) => {
-            let mut ch = base_change(h, Observed::Failed);
-            ch.reason = Some(e.to_string());
+            let mut ch = Change::carrying(h, Observed::Failed);
+            ch.status.reason = Some(e.to_string());
+            record(w, h, ch);
+        }
+    }
+}
+
+/// Whether admission lets the placement start here now; a refusal is recorded (and
+/// reported, so the manager places it elsewhere), an engine that cannot answer is
+/// retried next round.
+async fn admitted(w: &Worker, h: &Held) -> bool {
+    match admission(w, h).await {
+        Ok(Ok(())) => true,
+        Ok(Err(refused)) => {
+            tracing::warn!(placement = %h.id, reason = %refused, "not starting");
+            let mut ch = Change::carrying(h, Observed::Failed);
+            ch.status.reason = Some(refused);
+            ch.refused = true;
+            record(w, h, ch);
+            false
+        }
+        Err(e) => {
+            tracing::warn!(placement = %h.id, error = %e, "cannot check admission; will retry");
+            false
+        }
+    }
+}
+
+/// Makes sure the engine holds the task's image and, for a guarded task, the guard's;
+/// `false` when it cannot (a failure recorded, or the engine unavailable: retried).
+async fn images_ready(w: &Worker, h: &Held) -> bool {
+    if let Err(e) = w.runtime.ensure_image(&h.spec.image).await {
+        fail_unless_unavailable(w, h, e, "");
+        return false;
+    }
+    if h.spec.guarded() {
+        // Before the deadline is taken: the first guarded start on an engine builds the
+        // guard image, which could otherwise eat the run time the deadline allows.
+        if let Err(e) = w.runtime.ensure_guard().await {
+            fail_unless_unavailable(w, h, e, "cannot prepare the exclusive guard: ");
+            return false;
+        }
+    }
+    true
+}
+
+/// Records the placement failed with `e` (after `prefix`), unless the engine was only
+/// unavailable: that is retried.
+fn fail_unless_unavailable(w: &Worker, h: &Held, e: RuntimeError, prefix: &str) {
+    match e {
+        RuntimeError::Unavailable(msg) => tracing::warn!(error = %msg, "engine unavailable; will retry"),
+        other => {
+            let mut ch = Change::carrying(h, Observed::Failed);
+            ch.status.reason = Some(format!("{prefix}{other}"));
             record(w, h, ch);
         }
     }

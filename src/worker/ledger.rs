@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::model::sync::{Assignment, StatusReport};
-use crate::model::{Desired, Observed, TaskSpec};
+use crate::model::{Desired, Observed, PlacementStatus, Story, TaskSpec};
 
 /// Ledger failures.
 #[derive(Debug, thiserror::Error)]
@@ -65,18 +65,8 @@ pub struct Held {
     pub desired: Desired,
     /// What to run.
     pub spec: TaskSpec,
-    /// Last observed state this worker recorded.
-    pub observed: Observed,
-    /// Last exit code.
-    pub exit_code: Option<i64>,
-    /// Reason of the last failure or exit.
-    pub reason: Option<String>,
-    /// Local restarts so far.
-    pub restarts: u32,
-    /// Published endpoints.
-    pub endpoints: Vec<String>,
-    /// Engine container id, once created.
-    pub container_id: Option<String>,
+    /// What this worker last recorded of it.
+    pub status: PlacementStatus,
     /// Earliest time of the next restart (backoff), ms since the epoch.
     pub next_start_ms: Option<u64>,
     /// Stopped by this worker when its lease ran out (offline mode `exclusive`); started
@@ -87,27 +77,26 @@ pub struct Held {
 /// An observed change to record (and report).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Change {
-    /// New observed state.
-    pub observed: Observed,
-    /// Exit code, if it exited.
-    pub exit_code: Option<i64>,
-    /// Reason, if any.
-    pub reason: Option<String>,
-    /// Restarts so far.
-    pub restarts: u32,
-    /// Endpoints.
-    pub endpoints: Vec<String>,
-    /// Container id.
-    pub container_id: Option<String>,
+    /// The new status (observed state, exit, reason, restarts, endpoints, container).
+    pub status: PlacementStatus,
     /// Next restart time for `restarting`.
     pub next_start_ms: Option<u64>,
     /// Admission refused the placement on this node.
     pub refused: bool,
     /// Whether the placement is now suspended (see [`Held::suspended`]).
     pub suspended: bool,
-    /// A story event for the manager's history (`cached-authority`, `stopped-on-expiry`,
-    /// `authority-renewed`), recorded even when the observed state does not change.
-    pub story: Option<String>,
+    /// A story event for the manager's history, recorded even when the observed state
+    /// does not change.
+    pub story: Option<Story>,
+}
+
+impl Held {
+    /// This placement as it stands once moved to `observed`, all else kept.
+    pub fn in_state(&self, observed: Observed) -> Held {
+        let mut h = self.clone();
+        h.status.observed = observed;
+        h
+    }
 }
 
 impl Change {
@@ -115,12 +104,7 @@ impl Change {
     /// (exit code, reason, restarts, endpoints, container) and clears the one-shot flags.
     pub fn carrying(h: &Held, observed: Observed) -> Change {
         Change {
-            observed,
-            exit_code: h.exit_code,
-            reason: h.reason.clone(),
-            restarts: h.restarts,
-            endpoints: h.endpoints.clone(),
-            container_id: h.container_id.clone(),
+            status: PlacementStatus { observed, ..h.status.clone() },
             next_start_ms: None,
             refused: false,
             suspended: false,
@@ -266,8 +250,6 @@ impl Ledger {
             let id: String = r.get(0)?;
             let desired: String = r.get(3)?;
             let spec: String = r.get(4)?;
-            let observed: String = r.get(5)?;
-            let endpoints: String = r.get(9)?;
             let spec = match serde_json::from_str::<TaskSpec>(&spec) {
                 Ok(spec) => spec,
                 Err(error) => {
@@ -276,28 +258,14 @@ impl Ledger {
                     return Ok(None);
                 }
             };
-            let observed = Observed::parse(&observed).unwrap_or_else(|| {
-                tracing::warn!(placement = %id, %observed, "unreadable observed state in worker ledger; read as pending");
-                metrics::counter!("holdfast_worker_ledger_unreadable_total").increment(1);
-                Observed::Pending
-            });
-            let endpoints = serde_json::from_str(&endpoints).unwrap_or_else(|error| {
-                tracing::warn!(placement = %id, %error, "unreadable endpoints in worker ledger; read as none");
-                metrics::counter!("holdfast_worker_ledger_unreadable_total").increment(1);
-                Vec::new()
-            });
             Ok(Some(Held {
                 id,
                 task_id: r.get(1)?,
                 fence: r.get::<_, i64>(2)? as u64,
                 desired: Desired::from_stored(&desired),
                 spec,
-                observed,
-                exit_code: r.get(6)?,
-                reason: r.get(7)?,
-                restarts: r.get::<_, i64>(8)? as u32,
-                endpoints,
-                container_id: r.get(10)?,
+                // Columns 5 to 10, in the order `PlacementStatus::from_row` reads.
+                status: PlacementStatus::from_row(r, 5)?,
                 next_start_ms: r.get::<_, Option<i64>>(11)?.map(|v| v as u64),
                 suspended: r.get(12)?,
             }))
@@ -318,18 +286,17 @@ impl Ledger {
             tx.query_row("SELECT value FROM meta WHERE key = 'acked_seq'", [], |r| r.get(0)).optional()?;
         let floor: i64 = floor.and_then(|v| v.parse().ok()).unwrap_or(0);
         let seq = seq.max(floor) + 1;
-        let endpoints = serde_json::to_string(&change.endpoints)?;
         tx.execute(
             "UPDATE placements SET observed = ?2, exit_code = ?3, reason = ?4, restarts = ?5, endpoints = ?6,
                container_id = COALESCE(?7, container_id), next_start_ms = ?8, suspended = ?9 WHERE id = ?1",
             params![
                 held.id,
-                change.observed.as_str(),
-                change.exit_code,
-                change.reason,
-                change.restarts,
-                endpoints,
-                change.container_id,
+                change.status.observed.as_str(),
+                change.status.exit_code,
+                change.status.reason,
+                change.status.restarts,
+                change.status.endpoints_json(),
+                change.status.container_id,
                 change.next_start_ms.map(|v| v as i64),
                 change.suspended
             ],
@@ -339,12 +306,11 @@ impl Ledger {
             placement_id: held.id.clone(),
             task_id: held.task_id.clone(),
             fence: held.fence,
-            observed: change.observed,
-            exit_code: change.exit_code,
-            reason: change.reason.clone(),
-            restarts: change.restarts,
-            endpoints: change.endpoints.clone(),
-            container_id: change.container_id.clone().or_else(|| held.container_id.clone()),
+            // A change that names no container keeps the one the placement has.
+            status: PlacementStatus {
+                container_id: change.status.container_id.clone().or_else(|| held.status.container_id.clone()),
+                ..change.status.clone()
+            },
             at_ms,
             refused: change.refused,
             story: change.story.clone(),

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use crate::model::spec::{OfflineMode, RestartMode};
-use crate::model::{Desired, Observed};
+use crate::model::{Desired, Observed, Story};
 
 use super::ledger::{Change, Held};
 use super::runtime::{labels, ContainerInfo, ContainerState};
@@ -113,13 +113,13 @@ fn fenced(h: &Held, c: &ContainerInfo) -> bool {
 /// stopped it on expiry) and resumes only when a manager renews the lease and still
 /// lists it; a replaced one is stopped and removed as usual.
 fn fenced_change(h: &Held, c: &ContainerInfo, facts: &Facts<'_>) -> Change {
-    let mut ch = change(h, Observed::Restarting);
+    let mut ch = Change::carrying(h, Observed::Restarting);
     ch.suspended = true;
-    ch.exit_code = Some(i64::from(crate::guard::FENCED_EXIT));
-    ch.container_id = Some(c.id.clone());
-    ch.endpoints.clear();
-    ch.story = Some("fenced".into());
-    ch.reason = Some(if facts.worker_was_away {
+    ch.status.exit_code = Some(i64::from(crate::guard::FENCED_EXIT));
+    ch.status.container_id = Some(c.id.clone());
+    ch.status.endpoints.clear();
+    ch.story = Some(Story::Fenced);
+    ch.status.reason = Some(if facts.worker_was_away {
         "fenced: lease expired while the worker was not running".into()
     } else {
         "fenced: lease expired; the guard stopped the task".into()
@@ -138,10 +138,6 @@ pub fn endpoints(host: &str, c: &ContainerInfo) -> Vec<String> {
     c.ports.iter().filter(|(_, h)| *h != 0).map(|(_, h)| format!("{host}:{h}")).collect()
 }
 
-fn change(h: &Held, observed: Observed) -> Change {
-    Change::carrying(h, observed)
-}
-
 /// Computes the actions that move `actual` toward `held`.
 pub fn reconcile(held: &[Held], containers: &[ContainerInfo], facts: &mut Facts<'_>) -> Vec<Action> {
     let mut actions = Vec::new();
@@ -157,135 +153,151 @@ pub fn reconcile(held: &[Held], containers: &[ContainerInfo], facts: &mut Facts<
         let mut mine: Vec<&ContainerInfo> = containers.iter().filter(|c| owner(c) == h.id).collect();
         // Never two containers for one placement: keep the running (or recorded) one.
         mine.sort_by_key(|c| {
-            (c.state != ContainerState::Running, Some(&c.id) != h.container_id.as_ref(), c.id.clone())
+            (c.state != ContainerState::Running, Some(&c.id) != h.status.container_id.as_ref(), c.id.clone())
         });
         for extra in mine.iter().skip(1) {
             actions.push(Action::RemoveOrphan { container_id: extra.id.clone() });
         }
-        let c = mine.first().copied();
-        let pid = h.id.clone();
-
-        if h.desired == Desired::Stop {
-            match c {
-                // Tell the story of a fence before removing its evidence.
-                Some(c) if fenced(h, c) && !h.suspended => {
-                    actions.push(Action::Report { placement_id: pid, change: fenced_change(h, c, facts) })
-                }
-                Some(c) => actions.push(Action::StopRemove { placement_id: pid, container_id: c.id.clone() }),
-                None if h.observed != Observed::Stopped => {
-                    let mut ch = change(h, Observed::Stopped);
-                    ch.endpoints.clear();
-                    actions.push(Action::Report { placement_id: pid, change: ch });
-                }
-                None => actions.push(Action::Forget { placement_id: pid }),
-            }
-            continue;
-        }
-        if h.observed.is_terminal() {
-            continue;
-        }
-        let mode = h.spec.offline_mode();
-        // May this worker start or restart anything for the placement right now?
-        let authority = facts.lease_valid || mode == OfflineMode::Keep;
-        let Some(c) = c else {
-            if authority {
-                actions.push(Action::Create { placement_id: pid });
-            }
-            continue;
-        };
-        if h.suspended {
-            match &c.state {
-                ContainerState::Running => {
-                    actions.push(Action::Suspend { placement_id: pid, container_id: c.id.clone() })
-                }
-                _ if facts.lease_valid => {
-                    actions.push(Action::Resume { placement_id: pid, container_id: c.id.clone() })
-                }
-                _ => {}
-            }
-            continue;
-        }
-        // A verdict only counts for the container it was made on.
-        let verdict = facts.unhealthy.get(&h.id).filter(|v| v.container_id == c.id);
-        match &c.state {
-            ContainerState::Exited { .. } if fenced(h, c) => {
-                actions.push(Action::Report { placement_id: pid, change: fenced_change(h, c, facts) });
-            }
-            ContainerState::Running if !facts.lease_valid && mode == OfflineMode::Exclusive => {
-                actions.push(Action::Suspend { placement_id: pid, container_id: c.id.clone() });
-            }
-            ContainerState::Running if verdict.is_some() => {
-                actions.push(Action::StopUnhealthy { placement_id: pid, container_id: c.id.clone() });
-            }
-            ContainerState::Running => {
-                let eps = endpoints(facts.advertise_host, c);
-                if h.observed != Observed::Running
-                    || h.endpoints != eps
-                    || h.container_id.as_deref() != Some(c.id.as_str())
-                {
-                    let mut ch = change(h, Observed::Running);
-                    ch.endpoints = eps;
-                    ch.container_id = Some(c.id.clone());
-                    ch.reason = None;
-                    actions.push(Action::Report { placement_id: pid, change: ch });
-                }
-            }
-            ContainerState::Created if authority => {
-                actions.push(Action::Start { placement_id: pid, container_id: c.id.clone() });
-            }
-            ContainerState::Created => {}
-            ContainerState::Exited { code } => {
-                let code = *code;
-                if h.observed == Observed::Restarting && authority {
-                    if h.next_start_ms.is_none_or(|t| facts.now_ms >= t) {
-                        actions.push(Action::Start { placement_id: pid, container_id: c.id.clone() });
-                    }
-                    continue;
-                }
-                let policy = h.spec.restart_policy();
-                // A container stopped for failing its health checks failed, whatever code
-                // its process chose on SIGTERM.
-                let failed = code != 0 || verdict.is_some();
-                let wants = match policy.policy {
-                    RestartMode::Always => true,
-                    RestartMode::OnFailure => failed,
-                    RestartMode::No => false,
-                };
-                let mut why = match verdict {
-                    Some(v) => v.reason.clone(),
-                    None => format!("exited with code {code}"),
-                };
-                // Without a lease, `finish` and `exclusive` start nothing: the exit is final.
-                let held_back = wants && !authority;
-                if held_back {
-                    why = format!("{why}; not restarted: lease expired (offline mode {})", mode.as_str());
-                }
-                let wants = wants && !held_back;
-                let mut ch = change(h, Observed::Exited);
-                ch.exit_code = Some(code);
-                ch.container_id = Some(c.id.clone());
-                ch.endpoints.clear();
-                if wants && h.restarts < policy.max_attempts {
-                    let wait = backoff_ms(policy.delay_ms, policy.max_delay_ms, h.restarts, facts.jitter);
-                    ch.observed = Observed::Restarting;
-                    ch.reason = Some(format!("{why}; restart {} in {wait} ms", h.restarts + 1));
-                    ch.next_start_ms = Some(facts.now_ms + wait);
-                } else if wants {
-                    ch.observed = Observed::Failed;
-                    ch.reason = Some(format!("{why}; gave up after {} restarts", h.restarts));
-                } else {
-                    // Policy `no`: a clean exit is done; an unhealthy one is a failure. Held
-                    // back for want of a lease: a failed exit is a failure.
-                    ch.observed =
-                        if verdict.is_some() || (held_back && failed) { Observed::Failed } else { Observed::Exited };
-                    ch.reason = Some(why);
-                }
-                actions.push(Action::Report { placement_id: pid, change: ch });
-            }
-            ContainerState::Other(_) => {}
-        }
+        actions.extend(placement_action(h, mine.first().copied(), facts));
     }
     actions
+}
+
+/// The one action (if any) for placement `h`, whose container is `c`.
+fn placement_action(h: &Held, c: Option<&ContainerInfo>, facts: &mut Facts<'_>) -> Option<Action> {
+    let pid = h.id.clone();
+    if h.desired == Desired::Stop {
+        return Some(stop_action(h, c, facts));
+    }
+    if h.status.observed.is_terminal() {
+        return None;
+    }
+    let mode = h.spec.offline_mode();
+    // May this worker start or restart anything for the placement right now?
+    let authority = facts.lease_valid || mode == OfflineMode::Keep;
+    let Some(c) = c else {
+        return authority.then_some(Action::Create { placement_id: pid });
+    };
+    if h.suspended {
+        return match &c.state {
+            ContainerState::Running => Some(Action::Suspend { placement_id: pid, container_id: c.id.clone() }),
+            _ if facts.lease_valid => Some(Action::Resume { placement_id: pid, container_id: c.id.clone() }),
+            _ => None,
+        };
+    }
+    // A verdict only counts for the container it was made on.
+    let verdict = facts.unhealthy.get(&h.id).filter(|v| v.container_id == c.id);
+    match &c.state {
+        ContainerState::Exited { .. } if fenced(h, c) => {
+            Some(Action::Report { placement_id: pid, change: fenced_change(h, c, facts) })
+        }
+        ContainerState::Running if !facts.lease_valid && mode == OfflineMode::Exclusive => {
+            Some(Action::Suspend { placement_id: pid, container_id: c.id.clone() })
+        }
+        ContainerState::Running if verdict.is_some() => {
+            Some(Action::StopUnhealthy { placement_id: pid, container_id: c.id.clone() })
+        }
+        ContainerState::Running => running_report(h, c, facts),
+        ContainerState::Created if authority => Some(Action::Start { placement_id: pid, container_id: c.id.clone() }),
+        ContainerState::Created => None,
+        ContainerState::Exited { code } => {
+            if h.status.observed == Observed::Restarting && authority {
+                // Backoff over: start it again.
+                let due = h.next_start_ms.is_none_or(|t| facts.now_ms >= t);
+                return due.then(|| Action::Start { placement_id: pid, container_id: c.id.clone() });
+            }
+            let ch = exit_change(h, c, *code, verdict, authority, facts);
+            Some(Action::Report { placement_id: pid, change: ch })
+        }
+        ContainerState::Other(_) => None,
+    }
+}
+
+/// What to do for a placement the manager wants stopped.
+fn stop_action(h: &Held, c: Option<&ContainerInfo>, facts: &Facts<'_>) -> Action {
+    let pid = h.id.clone();
+    match c {
+        // Tell the story of a fence before removing its evidence.
+        Some(c) if fenced(h, c) && !h.suspended => {
+            Action::Report { placement_id: pid, change: fenced_change(h, c, facts) }
+        }
+        Some(c) => Action::StopRemove { placement_id: pid, container_id: c.id.clone() },
+        None if h.status.observed != Observed::Stopped => {
+            let mut ch = Change::carrying(h, Observed::Stopped);
+            ch.status.endpoints.clear();
+            Action::Report { placement_id: pid, change: ch }
+        }
+        None => Action::Forget { placement_id: pid },
+    }
+}
+
+/// A report when a running container is not yet recorded as such (state, endpoints or
+/// container id differ from the ledger's).
+fn running_report(h: &Held, c: &ContainerInfo, facts: &Facts<'_>) -> Option<Action> {
+    let eps = endpoints(facts.advertise_host, c);
+    if h.status.observed == Observed::Running
+        && h.status.endpoints == eps
+        && h.status.container_id.as_deref() == Some(c.id.as_str())
+    {
+        return None;
+    }
+    let mut ch = Change::carrying(h, Observed::Running);
+    ch.status.endpoints = eps;
+    ch.status.container_id = Some(c.id.clone());
+    ch.status.reason = None;
+    Some(Action::Report { placement_id: h.id.clone(), change: ch })
+}
+
+/// The change an exit with `code` makes, through the restart policy: restart after a
+/// backoff, give up, or stay exited (or failed).
+fn exit_change(
+    h: &Held,
+    c: &ContainerInfo,
+    code: i64,
+    verdict: Option<&Unhealthy>,
+    authority: bool,
+    facts: &mut Facts<'_>,
+) -> Change {
+    let policy = h.spec.restart_policy();
+    // A container stopped for failing its health checks failed, whatever code
+    // its process chose on SIGTERM.
+    let failed = code != 0 || verdict.is_some();
+    let wants = match policy.policy {
+        RestartMode::Always => true,
+        RestartMode::OnFailure => failed,
+        RestartMode::No => false,
+    };
+    let mut why = match verdict {
+        Some(v) => v.reason.clone(),
+        None => format!("exited with code {code}"),
+    };
+    // Without a lease, `finish` and `exclusive` start nothing: the exit is final.
+    let held_back = wants && !authority;
+    if held_back {
+        why = format!("{why}; not restarted: lease expired (offline mode {})", h.spec.offline_mode().as_str());
+    }
+    let wants = wants && !held_back;
+    let restarts = h.status.restarts;
+    let mut ch = Change::carrying(h, Observed::Exited);
+    ch.status.exit_code = Some(code);
+    ch.status.container_id = Some(c.id.clone());
+    ch.status.endpoints.clear();
+    if wants && restarts < policy.max_attempts {
+        let wait = backoff_ms(policy.delay_ms, policy.max_delay_ms, restarts, facts.jitter);
+        ch.status.observed = Observed::Restarting;
+        ch.status.reason = Some(format!("{why}; restart {} in {wait} ms", restarts + 1));
+        ch.next_start_ms = Some(facts.now_ms + wait);
+    } else if wants {
+        ch.status.observed = Observed::Failed;
+        ch.status.reason = Some(format!("{why}; gave up after {restarts} restarts"));
+    } else {
+        // Policy `no`: a clean exit is done; an unhealthy one is a failure. Held
+        // back for want of a lease: a failed exit is a failure.
+        ch.status.observed =
+            if verdict.is_some() || (held_back && failed) { Observed::Failed } else { Observed::Exited };
+        ch.status.reason = Some(why);
+    }
+    ch
 }
 
 #[cfg(test)]
@@ -294,7 +306,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::model::TaskSpec;
+    use crate::model::{PlacementStatus, TaskSpec};
 
     fn held(id: &str, observed: Observed, spec: &str) -> Held {
         Held {
@@ -303,12 +315,7 @@ mod tests {
             fence: 7,
             desired: Desired::Run,
             spec: TaskSpec::from_json(spec.as_bytes()).unwrap(),
-            observed,
-            exit_code: None,
-            reason: None,
-            restarts: 0,
-            endpoints: vec![],
-            container_id: None,
+            status: PlacementStatus::new(observed),
             next_start_ms: None,
             suspended: false,
         }
@@ -368,8 +375,8 @@ mod tests {
         let exclusive = r#"{"image":"i","offline":{"mode":"exclusive"}}"#;
         let running = |spec| {
             let mut h = held("p", Observed::Running, spec);
-            h.container_id = Some("c".into());
-            h.endpoints = vec!["10.0.0.1:32768".into()];
+            h.status.container_id = Some("c".into());
+            h.status.endpoints = vec!["10.0.0.1:32768".into()];
             h
         };
         let up = container("c", "p", ContainerState::Running);
@@ -383,7 +390,7 @@ mod tests {
         );
         let acts = offline(&[running(keep)], &[crashed.clone()]);
         assert!(
-            matches!(&acts[0], Action::Report { change, .. } if change.observed == Observed::Restarting),
+            matches!(&acts[0], Action::Report { change, .. } if change.status.observed == Observed::Restarting),
             "{acts:?}"
         );
 
@@ -392,12 +399,15 @@ mod tests {
         assert!(offline(&[held("p", Observed::Pending, finish)], &[]).is_empty());
         let acts = offline(&[running(finish)], &[crashed.clone()]);
         let Action::Report { change, .. } = &acts[0] else { panic!("{acts:?}") };
-        assert_eq!(change.observed, Observed::Failed);
-        assert!(change.reason.as_deref().unwrap().contains("lease expired (offline mode finish)"), "{change:?}");
+        assert_eq!(change.status.observed, Observed::Failed);
+        assert!(change.status.reason.as_deref().unwrap().contains("lease expired (offline mode finish)"), "{change:?}");
         let mut waiting = running(finish);
-        waiting.observed = Observed::Restarting;
+        waiting.status.observed = Observed::Restarting;
         let acts = offline(&[waiting], &[crashed.clone()]);
-        assert!(matches!(&acts[0], Action::Report { change, .. } if change.observed == Observed::Failed), "{acts:?}");
+        assert!(
+            matches!(&acts[0], Action::Report { change, .. } if change.status.observed == Observed::Failed),
+            "{acts:?}"
+        );
 
         // exclusive: stops at expiry, stays stopped, resumes when the lease returns.
         assert_eq!(
@@ -405,7 +415,7 @@ mod tests {
             vec![Action::Suspend { placement_id: "p".into(), container_id: "c".into() }]
         );
         let mut suspended = running(exclusive);
-        suspended.observed = Observed::Restarting;
+        suspended.status.observed = Observed::Restarting;
         suspended.suspended = true;
         let stopped = container("c", "p", ContainerState::Exited { code: 0 });
         assert!(offline(&[suspended.clone()], &[stopped.clone()]).is_empty());
@@ -427,7 +437,7 @@ mod tests {
         let fenced_exit = container("c", "p", ContainerState::Exited { code: i64::from(crate::guard::FENCED_EXIT) });
         let running = |spec| {
             let mut h = held("p", Observed::Running, spec);
-            h.container_id = Some("c".into());
+            h.status.container_id = Some("c".into());
             h
         };
         let away = |h: &[Held], c: &[ContainerInfo], lease_valid: bool| {
@@ -449,18 +459,18 @@ mod tests {
             // Back from the dead, with or without a lease yet: the fence is the story.
             let acts = away(&[running(spec)], &[fenced_exit.clone()], lease_valid);
             let [Action::Report { change, .. }] = acts.as_slice() else { panic!("{spec}: {acts:?}") };
-            assert_eq!(change.observed, Observed::Restarting, "{spec}");
+            assert_eq!(change.status.observed, Observed::Restarting, "{spec}");
             assert!(change.suspended, "{spec}");
-            assert_eq!(change.story.as_deref(), Some("fenced"));
-            assert_eq!(change.reason.as_deref(), Some("fenced: lease expired while the worker was not running"));
+            assert_eq!(change.story, Some(Story::Fenced));
+            assert_eq!(change.status.reason.as_deref(), Some("fenced: lease expired while the worker was not running"));
             // A live worker that lost its managers says so differently.
             let acts = offline(&[running(spec)], &[fenced_exit.clone()]);
             let [Action::Report { change, .. }] = acts.as_slice() else { panic!("{spec}: {acts:?}") };
-            assert_eq!(change.reason.as_deref(), Some("fenced: lease expired; the guard stopped the task"));
+            assert_eq!(change.status.reason.as_deref(), Some("fenced: lease expired; the guard stopped the task"));
         }
         // Then the placement is a suspended one: resumed with a lease, kept without.
         let mut suspended = running(exclusive);
-        suspended.observed = Observed::Restarting;
+        suspended.status.observed = Observed::Restarting;
         suspended.suspended = true;
         assert!(offline(&[suspended.clone()], &[fenced_exit.clone()]).is_empty());
         assert_eq!(
@@ -471,7 +481,7 @@ mod tests {
         let mut replaced = running(exclusive);
         replaced.desired = Desired::Stop;
         let acts = run(&[replaced.clone()], &[fenced_exit.clone()]);
-        assert!(matches!(&acts[..], [Action::Report { change, .. }] if change.story.as_deref() == Some("fenced")));
+        assert!(matches!(&acts[..], [Action::Report { change, .. }] if change.story == Some(Story::Fenced)));
         replaced.suspended = true;
         assert_eq!(
             run(&[replaced], &[fenced_exit.clone()]),
@@ -494,13 +504,13 @@ mod tests {
         let c = container("c1", "p", ContainerState::Running);
         let acts = run(&[h.clone()], &[c.clone()]);
         let Action::Report { change, .. } = &acts[0] else { panic!("{acts:?}") };
-        assert_eq!(change.observed, Observed::Running);
-        assert_eq!(change.endpoints, vec!["10.0.0.1:32768".to_string()]);
+        assert_eq!(change.status.observed, Observed::Running);
+        assert_eq!(change.status.endpoints, vec!["10.0.0.1:32768".to_string()]);
         // Adopted and recorded: nothing more to do.
         let mut h2 = h;
-        h2.observed = Observed::Running;
-        h2.endpoints = change.endpoints.clone();
-        h2.container_id = Some("c1".into());
+        h2.status.observed = Observed::Running;
+        h2.status.endpoints = change.status.endpoints.clone();
+        h2.status.container_id = Some("c1".into());
         assert!(run(&[h2], &[c]).is_empty());
     }
 
@@ -510,24 +520,24 @@ mod tests {
         let acts =
             run(&[held("p", Observed::Running, BATCH)], &[container("c", "p", ContainerState::Exited { code: 0 })]);
         let Action::Report { change, .. } = &acts[0] else { panic!() };
-        assert_eq!((change.observed, change.exit_code), (Observed::Exited, Some(0)));
+        assert_eq!((change.status.observed, change.status.exit_code), (Observed::Exited, Some(0)));
         // Batch exit 3: restart with backoff (delay 1000, jitter halves it).
         let acts =
             run(&[held("p", Observed::Running, BATCH)], &[container("c", "p", ContainerState::Exited { code: 3 })]);
         let Action::Report { change, .. } = &acts[0] else { panic!() };
-        assert_eq!(change.observed, Observed::Restarting);
+        assert_eq!(change.status.observed, Observed::Restarting);
         assert_eq!(change.next_start_ms, Some(1_500));
         // Restarts exhausted: failed with the code.
         let mut h = held("p", Observed::Running, BATCH);
-        h.restarts = 3;
+        h.status.restarts = 3;
         let acts = run(&[h], &[container("c", "p", ContainerState::Exited { code: 3 })]);
         let Action::Report { change, .. } = &acts[0] else { panic!() };
-        assert_eq!((change.observed, change.exit_code), (Observed::Failed, Some(3)));
+        assert_eq!((change.status.observed, change.status.exit_code), (Observed::Failed, Some(3)));
         // Policy no: exited, not failed, reason names the code.
         let h = held("p", Observed::Running, r#"{"image":"i","restart":{"policy":"no"}}"#);
         let acts = run(&[h], &[container("c", "p", ContainerState::Exited { code: 2 })]);
         let Action::Report { change, .. } = &acts[0] else { panic!() };
-        assert_eq!(change.observed, Observed::Exited);
+        assert_eq!(change.status.observed, Observed::Exited);
     }
 
     #[test]
@@ -547,16 +557,16 @@ mod tests {
         let acts = run(&[h.clone()], &[container("c", "p", ContainerState::Running)]);
         assert_eq!(acts, vec![Action::StopRemove { placement_id: "p".into(), container_id: "c".into() }]);
         let acts = run(&[h.clone()], &[]);
-        assert!(matches!(&acts[0], Action::Report { change, .. } if change.observed == Observed::Stopped));
-        h.observed = Observed::Stopped;
+        assert!(matches!(&acts[0], Action::Report { change, .. } if change.status.observed == Observed::Stopped));
+        h.status.observed = Observed::Stopped;
         assert_eq!(run(&[h], &[]), vec![Action::Forget { placement_id: "p".into() }]);
 
         let acts = run(&[], &[container("x", "gone", ContainerState::Running)]);
         assert_eq!(acts, vec![Action::RemoveOrphan { container_id: "x".into() }]);
 
         let mut h = held("p", Observed::Running, SVC);
-        h.container_id = Some("b".into());
-        h.endpoints = vec!["10.0.0.1:32768".into()];
+        h.status.container_id = Some("b".into());
+        h.status.endpoints = vec!["10.0.0.1:32768".into()];
         let acts =
             run(&[h], &[container("a", "p", ContainerState::Running), container("b", "p", ContainerState::Running)]);
         assert_eq!(acts, vec![Action::RemoveOrphan { container_id: "a".into() }]);
@@ -570,9 +580,9 @@ mod tests {
         };
         let running = |restarts: u32, spec: &str| {
             let mut h = held("p", Observed::Running, spec);
-            h.restarts = restarts;
-            h.container_id = Some("c".into());
-            h.endpoints = vec!["10.0.0.1:32768".into()];
+            h.status.restarts = restarts;
+            h.status.container_id = Some("c".into());
+            h.status.endpoints = vec!["10.0.0.1:32768".into()];
             h
         };
         let always = r#"{"image":"i","restart":{"policy":"always","max_attempts":2,"delay_ms":200}}"#;
@@ -582,7 +592,9 @@ mod tests {
         let down = |code| container("c", "p", ContainerState::Exited { code });
         let stop = vec![Action::StopUnhealthy { placement_id: "p".into(), container_id: "c".into() }];
         let report = |acts: Vec<Action>| match &acts[..] {
-            [Action::Report { change, .. }] => (change.observed, change.reason.clone().unwrap_or_default()),
+            [Action::Report { change, .. }] => {
+                (change.status.observed, change.status.reason.clone().unwrap_or_default())
+            }
             other => panic!("{other:?}"),
         };
         let restart_in_100 = format!("{REASON}; restart 1 in 100 ms");

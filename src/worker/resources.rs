@@ -56,7 +56,7 @@ pub fn measure(disk_path: &Path, engine_ok: bool) -> NodeResources {
 pub fn committed(held: &[Held], except: Option<&str>, simulated: bool) -> (u64, u64) {
     held.iter()
         .filter(|h| Some(h.id.as_str()) != except && h.desired == Desired::Run)
-        .filter(|h| match h.observed {
+        .filter(|h| match h.status.observed {
             Observed::Pulling | Observed::Starting => true,
             Observed::Running | Observed::Restarting => simulated,
             Observed::Pending | Observed::Exited | Observed::Failed | Observed::Stopped => false,
@@ -94,7 +94,7 @@ pub fn admit(node: &str, need: &Resources, image_bytes: u64, free: &NodeResource
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::TaskSpec;
+    use crate::model::{PlacementStatus, TaskSpec};
 
     fn free(memory_free_mb: u64, disk_free_mb: u64) -> NodeResources {
         NodeResources {
@@ -145,12 +145,7 @@ mod tests {
             fence: 1,
             desired,
             spec: TaskSpec::from_json(br#"{"image":"i","resources":{"memory_mb":100,"disk_mb":10}}"#).unwrap(),
-            observed,
-            exit_code: None,
-            reason: None,
-            restarts: 0,
-            endpoints: vec![],
-            container_id: None,
+            status: PlacementStatus::new(observed),
             next_start_ms: None,
             suspended: false,
         };

@@ -324,6 +324,12 @@ mod tests {
         // Fields come from the serialised types.
         assert!(schemas["TaskView"]["properties"]["placements"].is_object());
         assert!(schemas["AuditEntry"]["properties"]["on_behalf_of"].is_object());
+        // The placement's flattened status is part of its schema, not a loose reference.
+        let placement = schemas["PlacementView"].to_string();
+        for field in ["observed", "exit_code", "reason", "restarts", "endpoints", "container_id", "current", "node"] {
+            assert!(placement.contains(&format!("\"{field}\"")), "PlacementView lacks {field}: {placement}");
+        }
+        assert!(!placement.contains("$ref\":\"#/components/schemas/PlacementStatus"), "{placement}");
         let list = &v["paths"]["/v1/tasks"]["get"];
         assert_eq!(
             list["responses"]["200"]["content"]["application/json"]["schema"]["$ref"],

@@ -372,8 +372,8 @@ fn events_for(index: u64, cmd: &Command, out: &Answer) -> Vec<DomainEvent> {
                         EventKind::PlacementObserved,
                         &r.placement_id,
                         serde_json::json!({
-                            "task_id": r.task_id, "node": b.node, "observed": r.observed, "exit_code": r.exit_code,
-                            "reason": r.reason, "restarts": r.restarts, "story": r.story,
+                            "task_id": r.task_id, "node": b.node, "observed": r.status.observed, "exit_code": r.status.exit_code,
+                            "reason": r.status.reason, "restarts": r.status.restarts, "story": r.story,
                         }),
                     )
                 })
@@ -728,7 +728,11 @@ fn check_report(r: &StatusReport, last_seq: u64) -> Option<String> {
         return Some("report fence or time out of range".into());
     }
     let long = |s: &Option<String>| s.as_ref().is_some_and(|s| s.len() > MAX_TEXT);
-    if long(&r.reason) || long(&r.container_id) || long(&r.story) || r.endpoints.len() > 64 {
+    if long(&r.status.reason)
+        || long(&r.status.container_id)
+        || r.story.as_ref().is_some_and(|s| s.as_str().len() > MAX_TEXT)
+        || r.status.endpoints.len() > 64
+    {
         return Some("report text too long".into());
     }
     None
@@ -1082,22 +1086,21 @@ fn apply_report(
         return Ok(Err("report does not match the placement's node or fence".into()));
     }
     let from = Observed::parse(&observed).unwrap_or(Observed::Pending);
-    if let Err(e) = transition(from, r.observed) {
+    if let Err(e) = transition(from, r.status.observed) {
         event(tx, &r.placement_id, now_ms, "invalid-report", Some(&e.to_string()))?;
         return Ok(Err(e.to_string()));
     }
-    let endpoints = serde_json::to_string(&r.endpoints).unwrap_or_else(|_| "[]".into());
     tx.execute(
         "UPDATE placements SET observed = ?2, exit_code = ?3, reason = ?4, restarts = ?5, endpoints = ?6,
            container_id = COALESCE(?7, container_id), updated_ms = ?8, refused = ?9 WHERE id = ?1",
         params![
             r.placement_id,
-            r.observed.as_str(),
-            r.exit_code,
-            r.reason,
-            r.restarts,
-            endpoints,
-            r.container_id,
+            r.status.observed.as_str(),
+            r.status.exit_code,
+            r.status.reason,
+            r.status.restarts,
+            r.status.endpoints_json(),
+            r.status.container_id,
             now_ms as i64,
             r.refused
         ],
@@ -1105,9 +1108,9 @@ fn apply_report(
     if let Some(story) = &r.story {
         // Authority changes (cached, stopped on expiry, renewed) are history even when
         // the observed state stays the same.
-        event(tx, &r.placement_id, r.at_ms, story, r.reason.as_deref())?;
-    } else if from != r.observed {
-        event(tx, &r.placement_id, r.at_ms, r.observed.as_str(), r.reason.as_deref())?;
+        event(tx, &r.placement_id, r.at_ms, story.as_str(), r.status.reason.as_deref())?;
+    } else if from != r.status.observed {
+        event(tx, &r.placement_id, r.at_ms, r.status.observed.as_str(), r.status.reason.as_deref())?;
     }
     Ok(Ok(()))
 }

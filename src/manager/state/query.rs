@@ -6,7 +6,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
 use crate::model::sync::Assignment;
-use crate::model::{Desired, Observed, TaskSpec};
+use crate::model::{Desired, Observed, PlacementStatus, TaskSpec};
 
 /// One placement as shown by the API.
 #[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
@@ -20,19 +20,11 @@ pub struct PlacementView {
     /// Manager's intent: `run` or `stop`.
     #[schema(value_type = String)]
     pub desired: Desired,
-    /// Worker's last report (`pending`, `pulling`, `starting`, `running`, ...).
-    #[schema(value_type = String)]
-    pub observed: Observed,
-    /// Last exit code.
-    pub exit_code: Option<i64>,
-    /// Failure or exit reason.
-    pub reason: Option<String>,
-    /// Local restarts.
-    pub restarts: u32,
-    /// Published `host:port` endpoints.
-    pub endpoints: Vec<String>,
-    /// Engine container id.
-    pub container_id: Option<String>,
+    /// Worker's last report: `observed` (`pending`, `pulling`, `starting`,
+    /// `running`, ...), `exit_code`, `reason`, `restarts`, `endpoints`, `container_id`.
+    #[serde(flatten)]
+    #[schema(inline)]
+    pub status: PlacementStatus,
     /// Whether this is the task's current placement (highest fence).
     pub current: bool,
     /// Liveness of its node as the leader last committed it; while it is not `ready`,
@@ -101,28 +93,28 @@ pub struct TaskView {
 fn derive_state(desired: Desired, current: Option<&PlacementView>) -> &'static str {
     match (desired, current) {
         (Desired::Stop, None) => "stopped",
-        (Desired::Stop, Some(p)) if p.observed == Observed::Stopped => "stopped",
+        (Desired::Stop, Some(p)) if p.status.observed == Observed::Stopped => "stopped",
         (Desired::Stop, Some(_)) => "stopping",
         (Desired::Run, None) => "pending",
-        (Desired::Run, Some(p)) if p.node_status != "ready" && !p.observed.is_terminal() => "unknown",
-        (Desired::Run, Some(p)) => match p.observed {
+        (Desired::Run, Some(p)) if p.node_status != "ready" && !p.status.observed.is_terminal() => "unknown",
+        (Desired::Run, Some(p)) => match p.status.observed {
             Observed::Pending | Observed::Pulling | Observed::Starting => "starting",
             Observed::Running => "running",
             Observed::Restarting => "restarting",
-            Observed::Exited if p.exit_code == Some(0) => "completed",
+            Observed::Exited if p.status.exit_code == Some(0) => "completed",
             Observed::Exited | Observed::Failed => "failed",
             Observed::Stopped => "stopped",
         },
     }
 }
 
+/// Columns of [`placement_row`]; `p.observed` to `p.container_id` are consecutive, as
+/// [`PlacementStatus::from_row`] reads them.
 const PLACEMENT_COLS: &str = "p.id, p.node, p.fence, p.desired, p.observed, p.exit_code, p.reason, p.restarts, p.endpoints, p.container_id, p.created_ms, p.updated_ms, p.task_id, COALESCE(n.status, 'down')";
 const PLACEMENT_FROM: &str = "placements p LEFT JOIN nodes n ON n.name = p.node";
 
 fn placement_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, PlacementView)> {
     let desired: String = r.get(3)?;
-    let observed: String = r.get(4)?;
-    let endpoints: String = r.get(8)?;
     Ok((
         r.get(12)?,
         PlacementView {
@@ -130,12 +122,7 @@ fn placement_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, PlacementVi
             node: r.get(1)?,
             fence: r.get::<_, i64>(2)? as u64,
             desired: Desired::from_stored(&desired),
-            observed: Observed::parse(&observed).unwrap_or(Observed::Pending),
-            exit_code: r.get(5)?,
-            reason: r.get(6)?,
-            restarts: r.get::<_, i64>(7)? as u32,
-            endpoints: serde_json::from_str(&endpoints).unwrap_or_default(),
-            container_id: r.get(9)?,
+            status: PlacementStatus::from_row(r, 4)?,
             current: false,
             node_status: r.get(13)?,
             created_ms: r.get::<_, i64>(10)? as u64,
@@ -177,10 +164,10 @@ fn finish(task: &mut TaskView, pending_reason: Option<String>) {
     let current = task.placements.first();
     task.state = derive_state(task.desired, current);
     if let Some(p) = current {
-        task.exit_code = p.exit_code;
-        task.restarts = p.restarts;
-        task.endpoints = p.endpoints.clone();
-        task.reason = p.reason.clone();
+        task.exit_code = p.status.exit_code;
+        task.restarts = p.status.restarts;
+        task.endpoints = p.status.endpoints.clone();
+        task.reason = p.status.reason.clone();
         task.updated_ms = task.updated_ms.max(p.updated_ms);
     } else {
         task.reason = pending_reason;
@@ -679,6 +666,45 @@ mod tests {
 
     use super::*;
     use crate::manager::state::{Command, DomainState, PlannedPlacement};
+
+    /// The API's placement JSON keeps the status fields at the top level, between
+    /// `desired` and `current`, as before they were one struct; history is left out
+    /// when empty and shown when present.
+    #[test]
+    fn a_placement_view_keeps_its_json() {
+        let mut view = PlacementView {
+            id: "p1.12".into(),
+            node: "w1".into(),
+            fence: 12,
+            desired: Desired::Run,
+            status: PlacementStatus {
+                observed: Observed::Exited,
+                exit_code: Some(0),
+                reason: Some("exited with code 0".into()),
+                restarts: 1,
+                endpoints: vec!["10.0.0.5:32768".into()],
+                container_id: Some("c0ffee".into()),
+            },
+            current: true,
+            node_status: "ready".into(),
+            created_ms: 10,
+            updated_ms: 20,
+            events: Vec::new(),
+            events_dropped: 0,
+        };
+        let json = concat!(
+            r#"{"id":"p1.12","node":"w1","fence":12,"desired":"run","observed":"exited","exit_code":0,"#,
+            r#""reason":"exited with code 0","restarts":1,"endpoints":["10.0.0.5:32768"],"container_id":"c0ffee","#,
+            r#""current":true,"node_status":"ready","created_ms":10,"updated_ms":20"#
+        );
+        assert_eq!(serde_json::to_string(&view).unwrap(), format!("{json}}}"));
+        view.events.push(EventView { at_ms: 15, what: "fenced".into(), detail: None });
+        view.events_dropped = 3;
+        assert_eq!(
+            serde_json::to_string(&view).unwrap(),
+            format!(r#"{json},"events":[{{"at_ms":15,"what":"fenced","detail":null}}],"events_dropped":3}}"#)
+        );
+    }
 
     /// A state database filled through the real `apply`.
     fn state(cmds: &[Command]) -> Connection {

@@ -438,7 +438,7 @@ mod tests {
     use super::super::{upgrade, Command, DomainState, NodeReports, PlannedPlacement};
     use super::*;
     use crate::model::sync::StatusReport;
-    use crate::model::Observed;
+    use crate::model::{Observed, PlacementStatus, Story};
 
     struct Db {
         conn: Connection,
@@ -483,24 +483,22 @@ mod tests {
             });
             let pid = out["placed"][0].as_str().unwrap().to_string();
             let fence: u64 = pid.split('.').nth(1).unwrap().parse().unwrap();
-            let report = |seq: u64, observed: Observed, story: Option<String>| StatusReport {
+            let report = |seq: u64, observed: Observed, story: Option<Story>| StatusReport {
                 seq,
                 placement_id: pid.clone(),
                 task_id: id.into(),
                 fence,
-                observed,
-                exit_code: (observed == Observed::Exited).then_some(0),
-                reason: None,
-                restarts: 0,
-                endpoints: Vec::new(),
-                container_id: None,
+                status: PlacementStatus {
+                    exit_code: (observed == Observed::Exited).then_some(0),
+                    ..PlacementStatus::new(observed)
+                },
                 at_ms: at,
                 refused: false,
                 story,
             };
             let mut reports = vec![report(seq, Observed::Running, None)];
             for i in 0..events {
-                reports.push(report(seq + 1 + i as u64, Observed::Running, Some(format!("tick {i}"))));
+                reports.push(report(seq + 1 + i as u64, Observed::Running, Some(Story::Other(format!("tick {i}")))));
             }
             reports.push(report(seq + 1 + events as u64, Observed::Exited, None));
             self.ok(&Command::ReportStatus { batches: vec![NodeReports { node: "n1".into(), reports }], now_ms: at });
