@@ -80,42 +80,27 @@ pub enum Command {
         /// Which image.
         #[command(subcommand)]
         which: ImageCommand,
-        /// API base URL.
-        #[arg(long, env = "HOLDFAST_API_URL", default_value = "http://127.0.0.1:7700", global = true)]
-        api_url: String,
-        /// How to authenticate.
+        /// API address and authentication.
         #[command(flatten)]
-        auth: ApiAuth,
+        api: ApiArgs,
     },
     /// Tasks (client of the HTTP API).
     Task {
         /// Task command.
         #[command(subcommand)]
         cmd: TaskCommand,
-        /// `table` (default) or `json`.
-        #[arg(short = 'o', long, env = "HOLDFAST_OUTPUT", value_enum, default_value = "table", global = true)]
-        output: Output,
-        /// API base URL.
-        #[arg(long, env = "HOLDFAST_API_URL", default_value = "http://127.0.0.1:7700", global = true)]
-        api_url: String,
-        /// How to authenticate.
+        /// Output format, API address and authentication.
         #[command(flatten)]
-        auth: ApiAuth,
+        api: ApiOutputArgs,
     },
     /// Nodes (client of the HTTP API); the list when no command is given.
     Node {
         /// Node command.
         #[command(subcommand)]
         cmd: Option<NodeCommand>,
-        /// `table` (default) or `json`.
-        #[arg(short = 'o', long, env = "HOLDFAST_OUTPUT", value_enum, default_value = "table", global = true)]
-        output: Output,
-        /// API base URL.
-        #[arg(long, env = "HOLDFAST_API_URL", default_value = "http://127.0.0.1:7700", global = true)]
-        api_url: String,
-        /// How to authenticate.
+        /// Output format, API address and authentication.
         #[command(flatten)]
-        auth: ApiAuth,
+        api: ApiOutputArgs,
     },
     /// Internal: the first process of guarded (`exclusive`) containers; see
     /// ARCHITECTURE.md, "The fence inside the container". Not for operators.
@@ -126,30 +111,18 @@ pub enum Command {
         /// What to do; cluster status when absent.
         #[command(subcommand)]
         cmd: Option<ClusterCommand>,
-        /// `table` (default) or `json`.
-        #[arg(short = 'o', long, env = "HOLDFAST_OUTPUT", value_enum, default_value = "table", global = true)]
-        output: Output,
-        /// API base URL.
-        #[arg(long, env = "HOLDFAST_API_URL", default_value = "http://127.0.0.1:7700", global = true)]
-        api_url: String,
-        /// How to authenticate.
+        /// Output format, API address and authentication.
         #[command(flatten)]
-        auth: ApiAuth,
+        api: ApiOutputArgs,
     },
     /// API tokens (client of the HTTP API; needs an admin token).
     Token {
         /// Token command.
         #[command(subcommand)]
         cmd: TokenCommand,
-        /// `table` (default) or `json`.
-        #[arg(short = 'o', long, env = "HOLDFAST_OUTPUT", value_enum, default_value = "table", global = true)]
-        output: Output,
-        /// API base URL.
-        #[arg(long, env = "HOLDFAST_API_URL", default_value = "http://127.0.0.1:7700", global = true)]
-        api_url: String,
-        /// How to authenticate.
+        /// Output format, API address and authentication.
         #[command(flatten)]
-        auth: ApiAuth,
+        api: ApiOutputArgs,
     },
     /// Print a shell completion script (`holdfast completions bash > /etc/bash_completion.d/holdfast`).
     Completions {
@@ -197,6 +170,29 @@ pub enum NodeCommand {
         /// Node name.
         id: String,
     },
+}
+
+/// Where the API client connects, and how it authenticates (global flags of the
+/// client commands).
+#[derive(Args, Debug, Clone)]
+pub struct ApiArgs {
+    /// API base URL.
+    #[arg(long, env = "HOLDFAST_API_URL", default_value = "http://127.0.0.1:7700", global = true)]
+    pub api_url: String,
+    /// How to authenticate.
+    #[command(flatten)]
+    pub auth: ApiAuth,
+}
+
+/// [`ApiArgs`] with the output format, for the client commands that print tables.
+#[derive(Args, Debug, Clone)]
+pub struct ApiOutputArgs {
+    /// `table` (default) or `json`.
+    #[arg(short = 'o', long, env = "HOLDFAST_OUTPUT", value_enum, default_value = "table", global = true)]
+    pub output: Output,
+    /// API address and authentication.
+    #[command(flatten)]
+    pub api: ApiArgs,
 }
 
 /// How the API client authenticates and checks the server: the token comes from

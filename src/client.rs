@@ -555,6 +555,21 @@ fn cell(v: &Value) -> String {
     }
 }
 
+/// One row per element of the JSON array `list` (no rows when it is not an array).
+fn rows_of(list: &Value, row: impl Fn(&Value) -> Vec<String>) -> Vec<Vec<String>> {
+    list.as_array().map(|items| items.iter().map(row).collect()).unwrap_or_default()
+}
+
+/// The cells of `v`'s fields `keys`, in that order.
+fn cells(v: &Value, keys: &[&str]) -> Vec<String> {
+    keys.iter().map(|k| cell(&v[*k])).collect()
+}
+
+/// FIELD/VALUE rows: each label beside the cell of its value.
+fn field_rows(fields: &[(&str, &Value)]) -> Vec<Vec<String>> {
+    fields.iter().map(|(label, v)| vec![label.to_string(), cell(v)]).collect()
+}
+
 /// `holdfast task list`.
 pub fn task_table(tasks: &[Value]) -> String {
     let rows: Vec<Vec<String>> = tasks
@@ -579,34 +594,25 @@ pub fn task_table(tasks: &[Value]) -> String {
 pub fn task_detail(t: &Value) -> String {
     let mut out = table(
         &["FIELD", "VALUE"],
-        &[
-            vec!["id".into(), cell(&t["id"])],
-            vec!["name".into(), cell(&t["name"])],
-            vec!["state".into(), cell(&t["state"])],
-            vec!["desired".into(), cell(&t["desired"])],
-            vec!["image".into(), cell(&t["spec"]["image"])],
-            vec!["reason".into(), cell(&t["reason"])],
-            vec!["exit code".into(), cell(&t["exit_code"])],
-            vec!["restarts".into(), cell(&t["restarts"])],
-            vec!["endpoints".into(), cell(&t["endpoints"])],
-        ],
+        &field_rows(&[
+            ("id", &t["id"]),
+            ("name", &t["name"]),
+            ("state", &t["state"]),
+            ("desired", &t["desired"]),
+            ("image", &t["spec"]["image"]),
+            ("reason", &t["reason"]),
+            ("exit code", &t["exit_code"]),
+            ("restarts", &t["restarts"]),
+            ("endpoints", &t["endpoints"]),
+        ]),
     );
-    let placements = t["placements"].as_array().cloned().unwrap_or_default();
-    if !placements.is_empty() {
+    let rows = rows_of(&t["placements"], |p| {
+        let mut row = cells(p, &["id", "node", "fence", "desired", "observed"]);
+        row.push(if p["current"] == true { "yes".into() } else { "-".into() });
+        row
+    });
+    if !rows.is_empty() {
         out.push('\n');
-        let rows: Vec<Vec<String>> = placements
-            .iter()
-            .map(|p| {
-                vec![
-                    cell(&p["id"]),
-                    cell(&p["node"]),
-                    cell(&p["fence"]),
-                    cell(&p["desired"]),
-                    cell(&p["observed"]),
-                    if p["current"] == true { "yes".into() } else { "-".into() },
-                ]
-            })
-            .collect();
         out.push_str(&table(&["PLACEMENT", "NODE", "FENCE", "DESIRED", "OBSERVED", "CURRENT"], &rows));
     }
     out
@@ -651,15 +657,15 @@ pub fn fields_table(v: &Value) -> String {
 
 /// `holdfast cluster`.
 pub fn cluster_table(v: &Value) -> String {
-    let rows = vec![
-        vec!["this manager".into(), cell(&v["id"])],
-        vec!["role".into(), cell(&v["role"])],
-        vec!["leader".into(), cell(&v["leader"]["id"])],
-        vec!["term".into(), cell(&v["term"])],
-        vec!["commit index".into(), cell(&v["commit_index"])],
-        vec!["last applied".into(), cell(&v["last_applied"])],
-        vec!["members".into(), v["members"].as_array().map_or(0, Vec::len).to_string()],
-    ];
+    let mut rows = field_rows(&[
+        ("this manager", &v["id"]),
+        ("role", &v["role"]),
+        ("leader", &v["leader"]["id"]),
+        ("term", &v["term"]),
+        ("commit index", &v["commit_index"]),
+        ("last applied", &v["last_applied"]),
+    ]);
+    rows.push(vec!["members".into(), v["members"].as_array().map_or(0, Vec::len).to_string()]);
     let mut out = table(&["FIELD", "VALUE"], &rows);
     out.push('\n');
     out.push_str(&members_table(v));
@@ -669,44 +675,18 @@ pub fn cluster_table(v: &Value) -> String {
 /// `holdfast cluster members`.
 pub fn members_table(v: &Value) -> String {
     let leader = v["leader"]["id"].as_str().unwrap_or_default();
-    let rows: Vec<Vec<String>> = v["members"]
-        .as_array()
-        .map(|m| {
-            m.iter()
-                .map(|m| {
-                    vec![
-                        cell(&m["id"]),
-                        if m["id"] == leader { "leader".into() } else { cell(&m["role"]) },
-                        cell(&m["api"]),
-                        cell(&m["cluster"]),
-                        cell(&m["version"]),
-                        cell(&m["last_applied"]),
-                    ]
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let rows = rows_of(&v["members"], |m| {
+        let role = if m["id"] == leader { "leader".into() } else { cell(&m["role"]) };
+        let mut row = vec![cell(&m["id"]), role];
+        row.extend(cells(m, &["api", "cluster", "version", "last_applied"]));
+        row
+    });
     table(&["NAME", "ROLE", "API", "CLUSTER", "VERSION", "APPLIED"], &rows)
 }
 
 /// `holdfast token list`.
 pub fn token_table(v: &Value) -> String {
-    let rows: Vec<Vec<String>> = v["tokens"]
-        .as_array()
-        .map(|t| {
-            t.iter()
-                .map(|t| {
-                    vec![
-                        cell(&t["id"]),
-                        cell(&t["name"]),
-                        cell(&t["role"]),
-                        cell(&t["created_by"]),
-                        cell(&t["expires_ms"]),
-                    ]
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let rows = rows_of(&v["tokens"], |t| cells(t, &["id", "name", "role", "created_by", "expires_ms"]));
     table(&["ID", "NAME", "ROLE", "CREATED BY", "EXPIRES (ms)"], &rows)
 }
 
