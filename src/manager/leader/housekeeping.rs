@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 
 use crate::manager::api::ApiError;
-use crate::manager::state::retention::{self, Policy, RetentionCommand};
+use crate::manager::state::retention::{self, CollectRound, Policy, RetentionCommand};
 use crate::manager::state::upgrade::{self, UpgradeCommand};
 use crate::manager::state::Command;
 use crate::manager::{lock, now_ms, Manager};
@@ -99,7 +99,7 @@ async fn collect(m: &Manager) -> Result<bool, ApiError> {
         [c.tasks.len(), c.nodes.len(), c.placement_histories.len(), c.node_histories.len(), c.placement_lists.len()]
             .iter()
             .any(|n| *n >= retention::BATCH);
-    let cmd = Command::Retention(RetentionCommand::Collect {
+    let cmd = Command::Retention(RetentionCommand::Collect(CollectRound {
         tasks: c.tasks,
         nodes: c.nodes,
         placement_histories: c.placement_histories,
@@ -107,7 +107,7 @@ async fn collect(m: &Manager) -> Result<bool, ApiError> {
         placement_lists: c.placement_lists,
         policy,
         now_ms: now,
-    });
+    }));
     let out = crate::manager::api::write(m, &cmd).await?;
     tracing::debug!(%out, "retention round");
     Ok(full)
