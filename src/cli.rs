@@ -721,6 +721,29 @@ impl DevArgs {
 impl AgentArgs {
     /// Validates the flags and builds the configuration.
     pub fn to_config(&self) -> Result<Config, String> {
+        self.check_node_flags()?;
+        let token = self.join_token()?;
+        let adv_host = self.advertise.as_deref().map(host_of);
+        let advertise_cluster = match &self.advertise {
+            Some(a) if a.contains(':') => a.clone(),
+            Some(h) => format!("{h}:{}", port_of(&self.cluster)),
+            None => format!("{}:{}", dialable(host_of(&self.cluster)), port_of(&self.cluster)),
+        };
+        let advertise_api =
+            format!("{}:{}", adv_host.unwrap_or_else(|| dialable(host_of(&self.api))), port_of(&self.api));
+        self.check_manager_flags()?;
+        let manager = self.manager.then(|| self.manager_role(advertise_cluster.clone(), advertise_api));
+        let worker = if self.worker { Some(self.worker_role(adv_host, advertise_cluster)?) } else { None };
+        let trust = crate::config::TrustSettings {
+            token,
+            cert_lifetime: self.certs.cert_lifetime,
+            cert_grace: self.certs.cert_grace,
+        };
+        Ok(Config { node_id: self.node_id.clone(), data_dir: self.data_dir.clone(), manager, worker, trust })
+    }
+
+    /// A role, a valid node id, and a heartbeat TTL and lease that fit together.
+    fn check_node_flags(&self) -> Result<(), String> {
         if !self.manager && !self.worker {
             return Err("pass --manager, --worker, or both".into());
         }
@@ -733,6 +756,11 @@ impl AgentArgs {
                 self.heartbeat_ttl, self.lease
             ));
         }
+        Ok(())
+    }
+
+    /// The join token of `--token-file` (which wins) or `--token`, checked for form.
+    fn join_token(&self) -> Result<Option<String>, String> {
         let token = match (&self.token_file, &self.token) {
             (Some(tf), _) => {
                 let text = std::fs::read_to_string(tf).map_err(|e| format!("--token-file {}: {e}", tf.display()))?;
@@ -744,31 +772,12 @@ impl AgentArgs {
         if let Some(t) = &token {
             crate::net::pki::JoinToken::parse(t).map_err(|e| e.to_string())?;
         }
-        let adv_host = self.advertise.as_deref().map(host_of);
-        let advertise_cluster = match &self.advertise {
-            Some(a) if a.contains(':') => a.clone(),
-            Some(h) => format!("{h}:{}", port_of(&self.cluster)),
-            None => format!("{}:{}", dialable(host_of(&self.cluster)), port_of(&self.cluster)),
-        };
-        let advertise_api =
-            format!("{}:{}", adv_host.unwrap_or_else(|| dialable(host_of(&self.api))), port_of(&self.api));
-        let manager = self.manager.then(|| ManagerRole {
-            api: self.api.clone(),
-            cluster: self.cluster.clone(),
-            advertise_cluster: advertise_cluster.clone(),
-            advertise_api,
-            bootstrap: self.bootstrap,
-            join: self.join.clone(),
-            strategy: self.placement,
-            lease: self.lease,
-            heartbeat_ttl: self.heartbeat_ttl,
-            event_sink: self.event_sink.clone().map(SinkConfig::new),
-            force_new_cluster: self.force_new_cluster,
-            min_free_mb: self.min_free_mb,
-            image_retain: self.image_retain,
-            api_tls_files: self.api_cert.clone().zip(self.api_key.clone()),
-            retention: self.retention.retention(),
-        });
+        Ok(token)
+    }
+
+    /// The flags that need `--manager`, and how a manager starts: a new one needs
+    /// `--bootstrap` or `--join`, a restarted one neither.
+    fn check_manager_flags(&self) -> Result<(), String> {
         if self.force_new_cluster && (!self.manager || self.bootstrap) {
             return Err("--force-new-cluster restarts an existing manager from its data: it needs --manager \
                         and no --bootstrap"
@@ -784,30 +793,47 @@ impl AgentArgs {
                 return Err("a new manager needs --bootstrap (first manager) or --join ADDR".into());
             }
         }
-        let worker = if self.worker {
-            let managers = if self.join.is_empty() {
-                if !self.manager {
-                    return Err("a worker needs --join with manager cluster addresses".into());
-                }
-                vec![advertise_cluster]
-            } else {
-                self.join.clone()
-            };
-            Some(WorkerRole {
-                managers,
-                advertise_host: adv_host.unwrap_or("127.0.0.1").to_string(),
-                labels: self.labels.iter().cloned().collect(),
-                resources_override: None,
-                image_bandwidth: self.image_bandwidth,
-            })
+        Ok(())
+    }
+
+    /// The manager role, reachable at the advertised addresses.
+    fn manager_role(&self, advertise_cluster: String, advertise_api: String) -> ManagerRole {
+        ManagerRole {
+            api: self.api.clone(),
+            cluster: self.cluster.clone(),
+            advertise_cluster,
+            advertise_api,
+            bootstrap: self.bootstrap,
+            join: self.join.clone(),
+            strategy: self.placement,
+            lease: self.lease,
+            heartbeat_ttl: self.heartbeat_ttl,
+            event_sink: self.event_sink.clone().map(SinkConfig::new),
+            force_new_cluster: self.force_new_cluster,
+            min_free_mb: self.min_free_mb,
+            image_retain: self.image_retain,
+            api_tls_files: self.api_cert.clone().zip(self.api_key.clone()),
+            retention: self.retention.retention(),
+        }
+    }
+
+    /// The worker role: it syncs with the `--join` managers, or with this node's own
+    /// manager when it is one.
+    fn worker_role(&self, adv_host: Option<&str>, advertise_cluster: String) -> Result<WorkerRole, String> {
+        let managers = if self.join.is_empty() {
+            if !self.manager {
+                return Err("a worker needs --join with manager cluster addresses".into());
+            }
+            vec![advertise_cluster]
         } else {
-            None
+            self.join.clone()
         };
-        let trust = crate::config::TrustSettings {
-            token,
-            cert_lifetime: self.certs.cert_lifetime,
-            cert_grace: self.certs.cert_grace,
-        };
-        Ok(Config { node_id: self.node_id.clone(), data_dir: self.data_dir.clone(), manager, worker, trust })
+        Ok(WorkerRole {
+            managers,
+            advertise_host: adv_host.unwrap_or("127.0.0.1").to_string(),
+            labels: self.labels.iter().cloned().collect(),
+            resources_override: None,
+            image_bandwidth: self.image_bandwidth,
+        })
     }
 }
