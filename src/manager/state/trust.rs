@@ -226,7 +226,7 @@ fn use_join_token(
     now_ms: u64,
 ) -> rusqlite::Result<Outcome> {
     let row: Option<(String, Option<i64>, Option<i64>, i64)> = tx
-        .query_row("SELECT role, expires_at_ms, uses_left, revoked FROM join_tokens WHERE hash = ?1", [&hash], |r| {
+        .query_row("SELECT role, expires_at_ms, uses_left, revoked FROM join_tokens WHERE hash = ?1", [hash], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
         })
         .optional()?;
@@ -250,7 +250,7 @@ fn use_join_token(
     }
     tx.execute(
         "UPDATE join_tokens SET used = used + 1, uses_left = CASE WHEN uses_left IS NULL THEN NULL ELSE uses_left - 1 END WHERE hash = ?1",
-        [&hash],
+        [hash],
     )?;
     Ok(Ok(Answer::Joined { node, role }))
 }
@@ -265,7 +265,7 @@ fn rotate_ca(
     now_ms: u64,
 ) -> rusqlite::Result<Outcome> {
     let pem = |p: &str| p.contains("BEGIN CERTIFICATE") && p.len() < 16_384;
-    if !pem(&cert_pem) || !pem(&cross_pem) || !key_pem.contains("PRIVATE KEY") || key_pem.len() > 16_384 {
+    if !pem(cert_pem) || !pem(cross_pem) || !key_pem.contains("PRIVATE KEY") || key_pem.len() > 16_384 {
         return reject(RejectCode::BadCa, "a new CA needs PEM certificates and a PEM private key");
     }
     let Some(old) =
