@@ -270,17 +270,8 @@ impl Api {
         let body = serde_json::json!({
             "role": role, "ttl_ms": ttl.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)), "uses": uses,
         });
-        let resp = self
-            .req(reqwest::Method::POST, "/v1/cluster/join-tokens")
-            .json(&body)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the holdfast API at {}", self.base))?;
-        let status = resp.status();
-        let v: serde_json::Value = resp.json().await.context("unreadable API answer")?;
-        if !status.is_success() {
-            bail!("{status}: {v}");
-        }
+        // Through `fetch`, so a refusal exits like every client command's (README "CLI").
+        let v = self.fetch(self.req(reqwest::Method::POST, "/v1/cluster/join-tokens").json(&body)).await?;
         let token = v["token"].as_str().context("no token in the answer")?.to_string();
         let path = self.data_dir.join(format!("join-{role}.token"));
         if path.exists() {
@@ -304,16 +295,7 @@ impl Api {
             let body = serde_json::json!({ "force": force });
             return self.call(self.req(Method::POST, "/v1/cluster/ca/finish").json(&body)).await;
         }
-        let resp = self
-            .req(Method::POST, "/v1/cluster/ca/rotate")
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the holdfast API at {}", self.base))?;
-        let status = resp.status();
-        let v: serde_json::Value = resp.json().await.context("unreadable API answer")?;
-        if !status.is_success() {
-            bail!("{status}: {v}");
-        }
+        let v = self.fetch(self.req(Method::POST, "/v1/cluster/ca/rotate")).await?;
         for role in ["worker", "manager"] {
             let path = self.data_dir.join(format!("join-{role}.token"));
             if let (Some(token), true) = (v["join_tokens"][role].as_str(), path.exists()) {
@@ -759,5 +741,61 @@ m2    learner  127.0.0.1:7710  127.0.0.1:7711  -        38
         let code = |status| exit_code(&anyhow::Error::from(ApiFailure { status, message: String::new() }));
         assert_eq!((code(404), code(503), code(400), code(409)), (3, 4, 1, 1));
         assert_eq!(exit_code(&anyhow::anyhow!("other")), 1);
+    }
+
+    /// Answers every request on a local port with `503` and an error body.
+    async fn unavailable_api() -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                // Read the whole request (headers, then Content-Length bytes) first.
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = conn.read(&mut buf).await {
+                    got.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+                    let Some(end) = text.find("\r\n\r\n") else {
+                        if n == 0 {
+                            break;
+                        }
+                        continue;
+                    };
+                    let len = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                        .unwrap_or(0);
+                    if n == 0 || got.len() >= end + 4 + len {
+                        break;
+                    }
+                }
+                let body = r#"{"error":{"code":"unavailable","message":"no leader"}}"#;
+                let answer = format!(
+                    "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+                     content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(answer.as_bytes()).await;
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    /// Regression: rotating a join token or the CA read the answer themselves and
+    /// failed with exit code 1 on any refusal; like every client command they now exit
+    /// 4 on a 503 (README "CLI").
+    #[tokio::test]
+    async fn rotations_exit_like_every_client_command_on_a_refusal() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = ApiAuth { token: Some("t".into()), data_dir: dir.path().to_path_buf(), ca_file: None };
+        let api = Api::new(&unavailable_api().await, &auth).unwrap();
+        let e = api.rotate_join_token(crate::net::pki::Role::Worker, None, None).await.unwrap_err();
+        assert_eq!(exit_code(&e), crate::cli::EXIT_RETRYABLE, "{e:#}");
+        let rotate = crate::cli::CaCommand::Rotate { finish: false, force: false };
+        let e = api.ca(Some(rotate)).await.unwrap_err();
+        assert_eq!(exit_code(&e), crate::cli::EXIT_RETRYABLE, "{e:#}");
+        assert!(e.to_string().contains("no leader"), "{e:#}");
     }
 }
