@@ -80,42 +80,27 @@ pub enum Command {
         /// Which image.
         #[command(subcommand)]
         which: ImageCommand,
-        /// API base URL.
-        #[arg(long, env = "HOLDFAST_API_URL", default_value = "http://127.0.0.1:7700", global = true)]
-        api_url: String,
-        /// How to authenticate.
+        /// API address and authentication.
         #[command(flatten)]
-        auth: ApiAuth,
+        api: ApiArgs,
     },
     /// Tasks (client of the HTTP API).
     Task {
         /// Task command.
         #[command(subcommand)]
         cmd: TaskCommand,
-        /// `table` (default) or `json`.
-        #[arg(short = 'o', long, env = "HOLDFAST_OUTPUT", value_enum, default_value = "table", global = true)]
-        output: Output,
-        /// API base URL.
-        #[arg(long, env = "HOLDFAST_API_URL", default_value = "http://127.0.0.1:7700", global = true)]
-        api_url: String,
-        /// How to authenticate.
+        /// Output format, API address and authentication.
         #[command(flatten)]
-        auth: ApiAuth,
+        api: ApiOutputArgs,
     },
     /// Nodes (client of the HTTP API); the list when no command is given.
     Node {
         /// Node command.
         #[command(subcommand)]
         cmd: Option<NodeCommand>,
-        /// `table` (default) or `json`.
-        #[arg(short = 'o', long, env = "HOLDFAST_OUTPUT", value_enum, default_value = "table", global = true)]
-        output: Output,
-        /// API base URL.
-        #[arg(long, env = "HOLDFAST_API_URL", default_value = "http://127.0.0.1:7700", global = true)]
-        api_url: String,
-        /// How to authenticate.
+        /// Output format, API address and authentication.
         #[command(flatten)]
-        auth: ApiAuth,
+        api: ApiOutputArgs,
     },
     /// Internal: the first process of guarded (`exclusive`) containers; see
     /// ARCHITECTURE.md, "The fence inside the container". Not for operators.
@@ -126,30 +111,18 @@ pub enum Command {
         /// What to do; cluster status when absent.
         #[command(subcommand)]
         cmd: Option<ClusterCommand>,
-        /// `table` (default) or `json`.
-        #[arg(short = 'o', long, env = "HOLDFAST_OUTPUT", value_enum, default_value = "table", global = true)]
-        output: Output,
-        /// API base URL.
-        #[arg(long, env = "HOLDFAST_API_URL", default_value = "http://127.0.0.1:7700", global = true)]
-        api_url: String,
-        /// How to authenticate.
+        /// Output format, API address and authentication.
         #[command(flatten)]
-        auth: ApiAuth,
+        api: ApiOutputArgs,
     },
     /// API tokens (client of the HTTP API; needs an admin token).
     Token {
         /// Token command.
         #[command(subcommand)]
         cmd: TokenCommand,
-        /// `table` (default) or `json`.
-        #[arg(short = 'o', long, env = "HOLDFAST_OUTPUT", value_enum, default_value = "table", global = true)]
-        output: Output,
-        /// API base URL.
-        #[arg(long, env = "HOLDFAST_API_URL", default_value = "http://127.0.0.1:7700", global = true)]
-        api_url: String,
-        /// How to authenticate.
+        /// Output format, API address and authentication.
         #[command(flatten)]
-        auth: ApiAuth,
+        api: ApiOutputArgs,
     },
     /// Print a shell completion script (`holdfast completions bash > /etc/bash_completion.d/holdfast`).
     Completions {
@@ -197,6 +170,29 @@ pub enum NodeCommand {
         /// Node name.
         id: String,
     },
+}
+
+/// Where the API client connects, and how it authenticates (global flags of the
+/// client commands).
+#[derive(Args, Debug, Clone)]
+pub struct ApiArgs {
+    /// API base URL.
+    #[arg(long, env = "HOLDFAST_API_URL", default_value = "http://127.0.0.1:7700", global = true)]
+    pub api_url: String,
+    /// How to authenticate.
+    #[command(flatten)]
+    pub auth: ApiAuth,
+}
+
+/// [`ApiArgs`] with the output format, for the client commands that print tables.
+#[derive(Args, Debug, Clone)]
+pub struct ApiOutputArgs {
+    /// `table` (default) or `json`.
+    #[arg(short = 'o', long, env = "HOLDFAST_OUTPUT", value_enum, default_value = "table", global = true)]
+    pub output: Output,
+    /// API address and authentication.
+    #[command(flatten)]
+    pub api: ApiArgs,
 }
 
 /// How the API client authenticates and checks the server: the token comes from
@@ -725,6 +721,29 @@ impl DevArgs {
 impl AgentArgs {
     /// Validates the flags and builds the configuration.
     pub fn to_config(&self) -> Result<Config, String> {
+        self.check_node_flags()?;
+        let token = self.join_token()?;
+        let adv_host = self.advertise.as_deref().map(host_of);
+        let advertise_cluster = match &self.advertise {
+            Some(a) if a.contains(':') => a.clone(),
+            Some(h) => format!("{h}:{}", port_of(&self.cluster)),
+            None => format!("{}:{}", dialable(host_of(&self.cluster)), port_of(&self.cluster)),
+        };
+        let advertise_api =
+            format!("{}:{}", adv_host.unwrap_or_else(|| dialable(host_of(&self.api))), port_of(&self.api));
+        self.check_manager_flags()?;
+        let manager = self.manager.then(|| self.manager_role(advertise_cluster.clone(), advertise_api));
+        let worker = if self.worker { Some(self.worker_role(adv_host, advertise_cluster)?) } else { None };
+        let trust = crate::config::TrustSettings {
+            token,
+            cert_lifetime: self.certs.cert_lifetime,
+            cert_grace: self.certs.cert_grace,
+        };
+        Ok(Config { node_id: self.node_id.clone(), data_dir: self.data_dir.clone(), manager, worker, trust })
+    }
+
+    /// A role, a valid node id, and a heartbeat TTL and lease that fit together.
+    fn check_node_flags(&self) -> Result<(), String> {
         if !self.manager && !self.worker {
             return Err("pass --manager, --worker, or both".into());
         }
@@ -737,6 +756,11 @@ impl AgentArgs {
                 self.heartbeat_ttl, self.lease
             ));
         }
+        Ok(())
+    }
+
+    /// The join token of `--token-file` (which wins) or `--token`, checked for form.
+    fn join_token(&self) -> Result<Option<String>, String> {
         let token = match (&self.token_file, &self.token) {
             (Some(tf), _) => {
                 let text = std::fs::read_to_string(tf).map_err(|e| format!("--token-file {}: {e}", tf.display()))?;
@@ -748,31 +772,12 @@ impl AgentArgs {
         if let Some(t) = &token {
             crate::net::pki::JoinToken::parse(t).map_err(|e| e.to_string())?;
         }
-        let adv_host = self.advertise.as_deref().map(host_of);
-        let advertise_cluster = match &self.advertise {
-            Some(a) if a.contains(':') => a.clone(),
-            Some(h) => format!("{h}:{}", port_of(&self.cluster)),
-            None => format!("{}:{}", dialable(host_of(&self.cluster)), port_of(&self.cluster)),
-        };
-        let advertise_api =
-            format!("{}:{}", adv_host.unwrap_or_else(|| dialable(host_of(&self.api))), port_of(&self.api));
-        let manager = self.manager.then(|| ManagerRole {
-            api: self.api.clone(),
-            cluster: self.cluster.clone(),
-            advertise_cluster: advertise_cluster.clone(),
-            advertise_api,
-            bootstrap: self.bootstrap,
-            join: self.join.clone(),
-            strategy: self.placement,
-            lease: self.lease,
-            heartbeat_ttl: self.heartbeat_ttl,
-            event_sink: self.event_sink.clone().map(SinkConfig::new),
-            force_new_cluster: self.force_new_cluster,
-            min_free_mb: self.min_free_mb,
-            image_retain: self.image_retain,
-            api_tls_files: self.api_cert.clone().zip(self.api_key.clone()),
-            retention: self.retention.retention(),
-        });
+        Ok(token)
+    }
+
+    /// The flags that need `--manager`, and how a manager starts: a new one needs
+    /// `--bootstrap` or `--join`, a restarted one neither.
+    fn check_manager_flags(&self) -> Result<(), String> {
         if self.force_new_cluster && (!self.manager || self.bootstrap) {
             return Err("--force-new-cluster restarts an existing manager from its data: it needs --manager \
                         and no --bootstrap"
@@ -788,30 +793,47 @@ impl AgentArgs {
                 return Err("a new manager needs --bootstrap (first manager) or --join ADDR".into());
             }
         }
-        let worker = if self.worker {
-            let managers = if self.join.is_empty() {
-                if !self.manager {
-                    return Err("a worker needs --join with manager cluster addresses".into());
-                }
-                vec![advertise_cluster]
-            } else {
-                self.join.clone()
-            };
-            Some(WorkerRole {
-                managers,
-                advertise_host: adv_host.unwrap_or("127.0.0.1").to_string(),
-                labels: self.labels.iter().cloned().collect(),
-                resources_override: None,
-                image_bandwidth: self.image_bandwidth,
-            })
+        Ok(())
+    }
+
+    /// The manager role, reachable at the advertised addresses.
+    fn manager_role(&self, advertise_cluster: String, advertise_api: String) -> ManagerRole {
+        ManagerRole {
+            api: self.api.clone(),
+            cluster: self.cluster.clone(),
+            advertise_cluster,
+            advertise_api,
+            bootstrap: self.bootstrap,
+            join: self.join.clone(),
+            strategy: self.placement,
+            lease: self.lease,
+            heartbeat_ttl: self.heartbeat_ttl,
+            event_sink: self.event_sink.clone().map(SinkConfig::new),
+            force_new_cluster: self.force_new_cluster,
+            min_free_mb: self.min_free_mb,
+            image_retain: self.image_retain,
+            api_tls_files: self.api_cert.clone().zip(self.api_key.clone()),
+            retention: self.retention.retention(),
+        }
+    }
+
+    /// The worker role: it syncs with the `--join` managers, or with this node's own
+    /// manager when it is one.
+    fn worker_role(&self, adv_host: Option<&str>, advertise_cluster: String) -> Result<WorkerRole, String> {
+        let managers = if self.join.is_empty() {
+            if !self.manager {
+                return Err("a worker needs --join with manager cluster addresses".into());
+            }
+            vec![advertise_cluster]
         } else {
-            None
+            self.join.clone()
         };
-        let trust = crate::config::TrustSettings {
-            token,
-            cert_lifetime: self.certs.cert_lifetime,
-            cert_grace: self.certs.cert_grace,
-        };
-        Ok(Config { node_id: self.node_id.clone(), data_dir: self.data_dir.clone(), manager, worker, trust })
+        Ok(WorkerRole {
+            managers,
+            advertise_host: adv_host.unwrap_or("127.0.0.1").to_string(),
+            labels: self.labels.iter().cloned().collect(),
+            resources_override: None,
+            image_bandwidth: self.image_bandwidth,
+        })
     }
 }

@@ -270,17 +270,8 @@ impl Api {
         let body = serde_json::json!({
             "role": role, "ttl_ms": ttl.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)), "uses": uses,
         });
-        let resp = self
-            .req(reqwest::Method::POST, "/v1/cluster/join-tokens")
-            .json(&body)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the holdfast API at {}", self.base))?;
-        let status = resp.status();
-        let v: serde_json::Value = resp.json().await.context("unreadable API answer")?;
-        if !status.is_success() {
-            bail!("{status}: {v}");
-        }
+        // Through `fetch`, so a refusal exits like every client command's (README "CLI").
+        let v = self.fetch(self.req(reqwest::Method::POST, "/v1/cluster/join-tokens").json(&body)).await?;
         let token = v["token"].as_str().context("no token in the answer")?.to_string();
         let path = self.data_dir.join(format!("join-{role}.token"));
         if path.exists() {
@@ -304,16 +295,7 @@ impl Api {
             let body = serde_json::json!({ "force": force });
             return self.call(self.req(Method::POST, "/v1/cluster/ca/finish").json(&body)).await;
         }
-        let resp = self
-            .req(Method::POST, "/v1/cluster/ca/rotate")
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the holdfast API at {}", self.base))?;
-        let status = resp.status();
-        let v: serde_json::Value = resp.json().await.context("unreadable API answer")?;
-        if !status.is_success() {
-            bail!("{status}: {v}");
-        }
+        let v = self.fetch(self.req(Method::POST, "/v1/cluster/ca/rotate")).await?;
         for role in ["worker", "manager"] {
             let path = self.data_dir.join(format!("join-{role}.token"));
             if let (Some(token), true) = (v["join_tokens"][role].as_str(), path.exists()) {
@@ -555,6 +537,21 @@ fn cell(v: &Value) -> String {
     }
 }
 
+/// One row per element of the JSON array `list` (no rows when it is not an array).
+fn rows_of(list: &Value, row: impl Fn(&Value) -> Vec<String>) -> Vec<Vec<String>> {
+    list.as_array().map(|items| items.iter().map(row).collect()).unwrap_or_default()
+}
+
+/// The cells of `v`'s fields `keys`, in that order.
+fn cells(v: &Value, keys: &[&str]) -> Vec<String> {
+    keys.iter().map(|k| cell(&v[*k])).collect()
+}
+
+/// FIELD/VALUE rows: each label beside the cell of its value.
+fn field_rows(fields: &[(&str, &Value)]) -> Vec<Vec<String>> {
+    fields.iter().map(|(label, v)| vec![label.to_string(), cell(v)]).collect()
+}
+
 /// `holdfast task list`.
 pub fn task_table(tasks: &[Value]) -> String {
     let rows: Vec<Vec<String>> = tasks
@@ -579,34 +576,25 @@ pub fn task_table(tasks: &[Value]) -> String {
 pub fn task_detail(t: &Value) -> String {
     let mut out = table(
         &["FIELD", "VALUE"],
-        &[
-            vec!["id".into(), cell(&t["id"])],
-            vec!["name".into(), cell(&t["name"])],
-            vec!["state".into(), cell(&t["state"])],
-            vec!["desired".into(), cell(&t["desired"])],
-            vec!["image".into(), cell(&t["spec"]["image"])],
-            vec!["reason".into(), cell(&t["reason"])],
-            vec!["exit code".into(), cell(&t["exit_code"])],
-            vec!["restarts".into(), cell(&t["restarts"])],
-            vec!["endpoints".into(), cell(&t["endpoints"])],
-        ],
+        &field_rows(&[
+            ("id", &t["id"]),
+            ("name", &t["name"]),
+            ("state", &t["state"]),
+            ("desired", &t["desired"]),
+            ("image", &t["spec"]["image"]),
+            ("reason", &t["reason"]),
+            ("exit code", &t["exit_code"]),
+            ("restarts", &t["restarts"]),
+            ("endpoints", &t["endpoints"]),
+        ]),
     );
-    let placements = t["placements"].as_array().cloned().unwrap_or_default();
-    if !placements.is_empty() {
+    let rows = rows_of(&t["placements"], |p| {
+        let mut row = cells(p, &["id", "node", "fence", "desired", "observed"]);
+        row.push(if p["current"] == true { "yes".into() } else { "-".into() });
+        row
+    });
+    if !rows.is_empty() {
         out.push('\n');
-        let rows: Vec<Vec<String>> = placements
-            .iter()
-            .map(|p| {
-                vec![
-                    cell(&p["id"]),
-                    cell(&p["node"]),
-                    cell(&p["fence"]),
-                    cell(&p["desired"]),
-                    cell(&p["observed"]),
-                    if p["current"] == true { "yes".into() } else { "-".into() },
-                ]
-            })
-            .collect();
         out.push_str(&table(&["PLACEMENT", "NODE", "FENCE", "DESIRED", "OBSERVED", "CURRENT"], &rows));
     }
     out
@@ -651,15 +639,15 @@ pub fn fields_table(v: &Value) -> String {
 
 /// `holdfast cluster`.
 pub fn cluster_table(v: &Value) -> String {
-    let rows = vec![
-        vec!["this manager".into(), cell(&v["id"])],
-        vec!["role".into(), cell(&v["role"])],
-        vec!["leader".into(), cell(&v["leader"]["id"])],
-        vec!["term".into(), cell(&v["term"])],
-        vec!["commit index".into(), cell(&v["commit_index"])],
-        vec!["last applied".into(), cell(&v["last_applied"])],
-        vec!["members".into(), v["members"].as_array().map_or(0, Vec::len).to_string()],
-    ];
+    let mut rows = field_rows(&[
+        ("this manager", &v["id"]),
+        ("role", &v["role"]),
+        ("leader", &v["leader"]["id"]),
+        ("term", &v["term"]),
+        ("commit index", &v["commit_index"]),
+        ("last applied", &v["last_applied"]),
+    ]);
+    rows.push(vec!["members".into(), v["members"].as_array().map_or(0, Vec::len).to_string()]);
     let mut out = table(&["FIELD", "VALUE"], &rows);
     out.push('\n');
     out.push_str(&members_table(v));
@@ -669,44 +657,18 @@ pub fn cluster_table(v: &Value) -> String {
 /// `holdfast cluster members`.
 pub fn members_table(v: &Value) -> String {
     let leader = v["leader"]["id"].as_str().unwrap_or_default();
-    let rows: Vec<Vec<String>> = v["members"]
-        .as_array()
-        .map(|m| {
-            m.iter()
-                .map(|m| {
-                    vec![
-                        cell(&m["id"]),
-                        if m["id"] == leader { "leader".into() } else { cell(&m["role"]) },
-                        cell(&m["api"]),
-                        cell(&m["cluster"]),
-                        cell(&m["version"]),
-                        cell(&m["last_applied"]),
-                    ]
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let rows = rows_of(&v["members"], |m| {
+        let role = if m["id"] == leader { "leader".into() } else { cell(&m["role"]) };
+        let mut row = vec![cell(&m["id"]), role];
+        row.extend(cells(m, &["api", "cluster", "version", "last_applied"]));
+        row
+    });
     table(&["NAME", "ROLE", "API", "CLUSTER", "VERSION", "APPLIED"], &rows)
 }
 
 /// `holdfast token list`.
 pub fn token_table(v: &Value) -> String {
-    let rows: Vec<Vec<String>> = v["tokens"]
-        .as_array()
-        .map(|t| {
-            t.iter()
-                .map(|t| {
-                    vec![
-                        cell(&t["id"]),
-                        cell(&t["name"]),
-                        cell(&t["role"]),
-                        cell(&t["created_by"]),
-                        cell(&t["expires_ms"]),
-                    ]
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let rows = rows_of(&v["tokens"], |t| cells(t, &["id", "name", "role", "created_by", "expires_ms"]));
     table(&["ID", "NAME", "ROLE", "CREATED BY", "EXPIRES (ms)"], &rows)
 }
 
@@ -779,5 +741,61 @@ m2    learner  127.0.0.1:7710  127.0.0.1:7711  -        38
         let code = |status| exit_code(&anyhow::Error::from(ApiFailure { status, message: String::new() }));
         assert_eq!((code(404), code(503), code(400), code(409)), (3, 4, 1, 1));
         assert_eq!(exit_code(&anyhow::anyhow!("other")), 1);
+    }
+
+    /// Answers every request on a local port with `503` and an error body.
+    async fn unavailable_api() -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                // Read the whole request (headers, then Content-Length bytes) first.
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = conn.read(&mut buf).await {
+                    got.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+                    let Some(end) = text.find("\r\n\r\n") else {
+                        if n == 0 {
+                            break;
+                        }
+                        continue;
+                    };
+                    let len = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                        .unwrap_or(0);
+                    if n == 0 || got.len() >= end + 4 + len {
+                        break;
+                    }
+                }
+                let body = r#"{"error":{"code":"unavailable","message":"no leader"}}"#;
+                let answer = format!(
+                    "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+                     content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(answer.as_bytes()).await;
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    /// Regression: rotating a join token or the CA read the answer themselves and
+    /// failed with exit code 1 on any refusal; like every client command they now exit
+    /// 4 on a 503 (README "CLI").
+    #[tokio::test]
+    async fn rotations_exit_like_every_client_command_on_a_refusal() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = ApiAuth { token: Some("t".into()), data_dir: dir.path().to_path_buf(), ca_file: None };
+        let api = Api::new(&unavailable_api().await, &auth).unwrap();
+        let e = api.rotate_join_token(crate::net::pki::Role::Worker, None, None).await.unwrap_err();
+        assert_eq!(exit_code(&e), crate::cli::EXIT_RETRYABLE, "{e:#}");
+        let rotate = crate::cli::CaCommand::Rotate { finish: false, force: false };
+        let e = api.ca(Some(rotate)).await.unwrap_err();
+        assert_eq!(exit_code(&e), crate::cli::EXIT_RETRYABLE, "{e:#}");
+        assert!(e.to_string().contains("no leader"), "{e:#}");
     }
 }

@@ -140,23 +140,8 @@ pub fn run(config: GuardConfig) -> i32 {
         return NOT_FOUND_EXIT;
     };
     let set = signal_set();
-    // SAFETY: blocking signals on the only thread; they stay pending for sigtimedwait.
-    unsafe {
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        if libc::getpid() != 1 {
-            // Outside a container (tests), orphans of the app still come to us to reap.
-            libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
-        }
-    }
-    // A renewal may be rewriting the file just now (the engine truncates, then writes):
-    // a torn read is retried briefly before it counts as no deadline at all.
-    let first = (0..10).find_map(|attempt| {
-        if attempt > 0 {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        read_deadline(&config.deadline_file)
-    });
-    let Some(mut deadline) = first else {
+    block_signals(&set);
+    let Some(deadline) = first_deadline(&config.deadline_file) else {
         say("no deadline written: not starting the task");
         return FENCED_EXIT;
     };
@@ -164,8 +149,41 @@ pub fn run(config: GuardConfig) -> i32 {
         say("the deadline has passed (lease expired): not starting the task");
         return FENCED_EXIT;
     }
-    let mut command = std::process::Command::new(&program);
-    command.args(&config.argv[1..]);
+    match spawn_app(&program, &config.argv[1..]) {
+        Ok(app) => supervise(app, deadline, &set, &config.deadline_file),
+        Err(code) => code,
+    }
+}
+
+/// Blocks the signals of `set` on this (the only) thread, and makes the guard the
+/// reaper of the app's orphans outside a container.
+fn block_signals(set: &libc::sigset_t) {
+    // SAFETY: blocking signals on the only thread; they stay pending for sigtimedwait.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_BLOCK, set, std::ptr::null_mut());
+        if libc::getpid() != 1 {
+            // Outside a container (tests), orphans of the app still come to us to reap.
+            libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+        }
+    }
+}
+
+/// The deadline to start with. A renewal may be rewriting the file just now (the
+/// engine truncates, then writes): a torn read is retried briefly before it counts as
+/// no deadline at all.
+fn first_deadline(file: &Path) -> Option<Deadline> {
+    (0..10).find_map(|attempt| {
+        if attempt > 0 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        read_deadline(file)
+    })
+}
+
+/// Starts the app; its pid, or the exit code the guard ends with when it cannot.
+fn spawn_app(program: &OsString, args: &[OsString]) -> Result<libc::pid_t, i32> {
+    let mut command = std::process::Command::new(program);
+    command.args(args);
     // The app must start with an empty signal mask, as it would as PID 1 of a plain
     // container: std does not reset the mask it inherits. Stdio is inherited.
     // SAFETY: the closure only calls sigemptyset and pthread_sigmask, both
@@ -182,12 +200,20 @@ pub fn run(config: GuardConfig) -> i32 {
         Ok(child) => child,
         Err(e) => {
             say(&format!("cannot run {}: {e}", program.to_string_lossy()));
-            return if e.kind() == std::io::ErrorKind::NotFound { NOT_FOUND_EXIT } else { CANNOT_EXEC_EXIT };
+            return Err(if e.kind() == std::io::ErrorKind::NotFound { NOT_FOUND_EXIT } else { CANNOT_EXEC_EXIT });
         }
     };
     let app = child.id() as libc::pid_t;
-    // The child is reaped by waitpid(-1) below, never through `child`.
+    // The child is reaped by waitpid(-1) in `supervise`, never through `child`.
     drop(child);
+    Ok(app)
+}
+
+/// Runs alongside the app until it exits: follows renewals of the deadline in
+/// `deadline_file`, stops the app (SIGTERM, then SIGKILL after the grace) once the
+/// deadline passes, forwards the signals of `set`, reaps orphans. The app's exit code,
+/// or [`FENCED_EXIT`] when the guard stopped it.
+fn supervise(app: libc::pid_t, mut deadline: Deadline, set: &libc::sigset_t, deadline_file: &Path) -> i32 {
     let mut next_poll = boottime_ms() + POLL.as_millis() as u64;
     let mut kill_at: Option<u64> = None;
     let mut killed = false;
@@ -212,7 +238,7 @@ pub fn run(config: GuardConfig) -> i32 {
         }
         if now >= next_poll {
             if kill_at.is_none() {
-                if let Some(d) = read_deadline(&config.deadline_file) {
+                if let Some(d) = read_deadline(deadline_file) {
                     deadline = d;
                 }
             }
@@ -228,7 +254,7 @@ pub fn run(config: GuardConfig) -> i32 {
         let timeout =
             libc::timespec { tv_sec: (wait_ms / 1_000) as libc::time_t, tv_nsec: ((wait_ms % 1_000) * 1_000_000) as _ };
         // SAFETY: `set` and `timeout` are valid; the siginfo out-pointer may be null.
-        let signal = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &timeout) };
+        let signal = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &timeout) };
         if signal == libc::SIGCHLD {
             if let Some(status) = reap(app) {
                 return if kill_at.is_some() { FENCED_EXIT } else { exit_code(status) };

@@ -125,10 +125,26 @@ async fn sync_inner(m: &Arc<Manager>, req: SyncRequest) -> Result<Response, ApiE
     if m.db.status().role != holdfast_raft::Role::Leader {
         return Ok(not_leader(&m));
     }
+    mark_seen(&m, &req);
+    super::images::note_held(&m, &req.node, &req.images);
+    let reg = register(&m, &req).await?;
+    let mut acked_seq = reg.as_ref().map(|r| r.last_seq).unwrap_or(0);
+    if !req.reports.is_empty() {
+        acked_seq = m.reports.submit(&req.node, req.reports.clone()).await?;
+    }
+    long_poll(&m, &req, acked_seq).await
+}
+
+/// Notes that `req`'s node was heard from just now, with the resources it measured.
+fn mark_seen(m: &Manager, req: &SyncRequest) {
     lock(&m.liveness)
         .insert(req.node.clone(), Liveness { last_seen: Instant::now(), resources: req.resources.clone() });
-    super::images::note_held(&m, &req.node, &req.images);
+}
 
+/// Commits what the sync changes in the node's registration: a node heard from again
+/// is back to ready, and a new node or new labels, address or capacity are recorded.
+/// The registration as it was before.
+async fn register(m: &Manager, req: &SyncRequest) -> Result<Option<query::Registration>, ApiError> {
     let name = req.node.clone();
     let reg = m.db.read_local(move |c| query::node_registration(c, &name)).await?;
     if reg.as_ref().is_some_and(|g| g.status != NodeStatus::Ready.as_str()) {
@@ -162,13 +178,12 @@ async fn sync_inner(m: &Arc<Manager>, req: SyncRequest) -> Result<Response, ApiE
         )
         .await?;
     }
-    let mut acked_seq = reg.as_ref().map(|r| r.last_seq).unwrap_or(0);
-    if !req.reports.is_empty() {
-        acked_seq = m.reports.submit(&req.node, req.reports.clone()).await?;
-    }
+    Ok(reg)
+}
 
-    // Long-poll: hold the request until the desired set changes, a log request is
-    // queued, or the wait is over.
+/// Long-poll: holds the request until the desired set changes, a log request is
+/// queued, this manager stops leading, or the wait is over; then answers.
+async fn long_poll(m: &Manager, req: &SyncRequest, acked_seq: u64) -> Result<Response, ApiError> {
     let wait = Duration::from_millis(req.wait_ms).min(m.settings.max_long_poll);
     let deadline = tokio::time::Instant::now() + wait;
     let mut applied = m.applied.clone();
@@ -186,8 +201,7 @@ async fn sync_inner(m: &Arc<Manager>, req: SyncRequest) -> Result<Response, ApiE
             || !still_leader
             || tokio::time::Instant::now() >= deadline
         {
-            lock(&m.liveness)
-                .insert(req.node.clone(), Liveness { last_seen: Instant::now(), resources: req.resources.clone() });
+            mark_seen(m, req);
             let resp = SyncResponse {
                 version,
                 lease_ms: m.settings.lease.as_millis() as u64,

@@ -400,84 +400,29 @@ fn entries_of(
     files: &HashMap<String, ArchiveFile>,
     links: &HashMap<String, String>,
 ) -> Result<Entries, IngestError> {
-    let manifest = files.get("manifest.json").and_then(|f| f.json.as_ref()).ok_or_else(|| {
-        IngestError::NotDockerSave("it has no manifest.json (make it with `docker save NAME:TAG`)".into())
-    })?;
-    let items: Vec<ManifestItem> = serde_json::from_slice(manifest)
-        .map_err(|e| IngestError::NotDockerSave(format!("manifest.json is not a docker save manifest: {e}")))?;
-    if items.is_empty() {
-        return Err(IngestError::NotDockerSave("manifest.json lists no image".into()));
-    }
+    let items = manifest_of(files)?;
     let mut out = Vec::new();
     let mut used = BTreeSet::new();
     let mut not_sent = 0usize;
-    for item in items {
-        let tags = item.repo_tags.unwrap_or_default();
+    for mut item in items {
+        let tags = item.repo_tags.take().unwrap_or_default();
         if tags.is_empty() {
             return Err(IngestError::NotDockerSave(
                 "an image in the archive has no tag; save it by name (`docker save NAME:TAG`)".into(),
             ));
         }
-        let (cfg_path, cfg) = resolve(files, links, &item.config)
-            .ok_or_else(|| IngestError::NotDockerSave(format!("config {} is missing from the archive", item.config)))?;
-        if let Some(h) = named_hex(&item.config) {
-            if h != cfg.hex {
-                return Err(IngestError::DigestMismatch(format!(
-                    "config {} hashes to sha256:{}",
-                    item.config, cfg.hex
-                )));
-            }
-        }
-        let json = cfg
-            .json
-            .as_ref()
-            .ok_or_else(|| IngestError::NotDockerSave(format!("config {} is not JSON", item.config)))?;
-        let config: ImageConfig = serde_json::from_slice(json)
-            .map_err(|e| IngestError::NotDockerSave(format!("config {} is not an image config: {e}", item.config)))?;
-        if config.rootfs.diff_ids.len() != item.layers.len() {
-            return Err(IngestError::NotDockerSave(format!(
-                "the config lists {} layers, the manifest {}",
-                config.rootfs.diff_ids.len(),
-                item.layers.len()
-            )));
-        }
+        let (cfg_path, cfg, config) = config_of(files, links, &item)?;
         used.insert(cfg_path.to_string());
         let mut layers = Vec::new();
         for (layer_path, diff_id) in item.layers.iter().zip(&config.rootfs.diff_ids) {
-            if !catalogue::valid_digest(diff_id) {
-                return Err(IngestError::NotDockerSave(format!("layer id {diff_id:?} is not a sha256 digest")));
-            }
-            match resolve(files, links, layer_path) {
-                Some((p, f)) => {
-                    if format!("sha256:{}", f.hex) != *diff_id {
-                        return Err(IngestError::DigestMismatch(format!(
-                            "layer {layer_path} hashes to sha256:{}, the config says {diff_id}",
-                            f.hex
-                        )));
-                    }
-                    if let Some(h) = named_hex(layer_path) {
-                        if h != f.hex {
-                            return Err(IngestError::DigestMismatch(format!(
-                                "layer {layer_path} hashes to sha256:{}",
-                                f.hex
-                            )));
-                        }
-                    }
+            let (layer, from) = layer_of(store, files, links, layer_path, diff_id)?;
+            match from {
+                Some(p) => {
                     used.insert(p.to_string());
-                    layers.push(LayerRef { digest: diff_id.clone(), size: f.size });
                 }
-                None => match store.size(diff_id) {
-                    Some(size) => {
-                        not_sent += 1;
-                        layers.push(LayerRef { digest: diff_id.clone(), size })
-                    }
-                    None => {
-                        return Err(IngestError::NotDockerSave(format!(
-                            "layer {layer_path} is missing from the archive and not stored on this manager"
-                        )))
-                    }
-                },
+                None => not_sent += 1,
             }
+            layers.push(layer);
         }
         for tag in tags {
             let entry = CatalogueEntry {
@@ -495,6 +440,84 @@ fn entries_of(
     let refs: Vec<&str> = out.iter().map(|e| e.reference.as_str()).collect();
     tracing::info!(images = ?refs, layers_not_sent = not_sent, "image push verified");
     Ok((out, used))
+}
+
+/// The images `manifest.json` lists: at least one.
+fn manifest_of(files: &HashMap<String, ArchiveFile>) -> Result<Vec<ManifestItem>, IngestError> {
+    let manifest = files.get("manifest.json").and_then(|f| f.json.as_ref()).ok_or_else(|| {
+        IngestError::NotDockerSave("it has no manifest.json (make it with `docker save NAME:TAG`)".into())
+    })?;
+    let items: Vec<ManifestItem> = serde_json::from_slice(manifest)
+        .map_err(|e| IngestError::NotDockerSave(format!("manifest.json is not a docker save manifest: {e}")))?;
+    if items.is_empty() {
+        return Err(IngestError::NotDockerSave("manifest.json lists no image".into()));
+    }
+    Ok(items)
+}
+
+/// `item`'s config: in the archive, hashing to the digest in its name, an image config
+/// listing as many layers as the manifest. Its path, its file and the config.
+fn config_of<'a>(
+    files: &'a HashMap<String, ArchiveFile>,
+    links: &HashMap<String, String>,
+    item: &ManifestItem,
+) -> Result<(&'a str, &'a ArchiveFile, ImageConfig), IngestError> {
+    let (cfg_path, cfg) = resolve(files, links, &item.config)
+        .ok_or_else(|| IngestError::NotDockerSave(format!("config {} is missing from the archive", item.config)))?;
+    if let Some(h) = named_hex(&item.config) {
+        if h != cfg.hex {
+            return Err(IngestError::DigestMismatch(format!("config {} hashes to sha256:{}", item.config, cfg.hex)));
+        }
+    }
+    let json =
+        cfg.json.as_ref().ok_or_else(|| IngestError::NotDockerSave(format!("config {} is not JSON", item.config)))?;
+    let config: ImageConfig = serde_json::from_slice(json)
+        .map_err(|e| IngestError::NotDockerSave(format!("config {} is not an image config: {e}", item.config)))?;
+    if config.rootfs.diff_ids.len() != item.layers.len() {
+        return Err(IngestError::NotDockerSave(format!(
+            "the config lists {} layers, the manifest {}",
+            config.rootfs.diff_ids.len(),
+            item.layers.len()
+        )));
+    }
+    Ok((cfg_path, cfg, config))
+}
+
+/// The layer at `layer_path` with the config's `diff_id`: from the archive, hashing to
+/// `diff_id` (and to the digest in its name), or, left out of the archive, already
+/// stored on this manager. The archive path it came from, if it did.
+fn layer_of<'a>(
+    store: &BlobStore,
+    files: &'a HashMap<String, ArchiveFile>,
+    links: &HashMap<String, String>,
+    layer_path: &str,
+    diff_id: &str,
+) -> Result<(LayerRef, Option<&'a str>), IngestError> {
+    if !catalogue::valid_digest(diff_id) {
+        return Err(IngestError::NotDockerSave(format!("layer id {diff_id:?} is not a sha256 digest")));
+    }
+    match resolve(files, links, layer_path) {
+        Some((p, f)) => {
+            if format!("sha256:{}", f.hex) != *diff_id {
+                return Err(IngestError::DigestMismatch(format!(
+                    "layer {layer_path} hashes to sha256:{}, the config says {diff_id}",
+                    f.hex
+                )));
+            }
+            if let Some(h) = named_hex(layer_path) {
+                if h != f.hex {
+                    return Err(IngestError::DigestMismatch(format!("layer {layer_path} hashes to sha256:{}", f.hex)));
+                }
+            }
+            Ok((LayerRef { digest: diff_id.to_string(), size: f.size }, Some(p)))
+        }
+        None => match store.size(diff_id) {
+            Some(size) => Ok((LayerRef { digest: diff_id.to_string(), size }, None)),
+            None => Err(IngestError::NotDockerSave(format!(
+                "layer {layer_path} is missing from the archive and not stored on this manager"
+            ))),
+        },
+    }
 }
 
 /// Records the image ids a worker reported in its sync (kept in memory, like

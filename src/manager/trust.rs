@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, Semaphore};
+use tokio::sync::{broadcast, watch, Semaphore};
 
 use super::api::{write, ApiError};
 use super::state::trust::{self as st, TrustCommand};
@@ -284,17 +284,26 @@ pub fn watch_cas(
                     tracing::warn!(error = %e, "cannot trust the cluster's CAs");
                 }
             }
-            tokio::select! {
-                _ = shutdown.recv() => return,
-                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-            }
-            tokio::select! {
-                _ = shutdown.recv() => return,
-                _ = applied.changed() => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            if !next_apply(&mut applied, &mut shutdown).await {
+                return;
             }
         }
     })
+}
+
+/// Waits at least 100 ms, then until a command applies or a second has passed: the
+/// pace of the loops that mirror replicated state ([`watch_cas`],
+/// [`refresh_revocations`]). `false` once `shutdown` fires.
+async fn next_apply(applied: &mut watch::Receiver<u64>, shutdown: &mut broadcast::Receiver<()>) -> bool {
+    tokio::select! {
+        _ = shutdown.recv() => return false,
+        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+    }
+    tokio::select! {
+        _ = shutdown.recv() => false,
+        _ = applied.changed() => true,
+        _ = tokio::time::sleep(Duration::from_secs(1)) => true,
+    }
 }
 
 /// A manager renews its own certificate with the current CA (managers hold it) and
@@ -497,14 +506,8 @@ pub fn refresh_revocations(
             if let Ok(all) = m.db.read_local(st::revocations).await {
                 revocations.replace(all);
             }
-            tokio::select! {
-                _ = shutdown.recv() => return,
-                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-            }
-            tokio::select! {
-                _ = shutdown.recv() => return,
-                _ = applied.changed() => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            if !next_apply(&mut applied, &mut shutdown).await {
+                return;
             }
         }
     })

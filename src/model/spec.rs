@@ -320,6 +320,17 @@ impl TaskSpec {
 
     /// Checks every limit; the first violation wins.
     pub fn validate(&self) -> Result<(), SpecError> {
+        self.check_image_and_name()?;
+        self.check_command_and_env()?;
+        self.check_ports_and_resources()?;
+        self.check_restart()?;
+        self.check_health()?;
+        self.check_reschedule_and_offline()?;
+        Ok(())
+    }
+
+    /// Limits of the image reference and the name.
+    fn check_image_and_name(&self) -> Result<(), SpecError> {
         let img = self.image.trim();
         if img.is_empty() {
             return Err(SpecError::new("image", "must not be empty, e.g. \"holdfast/echo:latest\""));
@@ -341,6 +352,11 @@ impl TaskSpec {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// Limits of the command line and the environment.
+    fn check_command_and_env(&self) -> Result<(), SpecError> {
         if self.command.len() > 256 || self.command.iter().any(|a| a.len() > 4096) {
             return Err(SpecError::new("command", "at most 256 arguments of at most 4096 bytes each"));
         }
@@ -355,6 +371,11 @@ impl TaskSpec {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// Limits of published ports and reserved resources.
+    fn check_ports_and_resources(&self) -> Result<(), SpecError> {
         if self.ports.len() > 64 {
             return Err(SpecError::new("ports", "at most 64 ports"));
         }
@@ -379,6 +400,11 @@ impl TaskSpec {
         if r.disk_mb > 64 * 1024 * 1024 {
             return Err(SpecError::new("resources.disk_mb", format!("{} exceeds 67108864 MiB", r.disk_mb)));
         }
+        Ok(())
+    }
+
+    /// Limits of the local restart policy.
+    fn check_restart(&self) -> Result<(), SpecError> {
         if let Some(rp) = &self.restart {
             if rp.max_attempts > 10_000 {
                 return Err(SpecError::new("restart.max_attempts", "at most 10000"));
@@ -390,6 +416,11 @@ impl TaskSpec {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// Limits of the health probe.
+    fn check_health(&self) -> Result<(), SpecError> {
         if let Some(h) = &self.health {
             if h.interval_ms < 100 || h.timeout_ms == 0 || h.timeout_ms > h.interval_ms || h.failures == 0 {
                 return Err(SpecError::new(
@@ -419,6 +450,11 @@ impl TaskSpec {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Limits of rescheduling and offline behaviour.
+    fn check_reschedule_and_offline(&self) -> Result<(), SpecError> {
         if let Some(r) = &self.reschedule {
             if r.attempts > 1_000 || r.delay_ms > r.max_delay_ms || r.max_delay_ms > 24 * 3_600_000 {
                 return Err(SpecError::new(

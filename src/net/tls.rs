@@ -168,6 +168,34 @@ fn manager_name() -> ServerName<'static> {
     ServerName::try_from(MANAGER_NAME).unwrap_or_else(|_| ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()))
 }
 
+/// The signature checks every verifier here shares: the process provider's algorithms,
+/// the same ones the webpki verifiers of [`TrustAnchors`] are built with (`provider()`).
+macro_rules! provider_signatures {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(message, cert, dss, &provider().signature_verification_algorithms)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(message, cert, dss, &provider().signature_verification_algorithms)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            provider().signature_verification_algorithms.supported_schemes()
+        }
+    };
+}
+
 /// Accepts a server only with a manager certificate of the trusted CA(s).
 #[derive(Debug)]
 struct ManagerVerifier {
@@ -194,27 +222,7 @@ impl ServerCertVerifier for ManagerVerifier {
         self.anchors.server().verify_server_cert(end_entity, intermediates, &manager_name(), ocsp, now)
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.anchors.server().verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.anchors.server().verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.anchors.server().supported_verify_schemes()
-    }
+    provider_signatures!();
 }
 
 /// Accepts a server whose chain includes a CA hashing to the token's digest, and whose
@@ -265,27 +273,7 @@ impl ServerCertVerifier for PinnedVerifier {
             .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &provider().signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &provider().signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        provider().signature_verification_algorithms.supported_schemes()
-    }
+    provider_signatures!();
 }
 
 /// Client certificates of the cluster CA; none at all is allowed through the handshake
@@ -335,27 +323,7 @@ impl ClientCertVerifier for GraceVerifier {
         }
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.anchors.client().verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.anchors.client().verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.anchors.client().supported_verify_schemes()
-    }
+    provider_signatures!();
 }
 
 /// A client configuration presenting `resolver`'s certificate and accepting only
@@ -372,12 +340,19 @@ pub fn client_config_with(
     anchors: Arc<TrustAnchors>,
     resolver: Arc<CertResolver>,
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-    let cfg = rustls::ClientConfig::builder_with_provider(provider())
+    let cfg = tls13_client(Arc::new(ManagerVerifier { anchors }))?.with_client_cert_resolver(resolver);
+    Ok(Arc::new(no_resumption(cfg)))
+}
+
+/// A TLS 1.3 client configuration of the process provider that trusts servers as
+/// `verifier` says; the caller adds the client's own certificate (or none).
+fn tls13_client(
+    verifier: Arc<dyn ServerCertVerifier>,
+) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>, TlsError> {
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(ManagerVerifier { anchors }))
-        .with_client_cert_resolver(resolver);
-    Ok(Arc::new(no_resumption(cfg)))
+        .with_custom_certificate_verifier(verifier))
 }
 
 /// TLS session resumption would carry the *old* certificate's identity into a new
@@ -394,11 +369,7 @@ fn no_resumption(mut cfg: rustls::ClientConfig) -> rustls::ClientConfig {
 pub fn join_client_config(ca_digest: &str) -> Result<(Arc<rustls::ClientConfig>, Arc<Mismatch>), TlsError> {
     let mismatch = Arc::new(Mismatch::default());
     let verifier = PinnedVerifier { digest: ca_digest.to_string(), mismatch: mismatch.clone() };
-    let cfg = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
+    let cfg = tls13_client(Arc::new(verifier))?.with_no_client_auth();
     Ok((Arc::new(no_resumption(cfg)), mismatch))
 }
 

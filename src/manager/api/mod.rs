@@ -501,6 +501,15 @@ fn no_node(id: &str) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no node named {id}")).field("id")
 }
 
+/// [`write_audited`] of a command on node `id`: a rejection for an unknown node is
+/// the node route's own 404 ([`no_node`]).
+async fn write_node_audited(m: &Manager, who: Who, action: &str, id: &str, cmd: Command) -> Result<(), ApiError> {
+    match write_audited(m, who, action, id, Some(cmd)).await {
+        Err(e) if e.status == StatusCode::NOT_FOUND => Err(no_node(id)),
+        other => other.map(|_| ()),
+    }
+}
+
 async fn get_node(State(m): State<Arc<Manager>>, Path(id): Path<String>) -> Result<Response, ApiError> {
     check_id(&id)?;
     let key = id.clone();
@@ -577,13 +586,7 @@ async fn drain_node(
     };
     let enable = b.enable.unwrap_or(true);
     let cmd = Command::DrainNode { name: id.clone(), enable, deadline_ms: deadline, now_ms: now };
-    write_audited(&m, who, "POST /v1/nodes/{id}/drain", &id, Some(cmd)).await.map_err(|e| {
-        if e.status == StatusCode::NOT_FOUND {
-            no_node(&id)
-        } else {
-            e
-        }
-    })?;
+    write_node_audited(&m, who, "POST /v1/nodes/{id}/drain", &id, cmd).await?;
     Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "id": id, "draining": enable, "deadline_ms": deadline })))
         .into_response())
 }
@@ -607,13 +610,7 @@ async fn node_eligibility(
     }
     let b: EligibilityBody = json_body(&body)?;
     let cmd = Command::SetEligibility { name: id.clone(), eligible: b.eligible, now_ms: now_ms() };
-    write_audited(&m, who, "POST /v1/nodes/{id}/eligibility", &id, Some(cmd)).await.map_err(|e| {
-        if e.status == StatusCode::NOT_FOUND {
-            no_node(&id)
-        } else {
-            e
-        }
-    })?;
+    write_node_audited(&m, who, "POST /v1/nodes/{id}/eligibility", &id, cmd).await?;
     Ok(Json(serde_json::json!({ "id": id, "eligible": b.eligible })).into_response())
 }
 

@@ -170,71 +170,11 @@ pub fn document() -> &'static OpenApi {
 fn build() -> OpenApi {
     let mut paths = Paths::new();
     for o in OPERATIONS {
-        let mut ok = ResponseBuilder::new().description(o.summary);
-        if let Some(body) = o.body {
-            ok = ok.content("application/json", json_ref(body).build());
-        }
-        let mut responses = ResponsesBuilder::new().response(o.status.to_string(), ok.build());
-        for (status, what) in [
-            ("400", "A bad parameter or body; `field` names it"),
-            ("401", "No or unknown bearer token"),
-            ("403", "The token's role may not do this"),
-            ("404", "No such object"),
-            ("503", "No leader or quorum, or overloaded: retry after `Retry-After`"),
-        ] {
-            let r = ResponseBuilder::new().description(what).content("application/json", json_ref("ErrorBody").build());
-            responses = responses.response(status, r.build());
-        }
-        let mut b = OperationBuilder::new().summary(Some(o.summary)).responses(responses.build());
         // axum's catch-all `{*reference}` is OpenAPI's `{reference}`.
         let path = o.path.replace("{*", "{");
-        if let Some(name) = ["id", "reference"].into_iter().find(|n| path.contains(&format!("{{{n}}}"))) {
-            b = b.parameter(
-                ParameterBuilder::new()
-                    .name(name)
-                    .parameter_in(ParameterIn::Path)
-                    .required(Required::True)
-                    .schema(Some(String::schema())),
-            );
-        }
-        for q in o.query {
-            b = b.parameter(
-                ParameterBuilder::new()
-                    .name(*q)
-                    .parameter_in(ParameterIn::Query)
-                    .schema(Some(if matches!(*q, "limit" | "tail") { u64::schema() } else { String::schema() })),
-            );
-        }
-        if o.method == "POST" && o.path == "/v1/tasks" {
-            let spec = RefOr::T(Schema::Object(
-                ObjectBuilder::new()
-                    .schema_type(Type::Object)
-                    .description(Some("TaskSpec (README, \"Task spec\")"))
-                    .build(),
-            ));
-            b = b.request_body(Some(
-                RequestBodyBuilder::new()
-                    .content("application/json", ContentBuilder::new().schema(Some(spec)).build())
-                    .required(Some(Required::True))
-                    .build(),
-            ));
-        }
-        if !o.path.starts_with("/health") {
-            b = b.security(SecurityRequirement::new("bearer", Vec::<String>::new()));
-        }
-        paths.add_path_operation(path, vec![method(o.method)], b.build());
+        let op = operation(o, &path);
+        paths.add_path_operation(path, vec![method(o.method)], op);
     }
-    let components = ComponentsBuilder::new()
-        .schema_from::<ErrorBody>()
-        .schema_from::<ErrorDetail>()
-        .schema_from::<TaskPage>()
-        .schema_from::<AuditPage>()
-        .schema_from::<query::TaskView>()
-        .schema_from::<query::PlacementView>()
-        .schema_from::<query::EventView>()
-        .schema_from::<query::AuditEntry>()
-        .security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()))
-        .build();
     OpenApiBuilder::new()
         .info(
             InfoBuilder::new()
@@ -244,7 +184,84 @@ fn build() -> OpenApi {
                 .build(),
         )
         .paths(paths)
-        .components(Some(components))
+        .components(Some(components()))
+        .build()
+}
+
+/// `o` as an OpenAPI operation at `path` (OpenAPI syntax): its responses, its path and
+/// query parameters, the task spec body of `POST /v1/tasks`, and bearer security
+/// everywhere but the health routes.
+fn operation(o: &Operation, path: &str) -> utoipa::openapi::path::Operation {
+    let mut b = OperationBuilder::new().summary(Some(o.summary)).responses(responses(o));
+    if let Some(name) = ["id", "reference"].into_iter().find(|n| path.contains(&format!("{{{n}}}"))) {
+        b = b.parameter(
+            ParameterBuilder::new()
+                .name(name)
+                .parameter_in(ParameterIn::Path)
+                .required(Required::True)
+                .schema(Some(String::schema())),
+        );
+    }
+    for q in o.query {
+        b = b.parameter(
+            ParameterBuilder::new()
+                .name(*q)
+                .parameter_in(ParameterIn::Query)
+                .schema(Some(if matches!(*q, "limit" | "tail") { u64::schema() } else { String::schema() })),
+        );
+    }
+    if o.method == "POST" && o.path == "/v1/tasks" {
+        b = b.request_body(Some(task_spec_body()));
+    }
+    if !o.path.starts_with("/health") {
+        b = b.security(SecurityRequirement::new("bearer", Vec::<String>::new()));
+    }
+    b.build()
+}
+
+/// `o`'s success response, and the error responses any operation may give.
+fn responses(o: &Operation) -> utoipa::openapi::Responses {
+    let mut ok = ResponseBuilder::new().description(o.summary);
+    if let Some(body) = o.body {
+        ok = ok.content("application/json", json_ref(body).build());
+    }
+    let mut responses = ResponsesBuilder::new().response(o.status.to_string(), ok.build());
+    for (status, what) in [
+        ("400", "A bad parameter or body; `field` names it"),
+        ("401", "No or unknown bearer token"),
+        ("403", "The token's role may not do this"),
+        ("404", "No such object"),
+        ("503", "No leader or quorum, or overloaded: retry after `Retry-After`"),
+    ] {
+        let r = ResponseBuilder::new().description(what).content("application/json", json_ref("ErrorBody").build());
+        responses = responses.response(status, r.build());
+    }
+    responses.build()
+}
+
+/// The body of `POST /v1/tasks`: a TaskSpec, described by the README.
+fn task_spec_body() -> utoipa::openapi::request_body::RequestBody {
+    let spec = RefOr::T(Schema::Object(
+        ObjectBuilder::new().schema_type(Type::Object).description(Some("TaskSpec (README, \"Task spec\")")).build(),
+    ));
+    RequestBodyBuilder::new()
+        .content("application/json", ContentBuilder::new().schema(Some(spec)).build())
+        .required(Some(Required::True))
+        .build()
+}
+
+/// The named schemas and the bearer security scheme.
+fn components() -> utoipa::openapi::Components {
+    ComponentsBuilder::new()
+        .schema_from::<ErrorBody>()
+        .schema_from::<ErrorDetail>()
+        .schema_from::<TaskPage>()
+        .schema_from::<AuditPage>()
+        .schema_from::<query::TaskView>()
+        .schema_from::<query::PlacementView>()
+        .schema_from::<query::EventView>()
+        .schema_from::<query::AuditEntry>()
+        .security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()))
         .build()
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::broadcast;
 
-use crate::manager::state::retention::{self, Policy, RetentionCommand};
+use crate::manager::state::retention::{self, CollectRound, Policy, RetentionCommand};
 use crate::manager::state::upgrade::{self, UpgradeCommand};
 use crate::manager::state::{Answer, Command, RejectCode};
 use crate::manager::write::{replicate, replicate_only, WriteError};
@@ -98,7 +98,7 @@ async fn collect(m: &Manager) -> Result<bool, WriteError> {
         [c.tasks.len(), c.nodes.len(), c.placement_histories.len(), c.node_histories.len(), c.placement_lists.len()]
             .iter()
             .any(|n| *n >= retention::BATCH);
-    let cmd = Command::Retention(RetentionCommand::Collect {
+    let cmd = Command::Retention(RetentionCommand::Collect(CollectRound {
         tasks: c.tasks,
         nodes: c.nodes,
         placement_histories: c.placement_histories,
@@ -106,7 +106,7 @@ async fn collect(m: &Manager) -> Result<bool, WriteError> {
         placement_lists: c.placement_lists,
         policy,
         now_ms: now,
-    });
+    }));
     let out: Answer = replicate(&m.db, &cmd).await?;
     tracing::debug!(?out, "retention round");
     Ok(full)

@@ -10,16 +10,18 @@
 
 pub mod housekeeping;
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast;
 
 use super::scheduler::{self, ClusterView, NodeView, Pending};
+use super::state::images::ImageRow;
 use super::state::query::{self, ReplaceCandidate};
 use super::state::{Command, NodeStatus, PlanApplied};
 use super::write::{replicate, replicate_only, WriteError};
-use super::{lock, now_ms, Manager};
+use super::{lock, now_ms, Liveness, Manager};
 
 /// Most tasks considered in one planning round.
 const PLAN_BATCH: usize = 2_000;
@@ -128,14 +130,7 @@ pub async fn plan_round(m: &Manager) -> Result<Round, WriteError> {
     let live = lock(&m.liveness).clone();
     let is_fresh = |name: &str| live.get(name).is_some_and(|l| l.last_seen.elapsed() < m.settings.heartbeat_ttl);
     let nodes = m.db.read_local(query::nodes).await?;
-    let print = fingerprint(&nodes, is_fresh);
-    let only_new = {
-        let memo = lock(&m.planner_memo);
-        memo.nodes_fingerprint == print && memo.last_full.is_some_and(|t| t.elapsed() < FULL_REPLAN_EVERY)
-    };
-    if !only_new {
-        *lock(&m.planner_memo) = PlannerMemo { nodes_fingerprint: print, last_full: Some(Instant::now()) };
-    }
+    let only_new = only_new_tasks(m, fingerprint(&nodes, is_fresh));
     let (pending, candidates, images) =
         m.db.read_local(move |c| {
             Ok((
@@ -145,16 +140,7 @@ pub async fn plan_round(m: &Manager) -> Result<Round, WriteError> {
             ))
         })
         .await?;
-    // The catalogue's images by reference, for the scheduler's disk check.
-    let images: std::collections::HashMap<String, scheduler::ImageNeed> = images
-        .into_iter()
-        .map(|r| {
-            (
-                r.entry.reference.clone(),
-                scheduler::ImageNeed { id: r.entry.config_digest, size_mb: r.size.div_ceil(1 << 20) },
-            )
-        })
-        .collect();
+    let images = image_needs(images);
     let need = |image: &str| images.get(&crate::model::sync::normalize_image_ref(image)).cloned();
     let held = super::images::held_snapshot(m);
     let now = now_ms();
@@ -188,14 +174,7 @@ pub async fn plan_round(m: &Manager) -> Result<Round, WriteError> {
             expired_drains.push(c.placement_id.clone());
         }
     }
-    if !expired_drains.is_empty() {
-        let cmd = Command::StopPlacements {
-            ids: expired_drains,
-            reason: "drain deadline passed with no room elsewhere".into(),
-            now_ms: now,
-        };
-        replicate_only(&m.db, &cmd).await?;
-    }
+    stop_expired_drains(m, expired_drains, now).await?;
     if work.is_empty() {
         return Ok(Round::default());
     }
@@ -203,44 +182,14 @@ pub async fn plan_round(m: &Manager) -> Result<Round, WriteError> {
         nodes: nodes
             .into_iter()
             .map(|n| {
-                let l = live.get(&n.name);
-                let fresh = l.is_some_and(|l| l.last_seen.elapsed() < m.settings.heartbeat_ttl);
-                let engine_ok = l.is_some_and(|l| l.resources.engine_ok);
-                NodeView {
-                    eligible: n.status == NodeStatus::Ready.as_str() && !n.draining && n.eligible && fresh && engine_ok,
-                    status: if n.draining {
-                        "draining".into()
-                    } else if !n.eligible {
-                        "ineligible".into()
-                    } else if !fresh {
-                        "not heard from".into()
-                    } else {
-                        n.status.clone()
-                    },
-                    labels: n.labels,
-                    cpu_millis: n.cpu_millis,
-                    memory_mb: n.memory_mb,
-                    disk_mb: n.disk_mb,
-                    reserved_cpu_millis: n.reserved_cpu_millis,
-                    reserved_memory_mb: n.reserved_memory_mb,
-                    reserved_disk_mb: n.reserved_disk_mb,
-                    measured_free_memory_mb: l.map(|l| l.resources.memory_free_mb),
-                    measured_free_disk_mb: l.map(|l| l.resources.disk_free_mb),
-                    images: held.get(&n.name).cloned().unwrap_or_default(),
-                    name: n.name,
-                }
+                let (l, images) = (live.get(&n.name), held.get(&n.name).cloned().unwrap_or_default());
+                node_view(n, l, m.settings.heartbeat_ttl, images)
             })
             .collect(),
         strategy: m.settings.strategy,
     };
     let plan = scheduler::plan(&view, &work);
-    // Only record reasons that changed: an unchanged reason would be a write that
-    // wakes this loop for nothing.
-    let unplaced: Vec<(String, String)> = plan
-        .unplaced
-        .into_iter()
-        .filter(|(id, why)| reasons.iter().any(|(t, old)| t == id && old.as_deref() != Some(why)))
-        .collect();
+    let unplaced = changed_reasons(plan.unplaced, &reasons);
     if plan.placements.is_empty() && unplaced.is_empty() {
         return Ok(Round::default());
     }
@@ -252,6 +201,83 @@ pub async fn plan_round(m: &Manager) -> Result<Round, WriteError> {
         tracing::info!(refused = ?out.refused, "plan applier refused placements");
     }
     Ok(Round { placed: out.placed.len(), refused })
+}
+
+/// The `(task, reason)` pairs of `unplaced` whose reason differs from the task's last
+/// one in `reasons`: an unchanged reason would be a write that wakes the planner for
+/// nothing.
+fn changed_reasons(unplaced: Vec<(String, String)>, reasons: &[(String, Option<String>)]) -> Vec<(String, String)> {
+    unplaced
+        .into_iter()
+        .filter(|(id, why)| reasons.iter().any(|(t, old)| t == id && old.as_deref() != Some(why)))
+        .collect()
+}
+
+/// Whether this round may leave out the tasks it already found unplaceable: the nodes
+/// look as they did at the last full round (by `print`), and that was less than
+/// [`FULL_REPLAN_EVERY`] ago. Otherwise this round is a full one, and noted as such.
+fn only_new_tasks(m: &Manager, print: u64) -> bool {
+    let only_new = {
+        let memo = lock(&m.planner_memo);
+        memo.nodes_fingerprint == print && memo.last_full.is_some_and(|t| t.elapsed() < FULL_REPLAN_EVERY)
+    };
+    if !only_new {
+        *lock(&m.planner_memo) = PlannerMemo { nodes_fingerprint: print, last_full: Some(Instant::now()) };
+    }
+    only_new
+}
+
+/// The catalogue's images by reference, for the scheduler's disk check.
+fn image_needs(rows: Vec<ImageRow>) -> HashMap<String, scheduler::ImageNeed> {
+    rows.into_iter()
+        .map(|r| {
+            (
+                r.entry.reference.clone(),
+                scheduler::ImageNeed { id: r.entry.config_digest, size_mb: r.size.div_ceil(1 << 20) },
+            )
+        })
+        .collect()
+}
+
+/// Stops the placements whose node's drain deadline passed (they found no room
+/// elsewhere in time).
+async fn stop_expired_drains(m: &Manager, ids: Vec<String>, now: u64) -> Result<(), WriteError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let cmd =
+        Command::StopPlacements { ids, reason: "drain deadline passed with no room elsewhere".into(), now_ms: now };
+    replicate_only(&m.db, &cmd).await
+}
+
+/// The scheduler's view of node `n`: eligible only when ready, not draining, eligible,
+/// heard from within `ttl` and with a working engine; the status says why not.
+fn node_view(n: query::NodeRow, live: Option<&Liveness>, ttl: Duration, images: Arc<HashSet<String>>) -> NodeView {
+    let fresh = live.is_some_and(|l| l.last_seen.elapsed() < ttl);
+    let engine_ok = live.is_some_and(|l| l.resources.engine_ok);
+    NodeView {
+        eligible: n.status == NodeStatus::Ready.as_str() && !n.draining && n.eligible && fresh && engine_ok,
+        status: if n.draining {
+            "draining".into()
+        } else if !n.eligible {
+            "ineligible".into()
+        } else if !fresh {
+            "not heard from".into()
+        } else {
+            n.status.clone()
+        },
+        labels: n.labels,
+        cpu_millis: n.cpu_millis,
+        memory_mb: n.memory_mb,
+        disk_mb: n.disk_mb,
+        reserved_cpu_millis: n.reserved_cpu_millis,
+        reserved_memory_mb: n.reserved_memory_mb,
+        reserved_disk_mb: n.reserved_disk_mb,
+        measured_free_memory_mb: live.map(|l| l.resources.memory_free_mb),
+        measured_free_disk_mb: live.map(|l| l.resources.disk_free_mb),
+        images,
+        name: n.name,
+    }
 }
 
 /// Judges node liveness until shutdown; commits only transitions, only while leading.

@@ -406,7 +406,7 @@ fn every_command_with_hostile_content_is_a_rejection_never_an_error() {
         audit_max_rows: 1_000_000,
     };
     let collect = |tasks: Vec<String>, policy: retention::Policy, now_ms: u64| {
-        Command::Retention(retention::RetentionCommand::Collect {
+        Command::Retention(retention::RetentionCommand::Collect(retention::CollectRound {
             tasks,
             nodes: Vec::new(),
             placement_histories: Vec::new(),
@@ -414,7 +414,7 @@ fn every_command_with_hostile_content_is_a_rejection_never_an_error() {
             placement_lists: Vec::new(),
             policy,
             now_ms,
-        })
+        }))
     };
     let gated = |level: u32, body: serde_json::Value| Command::Upgrade(upgrade::UpgradeCommand::Gated { level, body });
     let set_level =

@@ -44,24 +44,9 @@ pub struct Policy {
 /// Retention commands.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum RetentionCommand {
-    /// One bounded garbage-collection round.
-    Collect {
-        /// Finished tasks the leader found past the window.
-        tasks: Vec<String>,
-        /// Nodes the leader found down past `node_gc_ms`.
-        nodes: Vec<String>,
-        /// Placements whose history is over the cap.
-        placement_histories: Vec<String>,
-        /// Nodes whose history is over the cap.
-        node_histories: Vec<String>,
-        /// Tasks with more than [`PLACEMENTS_CAP`] placements.
-        #[serde(default)]
-        placement_lists: Vec<String>,
-        /// The settings.
-        policy: Policy,
-        /// Leader wall clock; the only clock `apply` uses.
-        now_ms: u64,
-    },
+    /// One bounded garbage-collection round (in the log exactly as the struct variant
+    /// it was: a newtype variant of a struct serializes the same).
+    Collect(CollectRound),
     /// Remove a decommissioned node (`DELETE /v1/nodes/{id}`); its certificates are
     /// revoked in the same command.
     RemoveNode {
@@ -73,6 +58,26 @@ pub enum RetentionCommand {
         /// Leader wall clock.
         now_ms: u64,
     },
+}
+
+/// What one collect round removes, as the leader found it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CollectRound {
+    /// Finished tasks the leader found past the window.
+    pub tasks: Vec<String>,
+    /// Nodes the leader found down past `node_gc_ms`.
+    pub nodes: Vec<String>,
+    /// Placements whose history is over the cap.
+    pub placement_histories: Vec<String>,
+    /// Nodes whose history is over the cap.
+    pub node_histories: Vec<String>,
+    /// Tasks with more than [`PLACEMENTS_CAP`] placements.
+    #[serde(default)]
+    pub placement_lists: Vec<String>,
+    /// The settings.
+    pub policy: Policy,
+    /// Leader wall clock; the only clock `apply` uses.
+    pub now_ms: u64,
 }
 
 /// Table of dropped-history counts, shown next to the kept entries.
@@ -103,7 +108,7 @@ pub fn check(cmd: &RetentionCommand) -> Option<Rejection> {
     let invalid = |m: String| Some(Rejection::new(RejectCode::Invalid, m));
     let max = i64::MAX as u64;
     match cmd {
-        RetentionCommand::Collect {
+        RetentionCommand::Collect(CollectRound {
             tasks,
             nodes,
             placement_histories,
@@ -111,7 +116,7 @@ pub fn check(cmd: &RetentionCommand) -> Option<Rejection> {
             placement_lists,
             policy,
             now_ms,
-        } => {
+        }) => {
             for (what, list) in [
                 ("tasks", tasks),
                 ("nodes", nodes),
@@ -154,17 +159,9 @@ pub fn apply(tx: &Transaction<'_>, cmd: RetentionCommand) -> rusqlite::Result<Ou
         return Ok(Err(r));
     }
     match cmd {
-        RetentionCommand::Collect {
-            tasks,
-            nodes,
-            placement_histories,
-            node_histories,
-            placement_lists,
-            policy,
-            now_ms,
-        } => {
-            let trimmed = trim_placements(tx, &placement_lists)?;
-            let mut out = collect(tx, &tasks, &nodes, &placement_histories, &node_histories, &policy, now_ms)?;
+        RetentionCommand::Collect(round) => {
+            let trimmed = trim_placements(tx, &round.placement_lists)?;
+            let mut out = collect(tx, &round)?;
             if let Ok(Answer::Collected { removed_placements, .. }) = &mut out {
                 *removed_placements = trimmed;
             }
@@ -174,16 +171,31 @@ pub fn apply(tx: &Transaction<'_>, cmd: RetentionCommand) -> rusqlite::Result<Ou
     }
 }
 
-fn collect(
-    tx: &Transaction<'_>,
-    tasks: &[String],
-    nodes: &[String],
-    placement_histories: &[String],
-    node_histories: &[String],
-    policy: &Policy,
-    now_ms: u64,
-) -> rusqlite::Result<Outcome> {
-    let cutoff = now_ms.saturating_sub(policy.retain_ms) as i64;
+/// One collect round: finished tasks, down nodes, history over the cap, then the audit.
+fn collect(tx: &Transaction<'_>, round: &CollectRound) -> rusqlite::Result<Outcome> {
+    let (policy, now_ms) = (&round.policy, round.now_ms);
+    let (removed_tasks, kept) =
+        remove_finished_tasks(tx, &round.tasks, now_ms.saturating_sub(policy.retain_ms) as i64)?;
+    let removed_nodes = if policy.node_gc_ms > 0 {
+        remove_down_nodes(tx, &round.nodes, now_ms.saturating_sub(policy.node_gc_ms) as i64)?
+    } else {
+        Vec::new()
+    };
+    let trimmed = trim_histories(tx, &round.placement_histories, &round.node_histories, policy.history_cap as i64)?;
+    let audit = trim_audit(tx, policy, now_ms)?;
+    Ok(Ok(Answer::Collected {
+        removed_tasks,
+        kept_tasks: kept,
+        removed_nodes,
+        trimmed_history: trimmed,
+        removed_audit: audit,
+        removed_placements: 0,
+    }))
+}
+
+/// Removes each of `tasks` that is finished and unchanged since `cutoff`, with its
+/// placements and their history; `(removed, kept)`.
+fn remove_finished_tasks(tx: &Transaction<'_>, tasks: &[String], cutoff: i64) -> rusqlite::Result<(u64, u64)> {
     let mut removed_tasks = 0u64;
     let mut kept = 0u64;
     let finished_before = format!("SELECT 1 FROM tasks t WHERE t.id = ?1 AND {FINISHED} AND {LAST_CHANGE} <= ?2");
@@ -208,25 +220,37 @@ fn collect(
         tx.execute("DELETE FROM tasks WHERE id = ?1", [id])?;
         removed_tasks += 1;
     }
+    Ok((removed_tasks, kept))
+}
+
+/// Removes each of `nodes` that has been down since `cutoff` or earlier; the removed.
+fn remove_down_nodes(tx: &Transaction<'_>, nodes: &[String], cutoff: i64) -> rusqlite::Result<Vec<String>> {
     let mut removed_nodes = Vec::new();
-    if policy.node_gc_ms > 0 {
-        let node_cutoff = now_ms.saturating_sub(policy.node_gc_ms) as i64;
-        for name in nodes {
-            let due = tx
-                .query_row(
-                    "SELECT 1 FROM nodes WHERE name = ?1 AND status = ?2 AND status_since_ms <= ?3",
-                    params![name, NodeStatus::Down.as_str(), node_cutoff],
-                    |_| Ok(()),
-                )
-                .optional()?
-                .is_some();
-            if due {
-                delete_node(tx, name)?;
-                removed_nodes.push(name.clone());
-            }
+    for name in nodes {
+        let due = tx
+            .query_row(
+                "SELECT 1 FROM nodes WHERE name = ?1 AND status = ?2 AND status_since_ms <= ?3",
+                params![name, NodeStatus::Down.as_str(), cutoff],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some();
+        if due {
+            delete_node(tx, name)?;
+            removed_nodes.push(name.clone());
         }
     }
-    let cap = policy.history_cap as i64;
+    Ok(removed_nodes)
+}
+
+/// Keeps the newest `cap` history entries of each placement and node named, counting
+/// the dropped ones in `history_dropped`; how many were dropped.
+fn trim_histories(
+    tx: &Transaction<'_>,
+    placement_histories: &[String],
+    node_histories: &[String],
+    cap: i64,
+) -> rusqlite::Result<u64> {
     let mut trimmed = 0u64;
     for (kind, table, col, list) in [
         ("placement", "placement_events", "placement_id", placement_histories),
@@ -250,7 +274,12 @@ fn collect(
             }
         }
     }
-    // The audit by age, then by size, at most one batch of rows per round each.
+    Ok(trimmed)
+}
+
+/// The audit by age, then by size, at most one batch of rows per round each; how many
+/// rows it removed.
+fn trim_audit(tx: &Transaction<'_>, policy: &Policy, now_ms: u64) -> rusqlite::Result<u64> {
     let audit_cutoff = now_ms.saturating_sub(policy.audit_retain_ms) as i64;
     let mut audit = tx.execute(
         "DELETE FROM audit WHERE id IN (SELECT id FROM audit WHERE at_ms < ?1 ORDER BY id LIMIT ?2)",
@@ -262,14 +291,7 @@ fn collect(
         audit +=
             tx.execute("DELETE FROM audit WHERE id IN (SELECT id FROM audit ORDER BY id LIMIT ?1)", [over])? as u64;
     }
-    Ok(Ok(Answer::Collected {
-        removed_tasks,
-        kept_tasks: kept,
-        removed_nodes,
-        trimmed_history: trimmed,
-        removed_audit: audit,
-        removed_placements: 0,
-    }))
+    Ok(audit)
 }
 
 /// Removes the ended placements of each task beyond its newest [`PLACEMENTS_CAP`]
@@ -521,13 +543,28 @@ mod tests {
         db
     }
 
+    /// `Collect` became a newtype variant of [`CollectRound`]; Raft log entries written
+    /// by the struct variant it was must read back, and new ones must read the same.
+    #[test]
+    fn a_collect_command_keeps_its_log_form() {
+        let logged = r#"{"Retention":{"Collect":{"tasks":["t1"],"nodes":["n1"],"placement_histories":["p1"],"node_histories":[],"placement_lists":["t2"],"policy":{"retain_ms":1,"node_gc_ms":2,"history_cap":3,"audit_retain_ms":4,"audit_max_rows":5},"now_ms":6}}}"#;
+        let cmd: Command = serde_json::from_str(logged).unwrap();
+        assert_eq!(serde_json::to_string(&cmd).unwrap(), logged);
+        // Entries from before `placement_lists` existed still read.
+        let older = r#"{"Retention":{"Collect":{"tasks":[],"nodes":[],"placement_histories":[],"node_histories":[],"policy":{"retain_ms":1,"node_gc_ms":2,"history_cap":3,"audit_retain_ms":4,"audit_max_rows":5},"now_ms":6}}}"#;
+        let Command::Retention(RetentionCommand::Collect(round)) = serde_json::from_str(older).unwrap() else {
+            panic!("not a collect")
+        };
+        assert!(round.placement_lists.is_empty());
+    }
+
     fn policy(retain_ms: u64) -> Policy {
         Policy { retain_ms, node_gc_ms: 0, history_cap: 5, audit_retain_ms: 1_000_000, audit_max_rows: 1_000 }
     }
 
     fn round(db: &mut Db, p: &Policy, now: u64) -> serde_json::Value {
         let c = candidates(&db.conn, p, now).unwrap();
-        db.ok(&Command::Retention(RetentionCommand::Collect {
+        db.ok(&Command::Retention(RetentionCommand::Collect(CollectRound {
             tasks: c.tasks,
             nodes: c.nodes,
             placement_histories: c.placement_histories,
@@ -535,7 +572,7 @@ mod tests {
             placement_lists: c.placement_lists,
             policy: p.clone(),
             now_ms: now,
-        }))
+        })))
     }
 
     #[test]
@@ -549,7 +586,7 @@ mod tests {
         assert_eq!(c.tasks, vec!["old".to_string()]);
         // The same command re-checked later is decided by its own clock: a collect
         // naming `new` at 6 000 keeps it.
-        let out = db.ok(&Command::Retention(RetentionCommand::Collect {
+        let out = db.ok(&Command::Retention(RetentionCommand::Collect(CollectRound {
             tasks: vec!["old".into(), "new".into()],
             nodes: vec![],
             placement_histories: vec![],
@@ -557,7 +594,7 @@ mod tests {
             placement_lists: vec![],
             policy: p.clone(),
             now_ms: 6_000,
-        }));
+        })));
         assert_eq!(out["removed_tasks"], 1, "{out}");
         assert_eq!(out["kept_tasks"], 1, "{out}");
         assert_eq!(db.count("SELECT COUNT(*) FROM tasks"), 1);
@@ -574,7 +611,7 @@ mod tests {
         let mut db = seeded();
         let spec = Box::new(serde_json::from_value(serde_json::json!({"image": "a"})).unwrap());
         db.ok(&Command::SubmitTask { id: "live".into(), spec, idempotency_key: None, now_ms: 1 });
-        let out = db.ok(&Command::Retention(RetentionCommand::Collect {
+        let out = db.ok(&Command::Retention(RetentionCommand::Collect(CollectRound {
             tasks: vec!["live".into()],
             nodes: vec![],
             placement_histories: vec![],
@@ -582,7 +619,7 @@ mod tests {
             placement_lists: vec![],
             policy: policy(0),
             now_ms: 1_000_000,
-        }));
+        })));
         assert_eq!(out["removed_tasks"], 0, "{out}");
         assert!(candidates(&db.conn, &policy(0), 1_000_000).unwrap().tasks.is_empty());
     }

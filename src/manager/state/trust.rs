@@ -134,96 +134,13 @@ fn valid_role(r: &str) -> bool {
 /// Applies one trust command.
 pub fn apply(tx: &Transaction<'_>, cmd: TrustCommand) -> rusqlite::Result<Outcome> {
     match cmd {
-        TrustCommand::SetCa { cert_pem, key_pem } => {
-            if !cert_pem.contains("BEGIN CERTIFICATE") || !key_pem.contains("PRIVATE KEY") {
-                return reject(RejectCode::BadCa, "the CA must be a PEM certificate and a PEM private key");
-            }
-            let existing: Option<String> =
-                tx.query_row("SELECT cert_pem FROM trust_ca WHERE id = 1", [], |r| r.get(0)).optional()?;
-            match existing {
-                Some(c) if c == cert_pem => Ok(Ok(Answer::Ca { ca: CaChange::Unchanged })),
-                Some(_) => reject(RejectCode::Conflict, "the cluster already has another CA"),
-                None => {
-                    tx.execute(
-                        "INSERT INTO trust_ca (id, cert_pem, key_pem) VALUES (1, ?1, ?2)",
-                        params![cert_pem, key_pem],
-                    )?;
-                    Ok(Ok(Answer::Ca { ca: CaChange::Set }))
-                }
-            }
-        }
+        TrustCommand::SetCa { cert_pem, key_pem } => set_ca(tx, &cert_pem, &key_pem),
         TrustCommand::AddJoinToken { hash, role, expires_at_ms, uses, replace, now_ms } => {
-            if !valid_hash(&hash) || !valid_role(&role) {
-                return reject(RejectCode::BadToken, "a join token needs a 64-hex hash and role manager or worker");
-            }
-            if uses == Some(0) || uses.is_some_and(|u| u > i64::MAX as u64) {
-                return reject(RejectCode::BadToken, "uses must be at least 1");
-            }
-            if replace {
-                tx.execute("UPDATE join_tokens SET revoked = 1 WHERE role = ?1 AND hash != ?2", params![role, hash])?;
-            }
-            let exp = expires_at_ms.map(|e| e.min(i64::MAX as u64) as i64);
-            tx.execute(
-                "INSERT OR IGNORE INTO join_tokens (hash, role, expires_at_ms, uses_left, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![hash, role, exp, uses.map(|u| u as i64), now_ms.min(i64::MAX as u64) as i64],
-            )?;
-            Ok(Ok(Answer::JoinTokenAdded { role }))
+            add_join_token(tx, hash, role, expires_at_ms, uses, replace, now_ms)
         }
-        TrustCommand::UseJoinToken { hash, role, node, now_ms } => {
-            let row: Option<(String, Option<i64>, Option<i64>, i64)> = tx
-                .query_row(
-                    "SELECT role, expires_at_ms, uses_left, revoked FROM join_tokens WHERE hash = ?1",
-                    [&hash],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-                )
-                .optional()?;
-            let Some((token_role, expires, uses_left, revoked)) = row else {
-                return reject(RejectCode::TokenUnknown, "this join token is not known to the cluster");
-            };
-            if revoked != 0 {
-                return reject(RejectCode::TokenRevoked, "this join token was rotated or revoked");
-            }
-            if expires.is_some_and(|e| (now_ms as i64) >= e) {
-                return reject(RejectCode::TokenExpired, "this join token has expired");
-            }
-            if uses_left.is_some_and(|u| u <= 0) {
-                return reject(RejectCode::TokenUsedUp, "this join token has no uses left");
-            }
-            if token_role != role {
-                return reject(
-                    RejectCode::TokenRole,
-                    format!("this is a {token_role} join token; node {node} asked to join as {role}"),
-                );
-            }
-            tx.execute(
-                "UPDATE join_tokens SET used = used + 1, uses_left = CASE WHEN uses_left IS NULL THEN NULL ELSE uses_left - 1 END WHERE hash = ?1",
-                [&hash],
-            )?;
-            Ok(Ok(Answer::Joined { node, role }))
-        }
+        TrustCommand::UseJoinToken { hash, role, node, now_ms } => use_join_token(tx, &hash, role, node, now_ms),
         TrustCommand::RotateCa { cert_pem, key_pem, cross_pem, now_ms } => {
-            let pem = |p: &str| p.contains("BEGIN CERTIFICATE") && p.len() < 16_384;
-            if !pem(&cert_pem) || !pem(&cross_pem) || !key_pem.contains("PRIVATE KEY") || key_pem.len() > 16_384 {
-                return reject(RejectCode::BadCa, "a new CA needs PEM certificates and a PEM private key");
-            }
-            let Some(old) =
-                tx.query_row("SELECT cert_pem FROM trust_ca WHERE id = 1", [], |r| r.get::<_, String>(0)).optional()?
-            else {
-                return reject(RejectCode::NoCa, "the cluster has no CA to rotate");
-            };
-            if old == cert_pem {
-                return reject(RejectCode::Conflict, "that is already the cluster's CA");
-            }
-            let rotating: i64 = tx.query_row("SELECT COUNT(*) FROM trust_ca_previous", [], |r| r.get(0))?;
-            if rotating > 0 {
-                return reject(RejectCode::Conflict, "a CA rotation is already under way; finish it first");
-            }
-            tx.execute(
-                "INSERT INTO trust_ca_previous (id, cert_pem, cross_pem, started_ms) VALUES (1, ?1, ?2, ?3)",
-                params![old, cross_pem, now_ms.min(i64::MAX as u64) as i64],
-            )?;
-            tx.execute("UPDATE trust_ca SET cert_pem = ?1, key_pem = ?2 WHERE id = 1", params![cert_pem, key_pem])?;
-            Ok(Ok(Answer::Ca { ca: CaChange::Rotating }))
+            rotate_ca(tx, &cert_pem, &key_pem, &cross_pem, now_ms)
         }
         TrustCommand::FinishCaRotation { .. } => {
             if tx.execute("DELETE FROM trust_ca_previous", [])? == 0 {
@@ -254,6 +171,121 @@ pub fn apply(tx: &Transaction<'_>, cmd: TrustCommand) -> rusqlite::Result<Outcom
             Ok(Ok(Answer::NodeRevoked { revoked: node, at_ms: now_ms }))
         }
     }
+}
+
+/// `SetCa`: records the cluster CA once; the same CA again changes nothing.
+fn set_ca(tx: &Transaction<'_>, cert_pem: &str, key_pem: &str) -> rusqlite::Result<Outcome> {
+    if !cert_pem.contains("BEGIN CERTIFICATE") || !key_pem.contains("PRIVATE KEY") {
+        return reject(RejectCode::BadCa, "the CA must be a PEM certificate and a PEM private key");
+    }
+    let existing: Option<String> =
+        tx.query_row("SELECT cert_pem FROM trust_ca WHERE id = 1", [], |r| r.get(0)).optional()?;
+    match existing {
+        Some(c) if c == cert_pem => Ok(Ok(Answer::Ca { ca: CaChange::Unchanged })),
+        Some(_) => reject(RejectCode::Conflict, "the cluster already has another CA"),
+        None => {
+            tx.execute("INSERT INTO trust_ca (id, cert_pem, key_pem) VALUES (1, ?1, ?2)", params![cert_pem, key_pem])?;
+            Ok(Ok(Answer::Ca { ca: CaChange::Set }))
+        }
+    }
+}
+
+/// `AddJoinToken`: stores a token's hash (revoking the role's others on `replace`).
+fn add_join_token(
+    tx: &Transaction<'_>,
+    hash: String,
+    role: String,
+    expires_at_ms: Option<u64>,
+    uses: Option<u64>,
+    replace: bool,
+    now_ms: u64,
+) -> rusqlite::Result<Outcome> {
+    if !valid_hash(&hash) || !valid_role(&role) {
+        return reject(RejectCode::BadToken, "a join token needs a 64-hex hash and role manager or worker");
+    }
+    if uses == Some(0) || uses.is_some_and(|u| u > i64::MAX as u64) {
+        return reject(RejectCode::BadToken, "uses must be at least 1");
+    }
+    if replace {
+        tx.execute("UPDATE join_tokens SET revoked = 1 WHERE role = ?1 AND hash != ?2", params![role, hash])?;
+    }
+    let exp = expires_at_ms.map(|e| e.min(i64::MAX as u64) as i64);
+    tx.execute(
+        "INSERT OR IGNORE INTO join_tokens (hash, role, expires_at_ms, uses_left, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![hash, role, exp, uses.map(|u| u as i64), now_ms.min(i64::MAX as u64) as i64],
+    )?;
+    Ok(Ok(Answer::JoinTokenAdded { role }))
+}
+
+/// `UseJoinToken`: spends one use of a known, live token of the right role.
+fn use_join_token(
+    tx: &Transaction<'_>,
+    hash: &str,
+    role: String,
+    node: String,
+    now_ms: u64,
+) -> rusqlite::Result<Outcome> {
+    let row: Option<(String, Option<i64>, Option<i64>, i64)> = tx
+        .query_row("SELECT role, expires_at_ms, uses_left, revoked FROM join_tokens WHERE hash = ?1", [hash], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
+        .optional()?;
+    let Some((token_role, expires, uses_left, revoked)) = row else {
+        return reject(RejectCode::TokenUnknown, "this join token is not known to the cluster");
+    };
+    if revoked != 0 {
+        return reject(RejectCode::TokenRevoked, "this join token was rotated or revoked");
+    }
+    if expires.is_some_and(|e| (now_ms as i64) >= e) {
+        return reject(RejectCode::TokenExpired, "this join token has expired");
+    }
+    if uses_left.is_some_and(|u| u <= 0) {
+        return reject(RejectCode::TokenUsedUp, "this join token has no uses left");
+    }
+    if token_role != role {
+        return reject(
+            RejectCode::TokenRole,
+            format!("this is a {token_role} join token; node {node} asked to join as {role}"),
+        );
+    }
+    tx.execute(
+        "UPDATE join_tokens SET used = used + 1, uses_left = CASE WHEN uses_left IS NULL THEN NULL ELSE uses_left - 1 END WHERE hash = ?1",
+        [hash],
+    )?;
+    Ok(Ok(Answer::Joined { node, role }))
+}
+
+/// `RotateCa`: the new CA signs from now on; the old one stays trusted (with the cross
+/// certificate) until `FinishCaRotation`.
+fn rotate_ca(
+    tx: &Transaction<'_>,
+    cert_pem: &str,
+    key_pem: &str,
+    cross_pem: &str,
+    now_ms: u64,
+) -> rusqlite::Result<Outcome> {
+    let pem = |p: &str| p.contains("BEGIN CERTIFICATE") && p.len() < 16_384;
+    if !pem(cert_pem) || !pem(cross_pem) || !key_pem.contains("PRIVATE KEY") || key_pem.len() > 16_384 {
+        return reject(RejectCode::BadCa, "a new CA needs PEM certificates and a PEM private key");
+    }
+    let Some(old) =
+        tx.query_row("SELECT cert_pem FROM trust_ca WHERE id = 1", [], |r| r.get::<_, String>(0)).optional()?
+    else {
+        return reject(RejectCode::NoCa, "the cluster has no CA to rotate");
+    };
+    if old == cert_pem {
+        return reject(RejectCode::Conflict, "that is already the cluster's CA");
+    }
+    let rotating: i64 = tx.query_row("SELECT COUNT(*) FROM trust_ca_previous", [], |r| r.get(0))?;
+    if rotating > 0 {
+        return reject(RejectCode::Conflict, "a CA rotation is already under way; finish it first");
+    }
+    tx.execute(
+        "INSERT INTO trust_ca_previous (id, cert_pem, cross_pem, started_ms) VALUES (1, ?1, ?2, ?3)",
+        params![old, cross_pem, now_ms.min(i64::MAX as u64) as i64],
+    )?;
+    tx.execute("UPDATE trust_ca SET cert_pem = ?1, key_pem = ?2 WHERE id = 1", params![cert_pem, key_pem])?;
+    Ok(Ok(Answer::Ca { ca: CaChange::Rotating }))
 }
 
 /// The cluster CA `(cert_pem, key_pem)`, if recorded.
