@@ -698,9 +698,9 @@ async fn retire_unused(m: &Manager, retain: Duration) {
             unused_since_ms: Some(since),
             now_ms: now,
         });
-        match super::api::write(m, &cmd).await {
-            Ok(_) => tracing::info!(%reference, "image unused past its retention; removed from the catalogue"),
-            Err(e) => tracing::debug!(%reference, error = %e.message, "image not retired"),
+        match super::write::replicate_only(&m.db, &cmd).await {
+            Ok(()) => tracing::info!(%reference, "image unused past its retention; removed from the catalogue"),
+            Err(error) => tracing::debug!(%reference, %error, "image not retired"),
         }
     }
 }

@@ -15,9 +15,10 @@ use axum::{Extension, Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch, Semaphore};
 
-use super::api::{write, ApiError};
+use super::api::ApiError;
 use super::state::trust::{self as st, TrustCommand};
 use super::state::Command;
+use super::write::{replicate_only, WriteError};
 use super::{now_ms, Manager};
 use crate::net::door::{Revocations, CA_PATH, JOIN_PATH, LIVENESS_PATH, RENEW_PATH};
 use crate::net::identity::{Bootstrapped, CaSet, Issued, JoinRequest, NodeTls, RenewRequest};
@@ -142,8 +143,8 @@ pub async fn cas(m: &Manager, t: &Trust) -> Option<CaSet> {
 pub fn record_held(m: Arc<Manager>, node: String, ca_digest: String) {
     tokio::spawn(async move {
         let cmd = TrustCommand::CaHeld { node: node.clone(), ca_digest, now_ms: now_ms() };
-        if let Err(e) = write(&m, &Command::Trust(cmd)).await {
-            tracing::warn!(%node, error = %e.message, "cannot record which CA the node's certificate is from");
+        if let Err(error) = replicate_only(&m.db, &Command::Trust(cmd)).await {
+            tracing::warn!(%node, %error, "cannot record which CA the node's certificate is from");
         }
     });
 }
@@ -211,7 +212,7 @@ async fn rotate_ca(State((m, t)): St) -> Result<Response, ApiError> {
         cross_pem,
         now_ms: now,
     };
-    write(&m, &Command::Trust(cmd)).await?;
+    replicate_only(&m.db, &Command::Trust(cmd)).await?;
     let digest = next.digest().map_err(|e| ApiError::internal(e.to_string()))?;
     tracing::warn!(new_ca = %digest, "cluster CA rotation started; both CAs are trusted until it is finished");
     let mut tokens = serde_json::Map::new();
@@ -225,7 +226,7 @@ async fn rotate_ca(State((m, t)): St) -> Result<Response, ApiError> {
             replace: true,
             now_ms: now,
         };
-        write(&m, &Command::Trust(cmd)).await?;
+        replicate_only(&m.db, &Command::Trust(cmd)).await?;
         tokens.insert(role.as_str().into(), token.encode().into());
     }
     let status = ca_status(&m).await?;
@@ -262,7 +263,7 @@ async fn finish_ca(State((m, _)): St, body_in: Option<Json<Finish>>) -> Result<R
             ),
         ));
     }
-    write(&m, &Command::Trust(TrustCommand::FinishCaRotation { now_ms: now_ms() })).await?;
+    replicate_only(&m.db, &Command::Trust(TrustCommand::FinishCaRotation { now_ms: now_ms() })).await?;
     tracing::warn!(forced = req.force, "cluster CA rotation finished; the old CA is no longer trusted");
     Ok(Json(serde_json::json!({ "ca": ca_status(&m).await? })).into_response())
 }
@@ -363,8 +364,10 @@ async fn join(State((m, t)): St, body_in: Result<Json<JoinRequest>, JsonRejectio
     }
     let cmd =
         TrustCommand::UseJoinToken { hash, role: req.role.as_str().into(), node: req.node.clone(), now_ms: now_ms() };
-    if let Err(e) = write(&m, &Command::Trust(cmd)).await {
-        return Err(if e.status == StatusCode::FORBIDDEN { refuse(&e.code, e.message) } else { e });
+    match replicate_only(&m.db, &Command::Trust(cmd)).await {
+        Err(WriteError::Rejected(r)) if r.code.refuses_join() => return Err(refuse(r.code.as_str(), r.message)),
+        Err(e) => return Err(e.into()),
+        Ok(()) => {}
     }
     let ca = ca(&m, &t).await.ok_or_else(|| ApiError::unavailable("this manager has no CA yet".into(), None))?;
     let cert_pem = ca
@@ -425,7 +428,7 @@ async fn new_join_token(
         replace: true,
         now_ms: now,
     };
-    write(&m, &Command::Trust(cmd)).await?;
+    replicate_only(&m.db, &Command::Trust(cmd)).await?;
     tracing::info!(role = %req.role, ?expires_at_ms, uses = ?req.uses, "join token rotated");
     let out = serde_json::json!({
         "role": req.role, "token": token.encode(), "expires_at_ms": expires_at_ms, "uses": req.uses,
@@ -448,7 +451,7 @@ async fn revoke_node(State((m, t)): St, Path(id): Path<String>) -> Result<Respon
 pub async fn revoke(m: &Manager, revocations: &Revocations, node: &str, reason: &str) -> Result<(), ApiError> {
     let now = now_ms();
     let cmd = TrustCommand::RevokeNode { node: node.into(), reason: reason.into(), now_ms: now };
-    write(m, &Command::Trust(cmd)).await?;
+    replicate_only(&m.db, &Command::Trust(cmd)).await?;
     revocations.insert(node, now);
     tracing::warn!(%node, reason, "node certificates revoked");
     Ok(())
@@ -474,16 +477,17 @@ pub fn seed(m: Arc<Manager>, boot: Bootstrapped, mut shutdown: broadcast::Receiv
         cmds.push(TrustCommand::SetCa { cert_pem: boot.ca.cert_pem.clone(), key_pem: boot.ca.key_pem.clone() });
         for cmd in cmds {
             loop {
-                match write(&m, &Command::Trust(cmd.clone())).await {
-                    Ok(_) => break,
-                    Err(e) if e.status.is_server_error() => {
+                match replicate_only(&m.db, &Command::Trust(cmd.clone())).await {
+                    Ok(()) => break,
+                    // No leader yet, a timeout, a full disk: the write may succeed later.
+                    Err(WriteError::Db(_)) => {
                         tokio::select! {
                             _ = shutdown.recv() => return,
                             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
                         }
                     }
                     Err(e) => {
-                        tracing::error!(error = %e.message, "cannot record the new cluster's trust state");
+                        tracing::error!(error = %e, "cannot record the new cluster's trust state");
                         break;
                     }
                 }
