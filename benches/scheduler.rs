@@ -77,14 +77,13 @@ fn bench_key() -> std::sync::Arc<rustls::sign::CertifiedKey> {
 async fn committed(nodes: usize, tasks: usize) {
     let dir = tempfile::tempdir().unwrap();
     let (domain, applied) = DomainState::new();
-    let events = domain.events();
     // A one-member cluster never dials a peer; its TLS client is never used.
     let tls = holdfast::net::tls::client_config(&[], holdfast::net::tls::CertResolver::new(bench_key())).expect("tls");
     let cfg = holdfast_raft::Config::new("bench", dir.path().join("m"), "127.0.0.1:1", "127.0.0.1:2", tls);
-    let db = holdfast_raft::ReplicatedDb::open(cfg, domain).await.expect("open");
+    let db = holdfast_raft::ReplicatedDb::open(cfg, domain.clone()).await.expect("open");
     db.bootstrap().await.expect("bootstrap");
     let settings = ManagerSettings { heartbeat_ttl: Duration::from_secs(3600), ..Default::default() };
-    let m = Manager::new(db, applied, settings, Default::default(), events);
+    let m = Manager::new(db, applied, settings, Default::default(), domain);
     let deadline = Instant::now() + Duration::from_secs(10);
     while m.db.status().role != holdfast_raft::Role::Leader {
         assert!(Instant::now() < deadline, "no leader");

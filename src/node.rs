@@ -232,7 +232,7 @@ async fn start_manager(
         tokio::spawn(manager::api::auth::ensure_admin_token(mgr.clone(), data_dir, node.stop_tx.subscribe()));
     }
     let manager_dir = node.config.data_dir.join("manager");
-    roles.tasks.push(tokio::spawn(watch_fatal(rdb.clone(), manager_dir, node.stop_tx.subscribe())));
+    roles.tasks.push(tokio::spawn(watch_fatal(rdb.clone(), mgr.domain.clone(), manager_dir, node.stop_tx.subscribe())));
     if !m.join.is_empty() {
         // Joining needs our own endpoints up first, so it runs beside them.
         tokio::spawn(join_cluster(rdb.clone(), m.join.clone()));
@@ -253,7 +253,6 @@ async fn open_manager(
 ) -> Result<(holdfast_raft::ReplicatedDb, Arc<Manager>), NodeError> {
     let config = node.config;
     let (domain, applied) = manager::state::DomainState::new();
-    let events = domain.events();
     let mut rc = holdfast_raft::Config::new(
         &config.node_id,
         config.data_dir.join("manager"),
@@ -266,7 +265,7 @@ async fn open_manager(
     rc.feature_level = manager::state::upgrade::build_level();
     rc.force_new_cluster = m.force_new_cluster;
     rc.min_free_bytes = m.min_free_mb.saturating_mul(1 << 20);
-    let rdb = holdfast_raft::ReplicatedDb::open(rc, domain).await?;
+    let rdb = holdfast_raft::ReplicatedDb::open(rc, domain.clone()).await?;
     let settings = ManagerSettings {
         strategy: m.strategy,
         lease: m.lease,
@@ -278,7 +277,7 @@ async fn open_manager(
         retention: m.retention.clone(),
         ..Default::default()
     };
-    let mgr = Manager::new(rdb.clone(), applied, settings, node.resilience.clone(), events);
+    let mgr = Manager::new(rdb.clone(), applied, settings, node.resilience.clone(), domain);
     // Set once, here, before anything reads it.
     let _ = mgr.cluster_tls.set(node.tls.clone());
     Ok((rdb, mgr))
@@ -508,6 +507,7 @@ async fn refresh_member_record(db: holdfast_raft::ReplicatedDb, mut stop: broadc
 /// Ends quietly when the node is asked to stop.
 async fn watch_fatal(
     db: holdfast_raft::ReplicatedDb,
+    domain: Arc<manager::state::DomainState>,
     dir: std::path::PathBuf,
     mut stop: broadcast::Receiver<()>,
 ) -> Result<(), std::io::Error> {
@@ -519,7 +519,7 @@ async fn watch_fatal(
                 .then(|| s.fatal.clone().unwrap_or_else(|| "Raft stopped unexpectedly".into()))
         };
         if let Some(cause) = stopped {
-            if cause.contains(manager::state::upgrade::UPGRADE_ME) {
+            if domain.upgrade_required().is_some() {
                 // A restart of this build cannot get past the entry: stay up, say so in
                 // health and logs, and wait for the operator's new binary.
                 tracing::error!(dir = %dir.display(), %cause, "this manager stopped applying: upgrade it");

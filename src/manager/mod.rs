@@ -167,6 +167,9 @@ pub struct Manager {
     pub resilience: crate::resilience::Registry,
     /// Domain events as this manager applies commands (for `/v1/events` and sinks).
     pub events: tokio::sync::broadcast::Sender<state::DomainEvent>,
+    /// The state machine `db` applies with (what it knows beyond the database, such as
+    /// an entry this build could not apply).
+    pub domain: Arc<state::DomainState>,
     /// Tokens the API's auth layer checked recently (see `api::auth`).
     pub tokens: api::auth::TokenCache,
     /// This node's cluster identity, set once at startup: a follower reads the
@@ -185,7 +188,7 @@ impl Manager {
         applied: watch::Receiver<u64>,
         settings: ManagerSettings,
         resilience: crate::resilience::Registry,
-        events: tokio::sync::broadcast::Sender<state::DomainEvent>,
+        domain: Arc<state::DomainState>,
     ) -> Arc<Self> {
         Arc::new(Manager {
             applied,
@@ -200,7 +203,8 @@ impl Manager {
             started: Instant::now(),
             planner_memo: Mutex::new(leader::PlannerMemo::default()),
             resilience,
-            events,
+            events: domain.events(),
+            domain,
             tokens: Default::default(),
             cluster_tls: std::sync::OnceLock::new(),
         })

@@ -16,8 +16,8 @@ use crate::manager::state::Command;
 use crate::manager::{now_ms, Manager};
 
 /// Why this member stopped applying, when it met a level it does not support.
-pub fn upgrade_required(s: &holdfast_raft::ClusterStatus) -> Option<String> {
-    s.fatal.as_ref().filter(|f| f.contains(upgrade::UPGRADE_ME)).cloned()
+pub fn upgrade_required(m: &Manager) -> Option<String> {
+    m.domain.upgrade_required().map(|stop| stop.to_string())
 }
 
 /// The feature-level part of `GET /v1/cluster`, from this member's state.
@@ -30,7 +30,7 @@ pub async fn level_json(m: &Manager) -> serde_json::Value {
     let mut v = serde_json::json!({
         "cluster": cluster,
         "this_build": upgrade::build_level(),
-        "upgrade_required": upgrade_required(&m.db.status()),
+        "upgrade_required": upgrade_required(m),
     });
     if upgrade::build_level() > upgrade::FEATURE_LEVEL {
         // Only under the test hook: how many probes this member applied.

@@ -693,7 +693,7 @@ async fn health(State(m): State<Arc<Manager>>) -> Response {
             }));
         }
     }
-    let upgrade_required = day2::upgrade_required(&s);
+    let upgrade_required = day2::upgrade_required(&m);
     let overall = if !leader_known || !quorum_ok || upgrade_required.is_some() {
         "critical"
     } else if data_degraded || deps.degraded() {
@@ -730,7 +730,7 @@ async fn health(State(m): State<Arc<Manager>>) -> Response {
 /// to exit, and a supervisor must not take it for alive meanwhile.
 async fn live(State(m): State<Arc<Manager>>) -> Result<&'static str, ApiError> {
     let s = m.db.status();
-    if let Some(why) = day2::upgrade_required(&s) {
+    if let Some(why) = day2::upgrade_required(&m) {
         return Err(ApiError::unavailable(why, None));
     }
     if s.role == holdfast_raft::Role::Shutdown {

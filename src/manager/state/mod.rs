@@ -241,6 +241,8 @@ pub struct PlannedPlacement {
 pub struct DomainState {
     applied: watch::Sender<u64>,
     events: broadcast::Sender<DomainEvent>,
+    /// Set when `apply` met an entry this build cannot apply (see `upgrade::NeedsUpgrade`).
+    upgrade_required: std::sync::OnceLock<upgrade::NeedsUpgrade>,
 }
 
 /// What a [`DomainEvent`] is about; its text is the SSE event name and the JSON `kind`.
@@ -419,7 +421,13 @@ impl DomainState {
     pub fn new() -> (Arc<Self>, watch::Receiver<u64>) {
         let (tx, rx) = watch::channel(0);
         let (events, _) = broadcast::channel(EVENT_BUFFER);
-        (Arc::new(DomainState { applied: tx, events }), rx)
+        (Arc::new(DomainState { applied: tx, events, upgrade_required: std::sync::OnceLock::new() }), rx)
+    }
+
+    /// Why this member stopped applying, when it met an entry that needs a feature level
+    /// this build does not support (Raft has stopped; a new binary is the way on).
+    pub fn upgrade_required(&self) -> Option<&upgrade::NeedsUpgrade> {
+        self.upgrade_required.get()
     }
 
     /// The sender of domain events; subscribe to it for the event stream and sinks.
@@ -527,7 +535,14 @@ impl DomainState {
                 // Belt and braces: a constraint the checks above missed is still the
                 // command's content at fault, never the storage's, so it is a rejection.
                 Err(e) if is_content_error(&e) => Err(Rejection::new(RejectCode::Conflict, e.to_string())),
-                Err(e) => return Err(e),
+                Err(e) => {
+                    if let rusqlite::Error::UserFunctionError(inner) = &e {
+                        if let Some(stop) = inner.downcast_ref::<upgrade::NeedsUpgrade>() {
+                            let _ = self.upgrade_required.set(stop.clone());
+                        }
+                    }
+                    return Err(e);
+                }
             },
         };
         if out.is_err() {

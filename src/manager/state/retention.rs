@@ -755,5 +755,14 @@ mod tests {
         let bad = upgrade::UpgradeCommand::Gated { level: upgrade::PROBE_LEVEL, body: serde_json::json!({"Nope": {}}) };
         let out = upgrade::apply(&tx, 8, bad, upgrade::PROBE_LEVEL).unwrap();
         assert_eq!(out.unwrap_err().code.as_str(), "bad_command");
+        drop(tx);
+        // Through the state machine, the stop is kept by type for `node` and health.
+        assert!(db.state.upgrade_required().is_none());
+        let body = serde_json::to_value(upgrade::Gated::Probe { note: "y".into() }).unwrap();
+        let gated = Command::Upgrade(upgrade::UpgradeCommand::Gated { level: upgrade::PROBE_LEVEL, body });
+        let err = db.apply(&gated).expect_err("this build cannot apply the entry");
+        let stop = db.state.upgrade_required().expect("the state machine keeps why it stopped");
+        assert_eq!((stop.index, stop.level, stop.supported), (db.index, upgrade::PROBE_LEVEL, upgrade::FEATURE_LEVEL));
+        assert_eq!(err.to_string(), stop.to_string());
     }
 }

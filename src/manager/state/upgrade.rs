@@ -82,8 +82,30 @@ CREATE TABLE IF NOT EXISTS cluster_meta (
 "#;
 
 /// Prefix of the apply error a member stops with when it meets a level it does not
-/// support; `node` and the health endpoint recognise it in Raft's fatal text.
+/// support, for the operator reading logs and health.
 pub const UPGRADE_ME: &str = "UPGRADE ME";
+
+/// Why `apply` stopped on this member: a committed entry needs a feature level this
+/// build does not support. Carried inside the `rusqlite::Error` that stops Raft (as
+/// `UserFunctionError`) and kept by the state machine
+/// ([`super::DomainState::upgrade_required`]), so `node` and the health endpoint know
+/// it by type, not by the fatal text.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{UPGRADE_ME}: log entry {index} needs feature level {level} but this build ({version}) supports up to \
+     {supported}; it stopped applying rather than skip the entry. Install a build that supports level {level} on \
+     this manager and start it again"
+)]
+pub struct NeedsUpgrade {
+    /// The entry's Raft log index.
+    pub index: u64,
+    /// The level it needs.
+    pub level: u32,
+    /// The highest level this build supports.
+    pub supported: u32,
+    /// This build's version.
+    pub version: &'static str,
+}
 
 /// The highest level this build supports: [`FEATURE_LEVEL`], or one more under the
 /// test hook. Read once per process.
@@ -169,18 +191,10 @@ pub fn apply(tx: &Transaction<'_>, index: u64, cmd: UpgradeCommand, supported: u
                 return Ok(Err(r));
             }
             if level > supported {
-                let msg = format!(
-                    "{UPGRADE_ME}: log entry {index} needs feature level {level} but this build ({}) supports up to \
-                     {supported}; it stopped applying rather than skip the entry. Install a build that supports \
-                     level {level} on this manager and start it again",
-                    env!("CARGO_PKG_VERSION")
-                );
-                tracing::error!(index, level, supported, "{msg}");
+                let stop = NeedsUpgrade { index, level, supported, version: env!("CARGO_PKG_VERSION") };
+                tracing::error!(index, level, supported, "{stop}");
                 // Not a content error (`is_content_error`): this stops Raft here, and only here.
-                return Err(rusqlite::Error::SqliteFailure(
-                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
-                    Some(msg),
-                ));
+                return Err(rusqlite::Error::UserFunctionError(Box::new(stop)));
             }
             let gated: Gated = match serde_json::from_value(body) {
                 Ok(g) => g,
