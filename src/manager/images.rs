@@ -292,6 +292,8 @@ fn named_hex(path: &str) -> Option<&str> {
 /// file the archive leaves out is accepted when the store already holds its blob
 /// (`holdfast image push` omits layers the managers have).
 pub fn ingest<'a>(store: &BlobStore, input: impl Read + 'a) -> Result<Vec<CatalogueEntry>, IngestError> {
+    let ended = std::rc::Rc::new(std::cell::Cell::new(false));
+    let input = Ends { inner: input, ended: ended.clone() };
     let mut input = std::io::BufReader::with_capacity(256 << 10, input);
     let gz = {
         let head = std::io::BufRead::fill_buf(&mut input).map_err(read_error)?;
@@ -300,7 +302,8 @@ pub fn ingest<'a>(store: &BlobStore, input: impl Read + 'a) -> Result<Vec<Catalo
     let reader: Box<dyn Read + 'a> = if gz { Box::new(flate2::read::GzDecoder::new(input)) } else { Box::new(input) };
     let mut files: HashMap<String, ArchiveFile> = HashMap::new();
     let mut links: HashMap<String, String> = HashMap::new();
-    let result = read_archive(store, reader, &mut files, &mut links).and_then(|()| entries_of(store, &files, &links));
+    let result =
+        read_archive(store, reader, &mut files, &mut links, &ended).and_then(|()| entries_of(store, &files, &links));
     let used: BTreeSet<String> = match &result {
         Ok((_, used)) => used.clone(),
         Err(_) => BTreeSet::new(),
@@ -326,7 +329,9 @@ fn read_archive(
     reader: Box<dyn Read + '_>,
     files: &mut HashMap<String, ArchiveFile>,
     links: &mut HashMap<String, String>,
+    ended: &std::cell::Cell<bool>,
 ) -> Result<(), IngestError> {
+    let tar_error = |e| tar_error(e, ended.get());
     let mut archive = tar::Archive::new(reader);
     let entries = archive.entries().map_err(|e| IngestError::NotATar(e.to_string()))?;
     for entry in entries {
@@ -362,18 +367,45 @@ fn read_archive(
     Ok(())
 }
 
-fn tar_error(e: std::io::Error) -> IngestError {
-    let text = e.to_string();
-    // The tar crate names a short read "failed to read entire block"; a body error
-    // from the connection names itself ("upload ...").
-    let short = e.kind() == std::io::ErrorKind::UnexpectedEof
-        || text.contains("entire block")
-        || text.contains("unexpected EOF")
-        || text.contains("upload");
-    if short {
+/// Why the bytes of an upload stopped coming. The API's body stream hands it to the
+/// archive reader inside an `io::Error`, so ingest tells a cut from a bad archive by
+/// type.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadCut {
+    /// The connection failed mid-body.
+    #[error("upload interrupted: {0}")]
+    Interrupted(String),
+    /// No bytes arrived for this long.
+    #[error("upload stalled for {0:?}")]
+    Stalled(Duration),
+}
+
+/// A reader that remembers whether its source has ended. The tar crate reports an
+/// archive cut short only in text ("failed to read entire block"), so a tar error after
+/// the end of the input is taken for a truncated upload instead.
+struct Ends<R> {
+    inner: R,
+    ended: std::rc::Rc<std::cell::Cell<bool>>,
+}
+
+impl<R: Read> Read for Ends<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            self.ended.set(true);
+        }
+        Ok(n)
+    }
+}
+
+/// A tar error: a truncated upload when the input had ended, the connection was cut
+/// ([`UploadCut`]) or a read came up short; otherwise not an archive.
+fn tar_error(e: std::io::Error, input_ended: bool) -> IngestError {
+    let cut = e.get_ref().is_some_and(|inner| inner.is::<UploadCut>());
+    if input_ended || cut || e.kind() == std::io::ErrorKind::UnexpectedEof {
         read_error(e)
     } else {
-        IngestError::NotATar(text)
+        IngestError::NotATar(e.to_string())
     }
 }
 

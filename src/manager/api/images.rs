@@ -17,7 +17,7 @@ use axum::{Json, Router};
 use futures::StreamExt;
 
 use super::{write_audited, ApiError, Who};
-use crate::manager::images::{ingest, IngestError};
+use crate::manager::images::{ingest, IngestError, UploadCut};
 use crate::manager::state::images::{self as catalogue, ImageCommand};
 use crate::manager::state::Command;
 use crate::manager::{now_ms, Manager};
@@ -64,9 +64,9 @@ async fn push(State(m): State<Arc<Manager>>, who: Who, headers: HeaderMap, body:
     let chunks = futures::stream::unfold(body.into_data_stream(), |mut s| async move {
         match tokio::time::timeout(IDLE, s.next()).await {
             Ok(Some(Ok(b))) => Some((Ok(b), s)),
-            Ok(Some(Err(e))) => Some((Err(std::io::Error::other(format!("upload interrupted: {e}"))), s)),
+            Ok(Some(Err(e))) => Some((Err(std::io::Error::other(UploadCut::Interrupted(e.to_string()))), s)),
             Ok(None) => None,
-            Err(_) => Some((Err(std::io::Error::other(format!("upload stalled for {IDLE:?}"))), s)),
+            Err(_) => Some((Err(std::io::Error::other(UploadCut::Stalled(IDLE))), s)),
         }
     });
     let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(Box::pin(chunks)));
