@@ -220,8 +220,8 @@ fn to_sql_index(i: u64) -> i64 {
 
 fn read_meta<T: serde::de::DeserializeOwned>(conn: &Connection, key: &str) -> Result<Option<T>, StorageError> {
     let raw: Option<String> = conn
-        .query_row("SELECT value FROM raft_meta WHERE key = ?1", [key], |r| r.get(0))
-        .optional()
+        .prepare_cached("SELECT value FROM raft_meta WHERE key = ?1")
+        .and_then(|mut stmt| stmt.query_row([key], |r| r.get(0)).optional())
         .map_err(|e| StorageIOError::read(&e))?;
     match raw {
         None => Ok(None),
@@ -231,7 +231,7 @@ fn read_meta<T: serde::de::DeserializeOwned>(conn: &Connection, key: &str) -> Re
 
 fn write_meta<T: serde::Serialize>(conn: &Connection, key: &str, value: &T) -> Result<(), rusqlite::Error> {
     let json = serde_json::to_string(value).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-    conn.execute("INSERT OR REPLACE INTO raft_meta (key, value) VALUES (?1, ?2)", [key, &json])?;
+    conn.prepare_cached("INSERT OR REPLACE INTO raft_meta (key, value) VALUES (?1, ?2)")?.execute([key, &json])?;
     Ok(())
 }
 

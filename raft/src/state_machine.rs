@@ -41,6 +41,9 @@ const SNAPSHOT_MAGIC: &[u8; 8] = b"HFRSNAP1";
 
 type Meta = SnapshotMeta<u64, Member>;
 
+/// Prepared statements kept per `state.db` connection (writer and each reader).
+pub(crate) const STATEMENT_CACHE: usize = 256;
+
 /// The SQLite-backed [`RaftStateMachine`]; clones share one write connection.
 #[derive(Clone)]
 pub struct StateMachine {
@@ -84,6 +87,9 @@ impl StateMachine {
         // before the log behind a snapshot may be purged.
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(|e| DbError::Storage(format!("state.db: cannot set synchronous=NORMAL: {e}")))?;
+        // Every command's statements stay compiled (the application prepares through
+        // the cache; ARCHITECTURE.md "Decisions"), and there are more than the default 16.
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         let snapshot = load_snapshot_meta(&dir.join(datadir::SNAPSHOT_FILE))?;
         Ok(StateMachine {
             shared: Arc::new(Shared {
@@ -147,8 +153,8 @@ impl Shared {
 
 fn read_sm_meta(conn: &Connection) -> Result<(Option<LogId>, StoredMembership), StorageError> {
     let get = |key: &str| -> Result<Option<String>, StorageError> {
-        conn.query_row("SELECT value FROM _raft_sm WHERE key = ?1", [key], |r| r.get(0))
-            .optional()
+        conn.prepare_cached("SELECT value FROM _raft_sm WHERE key = ?1")
+            .and_then(|mut stmt| stmt.query_row([key], |r| r.get(0)).optional())
             .map_err(|e| StorageIOError::read_state_machine(&e).into())
     };
     let applied = match get(KEY_APPLIED)? {
@@ -163,9 +169,9 @@ fn read_sm_meta(conn: &Connection) -> Result<(Option<LogId>, StoredMembership), 
 }
 
 fn write_sm_meta(conn: &Connection, applied: &Option<LogId>, membership: &StoredMembership) -> rusqlite::Result<()> {
-    let sql = "INSERT OR REPLACE INTO _raft_sm (key, value) VALUES (?1, ?2)";
-    conn.execute(sql, [KEY_APPLIED, &to_json(applied)?])?;
-    conn.execute(sql, [KEY_MEMBERSHIP, &to_json(membership)?])?;
+    let mut stmt = conn.prepare_cached("INSERT OR REPLACE INTO _raft_sm (key, value) VALUES (?1, ?2)")?;
+    stmt.execute([KEY_APPLIED, &to_json(applied)?])?;
+    stmt.execute([KEY_MEMBERSHIP, &to_json(membership)?])?;
     Ok(())
 }
 
