@@ -12,7 +12,8 @@
 //! fsync instead of one per entry. Until written, entries are served to readers from an
 //! in-memory overlay; truncate and purge first wait for the writer to drain.
 //!
-//! The overlay also keeps the newest [`RECENT_MAX`] entries after they are written, so
+//! The overlay also keeps the newest written entries (at most [`RECENT_MAX`] of them and
+//! [`RECENT_BYTES`] of their JSON) after they are written, so
 //! replication to followers, which reads what was just appended, is answered from memory
 //! instead of waiting behind the writer's fsync for the connection and parsing JSON on
 //! the blocking pool (ARCHITECTURE.md, "Decisions"). A read falls back to the database
@@ -79,17 +80,22 @@ struct Recent {
     entry: Entry,
     /// Committed to `raft-log.db`; only written entries may be evicted.
     written: bool,
+    /// Length of its JSON, which stands for its size in memory.
+    bytes: usize,
 }
 
 /// Written entries kept in memory for readers (module docs), besides unwritten ones.
 const RECENT_MAX: usize = 1_024;
+/// Most JSON bytes of written entries kept in memory (one spec may be 256 KiB).
+const RECENT_BYTES: usize = 4 << 20;
 
 /// The SQLite-backed [`RaftLogStorage`]; clones share one connection and one writer.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Mutex<Connection>>,
     /// The newest entries by index: every appended entry not yet committed (readers see
-    /// it here first) and up to [`RECENT_MAX`] written ones, always a suffix of the log.
+    /// it here first) and the newest written ones within [`RECENT_MAX`] and
+    /// [`RECENT_BYTES`], always a suffix of the log.
     pending: Arc<Mutex<BTreeMap<i64, Recent>>>,
     /// The committed log id openraft gave last, persisted by the writer's next commit.
     committed: Arc<Mutex<Option<LogId>>>,
@@ -169,10 +175,11 @@ fn writer_loop(
                 }
             }
             // The oldest written entries go first; unwritten ones are never evicted.
-            while p.len() > RECENT_MAX {
+            let mut bytes: usize = p.values().filter(|r| r.written).map(|r| r.bytes).sum();
+            while p.len() > RECENT_MAX || bytes > RECENT_BYTES {
                 match p.first_entry() {
                     Some(e) if e.get().written => {
-                        e.remove();
+                        bytes -= e.remove().bytes;
                     }
                     _ => break,
                 }
@@ -223,8 +230,8 @@ impl LogStore {
         }
         {
             let mut p = self.pending.lock().expect("pending-entries mutex poisoned");
-            for (idx, _, _, entry) in &rows {
-                p.insert(*idx, Recent { entry: entry.clone(), written: false });
+            for (idx, _, json, entry) in &rows {
+                p.insert(*idx, Recent { entry: entry.clone(), written: false, bytes: json.len() });
             }
         }
         self.writer
@@ -530,5 +537,18 @@ mod tests {
         store.purge(openraft::testing::log_id(1, 7, last - 7)).await.unwrap();
         let got = store.try_get_log_entries(last - 9..last - 4).await.unwrap();
         assert_eq!(indexes(&got), vec![last - 6, last - 5], "purged entries are gone");
+
+        // Large entries: memory holds at most RECENT_BYTES of them; all are still read.
+        let big = |index: u64| Entry {
+            log_id: openraft::testing::log_id(1, 7, index),
+            payload: openraft::EntryPayload::Normal(crate::types::Payload(vec![7; 512 * 1024])),
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        store.enqueue((last - 4..last + 6).map(big), Box::new(move |r| drop(tx.send(r)))).unwrap();
+        rx.await.unwrap().unwrap();
+        let kept: usize = store.pending.lock().unwrap().values().map(|r| r.bytes).sum();
+        assert!(kept <= RECENT_BYTES, "{kept} bytes of written entries kept in memory");
+        let got = store.try_get_log_entries(last - 6..last + 6).await.unwrap();
+        assert_eq!(indexes(&got), (last - 6..last + 6).collect::<Vec<_>>());
     }
 }
