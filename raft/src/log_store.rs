@@ -12,6 +12,13 @@
 //! fsync instead of one per entry. Until written, entries are served to readers from an
 //! in-memory overlay; truncate and purge first wait for the writer to drain.
 //!
+//! The overlay also keeps the newest written entries (at most [`RECENT_MAX`] of them and
+//! [`RECENT_BYTES`] of their JSON) after they are written, so
+//! replication to followers, which reads what was just appended, is answered from memory
+//! instead of waiting behind the writer's fsync for the connection and parsing JSON on
+//! the blocking pool (ARCHITECTURE.md, "Decisions"). A read falls back to the database
+//! unless every index it asks for is in memory.
+//!
 //! The **committed pointer** costs no fsync of its own: openraft awaits
 //! `save_committed` inside its core loop before every apply, so a synced write there put
 //! a second fsync in series with every commit. It is kept in memory and rides in the
@@ -56,20 +63,40 @@ const KEY_PURGED: &str = "last_purged";
 /// One entry ready to be written: SQL index, log id JSON, entry JSON, and the entry.
 type Row = (i64, String, String, Entry);
 
+/// Told whether an append's transaction committed (openraft's `LogFlushed` in service).
+type Done = Box<dyn FnOnce(Result<(), std::io::Error>) + Send>;
+
 /// Work for the writer thread, processed strictly in order.
 enum Job {
     /// Entries to commit, then acknowledge through the callback.
-    Append(Vec<Row>, LogFlushed<TypeConfig>),
+    Append(Vec<Row>, Done),
     /// Answered once every job queued before it is done.
     Barrier(tokio::sync::oneshot::Sender<()>),
 }
+
+/// An entry in the in-memory overlay.
+struct Recent {
+    /// The newest entry appended at this index.
+    entry: Entry,
+    /// Committed to `raft-log.db`; only written entries may be evicted.
+    written: bool,
+    /// Length of its JSON, which stands for its size in memory.
+    bytes: usize,
+}
+
+/// Written entries kept in memory for readers (module docs), besides unwritten ones.
+const RECENT_MAX: usize = 1_024;
+/// Most JSON bytes of written entries kept in memory (one spec may be 256 KiB).
+const RECENT_BYTES: usize = 4 << 20;
 
 /// The SQLite-backed [`RaftLogStorage`]; clones share one connection and one writer.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Mutex<Connection>>,
-    /// Appended but not yet committed entries, by index, for readers.
-    pending: Arc<Mutex<BTreeMap<i64, Entry>>>,
+    /// The newest entries by index: every appended entry not yet committed (readers see
+    /// it here first) and the newest written ones within [`RECENT_MAX`] and
+    /// [`RECENT_BYTES`], always a suffix of the log.
+    pending: Arc<Mutex<BTreeMap<i64, Recent>>>,
     /// The committed log id openraft gave last, persisted by the writer's next commit.
     committed: Arc<Mutex<Option<LogId>>>,
     writer: mpsc::Sender<Job>,
@@ -80,7 +107,7 @@ const GROUP_MAX: usize = 4_096;
 
 fn writer_loop(
     db: Arc<Mutex<Connection>>,
-    pending: Arc<Mutex<BTreeMap<i64, Entry>>>,
+    pending: Arc<Mutex<BTreeMap<i64, Recent>>>,
     committed: Arc<Mutex<Option<LogId>>>,
     rx: mpsc::Receiver<Job>,
 ) {
@@ -136,18 +163,33 @@ fn writer_loop(
                 if let Job::Append(rows, _) = job {
                     for (idx, _, _, entry) in rows {
                         // A later append may have replaced this index already; keep it.
-                        if p.get(idx).is_some_and(|e| e.log_id == entry.log_id) {
-                            p.remove(idx);
+                        if let Some(r) = p.get_mut(idx).filter(|r| r.entry.log_id == entry.log_id) {
+                            if result.is_ok() {
+                                r.written = true;
+                            } else {
+                                // Not on disk: readers must not see it as the log.
+                                p.remove(idx);
+                            }
                         }
                     }
+                }
+            }
+            // The oldest written entries go first; unwritten ones are never evicted.
+            let mut bytes: usize = p.values().filter(|r| r.written).map(|r| r.bytes).sum();
+            while p.len() > RECENT_MAX || bytes > RECENT_BYTES {
+                match p.first_entry() {
+                    Some(e) if e.get().written => {
+                        bytes -= e.remove().bytes;
+                    }
+                    _ => break,
                 }
             }
         }
         for job in jobs {
             match job {
-                Job::Append(_, callback) => match &result {
-                    Ok(()) => callback.log_io_completed(Ok(())),
-                    Err(e) => callback.log_io_completed(Err(std::io::Error::other(e.to_string()))),
+                Job::Append(_, done) => match &result {
+                    Ok(()) => done(Ok(())),
+                    Err(e) => done(Err(std::io::Error::other(e.to_string()))),
                 },
                 Job::Barrier(done) => {
                     let _ = done.send(());
@@ -177,6 +219,26 @@ impl LogStore {
         Ok(LogStore { db, pending, committed, writer })
     }
 
+    /// Queues `entries` for the writer; `done` hears whether they committed.
+    fn enqueue(&self, entries: impl IntoIterator<Item = Entry>, done: Done) -> Result<(), StorageError> {
+        let mut rows = Vec::new();
+        for entry in entries {
+            let log_id =
+                serde_json::to_string(&entry.log_id).map_err(|e| StorageIOError::write_log_entry(entry.log_id, &e))?;
+            let json = serde_json::to_string(&entry).map_err(|e| StorageIOError::write_log_entry(entry.log_id, &e))?;
+            rows.push((to_sql_index(entry.log_id.index), log_id, json, entry));
+        }
+        {
+            let mut p = self.pending.lock().expect("pending-entries mutex poisoned");
+            for (idx, _, json, entry) in &rows {
+                p.insert(*idx, Recent { entry: entry.clone(), written: false, bytes: json.len() });
+            }
+        }
+        self.writer
+            .send(Job::Append(rows, done))
+            .map_err(|e| StorageIOError::write_logs(&std::io::Error::other(e.to_string())).into())
+    }
+
     /// Waits until every append queued so far is committed.
     async fn drain_writer(&self) -> Result<(), StorageError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -188,7 +250,22 @@ impl LogStore {
 
     fn pending_range(&self, start: i64, end: i64) -> Vec<Entry> {
         let p = self.pending.lock().expect("pending-entries mutex poisoned");
-        p.range(start..end).map(|(_, e)| e.clone()).collect()
+        p.range(start..end).map(|(_, r)| r.entry.clone()).collect()
+    }
+
+    /// The entries `start..end` when every one of them is in memory, else `None`.
+    fn recent_range(&self, start: i64, end: i64) -> Option<Vec<Entry>> {
+        // An open end asks for "up to the last entry": the database may know of more.
+        if end == i64::MAX {
+            return None;
+        }
+        if start >= end {
+            return Some(Vec::new());
+        }
+        let p = self.pending.lock().expect("pending-entries mutex poisoned");
+        let wanted = usize::try_from(end - start).ok()?;
+        // Keys are distinct, so `wanted` of them in `start..end` are all of them.
+        (p.range(start..end).count() == wanted).then(|| p.range(start..end).map(|(_, r)| r.entry.clone()).collect())
     }
 
     /// Last purged log id, read synchronously (used by the data-dir consistency checks).
@@ -220,8 +297,8 @@ fn to_sql_index(i: u64) -> i64 {
 
 fn read_meta<T: serde::de::DeserializeOwned>(conn: &Connection, key: &str) -> Result<Option<T>, StorageError> {
     let raw: Option<String> = conn
-        .query_row("SELECT value FROM raft_meta WHERE key = ?1", [key], |r| r.get(0))
-        .optional()
+        .prepare_cached("SELECT value FROM raft_meta WHERE key = ?1")
+        .and_then(|mut stmt| stmt.query_row([key], |r| r.get(0)).optional())
         .map_err(|e| StorageIOError::read(&e))?;
     match raw {
         None => Ok(None),
@@ -231,7 +308,7 @@ fn read_meta<T: serde::de::DeserializeOwned>(conn: &Connection, key: &str) -> Re
 
 fn write_meta<T: serde::Serialize>(conn: &Connection, key: &str, value: &T) -> Result<(), rusqlite::Error> {
     let json = serde_json::to_string(value).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-    conn.execute("INSERT OR REPLACE INTO raft_meta (key, value) VALUES (?1, ?2)", [key, &json])?;
+    conn.prepare_cached("INSERT OR REPLACE INTO raft_meta (key, value) VALUES (?1, ?2)")?.execute([key, &json])?;
     Ok(())
 }
 
@@ -250,6 +327,9 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(e) => to_sql_index(*e),
             Bound::Unbounded => i64::MAX,
         };
+        if let Some(all) = self.recent_range(start, end) {
+            return Ok(all);
+        }
         let on_disk = self
             .call(move |conn| {
                 let mut stmt = conn
@@ -301,7 +381,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             })
             .await?;
         let queued_last =
-            self.pending.lock().expect("pending-entries mutex poisoned").values().next_back().map(|e| e.log_id);
+            self.pending.lock().expect("pending-entries mutex poisoned").values().next_back().map(|r| r.entry.log_id);
         let last_log_id = match (state.last_log_id, queued_last) {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
@@ -343,23 +423,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut rows = Vec::new();
-        for entry in entries {
-            let log_id =
-                serde_json::to_string(&entry.log_id).map_err(|e| StorageIOError::write_log_entry(entry.log_id, &e))?;
-            let json = serde_json::to_string(&entry).map_err(|e| StorageIOError::write_log_entry(entry.log_id, &e))?;
-            rows.push((to_sql_index(entry.log_id.index), log_id, json, entry));
-        }
-        {
-            let mut p = self.pending.lock().expect("pending-entries mutex poisoned");
-            for (idx, _, _, entry) in &rows {
-                p.insert(*idx, entry.clone());
-            }
-        }
         // Durability is reported later, through `callback`, once the group commits.
-        self.writer
-            .send(Job::Append(rows, callback))
-            .map_err(|e| StorageIOError::write_logs(&std::io::Error::other(e.to_string())).into())
+        self.enqueue(entries, Box::new(move |result| callback.log_io_completed(result)))
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
@@ -377,6 +442,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         let upto = to_sql_index(log_id.index);
         self.drain_writer().await?;
+        self.pending.lock().expect("pending-entries mutex poisoned").retain(|idx, _| *idx > upto);
         self.call(move |conn| {
             let tx = conn.transaction().map_err(|e| StorageIOError::write_logs(&e))?;
             // The purged pointer is written first in the same transaction, so the log
@@ -421,5 +487,68 @@ mod tests {
         drop(store);
         let mut reopened = LogStore::open(dir.path(), "unit").unwrap();
         assert_eq!(reopened.read_committed().await.unwrap(), committed, "persisted by the next group commit");
+    }
+
+    fn blank(index: u64) -> Entry {
+        Entry { log_id: openraft::testing::log_id(1, 7, index), payload: openraft::EntryPayload::Blank }
+    }
+
+    async fn append_written(store: &mut LogStore, indexes: std::ops::Range<u64>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        store.enqueue(indexes.map(blank), Box::new(move |r| drop(tx.send(r)))).unwrap();
+        rx.await.unwrap().unwrap();
+    }
+
+    fn indexes(entries: &[Entry]) -> Vec<u64> {
+        entries.iter().map(|e| e.log_id.index).collect()
+    }
+
+    /// Replication reads what was just appended: once written, those entries are still
+    /// answered from memory, without waiting for the connection the writer holds during
+    /// an fsync. Older ones come from the database, and purge and truncate drop entries
+    /// from memory as from disk.
+    #[allow(clippy::await_holding_lock)]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn recent_entries_are_read_from_memory_and_older_ones_from_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = LogStore::open(dir.path(), "unit").unwrap();
+        let last = RECENT_MAX as u64 + 100;
+        append_written(&mut store, 1..last + 1).await;
+        {
+            let db = store.db.clone();
+            let busy = db.lock().unwrap();
+            let read =
+                tokio::time::timeout(Duration::from_secs(2), store.try_get_log_entries(last - 9..last + 1)).await;
+            drop(busy);
+            let got = read.expect("a read of just-written entries waited for the database").unwrap();
+            assert_eq!(indexes(&got), (last - 9..=last).collect::<Vec<_>>());
+        }
+        // Evicted from memory, read from disk, across the boundary too.
+        let got = store.try_get_log_entries(1..last + 1).await.unwrap();
+        assert_eq!(indexes(&got), (1..=last).collect::<Vec<_>>());
+        assert!(store.pending.lock().unwrap().len() <= RECENT_MAX, "written entries are evicted");
+        // Beyond the last entry: what exists, not more.
+        let got = store.try_get_log_entries(last - 1..last + 5).await.unwrap();
+        assert_eq!(indexes(&got), vec![last - 1, last]);
+
+        store.truncate(openraft::testing::log_id(1, 7, last - 4)).await.unwrap();
+        let got = store.try_get_log_entries(last - 9..last + 1).await.unwrap();
+        assert_eq!(indexes(&got), (last - 9..last - 4).collect::<Vec<_>>(), "truncated entries are gone");
+        store.purge(openraft::testing::log_id(1, 7, last - 7)).await.unwrap();
+        let got = store.try_get_log_entries(last - 9..last - 4).await.unwrap();
+        assert_eq!(indexes(&got), vec![last - 6, last - 5], "purged entries are gone");
+
+        // Large entries: memory holds at most RECENT_BYTES of them; all are still read.
+        let big = |index: u64| Entry {
+            log_id: openraft::testing::log_id(1, 7, index),
+            payload: openraft::EntryPayload::Normal(crate::types::Payload(vec![7; 512 * 1024])),
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        store.enqueue((last - 4..last + 6).map(big), Box::new(move |r| drop(tx.send(r)))).unwrap();
+        rx.await.unwrap().unwrap();
+        let kept: usize = store.pending.lock().unwrap().values().map(|r| r.bytes).sum();
+        assert!(kept <= RECENT_BYTES, "{kept} bytes of written entries kept in memory");
+        let got = store.try_get_log_entries(last - 6..last + 6).await.unwrap();
+        assert_eq!(indexes(&got), (last - 6..last + 6).collect::<Vec<_>>());
     }
 }

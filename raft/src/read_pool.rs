@@ -61,6 +61,7 @@ impl ReadPool {
         let conn =
             Connection::open_with_flags(&self.path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
                 .map_err(|e| DbError::Storage(format!("cannot open {}: {e}", self.path.display())))?;
+        conn.set_prepared_statement_cache_capacity(crate::state_machine::STATEMENT_CACHE);
         conn.busy_timeout(Duration::from_secs(5))
             .map_err(|e| DbError::Storage(format!("cannot configure a read connection: {e}")))?;
         Ok(conn)

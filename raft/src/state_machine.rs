@@ -41,6 +41,9 @@ const SNAPSHOT_MAGIC: &[u8; 8] = b"HFRSNAP1";
 
 type Meta = SnapshotMeta<u64, Member>;
 
+/// Prepared statements kept per `state.db` connection (writer and each reader).
+pub(crate) const STATEMENT_CACHE: usize = 256;
+
 /// The SQLite-backed [`RaftStateMachine`]; clones share one write connection.
 #[derive(Clone)]
 pub struct StateMachine {
@@ -58,6 +61,10 @@ struct Shared {
     snapshot: Mutex<Option<Meta>>,
     /// Distinguishes temporary files of concurrent snapshot builds.
     seq: AtomicU64,
+    /// The membership `state.db` holds, once `apply` has read or written it, so the
+    /// next `apply` need not read it back; `None` when unknown (at open, after a
+    /// snapshot install). Only touched with `conn` locked.
+    membership: Mutex<Option<StoredMembership>>,
 }
 
 impl StateMachine {
@@ -84,6 +91,9 @@ impl StateMachine {
         // before the log behind a snapshot may be purged.
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(|e| DbError::Storage(format!("state.db: cannot set synchronous=NORMAL: {e}")))?;
+        // Every command's statements stay compiled (the application prepares through
+        // the cache; ARCHITECTURE.md "Decisions"), and there are more than the default 16.
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         let snapshot = load_snapshot_meta(&dir.join(datadir::SNAPSHOT_FILE))?;
         Ok(StateMachine {
             shared: Arc::new(Shared {
@@ -93,6 +103,7 @@ impl StateMachine {
                 node_name: node_name.to_string(),
                 snapshot: Mutex::new(snapshot),
                 seq: AtomicU64::new(0),
+                membership: Mutex::new(None),
             }),
         })
     }
@@ -121,6 +132,10 @@ impl Shared {
         self.conn.lock().expect("state.db mutex poisoned by a panicked SQLite call")
     }
 
+    fn lock_membership(&self) -> std::sync::MutexGuard<'_, Option<StoredMembership>> {
+        self.membership.lock().expect("membership mutex poisoned")
+    }
+
     fn lock_snapshot(&self) -> std::sync::MutexGuard<'_, Option<Meta>> {
         self.snapshot.lock().expect("snapshot mutex poisoned by a panicked snapshot write")
     }
@@ -147,8 +162,8 @@ impl Shared {
 
 fn read_sm_meta(conn: &Connection) -> Result<(Option<LogId>, StoredMembership), StorageError> {
     let get = |key: &str| -> Result<Option<String>, StorageError> {
-        conn.query_row("SELECT value FROM _raft_sm WHERE key = ?1", [key], |r| r.get(0))
-            .optional()
+        conn.prepare_cached("SELECT value FROM _raft_sm WHERE key = ?1")
+            .and_then(|mut stmt| stmt.query_row([key], |r| r.get(0)).optional())
             .map_err(|e| StorageIOError::read_state_machine(&e).into())
     };
     let applied = match get(KEY_APPLIED)? {
@@ -163,9 +178,9 @@ fn read_sm_meta(conn: &Connection) -> Result<(Option<LogId>, StoredMembership), 
 }
 
 fn write_sm_meta(conn: &Connection, applied: &Option<LogId>, membership: &StoredMembership) -> rusqlite::Result<()> {
-    let sql = "INSERT OR REPLACE INTO _raft_sm (key, value) VALUES (?1, ?2)";
-    conn.execute(sql, [KEY_APPLIED, &to_json(applied)?])?;
-    conn.execute(sql, [KEY_MEMBERSHIP, &to_json(membership)?])?;
+    let mut stmt = conn.prepare_cached("INSERT OR REPLACE INTO _raft_sm (key, value) VALUES (?1, ?2)")?;
+    stmt.execute([KEY_APPLIED, &to_json(applied)?])?;
+    stmt.execute([KEY_MEMBERSHIP, &to_json(membership)?])?;
     Ok(())
 }
 
@@ -315,7 +330,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         self.call(move |shared| {
             let mut conn = shared.lock_conn();
-            let (_, mut membership) = read_sm_meta(&conn)?;
+            let known = shared.lock_membership().clone();
+            let mut membership = match known {
+                Some(m) => m,
+                None => read_sm_meta(&conn)?.1,
+            };
             let tx = conn.transaction().map_err(|e| StorageIOError::write_state_machine(&e))?;
             let mut responses = Vec::with_capacity(entries.len());
             let mut last = None;
@@ -339,6 +358,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             write_sm_meta(&tx, &last, &membership).map_err(|e| StorageIOError::write_state_machine(&e))?;
             tx.commit().map_err(|e| StorageIOError::write_state_machine(&e))?;
+            // A failed apply leaves the cache as it was, matching the rolled-back file.
+            *shared.lock_membership() = Some(membership);
             Ok(responses)
         })
         .await
@@ -382,6 +403,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 datadir::write_identity(&src, Role::State, &shared.node_name).map_err(|e| err(&e))?;
 
                 let mut live = shared.lock_conn();
+                // The snapshot brings its own membership: read it again on the next apply.
+                *shared.lock_membership() = None;
                 {
                     let backup = rusqlite::backup::Backup::new(&src, &mut live).map_err(|e| err(&e))?;
                     // -1 copies every page in one step: one write transaction on the
@@ -423,5 +446,59 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use openraft::Membership;
+
+    use super::*;
+
+    struct NoApp;
+
+    impl Apply for NoApp {
+        fn init_schema(&self, _conn: &Connection) -> rusqlite::Result<()> {
+            Ok(())
+        }
+
+        fn apply(&self, _tx: &rusqlite::Transaction<'_>, _index: u64, command: &[u8]) -> rusqlite::Result<Vec<u8>> {
+            Ok(command.to_vec())
+        }
+    }
+
+    fn entry(index: u64, payload: EntryPayload<TypeConfig>) -> Entry {
+        Entry { log_id: openraft::testing::log_id(1, 1, index), payload }
+    }
+
+    fn membership(voters: &[u64]) -> Membership<u64, Member> {
+        let nodes: BTreeMap<u64, Member> = voters.iter().map(|id| (*id, Member::default())).collect();
+        Membership::new(vec![voters.iter().copied().collect::<BTreeSet<_>>()], nodes)
+    }
+
+    /// `apply` keeps the membership in memory instead of reading it back each time; an
+    /// installed snapshot brings its own, which the next `apply` must keep, not
+    /// overwrite with the one from before the install.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn membership_survives_applies_and_a_snapshot_install() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut sm = StateMachine::open(a.path(), "unit", Arc::new(NoApp)).unwrap();
+        sm.apply([entry(1, EntryPayload::Membership(membership(&[1])))]).await.unwrap();
+        sm.apply([entry(2, EntryPayload::Blank)]).await.unwrap();
+        let (applied, m) = sm.applied_state().await.unwrap();
+        assert_eq!(applied.map(|l| l.index), Some(2));
+        assert_eq!(m.membership(), &membership(&[1]), "kept across an apply without membership");
+
+        // Another member's state, further on and with three voters, as a snapshot.
+        let mut other = StateMachine::open(b.path(), "other", Arc::new(NoApp)).unwrap();
+        other.apply([entry(3, EntryPayload::Membership(membership(&[1, 2, 3])))]).await.unwrap();
+        let snap = other.build_snapshot().await.unwrap();
+        sm.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
+        sm.apply([entry(4, EntryPayload::Blank)]).await.unwrap();
+        let (applied, m) = sm.applied_state().await.unwrap();
+        assert_eq!(applied.map(|l| l.index), Some(4));
+        assert_eq!(m.membership(), &membership(&[1, 2, 3]), "the snapshot's membership, not the cached one");
     }
 }

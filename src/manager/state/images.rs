@@ -4,6 +4,7 @@
 //! (`manager::images`). Like every command these are rejected, never failed, on bad
 //! content.
 
+use super::cached::Cached;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::{Deserialize, Serialize};
 
@@ -99,7 +100,7 @@ pub fn apply(tx: &Transaction<'_>, cmd: ImageCommand) -> rusqlite::Result<Outcom
             }
             let size = entry.size();
             let layers = serde_json::to_string(&entry.layers).unwrap_or_default();
-            tx.execute(
+            tx.execute_cached(
                 "INSERT INTO images (reference, config_digest, config_size, layers, size, pushed_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT(reference) DO UPDATE SET config_digest = ?2, config_size = ?3, layers = ?4,
@@ -141,7 +142,7 @@ pub fn apply(tx: &Transaction<'_>, cmd: ImageCommand) -> rusqlite::Result<Outcom
                     return reject(RejectCode::Conflict, format!("image {reference} was pushed or used since"));
                 }
             }
-            tx.execute("DELETE FROM images WHERE reference = ?1", [&reference])?;
+            tx.execute_cached("DELETE FROM images WHERE reference = ?1", [&reference])?;
             Ok(Ok(Answer::ImageRemoved { reference, removed: true }))
         }
     }
@@ -177,19 +178,19 @@ const COLUMNS: &str = "reference, config_digest, config_size, layers, size, push
 
 /// One image by reference.
 pub fn get(c: &Connection, reference: &str) -> rusqlite::Result<Option<ImageRow>> {
-    c.query_row(&format!("SELECT {COLUMNS} FROM images WHERE reference = ?1"), [reference], row).optional()
+    c.query_row_cached(&format!("SELECT {COLUMNS} FROM images WHERE reference = ?1"), [reference], row).optional()
 }
 
 /// Every image, by reference.
 pub fn list(c: &Connection) -> rusqlite::Result<Vec<ImageRow>> {
-    let mut stmt = c.prepare(&format!("SELECT {COLUMNS} FROM images ORDER BY reference"))?;
+    let mut stmt = c.prepare_cached(&format!("SELECT {COLUMNS} FROM images ORDER BY reference"))?;
     let rows = stmt.query_map([], row)?.collect();
     rows
 }
 
 /// Tasks that should run and name `reference` as their image.
 pub fn users(c: &Connection, reference: &str) -> rusqlite::Result<Vec<String>> {
-    let mut stmt = c.prepare(
+    let mut stmt = c.prepare_cached(
         "SELECT id FROM tasks WHERE desired = 'run' AND json_extract(spec, '$.image') IN (?1, ?2) ORDER BY id LIMIT 20",
     )?;
     let short = reference.strip_suffix(":latest").unwrap_or(reference);
@@ -200,7 +201,7 @@ pub fn users(c: &Connection, reference: &str) -> rusqlite::Result<Vec<String>> {
 /// The last time a task naming `reference` changed (submitted or stopped), ms.
 pub fn last_used_ms(c: &Connection, reference: &str) -> rusqlite::Result<Option<u64>> {
     let short = reference.strip_suffix(":latest").unwrap_or(reference);
-    let v: Option<i64> = c.query_row(
+    let v: Option<i64> = c.query_row_cached(
         "SELECT MAX(updated_ms) FROM tasks WHERE json_extract(spec, '$.image') IN (?1, ?2)",
         params![reference, short],
         |r| r.get(0),

@@ -10,7 +10,9 @@ use tokio::sync::{broadcast, watch};
 
 use crate::model::sync::StatusReport;
 use crate::model::{transition, Observed, TaskSpec};
+use cached::Cached;
 
+mod cached;
 pub mod images;
 pub mod outcome;
 pub mod query;
@@ -524,7 +526,7 @@ impl DomainState {
     /// Applies one command inside its own savepoint and emits its events.
     fn apply_one(&self, tx: &Transaction<'_>, index: u64, cmd: Command) -> rusqlite::Result<Outcome> {
         // Rejections roll back this command's partial writes but still consume it.
-        tx.execute_batch("SAVEPOINT cmd")?;
+        tx.execute_cached("SAVEPOINT cmd", [])?;
         // Cheap next to the SQLite work, and only needed when someone listens.
         let listening = self.events.receiver_count() > 0;
         let kept = listening.then(|| cmd.clone());
@@ -546,14 +548,14 @@ impl DomainState {
             },
         };
         if out.is_err() {
-            tx.execute_batch("ROLLBACK TO cmd")?;
+            tx.execute_cached("ROLLBACK TO cmd", [])?;
         }
         if let (Some(cmd), Ok(v)) = (kept, &out) {
             for e in events_for(index, &cmd, v) {
                 let _ = self.events.send(e);
             }
         }
-        tx.execute_batch("RELEASE cmd")?;
+        tx.execute_cached("RELEASE cmd", [])?;
         Ok(out)
     }
 }
@@ -567,7 +569,7 @@ impl holdfast_raft::Apply for DomainState {
         conn.execute_batch(upgrade::SCHEMA)?;
         conn.execute_batch(retention::SCHEMA)?;
         // Added after the first release: a store from before gets the column on open.
-        let has: bool = conn.query_row(
+        let has: bool = conn.query_row_cached(
             "SELECT COUNT(*) > 0 FROM pragma_table_info('audit') WHERE name = 'on_behalf_of'",
             [],
             |r| r.get(0),
@@ -595,7 +597,7 @@ impl holdfast_raft::Apply for DomainState {
                     Ok(_) => "ok",
                     Err(r) => r.code.as_str(),
                 };
-                tx.execute(
+                tx.execute_cached(
                     "INSERT INTO audit (log_index, at_ms, who, action, subject, result, on_behalf_of)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                     params![
@@ -793,7 +795,7 @@ fn submit_task(
     let digest = spec.digest();
     if let Some(key) = &idempotency_key {
         let existing: Option<(String, String)> = tx
-            .query_row("SELECT id, digest FROM tasks WHERE idem_key = ?1", [key], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_row_cached("SELECT id, digest FROM tasks WHERE idem_key = ?1", [key], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         if let Some((existing_id, existing_digest)) = existing {
             if existing_digest == digest {
@@ -805,12 +807,12 @@ fn submit_task(
             );
         }
     }
-    let exists: bool = tx.query_row("SELECT EXISTS(SELECT 1 FROM tasks WHERE id = ?1)", [&id], |r| r.get(0))?;
+    let exists: bool = tx.query_row_cached("SELECT EXISTS(SELECT 1 FROM tasks WHERE id = ?1)", [&id], |r| r.get(0))?;
     if exists {
         return reject(RejectCode::Conflict, format!("a task with id {id} already exists"));
     }
     let spec_json = serde_json::to_string(spec).unwrap_or_default();
-    tx.execute(
+    tx.execute_cached(
         "INSERT INTO tasks (id, name, spec, desired, idem_key, digest, pending_reason, created_index, created_ms, updated_ms)
          VALUES (?1, ?2, ?3, 'run', ?4, ?5, NULL, ?6, ?7, ?7)",
         params![id, spec.display_name(), spec_json, idempotency_key, digest, index as i64, now_ms as i64],
@@ -819,12 +821,14 @@ fn submit_task(
 }
 
 fn stop_task(tx: &Transaction<'_>, id: String, now_ms: u64) -> rusqlite::Result<Outcome> {
-    let n =
-        tx.execute("UPDATE tasks SET desired = 'stop', updated_ms = ?2 WHERE id = ?1", params![id, now_ms as i64])?;
+    let n = tx.execute_cached(
+        "UPDATE tasks SET desired = 'stop', updated_ms = ?2 WHERE id = ?1",
+        params![id, now_ms as i64],
+    )?;
     if n == 0 {
         return reject(RejectCode::NotFound, format!("no task with id {id}"));
     }
-    tx.execute(
+    tx.execute_cached(
         "UPDATE placements SET desired = 'stop', updated_ms = ?2 WHERE task_id = ?1 AND desired = 'run'",
         params![id, now_ms as i64],
     )?;
@@ -841,7 +845,7 @@ fn register_node(
     now_ms: u64,
 ) -> rusqlite::Result<Outcome> {
     let labels = serde_json::to_string(labels).unwrap_or_default();
-    tx.execute(
+    tx.execute_cached(
         "INSERT INTO nodes (name, address, labels, cpu_millis, memory_mb, disk_mb, status, status_since_ms, registered_ms, updated_ms)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'ready', ?7, ?7, ?7)
          ON CONFLICT(name) DO UPDATE SET address = ?2, labels = ?3, cpu_millis = ?4, memory_mb = ?5,
@@ -870,7 +874,10 @@ fn apply_plan(
         }
     }
     for (task_id, reason) in unplaced {
-        tx.execute("UPDATE tasks SET pending_reason = ?2 WHERE id = ?1 AND desired = 'run'", params![task_id, reason])?;
+        tx.execute_cached(
+            "UPDATE tasks SET pending_reason = ?2 WHERE id = ?1 AND desired = 'run'",
+            params![task_id, reason],
+        )?;
     }
     Ok(Ok(Answer::Planned(answer)))
 }
@@ -888,7 +895,7 @@ fn create_placement(
     // One command may place many tasks; the fence is this command's index for all of
     // them (it only has to grow per task).
     let pid = format!("{}.{}.{}", p.task_id, index, i);
-    tx.execute(
+    tx.execute_cached(
         "INSERT INTO placements (id, task_id, node, fence, desired, observed, cpu_millis, memory_mb, disk_mb, created_ms, updated_ms)
          VALUES (?1, ?2, ?3, ?4, 'run', 'pending', ?5, ?6, ?7, ?8, ?8)",
         params![
@@ -902,13 +909,13 @@ fn create_placement(
             now_ms as i64
         ],
     )?;
-    tx.execute(
+    tx.execute_cached(
         "UPDATE tasks SET pending_reason = NULL, updated_ms = ?2 WHERE id = ?1",
         params![p.task_id, now_ms as i64],
     )?;
     event(tx, &pid, now_ms, "placed", Some(&format!("on {} with fence {index}", p.node)))?;
     if let Some(old) = &p.replaces {
-        tx.execute(
+        tx.execute_cached(
             "UPDATE placements SET desired = 'stop', updated_ms = ?2 WHERE id = ?1",
             params![old, now_ms as i64],
         )?;
@@ -921,7 +928,7 @@ fn report_status(tx: &Transaction<'_>, batches: Vec<NodeReports>, now_ms: u64) -
     let mut answer = ReportsApplied { acked: BTreeMap::new(), ignored: Vec::new() };
     for NodeReports { node, reports } in batches {
         let last_seq: Option<i64> =
-            tx.query_row("SELECT last_seq FROM nodes WHERE name = ?1", [&node], |r| r.get(0)).optional()?;
+            tx.query_row_cached("SELECT last_seq FROM nodes WHERE name = ?1", [&node], |r| r.get(0)).optional()?;
         let Some(last_seq) = last_seq.map(|s| s as u64) else {
             answer.ignored.push(ReportIgnored { node, seq: None, reason: "node is not registered".into() });
             continue;
@@ -932,7 +939,7 @@ fn report_status(tx: &Transaction<'_>, batches: Vec<NodeReports>, now_ms: u64) -
             continue;
         }
         let last_seq = apply_node_reports(tx, &node, reports, last_seq, now_ms, &mut answer.ignored)?;
-        tx.execute("UPDATE nodes SET last_seq = ?2 WHERE name = ?1", params![node, last_seq as i64])?;
+        tx.execute_cached("UPDATE nodes SET last_seq = ?2 WHERE name = ?1", params![node, last_seq as i64])?;
         answer.acked.insert(node, last_seq);
     }
     Ok(Ok(Answer::Reported(answer)))
@@ -983,7 +990,7 @@ fn drain_node(
     deadline_ms: Option<u64>,
     now_ms: u64,
 ) -> rusqlite::Result<Outcome> {
-    let n = tx.execute(
+    let n = tx.execute_cached(
         "UPDATE nodes SET draining = ?2, drain_deadline_ms = ?3, updated_ms = ?4 WHERE name = ?1",
         params![name, enable, deadline_ms.map(|d| d as i64), now_ms as i64],
     )?;
@@ -996,7 +1003,7 @@ fn drain_node(
 
 fn stop_placements(tx: &Transaction<'_>, ids: Vec<String>, reason: &str, now_ms: u64) -> rusqlite::Result<Outcome> {
     for id in &ids {
-        let n = tx.execute(
+        let n = tx.execute_cached(
             "UPDATE placements SET desired = 'stop', updated_ms = ?2 WHERE id = ?1 AND desired = 'run'",
             params![id, now_ms as i64],
         )?;
@@ -1008,7 +1015,7 @@ fn stop_placements(tx: &Transaction<'_>, ids: Vec<String>, reason: &str, now_ms:
 }
 
 fn set_eligibility(tx: &Transaction<'_>, name: String, eligible: bool, now_ms: u64) -> rusqlite::Result<Outcome> {
-    let n = tx.execute(
+    let n = tx.execute_cached(
         "UPDATE nodes SET eligible = ?2, updated_ms = ?3 WHERE name = ?1",
         params![name, eligible, now_ms as i64],
     )?;
@@ -1024,7 +1031,7 @@ fn set_eligibility(tx: &Transaction<'_>, name: String, eligible: bool, now_ms: u
 /// plus this request fit the node's capacity.
 fn recheck_placement(tx: &Transaction<'_>, p: &PlannedPlacement) -> rusqlite::Result<Result<TaskSpec, String>> {
     let task: Option<(String, String)> = tx
-        .query_row("SELECT spec, desired FROM tasks WHERE id = ?1", [&p.task_id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_row_cached("SELECT spec, desired FROM tasks WHERE id = ?1", [&p.task_id], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
     let Some((spec_json, desired)) = task else {
         return Ok(Err("task no longer exists".into()));
@@ -1035,7 +1042,7 @@ fn recheck_placement(tx: &Transaction<'_>, p: &PlannedPlacement) -> rusqlite::Re
     let Ok(spec) = serde_json::from_str::<TaskSpec>(&spec_json) else {
         return Ok(Err("stored spec unreadable".into()));
     };
-    let live: i64 = tx.query_row(
+    let live: i64 = tx.query_row_cached(
         "SELECT COUNT(*) FROM placements WHERE task_id = ?1 AND desired = 'run'
            AND observed NOT IN ('failed','stopped','exited') AND id IS NOT ?2",
         params![p.task_id, p.replaces],
@@ -1048,15 +1055,15 @@ fn recheck_placement(tx: &Transaction<'_>, p: &PlannedPlacement) -> rusqlite::Re
         // Only the task's current placement can be replaced; anything older means the
         // plan was made on stale state.
         let current: Option<i64> =
-            tx.query_row("SELECT MAX(fence) FROM placements WHERE task_id = ?1", [&p.task_id], |r| r.get(0))?;
+            tx.query_row_cached("SELECT MAX(fence) FROM placements WHERE task_id = ?1", [&p.task_id], |r| r.get(0))?;
         let old_fence: Option<i64> =
-            tx.query_row("SELECT fence FROM placements WHERE id = ?1", [old], |r| r.get(0)).optional()?;
+            tx.query_row_cached("SELECT fence FROM placements WHERE id = ?1", [old], |r| r.get(0)).optional()?;
         if old_fence.is_none() || old_fence != current {
             return Ok(Err(format!("placement {old} is no longer the task's current one")));
         }
     }
     let node: Option<(String, bool, bool, i64, i64, i64)> = tx
-        .query_row(
+        .query_row_cached(
             "SELECT status, draining, eligible, cpu_millis, memory_mb, disk_mb FROM nodes WHERE name = ?1",
             [&p.node],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
@@ -1068,7 +1075,7 @@ fn recheck_placement(tx: &Transaction<'_>, p: &PlannedPlacement) -> rusqlite::Re
     if status != NodeStatus::Ready.as_str() || draining || !eligible {
         return Ok(Err(format!("node {} is {status}, draining {draining}, eligible {eligible}", p.node)));
     }
-    let (rc, rm, rd): (i64, i64, i64) = tx.query_row(
+    let (rc, rm, rd): (i64, i64, i64) = tx.query_row_cached(
         "SELECT COALESCE(SUM(cpu_millis),0), COALESCE(SUM(memory_mb),0), COALESCE(SUM(disk_mb),0)
          FROM placements WHERE node = ?1 AND desired = 'run' AND observed NOT IN ('failed','stopped','exited')",
         [&p.node],
@@ -1088,7 +1095,7 @@ fn apply_report(
     now_ms: u64,
 ) -> rusqlite::Result<Result<(), String>> {
     let row: Option<(String, i64, String)> = tx
-        .query_row("SELECT node, fence, observed FROM placements WHERE id = ?1", [&r.placement_id], |x| {
+        .query_row_cached("SELECT node, fence, observed FROM placements WHERE id = ?1", [&r.placement_id], |x| {
             Ok((x.get(0)?, x.get(1)?, x.get(2)?))
         })
         .optional()?;
@@ -1105,7 +1112,7 @@ fn apply_report(
         event(tx, &r.placement_id, now_ms, "invalid-report", Some(&e.to_string()))?;
         return Ok(Err(e.to_string()));
     }
-    tx.execute(
+    tx.execute_cached(
         "UPDATE placements SET observed = ?2, exit_code = ?3, reason = ?4, restarts = ?5, endpoints = ?6,
            container_id = COALESCE(?7, container_id), updated_ms = ?8, refused = ?9 WHERE id = ?1",
         params![
@@ -1134,7 +1141,9 @@ fn apply_report(
 fn set_node_status(tx: &Transaction<'_>, name: &str, status: NodeStatus, now_ms: u64) -> rusqlite::Result<bool> {
     let status_text = status.as_str();
     let old: Option<(String, i64)> = tx
-        .query_row("SELECT status, status_since_ms FROM nodes WHERE name = ?1", [name], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_row_cached("SELECT status, status_since_ms FROM nodes WHERE name = ?1", [name], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
         .optional()?;
     let Some((old, since)) = old else { return Ok(false) };
     let away_ms = (now_ms as i64).saturating_sub(since);
@@ -1142,7 +1151,7 @@ fn set_node_status(tx: &Transaction<'_>, name: &str, status: NodeStatus, now_ms:
         // `status_since_ms` marks the last move between ready and not ready, so
         // disconnected → down keeps the time the node went silent.
         let crosses = (old == NodeStatus::Ready.as_str()) != (status == NodeStatus::Ready);
-        tx.execute(
+        tx.execute_cached(
             "UPDATE nodes SET status = ?2, status_since_ms = CASE WHEN ?4 THEN ?3 ELSE status_since_ms END,
                updated_ms = ?3 WHERE name = ?1",
             params![name, status_text, now_ms as i64, crosses],
@@ -1151,8 +1160,8 @@ fn set_node_status(tx: &Transaction<'_>, name: &str, status: NodeStatus, now_ms:
         if status == NodeStatus::Ready {
             // The node is back: every placement it still holds is reconciled now; those
             // replaced meanwhile were already told to stop (the highest fence wins).
-            let mut stmt =
-                tx.prepare("SELECT id, desired FROM placements WHERE node = ?1 AND observed NOT IN ('stopped')")?;
+            let mut stmt = tx
+                .prepare_cached("SELECT id, desired FROM placements WHERE node = ?1 AND observed NOT IN ('stopped')")?;
             let rows: Vec<(String, String)> =
                 stmt.query_map([name], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
             drop(stmt);
@@ -1166,7 +1175,7 @@ fn set_node_status(tx: &Transaction<'_>, name: &str, status: NodeStatus, now_ms:
 }
 
 fn node_event(tx: &Transaction<'_>, node: &str, at_ms: u64, what: &str, detail: Option<&str>) -> rusqlite::Result<()> {
-    tx.execute(
+    tx.execute_cached(
         "INSERT INTO node_events (node, at_ms, what, detail) VALUES (?1, ?2, ?3, ?4)",
         params![node, at_ms as i64, what, detail],
     )?;
@@ -1174,7 +1183,7 @@ fn node_event(tx: &Transaction<'_>, node: &str, at_ms: u64, what: &str, detail: 
 }
 
 fn event(tx: &Transaction<'_>, placement: &str, at_ms: u64, what: &str, detail: Option<&str>) -> rusqlite::Result<()> {
-    tx.execute(
+    tx.execute_cached(
         "INSERT INTO placement_events (placement_id, at_ms, observed, detail) VALUES (?1, ?2, ?3, ?4)",
         params![placement, at_ms as i64, what, detail],
     )?;

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use super::cached::Cached;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
@@ -292,14 +293,15 @@ pub fn list_tasks(conn: &Connection, f: &TaskFilter) -> rusqlite::Result<TaskPag
 /// One task with placements and their history.
 pub fn get_task(conn: &Connection, id: &str) -> rusqlite::Result<Option<TaskView>> {
     let Some((mut task, reason)) =
-        conn.query_row(&format!("SELECT {TASK_COLS} FROM tasks WHERE id = ?1"), [id], build_task).optional()?
+        conn.query_row_cached(&format!("SELECT {TASK_COLS} FROM tasks WHERE id = ?1"), [id], build_task).optional()?
     else {
         return Ok(None);
     };
-    let mut stmt = conn.prepare(&format!("SELECT {PLACEMENT_COLS} FROM {PLACEMENT_FROM} WHERE p.task_id = ?1"))?;
+    let mut stmt =
+        conn.prepare_cached(&format!("SELECT {PLACEMENT_COLS} FROM {PLACEMENT_FROM} WHERE p.task_id = ?1"))?;
     task.placements = stmt.query_map([id], placement_row)?.map(|r| r.map(|(_, p)| p)).collect::<Result<_, _>>()?;
-    let mut ev =
-        conn.prepare("SELECT at_ms, observed, detail FROM placement_events WHERE placement_id = ?1 ORDER BY id")?;
+    let mut ev = conn
+        .prepare_cached("SELECT at_ms, observed, detail FROM placement_events WHERE placement_id = ?1 ORDER BY id")?;
     for p in &mut task.placements {
         p.events = ev
             .query_map([&p.id], |r| {
@@ -326,7 +328,7 @@ pub struct PendingTask {
 /// Tasks that want to run and have never been placed; with `only_new`, just those the
 /// planner has not looked at yet (no reason recorded).
 pub fn pending_tasks(conn: &Connection, limit: usize, only_new: bool) -> rusqlite::Result<Vec<PendingTask>> {
-    let mut stmt = conn.prepare(if only_new {
+    let mut stmt = conn.prepare_cached(if only_new {
         "SELECT t.id, t.spec, t.pending_reason FROM tasks t
          WHERE t.desired = 'run' AND t.pending_reason IS NULL
            AND NOT EXISTS (SELECT 1 FROM placements p WHERE p.task_id = t.id)
@@ -442,7 +444,7 @@ pub fn nodes_page(
 
 /// The full desired set of one node: every placement it must run, or still stop.
 pub fn assignments_for(conn: &Connection, node: &str) -> rusqlite::Result<Vec<Assignment>> {
-    let mut stmt = conn.prepare(
+    let mut stmt = conn.prepare_cached(
         "SELECT p.id, p.task_id, p.fence, p.desired, t.spec FROM placements p JOIN tasks t ON t.id = p.task_id
          WHERE p.node = ?1 AND p.observed != 'stopped' ORDER BY p.fence, p.id",
     )?;
@@ -493,7 +495,7 @@ pub struct Registration {
 
 /// A node's registration, if it is registered.
 pub fn node_registration(conn: &Connection, name: &str) -> rusqlite::Result<Option<Registration>> {
-    conn.query_row(
+    conn.query_row_cached(
         "SELECT last_seq, labels, address, cpu_millis, memory_mb, disk_mb, status FROM nodes WHERE name = ?1",
         [name],
         |r| {
@@ -549,7 +551,7 @@ pub struct ReplaceCandidate {
 
 /// Current placements that failed, sit on a silent node, or sit on a draining node.
 pub fn replace_candidates(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<ReplaceCandidate>> {
-    let mut stmt = conn.prepare(
+    let mut stmt = conn.prepare_cached(
         "SELECT p.task_id, t.spec, t.pending_reason, p.id, p.node, p.observed, p.exit_code, p.updated_ms,
                 COALESCE(n.status, 'down'), COALESCE(n.status_since_ms, 0), COALESCE(n.draining, 0), n.drain_deadline_ms,
                 (SELECT COUNT(*) FROM placements q WHERE q.task_id = p.task_id),
@@ -601,7 +603,7 @@ pub fn replace_candidates(conn: &Connection, limit: usize) -> rusqlite::Result<V
 
 /// A node's history of status changes, oldest first.
 pub fn node_events(conn: &Connection, node: &str) -> rusqlite::Result<Vec<EventView>> {
-    let mut stmt = conn.prepare("SELECT at_ms, what, detail FROM node_events WHERE node = ?1 ORDER BY id")?;
+    let mut stmt = conn.prepare_cached("SELECT at_ms, what, detail FROM node_events WHERE node = ?1 ORDER BY id")?;
     let rows = stmt.query_map([node], |r| {
         Ok(EventView { at_ms: r.get::<_, i64>(0)? as u64, what: r.get(1)?, detail: r.get(2)? })
     })?;

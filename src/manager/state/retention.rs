@@ -7,6 +7,7 @@
 //! state and the command's own clock, never the replica's, so every member deletes
 //! exactly the same rows.
 
+use super::cached::Cached;
 use rusqlite::{params, OptionalExtension, Transaction};
 use serde::{Deserialize, Serialize};
 
@@ -202,22 +203,22 @@ fn remove_finished_tasks(tx: &Transaction<'_>, tasks: &[String], cutoff: i64) ->
     for id in tasks {
         // Re-checked here with the command's clock: a task that changed since the
         // leader looked (restarted, stopped later) stays.
-        let due = tx.query_row(&finished_before, params![id, cutoff], |_| Ok(())).optional()?.is_some();
+        let due = tx.query_row_cached(&finished_before, params![id, cutoff], |_| Ok(())).optional()?.is_some();
         if !due {
             kept += 1;
             continue;
         }
-        tx.execute(
+        tx.execute_cached(
             "DELETE FROM placement_events WHERE placement_id IN (SELECT id FROM placements WHERE task_id = ?1)",
             [id],
         )?;
-        tx.execute(
+        tx.execute_cached(
             "DELETE FROM history_dropped WHERE kind = 'placement'
                AND subject IN (SELECT id FROM placements WHERE task_id = ?1)",
             [id],
         )?;
-        tx.execute("DELETE FROM placements WHERE task_id = ?1", [id])?;
-        tx.execute("DELETE FROM tasks WHERE id = ?1", [id])?;
+        tx.execute_cached("DELETE FROM placements WHERE task_id = ?1", [id])?;
+        tx.execute_cached("DELETE FROM tasks WHERE id = ?1", [id])?;
         removed_tasks += 1;
     }
     Ok((removed_tasks, kept))
@@ -228,7 +229,7 @@ fn remove_down_nodes(tx: &Transaction<'_>, nodes: &[String], cutoff: i64) -> rus
     let mut removed_nodes = Vec::new();
     for name in nodes {
         let due = tx
-            .query_row(
+            .query_row_cached(
                 "SELECT 1 FROM nodes WHERE name = ?1 AND status = ?2 AND status_since_ms <= ?3",
                 params![name, NodeStatus::Down.as_str(), cutoff],
                 |_| Ok(()),
@@ -257,7 +258,7 @@ fn trim_histories(
         ("node", "node_events", "node", node_histories),
     ] {
         for subject in list {
-            let n = tx.execute(
+            let n = tx.execute_cached(
                 &format!(
                     "DELETE FROM {table} WHERE {col} = ?1 AND id NOT IN
                        (SELECT id FROM {table} WHERE {col} = ?1 ORDER BY id DESC LIMIT ?2)"
@@ -265,7 +266,7 @@ fn trim_histories(
                 params![subject, cap],
             )?;
             if n > 0 {
-                tx.execute(
+                tx.execute_cached(
                     "INSERT INTO history_dropped (kind, subject, dropped) VALUES (?1, ?2, ?3)
                      ON CONFLICT(kind, subject) DO UPDATE SET dropped = dropped + ?3",
                     params![kind, subject, n as i64],
@@ -281,15 +282,16 @@ fn trim_histories(
 /// rows it removed.
 fn trim_audit(tx: &Transaction<'_>, policy: &Policy, now_ms: u64) -> rusqlite::Result<u64> {
     let audit_cutoff = now_ms.saturating_sub(policy.audit_retain_ms) as i64;
-    let mut audit = tx.execute(
+    let mut audit = tx.execute_cached(
         "DELETE FROM audit WHERE id IN (SELECT id FROM audit WHERE at_ms < ?1 ORDER BY id LIMIT ?2)",
         params![audit_cutoff, (BATCH * 10) as i64],
     )? as u64;
-    let rows: i64 = tx.query_row("SELECT COUNT(*) FROM audit", [], |r| r.get(0))?;
+    let rows: i64 = tx.query_row_cached("SELECT COUNT(*) FROM audit", [], |r| r.get(0))?;
     let over = rows.saturating_sub(policy.audit_max_rows as i64).clamp(0, (BATCH * 10) as i64);
     if over > 0 {
-        audit +=
-            tx.execute("DELETE FROM audit WHERE id IN (SELECT id FROM audit ORDER BY id LIMIT ?1)", [over])? as u64;
+        audit += tx
+            .execute_cached("DELETE FROM audit WHERE id IN (SELECT id FROM audit ORDER BY id LIMIT ?1)", [over])?
+            as u64;
     }
     Ok(audit)
 }
@@ -301,33 +303,34 @@ fn trim_placements(tx: &Transaction<'_>, tasks: &[String]) -> rusqlite::Result<u
     for task in tasks {
         let old = "SELECT id FROM placements WHERE task_id = ?1 AND observed IN ('stopped','exited','failed')
                      AND id NOT IN (SELECT id FROM placements WHERE task_id = ?1 ORDER BY fence DESC, id DESC LIMIT ?2)";
-        tx.execute(
+        tx.execute_cached(
             &format!("DELETE FROM placement_events WHERE placement_id IN ({old})"),
             params![task, PLACEMENTS_CAP],
         )?;
-        tx.execute(
+        tx.execute_cached(
             &format!("DELETE FROM history_dropped WHERE kind = 'placement' AND subject IN ({old})"),
             params![task, PLACEMENTS_CAP],
         )?;
-        removed +=
-            tx.execute(&format!("DELETE FROM placements WHERE id IN ({old})"), params![task, PLACEMENTS_CAP])? as u64;
+        removed += tx
+            .execute_cached(&format!("DELETE FROM placements WHERE id IN ({old})"), params![task, PLACEMENTS_CAP])?
+            as u64;
     }
     Ok(removed)
 }
 
 fn delete_node(tx: &Transaction<'_>, name: &str) -> rusqlite::Result<()> {
-    tx.execute("DELETE FROM node_events WHERE node = ?1", [name])?;
-    tx.execute("DELETE FROM history_dropped WHERE kind = 'node' AND subject = ?1", [name])?;
-    tx.execute("DELETE FROM nodes WHERE name = ?1", [name])?;
+    tx.execute_cached("DELETE FROM node_events WHERE node = ?1", [name])?;
+    tx.execute_cached("DELETE FROM history_dropped WHERE kind = 'node' AND subject = ?1", [name])?;
+    tx.execute_cached("DELETE FROM nodes WHERE name = ?1", [name])?;
     Ok(())
 }
 
 fn remove_node(tx: &Transaction<'_>, name: &str, force: bool, now_ms: u64) -> rusqlite::Result<Outcome> {
-    let exists = tx.query_row("SELECT 1 FROM nodes WHERE name = ?1", [name], |_| Ok(())).optional()?.is_some();
+    let exists = tx.query_row_cached("SELECT 1 FROM nodes WHERE name = ?1", [name], |_| Ok(())).optional()?.is_some();
     if !exists {
         return reject(RejectCode::NotFound, format!("no node named {name}"));
     }
-    let live: i64 = tx.query_row(
+    let live: i64 = tx.query_row_cached(
         "SELECT COUNT(*) FROM placements WHERE node = ?1 AND desired = 'run'
            AND observed NOT IN ('failed','stopped','exited')",
         [name],
@@ -344,7 +347,7 @@ fn remove_node(tx: &Transaction<'_>, name: &str, force: bool, now_ms: u64) -> ru
     }
     delete_node(tx, name)?;
     // Its certificates are refused from now on, by every manager's door.
-    tx.execute(
+    tx.execute_cached(
         "INSERT INTO revocations (node, at_ms, reason) VALUES (?1, ?2, 'removed')
          ON CONFLICT(node) DO UPDATE SET at_ms = excluded.at_ms, reason = excluded.reason",
         params![name, now_ms as i64],
@@ -388,7 +391,7 @@ impl Candidates {
 /// Finds what a collect round at `now_ms` would remove.
 pub fn candidates(conn: &rusqlite::Connection, policy: &Policy, now_ms: u64) -> rusqlite::Result<Candidates> {
     let strings = |sql: &str, p: &[&dyn rusqlite::ToSql]| -> rusqlite::Result<Vec<String>> {
-        let mut stmt = conn.prepare(sql)?;
+        let mut stmt = conn.prepare_cached(sql)?;
         let rows = stmt.query_map(p, |r| r.get(0))?;
         rows.collect()
     };
@@ -425,7 +428,7 @@ pub fn candidates(conn: &rusqlite::Connection, policy: &Policy, now_ms: u64) -> 
     )?;
     let audit_cutoff = now_ms.saturating_sub(policy.audit_retain_ms) as i64;
     let (oldest, rows): (Option<i64>, i64) =
-        conn.query_row("SELECT MIN(at_ms), COUNT(*) FROM audit", [], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        conn.query_row_cached("SELECT MIN(at_ms), COUNT(*) FROM audit", [], |r| Ok((r.get(0)?, r.get(1)?)))?;
     let audit_due = oldest.is_some_and(|o| o < audit_cutoff) || rows as u64 > policy.audit_max_rows;
     Ok(Candidates { tasks, nodes, placement_histories, node_histories, placement_lists, audit_due })
 }
@@ -433,9 +436,11 @@ pub fn candidates(conn: &rusqlite::Connection, policy: &Policy, now_ms: u64) -> 
 /// Dropped-history count of a placement or node (`kind` = `placement` | `node`).
 pub fn dropped(conn: &rusqlite::Connection, kind: &str, subject: &str) -> rusqlite::Result<u64> {
     let n: Option<i64> = conn
-        .query_row("SELECT dropped FROM history_dropped WHERE kind = ?1 AND subject = ?2", [kind, subject], |r| {
-            r.get(0)
-        })
+        .query_row_cached(
+            "SELECT dropped FROM history_dropped WHERE kind = ?1 AND subject = ?2",
+            [kind, subject],
+            |r| r.get(0),
+        )
         .optional()?;
     Ok(n.unwrap_or(0).max(0) as u64)
 }
@@ -444,7 +449,7 @@ pub fn dropped(conn: &rusqlite::Connection, kind: &str, subject: &str) -> rusqli
 pub fn table_rows(conn: &rusqlite::Connection) -> rusqlite::Result<Vec<(&'static str, u64)>> {
     let mut out = Vec::new();
     for t in ["tasks", "placements", "placement_events", "nodes", "node_events", "audit"] {
-        let n: i64 = conn.query_row(&format!("SELECT COUNT(*) FROM {t}"), [], |r| r.get(0))?;
+        let n: i64 = conn.query_row_cached(&format!("SELECT COUNT(*) FROM {t}"), [], |r| r.get(0))?;
         out.push((t, n as u64));
     }
     Ok(out)

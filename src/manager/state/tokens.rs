@@ -6,6 +6,7 @@
 //! the server, never passwords a person chose: there is nothing to guess or to look up
 //! in a table, so slowing down a brute force buys nothing.
 
+use super::cached::Cached;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -107,12 +108,12 @@ const COLUMNS: &str = "id, name, role, secret_sha256, created_by, created_ms, ex
 
 /// One token by id.
 pub fn get(c: &Connection, id: &str) -> rusqlite::Result<Option<TokenRow>> {
-    c.query_row(&format!("SELECT {COLUMNS} FROM tokens WHERE id = ?1"), [id], row).optional()
+    c.query_row_cached(&format!("SELECT {COLUMNS} FROM tokens WHERE id = ?1"), [id], row).optional()
 }
 
 /// Every token, oldest first.
 pub fn list(c: &Connection) -> rusqlite::Result<Vec<TokenRow>> {
-    let mut stmt = c.prepare(&format!("SELECT {COLUMNS} FROM tokens ORDER BY created_ms, id"))?;
+    let mut stmt = c.prepare_cached(&format!("SELECT {COLUMNS} FROM tokens ORDER BY created_ms, id"))?;
     let rows = stmt.query_map([], row)?.collect();
     rows
 }
@@ -146,7 +147,7 @@ pub(super) fn create(
     if get(tx, id)?.is_some() {
         return reject(RejectCode::Conflict, format!("a token with id {id} already exists"));
     }
-    tx.execute(
+    tx.execute_cached(
         "INSERT INTO tokens (id, name, role, secret_sha256, created_by, created_ms, expires_ms)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         params![id, name, role, secret_sha256, created_by, now_ms as i64, expires_ms.map(|e| e as i64)],
@@ -163,7 +164,7 @@ pub(super) fn revoke(tx: &Transaction<'_>, id: &str, now_ms: u64) -> rusqlite::R
     }
     if t.role == Role::Admin.as_str() {
         // Revoking the last admin token would lock everyone out of tokens and members.
-        let others: i64 = tx.query_row(
+        let others: i64 = tx.query_row_cached(
             "SELECT COUNT(*) FROM tokens WHERE role = 'admin' AND revoked_ms IS NULL AND id != ?1
                AND (expires_ms IS NULL OR expires_ms > ?2)",
             params![id, now_ms as i64],
@@ -176,6 +177,6 @@ pub(super) fn revoke(tx: &Transaction<'_>, id: &str, now_ms: u64) -> rusqlite::R
             );
         }
     }
-    tx.execute("UPDATE tokens SET revoked_ms = ?2 WHERE id = ?1", params![id, now_ms as i64])?;
+    tx.execute_cached("UPDATE tokens SET revoked_ms = ?2 WHERE id = ?1", params![id, now_ms as i64])?;
     Ok(Ok(Answer::TokenRevoked { id: id.into(), revoked: true }))
 }

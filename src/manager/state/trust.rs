@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 
+use super::cached::Cached;
 use rusqlite::{params, OptionalExtension, Transaction};
 use serde::{Deserialize, Serialize};
 
@@ -143,7 +144,7 @@ pub fn apply(tx: &Transaction<'_>, cmd: TrustCommand) -> rusqlite::Result<Outcom
             rotate_ca(tx, &cert_pem, &key_pem, &cross_pem, now_ms)
         }
         TrustCommand::FinishCaRotation { .. } => {
-            if tx.execute("DELETE FROM trust_ca_previous", [])? == 0 {
+            if tx.execute_cached("DELETE FROM trust_ca_previous", [])? == 0 {
                 return reject(RejectCode::NotFound, "no CA rotation is under way");
             }
             Ok(Ok(Answer::Ca { ca: CaChange::Rotated }))
@@ -152,7 +153,7 @@ pub fn apply(tx: &Transaction<'_>, cmd: TrustCommand) -> rusqlite::Result<Outcom
             if !valid_hash(&ca_digest) {
                 return reject(RejectCode::BadCa, "a CA digest is 64 hex digits");
             }
-            tx.execute(
+            tx.execute_cached(
                 "INSERT INTO trust_ca_holders (node, ca_digest, at_ms) VALUES (?1, ?2, ?3)
                  ON CONFLICT(node) DO UPDATE SET ca_digest = excluded.ca_digest, at_ms = excluded.at_ms",
                 params![node, ca_digest.to_ascii_lowercase(), now_ms.min(i64::MAX as u64) as i64],
@@ -163,7 +164,7 @@ pub fn apply(tx: &Transaction<'_>, cmd: TrustCommand) -> rusqlite::Result<Outcom
             if node.is_empty() || node.len() > 253 {
                 return reject(RejectCode::BadNode, "node name must be 1..253 characters");
             }
-            tx.execute(
+            tx.execute_cached(
                 "INSERT INTO revocations (node, at_ms, reason) VALUES (?1, ?2, ?3)
                  ON CONFLICT(node) DO UPDATE SET at_ms = excluded.at_ms, reason = excluded.reason",
                 params![node, now_ms.min(i64::MAX as u64) as i64, reason],
@@ -179,12 +180,15 @@ fn set_ca(tx: &Transaction<'_>, cert_pem: &str, key_pem: &str) -> rusqlite::Resu
         return reject(RejectCode::BadCa, "the CA must be a PEM certificate and a PEM private key");
     }
     let existing: Option<String> =
-        tx.query_row("SELECT cert_pem FROM trust_ca WHERE id = 1", [], |r| r.get(0)).optional()?;
+        tx.query_row_cached("SELECT cert_pem FROM trust_ca WHERE id = 1", [], |r| r.get(0)).optional()?;
     match existing {
         Some(c) if c == cert_pem => Ok(Ok(Answer::Ca { ca: CaChange::Unchanged })),
         Some(_) => reject(RejectCode::Conflict, "the cluster already has another CA"),
         None => {
-            tx.execute("INSERT INTO trust_ca (id, cert_pem, key_pem) VALUES (1, ?1, ?2)", params![cert_pem, key_pem])?;
+            tx.execute_cached(
+                "INSERT INTO trust_ca (id, cert_pem, key_pem) VALUES (1, ?1, ?2)",
+                params![cert_pem, key_pem],
+            )?;
             Ok(Ok(Answer::Ca { ca: CaChange::Set }))
         }
     }
@@ -207,10 +211,10 @@ fn add_join_token(
         return reject(RejectCode::BadToken, "uses must be at least 1");
     }
     if replace {
-        tx.execute("UPDATE join_tokens SET revoked = 1 WHERE role = ?1 AND hash != ?2", params![role, hash])?;
+        tx.execute_cached("UPDATE join_tokens SET revoked = 1 WHERE role = ?1 AND hash != ?2", params![role, hash])?;
     }
     let exp = expires_at_ms.map(|e| e.min(i64::MAX as u64) as i64);
-    tx.execute(
+    tx.execute_cached(
         "INSERT OR IGNORE INTO join_tokens (hash, role, expires_at_ms, uses_left, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
         params![hash, role, exp, uses.map(|u| u as i64), now_ms.min(i64::MAX as u64) as i64],
     )?;
@@ -226,9 +230,11 @@ fn use_join_token(
     now_ms: u64,
 ) -> rusqlite::Result<Outcome> {
     let row: Option<(String, Option<i64>, Option<i64>, i64)> = tx
-        .query_row("SELECT role, expires_at_ms, uses_left, revoked FROM join_tokens WHERE hash = ?1", [hash], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-        })
+        .query_row_cached(
+            "SELECT role, expires_at_ms, uses_left, revoked FROM join_tokens WHERE hash = ?1",
+            [hash],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
         .optional()?;
     let Some((token_role, expires, uses_left, revoked)) = row else {
         return reject(RejectCode::TokenUnknown, "this join token is not known to the cluster");
@@ -248,7 +254,7 @@ fn use_join_token(
             format!("this is a {token_role} join token; node {node} asked to join as {role}"),
         );
     }
-    tx.execute(
+    tx.execute_cached(
         "UPDATE join_tokens SET used = used + 1, uses_left = CASE WHEN uses_left IS NULL THEN NULL ELSE uses_left - 1 END WHERE hash = ?1",
         [hash],
     )?;
@@ -269,47 +275,50 @@ fn rotate_ca(
         return reject(RejectCode::BadCa, "a new CA needs PEM certificates and a PEM private key");
     }
     let Some(old) =
-        tx.query_row("SELECT cert_pem FROM trust_ca WHERE id = 1", [], |r| r.get::<_, String>(0)).optional()?
+        tx.query_row_cached("SELECT cert_pem FROM trust_ca WHERE id = 1", [], |r| r.get::<_, String>(0)).optional()?
     else {
         return reject(RejectCode::NoCa, "the cluster has no CA to rotate");
     };
     if old == cert_pem {
         return reject(RejectCode::Conflict, "that is already the cluster's CA");
     }
-    let rotating: i64 = tx.query_row("SELECT COUNT(*) FROM trust_ca_previous", [], |r| r.get(0))?;
+    let rotating: i64 = tx.query_row_cached("SELECT COUNT(*) FROM trust_ca_previous", [], |r| r.get(0))?;
     if rotating > 0 {
         return reject(RejectCode::Conflict, "a CA rotation is already under way; finish it first");
     }
-    tx.execute(
+    tx.execute_cached(
         "INSERT INTO trust_ca_previous (id, cert_pem, cross_pem, started_ms) VALUES (1, ?1, ?2, ?3)",
         params![old, cross_pem, now_ms.min(i64::MAX as u64) as i64],
     )?;
-    tx.execute("UPDATE trust_ca SET cert_pem = ?1, key_pem = ?2 WHERE id = 1", params![cert_pem, key_pem])?;
+    tx.execute_cached("UPDATE trust_ca SET cert_pem = ?1, key_pem = ?2 WHERE id = 1", params![cert_pem, key_pem])?;
     Ok(Ok(Answer::Ca { ca: CaChange::Rotating }))
 }
 
 /// The cluster CA `(cert_pem, key_pem)`, if recorded.
 pub fn ca(conn: &rusqlite::Connection) -> rusqlite::Result<Option<(String, String)>> {
-    conn.query_row("SELECT cert_pem, key_pem FROM trust_ca WHERE id = 1", [], |r| Ok((r.get(0)?, r.get(1)?))).optional()
+    conn.query_row_cached("SELECT cert_pem, key_pem FROM trust_ca WHERE id = 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()
 }
 
 /// The previous CA and the cross certificate `(cert_pem, cross_pem)` while a CA
 /// rotation is under way.
 pub fn previous_ca(conn: &rusqlite::Connection) -> rusqlite::Result<Option<(String, String)>> {
-    conn.query_row("SELECT cert_pem, cross_pem FROM trust_ca_previous WHERE id = 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()
+    conn.query_row_cached("SELECT cert_pem, cross_pem FROM trust_ca_previous WHERE id = 1", [], |r| {
+        Ok((r.get(0)?, r.get(1)?))
+    })
+    .optional()
 }
 
 /// Which CA each node's certificate comes from: node → CA digest.
 pub fn ca_holders(conn: &rusqlite::Connection) -> rusqlite::Result<HashMap<String, String>> {
-    let mut stmt = conn.prepare("SELECT node, ca_digest FROM trust_ca_holders")?;
+    let mut stmt = conn.prepare_cached("SELECT node, ca_digest FROM trust_ca_holders")?;
     let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
     rows.collect()
 }
 
 /// Every revocation: node → time (ms).
 pub fn revocations(conn: &rusqlite::Connection) -> rusqlite::Result<HashMap<String, u64>> {
-    let mut stmt = conn.prepare("SELECT node, at_ms FROM revocations")?;
+    let mut stmt = conn.prepare_cached("SELECT node, at_ms FROM revocations")?;
     let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.max(0) as u64)))?;
     rows.collect()
 }

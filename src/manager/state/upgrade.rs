@@ -10,6 +10,7 @@
 
 use std::sync::OnceLock;
 
+use super::cached::Cached;
 use rusqlite::{params, OptionalExtension, Transaction};
 use serde::{Deserialize, Serialize};
 
@@ -123,15 +124,16 @@ pub fn build_level() -> u32 {
 
 /// The cluster's feature level (0 for a store from before levels).
 pub fn cluster_level(conn: &rusqlite::Connection) -> rusqlite::Result<u32> {
-    let v: Option<i64> =
-        conn.query_row("SELECT value FROM cluster_meta WHERE key = 'feature_level'", [], |r| r.get(0)).optional()?;
+    let v: Option<i64> = conn
+        .query_row_cached("SELECT value FROM cluster_meta WHERE key = 'feature_level'", [], |r| r.get(0))
+        .optional()?;
     Ok(v.unwrap_or(0).clamp(0, MAX_LEVEL as i64) as u32)
 }
 
 /// How many probes the test hook's next build applied (0 otherwise).
 pub fn probes(conn: &rusqlite::Connection) -> rusqlite::Result<u64> {
     let v: Option<i64> =
-        conn.query_row("SELECT value FROM cluster_meta WHERE key = 'probes'", [], |r| r.get(0)).optional()?;
+        conn.query_row_cached("SELECT value FROM cluster_meta WHERE key = 'probes'", [], |r| r.get(0)).optional()?;
     Ok(v.unwrap_or(0).max(0) as u64)
 }
 
@@ -179,7 +181,7 @@ pub fn apply(tx: &Transaction<'_>, index: u64, cmd: UpgradeCommand, supported: u
             if level <= current {
                 return reject(RejectCode::Conflict, format!("the cluster is already at feature level {current}"));
             }
-            tx.execute(
+            tx.execute_cached(
                 "INSERT INTO cluster_meta (key, value) VALUES ('feature_level', ?1)
                  ON CONFLICT(key) DO UPDATE SET value = ?1",
                 params![level as i64],
@@ -211,7 +213,7 @@ pub fn apply(tx: &Transaction<'_>, index: u64, cmd: UpgradeCommand, supported: u
                     if note.len() > 256 {
                         return reject(RejectCode::Invalid, "probe note is longer than 256 bytes");
                     }
-                    tx.execute(
+                    tx.execute_cached(
                         "INSERT INTO cluster_meta (key, value) VALUES ('probes', 1)
                          ON CONFLICT(key) DO UPDATE SET value = value + 1",
                         [],
