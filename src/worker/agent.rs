@@ -400,16 +400,7 @@ enum SyncAnswer {
 /// Reads the answer of a sync call to `addr`.
 async fn sync_answer(addr: &str, result: Result<reqwest::Response, reqwest::Error>) -> SyncAnswer {
     let resp = match result {
-        Err(e) => {
-            // reqwest's Display omits the cause (refused, reset, timed out): walk it.
-            let mut why = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                why = format!("{why}: {s}");
-                source = s.source();
-            }
-            return SyncAnswer::Failed(format!("{addr}: {why}"));
-        }
+        Err(e) => return SyncAnswer::Failed(format!("{addr}: {}", crate::net::identity::chain(&e))),
         Ok(resp) => resp,
     };
     if resp.status() == reqwest::StatusCode::MISDIRECTED_REQUEST {

@@ -869,19 +869,6 @@ impl Samples {
     }
 }
 
-/// An error and all its sources on one line (reqwest's own text hides whether a
-/// request timed out, was refused or was reset).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
 /// POSTs to an echo endpoint every `every` on fresh connections and counts answers.
 pub struct EchoProbe {
     stop: Arc<AtomicBool>,
@@ -913,10 +900,10 @@ impl EchoProbe {
                     Ok(resp) if resp.status().is_success() => match resp.text().await {
                         Ok(t) if t == body => Ok(()),
                         Ok(t) => Err(format!("answered {t:?} to {body:?}")),
-                        Err(e) => Err(error_chain(&e)),
+                        Err(e) => Err(holdfast::net::identity::chain(&e)),
                     },
                     Ok(resp) => Err(format!("status {}", resp.status())),
-                    Err(e) => Err(error_chain(&e)),
+                    Err(e) => Err(holdfast::net::identity::chain(&e)),
                 };
                 out.push((at, r));
                 tokio::time::sleep(every.saturating_sub(at.elapsed())).await;
