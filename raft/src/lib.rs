@@ -182,6 +182,17 @@ impl Config {
             tls,
         }
     }
+
+    /// This member's record in the membership, as its own settings describe it.
+    pub(crate) fn member(&self) -> Member {
+        Member {
+            name: self.node_name.clone(),
+            cluster_addr: self.cluster_addr.clone(),
+            api_addr: self.api_addr.clone(),
+            version: self.version.clone(),
+            feature_level: self.feature_level,
+        }
+    }
 }
 
 /// Everything that can go wrong talking to the replicated database.

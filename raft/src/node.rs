@@ -144,13 +144,7 @@ impl Inner {
             ));
         }
         let id = node_id_for(&config.node_name);
-        let me = Member {
-            name: config.node_name.clone(),
-            cluster_addr: config.cluster_addr.clone(),
-            api_addr: config.api_addr.clone(),
-            version: config.version.clone(),
-            feature_level: config.feature_level,
-        };
+        let me = config.member();
         let raft_config = raft_config(&config)?;
         let forcing = config.clone();
         let forced = tokio::task::spawn_blocking(move || crate::recover::force_if_asked(&forcing))

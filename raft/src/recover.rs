@@ -27,7 +27,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
 use crate::datadir::{self, Role};
 use crate::types::{Entry, LogId, StoredMembership};
-use crate::{node_id_for, Config, DbError, Member};
+use crate::{node_id_for, Config, DbError};
 
 /// Marker left by [`restore_snapshot`]: the next open forces a one-member cluster.
 pub(crate) const PENDING_MARKER: &str = "force-new-cluster.pending";
@@ -151,13 +151,7 @@ pub fn force_new_cluster(config: &Config) -> Result<Forced, DbError> {
     let dropped: Vec<String> = names(&current).into_iter().filter(|n| *n != config.node_name).collect();
 
     let term = view.vote.map(|v| v.leader_id().term).unwrap_or(0).max(last.leader_id.term) + 1;
-    let me = Member {
-        name: config.node_name.clone(),
-        cluster_addr: config.cluster_addr.clone(),
-        api_addr: config.api_addr.clone(),
-        version: config.version.clone(),
-        feature_level: config.feature_level,
-    };
+    let me = config.member();
     let membership = Membership::new(vec![BTreeSet::from([id])], BTreeMap::from([(id, me)]));
     let log_id = LogId::new(CommittedLeaderId::new(term, id), last.index + 1);
     let entry = Entry { log_id, payload: EntryPayload::Membership(membership) };
