@@ -68,17 +68,21 @@ fn now_ms() -> u64 {
     holdfast::manager::now_ms()
 }
 
-fn bench_key() -> std::sync::Arc<rustls::sign::CertifiedKey> {
-    let ca = holdfast::net::pki::Ca::generate().expect("CA");
-    let (cert, key) = ca.issue("bench", holdfast::net::pki::Role::Manager, Duration::from_secs(3600)).expect("leaf");
-    holdfast::net::tls::certified_key(&cert, &key, &ca.cert_pem).expect("key")
+/// The TLS client of a one-member cluster: a manager certificate of a fresh CA, which
+/// is the only root (a client with no root is refused when built).
+fn bench_tls() -> std::sync::Arc<rustls::ClientConfig> {
+    use holdfast::net::{pki, tls};
+    let ca = pki::Ca::generate().expect("CA");
+    let (cert, key) = ca.issue("bench", pki::Role::Manager, Duration::from_secs(3600)).expect("leaf");
+    let resolver = tls::CertResolver::new(tls::certified_key(&cert, &key, &ca.cert_pem).expect("key"));
+    tls::client_config(&[ca.cert_der().expect("CA der")], resolver).expect("tls")
 }
 
 async fn committed(nodes: usize, tasks: usize) {
     let dir = tempfile::tempdir().unwrap();
     let (domain, applied) = DomainState::new();
     // A one-member cluster never dials a peer; its TLS client is never used.
-    let tls = holdfast::net::tls::client_config(&[], holdfast::net::tls::CertResolver::new(bench_key())).expect("tls");
+    let tls = bench_tls();
     let cfg = holdfast_raft::Config::new("bench", dir.path().join("m"), "127.0.0.1:1", "127.0.0.1:2", tls);
     let db = holdfast_raft::ReplicatedDb::open(cfg, domain.clone()).await.expect("open");
     db.bootstrap().await.expect("bootstrap");
