@@ -112,6 +112,13 @@ pub trait Apply: Send + Sync + 'static {
     /// Applies one committed command; `index` is its Raft log index, unique and growing
     /// across the cluster (usable as a fence).
     fn apply(&self, tx: &rusqlite::Transaction<'_>, index: u64, command: &[u8]) -> rusqlite::Result<Vec<u8>>;
+    /// Called once the transaction holding every entry up to `index` has committed, so
+    /// what they wrote is visible to every connection. Wake waiters and publish events
+    /// here, not in `apply`: a reader woken inside `apply` reads on another connection,
+    /// may miss the write, and then waits for the next one. Default: nothing.
+    fn committed(&self, index: u64) {
+        let _ = index;
+    }
 }
 
 /// Settings of one replicated database member.

@@ -360,6 +360,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             tx.commit().map_err(|e| StorageIOError::write_state_machine(&e))?;
             // A failed apply leaves the cache as it was, matching the rolled-back file.
             *shared.lock_membership() = Some(membership);
+            if let Some(last) = last {
+                shared.app.committed(last.index);
+            }
             Ok(responses)
         })
         .await
@@ -467,6 +470,44 @@ mod tests {
         fn apply(&self, _tx: &rusqlite::Transaction<'_>, _index: u64, command: &[u8]) -> rusqlite::Result<Vec<u8>> {
             Ok(command.to_vec())
         }
+    }
+
+    /// Writes each command's index, and on `committed` reads it back on a connection of
+    /// its own, as a woken long-poll does.
+    struct Witness {
+        path: std::path::PathBuf,
+        seen: std::sync::Mutex<Vec<(u64, Option<u64>)>>,
+    }
+
+    impl Apply for Witness {
+        fn init_schema(&self, conn: &Connection) -> rusqlite::Result<()> {
+            conn.execute_batch("CREATE TABLE IF NOT EXISTS w (i INTEGER)")
+        }
+
+        fn apply(&self, tx: &rusqlite::Transaction<'_>, index: u64, _command: &[u8]) -> rusqlite::Result<Vec<u8>> {
+            tx.execute("INSERT INTO w (i) VALUES (?1)", [index as i64])?;
+            Ok(Vec::new())
+        }
+
+        fn committed(&self, index: u64) {
+            let other = Connection::open(&self.path).unwrap();
+            let max: Option<i64> = other.query_row("SELECT MAX(i) FROM w", [], |r| r.get(0)).unwrap();
+            self.seen.lock().unwrap().push((index, max.map(|m| m as u64)));
+        }
+    }
+
+    /// What `apply` wrote is visible to other connections when `committed` is called
+    /// (a long-poll woken from `apply` itself read the old state and slept until its
+    /// deadline: the 2 s tail of submit → running).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn committed_is_called_after_the_write_is_visible() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = Arc::new(Witness { path: dir.path().join(datadir::STATE_FILE), seen: Default::default() });
+        let mut sm = StateMachine::open(dir.path(), "unit", app.clone()).unwrap();
+        let cmd = |i| entry(i, EntryPayload::Normal(crate::types::Payload(vec![1])));
+        sm.apply([cmd(1), cmd(2)]).await.unwrap();
+        sm.apply([entry(3, EntryPayload::Blank), cmd(4)]).await.unwrap();
+        assert_eq!(*app.seen.lock().unwrap(), vec![(2, Some(2)), (4, Some(4))]);
     }
 
     fn entry(index: u64, payload: EntryPayload<TypeConfig>) -> Entry {

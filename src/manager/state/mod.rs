@@ -245,6 +245,9 @@ pub struct DomainState {
     events: broadcast::Sender<DomainEvent>,
     /// Set when `apply` met an entry this build cannot apply (see `upgrade::NeedsUpgrade`).
     upgrade_required: std::sync::OnceLock<upgrade::NeedsUpgrade>,
+    /// Events of applied commands whose transaction has not committed yet; sent by
+    /// `committed`, so a listener never reads state older than an event it got.
+    unsent: std::sync::Mutex<Vec<DomainEvent>>,
 }
 
 /// What a [`DomainEvent`] is about; its text is the SSE event name and the JSON `kind`.
@@ -423,7 +426,13 @@ impl DomainState {
     pub fn new() -> (Arc<Self>, watch::Receiver<u64>) {
         let (tx, rx) = watch::channel(0);
         let (events, _) = broadcast::channel(EVENT_BUFFER);
-        (Arc::new(DomainState { applied: tx, events, upgrade_required: std::sync::OnceLock::new() }), rx)
+        let state = DomainState {
+            applied: tx,
+            events,
+            upgrade_required: std::sync::OnceLock::new(),
+            unsent: std::sync::Mutex::new(Vec::new()),
+        };
+        (Arc::new(state), rx)
     }
 
     /// Why this member stopped applying, when it met an entry that needs a feature level
@@ -551,9 +560,7 @@ impl DomainState {
             tx.execute_cached("ROLLBACK TO cmd", [])?;
         }
         if let (Some(cmd), Ok(v)) = (kept, &out) {
-            for e in events_for(index, &cmd, v) {
-                let _ = self.events.send(e);
-            }
+            crate::lock(&self.unsent).extend(events_for(index, &cmd, v));
         }
         tx.execute_cached("RELEASE cmd", [])?;
         Ok(out)
@@ -614,8 +621,16 @@ impl holdfast_raft::Apply for DomainState {
             }
             Ok(cmd) => self.apply_one(tx, index, cmd)?,
         };
-        self.applied.send_replace(index);
         Ok(serde_json::to_vec(&outcome).unwrap_or_default())
+    }
+
+    fn committed(&self, index: u64) {
+        // Taken out of the lock before sending: a send never waits, but keep it short.
+        let unsent = std::mem::take(&mut *crate::lock(&self.unsent));
+        for e in unsent {
+            let _ = self.events.send(e);
+        }
+        self.applied.send_replace(index);
     }
 }
 
