@@ -99,21 +99,21 @@ impl TrustAnchors {
     /// Trusts exactly `ca_ders` from the next handshake on.
     pub fn set(&self, ca_ders: &[CertificateDer<'static>]) -> Result<(), TlsError> {
         let built = Self::build(ca_ders)?;
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = built;
+        *crate::write(&self.current) = built;
         Ok(())
     }
 
     /// The CAs trusted now.
     pub fn ders(&self) -> Vec<CertificateDer<'static>> {
-        self.current.read().unwrap_or_else(|e| e.into_inner()).ders.clone()
+        crate::read(&self.current).ders.clone()
     }
 
     fn server(&self) -> Arc<rustls::client::WebPkiServerVerifier> {
-        self.current.read().unwrap_or_else(|e| e.into_inner()).server.clone()
+        crate::read(&self.current).server.clone()
     }
 
     fn client(&self) -> Arc<dyn ClientCertVerifier> {
-        self.current.read().unwrap_or_else(|e| e.into_inner()).client.clone()
+        crate::read(&self.current).client.clone()
     }
 }
 
@@ -132,11 +132,11 @@ impl CertResolver {
 
     /// Replaces the certificate for every later handshake.
     pub fn swap(&self, key: Arc<CertifiedKey>) {
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = key;
+        *crate::write(&self.current) = key;
     }
 
     fn get(&self) -> Arc<CertifiedKey> {
-        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+        crate::read(&self.current).clone()
     }
 }
 
@@ -241,11 +241,11 @@ pub struct Mismatch(std::sync::Mutex<Option<String>>);
 impl Mismatch {
     /// The reason, if a mismatch was seen (and clears it).
     pub fn take(&self) -> Option<String> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+        crate::lock(&self.0).take()
     }
 
     fn set(&self, why: String) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+        *crate::lock(&self.0) = Some(why);
     }
 }
 
