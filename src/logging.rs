@@ -6,10 +6,13 @@
 use std::io::IsTerminal;
 
 use tracing::Level;
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer;
 
 use crate::cli::LogFormat;
 
@@ -57,22 +60,58 @@ where
     }
 }
 
+/// Parses a filter: comma-separated `target=level` directives and at most one bare
+/// level for everything else (`info,openraft=warn`). This is tracing-subscriber's
+/// `Targets` filter rather than its `EnvFilter`: the same directives without span and
+/// field matching, and without the regex engine that matching needs, which kept ~1 MB
+/// out of the binary (ARCHITECTURE.md, "Decisions").
+pub fn parse_filter(directives: &str) -> Result<Targets, String> {
+    directives.parse::<Targets>().map_err(|e| e.to_string())
+}
+
 /// Installs the global subscriber. `level` is a filter directive; an invalid one is a
-/// configuration error, returned as its message.
+/// configuration error, returned as its message. Without one, `HOLDFAST_LOG` is used
+/// when it parses, else [`DEFAULT_FILTER`].
 pub fn init(format: LogFormat, level: Option<&str>) -> Result<(), String> {
     let filter = match level {
-        Some(l) => EnvFilter::try_new(l).map_err(|e| format!("--log-level {l:?}: {e}"))?,
-        None => EnvFilter::try_from_env("HOLDFAST_LOG").unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER)),
+        Some(l) => parse_filter(l).map_err(|e| format!("--log-level {l:?}: {e}"))?,
+        None => std::env::var("HOLDFAST_LOG")
+            .ok()
+            .and_then(|v| parse_filter(&v).ok())
+            .unwrap_or_else(|| parse_filter(DEFAULT_FILTER).expect("the default filter parses")),
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let result = match format {
-        LogFormat::Json => builder.json().with_current_span(false).with_span_list(false).try_init(),
-        LogFormat::Text if stderr_is_journal() => builder
+    let base = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let layer = match format {
+        LogFormat::Json => base.json().with_current_span(false).with_span_list(false).boxed(),
+        LogFormat::Text if stderr_is_journal() => base
             .with_ansi(false)
             .event_format(Journald(tracing_subscriber::fmt::format().without_time().with_ansi(false)))
-            .try_init(),
+            .boxed(),
         // Container logs are files, not terminals: no colour codes in them.
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).try_init(),
+        LogFormat::Text => base.with_ansi(std::io::stderr().is_terminal()).boxed(),
     };
-    result.map_err(|e| format!("cannot install the logger: {e}"))
+    tracing_subscriber::registry()
+        .with(layer.with_filter(filter))
+        .try_init()
+        .map_err(|e| format!("cannot install the logger: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_take_target_directives_and_refuse_nonsense() {
+        let f = parse_filter(DEFAULT_FILTER).unwrap();
+        assert!(f.would_enable("holdfast::node", &Level::INFO));
+        assert!(!f.would_enable("holdfast::node", &Level::DEBUG));
+        assert!(f.would_enable("openraft::core", &Level::WARN));
+        assert!(!f.would_enable("openraft::core", &Level::INFO));
+        let f = parse_filter("warn,holdfast::manager=debug").unwrap();
+        assert!(f.would_enable("holdfast::manager::leader", &Level::DEBUG));
+        assert!(!f.would_enable("holdfast::worker", &Level::INFO));
+        for bad in ["info,==", "holdfast=loud", "a=b=c"] {
+            assert!(parse_filter(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
 }

@@ -149,7 +149,7 @@ async fn no_node_is_overcommitted_under_500_concurrent_submissions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_nodes_tasks_move_and_a_drained_node_empties() {
-    let _ = tracing_subscriber::fmt().with_env_filter("warn").with_test_writer().try_init();
+    let _ = tracing_subscriber::fmt().with_max_level(tracing::Level::WARN).with_test_writer().try_init();
     let mut c = start(Strategy::Binpack).await;
     add_worker(&mut c, "a", resources(4000, 8192), &[]).await;
     add_worker(&mut c, "b", resources(4000, 8192), &[]).await;

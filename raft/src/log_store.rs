@@ -89,6 +89,72 @@ const RECENT_MAX: usize = 1_024;
 /// Most JSON bytes of written entries kept in memory (one spec may be 256 KiB).
 const RECENT_BYTES: usize = 4 << 20;
 
+/// The in-memory overlay: the newest entries by index, with a running total of the
+/// written ones' bytes. The total is kept, not summed, because the writer evicts after
+/// every batch while holding the lock readers need; summing up to 1,024 entries there
+/// was the log writer's largest own cost under load (ARCHITECTURE.md, "Decisions").
+#[derive(Default)]
+struct Overlay {
+    entries: BTreeMap<i64, Recent>,
+    written_bytes: usize,
+}
+
+impl Overlay {
+    /// Adds an appended, not yet written entry, replacing any at its index.
+    fn insert(&mut self, idx: i64, entry: Entry, bytes: usize) {
+        if let Some(old) = self.entries.insert(idx, Recent { entry, written: false, bytes }) {
+            self.forget(&old);
+        }
+    }
+
+    /// Marks `entry` written (`ok`) or drops it (its transaction failed: readers must
+    /// not see it as the log), unless a later append replaced its index.
+    fn settle(&mut self, idx: i64, entry: &Entry, ok: bool) {
+        let Some(r) = self.entries.get_mut(&idx).filter(|r| r.entry.log_id == entry.log_id) else { return };
+        if ok {
+            if !r.written {
+                r.written = true;
+                self.written_bytes += r.bytes;
+            }
+        } else if let Some(old) = self.entries.remove(&idx) {
+            self.forget(&old);
+        }
+    }
+
+    /// Evicts the oldest written entries beyond [`RECENT_MAX`] and [`RECENT_BYTES`];
+    /// unwritten ones are never evicted.
+    fn evict(&mut self) {
+        while self.entries.len() > RECENT_MAX || self.written_bytes > RECENT_BYTES {
+            match self.entries.first_entry() {
+                Some(e) if e.get().written => {
+                    let old = e.remove();
+                    self.forget(&old);
+                }
+                _ => break,
+            }
+        }
+    }
+
+    /// Keeps only the entries whose index passes `keep` (truncate and purge).
+    fn retain(&mut self, keep: impl Fn(i64) -> bool) {
+        let mut dropped = 0;
+        self.entries.retain(|idx, r| {
+            let k = keep(*idx);
+            if !k && r.written {
+                dropped += r.bytes;
+            }
+            k
+        });
+        self.written_bytes -= dropped;
+    }
+
+    fn forget(&mut self, old: &Recent) {
+        if old.written {
+            self.written_bytes -= old.bytes;
+        }
+    }
+}
+
 /// The SQLite-backed [`RaftLogStorage`]; clones share one connection and one writer.
 #[derive(Clone)]
 pub struct LogStore {
@@ -96,7 +162,7 @@ pub struct LogStore {
     /// The newest entries by index: every appended entry not yet committed (readers see
     /// it here first) and the newest written ones within [`RECENT_MAX`] and
     /// [`RECENT_BYTES`], always a suffix of the log.
-    pending: Arc<Mutex<BTreeMap<i64, Recent>>>,
+    pending: Arc<Mutex<Overlay>>,
     /// The committed log id openraft gave last, persisted by the writer's next commit.
     committed: Arc<Mutex<Option<LogId>>>,
     writer: mpsc::Sender<Job>,
@@ -107,7 +173,7 @@ const GROUP_MAX: usize = 4_096;
 
 fn writer_loop(
     db: Arc<Mutex<Connection>>,
-    pending: Arc<Mutex<BTreeMap<i64, Recent>>>,
+    pending: Arc<Mutex<Overlay>>,
     committed: Arc<Mutex<Option<LogId>>>,
     rx: mpsc::Receiver<Job>,
 ) {
@@ -162,28 +228,11 @@ fn writer_loop(
             for job in &jobs {
                 if let Job::Append(rows, _) = job {
                     for (idx, _, _, entry) in rows {
-                        // A later append may have replaced this index already; keep it.
-                        if let Some(r) = p.get_mut(idx).filter(|r| r.entry.log_id == entry.log_id) {
-                            if result.is_ok() {
-                                r.written = true;
-                            } else {
-                                // Not on disk: readers must not see it as the log.
-                                p.remove(idx);
-                            }
-                        }
+                        p.settle(*idx, entry, result.is_ok());
                     }
                 }
             }
-            // The oldest written entries go first; unwritten ones are never evicted.
-            let mut bytes: usize = p.values().filter(|r| r.written).map(|r| r.bytes).sum();
-            while p.len() > RECENT_MAX || bytes > RECENT_BYTES {
-                match p.first_entry() {
-                    Some(e) if e.get().written => {
-                        bytes -= e.remove().bytes;
-                    }
-                    _ => break,
-                }
-            }
+            p.evict();
         }
         for job in jobs {
             match job {
@@ -208,7 +257,7 @@ impl LogStore {
         }
         let conn = datadir::open_existing(&path, Role::Log, node_name)?;
         let db = Arc::new(Mutex::new(conn));
-        let pending = Arc::new(Mutex::new(BTreeMap::new()));
+        let pending = Arc::new(Mutex::new(Overlay::default()));
         let committed = Arc::new(Mutex::new(None));
         let (writer, rx) = mpsc::channel();
         let (wdb, wpending, wcommitted) = (db.clone(), pending.clone(), committed.clone());
@@ -231,7 +280,7 @@ impl LogStore {
         {
             let mut p = self.pending.lock().expect("pending-entries mutex poisoned");
             for (idx, _, json, entry) in &rows {
-                p.insert(*idx, Recent { entry: entry.clone(), written: false, bytes: json.len() });
+                p.insert(*idx, entry.clone(), json.len());
             }
         }
         self.writer
@@ -250,7 +299,7 @@ impl LogStore {
 
     fn pending_range(&self, start: i64, end: i64) -> Vec<Entry> {
         let p = self.pending.lock().expect("pending-entries mutex poisoned");
-        p.range(start..end).map(|(_, r)| r.entry.clone()).collect()
+        p.entries.range(start..end).map(|(_, r)| r.entry.clone()).collect()
     }
 
     /// The entries `start..end` when every one of them is in memory, else `None`.
@@ -265,7 +314,8 @@ impl LogStore {
         let p = self.pending.lock().expect("pending-entries mutex poisoned");
         let wanted = usize::try_from(end - start).ok()?;
         // Keys are distinct, so `wanted` of them in `start..end` are all of them.
-        (p.range(start..end).count() == wanted).then(|| p.range(start..end).map(|(_, r)| r.entry.clone()).collect())
+        (p.entries.range(start..end).count() == wanted)
+            .then(|| p.entries.range(start..end).map(|(_, r)| r.entry.clone()).collect())
     }
 
     /// Last purged log id, read synchronously (used by the data-dir consistency checks).
@@ -380,8 +430,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 Ok(LogState { last_purged_log_id: last_purged, last_log_id })
             })
             .await?;
-        let queued_last =
-            self.pending.lock().expect("pending-entries mutex poisoned").values().next_back().map(|r| r.entry.log_id);
+        let queued_last = self
+            .pending
+            .lock()
+            .expect("pending-entries mutex poisoned")
+            .entries
+            .values()
+            .next_back()
+            .map(|r| r.entry.log_id);
         let last_log_id = match (state.last_log_id, queued_last) {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
@@ -431,7 +487,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let from = to_sql_index(log_id.index);
         // Queued appends must land before the delete, or they would come back after it.
         self.drain_writer().await?;
-        self.pending.lock().expect("pending-entries mutex poisoned").retain(|idx, _| *idx < from);
+        self.pending.lock().expect("pending-entries mutex poisoned").retain(|idx| idx < from);
         self.call(move |conn| {
             conn.execute("DELETE FROM log WHERE idx >= ?1", [from]).map_err(|e| StorageIOError::write_logs(&e))?;
             Ok(())
@@ -442,7 +498,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         let upto = to_sql_index(log_id.index);
         self.drain_writer().await?;
-        self.pending.lock().expect("pending-entries mutex poisoned").retain(|idx, _| *idx > upto);
+        self.pending.lock().expect("pending-entries mutex poisoned").retain(|idx| idx > upto);
         self.call(move |conn| {
             let tx = conn.transaction().map_err(|e| StorageIOError::write_logs(&e))?;
             // The purged pointer is written first in the same transaction, so the log
@@ -526,7 +582,7 @@ mod tests {
         // Evicted from memory, read from disk, across the boundary too.
         let got = store.try_get_log_entries(1..last + 1).await.unwrap();
         assert_eq!(indexes(&got), (1..=last).collect::<Vec<_>>());
-        assert!(store.pending.lock().unwrap().len() <= RECENT_MAX, "written entries are evicted");
+        assert!(store.pending.lock().unwrap().entries.len() <= RECENT_MAX, "written entries are evicted");
         // Beyond the last entry: what exists, not more.
         let got = store.try_get_log_entries(last - 1..last + 5).await.unwrap();
         assert_eq!(indexes(&got), vec![last - 1, last]);
@@ -546,8 +602,11 @@ mod tests {
         let (tx, rx) = tokio::sync::oneshot::channel();
         store.enqueue((last - 4..last + 6).map(big), Box::new(move |r| drop(tx.send(r)))).unwrap();
         rx.await.unwrap().unwrap();
-        let kept: usize = store.pending.lock().unwrap().values().map(|r| r.bytes).sum();
+        let overlay = store.pending.lock().unwrap();
+        let kept: usize = overlay.entries.values().filter(|r| r.written).map(|r| r.bytes).sum();
         assert!(kept <= RECENT_BYTES, "{kept} bytes of written entries kept in memory");
+        assert_eq!(kept, overlay.written_bytes, "the running total matches the entries");
+        drop(overlay);
         let got = store.try_get_log_entries(last - 6..last + 6).await.unwrap();
         assert_eq!(indexes(&got), (last - 6..last + 6).collect::<Vec<_>>());
     }
