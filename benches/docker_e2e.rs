@@ -2,7 +2,8 @@
 //! Docker engine, against raw `docker run` of the same image in the same run (the
 //! floor). Then 100 echo tasks on one worker, all answering.
 //!
-//! Run: `cargo bench --bench docker_e2e` (env `BENCH_TASKS` changes the sample size).
+//! Run: `cargo bench --bench docker_e2e` (env `BENCH_TASKS` changes the sample size;
+//! `BENCH_BIN=/path/to/holdfast` measures another build than the one cargo built).
 
 mod common;
 
@@ -24,7 +25,7 @@ fn docker(args: &[&str]) -> String {
 #[tokio::main]
 async fn main() {
     let n: usize = env("BENCH_TASKS", 50);
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_holdfast"));
+    let bin = std::env::var_os("BENCH_BIN").map(PathBuf::from).unwrap_or(env!("CARGO_BIN_EXE_holdfast").into());
     let dir = tempfile::tempdir().unwrap();
     let node = format!("bench-{}", std::process::id());
     let api = format!("127.0.0.1:{}", free_port());
