@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{env, free_port, Killer};
+use common::{env, free_port, median, Killer};
 
 /// Goals of the write-path issue, in MiB (README "Benchmarks").
 const MANAGER_GOAL_MIB: f64 = 12.0;
@@ -122,16 +122,6 @@ fn path(p: &Path) -> &str {
 
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 /// The medians over rounds of (total, anon, file) in MiB.
