@@ -2,7 +2,8 @@
 //! fsync on and mutual TLS between them (on by default). Measures committed
 //! submissions/s and latency at 1, 16 and 256 concurrent clients, p99 at a fixed
 //! 1,000 req/s offered load, and failover time over repeated leader SIGKILLs as a client
-//! that knows all three API addresses sees it.
+//! that knows all three API addresses sees it, and the CPU time all members spend per
+//! acknowledged write (etcd's too).
 //!
 //! Baseline in the same run: a three-member etcd (`etcd` from Debian's `etcd-server`)
 //! with **peer TLS on** (the bench makes its CA and certificates with `openssl` in a
@@ -75,6 +76,38 @@ struct Figures {
     p50: Duration,
     p99: Duration,
     errors: usize,
+    /// CPU time (user + system) the system's processes spent per acknowledged write, µs.
+    cpu_us: f64,
+}
+
+/// User + system CPU time of `pids` so far (`/proc/<pid>/stat`), in seconds; a process
+/// that is gone counts nothing.
+fn cpu_secs(pids: &[u32]) -> f64 {
+    let ticks: u64 = pids
+        .iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter_map(|stat| {
+            // Fields after the command name (which may hold spaces): state is the first,
+            // utime and stime the 12th and 13th.
+            let rest = &stat[stat.rfind(')')? + 1..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum();
+    ticks as f64 / clock_ticks()
+}
+
+/// The kernel's clock ticks per second for `/proc` times (`getconf CLK_TCK`).
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 /// An HTTP client sending `token` (if any) as a bearer token on every request.
@@ -94,9 +127,11 @@ fn client(token: Option<&str>, timeout: Duration) -> reqwest::Client {
 
 type Make = Arc<dyn Fn(&reqwest::Client, usize) -> reqwest::RequestBuilder + Send + Sync>;
 
-/// `clients` loops each sending requests made by `make` back to back for `secs`.
-async fn closed_loop(http: &reqwest::Client, clients: usize, secs: f64, make: Make) -> Figures {
+/// `clients` loops each sending requests made by `make` back to back for `secs`;
+/// `pids` are the processes of the system under load, whose CPU time is counted.
+async fn closed_loop(http: &reqwest::Client, clients: usize, secs: f64, make: Make, pids: &[u32]) -> Figures {
     let stop = Arc::new(AtomicBool::new(false));
+    let cpu_before = cpu_secs(pids);
     let started = Instant::now();
     let mut handles = Vec::new();
     for c in 0..clients {
@@ -126,8 +161,15 @@ async fn closed_loop(http: &reqwest::Client, clients: usize, secs: f64, make: Ma
         errors += e;
     }
     let elapsed = started.elapsed();
+    let cpu_us = (cpu_secs(pids) - cpu_before) * 1e6 / all.len().max(1) as f64;
     all.sort();
-    Figures { rate: all.len() as f64 / elapsed.as_secs_f64(), p50: pct(&all, 0.5), p99: pct(&all, 0.99), errors }
+    Figures {
+        rate: all.len() as f64 / elapsed.as_secs_f64(),
+        p50: pct(&all, 0.5),
+        p99: pct(&all, 0.99),
+        errors,
+        cpu_us,
+    }
 }
 
 /// Open loop: `rate` requests/s for `secs`, latency measured from the scheduled send.
@@ -156,7 +198,7 @@ async fn open_loop(http: &reqwest::Client, rate: u64, secs: u64, make: Make) -> 
         }
     }
     lat.sort();
-    Figures { rate: lat.len() as f64 / secs as f64, p50: pct(&lat, 0.5), p99: pct(&lat, 0.99), errors }
+    Figures { rate: lat.len() as f64 / secs as f64, p50: pct(&lat, 0.5), p99: pct(&lat, 0.99), errors, cpu_us: 0.0 }
 }
 
 async fn get_json(http: &reqwest::Client, url: &str) -> Option<serde_json::Value> {
@@ -244,7 +286,12 @@ impl Cluster {
         let make: Make = Arc::new(move |http: &reqwest::Client, n| {
             http.post(&url).body(format!(r#"{{"image":"holdfast/echo:latest","name":"b{n}"}}"#))
         });
-        closed_loop(&self.http(Duration::from_secs(10)), clients, secs, make).await
+        closed_loop(&self.http(Duration::from_secs(10)), clients, secs, make, &self.pids()).await
+    }
+
+    /// Process ids of the running members.
+    fn pids(&self) -> Vec<u32> {
+        self.ms.iter().filter_map(|m| m.proc.as_ref().map(|k| k.0.id())).collect()
     }
 
     /// Leader SIGKILL → the first write acknowledged by any member, as a client that
@@ -391,14 +438,14 @@ fn start_etcd(dir: &Path) -> (Vec<Killer>, Vec<String>) {
     (procs, clients)
 }
 
-async fn etcd_put(url: &str, clients: usize, secs: f64) -> Figures {
+async fn etcd_put(url: &str, clients: usize, secs: f64, pids: &[u32]) -> Figures {
     let url = format!("http://{url}/v3/kv/put");
     let make: Make = Arc::new(move |http: &reqwest::Client, n| {
         // etcd's JSON gateway wants bytes as base64.
         let body = format!(r#"{{"key":"{}","value":"dGFzaw=="}}"#, b64(&format!("k{n}")));
         http.post(&url).body(body)
     });
-    closed_loop(&client(None, Duration::from_secs(10)), clients, secs, make).await
+    closed_loop(&client(None, Duration::from_secs(10)), clients, secs, make, pids).await
 }
 
 fn load() -> String {
@@ -435,7 +482,8 @@ async fn main() {
     };
 
     if only.is_empty() || only == "writes" {
-        writes(&systems, etcd.as_ref().map(|(_, c)| c[0].as_str()), secs, rounds).await;
+        let baseline = etcd.as_ref().map(|(procs, c)| (c[0].as_str(), procs.iter().map(|k| k.0.id()).collect()));
+        writes(&systems, baseline, secs, rounds).await;
     }
     drop(etcd);
 
@@ -455,7 +503,9 @@ async fn main() {
     }
 }
 
-async fn writes(systems: &[Cluster], etcd: Option<&str>, secs: f64, rounds: usize) {
+/// The closed-loop table, then CPU per write, then the open loop. `etcd` is the
+/// baseline's client address and process ids.
+async fn writes(systems: &[Cluster], etcd: Option<(&str, Vec<u32>)>, secs: f64, rounds: usize) {
     println!("\n== submissions, closed loop, {secs}s per row x {rounds} rounds (3 members each, fsync on) ==");
     println!("   medians over rounds; ratio = median of per-round holdfast/etcd (and holdfast/compare)");
     let mut head = format!("{:>7} |", "clients");
@@ -473,6 +523,7 @@ async fn writes(systems: &[Cluster], etcd: Option<&str>, secs: f64, rounds: usiz
         head += &format!(" {:>8}", "vs cmp");
     }
     println!("{head}");
+    let mut cpu_rows = Vec::new();
     let rows: Vec<usize> = std::env::var("BENCH_CLIENTS")
         .ok()
         .map(|s| s.split(',').filter_map(|c| c.trim().parse().ok()).collect())
@@ -485,8 +536,8 @@ async fn writes(systems: &[Cluster], etcd: Option<&str>, secs: f64, rounds: usiz
             for (i, s) in systems.iter().enumerate() {
                 per[i].push(s.submit(clients, secs).await);
             }
-            if let Some(url) = etcd {
-                e.push(etcd_put(url, clients, secs).await);
+            if let Some((url, pids)) = &etcd {
+                e.push(etcd_put(url, clients, secs, pids).await);
             }
         }
         let med = |f: &[Figures]| {
@@ -514,6 +565,22 @@ async fn writes(systems: &[Cluster], etcd: Option<&str>, secs: f64, rounds: usiz
             line += &format!(" {ratio:>8.2}");
         }
         println!("{line}   (load {})", load());
+        let cpu = |f: &[Figures]| median(f.iter().map(|x| x.cpu_us).collect());
+        cpu_rows.push((clients, per.iter().map(|f| cpu(f)).collect::<Vec<_>>(), (!e.is_empty()).then(|| cpu(&e))));
+    }
+
+    // Where throughput on a shared machine goes: every member's CPU, not only the
+    // leader's, is spent on each write.
+    println!("\n== CPU per acknowledged write, all three members together (user + system, µs; medians) ==");
+    for (clients, per, e) in cpu_rows {
+        let mut line = format!("{clients:>7} |");
+        for (s, c) in systems.iter().zip(&per) {
+            line += &format!(" {}: {c:>6.0}", s.label);
+        }
+        if let Some(e) = e {
+            line += &format!(" | etcd: {e:>6.0} | holdfast/etcd {:.2}", per[0] / e);
+        }
+        println!("{line}");
     }
 
     println!("\n== open loop at 1000 req/s offered, {}s ==", secs.ceil() as u64);
@@ -533,7 +600,7 @@ async fn writes(systems: &[Cluster], etcd: Option<&str>, secs: f64, rounds: usiz
             h.errors
         );
     }
-    if let Some(c) = etcd {
+    if let Some((c, _)) = etcd {
         let url = format!("http://{c}/v3/kv/put");
         let make: Make = Arc::new(move |http: &reqwest::Client, n| {
             http.post(&url).body(format!(r#"{{"key":"{}","value":"dGFzaw=="}}"#, b64(&format!("o{n}"))))

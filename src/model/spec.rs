@@ -532,9 +532,14 @@ impl TaskSpec {
 
     /// A stable digest of the canonical JSON, to compare specs under one idempotency key.
     pub fn digest(&self) -> String {
+        Self::digest_of_json(&serde_json::to_vec(self).unwrap_or_default())
+    }
+
+    /// [`TaskSpec::digest`] of a spec already serialized with `serde_json`, so a caller
+    /// that stores the JSON serializes it once.
+    pub fn digest_of_json(json: &[u8]) -> String {
         use sha2::Digest;
-        let json = serde_json::to_vec(self).unwrap_or_default();
-        let d = sha2::Sha256::digest(&json);
+        let d = sha2::Sha256::digest(json);
         d.iter().take(16).map(|b| format!("{b:02x}")).collect()
     }
 }
@@ -616,5 +621,7 @@ mod tests {
         let c = TaskSpec::from_json(br#"{"image":"b"}"#).unwrap();
         assert_eq!(a.digest(), b.digest());
         assert_ne!(a.digest(), c.digest());
+        let json = serde_json::to_string(&a).unwrap();
+        assert_eq!(TaskSpec::digest_of_json(json.as_bytes()), a.digest());
     }
 }

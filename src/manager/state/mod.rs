@@ -807,7 +807,9 @@ fn submit_task(
     idempotency_key: Option<String>,
     now_ms: u64,
 ) -> rusqlite::Result<Outcome> {
-    let digest = spec.digest();
+    // One serialization serves the stored spec and its digest.
+    let spec_json = serde_json::to_string(spec).unwrap_or_default();
+    let digest = TaskSpec::digest_of_json(spec_json.as_bytes());
     if let Some(key) = &idempotency_key {
         let existing: Option<(String, String)> = tx
             .query_row_cached("SELECT id, digest FROM tasks WHERE idem_key = ?1", [key], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -826,7 +828,6 @@ fn submit_task(
     if exists {
         return reject(RejectCode::Conflict, format!("a task with id {id} already exists"));
     }
-    let spec_json = serde_json::to_string(spec).unwrap_or_default();
     tx.execute_cached(
         "INSERT INTO tasks (id, name, spec, desired, idem_key, digest, pending_reason, created_index, created_ms, updated_ms)
          VALUES (?1, ?2, ?3, 'run', ?4, ?5, NULL, ?6, ?7, ?7)",
