@@ -267,6 +267,59 @@ fn path_str(path: &Path) -> Result<&str, StorageError> {
     })
 }
 
+/// Most entries, and bytes of command payload, that [`StateMachine::apply`] applies on
+/// the calling task rather than in the blocking pool; one submission is ~0.6 KiB.
+const INLINE_ENTRIES: usize = 4;
+const INLINE_BYTES: usize = 4 * 1024;
+
+fn is_small(entries: &[Entry]) -> bool {
+    let bytes: usize = entries
+        .iter()
+        .map(|e| match &e.payload {
+            EntryPayload::Normal(cmd) => cmd.0.len(),
+            _ => 0,
+        })
+        .sum();
+    entries.len() <= INLINE_ENTRIES && bytes <= INLINE_BYTES
+}
+
+/// Applies `entries` in one transaction on `conn` (the state database's write
+/// connection, locked by the caller) and wakes the application after the commit.
+fn apply_batch(shared: &Shared, conn: &mut Connection, entries: Vec<Entry>) -> Result<Vec<Payload>, StorageError> {
+    let known = shared.lock_membership().clone();
+    let mut membership = match known {
+        Some(m) => m,
+        None => read_sm_meta(conn)?.1,
+    };
+    let tx = conn.transaction().map_err(|e| StorageIOError::write_state_machine(&e))?;
+    let mut responses = Vec::with_capacity(entries.len());
+    let mut last = None;
+    for entry in entries {
+        let log_id = entry.log_id;
+        match entry.payload {
+            EntryPayload::Blank => responses.push(Payload::default()),
+            EntryPayload::Normal(cmd) => {
+                let resp =
+                    shared.app.apply(&tx, log_id.index, &cmd.0).map_err(|e| StorageIOError::apply(log_id, &e))?;
+                responses.push(Payload(resp));
+            }
+            EntryPayload::Membership(m) => {
+                membership = StoredMembership::new(Some(log_id), m);
+                responses.push(Payload::default());
+            }
+        }
+        last = Some(log_id);
+    }
+    write_sm_meta(&tx, &last, &membership).map_err(|e| StorageIOError::write_state_machine(&e))?;
+    tx.commit().map_err(|e| StorageIOError::write_state_machine(&e))?;
+    // A failed apply leaves the cache as it was, matching the rolled-back file.
+    *shared.lock_membership() = Some(membership);
+    if let Some(last) = last {
+        shared.app.committed(last.index);
+    }
+    Ok(responses)
+}
+
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         self.call(|shared| {
@@ -328,44 +381,23 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
-        self.call(move |shared| {
-            let mut conn = shared.lock_conn();
-            let known = shared.lock_membership().clone();
-            let mut membership = match known {
-                Some(m) => m,
-                None => read_sm_meta(&conn)?.1,
-            };
-            let tx = conn.transaction().map_err(|e| StorageIOError::write_state_machine(&e))?;
-            let mut responses = Vec::with_capacity(entries.len());
-            let mut last = None;
-            for entry in entries {
-                let log_id = entry.log_id;
-                match entry.payload {
-                    EntryPayload::Blank => responses.push(Payload::default()),
-                    EntryPayload::Normal(cmd) => {
-                        let resp = shared
-                            .app
-                            .apply(&tx, log_id.index, &cmd.0)
-                            .map_err(|e| StorageIOError::apply(log_id, &e))?;
-                        responses.push(Payload(resp));
-                    }
-                    EntryPayload::Membership(m) => {
-                        membership = StoredMembership::new(Some(log_id), m);
-                        responses.push(Payload::default());
-                    }
-                }
-                last = Some(log_id);
+        // A small batch on a free connection is applied right here: the hop to the
+        // blocking pool and back (two cross-thread wake-ups) costs more CPU than such an
+        // apply, which writes the WAL without fsync (ARCHITECTURE.md, "Decisions").
+        // Anything bigger, or a connection a snapshot holds, goes to the pool.
+        if is_small(&entries) {
+            if let Ok(mut conn) = self.shared.conn.try_lock() {
+                let shared = &self.shared;
+                return std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    apply_batch(shared, &mut conn, entries)
+                }))
+                .unwrap_or_else(|_| {
+                    let panicked = std::io::Error::other("apply panicked");
+                    Err(StorageIOError::write_state_machine(&panicked).into())
+                });
             }
-            write_sm_meta(&tx, &last, &membership).map_err(|e| StorageIOError::write_state_machine(&e))?;
-            tx.commit().map_err(|e| StorageIOError::write_state_machine(&e))?;
-            // A failed apply leaves the cache as it was, matching the rolled-back file.
-            *shared.lock_membership() = Some(membership);
-            if let Some(last) = last {
-                shared.app.committed(last.index);
-            }
-            Ok(responses)
-        })
-        .await
+        }
+        self.call(move |shared| apply_batch(shared, &mut shared.lock_conn(), entries)).await
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -508,6 +540,65 @@ mod tests {
         sm.apply([cmd(1), cmd(2)]).await.unwrap();
         sm.apply([entry(3, EntryPayload::Blank), cmd(4)]).await.unwrap();
         assert_eq!(*app.seen.lock().unwrap(), vec![(2, Some(2)), (4, Some(4))]);
+    }
+
+    /// Records each command; a command `b"panic"` panics and `b"fail"` fails, as a
+    /// buggy application could.
+    struct Recorder;
+
+    impl Apply for Recorder {
+        fn init_schema(&self, conn: &Connection) -> rusqlite::Result<()> {
+            conn.execute_batch("CREATE TABLE IF NOT EXISTS r (i INTEGER, c BLOB)")
+        }
+
+        fn apply(&self, tx: &rusqlite::Transaction<'_>, index: u64, command: &[u8]) -> rusqlite::Result<Vec<u8>> {
+            match command {
+                b"panic" => panic!("the application panicked"),
+                b"fail" => Err(rusqlite::Error::InvalidQuery),
+                _ => {
+                    tx.execute("INSERT INTO r (i, c) VALUES (?1, ?2)", rusqlite::params![index as i64, command])?;
+                    Ok(command.to_vec())
+                }
+            }
+        }
+    }
+
+    /// Small batches apply on the calling task, big ones (by count or by bytes) in the
+    /// blocking pool; both answer in order and commit, and on both a failing or panicking
+    /// command fails the whole batch as a storage error, writing none of it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn small_and_big_batches_apply_alike_and_a_failing_one_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = StateMachine::open(dir.path(), "unit", Arc::new(Recorder)).unwrap();
+        let cmd = |i: u64, c: &[u8]| entry(i, EntryPayload::Normal(crate::types::Payload(c.to_vec())));
+        let big = vec![7u8; INLINE_BYTES + 1];
+        let small = [cmd(1, b"a"), cmd(2, b"b")];
+        assert!(is_small(&small));
+        let many: Vec<Entry> = (3..=3 + INLINE_ENTRIES as u64).map(|i| cmd(i, b"m")).collect();
+        assert!(!is_small(&many) && !is_small(&[cmd(0, &big)]));
+
+        let out = sm.apply(small).await.unwrap();
+        assert_eq!(out.iter().map(|p| p.0.clone()).collect::<Vec<_>>(), vec![b"a".to_vec(), b"b".to_vec()]);
+        let last_many = 3 + INLINE_ENTRIES as u64;
+        assert_eq!(sm.apply(many).await.unwrap().len(), INLINE_ENTRIES + 1);
+        assert_eq!(sm.apply([cmd(last_many + 1, &big)]).await.unwrap()[0].0, big);
+
+        let count = || {
+            let c = Connection::open(dir.path().join(datadir::STATE_FILE)).unwrap();
+            c.query_row("SELECT COUNT(*) FROM r", [], |r| r.get::<_, i64>(0)).unwrap()
+        };
+        assert_eq!(count(), 2 + INLINE_ENTRIES as i64 + 1 + 1);
+        let next = last_many + 2;
+        for bad in [&b"fail"[..], b"panic"] {
+            // Inline (one small entry after a good one) and through the pool (with a big one).
+            assert!(sm.apply([cmd(next, b"ok"), cmd(next + 1, bad)]).await.is_err(), "{bad:?} inline");
+            assert!(sm.apply([cmd(next, &big), cmd(next + 1, bad)]).await.is_err(), "{bad:?} in the pool");
+            if bad == b"fail" {
+                assert_eq!(count(), 2 + INLINE_ENTRIES as i64 + 2, "a failed batch writes nothing");
+                let (applied, _) = sm.applied_state().await.unwrap();
+                assert_eq!(applied.map(|l| l.index), Some(last_many + 1));
+            }
+        }
     }
 
     fn entry(index: u64, payload: EntryPayload<TypeConfig>) -> Entry {
