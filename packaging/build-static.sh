@@ -38,10 +38,11 @@ if [[ "$arch" == aarch64 ]]; then
     export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
     export AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar
 fi
-# .cargo/config.toml asks for +crt-static on x86_64; RUSTFLAGS replaces (not adds to)
-# those flags with the same ones, so the x86_64 build shares `cargo test`'s artifacts,
-# and it applies to the target only (never to build scripts) because --target is given.
-export RUSTFLAGS="-C target-feature=+crt-static"
+# .cargo/config.toml asks for +crt-static and RELR relocations on x86_64; RUSTFLAGS
+# replaces (not adds to) those flags with the same ones, so the x86_64 build shares
+# `cargo test`'s artifacts, and it applies to the target only (never to build scripts)
+# because --target is given. aarch64 gets the same flags from here.
+export RUSTFLAGS="-C target-feature=+crt-static -C link-arg=-Wl,-z,pack-relative-relocs"
 cargo build --profile "$profile" --locked --target "$target" --bin holdfast >&2
 
 target_dir="$(cargo metadata --format-version 1 --no-deps \
