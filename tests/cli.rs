@@ -197,4 +197,13 @@ async fn task_logs_follow_prints_new_lines_once() {
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         assert!(seen.insert(line), "printed twice: {line}\n{text}");
     }
+
+    // Clean up while the agent is here: a worker that goes away leaves its tasks running
+    // (edge autonomy), so an unstopped task would outlive the test as a container.
+    ok(dev.cli(&["task", "stop", &id]));
+    eventually(WAIT, "the probed task stopped", || async {
+        let v = json(dev.cli(&["task", "get", &id, "-o", "json"]));
+        (v["state"] == "stopped").then_some(())
+    })
+    .await;
 }
