@@ -16,7 +16,7 @@
 //! build under test is printed too. `BENCH_BIN` replaces the build under test.
 //!
 //! Run: `cargo bench --bench cluster_submit` (env `BENCH_SECS`, `BENCH_ROUNDS`,
-//! `BENCH_KILLS`, `BENCH_COMPARE`, `BENCH_BIN`, `BENCH_ONLY=writes|failover`,
+//! `BENCH_KILLS`, `BENCH_COMPARE`, `BENCH_BIN`, `BENCH_ONLY=writes|failover`, `BENCH_KEEP=1`,
 //! `BENCH_CLIENTS=1,16,256`).
 
 mod common;
@@ -319,22 +319,51 @@ impl Cluster {
                 next = (next + 1) % addrs.len();
                 assert!(t.elapsed() < Duration::from_secs(30), "no write accepted 30 s after a leader kill");
             }
-            times.push(t.elapsed());
+            let took = t.elapsed();
+            if took > Duration::from_millis(1500) {
+                // The slow ones are what to read the members' logs for (BENCH_KEEP=1).
+                println!("  kill {k}: {:.0} ms (leader was {})", millis(took), self.ms[li].name);
+            }
+            times.push(took);
             let log = self.dir.join(format!("{}-{k}.log", self.ms[li].name));
             let seed = self.ms[(li + 1) % 3].cluster.clone();
             let bin = self.bin.clone();
             spawn(&bin, &mut self.ms[li], &["--join", &seed], &log);
-            // Let it rejoin and catch up before the next kill so a quorum survives it.
+            // Let it rejoin and catch up before the next kill: it must know the leader
+            // and have applied what the leader had committed when it came back. A kill
+            // while it still catches up (after the write rows, through a snapshot of a
+            // large state) is two faults at once: it campaigns first with a stale log,
+            // is refused, and the election takes another round.
             let api = self.ms[li].api.clone();
             let http2 = self.http(Duration::from_secs(2));
-            wait_for(Duration::from_secs(30), || async {
+            let addrs = addrs.clone();
+            wait_for(Duration::from_secs(60), || async {
                 let v = get_json(&http2, &format!("http://{api}/v1/cluster")).await?;
-                v["leader"]["id"].as_str().map(|_| ())
+                let leader_api = v["leader"]["api"].as_str()?.to_string();
+                let applied = v["last_applied"].as_u64()?;
+                let lv = get_json(&http2, &format!("http://{leader_api}/v1/cluster")).await?;
+                let committed = lv["commit_index"].as_u64()?;
+                (addrs.contains(&leader_api) && applied >= committed).then_some(())
             })
             .await;
         }
         times.sort();
         times
+    }
+}
+
+/// The bench's directory: removed at the end, or kept for reading the logs.
+enum Kept {
+    Temp(tempfile::TempDir),
+    Path(PathBuf),
+}
+
+impl Kept {
+    fn path(&self) -> &Path {
+        match self {
+            Kept::Temp(t) => t.path(),
+            Kept::Path(p) => p,
+        }
     }
 }
 
@@ -462,6 +491,14 @@ async fn main() {
     let only: String = env("BENCH_ONLY", String::new());
     let bin = std::env::var_os("BENCH_BIN").map(PathBuf::from).unwrap_or(PathBuf::from(env!("CARGO_BIN_EXE_holdfast")));
     let dir = tempfile::tempdir().unwrap();
+    // BENCH_KEEP=1 keeps the members' data and logs (`m<i>.log`, `m<i>-<kill>.log`).
+    let dir = if env("BENCH_KEEP", 0) == 1 {
+        let kept = dir.keep();
+        println!("keeping {}", kept.display());
+        Kept::Path(kept)
+    } else {
+        Kept::Temp(dir)
+    };
     let mut systems = vec![Cluster::start("holdfast", bin, dir.path().join("a")).await];
     if let Some(other) = std::env::var_os("BENCH_COMPARE") {
         systems.push(Cluster::start("compare", PathBuf::from(other), dir.path().join("b")).await);
