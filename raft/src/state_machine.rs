@@ -267,11 +267,14 @@ fn path_str(path: &Path) -> Result<&str, StorageError> {
     })
 }
 
-/// Most entries, and bytes of command payload, that [`StateMachine::apply`] applies on
-/// the calling task rather than in the blocking pool; one submission is ~0.6 KiB.
+/// Most entries that [`StateMachine::apply`] applies on the calling task rather than
+/// in the blocking pool.
 const INLINE_ENTRIES: usize = 4;
+/// Most bytes of command payload applied on the calling task; one submission is
+/// ~0.6 KiB.
 const INLINE_BYTES: usize = 4 * 1024;
 
+/// Whether `entries` are few and small enough to apply on the calling task.
 fn is_small(entries: &[Entry]) -> bool {
     let bytes: usize = entries
         .iter()
