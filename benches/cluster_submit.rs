@@ -352,21 +352,6 @@ impl Cluster {
     }
 }
 
-/// The bench's directory: removed at the end, or kept for reading the logs.
-enum Kept {
-    Temp(tempfile::TempDir),
-    Path(PathBuf),
-}
-
-impl Kept {
-    fn path(&self) -> &Path {
-        match self {
-            Kept::Temp(t) => t.path(),
-            Kept::Path(p) => p,
-        }
-    }
-}
-
 fn etcd_available() -> bool {
     Command::new("etcd")
         .arg("--version")
@@ -490,15 +475,13 @@ async fn main() {
     let kills: usize = env("BENCH_KILLS", 20);
     let only: String = env("BENCH_ONLY", String::new());
     let bin = std::env::var_os("BENCH_BIN").map(PathBuf::from).unwrap_or(PathBuf::from(env!("CARGO_BIN_EXE_holdfast")));
-    let dir = tempfile::tempdir().unwrap();
-    // BENCH_KEEP=1 keeps the members' data and logs (`m<i>.log`, `m<i>-<kill>.log`).
-    let dir = if env("BENCH_KEEP", 0) == 1 {
-        let kept = dir.keep();
-        println!("keeping {}", kept.display());
-        Kept::Path(kept)
-    } else {
-        Kept::Temp(dir)
-    };
+    // BENCH_KEEP=1 keeps the members' data and logs (`m<i>.log`, `m<i>-<kill>.log`),
+    // also when an assertion stops the bench.
+    let keep = env("BENCH_KEEP", 0) == 1;
+    let dir = tempfile::Builder::new().disable_cleanup(keep).tempdir().unwrap();
+    if keep {
+        println!("keeping {}", dir.path().display());
+    }
     let mut systems = vec![Cluster::start("holdfast", bin, dir.path().join("a")).await];
     if let Some(other) = std::env::var_os("BENCH_COMPARE") {
         systems.push(Cluster::start("compare", PathBuf::from(other), dir.path().join("b")).await);
