@@ -97,9 +97,10 @@ fn running_containers(name: &str) -> Option<Vec<String>> {
     Some(String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect())
 }
 
-const ROUTES: [&str; 11] = [
+const ROUTES: [&str; 12] = [
     "/raft/append",
     "/raft/vote",
+    "/raft/pre-vote",
     "/raft/snapshot",
     "/raft/write",
     "/raft/read-index",
@@ -196,7 +197,7 @@ async fn tokens_admit_and_the_door_refuses_each_bad_caller() {
 
     // A worker certificate: no Raft, and no speaking for another node.
     let w1c = client_of(&d.join("w1"));
-    for route in ["/raft/append", "/raft/vote", "/raft/write", "/raft/join"] {
+    for route in ["/raft/append", "/raft/vote", "/raft/pre-vote", "/raft/write", "/raft/join"] {
         let (s, v) = post_json(&w1c, &format!("https://{}{route}", m1.cluster), json!({})).await.unwrap();
         assert_eq!((s, v["error"]["code"].as_str()), (403, Some("manager_only")), "{route}: {v}");
     }

@@ -25,6 +25,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 mod datadir;
+mod election;
 mod log_store;
 mod network;
 mod node;

@@ -318,6 +318,24 @@ impl LogStore {
             .then(|| p.entries.range(start..end).map(|(_, r)| r.entry.clone()).collect())
     }
 
+    /// The id of the last entry appended, written or not. The overlay is a suffix of
+    /// the log, so its newest entry is the last one; only an empty overlay (a member
+    /// that has just started) costs a read.
+    pub(crate) async fn last_log_id(&self) -> Result<Option<LogId>, StorageError> {
+        let recent = self
+            .pending
+            .lock()
+            .expect("pending-entries mutex poisoned")
+            .entries
+            .values()
+            .next_back()
+            .map(|r| r.entry.log_id);
+        match recent {
+            Some(id) => Ok(Some(id)),
+            None => self.clone().get_log_state().await.map(|s| s.last_log_id),
+        }
+    }
+
     /// Last purged log id, read synchronously (used by the data-dir consistency checks).
     pub(crate) fn last_purged_blocking(&self) -> Result<Option<LogId>, StorageError> {
         let conn = self.db.lock().expect("raft-log.db mutex poisoned by a panicked SQLite call");

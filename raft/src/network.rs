@@ -35,6 +35,9 @@ pub(crate) enum CallError {
     /// The peer answered 503: it is shutting down.
     #[error("peer is shutting down")]
     Unavailable,
+    /// The peer has no such endpoint: it runs an earlier version.
+    #[error("the peer has no such endpoint")]
+    NotFound,
     /// Any other transport, status or decoding failure.
     #[error("{0}")]
     Other(String),
@@ -100,6 +103,9 @@ impl ClusterClient {
         let status = resp.status();
         if status == reqwest::StatusCode::SERVICE_UNAVAILABLE {
             return Err(CallError::Unavailable);
+        }
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Err(CallError::NotFound);
         }
         if !status.is_success() {
             let text = resp.text().await.unwrap_or_default();
@@ -178,7 +184,7 @@ impl PeerNetwork {
                 CallError::Timeout(t) => {
                     RPCError::Timeout(Timeout { action, id: self.id, target: self.target, timeout: t })
                 }
-                CallError::Other(_) => RPCError::Network(NetworkError::new(&e)),
+                CallError::NotFound | CallError::Other(_) => RPCError::Network(NetworkError::new(&e)),
             })?;
         answer.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }

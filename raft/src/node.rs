@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::datadir::{self, Role as FileRole};
+use crate::election::Timing;
 use crate::log_store::LogStore;
 use crate::network::{CallError, ClusterClient, NetworkFactory};
 use crate::read_pool::ReadPool;
@@ -39,7 +40,9 @@ pub(crate) struct Inner {
     pub(crate) me: Member,
     pub(crate) config: Config,
     pub(crate) raft: Raft,
-    client: ClusterClient,
+    /// A handle on the log openraft owns, for the pre-vote's "how far does my log go".
+    pub(crate) log: LogStore,
+    pub(crate) client: ClusterClient,
     reads: Arc<ReadPool>,
     status_tx: watch::Sender<ClusterStatus>,
     /// Last leader this member heard of, kept after the leader is gone for error reports.
@@ -107,7 +110,7 @@ pub(crate) fn open_stores(
 
 fn raft_config(config: &Config) -> Result<openraft::Config, DbError> {
     let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1);
-    let election = ms(config.election_timeout);
+    let timing = Timing::new(config.election_timeout);
     let snapshot_every = config.snapshot_every.max(1);
     openraft::Config {
         cluster_name: "holdfast".to_string(),
@@ -116,8 +119,10 @@ fn raft_config(config: &Config) -> Result<openraft::Config, DbError> {
         // vanished waits lease + a random timeout before campaigning: a narrow range
         // (1–1.5x) keeps failover near one second without making split votes likely
         // among three voters (ARCHITECTURE.md, "Decisions").
-        election_timeout_min: election,
-        election_timeout_max: election + election / 2,
+        election_timeout_min: ms(timing.min),
+        election_timeout_max: ms(timing.max),
+        // Campaigns start from the pre-vote loop (`election.rs`), not openraft's timer.
+        enable_elect: false,
         // The last chunk also installs the snapshot on the receiver.
         install_snapshot_timeout: ms(config.rpc_timeout).max(ms(config.op_timeout)),
         snapshot_policy: SnapshotPolicy::LogsSinceLast(snapshot_every),
@@ -169,6 +174,7 @@ impl Inner {
             rpc_timeout: config.rpc_timeout,
             backoff: config.election_timeout,
         };
+        let log_handle = log.clone();
         let raft = Raft::new(id, Arc::new(raft_config), network, log, sm)
             .await
             .map_err(|e| DbError::Storage(format!("cannot start Raft: {e}")))?;
@@ -185,11 +191,13 @@ impl Inner {
         let status_task =
             tokio::spawn(feed_status(raft.metrics(), status_tx.clone(), last_leader.clone(), config.node_name.clone()));
         let reads = Arc::new(ReadPool::new(config.data_dir.join(datadir::STATE_FILE), config.op_timeout));
-        Ok(Arc::new(Inner {
+        let timing = Timing::new(config.election_timeout);
+        let inner = Arc::new(Inner {
             id,
             me,
             config,
             raft,
+            log: log_handle,
             client,
             reads,
             status_tx,
@@ -197,7 +205,11 @@ impl Inner {
             tasks: Mutex::new(vec![status_task]),
             stopped: AtomicBool::new(false),
             receiving: Mutex::new(None),
-        }))
+        });
+        // The loop holds only a weak handle, so dropping the member ends it too.
+        let elections = tokio::spawn(crate::election::run(Arc::downgrade(&inner), timing));
+        inner.tasks.lock().expect("task list mutex poisoned").push(elections);
+        Ok(inner)
     }
 
     pub(crate) fn is_stopped(&self) -> bool {

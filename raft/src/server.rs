@@ -15,6 +15,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use openraft::raft::{AppendEntriesRequest, VoteRequest};
 
+use crate::election::PreVoteRequest;
 use crate::network::PREFIX;
 use crate::node::{Inner, BODY_LIMIT};
 use crate::types::TypeConfig;
@@ -22,7 +23,7 @@ use crate::wire::{JoinRequest, ReadIndexRequest, RemoveRequest, SnapshotChunk, W
 
 type St = State<Arc<Inner>>;
 
-/// Body limit of the small control calls (vote, read-index, membership).
+/// Body limit of the small control calls (vote, pre-vote, read-index, membership).
 const SMALL_BODY: usize = 64 * 1024;
 
 pub(crate) fn router(inner: Arc<Inner>) -> Router {
@@ -34,6 +35,7 @@ pub(crate) fn router(inner: Arc<Inner>) -> Router {
         .route("/write", post(write))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .route("/vote", post(vote).layer(small))
+        .route("/pre-vote", post(pre_vote).layer(small))
         .route("/read-index", post(read_index).layer(small))
         .route("/join", post(join).layer(small))
         .route("/remove", post(remove).layer(small))
@@ -71,6 +73,11 @@ async fn append(State(inner): St, Json(req): Json<AppendEntriesRequest<TypeConfi
 async fn vote(State(inner): St, Json(req): Json<VoteRequest<u64>>) -> Response {
     let limit = inner.config.rpc_timeout;
     raft_rpc(&inner, limit, inner.raft.vote(req)).await
+}
+
+async fn pre_vote(State(inner): St, Json(req): Json<PreVoteRequest>) -> Response {
+    let limit = inner.config.rpc_timeout;
+    raft_rpc(&inner, limit, inner.serve_pre_vote(req)).await
 }
 
 async fn snapshot(State(inner): St, Json(chunk): Json<SnapshotChunk>) -> Response {

@@ -369,6 +369,57 @@ async fn leader_failover_keeps_acknowledged_writes() {
     c.shutdown().await;
 }
 
+/// A member that nobody can reach (its cluster port closed; it can still call out) runs
+/// out of leader lease and asks for pre-votes, which the others refuse while their
+/// leader lives. So it never takes a term, and when it is reachable again the leader
+/// stays. Without the pre-vote it would campaign every 0.3–0.45 s after the first
+/// 0.75–0.9 s, and come back with a higher term that unseats the leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_cut_off_and_back_does_not_unseat_the_leader() {
+    let mut c = Cluster::start(3, &no_tweak).await;
+    let leader = c.leader().await;
+    c.m(leader).db.write(put("a", "1")).await.expect("write");
+    let term = c.m(leader).db.status().term;
+    let cut = c.follower_of(leader);
+    let addr = c.m(cut).addr.clone();
+    {
+        let m = c.members[cut].as_mut().expect("running");
+        let _ = m.stop.take().expect("serving").send(());
+        (&mut m.server).await.expect("server task");
+    }
+
+    // Long enough for the lease and several rounds; fails at the first new term.
+    let window = Duration::from_secs(3);
+    let started = Instant::now();
+    while started.elapsed() < window {
+        for (i, m) in c.alive() {
+            let st = m.db.status();
+            assert_eq!(st.term, term, "member {i} moved to a new term after {:?}", started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Meanwhile the other two commit as usual.
+    c.m(leader).db.write(put("a", "2")).await.expect("write while one member is cut off");
+
+    // Reachable again on the same port: it catches up under the same leader and term.
+    let listener = TcpListener::bind(&addr).await.expect("rebind the cluster port");
+    let (stop, stopped) = oneshot::channel::<()>();
+    {
+        let m = c.members[cut].as_mut().expect("running");
+        m.server = tokio::spawn(serve_tls(listener, m.db.cluster_router(), stopped));
+        m.stop = Some(stop);
+    }
+    let index = settled_applied(&c.m(leader).db).await;
+    wait_applied(&c.m(cut).db, index, Duration::from_secs(5)).await;
+    assert_eq!(c.leader().await, leader, "the leader was unseated");
+    for (i, m) in c.alive() {
+        assert_eq!(m.db.status().term, term, "member {i} changed term");
+    }
+    let v = c.m(cut).db.read_local(get_sql("a".into())).await.expect("read_local");
+    assert_eq!(v.as_deref(), Some("2"));
+    c.shutdown().await;
+}
+
 /// A bootstrapped member never re-joins, so before `refresh_record` its record kept the
 /// version and feature level of its first start forever; a follower's the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
