@@ -325,6 +325,59 @@ async fn partition_and_heal(
     (c, p, samples)
 }
 
+/// A manager cut off by a real partition (`docker network disconnect`) runs out of its
+/// leader's lease and asks the others for a pre-vote, which they refuse while their
+/// leader lives: it never takes a new term, so when it is connected again the leader
+/// stays and nobody's term moves (ARCHITECTURE.md, "Decisions").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manager_cut_off_and_back_does_not_unseat_the_leader() {
+    let c = Cluster::start(3, 0).await;
+    let before = eventually(Duration::from_secs(30), "a leader known to every manager", || async {
+        let mut seen = Vec::new();
+        for i in 0..c.managers.len() {
+            let v = c.get_at(i, "/v1/cluster").await.ok_or(format!("m{} did not answer", i + 1))?;
+            seen.push((str_of(&v["leader"]["id"]), v["term"].as_u64().unwrap_or(0)));
+        }
+        let agreed = seen.iter().all(|s| *s == seen[0] && !s.0.is_empty());
+        agreed.then(|| seen[0].clone()).ok_or(format!("{seen:?}"))
+    })
+    .await;
+    let (leader, term) = before;
+    let cut = c.managers.iter().position(|m| m.id != leader).expect("a follower");
+    c.disconnect(&c.managers[cut]).await;
+    let cut_at = Instant::now();
+
+    // Well past the lease (0.45 s) and several pre-vote rounds (0.3–0.45 s each): a
+    // member without the pre-vote takes a new term within about a second.
+    while cut_at.elapsed() < Duration::from_secs(5) {
+        for i in (0..c.managers.len()).filter(|i| *i != cut) {
+            if let Some(v) = c.get_at(i, "/v1/cluster").await {
+                assert_eq!(v["term"].as_u64(), Some(term), "m{} changed term while m{} was cut off", i + 1, cut + 1);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let id = c.submit(json!({"image": "holdfast/echo:latest", "name": "while-cut"})).await;
+
+    let cut_for = cut_at.elapsed();
+    c.connect(&c.managers[cut]).await;
+    // Back: it catches up with the same leader, in the same term, and sees the task.
+    eventually(Duration::from_secs(30), "the cut-off manager to catch up", || async {
+        let v = c.get_at(cut, "/v1/cluster").await.ok_or("no answer")?;
+        let lv = c.get_from_leader("/v1/cluster").await.ok_or("no leader answer")?;
+        let caught_up =
+            v["last_applied"].as_u64() >= lv["commit_index"].as_u64() && str_of(&v["leader"]["id"]) == leader;
+        caught_up.then_some(()).ok_or(format!("cut-off: {v}"))
+    })
+    .await;
+    for i in 0..c.managers.len() {
+        let v = c.get_at(i, "/v1/cluster").await.expect("answer");
+        assert_eq!((str_of(&v["leader"]["id"]), v["term"].as_u64()), (leader.clone(), Some(term)), "m{}", i + 1);
+    }
+    assert!(c.get_at(cut, &format!("/v1/tasks/{id}")).await.is_some(), "the task written meanwhile reached it");
+    println!("FIGURES pre-vote: m{} cut off for {cut_for:.1?}; leader {leader} and term {term} unchanged", cut + 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_off_worker_keeps_its_copy_replacement_runs_reconnect_converges() {
     let (_cluster, p, samples) = partition_and_heal(

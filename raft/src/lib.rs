@@ -15,6 +15,10 @@
 //! Transport: Raft RPCs, write forwarding, read-index and join requests travel as JSON
 //! over HTTPS (mutual TLS, configuration handed in by the application) on the cluster port; [`ReplicatedDb::cluster_router`] returns the axum
 //! routes (all under `/raft/`) and the `network` module holds the only client.
+//!
+//! Elections: openraft's own election timer is off; the `election` module campaigns
+//! only after a pre-vote round that a majority grants, so a member with a stale log or
+//! one that was cut off does not take a term it cannot win.
 
 #![warn(missing_docs)]
 

@@ -456,6 +456,17 @@ impl Cluster {
         None
     }
 
+    /// GET `path` from the manager at `index` only; `None` if it does not answer with a
+    /// success.
+    pub async fn get_at(&self, index: usize, path: &str) -> Option<Value> {
+        let addr = self.api.lock().unwrap().get(index).cloned().flatten()?;
+        let r = self.http().get(format!("https://{addr}{path}")).timeout(Duration::from_secs(5)).send().await.ok()?;
+        if !r.status().is_success() {
+            return None;
+        }
+        r.json().await.ok()
+    }
+
     /// GET `path` from the current leader. Liveness (`engine_ok`, `last_seen_ms_ago`)
     /// lives in the leader's memory only; a follower answers `null` for it.
     pub async fn get_from_leader(&self, path: &str) -> Option<Value> {
@@ -608,9 +619,13 @@ impl Cluster {
         docker_ok(&["network", "disconnect", &self.net, &n.container]).await;
     }
 
-    /// Connects the node again with its old IP.
+    /// Connects the node again with its old IP (a manager's API port is published
+    /// anew, so its address is read again).
     pub async fn connect(&self, n: &Node) {
         docker_ok(&["network", "connect", "--ip", &n.ip, &self.net, &n.container]).await;
+        if let Some(i) = self.manager_index(n) {
+            self.refresh_api(i).await;
+        }
     }
 
     /// Applies `f` to every manager at once (an outage starts for all together).
