@@ -234,7 +234,12 @@ pub(crate) async fn run(inner: Weak<Inner>, timing: Timing) {
         if inner.is_stopped() {
             return;
         }
-        let Some(view) = View::read(&inner).await else { return };
+        // A core too busy to answer in time cannot campaign either: look again later.
+        let view = match tokio::time::timeout(inner.config.op_timeout, View::read(&inner)).await {
+            Err(_) => continue,
+            Ok(None) => return,
+            Ok(Some(v)) => v,
+        };
         if !view.is_voter || matches!(view.state, ServerState::Leader | ServerState::Shutdown) {
             continue;
         }
