@@ -318,18 +318,22 @@ impl LogStore {
             .then(|| p.entries.range(start..end).map(|(_, r)| r.entry.clone()).collect())
     }
 
-    /// The id of the last entry appended, written or not. The overlay is a suffix of
-    /// the log, so its newest entry is the last one; only an empty overlay (a member
-    /// that has just started) costs a read.
-    pub(crate) async fn last_log_id(&self) -> Result<Option<LogId>, StorageError> {
-        let recent = self
-            .pending
+    /// The id of the newest entry in the overlay (queued or recently written).
+    fn newest_in_overlay(&self) -> Option<LogId> {
+        self.pending
             .lock()
             .expect("pending-entries mutex poisoned")
             .entries
             .values()
             .next_back()
-            .map(|r| r.entry.log_id);
+            .map(|r| r.entry.log_id)
+    }
+
+    /// The id of the last entry appended, written or not. The overlay is a suffix of
+    /// the log, so its newest entry is the last one; only an empty overlay (a member
+    /// that has just started) costs a read.
+    pub(crate) async fn last_log_id(&self) -> Result<Option<LogId>, StorageError> {
+        let recent = self.newest_in_overlay();
         match recent {
             Some(id) => Ok(Some(id)),
             None => self.clone().get_log_state().await.map(|s| s.last_log_id),
@@ -448,14 +452,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 Ok(LogState { last_purged_log_id: last_purged, last_log_id })
             })
             .await?;
-        let queued_last = self
-            .pending
-            .lock()
-            .expect("pending-entries mutex poisoned")
-            .entries
-            .values()
-            .next_back()
-            .map(|r| r.entry.log_id);
+        let queued_last = self.newest_in_overlay();
         let last_log_id = match (state.last_log_id, queued_last) {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
