@@ -487,6 +487,8 @@ CREATE INDEX IF NOT EXISTS tasks_unplanned ON tasks(created_index) WHERE pending
 CREATE INDEX IF NOT EXISTS tasks_created ON tasks(created_index);
 CREATE INDEX IF NOT EXISTS tasks_name ON tasks(name, created_index);
 CREATE INDEX IF NOT EXISTS placements_node_task ON placements(node, task_id);
+-- What a node's live placements reserve, read without the table (query::NODES_PAGE_SQL).
+CREATE INDEX IF NOT EXISTS placements_node_load ON placements(node, desired, observed, cpu_millis, memory_mb, disk_mb);
 CREATE TABLE IF NOT EXISTS nodes (
     name TEXT PRIMARY KEY,
     address TEXT NOT NULL,
@@ -1176,8 +1178,11 @@ fn set_node_status(tx: &Transaction<'_>, name: &str, status: NodeStatus, now_ms:
         if status == NodeStatus::Ready {
             // The node is back: every placement it still holds is reconciled now; those
             // replaced meanwhile were already told to stop (the highest fence wins).
-            let mut stmt = tx
-                .prepare_cached("SELECT id, desired FROM placements WHERE node = ?1 AND observed NOT IN ('stopped')")?;
+            let mut stmt = tx.prepare_cached(
+                // In row order, explicitly: the events' ids follow this order, and
+                // every member must write them alike whatever index its SQLite picks.
+                "SELECT id, desired FROM placements WHERE node = ?1 AND observed NOT IN ('stopped') ORDER BY rowid",
+            )?;
             let rows: Vec<(String, String)> =
                 stmt.query_map([name], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
             drop(stmt);
