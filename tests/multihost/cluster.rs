@@ -472,12 +472,7 @@ impl Cluster {
     pub async fn get_from_leader(&self, path: &str) -> Option<Value> {
         let leader = self.get("/v1/cluster").await?["leader"]["id"].as_str()?.to_string();
         let i = self.managers.iter().position(|m| m.id == leader)?;
-        let addr = self.api.lock().unwrap()[i].clone()?;
-        let r = self.http().get(format!("https://{addr}{path}")).timeout(Duration::from_secs(5)).send().await.ok()?;
-        if !r.status().is_success() {
-            return None;
-        }
-        r.json().await.ok()
+        self.get_at(i, path).await
     }
 
     /// Submits a TaskSpec through any manager (followers forward writes); returns the
