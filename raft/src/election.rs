@@ -13,9 +13,10 @@
 //! (`POST /raft/pre-vote`). A voter says yes only if it has not heard from a leader
 //! within the leader lease, is not the leader, and the candidate's log is at least as
 //! up to date as its own: the same tests as a real vote, without changing anything.
-//! Only with a yes from a majority of every configuration does the member call
-//! openraft's election. Safety is openraft's real vote, unchanged; the pre-vote only
-//! decides when to ask for it.
+//! Only with a yes from a majority of every configuration, and only if its own vote
+//! did not move while it asked (another member won, or got this member's vote), does
+//! the member call openraft's election. Safety is openraft's real vote, unchanged; the
+//! pre-vote only decides when to ask for it.
 //!
 //! Each round draws a new random timeout (openraft draws one per process), so two
 //! members that tie once do not tie again.
@@ -257,13 +258,32 @@ pub(crate) async fn run(inner: Weak<Inner>, timing: Timing) {
             continue;
         }
         if inner.pre_vote_round(&view, timing).await {
-            tracing::info!(node = %inner.me.name, term = view.vote.leader_id().term + 1, "pre-vote won; campaigning");
-            elect(&inner).await;
+            // The round took a network round trip, in which another member may have
+            // won, or asked for this member's vote and got it. Campaigning now would
+            // take a higher term and unseat that winner (its followers refuse the
+            // leader's appends from then on), so campaign only if nothing moved.
+            if still_unchanged(&inner, &view).await {
+                tracing::info!(node = %inner.me.name, term = view.vote.leader_id().term + 1, "pre-vote won; campaigning");
+                elect(&inner).await;
+            } else {
+                tracing::debug!(node = %inner.me.name, "pre-vote won, but the vote moved meanwhile; not campaigning");
+            }
         } else {
             tracing::debug!(node = %inner.me.name, "pre-vote lost; not campaigning");
         }
         timeout = timing.draw();
         not_before = Instant::now() + timeout;
+    }
+}
+
+/// Whether this member's vote and role are still those its pre-vote round started from
+/// (a core that does not answer in time counts as moved). The core handles this read
+/// and the election that follows in the order they are sent, so only a message that
+/// arrives between the two can slip in.
+async fn still_unchanged(inner: &Inner, before: &View) -> bool {
+    match tokio::time::timeout(inner.config.op_timeout, View::read(inner)).await {
+        Ok(Some(now)) => now.vote == before.vote && now.state == before.state,
+        _ => false,
     }
 }
 

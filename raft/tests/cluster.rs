@@ -360,6 +360,18 @@ async fn leader_failover_keeps_acknowledged_writes() {
 
     let new_leader = c.leader().await;
     assert_ne!(new_leader, old);
+    // The member that lost the election must not campaign afterwards: a pre-vote won
+    // while the other member was winning once led to a second election whose higher
+    // term unseated the new leader, and reads answered "no leader" meanwhile.
+    let term = c.m(new_leader).db.status().term;
+    let settled = Instant::now();
+    while settled.elapsed() < Duration::from_secs(1) {
+        for (i, m) in c.alive() {
+            let st = m.db.status();
+            assert!(st.term <= term, "member {i} moved to term {} after the new leader's {term}", st.term);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     for (_, m) in c.alive() {
         for k in &acked {
             let v = m.db.read(get_sql(k.clone())).await.expect("read");
