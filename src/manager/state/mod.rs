@@ -480,7 +480,6 @@ CREATE TABLE IF NOT EXISTS placements (
     updated_ms INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS placements_task ON placements(task_id);
-CREATE INDEX IF NOT EXISTS placements_node ON placements(node);
 CREATE INDEX IF NOT EXISTS placements_observed ON placements(observed);
 CREATE INDEX IF NOT EXISTS tasks_unplanned ON tasks(created_index) WHERE pending_reason IS NULL AND desired = 'run';
 -- List pages (query::list_tasks): newest first from a cursor, by name, by node.
@@ -586,6 +585,12 @@ impl holdfast_raft::Apply for DomainState {
         if !has {
             conn.execute_batch("ALTER TABLE audit ADD COLUMN on_behalf_of TEXT")?;
         }
+        // `placements_node (node)` until this release: `placements_node_task` and
+        // `placements_node_load` lead with `node` too and serve every lookup by node,
+        // so it only cost a B-tree write per placement (ARCHITECTURE.md, "Decisions").
+        // Local storage only: a member that still has it writes the same rows, since
+        // every apply-path query whose row order shows says `ORDER BY`.
+        conn.execute_batch("DROP INDEX IF EXISTS placements_node")?;
         Ok(())
     }
 

@@ -846,5 +846,34 @@ mod tests {
         assert!(batch.contains("placements_task") && !batch.contains("SCAN p"), "{batch}");
         let nodes = plan(&NODES_PAGE_SQL.replace("?1", "''").replace("?2", "10"));
         assert!(nodes.contains("COVERING INDEX placements_node_load"), "{nodes}");
+        // Lookups by node go through an index that leads with it (there is no
+        // `placements_node` of its own any more), never a scan of every placement.
+        for sql in [
+            "SELECT id, desired FROM placements WHERE node = 'a' AND observed NOT IN ('stopped') ORDER BY rowid",
+            "SELECT id FROM placements WHERE node = 'a' AND desired = 'run' AND observed NOT IN ('failed','stopped','exited')",
+            "SELECT p.id, t.spec FROM placements p JOIN tasks t ON t.id = p.task_id
+             WHERE p.node = 'a' AND p.observed != 'stopped' ORDER BY p.fence, p.id",
+        ] {
+            let by_node = plan(sql);
+            assert!(by_node.contains("USING") && by_node.contains("INDEX placements_node_"), "{sql}: {by_node}");
+            assert!(!by_node.contains("SCAN p"), "{sql}: {by_node}");
+        }
+    }
+
+    #[test]
+    fn a_store_from_before_loses_the_redundant_node_index_on_open() {
+        let (domain, _applied) = DomainState::new();
+        let conn = Connection::open_in_memory().expect("open");
+        domain.init_schema(&conn).expect("schema");
+        conn.execute_batch("CREATE INDEX placements_node ON placements(node)").expect("the old index");
+        domain.init_schema(&conn).expect("schema again");
+        let left: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name = 'placements_node'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("count");
+        assert_eq!(left, 0);
     }
 }
