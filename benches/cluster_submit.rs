@@ -172,11 +172,36 @@ async fn closed_loop(http: &reqwest::Client, clients: usize, secs: f64, make: Ma
     }
 }
 
+/// What one open loop measured, and when its slowest request was due (wall clock, to
+/// find in the members' logs kept with `BENCH_KEEP=1`).
+struct OpenLoop {
+    figures: Figures,
+    slowest: Option<(std::time::SystemTime, Duration)>,
+}
+
+impl OpenLoop {
+    fn print(&self, label: &str) {
+        let h = &self.figures;
+        let mut line = format!(
+            "{label:>8}: {:.0} ok/s, p50 {:.2} ms, p99 {:.2} ms, errors {}",
+            h.rate,
+            millis(h.p50),
+            millis(h.p99),
+            h.errors
+        );
+        if let Some((at, took)) = self.slowest {
+            line += &format!(" (slowest {:.0} ms, due at {} UTC)", millis(took), humantime::format_rfc3339_millis(at));
+        }
+        println!("{line}");
+    }
+}
+
 /// Open loop: `rate` requests/s for `secs`, latency measured from the scheduled send.
-async fn open_loop(http: &reqwest::Client, rate: u64, secs: u64, make: Make) -> Figures {
+async fn open_loop(http: &reqwest::Client, rate: u64, secs: u64, make: Make) -> OpenLoop {
     let total = (rate * secs) as usize;
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
     let start = tokio::time::Instant::now();
+    let wall = std::time::SystemTime::now();
     let mut handles = Vec::with_capacity(total);
     for i in 0..total {
         let at = start + interval * i as u32;
@@ -191,14 +216,27 @@ async fn open_loop(http: &reqwest::Client, rate: u64, secs: u64, make: Make) -> 
     }
     let mut lat = Vec::new();
     let mut errors = 0;
-    for h in handles {
+    let mut slowest: Option<(std::time::SystemTime, Duration)> = None;
+    for (i, h) in handles.into_iter().enumerate() {
         match h.await.unwrap() {
-            Ok(d) => lat.push(d),
+            Ok(d) => {
+                if slowest.is_none_or(|(_, s)| d > s) {
+                    slowest = Some((wall + interval * i as u32, d));
+                }
+                lat.push(d)
+            }
             Err(()) => errors += 1,
         }
     }
     lat.sort();
-    Figures { rate: lat.len() as f64 / secs as f64, p50: pct(&lat, 0.5), p99: pct(&lat, 0.99), errors, cpu_us: 0.0 }
+    let figures = Figures {
+        rate: lat.len() as f64 / secs as f64,
+        p50: pct(&lat, 0.5),
+        p99: pct(&lat, 0.99),
+        errors,
+        cpu_us: 0.0,
+    };
+    OpenLoop { figures, slowest }
 }
 
 async fn get_json(http: &reqwest::Client, url: &str) -> Option<serde_json::Value> {
@@ -610,30 +648,14 @@ async fn writes(systems: &[Cluster], etcd: Option<(&str, Vec<u32>)>, secs: f64, 
         let make: Make = Arc::new(move |http: &reqwest::Client, n| {
             http.post(&url).body(format!(r#"{{"image":"holdfast/echo:latest","name":"o{n}"}}"#))
         });
-        let h = open_loop(&s.http(Duration::from_secs(10)), 1000, secs.ceil() as u64, make).await;
-        println!(
-            "{:>8}: {:.0} ok/s, p50 {:.2} ms, p99 {:.2} ms, errors {}",
-            s.label,
-            h.rate,
-            millis(h.p50),
-            millis(h.p99),
-            h.errors
-        );
+        open_loop(&s.http(Duration::from_secs(10)), 1000, secs.ceil() as u64, make).await.print(&s.label);
     }
     if let Some((c, _)) = etcd {
         let url = format!("http://{c}/v3/kv/put");
         let make: Make = Arc::new(move |http: &reqwest::Client, n| {
             http.post(&url).body(format!(r#"{{"key":"{}","value":"dGFzaw=="}}"#, b64(&format!("o{n}"))))
         });
-        let e = open_loop(&client(None, Duration::from_secs(10)), 1000, secs.ceil() as u64, make).await;
-        println!(
-            "{:>8}: {:.0} ok/s, p50 {:.2} ms, p99 {:.2} ms, errors {}",
-            "etcd",
-            e.rate,
-            millis(e.p50),
-            millis(e.p99),
-            e.errors
-        );
+        open_loop(&client(None, Duration::from_secs(10)), 1000, secs.ceil() as u64, make).await.print("etcd");
     }
 }
 

@@ -143,6 +143,8 @@ pub struct Config {
     /// openraft's leader lease is that upper bound).
     pub election_timeout: Duration,
     /// Build a snapshot (and purge the log behind it) every this many applied entries.
+    /// Each build copies the whole state database on every member, so the default is
+    /// large (ARCHITECTURE.md, "Decisions"): the log holds up to this many entries.
     pub snapshot_every: u64,
     /// Timeout of each Raft RPC and forwarded request.
     pub rpc_timeout: Duration,
@@ -184,7 +186,7 @@ impl Config {
             api_addr: api_addr.to_string(),
             heartbeat: Duration::from_millis(100),
             election_timeout: Duration::from_millis(300),
-            snapshot_every: 5_000,
+            snapshot_every: 50_000,
             rpc_timeout: Duration::from_secs(2),
             op_timeout: Duration::from_secs(5),
             version: String::new(),
