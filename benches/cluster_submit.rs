@@ -190,7 +190,7 @@ impl OpenLoop {
             h.errors
         );
         if let Some((at, took)) = self.slowest {
-            line += &format!(" (slowest {:.0} ms, due at {} UTC)", millis(took), humantime::format_rfc3339_millis(at));
+            line += &format!(" (slowest {:.0} ms, due at {})", millis(took), humantime::format_rfc3339_millis(at));
         }
         println!("{line}");
     }

@@ -99,6 +99,12 @@ impl View {
             .ok()
     }
 
+    /// [`View::read`], given up after `op_timeout`: `Err` when the core did not answer
+    /// in time, `Ok(None)` once Raft has stopped.
+    async fn read_in_time(inner: &Inner) -> Result<Option<View>, tokio::time::error::Elapsed> {
+        tokio::time::timeout(inner.config.op_timeout, View::read(inner)).await
+    }
+
     /// Whether a leader refreshed this member's vote within `lease` of `now`; openraft
     /// refuses real votes then, so a pre-vote is refused too.
     fn leader_heard_within(&self, lease: Duration, now: Instant) -> bool {
@@ -236,7 +242,7 @@ pub(crate) async fn run(inner: Weak<Inner>, timing: Timing) {
             return;
         }
         // A core too busy to answer in time cannot campaign either: look again later.
-        let view = match tokio::time::timeout(inner.config.op_timeout, View::read(&inner)).await {
+        let view = match View::read_in_time(&inner).await {
             Err(_) => continue,
             Ok(None) => return,
             Ok(Some(v)) => v,
@@ -281,7 +287,7 @@ pub(crate) async fn run(inner: Weak<Inner>, timing: Timing) {
 /// and the election that follows in the order they are sent, so only a message that
 /// arrives between the two can slip in.
 async fn still_unchanged(inner: &Inner, before: &View) -> bool {
-    match tokio::time::timeout(inner.config.op_timeout, View::read(inner)).await {
+    match View::read_in_time(inner).await {
         Ok(Some(now)) => now.vote == before.vote && now.state == before.state,
         _ => false,
     }
