@@ -10,7 +10,16 @@
 //! (one fsync) and only then tells openraft through each `LogFlushed` callback. So
 //! RaftCore keeps accepting client writes while the disk syncs, and a burst costs one
 //! fsync instead of one per entry. Until written, entries are served to readers from an
-//! in-memory overlay; truncate and purge first wait for the writer to drain.
+//! in-memory overlay; truncate first waits for the writer to drain.
+//!
+//! **Purge is lazy**: openraft awaits `purge` inside its core loop, and deleting the
+//! tens of thousands of entries behind a snapshot in one transaction took over half a
+//! second, in which the member answered nothing. So `purge` only moves the purge
+//! point in memory and queues it; the writer persists the point with its next group
+//! commit and deletes the entries behind it [`PURGE_CHUNK`] at a time, one chunk per
+//! transaction, beside the appends (ARCHITECTURE.md, "Decisions"). Readers never see
+//! an entry at or below the purge point, on disk or not, and after a crash the writer
+//! goes on deleting what is left.
 //!
 //! The overlay also keeps the newest written entries (at most [`RECENT_MAX`] of them and
 //! [`RECENT_BYTES`] of their JSON) after they are written, so
@@ -70,6 +79,9 @@ type Done = Box<dyn FnOnce(Result<(), std::io::Error>) + Send>;
 enum Job {
     /// Entries to commit, then acknowledge through the callback.
     Append(Vec<Row>, Done),
+    /// A new purge point: written with the next commit, the entries up to it deleted
+    /// over the following ones.
+    Purge(LogId),
     /// Answered once every job queued before it is done.
     Barrier(tokio::sync::oneshot::Sender<()>),
 }
@@ -159,6 +171,9 @@ impl Overlay {
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Mutex<Connection>>,
+    /// The purge point openraft gave last; entries up to it are gone for readers even
+    /// while the writer is still deleting them (module docs).
+    purged: Arc<Mutex<Option<LogId>>>,
     /// The newest entries by index: every appended entry not yet committed (readers see
     /// it here first) and the newest written ones within [`RECENT_MAX`] and
     /// [`RECENT_BYTES`], always a suffix of the log.
@@ -171,36 +186,94 @@ pub struct LogStore {
 /// Most entries committed in one transaction (bounds the time one fsync batch takes).
 const GROUP_MAX: usize = 4_096;
 
+/// Most purged entries deleted in one transaction. In a SQLite reproduction with
+/// entries of about 900 bytes, a transaction deleting 256 of them took a median 4 ms,
+/// fsync included, 1,000 of them 9 ms, and 49,000 at once 570 ms; a chunk adds a few
+/// milliseconds to the group commit it rides in.
+const PURGE_CHUNK: i64 = 512;
+
+/// What the writer still owes the purge point openraft gave last.
+#[derive(Debug)]
+struct PurgeDebt {
+    /// A point not yet written to `raft-log.db`.
+    unwritten: Option<LogId>,
+    /// Entries at or below this index are deleted, a chunk per transaction.
+    upto: i64,
+    /// Entries may remain at or below `upto`.
+    owed: bool,
+}
+
+impl PurgeDebt {
+    /// Work remains, to do even when no append comes.
+    fn pending(&self) -> bool {
+        self.owed || self.unwritten.is_some()
+    }
+
+    fn take(&mut self, point: LogId) {
+        self.unwritten = self.unwritten.max(Some(point));
+        self.upto = self.upto.max(to_sql_index(point.index));
+        self.owed = true;
+    }
+}
+
+/// Deletes the oldest [`PURGE_CHUNK`] entries at or below `upto`; says whether any
+/// remain. The first index is looked up, not remembered, so a restored log whose
+/// point lies far past its entries costs one round.
+fn delete_chunk(conn: &Connection, upto: i64) -> Result<bool, rusqlite::Error> {
+    let first: Option<i64> = conn.prepare_cached("SELECT MIN(idx) FROM log")?.query_row([], |r| r.get(0))?;
+    let Some(first) = first.filter(|f| *f <= upto) else { return Ok(false) };
+    let end = first.saturating_add(PURGE_CHUNK).min(upto.saturating_add(1));
+    conn.prepare_cached("DELETE FROM log WHERE idx >= ?1 AND idx < ?2")?.execute([first, end])?;
+    Ok(end <= upto)
+}
+
 fn writer_loop(
     db: Arc<Mutex<Connection>>,
     pending: Arc<Mutex<Overlay>>,
     committed: Arc<Mutex<Option<LogId>>>,
+    mut debt: PurgeDebt,
     rx: mpsc::Receiver<Job>,
 ) {
     // Last committed id written; only a newer one is written again.
     let mut saved: Option<LogId> = None;
-    while let Ok(first) = rx.recv() {
+    loop {
+        // With purge work left, an empty queue is time to do it.
+        let first = if debt.pending() {
+            match rx.try_recv() {
+                Ok(job) => Some(job),
+                Err(mpsc::TryRecvError::Empty) => None,
+                Err(mpsc::TryRecvError::Disconnected) => return,
+            }
+        } else {
+            match rx.recv() {
+                Ok(job) => Some(job),
+                Err(_) => return,
+            }
+        };
         // Read before draining the queue: every entry this id covers was handed to the
         // writer before openraft could call it committed, so it is in this transaction
         // or an earlier one.
         let commit_ptr = *committed.lock().expect("committed mutex poisoned");
-        let mut jobs = vec![first];
-        let mut rows = 0usize;
+        let mut jobs: Vec<Job> = first.into_iter().collect();
+        let mut rows = jobs.iter().map(Job::rows).sum::<usize>();
         // Everything queued while the last fsync ran goes into this one.
         while rows < GROUP_MAX {
             match rx.try_recv() {
                 Ok(job) => {
-                    if let Job::Append(r, _) = &job {
-                        rows += r.len();
-                    }
+                    rows += job.rows();
                     jobs.push(job);
                 }
                 Err(_) => break,
             }
         }
+        for job in &jobs {
+            if let Job::Purge(point) = job {
+                debt.take(*point);
+            }
+        }
         let result = {
             let mut conn = db.lock().expect("raft-log.db mutex poisoned by a panicked SQLite call");
-            (|| -> Result<(), rusqlite::Error> {
+            (|| -> Result<bool, rusqlite::Error> {
                 let tx = conn.transaction()?;
                 {
                     let mut stmt =
@@ -217,12 +290,24 @@ fn writer_loop(
                 if rows < GROUP_MAX && commit_ptr.is_some() && commit_ptr > saved {
                     write_meta(&tx, KEY_COMMITTED, &commit_ptr)?;
                 }
-                tx.commit()
+                // The point is written no later than the first delete behind it, so the
+                // log on disk never shows a hole below its first entry.
+                if let Some(point) = debt.unwritten {
+                    write_meta(&tx, KEY_PURGED, &point)?;
+                }
+                let left = debt.owed && delete_chunk(&tx, debt.upto)?;
+                tx.commit()?;
+                Ok(left)
             })()
         };
-        if result.is_ok() && rows < GROUP_MAX && commit_ptr > saved {
-            saved = commit_ptr;
+        if let Ok(left) = result {
+            debt.unwritten = None;
+            debt.owed = left;
+            if rows < GROUP_MAX && commit_ptr > saved {
+                saved = commit_ptr;
+            }
         }
+        let result = result.map(|_| ());
         {
             let mut p = pending.lock().expect("pending-entries mutex poisoned");
             for job in &jobs {
@@ -240,10 +325,26 @@ fn writer_loop(
                     Ok(()) => done(Ok(())),
                     Err(e) => done(Err(std::io::Error::other(e.to_string()))),
                 },
+                Job::Purge(_) => {}
                 Job::Barrier(done) => {
                     let _ = done.send(());
                 }
             }
+        }
+        // Appends hear of a failure through their callbacks; a purge-only round has no
+        // one to tell, and would otherwise be retried at once, forever.
+        if let (Err(e), 0) = (&result, rows) {
+            tracing::warn!("cannot purge raft-log.db behind a snapshot, retrying: {e}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
+impl Job {
+    fn rows(&self) -> usize {
+        match self {
+            Job::Append(r, _) => r.len(),
+            _ => 0,
         }
     }
 }
@@ -256,16 +357,28 @@ impl LogStore {
             datadir::create_new(&path, Role::Log, node_name, |c| c.execute_batch(SCHEMA))?;
         }
         let conn = datadir::open_existing(&path, Role::Log, node_name)?;
+        let point: Option<LogId> = read_meta(&conn, KEY_PURGED)
+            .map_err(|e| DbError::Storage(format!("cannot read {}: {e}", path.display())))?;
+        // A purge cut short by a crash left entries behind the point: the writer goes on.
+        let debt =
+            PurgeDebt { unwritten: None, upto: point.map_or(-1, |p| to_sql_index(p.index)), owed: point.is_some() };
         let db = Arc::new(Mutex::new(conn));
+        let purged = Arc::new(Mutex::new(point));
         let pending = Arc::new(Mutex::new(Overlay::default()));
         let committed = Arc::new(Mutex::new(None));
         let (writer, rx) = mpsc::channel();
         let (wdb, wpending, wcommitted) = (db.clone(), pending.clone(), committed.clone());
         std::thread::Builder::new()
             .name("raft-log-writer".into())
-            .spawn(move || writer_loop(wdb, wpending, wcommitted, rx))
+            .spawn(move || writer_loop(wdb, wpending, wcommitted, debt, rx))
             .map_err(|e| DbError::Storage(format!("cannot start the log writer thread: {e}")))?;
-        Ok(LogStore { db, pending, committed, writer })
+        Ok(LogStore { db, purged, pending, committed, writer })
+    }
+
+    /// The first index readers may see: one past the purge point.
+    fn first_readable(&self) -> i64 {
+        let point = *self.purged.lock().expect("purge point mutex poisoned");
+        point.map_or(0, |p| to_sql_index(p.index).saturating_add(1))
     }
 
     /// Queues `entries` for the writer; `done` hears whether they committed.
@@ -340,10 +453,9 @@ impl LogStore {
         }
     }
 
-    /// Last purged log id, read synchronously (used by the data-dir consistency checks).
-    pub(crate) fn last_purged_blocking(&self) -> Result<Option<LogId>, StorageError> {
-        let conn = self.db.lock().expect("raft-log.db mutex poisoned by a panicked SQLite call");
-        read_meta(&conn, KEY_PURGED)
+    /// The purge point (used by the data-dir consistency checks).
+    pub(crate) fn last_purged(&self) -> Option<LogId> {
+        *self.purged.lock().expect("purge point mutex poisoned")
     }
 
     async fn call<T, F>(&self, f: F) -> Result<T, StorageError>
@@ -394,6 +506,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(s) => to_sql_index(s.saturating_add(1)),
             Bound::Unbounded => 0,
         };
+        // Entries behind the purge point may still be on disk (module docs).
+        let start = start.max(self.first_readable());
         let end = match range.end_bound() {
             Bound::Included(e) => to_sql_index(e.saturating_add(1)),
             Bound::Excluded(e) => to_sql_index(*e),
@@ -436,28 +550,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        let state = self
+        let on_disk = self
             .call(|conn| {
-                let last_purged: Option<LogId> = read_meta(conn, KEY_PURGED)?;
                 let last: Option<String> = conn
                     .query_row("SELECT log_id FROM log ORDER BY idx DESC LIMIT 1", [], |r| r.get(0))
                     .optional()
                     .map_err(|e| StorageIOError::read_logs(&e))?;
-                let last_log_id = match last {
-                    Some(json) => {
-                        Some(serde_json::from_str::<LogId>(&json).map_err(|e| StorageIOError::read_logs(&e))?)
-                    }
-                    None => last_purged,
-                };
-                Ok(LogState { last_purged_log_id: last_purged, last_log_id })
+                last.map(|json| serde_json::from_str::<LogId>(&json).map_err(|e| StorageIOError::read_logs(&e).into()))
+                    .transpose()
             })
             .await?;
-        let queued_last = self.newest_in_overlay();
-        let last_log_id = match (state.last_log_id, queued_last) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        };
-        Ok(LogState { last_log_id, ..state })
+        let last_purged = *self.purged.lock().expect("purge point mutex poisoned");
+        // Options order None first, so the largest of the three is the last log id; the
+        // purge point counts too, since what is left on disk may all lie behind it.
+        let last_log_id = on_disk.max(self.newest_in_overlay()).max(last_purged);
+        Ok(LogState { last_purged_log_id: last_purged, last_log_id })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -511,19 +618,19 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        // No I/O here: the writer deletes in chunks behind the point (module docs).
         let upto = to_sql_index(log_id.index);
-        self.drain_writer().await?;
+        {
+            let mut point = self.purged.lock().expect("purge point mutex poisoned");
+            if Some(log_id) <= *point {
+                return Ok(());
+            }
+            *point = Some(log_id);
+        }
         self.pending.lock().expect("pending-entries mutex poisoned").retain(|idx| idx > upto);
-        self.call(move |conn| {
-            let tx = conn.transaction().map_err(|e| StorageIOError::write_logs(&e))?;
-            // The purged pointer is written first in the same transaction, so the log
-            // state never shows a hole between last_purged and the first entry.
-            write_meta(&tx, KEY_PURGED, &log_id).map_err(|e| StorageIOError::write_logs(&e))?;
-            tx.execute("DELETE FROM log WHERE idx <= ?1", [upto]).map_err(|e| StorageIOError::write_logs(&e))?;
-            tx.commit().map_err(|e| StorageIOError::write_logs(&e))?;
-            Ok(())
-        })
-        .await
+        self.writer
+            .send(Job::Purge(log_id))
+            .map_err(|e| StorageIOError::write_logs(&std::io::Error::other(e.to_string())).into())
     }
 }
 
@@ -624,5 +731,121 @@ mod tests {
         drop(overlay);
         let got = store.try_get_log_entries(last - 6..last + 6).await.unwrap();
         assert_eq!(indexes(&got), (last - 6..last + 6).collect::<Vec<_>>());
+    }
+
+    fn first_on_disk(dir: &Path) -> Option<i64> {
+        let conn = Connection::open(dir.join(datadir::LOG_FILE)).unwrap();
+        conn.query_row("SELECT MIN(idx) FROM log", [], |r| r.get(0)).unwrap()
+    }
+
+    /// Polls until the writer has deleted every entry at or below `upto`.
+    async fn wait_deleted(dir: &Path, upto: i64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let first = first_on_disk(dir);
+            if first.is_none_or(|f| f > upto) {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "entries behind the purge point stay: first {first:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// openraft awaits `purge` inside its core loop, and deleting the entries behind a
+    /// snapshot at once stalled it for half a second: `purge` must not wait for the disk.
+    /// Readers stop seeing the entries at once; the writer deletes them afterwards.
+    #[allow(clippy::await_holding_lock)]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn purge_never_waits_on_the_disk_and_readers_see_the_log_as_purged_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = LogStore::open(dir.path(), "unit").unwrap();
+        let last = 3 * PURGE_CHUNK as u64 + 10;
+        append_written(&mut store, 1..last + 1).await;
+        let point = openraft::testing::log_id(1, 7, last - 5);
+        {
+            let db = store.db.clone();
+            let busy = db.lock().unwrap();
+            let purged = tokio::time::timeout(Duration::from_secs(2), store.purge(point)).await;
+            drop(busy);
+            purged.expect("purge waited for the database").unwrap();
+        }
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(point));
+        assert_eq!(state.last_log_id, Some(openraft::testing::log_id(1, 7, last)));
+        let got = store.try_get_log_entries(0..last + 1).await.unwrap();
+        assert_eq!(indexes(&got), (last - 4..=last).collect::<Vec<_>>(), "purged entries are not read");
+        // An older point changes nothing.
+        store.purge(openraft::testing::log_id(1, 7, 3)).await.unwrap();
+        assert_eq!(store.get_log_state().await.unwrap().last_purged_log_id, Some(point));
+        wait_deleted(dir.path(), to_sql_index(point.index)).await;
+        assert_eq!(first_on_disk(dir.path()), Some(to_sql_index(last - 4)), "only purged entries were deleted");
+        // Appends go on after the purge, and the point is on disk.
+        append_written(&mut store, last + 1..last + 3).await;
+        store.drain_writer().await.unwrap();
+        drop(store);
+        let mut reopened = LogStore::open(dir.path(), "unit").unwrap();
+        let state = reopened.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(point));
+        assert_eq!(state.last_log_id, Some(openraft::testing::log_id(1, 7, last + 2)));
+    }
+
+    /// A chunk deletes at most [`PURGE_CHUNK`] of the oldest entries, never one past the
+    /// point, and says whether more remain.
+    #[test]
+    fn a_chunk_deletes_the_oldest_entries_up_to_the_point_and_no_more() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(LogStore::open(dir.path(), "unit").unwrap());
+        let conn = Connection::open(dir.path().join(datadir::LOG_FILE)).unwrap();
+        let n = 2 * PURGE_CHUNK + 300;
+        for idx in 1..=n {
+            conn.execute("INSERT INTO log (idx, log_id, entry) VALUES (?1, '', '')", [idx]).unwrap();
+        }
+        let upto = 2 * PURGE_CHUNK + 100;
+        let first = |conn: &Connection| conn.query_row("SELECT MIN(idx) FROM log", [], |r| r.get::<_, i64>(0)).unwrap();
+        assert!(delete_chunk(&conn, upto).unwrap(), "more remain after one chunk");
+        assert_eq!(first(&conn), 1 + PURGE_CHUNK);
+        assert!(delete_chunk(&conn, upto).unwrap());
+        assert_eq!(first(&conn), 1 + 2 * PURGE_CHUNK);
+        assert!(!delete_chunk(&conn, upto).unwrap(), "the last chunk says none remain");
+        assert_eq!(first(&conn), upto + 1);
+        assert!(!delete_chunk(&conn, upto).unwrap(), "nothing behind the point: nothing to do");
+        assert_eq!(first(&conn), upto + 1);
+        let left: i64 = conn.query_row("SELECT COUNT(*) FROM log", [], |r| r.get(0)).unwrap();
+        assert_eq!(left, n - upto, "entries past the point stay");
+    }
+
+    /// A crash between writing the purge point and deleting the entries behind it
+    /// leaves them on disk: readers never see them, and the writer deletes them after
+    /// the restart.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_purge_cut_short_by_a_crash_is_finished_after_the_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = LogStore::open(dir.path(), "unit").unwrap();
+        append_written(&mut store, 1..101).await;
+        drop(store);
+        // What the writer's first purge transaction leaves: the point, and every entry.
+        let point = openraft::testing::log_id(1, 7, 60);
+        let conn = Connection::open(dir.path().join(datadir::LOG_FILE)).unwrap();
+        write_meta(&conn, KEY_PURGED, &point).unwrap();
+        drop(conn);
+        assert_eq!(first_on_disk(dir.path()), Some(1));
+
+        let mut store = LogStore::open(dir.path(), "unit").unwrap();
+        assert_eq!(store.last_purged(), Some(point));
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(point));
+        assert_eq!(state.last_log_id, Some(openraft::testing::log_id(1, 7, 100)));
+        let got = store.try_get_log_entries(0..200).await.unwrap();
+        assert_eq!(indexes(&got), (61..=100).collect::<Vec<_>>());
+        wait_deleted(dir.path(), 60).await;
+        assert_eq!(first_on_disk(dir.path()), Some(61));
+
+        // A point past every entry: the log ends at the point.
+        let beyond = openraft::testing::log_id(2, 7, 150);
+        store.purge(beyond).await.unwrap();
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!((state.last_purged_log_id, state.last_log_id), (Some(beyond), Some(beyond)));
+        wait_deleted(dir.path(), 150).await;
+        assert_eq!(first_on_disk(dir.path()), None);
     }
 }

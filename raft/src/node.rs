@@ -78,7 +78,7 @@ pub(crate) fn open_stores(
     match (log_exists, state_exists) {
         (true, false) => {
             let log = LogStore::open(dir, node_name)?;
-            if log.last_purged_blocking().map_err(storage)?.is_some() {
+            if log.last_purged().is_some() {
                 return Err(datadir::data_dir_error(
                     &state_path,
                     "is missing while raft-log.db has been compacted, so the applied state \

@@ -515,14 +515,21 @@ async fn new_member_gets_snapshot_and_all_data() {
     let snap = st.snapshot_index.expect("leader built a snapshot");
     assert!(snap >= 60, "snapshots did not follow the writes: {st:?}");
 
-    // The leader's log really shrank behind the snapshot.
-    let min_idx: i64 = rusqlite::Connection::open_with_flags(
-        c.m(leader).dir.join("raft-log.db"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .and_then(|conn| conn.query_row("SELECT MIN(idx) FROM log", [], |r| r.get(0)))
-    .expect("inspect leader log");
-    assert!(min_idx > 20, "leader log not purged: first index {min_idx}");
+    // The leader's log really shrank behind the snapshot (the writer deletes the
+    // purged entries after the purge returns, so this polls).
+    let first_index = || -> i64 {
+        rusqlite::Connection::open_with_flags(
+            c.m(leader).dir.join("raft-log.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .and_then(|conn| conn.query_row("SELECT MIN(idx) FROM log", [], |r| r.get(0)))
+        .expect("inspect leader log")
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while first_index() <= 20 {
+        assert!(std::time::Instant::now() < deadline, "leader log not purged: first index {}", first_index());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let fourth = c.add(&small_snapshots).await;
     // Track the first applied index the new member reports: a snapshot install jumps
