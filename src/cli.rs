@@ -46,6 +46,10 @@ pub enum Output {
 /// restart in a loop.
 pub const EXIT_CONFIG: u8 = 78;
 
+/// Least `--snapshot-every`: below it a manager would spend its time copying its
+/// state database.
+pub const MIN_SNAPSHOT_EVERY: u64 = 1_000;
+
 /// `holdfast --version`: version, git commit and build date (from `build.rs`).
 pub const LONG_VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
@@ -591,6 +595,12 @@ pub struct AgentArgs {
     /// so a full disk is a clear error that heals itself, not a storage failure (0: off).
     #[arg(long, env = "HOLDFAST_MIN_FREE_MB", default_value_t = crate::config::DEFAULT_MIN_FREE_MB)]
     pub min_free_mb: u64,
+    /// Snapshot the state and shrink the Raft log behind it every this many entries
+    /// (managers). Each snapshot copies the state database; the log holds up to this
+    /// many entries (~1 KB each): lower it on a small disk (README "A cluster").
+    #[arg(long, env = "HOLDFAST_SNAPSHOT_EVERY", default_value_t = holdfast_raft::DEFAULT_SNAPSHOT_EVERY,
+          value_parser = clap::value_parser!(u64).range(MIN_SNAPSHOT_EVERY..))]
+    pub snapshot_every: u64,
     /// An image in the managers' catalogue that no task has used for this long is
     /// removed (managers; README "Images without a registry").
     #[arg(long, env = "HOLDFAST_IMAGE_RETAIN", value_parser = humantime::parse_duration, default_value = "24h")]
@@ -811,6 +821,7 @@ impl AgentArgs {
             event_sink: self.event_sink.clone().map(SinkConfig::new),
             force_new_cluster: self.force_new_cluster,
             min_free_mb: self.min_free_mb,
+            snapshot_every: self.snapshot_every,
             image_retain: self.image_retain,
             api_tls_files: self.api_cert.clone().zip(self.api_key.clone()),
             retention: self.retention.retention(),

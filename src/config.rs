@@ -82,6 +82,9 @@ pub struct ManagerRole {
     pub force_new_cluster: bool,
     /// Writes are refused (507) while the data dir's disk has less free space (MiB).
     pub min_free_mb: u64,
+    /// Entries between two snapshots, after each of which the Raft log shrinks
+    /// (`--snapshot-every`).
+    pub snapshot_every: u64,
     /// An unused catalogued image is removed after this long (`--image-retain`).
     pub image_retain: std::time::Duration,
     /// API certificate and key (`--api-cert`, `--api-key`); without them an API bound
@@ -133,6 +136,7 @@ impl ManagerRole {
             event_sink: None,
             force_new_cluster: false,
             min_free_mb: DEFAULT_MIN_FREE_MB,
+            snapshot_every: holdfast_raft::DEFAULT_SNAPSHOT_EVERY,
             image_retain: std::time::Duration::from_secs(24 * 3600),
             api_tls_files: None,
             retention: Retention::default(),

@@ -265,6 +265,7 @@ async fn open_manager(
     rc.feature_level = manager::state::upgrade::build_level();
     rc.force_new_cluster = m.force_new_cluster;
     rc.min_free_bytes = m.min_free_mb.saturating_mul(1 << 20);
+    rc.snapshot_every = m.snapshot_every;
     let rdb = holdfast_raft::ReplicatedDb::open(rc, domain.clone()).await?;
     let settings = ManagerSettings {
         strategy: m.strategy,

@@ -197,3 +197,23 @@ fn the_example_config_names_only_real_flags() {
     }
     assert!(keys >= 10, "found only {keys} example keys");
 }
+
+/// `--snapshot-every` (README "A cluster"): the Raft default, a file's integer, and a
+/// value below the least one refused with the flag's range, not accepted and ignored.
+#[test]
+fn snapshot_every_takes_the_raft_default_a_file_value_and_refuses_too_few() {
+    let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
+    let a = agent(&["--node-id", "n"]).unwrap();
+    assert_eq!(a.snapshot_every, holdfast_raft::DEFAULT_SNAPSHOT_EVERY);
+
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    writeln!(file, "node-id = \"n\"\nsnapshot-every = 20000").unwrap();
+    let a = agent(&["--config", file.path().to_str().unwrap()]).unwrap();
+    assert_eq!(a.snapshot_every, 20_000);
+
+    let too_few = (holdfast::cli::MIN_SNAPSHOT_EVERY - 1).to_string();
+    let err = agent(&["--node-id", "n", "--snapshot-every", &too_few]).unwrap_err();
+    let ParseExit::Clap(e) = &err else { panic!("{err:?}") };
+    assert!(e.to_string().contains(&holdfast::cli::MIN_SNAPSHOT_EVERY.to_string()), "{e}");
+    assert_eq!(err.code(), EXIT_CONFIG);
+}

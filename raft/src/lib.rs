@@ -52,6 +52,10 @@ pub mod store {
 pub use network::cluster_http_builder;
 pub use recover::{force_new_cluster, restore_snapshot, Forced, Restored};
 
+/// Default of [`Config::snapshot_every`]: etcd's is 100,000; each build copies the whole
+/// state database on every member (ARCHITECTURE.md, "Decisions").
+pub const DEFAULT_SNAPSHOT_EVERY: u64 = 50_000;
+
 /// Raft node id. Derived from the human node name by [`node_id_for`].
 pub type NodeId = u64;
 
@@ -186,7 +190,7 @@ impl Config {
             api_addr: api_addr.to_string(),
             heartbeat: Duration::from_millis(100),
             election_timeout: Duration::from_millis(300),
-            snapshot_every: 50_000,
+            snapshot_every: DEFAULT_SNAPSHOT_EVERY,
             rpc_timeout: Duration::from_secs(2),
             op_timeout: Duration::from_secs(5),
             version: String::new(),
