@@ -14,7 +14,7 @@
 //!
 //! **Purge is lazy**: openraft awaits `purge` inside its core loop, and deleting the
 //! tens of thousands of entries behind a snapshot in one transaction took over half a
-//! second, in which the member answered nothing. So `purge` only moves the purge
+//! second, in which its Raft core handled nothing else. So `purge` only moves the purge
 //! point in memory and queues it; the writer persists the point with its next group
 //! commit and deletes the entries behind it [`PURGE_CHUNK`] at a time, one chunk per
 //! transaction, beside the appends (ARCHITECTURE.md, "Decisions"). Readers never see

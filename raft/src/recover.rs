@@ -83,9 +83,9 @@ fn read_log(conn: &Connection) -> rusqlite::Result<LogView> {
     let mut membership = None;
     // Entries at or behind the purge point may still be on disk: a purge is deleted in
     // chunks after the point is written (ARCHITECTURE.md, "Decisions").
-    let first = purged.map_or(0, |p| i64::try_from(p.index).unwrap_or(i64::MAX).saturating_add(1));
+    let after_purge = purged.map_or(0, |p| i64::try_from(p.index).unwrap_or(i64::MAX).saturating_add(1));
     let mut stmt = conn.prepare("SELECT entry FROM log WHERE idx >= ?1 ORDER BY idx DESC")?;
-    let mut rows = stmt.query([first])?;
+    let mut rows = stmt.query([after_purge])?;
     let mut first = true;
     while let Some(row) = rows.next()? {
         let json: String = row.get(0)?;
