@@ -8,8 +8,10 @@
 //! Baseline in the same run: a three-member etcd (`etcd` from Debian's `etcd-server`)
 //! with **peer TLS on** (the bench makes its CA and certificates with `openssl` in a
 //! temporary directory), doing the same number of puts through its JSON gateway. Rows
-//! alternate holdfast and etcd for `BENCH_ROUNDS` rounds; the tables quote the median of
-//! the rounds and the median of the per-round ratios, so a noisy neighbour hits both.
+//! alternate holdfast and etcd for `BENCH_ROUNDS` rounds, and who goes first rotates
+//! each round; the tables quote the median of the rounds and the median of the
+//! per-round ratios, so a noisy neighbour hits both. The open loop runs once per round
+//! in the same rotating order, each run printed.
 //!
 //! `BENCH_COMPARE=/path/to/holdfast` adds a second build (for example the last build
 //! before cluster TLS) as a third column group, run in the same rounds; its ratio to the
@@ -590,12 +592,13 @@ async fn writes(systems: &[Cluster], etcd: Option<(&str, Vec<u32>)>, secs: f64, 
     for clients in rows {
         let mut per: Vec<Vec<Figures>> = vec![Vec::new(); systems.len()];
         let mut e: Vec<Figures> = Vec::new();
-        for _ in 0..rounds {
-            for (i, s) in systems.iter().enumerate() {
-                per[i].push(s.submit(clients, secs).await);
-            }
-            if let Some((url, pids)) = &etcd {
-                e.push(etcd_put(url, clients, secs, pids).await);
+        for round in 0..rounds {
+            for i in turns(systems.len() + usize::from(etcd.is_some()), round) {
+                match (systems.get(i), &etcd) {
+                    (Some(s), _) => per[i].push(s.submit(clients, secs).await),
+                    (None, Some((url, pids))) => e.push(etcd_put(url, clients, secs, pids).await),
+                    (None, None) => unreachable!("turns() yields only the systems and etcd"),
+                }
             }
         }
         let med = |f: &[Figures]| {
@@ -641,22 +644,43 @@ async fn writes(systems: &[Cluster], etcd: Option<(&str, Vec<u32>)>, secs: f64, 
         println!("{line}");
     }
 
-    println!("\n== open loop at 1000 req/s offered, {}s ==", secs.ceil() as u64);
-    for s in systems {
-        let (_, leader) = s.leader().await;
-        let url = format!("http://{leader}/v1/tasks");
-        let make: Make = Arc::new(move |http: &reqwest::Client, n| {
-            http.post(&url).body(format!(r#"{{"image":"holdfast/echo:latest","name":"o{n}"}}"#))
-        });
-        open_loop(&s.http(Duration::from_secs(10)), 1000, secs.ceil() as u64, make).await.print(&s.label);
+    println!("\n== open loop at 1000 req/s offered, {}s, x {rounds} rounds ==", secs.ceil() as u64);
+    for round in 0..rounds {
+        for i in turns(systems.len() + usize::from(etcd.is_some()), round) {
+            let label = match systems.get(i) {
+                Some(s) => s.label.clone(),
+                None => "etcd".to_string(),
+            };
+            let run = match (systems.get(i), &etcd) {
+                (Some(s), _) => {
+                    let (_, leader) = s.leader().await;
+                    let url = format!("http://{leader}/v1/tasks");
+                    let make: Make = Arc::new(move |http: &reqwest::Client, n| {
+                        http.post(&url).body(format!(r#"{{"image":"holdfast/echo:latest","name":"o{round}-{n}"}}"#))
+                    });
+                    open_loop(&s.http(Duration::from_secs(10)), 1000, secs.ceil() as u64, make).await
+                }
+                (None, Some((c, _))) => {
+                    let url = format!("http://{c}/v3/kv/put");
+                    let make: Make = Arc::new(move |http: &reqwest::Client, n| {
+                        let key = b64(&format!("o{round}-{n}"));
+                        http.post(&url).body(format!(r#"{{"key":"{key}","value":"dGFzaw=="}}"#))
+                    });
+                    open_loop(&client(None, Duration::from_secs(10)), 1000, secs.ceil() as u64, make).await
+                }
+                (None, None) => unreachable!("turns() yields only the systems and etcd"),
+            };
+            run.print(&format!("{label} r{}", round + 1));
+        }
     }
-    if let Some((c, _)) = etcd {
-        let url = format!("http://{c}/v3/kv/put");
-        let make: Make = Arc::new(move |http: &reqwest::Client, n| {
-            http.post(&url).body(format!(r#"{{"key":"{}","value":"dGFzaw=="}}"#, b64(&format!("o{n}"))))
-        });
-        open_loop(&client(None, Duration::from_secs(10)), 1000, secs.ceil() as u64, make).await.print("etcd");
-    }
+}
+
+/// The order in which `n` contenders run in round `round`: rotated by one each round,
+/// so that no build always runs right after another one (the one run second inherits
+/// the machine's dirty pages and a warmer or fuller page cache; an open-loop A/B run
+/// once in a fixed order could not tell two builds apart).
+fn turns(n: usize, round: usize) -> impl Iterator<Item = usize> {
+    (0..n).map(move |k| (k + round) % n)
 }
 
 /// Minimal standard base64 for the etcd gateway's byte fields (written here to keep

@@ -108,10 +108,23 @@ pub(crate) fn open_stores(
     }
 }
 
+/// This member's snapshot interval: `every` scaled into [0.75, 1.25) by its id. Members
+/// hold the same log, so with one interval all of them would build a snapshot (a full
+/// copy of the state database) at the same entry, and while both followers build, the
+/// leader's commits wait for one of them. Spread, a member usually builds alone and the
+/// other two keep a quorum; the mean interval stays `every` (ARCHITECTURE.md,
+/// "Decisions").
+pub(crate) fn snapshot_interval(every: u64, id: NodeId) -> u64 {
+    const SLOTS: u128 = 1024;
+    let every = u128::from(every.max(1));
+    let scaled = every * 3 / 4 + every * u128::from(id % SLOTS as u64) / (2 * SLOTS);
+    u64::try_from(scaled).unwrap_or(u64::MAX).max(1)
+}
+
 fn raft_config(config: &Config) -> Result<openraft::Config, DbError> {
     let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1);
     let timing = Timing::new(config.election_timeout);
-    let snapshot_every = config.snapshot_every.max(1);
+    let snapshot_every = snapshot_interval(config.snapshot_every, node_id_for(&config.node_name));
     openraft::Config {
         cluster_name: "holdfast".to_string(),
         heartbeat_interval: ms(config.heartbeat),
@@ -752,4 +765,28 @@ fn remote_budget(deadline: Instant) -> u64 {
     let left = remaining(deadline);
     let budget = left.saturating_sub((left / 10).min(Duration::from_millis(200)));
     u64::try_from(budget.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::snapshot_interval;
+    use crate::node_id_for;
+
+    #[test]
+    fn snapshot_intervals_stay_within_a_quarter_of_the_setting_and_spread_across_members() {
+        for every in [1_000u64, 50_000, 1 << 40] {
+            let intervals: Vec<u64> =
+                (0..100).map(|i| snapshot_interval(every, node_id_for(&format!("manager-{i}")))).collect();
+            for v in &intervals {
+                assert!(*v >= every / 4 * 3 && *v < every / 4 * 5 + 1, "{v} is not within a quarter of {every}");
+            }
+            let (lo, hi) = (intervals.iter().min().unwrap(), intervals.iter().max().unwrap());
+            assert!(hi - lo > every * 2 / 5, "100 members only spread over {lo}..{hi} around {every}");
+            let mean = intervals.iter().map(|v| *v as f64).sum::<f64>() / 100.0;
+            assert!((mean / every as f64 - 1.0).abs() < 0.1, "mean interval {mean} drifted from {every}");
+        }
+        // The extremes neither overflow nor reach zero.
+        assert!(snapshot_interval(u64::MAX, u64::MAX) >= u64::MAX / 4 * 3);
+        assert!(snapshot_interval(0, 7) >= 1);
+    }
 }
