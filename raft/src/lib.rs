@@ -428,3 +428,30 @@ mod fnv_tests {
         assert_eq!(super::node_id_for("foobar"), 0x8594_4171_f739_67e8);
     }
 }
+
+#[cfg(test)]
+mod sqlite_build_tests {
+    /// The bundled SQLite is built without what holdfast never uses (`.cargo/config.toml`,
+    /// `LIBSQLITE3_FLAGS`): no loadable extensions, no full-text search, no R-trees, so
+    /// no SQL can load code and the binary carries none of it; the JSON functions the
+    /// manager's queries use are still there.
+    #[test]
+    fn bundled_sqlite_has_json_but_no_extensions_fts_or_rtree() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        let options: Vec<String> = conn
+            .prepare("PRAGMA compile_options")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(options.iter().any(|o| o == "OMIT_LOAD_EXTENSION"), "{options:?}");
+        for absent in ["ENABLE_FTS3", "ENABLE_FTS5", "ENABLE_RTREE", "ENABLE_DBSTAT_VTAB", "ENABLE_STAT4"] {
+            assert!(!options.iter().any(|o| o == absent), "{absent} is compiled in: {options:?}");
+        }
+        let fts = conn.execute_batch("CREATE VIRTUAL TABLE f USING fts5(body)");
+        assert!(fts.is_err_and(|e| e.to_string().contains("no such module")));
+        let n: i64 = conn.query_row("SELECT count(*) FROM json_each('[1,2,3]')", [], |r| r.get(0)).unwrap();
+        assert_eq!(n, 3);
+    }
+}
