@@ -644,7 +644,7 @@ async fn reconcile_once(w: &Arc<Worker>) {
             return;
         }
     };
-    let ((lease_until, _), held) = match authority_view(&w.ledger, &w.lease) {
+    let (lease, held) = match authority_view(&w.ledger, &w.lease) {
         Ok(view) => view,
         Err(e) => {
             tracing::error!(error = %e, "cannot read ledger");
@@ -662,7 +662,10 @@ async fn reconcile_once(w: &Arc<Worker>) {
         .collect();
     let unhealthy = lock(&w.unhealthy).clone();
     let now = now_ms();
-    let lease_valid = now < lease_until;
+    let lease_valid = now < lease.0;
+    // The start check of the jobs (`start_check`) refuses a guarded start without room
+    // to run; reconcile must not decide one, or it would be decided again at once.
+    let guard_can_start = deadline_now(lease).is_some();
     let last_round = w.last_round_ms.swap(now, Ordering::Relaxed);
     let worker_was_away = last_round == 0 || now.saturating_sub(last_round) > AWAY_AFTER_MS;
     note_authority(w, &held, lease_valid, now);
@@ -679,6 +682,7 @@ async fn reconcile_once(w: &Arc<Worker>) {
                 unhealthy: &unhealthy,
                 lease_valid,
                 worker_was_away,
+                guard_can_start,
             },
         )
     };
