@@ -199,6 +199,118 @@ struct Partition {
     /// Replacement first seen running minus old copy last seen running (positive =
     /// a gap without a copy, negative = an overlap).
     handover_ms: Option<i128>,
+    /// How the old copy ended, by the engine's record and its guard's deadline.
+    old_stop: String,
+    /// Times the engine started the old container after the cut (`start` events).
+    old_started_after_cut: usize,
+    /// What the engine, the old copy and the cut-off worker said (bounded), to tell a
+    /// failure's cause.
+    forensics: String,
+}
+
+/// The evidence of a partition test, relative to the cut: enough to tell a copy that
+/// really ran too long (or ran again) from an engine slow to report its exit.
+struct Forensics {
+    /// The cut, Unix ms.
+    cut_ms: u64,
+    /// The cut, `CLOCK_BOOTTIME` ms (the guard's clock).
+    cut_boot_ms: u64,
+    /// Cut → reconnect.
+    healed_after: Duration,
+    /// Old container and its engine record just before the heal.
+    old: (String, Option<cluster::EngineRecord>),
+    /// New container and its engine record at the end.
+    new: (String, Option<cluster::EngineRecord>),
+    /// The old copy's guard deadline file just before the heal.
+    old_deadline: Option<String>,
+    /// The old copy's output since shortly before the cut (the guard says when it fences).
+    old_log: String,
+    /// Engine events of both containers.
+    events: String,
+    /// The cut-off worker.
+    worker: String,
+    /// Its log since shortly before the cut.
+    worker_log: String,
+}
+
+impl Forensics {
+    /// `t` (Unix ms) as signed ms after the cut.
+    fn rel(&self, ms: Option<u64>) -> String {
+        ms.map_or("-".to_string(), |t| format!("{:+}", t as i128 - self.cut_ms as i128))
+    }
+
+    /// The guard deadline file, with its instant as ms after the cut.
+    fn deadline(&self) -> String {
+        match &self.old_deadline {
+            None => "unreadable".to_string(),
+            Some(line) => {
+                let at = line.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok());
+                let rel = at.map_or("?".into(), |a| format!("{:+}", a as i128 - self.cut_boot_ms as i128));
+                format!("{line:?} = {rel} ms after the cut")
+            }
+        }
+    }
+
+    /// One line: how the old copy ended (ms after the cut).
+    fn summary(&self) -> String {
+        match &self.old.1 {
+            None => "gone before the heal".to_string(),
+            Some(r) => format!(
+                "{} before the heal, exit {}, finished {} ms after the cut by the engine; guard deadline {}",
+                r.status,
+                r.exit_code,
+                self.rel(r.finished_ms),
+                self.deadline()
+            ),
+        }
+    }
+}
+
+/// Consecutive log lines that say the same thing (the two leading timestamps aside)
+/// as one line with a count.
+fn collapse_repeats<'a>(lines: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let body = |l: &'a str| l.splitn(3, ' ').nth(2).unwrap_or(l);
+    let mut out: Vec<(String, &'a str, usize)> = Vec::new();
+    for l in lines {
+        match out.last_mut() {
+            Some((_, b, n)) if *b == body(l) => *n += 1,
+            _ => out.push((l.to_string(), body(l), 1)),
+        }
+    }
+    out.into_iter().map(|(l, _, n)| if n > 1 { format!("{l} (x{n})") } else { l }).collect()
+}
+
+impl std::fmt::Display for Forensics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let rel = |ms: Option<u64>| self.rel(ms);
+        let rec = |r: &Option<cluster::EngineRecord>| match r {
+            None => "gone".to_string(),
+            Some(r) => format!(
+                "{} (exit {}), created {} ms, last started {} ms, last finished {} ms",
+                r.status,
+                r.exit_code,
+                rel(r.created_ms),
+                rel(r.started_ms),
+                rel(r.finished_ms)
+            ),
+        };
+        let deadline = self.deadline();
+        let keep =
+            ["WARN", "ERROR", "lease", "suspend", "resum", "fence", "guard", "deadline", "stop", "start", "engine"];
+        let worker = collapse_repeats(self.worker_log.lines().filter(|l| keep.iter().any(|k| l.contains(k))));
+        writeln!(f, "evidence (times in ms after the cut; reconnected after {:.1?}):", self.healed_after)?;
+        writeln!(f, "  old {}: before the heal {}", self.old.0, rec(&self.old.1))?;
+        writeln!(f, "  old guard deadline: {deadline}")?;
+        writeln!(f, "  old copy's output:\n{}", cluster::bounded_lines(self.old_log.lines(), 12, 200))?;
+        writeln!(f, "  new {}: {}", self.new.0, rec(&self.new.1))?;
+        writeln!(f, "  engine events:\n{}", self.events)?;
+        write!(
+            f,
+            "  cut-off worker {}'s log:\n{}",
+            self.worker,
+            cluster::bounded_lines(worker.iter().map(String::as_str), 40, 240)
+        )
+    }
 }
 
 /// Runs an echo service with `offline`, cuts its worker off the network, waits for the
@@ -223,6 +335,8 @@ async fn partition_and_heal(
     tokio::time::sleep(Duration::from_millis(500)).await;
     c.disconnect(&cut).await;
     let cut_at = Instant::now();
+    // The same instant on the clocks the engine (wall) and the guard (boot) keep.
+    let (cut_ms, cut_boot_ms) = (wall_ms(), holdfast::guard::boottime_ms());
     eventually(Duration::from_secs(30), "the cut-off node to be marked disconnected", || async {
         let st = c.node_status(&cut.id).await.ok_or("no manager answers")?;
         (st == "disconnected").then_some(()).ok_or(st)
@@ -253,6 +367,11 @@ async fn partition_and_heal(
     let cut_off_for = cut_at.elapsed();
     // Let the poller see the state the partition settled in before healing it.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    // What the engine and the old copy itself say, before the heal removes the old
+    // container (read for the report only; the assertions use the samples).
+    let old_before_heal = cluster::engine_record(&old_cid).await;
+    let old_deadline = cluster::deadline_file(&old_cid).await;
+    let old_log = cluster::logs_since(&old_cid, cut_ms / 1_000 - 5).await;
     c.connect(&cut).await;
     let healed = Instant::now();
     let new_fence = new["fence"].as_u64().unwrap();
@@ -280,6 +399,21 @@ async fn partition_and_heal(
     // A second of polls after convergence shows the one copy stays one.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let samples = sampler.finish().await;
+    let new_record = cluster::engine_record(&new_cid).await;
+    let worker_log = cluster::logs_since(&cut.container, cut_ms / 1_000 - 2).await;
+    let evidence = Forensics {
+        cut_ms,
+        cut_boot_ms,
+        healed_after: healed - cut_at,
+        old: (old_cid.clone(), old_before_heal),
+        new: (new_cid.clone(), new_record),
+        old_deadline,
+        old_log,
+        events: samples.events_of(&[("old", old_cid.as_str()), ("new", new_cid.as_str())], cut_ms, 40),
+        worker: cut.id.clone(),
+        worker_log,
+    };
+    let (old_stop, forensics) = (evidence.summary(), evidence.to_string());
     let cut_window = (cut_at, cut_at + cut_off_for);
     let last_old =
         samples.samples.iter().filter(|s| s.running.iter().any(|r| r.container == old_cid)).map(|s| s.at).max();
@@ -299,6 +433,13 @@ async fn partition_and_heal(
         max_after: samples.max_between(converged_at, Instant::now()),
         old_last_running: last_old.map(|o| o.saturating_duration_since(cut_at)),
         handover_ms,
+        old_started_after_cut: samples
+            .events
+            .iter()
+            .filter(|(ns, action, id)| *id == old_cid && action == "start" && *ns / 1_000_000 >= cut_ms)
+            .count(),
+        old_stop,
+        forensics,
     };
     eprintln!(
         "FIGURES {label}: disconnected after {:.1?}, replacement placed {} ms after the node was marked \
@@ -404,18 +545,27 @@ async fn exclusive_task_never_overlaps() {
         "exclusive_partition",
     )
     .await;
+    eprintln!("FIGURES exclusive_partition, old copy: {}", p.old_stop);
     // Lease 30 s + heartbeat TTL 5 s (ManagerSettings defaults): never earlier.
     assert!(p.placed_after_silent_ms >= 35_000, "exclusive replaced too early: {}", p.placed_after_silent_ms);
     assert_eq!(
         samples.max_running(),
         1,
         "exclusive: two copies overlapped (old copy last seen running {:?} after the cut, replacement running {:?} \
-         after it; handover {:?} ms)",
+         after it; handover {:?} ms)\n{}",
         p.old_last_running,
         p.replaced_after,
         p.handover_ms,
+        p.forensics,
     );
-    assert!(samples.max_running_by_events() <= 1, "exclusive: engine events show two copies running at once");
+    assert!(
+        samples.max_running_by_events() <= 1,
+        "exclusive: engine events show two copies running at once\n{}",
+        p.forensics
+    );
+    // Replaced while cut off, the old copy never had authority again: it must never be
+    // started again, however briefly (a start shorter than a poll is still a copy).
+    assert_eq!(p.old_started_after_cut, 0, "exclusive: the replaced copy was started again\n{}", p.forensics);
     assert_eq!(p.max_after, 1);
 }
 

@@ -17,14 +17,14 @@ use rand::Rng;
 use tokio::sync::{broadcast, Notify, Semaphore};
 use tokio::task::AbortHandle;
 
-use super::fence::{guard_deadline, FenceTiming};
+use super::fence::{guard_deadline, start_permit, FenceTiming, NoStart};
 use super::ledger::{Change, Held, Ledger, LedgerError};
 use super::reconcile::{reconcile, Action, Facts, Unhealthy};
 use super::runtime::{labels, ContainerInfo, ContainerSpec, ContainerState, GuardSpec, PortMap, Runtime, RuntimeError};
 use crate::guard::Deadline;
 use crate::lock;
 use crate::model::now_ms;
-use crate::model::sync::{LogReply, NodeResources, NotLeader, SyncRequest, SyncResponse};
+use crate::model::sync::{Assignment, LogReply, NodeResources, NotLeader, SyncRequest, SyncResponse};
 use crate::model::{Desired, Observed, Story};
 use crate::net::identity::{spawn_renewal, IdentityError, IdentitySettings, NodeTls};
 use crate::net::pki::Role;
@@ -144,10 +144,8 @@ struct Worker {
     /// Verdicts of probers, consumed by reconcile.
     unhealthy: Mutex<HashMap<String, Unhealthy>>,
     engine_ok: AtomicBool,
-    /// Lease end, ms since the epoch (0 = never held one).
-    lease_until_ms: AtomicU64,
-    /// Length of the last lease granted, ms: scales the guards' stop budget.
-    lease_ms: AtomicU64,
+    /// The lease a manager granted, published after the desired set it came with.
+    lease: Lease,
     /// Lease validity seen by the last reconcile round, to record changes once.
     lease_was_valid: AtomicBool,
     /// Woken on every lease renewal: the fence keeper moves the guards' deadlines.
@@ -157,6 +155,39 @@ struct Worker {
     last_round_ms: AtomicU64,
     /// Image ids the engine holds, sent in every sync (`worker::images`).
     held_images: super::images::HeldImages,
+}
+
+/// The worker's lease in memory. A sync's answer is taken desired set first, lease
+/// second: the lease is published (`Release`) only once the assignments it came with
+/// are in the ledger, and every decision reads it (`Acquire`) *before* reading the
+/// ledger. Whoever sees a renewed lease therefore sees the desired set granted with it,
+/// so a lease is never paired with a desired set it superseded: a placement replaced
+/// while this node was cut off can never look "suspended, still listed, lease valid"
+/// (ARCHITECTURE.md, "Invariants": a suspended placement resumes only after a manager
+/// renews the lease and still lists it).
+struct Lease {
+    /// Lease end, ms since the epoch (0 = never held one).
+    until_ms: AtomicU64,
+    /// Length of the last lease granted, ms: scales the guards' stop budget.
+    len_ms: AtomicU64,
+}
+
+impl Lease {
+    fn new(until_ms: u64, len_ms: u64) -> Lease {
+        Lease { until_ms: AtomicU64::new(until_ms), len_ms: AtomicU64::new(len_ms) }
+    }
+
+    /// Publishes a renewal; call only after its desired set is in the ledger.
+    fn publish(&self, until_ms: u64, len_ms: u64) {
+        self.len_ms.store(len_ms, Ordering::Relaxed);
+        self.until_ms.store(until_ms, Ordering::Release);
+    }
+
+    /// (end, length) in ms; read it before the ledger (see [`Lease`]).
+    fn read(&self) -> (u64, u64) {
+        let until = self.until_ms.load(Ordering::Acquire);
+        (until, self.len_ms.load(Ordering::Relaxed))
+    }
 }
 
 /// A gap between reconcile rounds (normally ≤ 500 ms) longer than this means the
@@ -253,8 +284,7 @@ impl Worker {
             wake_sync: Notify::new(),
             in_flight: Mutex::new(HashSet::new()),
             engine_ok: AtomicBool::new(false),
-            lease_until_ms: AtomicU64::new(lease),
-            lease_ms: AtomicU64::new(lease_ms),
+            lease: Lease::new(lease, lease_ms),
             lease_was_valid: AtomicBool::new(lease > now_ms()),
             renewed: Notify::new(),
             last_round_ms: AtomicU64::new(0),
@@ -421,29 +451,16 @@ async fn sync_answer(addr: &str, result: Result<reqwest::Response, reqwest::Erro
     }
 }
 
-/// Takes a manager's answer: the lease (counted from `sent_at_ms`), the desired set,
-/// the acknowledged reports and the log requests; then wakes reconcile.
+/// Takes a manager's answer: the desired set, then the lease (counted from
+/// `sent_at_ms`) granted with it, the acknowledged reports and the log requests; then
+/// wakes reconcile.
 fn take_sync(w: &Arc<Worker>, addr: &str, resp: SyncResponse, sent_at_ms: u64, sent_at: Instant) {
     // The lease counts from when the request was sent, so it can never
     // outlive the one the manager granted.
     let until = sent_at_ms + resp.lease_ms.saturating_sub(w.cfg.lease_margin.as_millis() as u64);
-    w.lease_ms.store(resp.lease_ms, Ordering::Relaxed);
-    w.lease_until_ms.store(until, Ordering::Relaxed);
-    w.cfg.vitals.synced(sent_at.elapsed(), until);
-    for (key, value) in [("lease_ms", resp.lease_ms), ("lease_until_ms", until)] {
-        // The lease in memory still holds; only a restart would miss it.
-        if let Err(error) = w.ledger.set_meta_u64(key, value) {
-            tracing::warn!(key, %error, "cannot record the lease in the ledger");
-            metrics::counter!("holdfast_worker_ledger_write_failures_total").increment(1);
-        }
-    }
-    w.renewed.notify_one();
-    match w.ledger.accept(&resp.assignments) {
-        Ok(refused) if !refused.is_empty() => {
-            tracing::warn!(?refused, "refused placements with a fence below one already seen")
-        }
-        Ok(_) => {}
-        Err(e) => tracing::error!(error = %e, "could not record assignments; will retry"),
+    if take_authority(&w.ledger, &w.lease, &resp.assignments, until, resp.lease_ms) {
+        w.cfg.vitals.synced(sent_at.elapsed(), until);
+        w.renewed.notify_one();
     }
     if let Err(e) = w.ledger.ack(resp.acked_seq) {
         tracing::error!(error = %e, "could not trim outbox");
@@ -460,6 +477,42 @@ fn take_sync(w: &Arc<Worker>, addr: &str, resp: SyncResponse, sent_at_ms: u64, s
         });
     }
     w.wake_reconcile.notify_one();
+}
+
+/// What decisions are made on: the lease (end, length) and the held placements, read in
+/// that order, so the placements are at least as new as the desired set granted with the
+/// lease (see [`Lease`]).
+fn authority_view(ledger: &Ledger, lease: &Lease) -> Result<((u64, u64), Vec<Held>), LedgerError> {
+    let lease = lease.read();
+    Ok((lease, ledger.all()?))
+}
+
+/// Records the desired set of a sync answer, then persists and publishes the lease
+/// granted with it (ending at `until`, `lease_ms` long), in that order (see [`Lease`]);
+/// `false` when the desired set could not be recorded: the lease is then not renewed,
+/// since nothing may act on it paired with the desired set it superseded.
+fn take_authority(ledger: &Ledger, lease: &Lease, assignments: &[Assignment], until: u64, lease_ms: u64) -> bool {
+    match ledger.accept(assignments) {
+        Ok(refused) if !refused.is_empty() => {
+            tracing::warn!(?refused, "refused placements with a fence below one already seen")
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::error!(error = %e, "could not record assignments; the lease is not renewed until they are");
+            return false;
+        }
+    }
+    // After the desired set here too: a restart reads both back, and must not find a
+    // lease newer than the assignments it came with.
+    for (key, value) in [("lease_ms", lease_ms), ("lease_until_ms", until)] {
+        // The lease in memory still holds; only a restart would miss it.
+        if let Err(error) = ledger.set_meta_u64(key, value) {
+            tracing::warn!(key, %error, "cannot record the lease in the ledger");
+            metrics::counter!("holdfast_worker_ledger_write_failures_total").increment(1);
+        }
+    }
+    lease.publish(until, lease_ms);
+    true
 }
 
 async fn answer_logs(w: &Worker, addr: &str, lr: &crate::model::sync::LogRequest) {
@@ -479,14 +532,41 @@ async fn answer_logs(w: &Worker, addr: &str, lr: &crate::model::sync::LogRequest
     }
 }
 
-/// The guard deadline the current lease allows now, `None` when too little is left
+/// The guard deadline `lease` (end, length) allows now, `None` when too little is left
 /// (see `worker::fence`). The boot clock is read first, so a pause between the reads
 /// only makes the deadline earlier.
-fn current_deadline(w: &Worker) -> Option<Deadline> {
+fn deadline_now(lease: (u64, u64)) -> Option<Deadline> {
     let boot = crate::guard::boottime_ms();
     let now = now_ms();
-    let timing = FenceTiming::for_lease(w.lease_ms.load(Ordering::Relaxed));
-    guard_deadline(w.lease_until_ms.load(Ordering::Relaxed), now, boot, timing)
+    guard_deadline(lease.0, now, boot, FenceTiming::for_lease(lease.1))
+}
+
+/// Whether `h` may be (re)started now, re-checked just before the engine is asked (the
+/// job may have waited long after reconcile decided): the lease, then the ledger's row,
+/// read in that order (see [`Lease`]). The guard's deadline for a guarded placement;
+/// `Err` (logged) when it must not start.
+fn start_check(w: &Worker, h: &Held) -> Result<Option<Deadline>, NoStart> {
+    let lease = w.lease.read();
+    let desired = match w.ledger.desired(&h.id) {
+        Ok(d) => d,
+        Err(error) => {
+            tracing::warn!(placement = %h.id, %error, "cannot read the placement before starting it; will retry");
+            return Err(NoStart::NotWanted);
+        }
+    };
+    let boot = crate::guard::boottime_ms();
+    let needs_lease = h.spec.offline_mode() != crate::model::OfflineMode::Keep;
+    let permit = start_permit(desired, needs_lease, h.spec.guarded(), lease, now_ms(), boot);
+    match permit {
+        Err(NoStart::TooLittleLease) => {
+            tracing::info!(placement = %h.id, "too little lease left to start a guarded task; waiting for a renewal")
+        }
+        Err(why) => {
+            tracing::info!(placement = %h.id, ?why, "not (re)starting it or moving its deadline: the view this was decided on is out of date")
+        }
+        Ok(_) => {}
+    }
+    permit
 }
 
 /// Moves every running guard's deadline after each lease renewal. Writes are bounded
@@ -499,7 +579,15 @@ async fn fence_loop(w: Arc<Worker>, mut shutdown: broadcast::Receiver<()>) {
             _ = shutdown.recv() => return,
             _ = w.renewed.notified() => {}
         }
-        let held = super::ledger::or_logged(w.ledger.all(), "placements for the guard deadlines");
+        // A deadline only for a placement the desired set granted with this lease still
+        // wants running.
+        let (lease, held) = match authority_view(&w.ledger, &w.lease) {
+            Ok(view) => view,
+            Err(error) => {
+                tracing::error!(%error, "cannot read placements for the guard deadlines");
+                continue;
+            }
+        };
         let targets: Vec<String> = held
             .into_iter()
             .filter(|h| h.spec.guarded() && h.desired == Desired::Run && !h.suspended)
@@ -510,8 +598,9 @@ async fn fence_loop(w: Arc<Worker>, mut shutdown: broadcast::Receiver<()>) {
             .for_each_concurrent(DEADLINE_CONCURRENCY, |cid| {
                 let w = w.clone();
                 async move {
-                    // Computed per write, just before it: never older than the lease it reflects.
-                    let Some(deadline) = current_deadline(&w) else { return };
+                    // Computed per write, just before it, from the lease read before the
+                    // ledger: the deadline is absolute, so a late write only makes it earlier.
+                    let Some(deadline) = deadline_now(lease) else { return };
                     match w.runtime.set_deadline(&cid, deadline).await {
                         Ok(()) | Err(RuntimeError::NotFound(_)) => {}
                         Err(e) => tracing::warn!(container = %cid, error = %e, "could not move the guard's deadline"),
@@ -555,8 +644,8 @@ async fn reconcile_once(w: &Arc<Worker>) {
             return;
         }
     };
-    let held = match w.ledger.all() {
-        Ok(h) => h,
+    let (lease, held) = match authority_view(&w.ledger, &w.lease) {
+        Ok(view) => view,
         Err(e) => {
             tracing::error!(error = %e, "cannot read ledger");
             return;
@@ -573,7 +662,10 @@ async fn reconcile_once(w: &Arc<Worker>) {
         .collect();
     let unhealthy = lock(&w.unhealthy).clone();
     let now = now_ms();
-    let lease_valid = now < w.lease_until_ms.load(Ordering::Relaxed);
+    let lease_valid = now < lease.0;
+    // The start check of the jobs (`start_check`) refuses a guarded start without room
+    // to run; reconcile must not decide one, or it would be decided again at once.
+    let guard_can_start = deadline_now(lease).is_some();
     let last_round = w.last_round_ms.swap(now, Ordering::Relaxed);
     let worker_was_away = last_round == 0 || now.saturating_sub(last_round) > AWAY_AFTER_MS;
     note_authority(w, &held, lease_valid, now);
@@ -590,6 +682,7 @@ async fn reconcile_once(w: &Arc<Worker>) {
                 unhealthy: &unhealthy,
                 lease_valid,
                 worker_was_away,
+                guard_can_start,
             },
         )
     };
@@ -712,15 +805,14 @@ fn container_spec(node: &str, h: &Held, guard: Option<GuardSpec>) -> ContainerSp
     }
 }
 
-/// Before (re)starting a guarded placement's container: writes a deadline the current
-/// lease allows. `false` when there is none (the lease is about to end): do not start.
+/// Before (re)starting a placement's container: re-checks that it may start
+/// ([`start_check`]) and, for a guarded one, writes the deadline the lease allows.
+/// `false` when it must not start now.
 async fn arm_guard(w: &Worker, h: &Held, container_id: &str) -> bool {
-    if !h.spec.guarded() {
-        return true;
-    }
-    let Some(deadline) = current_deadline(w) else {
-        tracing::info!(placement = %h.id, "too little lease left to start a guarded task; waiting for a renewal");
-        return false;
+    let deadline = match start_check(w, h) {
+        Err(_) => return false,
+        Ok(None) => return true,
+        Ok(Some(deadline)) => deadline,
     };
     match w.runtime.set_deadline(container_id, deadline).await {
         Ok(()) => true,
@@ -1018,24 +1110,18 @@ async fn create(w: &Worker, h: &Held) {
     }
     let image_ms = started.elapsed().as_millis() as u64;
     tracing::debug!(placement = %h.id, admitted_ms, image_ms, "creating");
-    let guard = if h.spec.guarded() {
-        match current_deadline(w) {
-            Some(deadline) => Some(GuardSpec { deadline }),
-            None => {
-                tracing::info!(placement = %h.id, "too little lease left to start a guarded task; waiting for a renewal");
-                return;
-            }
-        }
-    } else {
-        None
+    let guard = match start_check(w, h) {
+        Err(_) => return,
+        Ok(deadline) => deadline.map(|deadline| GuardSpec { deadline }),
     };
     match w.runtime.create_and_start(&container_spec(&w.cfg.node, h, guard)).await {
         Ok(info) => {
             if h.spec.guarded() {
                 // The deadline was taken before a create that may have been slow; the
                 // lease was renewed meanwhile, but the fence keeper only knows this
-                // container once it is recorded. Move it now, not at the next renewal.
-                if let Some(deadline) = current_deadline(w) {
+                // container once it is recorded. Move it now, not at the next renewal,
+                // if the renewal still wants it here.
+                if let Ok(Some(deadline)) = start_check(w, h) {
                     if let Err(e) = w.runtime.set_deadline(&info.id, deadline).await {
                         tracing::warn!(placement = %h.id, error = %e, "could not move the guard's deadline");
                     }
@@ -1106,5 +1192,61 @@ fn fail_unless_unavailable(w: &Worker, h: &Held, e: RuntimeError, prefix: &str) 
             ch.status.reason = Some(format!("{prefix}{other}"));
             record(w, h, ch);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::TaskSpec;
+
+    /// The regression test of a replaced `exclusive` copy started again on reconnect:
+    /// a sync's lease used to be published before its desired set was recorded, so a
+    /// reconcile round could pair the renewed lease with the desired set that lease had
+    /// superseded (the replaced placement still "run", suspended, lease valid) and
+    /// resume it next to its replacement. However the two interleave, a view with the
+    /// lease of sync `k` holds the desired set of sync `k` or later.
+    #[test]
+    fn a_view_never_pairs_a_renewed_lease_with_the_desired_set_it_superseded() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let ledger = Arc::new(Ledger::open(tmp.path(), "w1").expect("ledger"));
+        let lease = Arc::new(Lease::new(0, 0));
+        let spec = TaskSpec::from_json(br#"{"image":"i","offline":{"mode":"exclusive"}}"#).expect("spec");
+        let done = Arc::new(AtomicBool::new(false));
+        // Sync k replaces the task's placement by p<k> (every other one is no longer
+        // listed, so stopped) and grants a lease "ending" at k.
+        let writer = {
+            let (ledger, lease, done) = (ledger.clone(), lease.clone(), done.clone());
+            std::thread::spawn(move || {
+                for k in 1..=150u64 {
+                    let a = Assignment {
+                        placement_id: format!("p{k:04}"),
+                        task_id: "t".into(),
+                        fence: k,
+                        desired: Desired::Run,
+                        spec: spec.clone(),
+                    };
+                    assert!(take_authority(&ledger, &lease, &[a], k, 30_000));
+                }
+                done.store(true, Ordering::SeqCst);
+            })
+        };
+        let mut views = 0;
+        while !done.load(Ordering::SeqCst) {
+            let ((until, _), held) = authority_view(&ledger, &lease).expect("view");
+            let newest_wanted = held
+                .iter()
+                .filter(|h| h.desired == Desired::Run)
+                .filter_map(|h| h.id.strip_prefix('p').and_then(|k| k.parse::<u64>().ok()))
+                .max()
+                .unwrap_or(0);
+            assert!(
+                newest_wanted >= until,
+                "a view with the lease of sync {until} holds the desired set of sync {newest_wanted}: {held:?}"
+            );
+            views += 1;
+        }
+        writer.join().expect("writer");
+        assert!(views > 20, "the reader must interleave with the writer, took {views} views");
     }
 }

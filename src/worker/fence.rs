@@ -56,6 +56,47 @@ pub fn guard_deadline(lease_until_ms: u64, now_ms: u64, now_boot_ms: u64, timing
     Some(Deadline { at_boot_ms: now_boot_ms + run_for, grace_ms: timing.grace.as_millis() as u64 })
 }
 
+/// Why a start reconcile decided on must not happen now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoStart {
+    /// The ledger no longer wants the placement run here: stopped, superseded by a
+    /// higher fence, or forgotten.
+    NotWanted,
+    /// No lease, and the task's offline mode starts nothing without one.
+    NoLease,
+    /// A guarded task with no more lease left than its guard's stop budget.
+    TooLittleLease,
+}
+
+/// The check a start of a placement passes just before the engine is asked to run it,
+/// whatever reconcile decided on its snapshot (a job may wait for a pool slot while a
+/// sync renews the lease and supersedes the placement). `desired` is the ledger's row
+/// read *after* the lease (`lease_until_ms`, `lease_ms`), so a renewed lease always comes
+/// with the desired set it was granted with; `needs_lease` unless the task's offline
+/// mode is `keep`. The guard's deadline for a guarded task, `None` for another.
+pub fn start_permit(
+    desired: Option<crate::model::Desired>,
+    needs_lease: bool,
+    guarded: bool,
+    lease: (u64, u64),
+    now_ms: u64,
+    now_boot_ms: u64,
+) -> Result<Option<Deadline>, NoStart> {
+    let (lease_until_ms, lease_ms) = lease;
+    if desired != Some(crate::model::Desired::Run) {
+        return Err(NoStart::NotWanted);
+    }
+    if needs_lease && now_ms >= lease_until_ms {
+        return Err(NoStart::NoLease);
+    }
+    if !guarded {
+        return Ok(None);
+    }
+    guard_deadline(lease_until_ms, now_ms, now_boot_ms, FenceTiming::for_lease(lease_ms))
+        .map(Some)
+        .ok_or(NoStart::TooLittleLease)
+}
+
 /// One lease's worst case on a single time line (the worker's boot clock taken equal to
 /// its wall clock): when the guard's copy is gone at the latest, when the worker's own
 /// lease ends, and when a manager may place a replacement at the earliest.
@@ -138,6 +179,39 @@ mod tests {
         assert!(paused.at_boot_ms < prompt.at_boot_ms);
         assert_eq!(prompt, Deadline { at_boot_ms: 100 + 15_000 - 2_500, grace_ms: 2_000 });
         assert_eq!(guard_deadline(20_000, 25_000, 100, timing), None, "expired lease");
+    }
+
+    /// A start decided on a snapshot happens only if the ledger, read after the lease,
+    /// still wants the placement here, and the lease (or the offline mode) allows it.
+    #[test]
+    fn a_start_needs_the_placement_still_wanted_and_the_lease_it_came_with() {
+        use crate::model::Desired::{Run, Stop};
+        let (lease, now, boot) = ((50_000, 30_000), 20_000, 7_000);
+        let d = |run_for: u64| Ok(Some(Deadline { at_boot_ms: boot + run_for, grace_ms: 2_000 }));
+        type Permit = Result<Option<Deadline>, NoStart>;
+        type Row = (Option<crate::model::Desired>, bool, bool, (u64, u64), u64, Permit);
+        // (desired, needs a lease, guarded, lease (end, length), now) → permit
+        let rows: &[Row] = &[
+            (Some(Run), true, true, lease, now, d(30_000 - 2_500)),
+            (Some(Run), true, false, lease, now, Ok(None)),
+            (Some(Run), false, false, (0, 0), now, Ok(None)), // keep: runs on cached authority
+            // Superseded or stopped (the sync that renewed the lease said so): never,
+            // however fresh the lease.
+            (Some(Stop), true, true, lease, now, Err(NoStart::NotWanted)),
+            (Some(Stop), false, false, lease, now, Err(NoStart::NotWanted)),
+            (None, true, true, lease, now, Err(NoStart::NotWanted)),
+            // The lease ran out while the job waited.
+            (Some(Run), true, true, lease, 50_000, Err(NoStart::NoLease)),
+            (Some(Run), true, false, lease, 60_000, Err(NoStart::NoLease)),
+            // A guarded keep task still needs a deadline, so a lease.
+            (Some(Run), false, true, lease, 60_000, Err(NoStart::TooLittleLease)),
+            (Some(Run), true, true, lease, 47_500, Err(NoStart::TooLittleLease)),
+            (Some(Run), true, true, lease, 47_499, d(1)),
+        ];
+        for (desired, needs_lease, guarded, lease, now, want) in rows {
+            let got = start_permit(*desired, *needs_lease, *guarded, *lease, *now, boot);
+            assert_eq!(&got, want, "{desired:?} needs_lease {needs_lease} guarded {guarded} lease {lease:?} now {now}");
+        }
     }
 
     #[test]

@@ -353,6 +353,13 @@ impl Ledger {
         Ok(())
     }
 
+    /// What the managers want of placement `id` now; `None` when it is not held.
+    pub fn desired(&self, id: &str) -> Result<Option<Desired>, LedgerError> {
+        let v: Option<String> =
+            self.conn().query_row("SELECT desired FROM placements WHERE id = ?1", [id], |r| r.get(0)).optional()?;
+        Ok(v.as_deref().map(Desired::from_stored))
+    }
+
     /// Forgets a placement that is stopped, removed and no longer listed.
     pub fn forget(&self, id: &str) -> Result<(), LedgerError> {
         self.conn().execute("DELETE FROM placements WHERE id = ?1", [id])?;

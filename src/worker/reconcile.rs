@@ -101,6 +101,10 @@ pub struct Facts<'a> {
     /// while before this round: a guard that fenced its task meanwhile is recorded as
     /// having done so while the worker was away.
     pub worker_was_away: bool,
+    /// Whether the lease leaves a guard more than its stop budget (`worker::fence`): when
+    /// not, a guarded task is not started, restarted or resumed this round (its guard
+    /// would have to stop it at once); it waits for a renewal.
+    pub guard_can_start: bool,
 }
 
 /// Whether `c` is a guarded placement's container that its guard stopped because the
@@ -175,13 +179,18 @@ fn placement_action(h: &Held, c: Option<&ContainerInfo>, facts: &mut Facts<'_>) 
     let mode = h.spec.offline_mode();
     // May this worker start or restart anything for the placement right now?
     let authority = facts.lease_valid || mode == OfflineMode::Keep;
+    // And is there room for it to run? A guarded start with no more lease left than the
+    // guard's stop budget would be refused when it comes to it, and tried again at once.
+    let can_start = authority && (facts.guard_can_start || !h.spec.guarded());
     let Some(c) = c else {
-        return authority.then_some(Action::Create { placement_id: pid });
+        return can_start.then_some(Action::Create { placement_id: pid });
     };
     if h.suspended {
         return match &c.state {
             ContainerState::Running => Some(Action::Suspend { placement_id: pid, container_id: c.id.clone() }),
-            _ if facts.lease_valid => Some(Action::Resume { placement_id: pid, container_id: c.id.clone() }),
+            _ if facts.lease_valid && can_start => {
+                Some(Action::Resume { placement_id: pid, container_id: c.id.clone() })
+            }
             _ => None,
         };
     }
@@ -198,13 +207,13 @@ fn placement_action(h: &Held, c: Option<&ContainerInfo>, facts: &mut Facts<'_>) 
             Some(Action::StopUnhealthy { placement_id: pid, container_id: c.id.clone() })
         }
         ContainerState::Running => running_report(h, c, facts),
-        ContainerState::Created if authority => Some(Action::Start { placement_id: pid, container_id: c.id.clone() }),
+        ContainerState::Created if can_start => Some(Action::Start { placement_id: pid, container_id: c.id.clone() }),
         ContainerState::Created => None,
         ContainerState::Exited { code } => {
             if h.status.observed == Observed::Restarting && authority {
-                // Backoff over: start it again.
+                // Backoff over: start it again (once there is room for it to run).
                 let due = h.next_start_ms.is_none_or(|t| facts.now_ms >= t);
-                return due.then(|| Action::Start { placement_id: pid, container_id: c.id.clone() });
+                return (due && can_start).then(|| Action::Start { placement_id: pid, container_id: c.id.clone() });
             }
             let ch = exit_change(h, c, *code, verdict, authority, facts);
             Some(Action::Report { placement_id: pid, change: ch })
@@ -360,6 +369,7 @@ mod tests {
                 unhealthy,
                 lease_valid,
                 worker_was_away: false,
+                guard_can_start: lease_valid,
             },
         )
     }
@@ -429,6 +439,72 @@ mod tests {
         assert_eq!(acts, vec![Action::StopRemove { placement_id: "p".into(), container_id: "c".into() }]);
     }
 
+    /// In the last of a lease (no more left than a guard's stop budget) no guarded task
+    /// is started, restarted or resumed: the start would be refused when it came to it
+    /// and decided again at once, round after round, until the lease ended.
+    #[test]
+    fn the_last_of_a_lease_starts_no_guarded_task() {
+        let exclusive = r#"{"image":"i","offline":{"mode":"exclusive"}}"#;
+        let guarded_keep = r#"{"image":"i","offline":{"mode":"keep","guard":true}}"#;
+        let plain = r#"{"image":"i","offline":{"mode":"finish"}}"#;
+        let closing = |h: &[Held], c: &[ContainerInfo], guard_can_start: bool| {
+            let mut half = |m: u64| m / 2;
+            reconcile(
+                h,
+                c,
+                &mut Facts {
+                    now_ms: 1_000,
+                    advertise_host: "10.0.0.1",
+                    jitter: &mut half,
+                    unhealthy: &HashMap::new(),
+                    lease_valid: true,
+                    worker_was_away: false,
+                    guard_can_start,
+                },
+            )
+        };
+        let with_container = |spec, observed| {
+            let mut h = held("p", observed, spec);
+            h.status.container_id = Some("c".into());
+            h
+        };
+        let mut suspended = with_container(exclusive, Observed::Restarting);
+        suspended.suspended = true;
+        let fenced = container("c", "p", ContainerState::Exited { code: i64::from(crate::guard::FENCED_EXIT) });
+        let exited = container("c", "p", ContainerState::Exited { code: 0 });
+        let created = container("c", "p", ContainerState::Created);
+        let resume = Action::Resume { placement_id: "p".into(), container_id: "c".into() };
+        let start = Action::Start { placement_id: "p".into(), container_id: "c".into() };
+        let create = Action::Create { placement_id: "p".into() };
+        // (placement, its container, actions with room to run, actions without)
+        type Row = (Held, Option<ContainerInfo>, Vec<Action>, Vec<Action>);
+        let rows: Vec<Row> = vec![
+            (suspended.clone(), Some(fenced.clone()), vec![resume.clone()], vec![]),
+            (suspended, Some(exited.clone()), vec![resume], vec![]),
+            (held("p", Observed::Pending, exclusive), None, vec![create.clone()], vec![]),
+            (with_container(exclusive, Observed::Starting), Some(created.clone()), vec![start.clone()], vec![]),
+            (with_container(guarded_keep, Observed::Restarting), Some(exited.clone()), vec![start.clone()], vec![]),
+            // Unguarded tasks are not held back by a guard's budget.
+            (held("p", Observed::Pending, plain), None, vec![create.clone()], vec![create]),
+            (with_container(plain, Observed::Starting), Some(created.clone()), vec![start.clone()], vec![start]),
+        ];
+        for (h, c, room, no_room) in rows {
+            let cs: Vec<ContainerInfo> = c.into_iter().collect();
+            assert_eq!(closing(&[h.clone()], &cs, true), room, "room to run: {h:?} {cs:?}");
+            assert_eq!(closing(&[h.clone()], &cs, false), no_room, "no room to run: {h:?} {cs:?}");
+        }
+        // A guard's fence is still recorded, and a running guarded task left to its guard.
+        let acts = closing(&[with_container(exclusive, Observed::Running)], &[fenced], false);
+        assert!(
+            matches!(&acts[..], [Action::Report { change, .. }] if change.story == Some(Story::Fenced)),
+            "{acts:?}"
+        );
+        let up = container("c", "p", ContainerState::Running);
+        let mut running = with_container(exclusive, Observed::Running);
+        running.status.endpoints = vec!["10.0.0.1:32768".into()];
+        assert!(closing(&[running], &[up], false).is_empty());
+    }
+
     #[test]
     fn a_guard_fence_is_recorded_then_the_highest_fence_is_followed() {
         let exclusive = r#"{"image":"i","offline":{"mode":"exclusive"}}"#;
@@ -452,6 +528,7 @@ mod tests {
                     unhealthy: &HashMap::new(),
                     lease_valid,
                     worker_was_away: true,
+                    guard_can_start: lease_valid,
                 },
             )
         };

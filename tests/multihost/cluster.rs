@@ -854,6 +854,21 @@ impl Samples {
         self.samples.iter().flat_map(|s| s.running.iter().cloned()).collect()
     }
 
+    /// The engine events of `containers` (name, id), in order, at most `max`, each as
+    /// milliseconds after the Unix time `zero_ms` (negative: before it).
+    pub fn events_of(&self, containers: &[(&str, &str)], zero_ms: u64, max: usize) -> String {
+        let lines: Vec<String> = self
+            .events
+            .iter()
+            .filter_map(|(ns, action, id)| {
+                let (name, _) = containers.iter().find(|(_, c)| c == id)?;
+                let ms = (*ns / 1_000_000) as i128 - zero_ms as i128;
+                Some(format!("{ms:>+8} ms {name} {action}"))
+            })
+            .collect();
+        bounded_lines(lines.iter().map(String::as_str), max, 120)
+    }
+
     /// Most containers running at once by the engine's own start/die order (exact,
     /// unlike polling).
     pub fn max_running_by_events(&self) -> usize {
@@ -928,4 +943,86 @@ impl EchoProbe {
         self.stop.store(true, Ordering::Relaxed);
         self.handle.await.expect("probe task")
     }
+}
+
+/// Unix time in ms of a Docker RFC 3339 timestamp (`State.FinishedAt`, ...); `None`
+/// for Docker's zero time (`0001-01-01T00:00:00Z`: never happened) or anything else.
+pub fn docker_time_ms(s: &str) -> Option<u64> {
+    let t = humantime::parse_rfc3339(s.trim()).ok()?;
+    Some(t.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis() as u64)
+}
+
+/// What the engine keeps about one container, in its own clocks: `Created` (before
+/// its process could start), `State.StartedAt` (after its last start returned) and
+/// `State.FinishedAt` (the exit time containerd recorded, not when dockerd got round
+/// to processing it), all Unix ms.
+#[derive(Clone, Debug, Default)]
+pub struct EngineRecord {
+    /// `State.Status`.
+    pub status: String,
+    /// `State.ExitCode`.
+    pub exit_code: i64,
+    /// `Created`.
+    pub created_ms: Option<u64>,
+    /// `State.StartedAt` of the last start.
+    pub started_ms: Option<u64>,
+    /// `State.FinishedAt` of the last exit.
+    pub finished_ms: Option<u64>,
+}
+
+/// The engine's record of `container`; `None` when it does not exist.
+pub async fn engine_record(container: &str) -> Option<EngineRecord> {
+    let fmt = "{{.State.Status}} {{.State.ExitCode}} {{.Created}} {{.State.StartedAt}} {{.State.FinishedAt}}";
+    let out = docker(&["inspect", "--format", fmt, container]).await.ok()?;
+    let f: Vec<&str> = out.split_whitespace().collect();
+    let [status, code, created, started, finished] = f[..] else { return None };
+    Some(EngineRecord {
+        status: status.to_string(),
+        exit_code: code.parse().ok()?,
+        created_ms: docker_time_ms(created),
+        started_ms: docker_time_ms(started),
+        finished_ms: docker_time_ms(finished),
+    })
+}
+
+/// At most `max` lines of `text`, each cut to `width` characters, the number left out
+/// said: diagnostics stay readable whatever a container printed.
+pub fn bounded_lines<'a>(lines: impl Iterator<Item = &'a str>, max: usize, width: usize) -> String {
+    let all: Vec<&str> = lines.collect();
+    let skip = all.len().saturating_sub(max);
+    let mut out = String::new();
+    if skip > 0 {
+        out.push_str(&format!("    ({skip} earlier lines left out)\n"));
+    }
+    for l in &all[skip..] {
+        let cut: String = l.chars().take(width).collect();
+        out.push_str(&format!("    {cut}\n"));
+    }
+    out
+}
+
+/// `docker logs --timestamps` of `container` (stdout and stderr), `since` a Unix time
+/// in seconds; empty when the engine cannot say.
+pub async fn logs_since(container: &str, since_s: u64) -> String {
+    let child = tokio::process::Command::new("docker")
+        .args(["logs", "--timestamps", "--since", &since_s.to_string(), container])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(DOCKER_CALL, child).await {
+        Ok(Ok(out)) => format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        _ => String::new(),
+    }
+}
+
+/// The guard deadline file of `container` (`holdfast-deadline-v1 <boot ms> <grace ms>`),
+/// read through the engine (the container may have exited); `None` if unreadable.
+pub async fn deadline_file(container: &str) -> Option<String> {
+    let src = format!("{container}:/.holdfast-deadline");
+    // `docker cp SRC -` writes a tar stream; the file's one line is in it verbatim.
+    let tar = docker(&["cp", &src, "-"]).await.ok()?;
+    let at = tar.find("holdfast-deadline-v1 ")?;
+    tar[at..].lines().next().map(String::from)
 }
