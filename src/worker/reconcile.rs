@@ -358,6 +358,24 @@ mod tests {
         unhealthy: &HashMap<String, Unhealthy>,
         lease_valid: bool,
     ) -> Vec<Action> {
+        round(held, containers, unhealthy, Lease { valid: lease_valid, guard_can_start: lease_valid }, false)
+    }
+
+    /// What a round knows of the lease.
+    #[derive(Clone, Copy)]
+    struct Lease {
+        valid: bool,
+        guard_can_start: bool,
+    }
+
+    /// One reconcile round at `now_ms` 1,000 with half-way jitter.
+    fn round(
+        held: &[Held],
+        containers: &[ContainerInfo],
+        unhealthy: &HashMap<String, Unhealthy>,
+        lease: Lease,
+        worker_was_away: bool,
+    ) -> Vec<Action> {
         let mut half = |m: u64| m / 2;
         reconcile(
             held,
@@ -367,9 +385,9 @@ mod tests {
                 advertise_host: "10.0.0.1",
                 jitter: &mut half,
                 unhealthy,
-                lease_valid,
-                worker_was_away: false,
-                guard_can_start: lease_valid,
+                lease_valid: lease.valid,
+                worker_was_away,
+                guard_can_start: lease.guard_can_start,
             },
         )
     }
@@ -448,20 +466,7 @@ mod tests {
         let guarded_keep = r#"{"image":"i","offline":{"mode":"keep","guard":true}}"#;
         let plain = r#"{"image":"i","offline":{"mode":"finish"}}"#;
         let closing = |h: &[Held], c: &[ContainerInfo], guard_can_start: bool| {
-            let mut half = |m: u64| m / 2;
-            reconcile(
-                h,
-                c,
-                &mut Facts {
-                    now_ms: 1_000,
-                    advertise_host: "10.0.0.1",
-                    jitter: &mut half,
-                    unhealthy: &HashMap::new(),
-                    lease_valid: true,
-                    worker_was_away: false,
-                    guard_can_start,
-                },
-            )
+            round(h, c, &HashMap::new(), Lease { valid: true, guard_can_start }, false)
         };
         let with_container = |spec, observed| {
             let mut h = held("p", observed, spec);
@@ -517,20 +522,7 @@ mod tests {
             h
         };
         let away = |h: &[Held], c: &[ContainerInfo], lease_valid: bool| {
-            let mut half = |m: u64| m / 2;
-            reconcile(
-                h,
-                c,
-                &mut Facts {
-                    now_ms: 1_000,
-                    advertise_host: "10.0.0.1",
-                    jitter: &mut half,
-                    unhealthy: &HashMap::new(),
-                    lease_valid,
-                    worker_was_away: true,
-                    guard_can_start: lease_valid,
-                },
-            )
+            round(h, c, &HashMap::new(), Lease { valid: lease_valid, guard_can_start: lease_valid }, true)
         };
         for (spec, lease_valid) in [(exclusive, false), (exclusive, true), (guarded_keep, true)] {
             // Back from the dead, with or without a lease yet: the fence is the story.

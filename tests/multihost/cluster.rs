@@ -39,8 +39,9 @@ const NODE_LABEL: &str = "holdfast.multihost.node";
 /// Log filter for every node.
 const NODE_LOG: &str = "info,openraft=warn";
 
-/// Runs `docker args...` and returns its trimmed stdout, or stderr as the error.
-pub async fn docker(args: &[&str]) -> Result<String, String> {
+/// Runs the docker CLI with `args` within [`DOCKER_CALL`]: what it printed and its exit
+/// status, or why it could not be run.
+async fn docker_output(args: &[&str]) -> Result<std::process::Output, String> {
     let child = tokio::process::Command::new("docker")
         .args(args)
         .stdin(Stdio::null())
@@ -51,8 +52,17 @@ pub async fn docker(args: &[&str]) -> Result<String, String> {
     match tokio::time::timeout(DOCKER_CALL, child).await {
         Err(_) => Err(format!("docker {args:?} took longer than {DOCKER_CALL:?}")),
         Ok(Err(e)) => Err(format!("docker {args:?}: {e}")),
-        Ok(Ok(out)) if out.status.success() => Ok(String::from_utf8_lossy(&out.stdout).trim().to_string()),
-        Ok(Ok(out)) => Err(format!("docker {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim())),
+        Ok(Ok(out)) => Ok(out),
+    }
+}
+
+/// Runs `docker args...` and returns its trimmed stdout, or stderr as the error.
+pub async fn docker(args: &[&str]) -> Result<String, String> {
+    let out = docker_output(args).await?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(format!("docker {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim()))
     }
 }
 
@@ -1004,16 +1014,10 @@ pub fn bounded_lines<'a>(lines: impl Iterator<Item = &'a str>, max: usize, width
 /// `docker logs --timestamps` of `container` (stdout and stderr), `since` a Unix time
 /// in seconds; empty when the engine cannot say.
 pub async fn logs_since(container: &str, since_s: u64) -> String {
-    let child = tokio::process::Command::new("docker")
-        .args(["logs", "--timestamps", "--since", &since_s.to_string(), container])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .output();
-    match tokio::time::timeout(DOCKER_CALL, child).await {
-        Ok(Ok(out)) => format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
-        _ => String::new(),
+    let since = since_s.to_string();
+    match docker_output(&["logs", "--timestamps", "--since", &since, container]).await {
+        Ok(out) => format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        Err(_) => String::new(),
     }
 }
 
