@@ -534,9 +534,12 @@ mod tests {
                 })
             })
             .collect();
+        // The admitted call counts itself only once its closure runs, which may be after
+        // the 49 others were refused: wait for both (CI once saw the refusals first).
         let deadline = Instant::now() + Duration::from_secs(10);
-        while b.snapshot().rejected_total < 49 {
-            assert!(Instant::now() < deadline, "rejections: {:?}", b.snapshot());
+        while b.snapshot().rejected_total < 49 || admitted.load(Ordering::SeqCst) == 0 {
+            let seen = admitted.load(Ordering::SeqCst);
+            assert!(Instant::now() < deadline, "admitted {seen}, rejections: {:?}", b.snapshot());
             tokio::task::yield_now().await;
         }
         assert_eq!(admitted.load(Ordering::SeqCst), 1);
