@@ -647,18 +647,17 @@ async fn writes(systems: &[Cluster], etcd: Option<(&str, Vec<u32>)>, secs: f64, 
     println!("\n== open loop at 1000 req/s offered, {}s, x {rounds} rounds ==", secs.ceil() as u64);
     for round in 0..rounds {
         for i in turns(systems.len() + usize::from(etcd.is_some()), round) {
-            let label = match systems.get(i) {
-                Some(s) => s.label.clone(),
-                None => "etcd".to_string(),
-            };
-            let run = match (systems.get(i), &etcd) {
+            let (label, run) = match (systems.get(i), &etcd) {
                 (Some(s), _) => {
                     let (_, leader) = s.leader().await;
                     let url = format!("http://{leader}/v1/tasks");
                     let make: Make = Arc::new(move |http: &reqwest::Client, n| {
                         http.post(&url).body(format!(r#"{{"image":"holdfast/echo:latest","name":"o{round}-{n}"}}"#))
                     });
-                    open_loop(&s.http(Duration::from_secs(10)), 1000, secs.ceil() as u64, make).await
+                    (
+                        s.label.as_str(),
+                        open_loop(&s.http(Duration::from_secs(10)), 1000, secs.ceil() as u64, make).await,
+                    )
                 }
                 (None, Some((c, _))) => {
                     let url = format!("http://{c}/v3/kv/put");
@@ -666,7 +665,7 @@ async fn writes(systems: &[Cluster], etcd: Option<(&str, Vec<u32>)>, secs: f64, 
                         let key = b64(&format!("o{round}-{n}"));
                         http.post(&url).body(format!(r#"{{"key":"{key}","value":"dGFzaw=="}}"#))
                     });
-                    open_loop(&client(None, Duration::from_secs(10)), 1000, secs.ceil() as u64, make).await
+                    ("etcd", open_loop(&client(None, Duration::from_secs(10)), 1000, secs.ceil() as u64, make).await)
                 }
                 (None, None) => unreachable!("turns() yields only the systems and etcd"),
             };
